@@ -1,0 +1,114 @@
+//! The kernel/user-space boundary of faultd: map names, key and value layouts, constants.
+//!
+//! Every type is `#[repr(C)]`, `Copy`, with explicit padding and no `bool`/`Option`, so the eBPF
+//! programs and the loader agree byte for byte. User space enables the `user` feature for the
+//! `aya::Pod` impls.
+#![no_std]
+
+/// Hash map `RuleKey` → `RuleValue`: which packets a fault touches.
+pub const RULES_MAP: &str = "FAULTD_RULES";
+/// Hash map `u64` cgroup id → `ScopeValue`: cgroups that have at least one rule.
+pub const SCOPES_MAP: &str = "FAULTD_SCOPES";
+/// Per-CPU array indexed by `RuleValue::counter_slot` → `Counters`.
+pub const COUNTERS_MAP: &str = "FAULTD_COUNTERS";
+/// Program names (the ELF symbols), as user space looks them up.
+pub const PROG_EGRESS: &str = "faultd_egress";
+pub const PROG_INGRESS: &str = "faultd_ingress";
+
+/// Capacity of the rules map (one entry per scope × protocol × direction × port).
+pub const MAX_RULES: u32 = 65_536;
+/// Capacity of the scopes map.
+pub const MAX_SCOPES: u32 = 16_384;
+/// Number of counter slots, i.e. of faults that can be active at once.
+pub const MAX_FAULTS: u32 = 16_384;
+/// How deep a cgroup may be below the cgroup v2 root for its ancestors to be checked.
+pub const MAX_CGROUP_DEPTH: u32 = 16;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Direction as seen from the workload.
+pub const DIR_EGRESS: u8 = 1;
+pub const DIR_INGRESS: u8 = 2;
+
+/// `RuleValue::action`: drop `drop_threshold / 2^32` of the matched packets.
+pub const ACTION_DROP: u32 = 1;
+
+/// A drop threshold meaning "every packet": compared as `prandom_u32 < threshold` in u64.
+pub const DROP_ALL: u64 = 1 << 32;
+
+/// Which packets: a scope (cgroup v2 id; the root cgroup's id for the host scope), an L4
+/// protocol, a direction and one port of either end of the connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RuleKey {
+    pub scope_id: u64,
+    pub port: u16,
+    pub protocol: u8,
+    pub direction: u8,
+    pub _pad: u32,
+}
+
+impl RuleKey {
+    pub const fn new(scope_id: u64, protocol: u8, direction: u8, port: u16) -> Self {
+        Self {
+            scope_id,
+            port,
+            protocol,
+            direction,
+            _pad: 0,
+        }
+    }
+}
+
+/// What to do with them, and until when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RuleValue {
+    /// CLOCK_MONOTONIC (`bpf_ktime_get_ns`) deadline: from then on the program ignores the rule.
+    pub expires_at_ns: u64,
+    /// Drop the packet when `bpf_get_prandom_u32() < drop_threshold` (u64 compare).
+    pub drop_threshold: u64,
+    /// Index into the counters map.
+    pub counter_slot: u32,
+    pub action: u32,
+}
+
+/// Presence of a scope in the rules map; `rules` counts its entries (user space bookkeeping).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ScopeValue {
+    pub rules: u32,
+    pub _pad: u32,
+}
+
+/// Per-fault packet counters, one copy per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub matched: u64,
+    pub dropped: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data, #[repr(C)], every bit pattern valid, explicit padding.
+    unsafe impl aya::Pod for super::RuleKey {}
+    unsafe impl aya::Pod for super::RuleValue {}
+    unsafe impl aya::Pod for super::ScopeValue {}
+    unsafe impl aya::Pod for super::Counters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<RuleKey>(), 16);
+        assert_eq!(size_of::<RuleValue>(), 24);
+        assert_eq!(size_of::<ScopeValue>(), 8);
+        assert_eq!(size_of::<Counters>(), 16);
+    }
+}

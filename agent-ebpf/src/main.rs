@@ -1,0 +1,151 @@
+//! faultd's cgroup_skb programs: one for egress, one for ingress, attached once at the cgroup v2
+//! root. For every IPv4/IPv6 TCP/UDP packet they walk the socket's cgroup and its ancestors,
+//! and for the cgroups that have rules look up (scope, protocol, direction, port) in a hash map.
+//! An entry past its deadline is ignored, so a fault ends on time even if faultd is gone.
+//! Fail open: anything unexpected passes the packet.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+    },
+    macros::{cgroup_skb, map},
+    maps::{HashMap, PerCpuArray},
+    programs::SkBuffContext,
+};
+use faultd_common::{
+    ACTION_DROP, Counters, DIR_EGRESS, DIR_INGRESS, MAX_CGROUP_DEPTH, MAX_FAULTS, MAX_RULES,
+    MAX_SCOPES, PROTO_TCP, PROTO_UDP, RuleKey, RuleValue, ScopeValue,
+};
+
+#[map]
+static FAULTD_RULES: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(MAX_RULES, 0);
+#[map]
+static FAULTD_SCOPES: HashMap<u64, ScopeValue> = HashMap::with_max_entries(MAX_SCOPES, 0);
+#[map]
+static FAULTD_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_FAULTS, 0);
+
+/// cgroup_skb verdicts.
+const PASS: i32 = 1;
+/// Egress drop with congestion notification: the stack treats it like a full queue, so a UDP
+/// sender sees no error (as on a lossy network) and TCP retransmits.
+const DROP_EGRESS: i32 = 2;
+const DROP_INGRESS: i32 = 0;
+
+const ETH_P_IP: u32 = 0x0800;
+const ETH_P_IPV6: u32 = 0x86DD;
+
+#[cgroup_skb]
+pub fn faultd_egress(ctx: SkBuffContext) -> i32 {
+    match should_drop(&ctx, DIR_EGRESS) {
+        Some(true) => DROP_EGRESS,
+        _ => PASS,
+    }
+}
+
+#[cgroup_skb]
+pub fn faultd_ingress(ctx: SkBuffContext) -> i32 {
+    match should_drop(&ctx, DIR_INGRESS) {
+        Some(true) => DROP_INGRESS,
+        _ => PASS,
+    }
+}
+
+/// The L4 protocol and the (local, remote) ports of the packet, seen from the workload.
+#[inline(always)]
+fn parse(ctx: &SkBuffContext, direction: u8) -> Option<(u8, u16, u16)> {
+    // `protocol` holds the EtherType in network byte order.
+    let ethertype = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16) as u32;
+    let (protocol, l4) = match ethertype {
+        ETH_P_IP => {
+            let vihl: u8 = ctx.load(0).ok()?;
+            if vihl >> 4 != 4 {
+                return None;
+            }
+            let frag: u16 = u16::from_be(ctx.load(6).ok()?);
+            if frag & 0x1fff != 0 {
+                return None; // a non-first fragment has no ports
+            }
+            let protocol: u8 = ctx.load(9).ok()?;
+            (protocol, ((vihl & 0x0f) as usize) * 4)
+        }
+        ETH_P_IPV6 => {
+            let next: u8 = ctx.load(6).ok()?;
+            (next, 40)
+        }
+        _ => return None,
+    };
+    if protocol != PROTO_TCP && protocol != PROTO_UDP {
+        return None;
+    }
+    let sport = u16::from_be(ctx.load(l4).ok()?);
+    let dport = u16::from_be(ctx.load(l4 + 2).ok()?);
+    if direction == DIR_EGRESS {
+        Some((protocol, sport, dport))
+    } else {
+        Some((protocol, dport, sport))
+    }
+}
+
+#[inline(always)]
+fn should_drop(ctx: &SkBuffContext, direction: u8) -> Option<bool> {
+    let (protocol, local, remote) = parse(ctx, direction)?;
+    let skb = ctx.skb.skb;
+    let leaf = unsafe { bpf_skb_cgroup_id(skb) };
+    if leaf == 0 {
+        return None;
+    }
+    for level in 0..MAX_CGROUP_DEPTH {
+        let scope = unsafe { bpf_skb_ancestor_cgroup_id(skb, level as i32) };
+        if scope == 0 {
+            return None;
+        }
+        if unsafe { FAULTD_SCOPES.get(&scope) }.is_some() {
+            let rule = unsafe {
+                FAULTD_RULES
+                    .get(&RuleKey::new(scope, protocol, direction, remote))
+                    .or_else(|| FAULTD_RULES.get(&RuleKey::new(scope, protocol, direction, local)))
+            };
+            if let Some(rule) = rule
+                && apply(rule)
+            {
+                return Some(true);
+            }
+        }
+        if scope == leaf {
+            return None;
+        }
+    }
+    None
+}
+
+/// Counts the packet against the rule and says whether to drop it.
+#[inline(always)]
+fn apply(rule: &RuleValue) -> bool {
+    if unsafe { bpf_ktime_get_ns() } >= rule.expires_at_ns {
+        return false;
+    }
+    let counters = FAULTD_COUNTERS.get_ptr_mut(rule.counter_slot);
+    if let Some(c) = counters {
+        unsafe { (*c).matched += 1 };
+    }
+    if rule.action != ACTION_DROP {
+        return false;
+    }
+    let drop = (unsafe { bpf_get_prandom_u32() } as u64) < rule.drop_threshold;
+    if drop && let Some(c) = counters {
+        unsafe { (*c).dropped += 1 };
+    }
+    drop
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,111 @@
+//! Human durations ("500ms", "30s", "2m", "1h", "1m30s") and their conversion to protobuf.
+
+use std::time::Duration;
+
+/// Parses a duration made of number+unit parts (ns, us, ms, s, m, h). A bare number is seconds.
+pub fn parse(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("empty duration".into());
+    }
+    if let Ok(secs) = text.parse::<f64>() {
+        return seconds(secs, text);
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let split = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("{text:?}: missing unit (use ms, s, m or h)"))?;
+        let (number, tail) = rest.split_at(split);
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(unit_len);
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("{text:?}: {number:?} is not a number"))?;
+        let scale = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+        };
+        total += seconds(value * scale, text)?;
+        rest = next;
+    }
+    Ok(total)
+}
+
+fn seconds(secs: f64, text: &str) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{text:?}: not a valid duration"))
+}
+
+/// Formats a duration the way `parse` reads it, rounded to milliseconds.
+pub fn format(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 && !d.is_zero() {
+        return format!("{}us", d.as_micros());
+    }
+    if ms % 3_600_000 == 0 && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else if ms > 1000 {
+        format!("{:.3}s", d.as_secs_f64())
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+pub fn to_proto(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// None for negative or out-of-range values.
+pub fn from_proto(d: &prost_types::Duration) -> Option<Duration> {
+    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+        return None;
+    }
+    Some(Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_units_and_combinations() {
+        assert_eq!(parse("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse("").is_err());
+        assert!(parse("10x").is_err());
+        assert!(parse("-1s").is_err());
+    }
+
+    #[test]
+    fn formats_round_trip() {
+        for text in ["30s", "500ms", "2m", "1h"] {
+            assert_eq!(format(parse(text).unwrap()), text);
+        }
+    }
+
+    #[test]
+    fn proto_rejects_negative() {
+        let negative = prost_types::Duration { seconds: -1, nanos: 0 };
+        assert_eq!(from_proto(&negative), None);
+        assert_eq!(from_proto(&to_proto(Duration::from_millis(1500))), Some(Duration::from_millis(1500)));
+    }
+}
