@@ -36,7 +36,7 @@ const DROP_INGRESS: i32 = 0;
 const ETH_P_IP: u32 = 0x0800;
 const ETH_P_IPV6: u32 = 0x86DD;
 
-#[cgroup_skb]
+#[cgroup_skb(egress)]
 pub fn faultd_egress(ctx: SkBuffContext) -> i32 {
     match should_drop(&ctx, DIR_EGRESS) {
         Some(true) => DROP_EGRESS,
@@ -44,7 +44,7 @@ pub fn faultd_egress(ctx: SkBuffContext) -> i32 {
     }
 }
 
-#[cgroup_skb]
+#[cgroup_skb(ingress)]
 pub fn faultd_ingress(ctx: SkBuffContext) -> i32 {
     match should_drop(&ctx, DIR_INGRESS) {
         Some(true) => DROP_INGRESS,

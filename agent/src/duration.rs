@@ -32,7 +32,11 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
-            _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+            _ => {
+                return Err(format!(
+                    "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
+                ));
+            }
         };
         total += seconds(value * scale, text)?;
         rest = next;
@@ -104,8 +108,14 @@ mod tests {
 
     #[test]
     fn proto_rejects_negative() {
-        let negative = prost_types::Duration { seconds: -1, nanos: 0 };
+        let negative = prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        };
         assert_eq!(from_proto(&negative), None);
-        assert_eq!(from_proto(&to_proto(Duration::from_millis(1500))), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            from_proto(&to_proto(Duration::from_millis(1500))),
+            Some(Duration::from_millis(1500))
+        );
     }
 }

@@ -5,5 +5,6 @@ pub mod v1 {
     tonic::include_proto!("faultd.v1");
 
     /// Encoded `FileDescriptorSet` of the API, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("faultd_v1_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("faultd_v1_descriptor");
 }

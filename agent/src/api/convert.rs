@@ -1,0 +1,242 @@
+//! proto ⇄ domain. Every rejected field is named as the user typed it (proto3 JSON path).
+
+use std::time::{Duration, SystemTime};
+
+use faultd_proto::v1 as pb;
+
+use crate::duration;
+use crate::engine::{FaultState, FaultView, LeaseRef, LeaseView};
+use crate::fault::{
+    Action, Direction, FaultSpec, Invalid, Labels, PortRange, Protocol, Scope, Target,
+};
+
+pub fn ttl(value: Option<&prost_types::Duration>, field: &str) -> Result<Duration, Invalid> {
+    let value = value.ok_or_else(|| Invalid::new(field, "required (e.g. \"30s\")"))?;
+    duration::from_proto(value).ok_or_else(|| Invalid::new(field, "must not be negative"))
+}
+
+pub fn lease_id(id: &str, field: &str) -> Result<String, Invalid> {
+    if id.is_empty() {
+        return Err(Invalid::new(field, "required"));
+    }
+    Ok(id.to_string())
+}
+
+pub fn lease_ref(lease: Option<&pb::inject_request::Lease>) -> Result<LeaseRef, Invalid> {
+    match lease {
+        Some(pb::inject_request::Lease::LeaseId(id)) => {
+            Ok(LeaseRef::Existing(lease_id(id, "lease_id")?))
+        }
+        Some(pb::inject_request::Lease::Ttl(value)) => Ok(LeaseRef::Ttl(ttl(Some(value), "ttl")?)),
+        None => Err(Invalid::new(
+            "ttl",
+            "a fault needs a lease: give lease_id or ttl",
+        )),
+    }
+}
+
+pub fn fault_spec(fault: Option<pb::Fault>) -> Result<FaultSpec, Invalid> {
+    let fault = fault.ok_or_else(|| Invalid::new("fault", "required"))?;
+    let action = match fault.action {
+        Some(pb::fault::Action::Drop(drop)) => Action::drop(drop.percent, "fault.drop.percent")?,
+        None => return Err(Invalid::new("fault", "an action is required (drop)")),
+    };
+    let target = fault
+        .target
+        .ok_or_else(|| Invalid::new("fault.target", "required"))?;
+    let scope = match target.scope {
+        Some(pb::target::Scope::Host(_)) => Scope::Host,
+        Some(pb::target::Scope::Cgroup(cgroup)) => Scope::Cgroup { path: cgroup.path },
+        Some(pb::target::Scope::Pid(pid)) => Scope::Pid { pid: pid.pid },
+        None => {
+            return Err(Invalid::new(
+                "fault.target",
+                "a scope is required: host, cgroup or pid",
+            ));
+        }
+    };
+    let ports = target
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, r)| PortRange::new(r.first, r.last, &format!("fault.target.ports[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let protocol = match pb::Protocol::try_from(target.protocol) {
+        Ok(pb::Protocol::Tcp) => Protocol::Tcp,
+        Ok(pb::Protocol::Udp) => Protocol::Udp,
+        Ok(pb::Protocol::Unspecified) => Protocol::Both,
+        Err(_) => {
+            return Err(Invalid::new(
+                "fault.target.protocol",
+                format!("unknown value {}", target.protocol),
+            ));
+        }
+    };
+    let direction = match pb::Direction::try_from(target.direction) {
+        Ok(pb::Direction::Egress) => Direction::Egress,
+        Ok(pb::Direction::Ingress) => Direction::Ingress,
+        Ok(pb::Direction::Both | pb::Direction::Unspecified) => Direction::Both,
+        Err(_) => {
+            return Err(Invalid::new(
+                "fault.target.direction",
+                format!("unknown value {}", target.direction),
+            ));
+        }
+    };
+    Ok(FaultSpec {
+        action,
+        target: Target {
+            scope,
+            ports,
+            protocol,
+            direction,
+        },
+        labels: fault.labels.into_iter().collect(),
+    })
+}
+
+pub fn timestamp(time: SystemTime) -> prost_types::Timestamp {
+    let since = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: since.as_secs() as i64,
+        nanos: since.subsec_nanos() as i32,
+    }
+}
+
+fn labels(labels: &Labels) -> std::collections::HashMap<String, String> {
+    labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+pub fn fault(view: FaultView) -> pb::Fault {
+    let spec = view.spec;
+    let action = match spec.action {
+        Action::Drop { percent } => pb::fault::Action::Drop(pb::Drop { percent }),
+    };
+    let scope = match spec.target.scope {
+        Scope::Host => pb::target::Scope::Host(pb::HostScope {}),
+        Scope::Cgroup { path } => pb::target::Scope::Cgroup(pb::CgroupScope { path }),
+        Scope::Pid { pid } => pb::target::Scope::Pid(pb::PidScope { pid }),
+    };
+    let protocol = match spec.target.protocol {
+        Protocol::Tcp => pb::Protocol::Tcp,
+        Protocol::Udp => pb::Protocol::Udp,
+        Protocol::Both => pb::Protocol::Unspecified,
+    };
+    let direction = match spec.target.direction {
+        Direction::Egress => pb::Direction::Egress,
+        Direction::Ingress => pb::Direction::Ingress,
+        Direction::Both => pb::Direction::Both,
+    };
+    let ports = spec
+        .target
+        .ports
+        .iter()
+        .map(|r| pb::PortRange {
+            first: r.first.into(),
+            last: (r.last != r.first).then_some(r.last.into()),
+        })
+        .collect();
+    let state = match view.state {
+        FaultState::Active => pb::FaultState::Active,
+        FaultState::Reverted => pb::FaultState::Reverted,
+    };
+    pb::Fault {
+        id: view.id,
+        lease_id: view.lease_id,
+        action: Some(action),
+        target: Some(pb::Target {
+            scope: Some(scope),
+            ports,
+            protocol: protocol.into(),
+            direction: direction.into(),
+        }),
+        labels: labels(&spec.labels),
+        state: state.into(),
+        counters: Some(pb::Counters {
+            matched: view.counters.matched,
+            dropped: view.counters.dropped,
+        }),
+        expires_at: Some(timestamp(view.expires_at)),
+        remaining: Some(duration::to_proto(view.remaining)),
+        mechanism: view.mechanism.to_string(),
+        resolved: Some(pb::ResolvedTarget {
+            cgroup_path: view.resolved.cgroup_path,
+            cgroup_id: view.resolved.cgroup_id,
+            rules: view.rules as u32,
+        }),
+    }
+}
+
+pub fn lease(view: LeaseView) -> pb::Lease {
+    pb::Lease {
+        id: view.id,
+        ttl: Some(duration::to_proto(view.ttl)),
+        expires_at: Some(timestamp(view.expires_at)),
+        remaining: Some(duration::to_proto(view.remaining)),
+        fault_ids: view.fault_ids,
+        private: view.private,
+        labels: labels(&view.labels),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drop_fault(percent: f64) -> pb::Fault {
+        pb::Fault {
+            action: Some(pb::fault::Action::Drop(pb::Drop { percent })),
+            target: Some(pb::Target {
+                scope: Some(pb::target::Scope::Cgroup(pb::CgroupScope {
+                    path: "/app".into(),
+                })),
+                ports: vec![pb::PortRange {
+                    first: 6379,
+                    last: None,
+                }],
+                protocol: pb::Protocol::Tcp.into(),
+                direction: pb::Direction::Egress.into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn converts_a_drop_fault() {
+        let spec = fault_spec(Some(drop_fault(30.0))).unwrap();
+        assert_eq!(spec.action, Action::Drop { percent: 30.0 });
+        assert_eq!(spec.target.protocol, Protocol::Tcp);
+        assert_eq!(spec.target.direction, Direction::Egress);
+        assert_eq!(
+            spec.target.ports,
+            vec![PortRange {
+                first: 6379,
+                last: 6379
+            }]
+        );
+    }
+
+    #[test]
+    fn names_the_bad_field() {
+        let field = |f: pb::Fault| fault_spec(Some(f)).unwrap_err().field;
+        assert_eq!(field(drop_fault(101.0)), "fault.drop.percent");
+        let mut f = drop_fault(1.0);
+        f.target.as_mut().unwrap().scope = None;
+        assert_eq!(field(f), "fault.target");
+        let mut f = drop_fault(1.0);
+        f.target.as_mut().unwrap().ports[0].first = 0;
+        assert_eq!(field(f), "fault.target.ports[0].first");
+        let mut f = drop_fault(1.0);
+        f.target.as_mut().unwrap().protocol = 9;
+        assert_eq!(field(f), "fault.target.protocol");
+        assert_eq!(fault_spec(None).unwrap_err().field, "fault");
+        assert_eq!(lease_ref(None).unwrap_err().field, "ttl");
+        let negative = pb::inject_request::Lease::Ttl(prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        });
+        assert_eq!(lease_ref(Some(&negative)).unwrap_err().field, "ttl");
+    }
+}

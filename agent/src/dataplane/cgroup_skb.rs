@@ -1,0 +1,215 @@
+//! cgroup_skb ingress/egress programs attached once at the cgroup v2 root through fd-owned
+//! bpf_links: they see every socket's packets and walk its cgroup ancestry, so a fault on a
+//! cgroup also covers cgroups created below it later. The links die with faultd's fds, and
+//! every rule carries its lease deadline, so nothing outlives the agent or the lease.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
+use aya::{Ebpf, EbpfLoader};
+use faultd_common::{
+    COUNTERS_MAP, Counters, PROG_EGRESS, PROG_INGRESS, RULES_MAP, RuleKey, RuleValue, SCOPES_MAP,
+    ScopeValue,
+};
+
+use super::{Dataplane, DataplaneError};
+
+pub struct CgroupSkbDataplane {
+    rules: BpfHashMap<MapData, RuleKey, RuleValue>,
+    scopes: BpfHashMap<MapData, u64, ScopeValue>,
+    counters: PerCpuArray<MapData, Counters>,
+    /// Rules per scope id, to keep the scopes map in step with the rules map.
+    scope_rules: HashMap<u64, u32>,
+    nr_cpus: usize,
+    /// Owns the programs and their links: dropping it detaches them.
+    _ebpf: Ebpf,
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |e| DataplaneError::Map {
+        map,
+        reason: e.to_string(),
+    }
+}
+
+impl CgroupSkbDataplane {
+    /// Loads the object and attaches both programs to the cgroup v2 root. Blocking (verifier):
+    /// call it from a blocking thread.
+    pub fn load(object: &[u8], cgroup_root: &Path) -> Result<Self, DataplaneError> {
+        if object.is_empty() {
+            return Err(DataplaneError::StubObject);
+        }
+        let mut ebpf = EbpfLoader::new()
+            .load(object)
+            .map_err(|e| DataplaneError::Load(e.to_string()))?;
+        let root = File::open(cgroup_root).map_err(|e| DataplaneError::Attach {
+            program: PROG_EGRESS,
+            cgroup: cgroup_root.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        for (name, attach_type) in [
+            (PROG_EGRESS, CgroupSkbAttachType::Egress),
+            (PROG_INGRESS, CgroupSkbAttachType::Ingress),
+        ] {
+            let attach_err = |reason: String| DataplaneError::Attach {
+                program: name,
+                cgroup: cgroup_root.display().to_string(),
+                reason,
+            };
+            let program: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .ok_or_else(|| {
+                    DataplaneError::Load(format!("program {name} missing from the object"))
+                })?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
+            program
+                .load()
+                .map_err(|e| DataplaneError::Load(format!("{name}: {}", verifier_detail(&e))))?;
+            // Links stack regardless of the mode (TOOLCHAIN.md: AllowMultiple is EINVAL here).
+            program
+                .attach(&root, attach_type, CgroupAttachMode::Single)
+                .map_err(|e| attach_err(e.to_string()))?;
+        }
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| DataplaneError::Load(format!("map {name} missing from the object")))
+        };
+        let rules = BpfHashMap::try_from(take(RULES_MAP)?).map_err(map_err(RULES_MAP))?;
+        let scopes = BpfHashMap::try_from(take(SCOPES_MAP)?).map_err(map_err(SCOPES_MAP))?;
+        let counters = PerCpuArray::try_from(take(COUNTERS_MAP)?).map_err(map_err(COUNTERS_MAP))?;
+        let nr_cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| DataplaneError::Load(format!("{what}: {e}")))?;
+        Ok(Self {
+            rules,
+            scopes,
+            counters,
+            scope_rules: HashMap::new(),
+            nr_cpus,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Adds `delta` rules to a scope, creating or deleting its scopes-map entry at 0↔1.
+    fn count_scope(&mut self, scope: u64, delta: i64) -> Result<(), DataplaneError> {
+        let before = i64::from(self.scope_rules.get(&scope).copied().unwrap_or(0));
+        let after = (before + delta).max(0);
+        if after == 0 {
+            self.scope_rules.remove(&scope);
+            if before > 0 {
+                self.scopes.remove(&scope).map_err(map_err(SCOPES_MAP))?;
+            }
+        } else {
+            self.scope_rules.insert(scope, after as u32);
+            if before == 0 {
+                let value = ScopeValue { rules: 1, _pad: 0 };
+                self.scopes
+                    .insert(scope, value, 0)
+                    .map_err(map_err(SCOPES_MAP))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn try_upsert(
+        &mut self,
+        rules: &[(RuleKey, RuleValue)],
+        added: &mut Vec<RuleKey>,
+        overwritten: &mut Vec<(RuleKey, RuleValue)>,
+    ) -> Result<(), DataplaneError> {
+        for (key, value) in rules {
+            match self.rules.get(key, 0) {
+                Ok(old) => overwritten.push((*key, old)),
+                Err(aya::maps::MapError::KeyNotFound) => {
+                    // The scope entry goes in first so the program never misses a new rule.
+                    self.count_scope(key.scope_id, 1)?;
+                    added.push(*key);
+                }
+                Err(e) => return Err(map_err(RULES_MAP)(e)),
+            }
+            self.rules
+                .insert(key, value, 0)
+                .map_err(map_err(RULES_MAP))?;
+        }
+        Ok(())
+    }
+}
+
+impl Dataplane for CgroupSkbDataplane {
+    fn upsert(&mut self, rules: &[(RuleKey, RuleValue)]) -> Result<(), DataplaneError> {
+        let mut added = Vec::new();
+        let mut overwritten = Vec::new();
+        let result = self.try_upsert(rules, &mut added, &mut overwritten);
+        if result.is_err() {
+            // Roll back; the first error is the one worth reporting.
+            if let Err(e) = self.remove(&added) {
+                tracing::warn!(error = %e, "rolling back a failed rule insert");
+            }
+            for (key, value) in overwritten {
+                if let Err(e) = self.rules.insert(key, value, 0) {
+                    tracing::warn!(error = %e, "restoring a rule after a failed insert");
+                }
+            }
+        }
+        result
+    }
+
+    fn remove(&mut self, keys: &[RuleKey]) -> Result<(), DataplaneError> {
+        let mut first_error = None;
+        for key in keys {
+            match self.rules.remove(key) {
+                Ok(()) => {
+                    if let Err(e) = self.count_scope(key.scope_id, -1) {
+                        first_error.get_or_insert(e);
+                    }
+                }
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => {
+                    first_error.get_or_insert(map_err(RULES_MAP)(e));
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn counters(&self, slot: u32) -> Result<Counters, DataplaneError> {
+        let per_cpu = self.counters.get(&slot, 0).map_err(map_err(COUNTERS_MAP))?;
+        Ok(per_cpu.iter().fold(Counters::default(), |sum, c| Counters {
+            matched: sum.matched + c.matched,
+            dropped: sum.dropped + c.dropped,
+        }))
+    }
+
+    fn reset_counters(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        let zeros =
+            PerCpuValues::try_from(vec![Counters::default(); self.nr_cpus]).map_err(|e| {
+                DataplaneError::Map {
+                    map: COUNTERS_MAP,
+                    reason: e.to_string(),
+                }
+            })?;
+        self.counters
+            .set(slot, zeros, 0)
+            .map_err(map_err(COUNTERS_MAP))
+    }
+
+    fn mechanism(&self) -> &'static str {
+        "cgroup_skb"
+    }
+}
+
+/// The verifier log is the useful part of a load failure.
+fn verifier_detail(e: &aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            format!("{io_error}\n{verifier_log}")
+        }
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,39 @@
+//! Kernel mechanisms, one file each. The engine talks to them through `Dataplane`; unit tests of
+//! the engine use `fake::FakeDataplane`.
+
+pub mod cgroup_skb;
+pub mod fake;
+
+use faultd_common::{Counters, RuleKey, RuleValue};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error(
+        "faultd was built without the eBPF toolchain (empty stub object); run `cargo xtask setup` and rebuild"
+    )]
+    StubObject,
+    #[error("loading the eBPF programs: {0}")]
+    Load(String),
+    #[error("attaching {program} to {cgroup}: {reason}")]
+    Attach {
+        program: &'static str,
+        cgroup: String,
+        reason: String,
+    },
+    #[error("updating BPF map {map}: {reason}")]
+    Map { map: &'static str, reason: String },
+}
+
+/// A datapath keyed by `RuleKey`.
+pub trait Dataplane: Send {
+    /// Inserts new entries or overwrites existing ones. All or nothing: on error, the entries
+    /// that this call added are taken out again and the ones it overwrote keep their value.
+    fn upsert(&mut self, rules: &[(RuleKey, RuleValue)]) -> Result<(), DataplaneError>;
+    /// Removes entries; missing ones are ignored. Keeps going on error and reports the first.
+    fn remove(&mut self, keys: &[RuleKey]) -> Result<(), DataplaneError>;
+    /// The counters of a slot, summed over CPUs.
+    fn counters(&self, slot: u32) -> Result<Counters, DataplaneError>;
+    fn reset_counters(&mut self, slot: u32) -> Result<(), DataplaneError>;
+    /// The name shown to users as the fault's mechanism.
+    fn mechanism(&self) -> &'static str;
+}

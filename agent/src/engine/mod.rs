@@ -1,0 +1,540 @@
+//! The engine applies and reverts faults. It owns the lease table, the faults, and the
+//! dataplane (every kernel resource), behind one lock so that each request is applied whole or
+//! not at all. A timer task expires leases on their deadlines; the kernel entries carry the
+//! same deadline, so the kernel stops a fault on time even when this process cannot.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use faultd_common::{ACTION_DROP, Counters, MAX_FAULTS, MAX_RULES, RuleKey, RuleValue};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::dataplane::{Dataplane, DataplaneError};
+use crate::fault::{Action, FaultId, FaultSpec, Invalid, Labels, LeaseId};
+use crate::lease::{Lease, LeaseTable};
+use crate::target::{Resolve, ResolvedScope};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("no {kind} {id:?}")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Exhausted(String),
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub max_ttl: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Which lease an Inject goes under.
+#[derive(Clone, Debug)]
+pub enum LeaseRef {
+    Existing(LeaseId),
+    /// A private lease of this ttl, granted for the fault.
+    Ttl(Duration),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultState {
+    Active,
+    Reverted,
+}
+
+/// A fault as the API shows it.
+#[derive(Clone, Debug)]
+pub struct FaultView {
+    pub id: FaultId,
+    pub lease_id: LeaseId,
+    pub spec: FaultSpec,
+    pub resolved: ResolvedScope,
+    pub rules: usize,
+    pub state: FaultState,
+    pub counters: Counters,
+    pub expires_at: SystemTime,
+    pub remaining: Duration,
+    pub mechanism: &'static str,
+}
+
+/// A lease as the API shows it.
+#[derive(Clone, Debug)]
+pub struct LeaseView {
+    pub id: LeaseId,
+    pub ttl: Duration,
+    pub expires_at: SystemTime,
+    pub remaining: Duration,
+    pub fault_ids: Vec<FaultId>,
+    pub private: bool,
+    pub labels: Labels,
+}
+
+/// Why faults were reverted (for logs and, later, events).
+#[derive(Clone, Copy, Debug)]
+pub enum RevertReason {
+    Removed,
+    Expired,
+    Revoked,
+    Aborted,
+}
+
+struct FaultRecord {
+    id: FaultId,
+    lease_id: LeaseId,
+    spec: FaultSpec,
+    resolved: ResolvedScope,
+    keys: Vec<RuleKey>,
+    slot: u32,
+}
+
+struct State {
+    leases: LeaseTable,
+    faults: HashMap<FaultId, FaultRecord>,
+    /// Which fault holds each kernel key: overlapping faults are refused, not merged.
+    owners: HashMap<RuleKey, FaultId>,
+    free_slots: Vec<u32>,
+    dataplane: Box<dyn Dataplane>,
+    resolver: Box<dyn Resolve>,
+}
+
+pub struct Engine {
+    state: Mutex<State>,
+    config: EngineConfig,
+    /// Wakes the expiry task when the earliest deadline may have moved.
+    deadline_changed: Notify,
+}
+
+impl Engine {
+    pub fn new(
+        dataplane: Box<dyn Dataplane>,
+        resolver: Box<dyn Resolve>,
+        config: EngineConfig,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                leases: LeaseTable::default(),
+                faults: HashMap::new(),
+                owners: HashMap::new(),
+                free_slots: (0..MAX_FAULTS).rev().collect(),
+                dataplane,
+                resolver,
+            }),
+            config,
+            deadline_changed: Notify::new(),
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave kernel state half-applied (every step
+        // rolls back before returning), so the data is still usable.
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.expire(Instant::now());
+        state
+    }
+
+    fn check_ttl(&self, ttl: Duration, field: &str) -> Result<(), Invalid> {
+        if ttl.is_zero() {
+            return Err(Invalid::new(field, "must be greater than 0"));
+        }
+        if ttl > self.config.max_ttl {
+            return Err(Invalid::new(
+                field,
+                format!(
+                    "{} exceeds the maximum {}",
+                    crate::duration::format(ttl),
+                    crate::duration::format(self.config.max_ttl)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn grant(&self, ttl: Duration, labels: Labels) -> Result<LeaseView, Error> {
+        self.check_ttl(ttl, "ttl")?;
+        let mut state = self.lock();
+        let id = state.grant(ttl, labels, false);
+        self.deadline_changed.notify_one();
+        Ok(state.lease_view(&id))
+    }
+
+    pub fn renew(&self, id: &str) -> Result<LeaseView, Error> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let lease = state
+            .leases
+            .renew(id, now)
+            .ok_or_else(|| not_found("lease", id))?
+            .clone();
+        // Push the new deadline into every kernel entry of the lease.
+        let deadline = kernel_deadline(lease.deadline);
+        let mut rules = Vec::new();
+        for fault_id in &lease.faults {
+            if let Some(fault) = state.faults.get(fault_id) {
+                let value = rule_value(&fault.spec.action, fault.slot, deadline);
+                rules.extend(fault.keys.iter().map(|k| (*k, value)));
+            }
+        }
+        state.dataplane.upsert(&rules)?;
+        self.deadline_changed.notify_one();
+        Ok(state.lease_view(id))
+    }
+
+    pub fn revoke(&self, id: &str) -> Result<(LeaseView, Vec<FaultId>), Error> {
+        let mut state = self.lock();
+        let view = state.lease_view_checked(id)?;
+        let reverted = state.revoke(id, RevertReason::Revoked);
+        self.deadline_changed.notify_one();
+        Ok((view, reverted))
+    }
+
+    pub fn time_to_live(&self, id: &str) -> Result<LeaseView, Error> {
+        self.lock().lease_view_checked(id)
+    }
+
+    pub fn leases(&self) -> Vec<LeaseView> {
+        let state = self.lock();
+        let mut views: Vec<_> = state.leases.iter().map(|l| state.view_of(l)).collect();
+        views.sort_by(|a, b| a.id.cmp(&b.id));
+        views
+    }
+
+    pub fn inject(&self, lease: LeaseRef, spec: FaultSpec) -> Result<FaultView, Error> {
+        if let LeaseRef::Ttl(ttl) = &lease {
+            self.check_ttl(*ttl, "ttl")?;
+        }
+        spec.target.validate()?;
+        let mut state = self.lock();
+        if let LeaseRef::Existing(id) = &lease
+            && !state.leases.contains(id)
+        {
+            return Err(Invalid::new(
+                "lease_id",
+                format!("no lease {id:?} (grant one first, or pass a ttl)"),
+            )
+            .into());
+        }
+        let resolved = state.resolver.resolve(&spec.target.scope)?;
+        let keys = spec.target.rule_keys(resolved.cgroup_id);
+        if let Some(owner) = keys.iter().find_map(|k| state.owners.get(k)) {
+            return Err(Error::Conflict(format!(
+                "fault.target: {} overlaps fault {owner} (remove it first)",
+                spec.target.summary()
+            )));
+        }
+        if state.owners.len() + keys.len() > MAX_RULES as usize {
+            return Err(Error::Exhausted(format!(
+                "the kernel rule table holds {} entries; this fault needs {} more than the {} left",
+                MAX_RULES,
+                keys.len(),
+                MAX_RULES as usize - state.owners.len()
+            )));
+        }
+        let Some(slot) = state.free_slots.pop() else {
+            return Err(Error::Exhausted(format!(
+                "{MAX_FAULTS} faults are active, the most this agent holds"
+            )));
+        };
+        let lease_id = match &lease {
+            LeaseRef::Existing(id) => id.clone(),
+            LeaseRef::Ttl(ttl) => state.grant(*ttl, Labels::new(), true),
+        };
+        let deadline = match state.leases.get(&lease_id) {
+            Some(lease) => lease.deadline,
+            None => return Err(not_found("lease", &lease_id)),
+        };
+        let value = rule_value(&spec.action, slot, kernel_deadline(deadline));
+        let rules: Vec<_> = keys.iter().map(|k| (*k, value)).collect();
+        let applied = state
+            .dataplane
+            .reset_counters(slot)
+            .and_then(|()| state.dataplane.upsert(&rules));
+        if let Err(e) = applied {
+            state.free_slots.push(slot);
+            if matches!(lease, LeaseRef::Ttl(_)) {
+                state.leases.remove(&lease_id);
+            }
+            return Err(e.into());
+        }
+        let id = new_id(|id| state.faults.contains_key(id));
+        for key in &keys {
+            state.owners.insert(*key, id.clone());
+        }
+        if let Some(lease) = state.leases.get_mut(&lease_id) {
+            lease.faults.push(id.clone());
+        }
+        tracing::info!(fault = %id, lease = %lease_id, action = spec.action.name(),
+            target = %spec.target.summary(), cgroup_id = resolved.cgroup_id, rules = keys.len(), "fault applied");
+        state.faults.insert(
+            id.clone(),
+            FaultRecord {
+                id: id.clone(),
+                lease_id,
+                spec,
+                resolved,
+                keys,
+                slot,
+            },
+        );
+        self.deadline_changed.notify_one();
+        state.fault_view(&id, FaultState::Active)
+    }
+
+    /// Reverts one fault now; a private lease goes with it.
+    pub fn remove(&self, id: &str) -> Result<FaultView, Error> {
+        let mut state = self.lock();
+        let view = state.fault_view(id, FaultState::Reverted)?;
+        state.revert(id, RevertReason::Removed);
+        if let Some(lease) = state.leases.get(&view.lease_id)
+            && lease.private
+            && lease.faults.is_empty()
+        {
+            state.leases.remove(&view.lease_id);
+        }
+        self.deadline_changed.notify_one();
+        Ok(view)
+    }
+
+    pub fn get(&self, id: &str) -> Result<FaultView, Error> {
+        self.lock().fault_view(id, FaultState::Active)
+    }
+
+    pub fn faults(&self) -> Vec<FaultView> {
+        let state = self.lock();
+        let mut ids: Vec<_> = state.faults.keys().cloned().collect();
+        ids.sort();
+        ids.iter()
+            .filter_map(|id| state.fault_view(id, FaultState::Active).ok())
+            .collect()
+    }
+
+    /// Reverts every fault and revokes every lease.
+    pub fn abort(&self) -> (Vec<FaultId>, Vec<LeaseId>) {
+        let mut state = self.lock();
+        let leases = state.leases.ids();
+        let mut faults = Vec::new();
+        for id in &leases {
+            faults.extend(state.revoke(id, RevertReason::Aborted));
+        }
+        self.deadline_changed.notify_one();
+        (faults, leases)
+    }
+
+    pub fn active_faults(&self) -> usize {
+        self.lock().faults.len()
+    }
+
+    /// Expires leases on their deadlines until `shutdown` resolves.
+    pub async fn run_expiry(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            // Registered before reading the deadline, so a change in between is not missed.
+            let changed = self.deadline_changed.notified();
+            let next = self.lock().leases.next_deadline();
+            let sleep = async {
+                match next {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = changed => {}
+                _ = sleep => {}
+            }
+        }
+    }
+}
+
+impl State {
+    fn grant(&mut self, ttl: Duration, labels: Labels, private: bool) -> LeaseId {
+        let id = new_id(|id| self.leases.contains(id));
+        self.leases.insert(Lease {
+            id: id.clone(),
+            ttl,
+            deadline: Instant::now() + ttl,
+            faults: Vec::new(),
+            private,
+            labels,
+        });
+        id
+    }
+
+    /// Expires every lease due at `now` and reverts its faults.
+    fn expire(&mut self, now: Instant) {
+        for lease in self.leases.take_expired(now) {
+            tracing::info!(lease = %lease.id, faults = lease.faults.len(), "lease expired");
+            for fault in &lease.faults {
+                self.revert(fault, RevertReason::Expired);
+            }
+        }
+    }
+
+    fn revoke(&mut self, id: &str, reason: RevertReason) -> Vec<FaultId> {
+        let Some(lease) = self.leases.remove(id) else {
+            return Vec::new();
+        };
+        for fault in &lease.faults {
+            self.revert(fault, reason);
+        }
+        lease.faults
+    }
+
+    /// Takes a fault out of the kernel and the tables. Removing a key cannot be undone
+    /// half-way in any useful sense, so errors are logged and the bookkeeping goes on: the
+    /// kernel entry still expires by its deadline.
+    fn revert(&mut self, id: &str, reason: RevertReason) {
+        let Some(fault) = self.faults.remove(id) else {
+            return;
+        };
+        if let Err(e) = self.dataplane.remove(&fault.keys) {
+            tracing::error!(fault = %id, error = %e, "removing kernel entries; they lapse at the lease deadline");
+        }
+        for key in &fault.keys {
+            self.owners.remove(key);
+        }
+        self.free_slots.push(fault.slot);
+        if let Some(lease) = self.leases.get_mut(&fault.lease_id) {
+            lease.faults.retain(|f| f != id);
+        }
+        tracing::info!(fault = %fault.id, ?reason, "fault reverted");
+    }
+
+    fn fault_view(&self, id: &str, state: FaultState) -> Result<FaultView, Error> {
+        let fault = self.faults.get(id).ok_or_else(|| not_found("fault", id))?;
+        let lease = self
+            .leases
+            .get(&fault.lease_id)
+            .ok_or_else(|| not_found("lease", &fault.lease_id))?;
+        let (expires_at, remaining) = wall_clock(lease.deadline);
+        Ok(FaultView {
+            id: fault.id.clone(),
+            lease_id: fault.lease_id.clone(),
+            spec: fault.spec.clone(),
+            resolved: fault.resolved.clone(),
+            rules: fault.keys.len(),
+            state,
+            counters: self.dataplane.counters(fault.slot)?,
+            expires_at,
+            remaining,
+            mechanism: self.dataplane.mechanism(),
+        })
+    }
+
+    fn view_of(&self, lease: &Lease) -> LeaseView {
+        let (expires_at, remaining) = wall_clock(lease.deadline);
+        LeaseView {
+            id: lease.id.clone(),
+            ttl: lease.ttl,
+            expires_at,
+            remaining,
+            fault_ids: lease.faults.clone(),
+            private: lease.private,
+            labels: lease.labels.clone(),
+        }
+    }
+
+    fn lease_view_checked(&self, id: &str) -> Result<LeaseView, Error> {
+        self.leases
+            .get(id)
+            .map(|l| self.view_of(l))
+            .ok_or_else(|| not_found("lease", id))
+    }
+
+    /// For a lease that is known to exist.
+    fn lease_view(&self, id: &str) -> LeaseView {
+        match self.leases.get(id) {
+            Some(lease) => self.view_of(lease),
+            None => LeaseView {
+                id: id.to_string(),
+                ttl: Duration::ZERO,
+                expires_at: SystemTime::now(),
+                remaining: Duration::ZERO,
+                fault_ids: Vec::new(),
+                private: false,
+                labels: Labels::new(),
+            },
+        }
+    }
+}
+
+fn not_found(kind: &'static str, id: &str) -> Error {
+    Error::NotFound {
+        kind,
+        id: id.to_string(),
+    }
+}
+
+fn rule_value(action: &Action, slot: u32, expires_at_ns: u64) -> RuleValue {
+    match action {
+        Action::Drop { .. } => RuleValue {
+            expires_at_ns,
+            drop_threshold: action.drop_threshold(),
+            counter_slot: slot,
+            action: ACTION_DROP,
+        },
+    }
+}
+
+/// A fresh random 64-bit id in hex that `taken` does not know.
+fn new_id(taken: impl Fn(&str) -> bool) -> String {
+    loop {
+        let mut bytes = [0u8; 8];
+        // SAFETY: getrandom writes at most `len` bytes into the buffer.
+        let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+        if n != bytes.len() as isize {
+            // getrandom on Linux ≥ 3.17 does not fail for 8 bytes once booted; fall back anyway.
+            let nanos = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default();
+            bytes = (nanos.as_nanos() as u64 ^ u64::from(std::process::id())).to_le_bytes();
+        }
+        let id = format!("{:016x}", u64::from_le_bytes(bytes));
+        if !taken(&id) {
+            return id;
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC nanoseconds (what `bpf_ktime_get_ns` returns) at `deadline`.
+pub fn kernel_deadline(deadline: Instant) -> u64 {
+    let left = deadline.saturating_duration_since(Instant::now());
+    monotonic_now_ns().saturating_add(left.as_nanos() as u64)
+}
+
+pub fn monotonic_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Wall-clock time of `deadline`, and the time left until it.
+fn wall_clock(deadline: Instant) -> (SystemTime, Duration) {
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    (SystemTime::now() + remaining, remaining)
+}
+
+#[cfg(test)]
+mod tests;

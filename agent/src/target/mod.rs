@@ -1,0 +1,180 @@
+//! Resolving a scope to the cgroup v2 directory and id the kernel programs match on.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+use crate::fault::{Invalid, Scope};
+
+/// A scope as the kernel sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedScope {
+    /// Path relative to the cgroup v2 root, always starting with `/`.
+    pub cgroup_path: String,
+    /// The cgroup v2 id (the directory's inode number), as `bpf_skb_cgroup_id` returns it.
+    pub cgroup_id: u64,
+}
+
+/// Resolves scopes; a trait so engine tests can run without cgroups.
+pub trait Resolve: Send {
+    fn resolve(&self, scope: &Scope) -> Result<ResolvedScope, Invalid>;
+}
+
+/// The cgroup v2 hierarchy of this host.
+#[derive(Clone, Debug)]
+pub struct CgroupRoot {
+    path: PathBuf,
+}
+
+impl CgroupRoot {
+    /// The cgroup2 mount from /proc/self/mountinfo (`/sys/fs/cgroup` on unified hosts,
+    /// `/sys/fs/cgroup/unified` on hybrid ones).
+    pub fn detect() -> Result<Self, String> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
+        mountinfo
+            .lines()
+            .find_map(cgroup2_mount_point)
+            .map(|path| Self { path })
+            .ok_or_else(|| "no cgroup2 file system is mounted (cgroup v2 is required)".to_string())
+    }
+
+    pub fn at(path: impl Into<PathBuf>) -> Result<Self, String> {
+        let path = path.into();
+        if !path.join("cgroup.procs").is_file() {
+            return Err(format!("{} is not a cgroup v2 directory", path.display()));
+        }
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cgroup(&self, relative: &str, field: &str) -> Result<ResolvedScope, Invalid> {
+        let mut dir = self.path.clone();
+        let mut clean = String::new();
+        for component in Path::new(relative).components() {
+            match component {
+                Component::RootDir | Component::CurDir => {}
+                Component::Normal(part) => {
+                    dir.push(part);
+                    clean.push('/');
+                    clean.push_str(&part.to_string_lossy());
+                }
+                Component::ParentDir | Component::Prefix(_) => {
+                    return Err(Invalid::new(
+                        field,
+                        format!("{relative:?} may not contain '..'"),
+                    ));
+                }
+            }
+        }
+        let meta = fs::metadata(&dir).map_err(|_| {
+            Invalid::new(
+                field,
+                format!(
+                    "no cgroup {relative:?} under {} (create it first, or use a pid or host scope)",
+                    self.path.display()
+                ),
+            )
+        })?;
+        if !meta.is_dir() || !dir.join("cgroup.procs").is_file() {
+            return Err(Invalid::new(
+                field,
+                format!("{} is not a cgroup v2 directory", dir.display()),
+            ));
+        }
+        Ok(ResolvedScope {
+            cgroup_path: if clean.is_empty() { "/".into() } else { clean },
+            cgroup_id: meta.ino(),
+        })
+    }
+}
+
+impl Resolve for CgroupRoot {
+    fn resolve(&self, scope: &Scope) -> Result<ResolvedScope, Invalid> {
+        match scope {
+            Scope::Host => self.cgroup("/", "fault.target.host"),
+            Scope::Cgroup { path } => {
+                if path.trim().is_empty() {
+                    return Err(Invalid::new(
+                        "fault.target.cgroup.path",
+                        "empty; use the host scope for the whole host",
+                    ));
+                }
+                self.cgroup(path, "fault.target.cgroup.path")
+            }
+            Scope::Pid { pid } => {
+                let field = "fault.target.pid.pid";
+                if *pid == 0 {
+                    return Err(Invalid::new(field, "0 is not a process id"));
+                }
+                let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                    .map_err(|_| Invalid::new(field, format!("no process {pid}")))?;
+                let path = text
+                    .lines()
+                    .find_map(|line| line.strip_prefix("0::"))
+                    .ok_or_else(|| {
+                        Invalid::new(field, format!("process {pid} has no cgroup v2 membership"))
+                    })?;
+                self.cgroup(path, field)
+            }
+        }
+    }
+}
+
+/// The mount point of a mountinfo line whose file system type is cgroup2.
+fn cgroup2_mount_point(line: &str) -> Option<PathBuf> {
+    let (before, after) = line.split_once(" - ")?;
+    if after.split_whitespace().next()? != "cgroup2" {
+        return None;
+    }
+    let mount_point = before.split_whitespace().nth(4)?;
+    // mountinfo escapes spaces and the like as octal.
+    Some(PathBuf::from(mount_point.replace("\\040", " ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_mountinfo() {
+        let hybrid = "35 25 0:30 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw";
+        assert_eq!(
+            cgroup2_mount_point(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let v1 = "36 25 0:31 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu";
+        assert_eq!(cgroup2_mount_point(v1), None);
+    }
+
+    #[test]
+    fn rejects_parent_components_and_missing_cgroups() {
+        let dir = std::env::temp_dir().join(format!("faultd-unit-{}", std::process::id()));
+        fs::create_dir_all(dir.join("app")).unwrap();
+        fs::write(dir.join("cgroup.procs"), "").unwrap();
+        fs::write(dir.join("app/cgroup.procs"), "").unwrap();
+        let root = CgroupRoot::at(&dir).unwrap();
+
+        let app = root.resolve(&Scope::Cgroup { path: "app".into() }).unwrap();
+        assert_eq!(app.cgroup_path, "/app");
+        assert_eq!(app.cgroup_id, fs::metadata(dir.join("app")).unwrap().ino());
+        assert_eq!(root.resolve(&Scope::Host).unwrap().cgroup_path, "/");
+
+        let err = root
+            .resolve(&Scope::Cgroup {
+                path: "/app/../..".into(),
+            })
+            .unwrap_err();
+        assert_eq!(err.field, "fault.target.cgroup.path");
+        let err = root
+            .resolve(&Scope::Cgroup {
+                path: "/nope".into(),
+            })
+            .unwrap_err();
+        assert!(err.reason.contains("no cgroup"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
