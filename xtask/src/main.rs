@@ -1,1 +1,205 @@
-fn main() {}
+//! `cargo xtask`: what a fresh machine needs to build, run and test faultd.
+//!
+//! - `setup`: installs what is missing, idempotently (Debian packages, bpf-linker).
+//! - `build`: builds the binaries (eBPF object included).
+//! - `run`: setup, release build, then runs faultd in the foreground with sane defaults.
+//! - `test`: setup, fmt and clippy, then the whole suite, privileged end-to-end tests included.
+
+use std::env;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+/// Debian packages: the eBPF toolchain (TOOLCHAIN.md), protoc, and what the tests drive.
+const PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    "iproute2",
+    "iptables",
+    "bpftool",
+    "redis-server",
+    "redis-tools",
+    "postgresql",
+    "postgresql-client",
+    "procps",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks (needs root when something is missing).
+    Setup,
+    /// Build faultd, faultctl and the eBPF object.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build (release) and run faultd in the foreground; extra arguments go to faultd.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, check formatting and lints, and run every test (end-to-end ones as root).
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = workspace_root();
+    env::set_current_dir(&root)?;
+    match Cli::parse().command {
+        Task::Setup => setup(),
+        Task::Build { release } => build(release),
+        Task::Run { args } => run(&root, args),
+        Task::Test { no_lint, args } => test(&root, no_lint, args),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn cargo() -> Command {
+    Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn setup() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| !package_installed(pkg))
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!(
+                "missing Debian packages: {}; run as root, or install them with: \
+                 sudo apt-get install -y {}",
+                missing.join(" "),
+                missing.join(" ")
+            );
+        }
+        eprintln!("xtask: installing {}", missing.join(" "));
+        status(Command::new("apt-get").args(["update", "-q"]))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    if !bpf_linker_installed() {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (a few minutes)");
+        status(
+            cargo()
+                .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked"])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", LLVM_PREFIX),
+        )?;
+    }
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+fn package_installed(name: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", name])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+}
+
+fn bpf_linker_installed() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION))
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "-p", "faultd-agent", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    status(&mut cmd)
+}
+
+fn run(root: &Path, args: Vec<String>) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("faultd loads BPF programs and needs root: run `sudo -E cargo xtask run`");
+    }
+    setup()?;
+    build(true)?;
+    let bin = root.join("target/release");
+    eprintln!(
+        "xtask: starting faultd; in another shell: {} caps",
+        bin.join("faultctl").display()
+    );
+    let err = Command::new(bin.join("faultd")).args(args).exec();
+    Err(err).context("starting faultd")
+}
+
+fn test(root: &Path, no_lint: bool, args: Vec<String>) -> anyhow::Result<()> {
+    setup()?;
+    if !no_lint {
+        status(cargo().args(["fmt", "--all", "--check"]))?;
+        status(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    }
+    build(false)?;
+    let bin = root.join("target/debug");
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--"])
+        .env("FAULTD_BIN", bin.join("faultd"))
+        .env("FAULTCTL_BIN", bin.join("faultctl"));
+    if is_root() {
+        cmd.arg("--include-ignored");
+    } else if env::var_os("CI").is_some() {
+        bail!("CI must run the privileged end-to-end tests: run `cargo xtask test` as root");
+    } else {
+        eprintln!(
+            "xtask: WARNING: not root, so the privileged end-to-end tests (marked ignored) \
+             do not run; run `sudo -E cargo xtask test` for the whole suite"
+        );
+    }
+    cmd.args(args);
+    status(&mut cmd)
+}
