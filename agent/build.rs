@@ -27,6 +27,10 @@ fn main() -> anyhow::Result<()> {
 
     if missing.is_empty() && env::var_os("FAULTD_EBPF_STUB").is_none() {
         let root = ebpf_dir.to_string_lossy().into_owned();
+        // aya-build relays the nested cargo's stderr as cargo:warning lines: keep only what
+        // matters (errors and compiler warnings), not its progress lines.
+        // SAFETY: the build script is single-threaded here.
+        unsafe { env::set_var("CARGO_TERM_QUIET", "true") };
         aya_build::build_ebpf(
             [aya_build::Package {
                 name: EBPF_PACKAGE,

@@ -213,3 +213,15 @@ fn verifier_detail(e: &aya::programs::ProgramError) -> String {
         other => other.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_the_stub_object_clearly() {
+        let err = CgroupSkbDataplane::load(&[], Path::new("/nonexistent")).err();
+        assert!(matches!(err, Some(DataplaneError::StubObject)));
+        assert!(err.unwrap().to_string().contains("cargo xtask setup"));
+    }
+}

@@ -103,7 +103,8 @@ impl PortRange {
         Ok(Self { first, last })
     }
 
-    pub fn len(&self) -> usize {
+    /// Number of ports in the range (never 0).
+    pub fn port_count(&self) -> usize {
         usize::from(self.last - self.first) + 1
     }
 }
@@ -191,7 +192,7 @@ impl Target {
     }
 
     pub fn rule_count(&self) -> usize {
-        let ports: usize = self.ports.iter().map(PortRange::len).sum();
+        let ports: usize = self.ports.iter().map(PortRange::port_count).sum();
         ports * self.protocol.numbers().len() * self.direction.numbers().len()
     }
 
@@ -280,8 +281,11 @@ mod tests {
 
     #[test]
     fn port_ranges_are_checked() {
-        assert_eq!(PortRange::new(6379, None, "f").unwrap().len(), 1);
-        assert_eq!(PortRange::new(8000, Some(8010), "f").unwrap().len(), 11);
+        assert_eq!(PortRange::new(6379, None, "f").unwrap().port_count(), 1);
+        assert_eq!(
+            PortRange::new(8000, Some(8010), "f").unwrap().port_count(),
+            11
+        );
         assert_eq!(PortRange::new(0, None, "f").unwrap_err().field, "f.first");
         assert_eq!(
             PortRange::new(70000, None, "f").unwrap_err().field,

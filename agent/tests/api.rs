@@ -1,0 +1,195 @@
+//! The gRPC API in process: a real server on a temporary unix socket, a real client, and the
+//! fake dataplane standing in for the kernel. No root needed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use faultd::caps::Capabilities;
+use faultd::dataplane::fake::FakeDataplane;
+use faultd::engine::{Engine, EngineConfig};
+use faultd::target::CgroupRoot;
+use faultd_proto::v1 as pb;
+use pb::fault_service_client::FaultServiceClient;
+use pb::lease_service_client::LeaseServiceClient;
+use tokio::sync::oneshot;
+use tonic::Code;
+
+struct Server {
+    dir: PathBuf,
+    socket: PathBuf,
+    fake: FakeDataplane,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn server(name: &str) -> Server {
+    let dir = std::env::temp_dir().join(format!("faultd-api-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // A directory that looks like a cgroup v2 root with one cgroup "app".
+    std::fs::create_dir_all(dir.join("cgroups/app")).unwrap();
+    std::fs::write(dir.join("cgroups/cgroup.procs"), "").unwrap();
+    std::fs::write(dir.join("cgroups/app/cgroup.procs"), "").unwrap();
+    let root = CgroupRoot::at(dir.join("cgroups")).unwrap();
+    let fake = FakeDataplane::default();
+    let engine = Engine::new(
+        Box::new(fake.clone()),
+        Box::new(root.clone()),
+        EngineConfig {
+            max_ttl: Duration::from_secs(3600),
+        },
+    );
+    let caps = Arc::new(Capabilities::probe(root.path(), Ok("fake")));
+    let socket = dir.join("faultd.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(engine.clone().run_expiry(std::future::pending()));
+    tokio::spawn(faultd::api::serve(engine, caps, listener, async {
+        let _ = stopped.await;
+    }));
+    Server {
+        dir,
+        socket,
+        fake,
+        stop: Some(stop),
+    }
+}
+
+fn drop_request(ttl: &str, percent: f64, path: &str) -> pb::InjectRequest {
+    pb::InjectRequest {
+        lease: Some(pb::inject_request::Lease::Ttl(faultd::duration::to_proto(
+            faultd::duration::parse(ttl).unwrap(),
+        ))),
+        fault: Some(pb::Fault {
+            action: Some(pb::fault::Action::Drop(pb::Drop { percent })),
+            target: Some(pb::Target {
+                scope: Some(pb::target::Scope::Cgroup(pb::CgroupScope {
+                    path: path.into(),
+                })),
+                ports: vec![pb::PortRange {
+                    first: 6379,
+                    last: None,
+                }],
+                protocol: pb::Protocol::Tcp.into(),
+                direction: pb::Direction::Egress.into(),
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+#[tokio::test]
+async fn inject_list_remove_over_grpc() {
+    let server = server("crud").await;
+    let channel = faultd::client::connect(&server.socket).await.unwrap();
+    let mut faults = FaultServiceClient::new(channel.clone());
+    let fault = faults
+        .inject(drop_request("30s", 100.0, "/app"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fault.state(), pb::FaultState::Active);
+    assert_eq!(fault.resolved.as_ref().unwrap().cgroup_path, "/app");
+    assert_eq!(server.fake.rules().len(), 1);
+
+    let listed = faults
+        .list(pb::ListFaultsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .faults;
+    assert_eq!(listed.len(), 1);
+    let removed = faults
+        .remove(pb::RemoveRequest {
+            id: fault.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(removed.state(), pb::FaultState::Reverted);
+    assert!(server.fake.rules().is_empty());
+    let again = faults
+        .remove(pb::RemoveRequest { id: fault.id })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn bad_input_gets_invalid_argument_naming_the_field() {
+    let server = server("invalid").await;
+    let channel = faultd::client::connect(&server.socket).await.unwrap();
+    let mut faults = FaultServiceClient::new(channel);
+    for (request, field) in [
+        (drop_request("30s", 150.0, "/app"), "fault.drop.percent"),
+        (drop_request("0s", 100.0, "/app"), "ttl"),
+        (drop_request("2h", 100.0, "/app"), "ttl"),
+        (
+            drop_request("30s", 100.0, "/missing"),
+            "fault.target.cgroup.path",
+        ),
+    ] {
+        let status = faults.inject(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().starts_with(field),
+            "{field}: {}",
+            status.message()
+        );
+    }
+    let mut unknown_lease = drop_request("30s", 100.0, "/app");
+    unknown_lease.lease = Some(pb::inject_request::Lease::LeaseId("nope".into()));
+    let status = faults.inject(unknown_lease).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("lease_id"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        server.fake.rules().is_empty(),
+        "a rejected request changed the kernel state"
+    );
+}
+
+#[tokio::test]
+async fn keepalive_renews_and_reports_an_unknown_lease() {
+    let server = server("keepalive").await;
+    let channel = faultd::client::connect(&server.socket).await.unwrap();
+    let mut leases = LeaseServiceClient::new(channel);
+    let lease = leases
+        .grant(pb::GrantRequest {
+            ttl: Some(faultd::duration::to_proto(Duration::from_secs(5))),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let requests = tokio_stream::iter(vec![
+        pb::KeepAliveRequest {
+            lease_id: lease.id.clone(),
+        },
+        pb::KeepAliveRequest {
+            lease_id: "unknown".into(),
+        },
+    ]);
+    let mut replies = leases.keep_alive(requests).await.unwrap().into_inner();
+    let renewed = replies.message().await.unwrap().unwrap();
+    assert_eq!(renewed.id, lease.id);
+    let status = replies.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let revoked = leases
+        .revoke(pb::RevokeRequest { lease_id: lease.id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(revoked.reverted_fault_ids.is_empty());
+}
