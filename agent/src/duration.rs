@@ -50,7 +50,8 @@ fn seconds(secs: f64, text: &str) -> Result<Duration, String> {
 
 /// Formats a duration the way `parse` reads it, rounded to milliseconds.
 pub fn format(d: Duration) -> String {
-    let ms = d.as_millis();
+    // Round to the nearest millisecond, so 29.9999 s reads as 30s.
+    let ms = (d.as_nanos() + 500_000) / 1_000_000;
     if ms == 0 && !d.is_zero() {
         return format!("{}us", d.as_micros());
     }
@@ -61,7 +62,7 @@ pub fn format(d: Duration) -> String {
     } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else if ms > 1000 {
-        format!("{:.3}s", d.as_secs_f64())
+        format!("{}.{:03}s", ms / 1000, ms % 1000)
     } else {
         format!("{ms}ms")
     }
@@ -104,6 +105,8 @@ mod tests {
         for text in ["30s", "500ms", "2m", "1h"] {
             assert_eq!(format(parse(text).unwrap()), text);
         }
+        assert_eq!(format(Duration::from_micros(29_999_900)), "30s");
+        assert_eq!(format(Duration::from_millis(2925)), "2.925s");
     }
 
     #[test]

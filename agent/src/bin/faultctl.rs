@@ -1,1 +1,1429 @@
-fn main() {}
+//! `faultctl`, the command-line client of faultd: it turns flags into `faultd.v1` requests over
+//! the agent's unix socket and prints the answers for people (`--output text`) or scripts
+//! (`--output json`, proto3 JSON field names). It holds no state of its own except, with
+//! `--keepalive`, the lease it keeps alive until Ctrl-C or SIGTERM.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::builder::NonEmptyStringValueParser;
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use faultd::{client, duration};
+use faultd_proto::v1::fault_service_client::FaultServiceClient;
+use faultd_proto::v1::lease_service_client::LeaseServiceClient;
+use faultd_proto::v1::{
+    self as pb, AbortRequest, CapabilitiesRequest, CapabilitiesResponse, Fault, FaultState,
+    GetFaultRequest, GrantRequest, InjectRequest, KeepAliveRequest, Lease, ListFaultsRequest,
+    ListLeasesRequest, PortRange, RemoveRequest, RenewRequest, RevokeRequest, Target,
+    TimeToLiveRequest, fault, inject_request, target,
+};
+use serde_json::{Map, Value, json};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+// ---------------------------------------------------------------------------------------------
+// Command line
+
+/// Inject network faults through faultd and manage the leases that bound them.
+#[derive(Parser, Debug)]
+#[command(name = "faultctl", version)]
+struct Cli {
+    /// The unix socket faultd listens on.
+    #[arg(long, global = true, env = "FAULTD_SOCKET", default_value = client::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// How to print answers: for people, or one JSON document per command.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Apply a fault under a lease.
+    #[command(subcommand)]
+    Inject(InjectCommand),
+    /// List the faults in force.
+    List,
+    /// Show one fault in detail.
+    Get { id: String },
+    /// Revert a fault now.
+    Rm { id: String },
+    /// Emergency stop: revert every fault and revoke every lease of the agent.
+    Abort,
+    /// Show what the kernel offers and which actions can be applied.
+    Caps,
+    /// Manage leases.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum InjectCommand {
+    /// Drop a share of the matched packets.
+    Drop(DropArgs),
+}
+
+#[derive(Args, Debug)]
+struct DropArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Share of the matched packets to drop, 0 to 100.
+    #[arg(long, default_value_t = 100.0, value_parser = parse_percent)]
+    percent: f64,
+    #[command(flatten)]
+    lease: LeaseChoice,
+    /// Label of the fault (and of the lease faultctl grants for it); repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Keep the lease alive until Ctrl-C or SIGTERM, then revert the fault.
+    #[arg(long)]
+    keepalive: bool,
+}
+
+#[derive(Args, Debug)]
+struct TargetArgs {
+    #[command(flatten)]
+    scope: ScopeArgs,
+    /// Port or inclusive range; repeatable and comma-separated. At least one: faultd refuses
+    /// a fault on every port.
+    #[arg(
+        long = "port",
+        value_name = "PORT[-LAST]",
+        value_delimiter = ',',
+        required = true
+    )]
+    #[arg(value_parser = parse_port_range)]
+    ports: Vec<PortRange>,
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Both)]
+    protocol: ProtocolArg,
+    /// Seen from the workload: egress is what it sends, ingress what it receives.
+    #[arg(long, value_enum, default_value_t = DirectionArg::Both)]
+    direction: DirectionArg,
+}
+
+/// Where the fault applies: exactly one of these.
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+struct ScopeArgs {
+    /// A cgroup, by path relative to the cgroup v2 root, e.g. /app.
+    #[arg(long, value_name = "PATH", value_parser = NonEmptyStringValueParser::new())]
+    cgroup: Option<String>,
+    /// The cgroup of this process.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pid: Option<u32>,
+    /// Every socket on the node.
+    #[arg(long)]
+    host: bool,
+}
+
+/// What bounds the fault's life: exactly one of these.
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+struct LeaseChoice {
+    /// Put the fault under a new lease of this ttl, e.g. 30s, 2m.
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
+    ttl: Option<Duration>,
+    /// Put the fault under this existing lease.
+    #[arg(long = "lease", value_name = "ID", value_parser = NonEmptyStringValueParser::new())]
+    lease_id: Option<String>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ProtocolArg {
+    Tcp,
+    Udp,
+    Both,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DirectionArg {
+    Egress,
+    Ingress,
+    Both,
+}
+
+#[derive(Subcommand, Debug)]
+enum LeaseCommand {
+    /// Grant a lease.
+    Grant {
+        /// How long the lease lives unless renewed, e.g. 30s, 2m.
+        #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
+        ttl: Duration,
+        /// Label of the lease; repeatable.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Renew a lease once, for its ttl.
+    Renew { id: String },
+    /// Revoke a lease now: its faults revert.
+    Revoke { id: String },
+    /// Show a lease and its remaining time.
+    Ttl { id: String },
+    /// List the leases.
+    List,
+}
+
+const PORT_EXAMPLE: &str = "e.g. --port 6379, --port 8000-8010 or --port 6379,5432";
+
+/// One port: 1 to 65535.
+fn parse_port(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<u32>() {
+        Ok(port @ 1..=65535) => Ok(port),
+        _ => Err(format!(
+            "{text:?} is not a port: use a number from 1 to 65535, {PORT_EXAMPLE}"
+        )),
+    }
+}
+
+/// `N` or `N-M` with N <= M.
+fn parse_port_range(text: &str) -> Result<PortRange, String> {
+    let Some((first, last)) = text.split_once('-') else {
+        return Ok(PortRange {
+            first: parse_port(text)?,
+            last: None,
+        });
+    };
+    let (first, last) = (parse_port(first)?, parse_port(last)?);
+    if first > last {
+        return Err(format!(
+            "{text:?}: the first port is above the last; write the range low to high, \
+             e.g. --port {last}-{first}"
+        ));
+    }
+    Ok(PortRange {
+        first,
+        last: Some(last),
+    })
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_string(), value.to_string()))
+        }
+        _ => Err(format!(
+            "{text:?} is not a label: write KEY=VALUE, e.g. --label experiment=redis-outage"
+        )),
+    }
+}
+
+/// Labels as a map; a key given twice is a mistake, not something to resolve silently.
+fn label_map(labels: &[(String, String)]) -> Result<HashMap<String, String>, String> {
+    let mut map = HashMap::new();
+    for (key, value) in labels {
+        if map.insert(key.clone(), value.clone()).is_some() {
+            return Err(format!(
+                "label {key:?} is given twice: give each --label key once"
+            ));
+        }
+    }
+    Ok(map)
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    match duration::parse(text) {
+        Ok(ttl) if !ttl.is_zero() => Ok(ttl),
+        Ok(_) => Err("a ttl must be longer than zero, e.g. --ttl 30s".into()),
+        Err(why) => Err(format!("{why}; write e.g. --ttl 30s, 500ms, 2m or 1m30s")),
+    }
+}
+
+fn parse_percent(text: &str) -> Result<f64, String> {
+    match text.trim().trim_end_matches('%').parse::<f64>() {
+        Ok(percent) if (0.0..=100.0).contains(&percent) => Ok(percent),
+        _ => Err(format!(
+            "{text:?}: write a percentage from 0 to 100, e.g. --percent 50"
+        )),
+    }
+}
+
+impl ScopeArgs {
+    fn to_proto(&self) -> Option<target::Scope> {
+        if self.host {
+            Some(target::Scope::Host(pb::HostScope {}))
+        } else if let Some(path) = &self.cgroup {
+            Some(target::Scope::Cgroup(pb::CgroupScope {
+                path: path.clone(),
+            }))
+        } else {
+            self.pid.map(|pid| target::Scope::Pid(pb::PidScope { pid }))
+        }
+    }
+}
+
+impl TargetArgs {
+    fn to_proto(&self) -> Target {
+        let protocol = match self.protocol {
+            ProtocolArg::Tcp => pb::Protocol::Tcp,
+            ProtocolArg::Udp => pb::Protocol::Udp,
+            // The API has no BOTH protocol: unspecified means TCP and UDP.
+            ProtocolArg::Both => pb::Protocol::Unspecified,
+        };
+        let direction = match self.direction {
+            DirectionArg::Egress => pb::Direction::Egress,
+            DirectionArg::Ingress => pb::Direction::Ingress,
+            DirectionArg::Both => pb::Direction::Both,
+        };
+        Target {
+            scope: self.scope.to_proto(),
+            ports: self.ports.clone(),
+            protocol: protocol as i32,
+            direction: direction as i32,
+        }
+    }
+}
+
+/// Exits with clap's usage error (code 2) for mistakes clap cannot see by itself.
+fn usage_error(message: impl Display) -> ! {
+    Cli::command()
+        .error(ErrorKind::ValueValidation, message)
+        .exit()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running commands
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("faultctl: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Checks what clap cannot, so a mistake is a usage error (exit 2) before any call is made.
+fn validate(command: &Command) -> Result<(), String> {
+    match command {
+        Command::Inject(InjectCommand::Drop(args)) => {
+            if args.target.scope.to_proto().is_none() {
+                return Err(
+                    "choose where the fault applies: --cgroup PATH, --pid PID or --host".into(),
+                );
+            }
+            label_map(&args.labels).map(drop)
+        }
+        Command::Lease(LeaseCommand::Grant { labels, .. }) => label_map(labels).map(drop),
+        _ => Ok(()),
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let output = cli.output;
+    if let Err(why) = validate(&cli.command) {
+        usage_error(why);
+    }
+    let channel = connect(&cli.socket).await?;
+    let mut faults = FaultServiceClient::new(channel.clone());
+    let mut leases = LeaseServiceClient::new(channel);
+    match cli.command {
+        Command::Inject(InjectCommand::Drop(args)) => {
+            inject_drop(&mut faults, &mut leases, args, output).await
+        }
+        Command::List => {
+            let list = faults
+                .list(ListFaultsRequest {})
+                .await
+                .map_err(rpc_error("listing faults"))?;
+            let list = list.into_inner().faults;
+            let json = json!({ "faults": list.iter().map(fault_json).collect::<Vec<_>>() });
+            show(output, || fault_table(&list), json)
+        }
+        Command::Get { id } => {
+            let request = GetFaultRequest { id: id.clone() };
+            let fault = faults
+                .get(request)
+                .await
+                .map_err(rpc_error(format!("getting fault {id}")))?;
+            let fault = fault.into_inner();
+            show(output, || fault_detail(&fault), fault_json(&fault))
+        }
+        Command::Rm { id } => {
+            let request = RemoveRequest { id: id.clone() };
+            let fault = faults
+                .remove(request)
+                .await
+                .map_err(rpc_error(format!("removing fault {id}")))?;
+            let fault = fault.into_inner();
+            show(output, || removed_text(&fault), fault_json(&fault))
+        }
+        Command::Abort => {
+            let abort = faults
+                .abort(AbortRequest {})
+                .await
+                .map_err(rpc_error("aborting"))?;
+            let abort = abort.into_inner();
+            let json = object(vec![
+                ("revertedFaultIds", json!(abort.reverted_fault_ids)),
+                ("revokedLeaseIds", json!(abort.revoked_lease_ids)),
+                ("took", duration_json(abort.took.as_ref())),
+            ]);
+            show(output, || abort_text(&abort), json)
+        }
+        Command::Caps => {
+            let caps = faults.capabilities(CapabilitiesRequest {}).await;
+            let caps = caps
+                .map_err(rpc_error("reading capabilities"))?
+                .into_inner();
+            show(output, || caps_text(&caps), caps_json(&caps))
+        }
+        Command::Lease(command) => lease_command(&mut leases, command, output).await,
+    }
+}
+
+async fn connect(socket: &std::path::Path) -> Result<Channel> {
+    client::connect(socket).await.map_err(|err| {
+        anyhow!(
+            "cannot reach faultd at {}: {}; is faultd running? start it with 'cargo xtask run' \
+             or pass --socket",
+            socket.display(),
+            error_chain(&err)
+        )
+    })
+}
+
+/// Prints the text or the JSON document, and flushes so a reading script sees it at once.
+fn show(output: Output, text: impl FnOnce() -> String, json: Value) -> Result<()> {
+    let rendered = match output {
+        Output::Text => text(),
+        Output::Json => serde_json::to_string_pretty(&json).context("encoding JSON")?,
+    };
+    let mut stdout = std::io::stdout().lock();
+    // Written by hand rather than println! so a closed pipe is an error, not a panic.
+    writeln!(stdout, "{}", rendered.trim_end())
+        .and_then(|()| stdout.flush())
+        .context("writing to stdout")
+}
+
+async fn lease_command(
+    leases: &mut LeaseServiceClient<Channel>,
+    command: LeaseCommand,
+    output: Output,
+) -> Result<()> {
+    let lease = match command {
+        LeaseCommand::Grant { ttl, labels } => {
+            let labels = label_map(&labels).map_err(|why| anyhow!(why))?;
+            let request = GrantRequest {
+                ttl: Some(duration::to_proto(ttl)),
+                labels,
+            };
+            leases
+                .grant(request)
+                .await
+                .map_err(rpc_error("granting a lease"))?
+        }
+        LeaseCommand::Renew { id } => {
+            let request = RenewRequest {
+                lease_id: id.clone(),
+            };
+            leases
+                .renew(request)
+                .await
+                .map_err(rpc_error(format!("renewing lease {id}")))?
+        }
+        LeaseCommand::Ttl { id } => {
+            let request = TimeToLiveRequest {
+                lease_id: id.clone(),
+            };
+            let what = format!("reading lease {id}");
+            leases
+                .time_to_live(request)
+                .await
+                .map_err(rpc_error(what))?
+        }
+        LeaseCommand::Revoke { id } => {
+            let request = RevokeRequest {
+                lease_id: id.clone(),
+            };
+            let revoked = leases
+                .revoke(request)
+                .await
+                .map_err(rpc_error(format!("revoking lease {id}")))?;
+            let revoked = revoked.into_inner();
+            let json = object(vec![
+                (
+                    "lease",
+                    revoked.lease.as_ref().map_or(Value::Null, lease_json),
+                ),
+                ("revertedFaultIds", json!(revoked.reverted_fault_ids)),
+            ]);
+            let text = || revoked_text(&id, &revoked.reverted_fault_ids);
+            return show(output, text, json);
+        }
+        LeaseCommand::List => {
+            let list = leases
+                .list(ListLeasesRequest {})
+                .await
+                .map_err(rpc_error("listing leases"))?;
+            let list = list.into_inner().leases;
+            let json = json!({ "leases": list.iter().map(lease_json).collect::<Vec<_>>() });
+            return show(output, || lease_table(&list), json);
+        }
+    };
+    let lease = lease.into_inner();
+    show(output, || lease_detail(&lease), lease_json(&lease))
+}
+
+async fn inject_drop(
+    faults: &mut FaultServiceClient<Channel>,
+    leases: &mut LeaseServiceClient<Channel>,
+    args: DropArgs,
+    output: Output,
+) -> Result<()> {
+    let labels = label_map(&args.labels).map_err(|why| anyhow!(why))?;
+    let target = args.target.to_proto();
+    // Installed before anything is granted, so a signal during set-up still ends in a revoke
+    // instead of the default exit that would leave the fault in force for a whole ttl.
+    let mut signals = match args.keepalive {
+        true => Some(Signals::install()?),
+        false => None,
+    };
+    // With --keepalive faultctl grants the lease itself, so it can renew it and revoke it.
+    let (lease, granted) = match (&args.lease.lease_id, args.lease.ttl) {
+        (Some(id), _) => (inject_request::Lease::LeaseId(id.clone()), None),
+        (None, Some(ttl)) if args.keepalive => {
+            let request = GrantRequest {
+                ttl: Some(duration::to_proto(ttl)),
+                labels: labels.clone(),
+            };
+            let lease = leases
+                .grant(request)
+                .await
+                .map_err(rpc_error("granting a lease"))?;
+            let lease = lease.into_inner();
+            (
+                inject_request::Lease::LeaseId(lease.id.clone()),
+                Some(lease),
+            )
+        }
+        (None, Some(ttl)) => (inject_request::Lease::Ttl(duration::to_proto(ttl)), None),
+        (None, None) => bail!("bound the fault with --ttl DURATION or --lease ID"),
+    };
+    let request = InjectRequest {
+        lease: Some(lease),
+        fault: Some(Fault {
+            action: Some(fault::Action::Drop(pb::Drop {
+                percent: args.percent,
+            })),
+            target: Some(target),
+            labels,
+            ..Fault::default()
+        }),
+    };
+    let fault = match faults.inject(request).await {
+        Ok(fault) => fault.into_inner(),
+        Err(status) => {
+            if let Some(lease) = &granted {
+                // The lease is empty but ours; do not leave it behind until it expires.
+                if let Err(err) = revoke(leases, &lease.id).await {
+                    eprintln!("faultctl: {err:#}");
+                }
+            }
+            return Err(rpc_error("injecting the fault")(status));
+        }
+    };
+    show(output, || injected_text(&fault), fault_json(&fault))?;
+    let Some(signals) = signals.as_mut() else {
+        return Ok(());
+    };
+    let ttl_hint = granted.as_ref().and_then(lease_ttl).or(args.lease.ttl);
+    let hold = Hold {
+        lease_id: fault.lease_id.clone(),
+        fault_id: fault.id.clone(),
+        owned: granted.is_some(),
+    };
+    hold.run(leases, faults, signals, ttl_hint).await
+}
+
+/// SIGINT and SIGTERM, registered up front (tokio's `ctrl_c()` only registers on first poll).
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        let install = |kind| signal(kind).context("installing the signal handlers");
+        Ok(Self {
+            interrupt: install(SignalKind::interrupt())?,
+            terminate: install(SignalKind::terminate())?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "interrupt",
+            _ = self.terminate.recv() => "SIGTERM",
+        }
+    }
+}
+
+/// A lease faultctl keeps alive for one injected fault.
+struct Hold {
+    lease_id: String,
+    fault_id: String,
+    /// Granted by faultctl: revoked at the end. A lease given with --lease belongs to someone
+    /// else, so only our fault is removed and the lease is left to its owner.
+    owned: bool,
+}
+
+impl Hold {
+    /// Renews the lease every ttl/3 until a signal (then reverts, Ok) or a failure (Err).
+    async fn run(
+        &self,
+        leases: &mut LeaseServiceClient<Channel>,
+        faults: &mut FaultServiceClient<Channel>,
+        signals: &mut Signals,
+        ttl_hint: Option<Duration>,
+    ) -> Result<()> {
+        let id = &self.lease_id;
+        let (sender, receiver) = mpsc::channel(4);
+        // Renew at once: for a --lease ID the answer also tells us the lease's ttl.
+        self.renew(&sender)?;
+        let answers = leases.keep_alive(ReceiverStream::new(receiver)).await;
+        let mut answers = answers
+            .map_err(rpc_error(format!("keeping lease {id} alive")))?
+            .into_inner();
+        let mut ttl = ttl_hint.unwrap_or(Duration::from_secs(3));
+        let mut last_answer = Instant::now();
+        let mut next_renewal = Instant::now() + renewal_period(ttl);
+        eprintln!("faultctl: keeping lease {id} alive; Ctrl-C or SIGTERM reverts the fault");
+        loop {
+            tokio::select! {
+                reason = signals.recv() => return self.release(leases, faults, reason).await,
+                () = sleep_until(next_renewal) => {
+                    self.renew(&sender)?;
+                    next_renewal = Instant::now() + renewal_period(ttl);
+                }
+                () = sleep_until(last_answer + ttl) => bail!(
+                    "keeping lease {id} alive: no answer from faultd for {}; the lease has expired",
+                    duration::format(ttl)
+                ),
+                answer = answers.message() => {
+                    ttl = self.renewed_ttl(answer)?;
+                    last_answer = Instant::now();
+                }
+            }
+        }
+    }
+
+    fn renew(&self, sender: &mpsc::Sender<KeepAliveRequest>) -> Result<()> {
+        let request = KeepAliveRequest {
+            lease_id: self.lease_id.clone(),
+        };
+        match sender.try_send(request) {
+            // A full queue means faultd is behind on answers; the silence deadline decides.
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                bail!(
+                    "keeping lease {} alive: the keep-alive stream closed",
+                    self.lease_id
+                )
+            }
+        }
+    }
+
+    /// The lease's ttl from a keep-alive answer, or why holding it has failed.
+    fn renewed_ttl(&self, answer: Result<Option<Lease>, Status>) -> Result<Duration> {
+        let what = format!("keeping lease {} alive", self.lease_id);
+        match answer {
+            Ok(Some(lease)) => lease_ttl(&lease)
+                .ok_or_else(|| anyhow!("{what}: the lease has expired or was revoked")),
+            Ok(None) => bail!("{what}: faultd closed the keep-alive stream"),
+            // The stream broke without an answer from faultd: it most likely went away.
+            Err(status) if matches!(status.code(), Code::Unavailable | Code::Unknown) => {
+                let err = rpc_error(what)(status);
+                bail!("{err:#}; if faultd stopped, the fault reverts within the lease's ttl")
+            }
+            Err(status) => Err(rpc_error(what)(status)),
+        }
+    }
+
+    async fn release(
+        &self,
+        leases: &mut LeaseServiceClient<Channel>,
+        faults: &mut FaultServiceClient<Channel>,
+        reason: &str,
+    ) -> Result<()> {
+        if self.owned {
+            let reverted = revoke(leases, &self.lease_id).await?;
+            eprintln!(
+                "faultctl: {reason}: revoked lease {}; reverted faults: {}",
+                self.lease_id,
+                id_list(&reverted)
+            );
+            return Ok(());
+        }
+        let request = RemoveRequest {
+            id: self.fault_id.clone(),
+        };
+        match faults.remove(request).await {
+            Ok(_) => eprintln!(
+                "faultctl: {reason}: removed fault {}; faultctl no longer renews lease {}",
+                self.fault_id, self.lease_id
+            ),
+            // Already reverted with its lease: what we were asked for has happened.
+            Err(status) if status.code() == Code::NotFound => {
+                eprintln!(
+                    "faultctl: {reason}: fault {} was already gone",
+                    self.fault_id
+                )
+            }
+            Err(status) => {
+                return Err(rpc_error(format!("removing fault {}", self.fault_id))(
+                    status,
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Revokes a lease and returns the faults that reverted; a lease already gone is not an error.
+async fn revoke(leases: &mut LeaseServiceClient<Channel>, id: &str) -> Result<Vec<String>> {
+    match leases
+        .revoke(RevokeRequest {
+            lease_id: id.to_string(),
+        })
+        .await
+    {
+        Ok(revoked) => Ok(revoked.into_inner().reverted_fault_ids),
+        Err(status) if status.code() == Code::NotFound => Ok(Vec::new()),
+        Err(status) => Err(rpc_error(format!("revoking lease {id}"))(status)),
+    }
+}
+
+/// A third of the ttl leaves two more tries before the lease lapses; the floor keeps a tiny
+/// ttl from spinning.
+fn renewal_period(ttl: Duration) -> Duration {
+    (ttl / 3).max(Duration::from_millis(10))
+}
+
+/// The lease's ttl; None when the agent answers with no (or a zero) ttl, i.e. the lease is gone.
+fn lease_ttl(lease: &Lease) -> Option<Duration> {
+    lease
+        .ttl
+        .as_ref()
+        .and_then(duration::from_proto)
+        .filter(|ttl| !ttl.is_zero())
+}
+
+/// `<what failed>: <status message> (<CODE>)`.
+fn rpc_error(what: impl Display) -> impl FnOnce(Status) -> anyhow::Error {
+    move |status| {
+        let message = match status.message() {
+            "" => status.code().description(),
+            message => message,
+        };
+        anyhow!("{what}: {message} ({})", code_name(status.code()))
+    }
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The error and its sources: tonic's transport error alone only says "transport error".
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+// ---------------------------------------------------------------------------------------------
+// Text output
+
+fn protocol_text(protocol: i32) -> String {
+    match pb::Protocol::try_from(protocol) {
+        Ok(pb::Protocol::Tcp) => "tcp".into(),
+        Ok(pb::Protocol::Udp) => "udp".into(),
+        Ok(pb::Protocol::Unspecified) => "tcp+udp".into(),
+        Err(_) => format!("protocol {protocol}"),
+    }
+}
+
+fn direction_text(direction: i32) -> String {
+    match pb::Direction::try_from(direction) {
+        Ok(pb::Direction::Egress) => "egress".into(),
+        Ok(pb::Direction::Ingress) => "ingress".into(),
+        Ok(pb::Direction::Both | pb::Direction::Unspecified) => "both".into(),
+        Err(_) => format!("direction {direction}"),
+    }
+}
+
+/// e.g. `6379,8000-8010`, or `all`.
+fn port_list(ports: &[PortRange]) -> String {
+    if ports.is_empty() {
+        return "all".into();
+    }
+    let list: Vec<String> = ports
+        .iter()
+        .map(|port| match port.last {
+            Some(last) => format!("{}-{last}", port.first),
+            None => port.first.to_string(),
+        })
+        .collect();
+    list.join(",")
+}
+
+/// e.g. `ports 6379,8000-8010`, or `all ports`.
+fn ports_text(ports: &[PortRange]) -> String {
+    match ports.is_empty() {
+        true => "all ports".into(),
+        false => format!("ports {}", port_list(ports)),
+    }
+}
+
+fn scope_text(scope: Option<&target::Scope>) -> String {
+    match scope {
+        Some(target::Scope::Host(_)) => "host".into(),
+        Some(target::Scope::Cgroup(cgroup)) => format!("cgroup {}", cgroup.path),
+        Some(target::Scope::Pid(pid)) => format!("pid {}", pid.pid),
+        None => "no scope".into(),
+    }
+}
+
+/// e.g. `tcp+udp both ports 6379 cgroup /app`.
+fn target_summary(target: &Target) -> String {
+    format!(
+        "{} {} {} {}",
+        protocol_text(target.protocol),
+        direction_text(target.direction),
+        ports_text(&target.ports),
+        scope_text(target.scope.as_ref())
+    )
+}
+
+fn action_text(action: Option<&fault::Action>) -> String {
+    match action {
+        Some(fault::Action::Drop(drop)) => format!("drop {}%", drop.percent),
+        None => "no action".into(),
+    }
+}
+
+/// e.g. `drop 100% tcp+udp both ports 6379 cgroup /app`.
+fn fault_summary(fault: &Fault) -> String {
+    let target = fault
+        .target
+        .as_ref()
+        .map(target_summary)
+        .unwrap_or_else(|| "no target".into());
+    format!("{} {target}", action_text(fault.action.as_ref()))
+}
+
+/// Rounded to the millisecond first, so 29.9999s reads "30s" rather than "30.000s".
+fn remaining_text(remaining: Option<&prost_types::Duration>) -> String {
+    let rounded =
+        |d: Duration| Duration::from_millis(((d.as_nanos() + 500_000) / 1_000_000) as u64);
+    remaining
+        .and_then(duration::from_proto)
+        .map(|d| duration::format(rounded(d)))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn state_text(state: i32) -> String {
+    match FaultState::try_from(state) {
+        Ok(state) => state.as_str_name().to_lowercase(),
+        Err(_) => format!("state {state}"),
+    }
+}
+
+fn labels_text(labels: &HashMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "-".into();
+    }
+    let mut pairs: Vec<String> = labels
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect();
+    pairs.sort();
+    pairs.join(",")
+}
+
+fn id_list(ids: &[String]) -> String {
+    if ids.is_empty() {
+        "none".into()
+    } else {
+        ids.join(", ")
+    }
+}
+
+fn injected_text(fault: &Fault) -> String {
+    let mut text = format!(
+        "injected fault {} ({}) under lease {}",
+        fault.id,
+        fault_summary(fault),
+        fault.lease_id
+    );
+    if fault.remaining.is_some() {
+        text.push_str(&format!(
+            ", expires in {}",
+            remaining_text(fault.remaining.as_ref())
+        ));
+    }
+    text
+}
+
+fn removed_text(fault: &Fault) -> String {
+    let counters = fault.counters.unwrap_or_default();
+    format!(
+        "removed fault {} ({}); matched {}, dropped {}",
+        fault.id,
+        fault_summary(fault),
+        counters.matched,
+        counters.dropped
+    )
+}
+
+/// Aligned `key  value` lines.
+fn details(rows: &[(&str, String)]) -> String {
+    let width = rows.iter().map(|(key, _)| key.len()).max().unwrap_or(0);
+    rows.iter()
+        .map(|(key, value)| format!("{key:<width$}  {value}\n"))
+        .collect()
+}
+
+/// Columns padded to their widest cell; the last column is not padded.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|header| header.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        let padded: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| match i == last {
+                true => cell.to_string(),
+                false => format!("{cell:<width$}", width = widths[i]),
+            })
+            .collect();
+        padded.join("  ") + "\n"
+    };
+    let mut text = line(headers.to_vec());
+    for row in rows {
+        text.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    text
+}
+
+fn fault_table(faults: &[Fault]) -> String {
+    if faults.is_empty() {
+        return "no faults".into();
+    }
+    let rows: Vec<Vec<String>> = faults
+        .iter()
+        .map(|fault| {
+            let counters = fault.counters.unwrap_or_default();
+            let left = match FaultState::try_from(fault.state) {
+                Ok(FaultState::Active) => remaining_text(fault.remaining.as_ref()),
+                _ => state_text(fault.state),
+            };
+            vec![
+                fault.id.clone(),
+                fault.lease_id.clone(),
+                action_text(fault.action.as_ref()),
+                fault
+                    .target
+                    .as_ref()
+                    .map(target_summary)
+                    .unwrap_or_else(|| "-".into()),
+                left,
+                counters.matched.to_string(),
+                counters.dropped.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "LEASE", "ACTION", "TARGET", "LEFT", "MATCHED", "DROPPED",
+        ],
+        &rows,
+    )
+}
+
+fn fault_detail(fault: &Fault) -> String {
+    let target = fault.target.clone().unwrap_or_default();
+    let counters = fault.counters.unwrap_or_default();
+    let resolved = match &fault.resolved {
+        Some(resolved) => format!(
+            "cgroup {} (id {}), {} kernel map entries",
+            resolved.cgroup_path, resolved.cgroup_id, resolved.rules
+        ),
+        None => "-".into(),
+    };
+    let expires = match &fault.expires_at {
+        Some(at) => format!("{at} (in {})", remaining_text(fault.remaining.as_ref())),
+        None => "-".into(),
+    };
+    details(&[
+        ("fault", fault.id.clone()),
+        ("lease", fault.lease_id.clone()),
+        ("state", state_text(fault.state)),
+        ("action", action_text(fault.action.as_ref())),
+        ("scope", scope_text(target.scope.as_ref())),
+        ("ports", port_list(&target.ports)),
+        ("protocol", protocol_text(target.protocol)),
+        ("direction", direction_text(target.direction)),
+        ("labels", labels_text(&fault.labels)),
+        ("resolved", resolved),
+        ("mechanism", fault.mechanism.clone()),
+        ("expires", expires),
+        ("matched", counters.matched.to_string()),
+        ("dropped", counters.dropped.to_string()),
+    ])
+}
+
+fn abort_text(abort: &pb::AbortResponse) -> String {
+    // Not rounded like remaining times: an abort usually takes well under a millisecond.
+    let took = abort.took.as_ref().and_then(duration::from_proto);
+    format!(
+        "aborted in {}: reverted faults: {}; revoked leases: {}",
+        took.map_or("-".into(), duration::format),
+        id_list(&abort.reverted_fault_ids),
+        id_list(&abort.revoked_lease_ids)
+    )
+}
+
+fn yes_no(available: bool) -> String {
+    (if available { "yes" } else { "no" }).into()
+}
+
+fn caps_text(caps: &CapabilitiesResponse) -> String {
+    let mut text = details(&[
+        ("kernel", caps.kernel_release.clone()),
+        ("cgroup root", caps.cgroup_root.clone()),
+        ("agent", caps.agent_version.clone()),
+    ]);
+    let capabilities: Vec<Vec<String>> = caps
+        .capabilities
+        .iter()
+        .map(|cap| vec![cap.name.clone(), yes_no(cap.available), cap.detail.clone()])
+        .collect();
+    text.push('\n');
+    text.push_str(&table(
+        &["CAPABILITY", "AVAILABLE", "DETAIL"],
+        &capabilities,
+    ));
+    let actions: Vec<Vec<String>> = caps
+        .actions
+        .iter()
+        .map(|action| {
+            let available = yes_no(action.available);
+            vec![
+                action.action.clone(),
+                available,
+                action.mechanism.clone(),
+                action.detail.clone(),
+            ]
+        })
+        .collect();
+    text.push('\n');
+    text.push_str(&table(
+        &["ACTION", "AVAILABLE", "MECHANISM", "DETAIL"],
+        &actions,
+    ));
+    text
+}
+
+fn lease_detail(lease: &Lease) -> String {
+    details(&[
+        ("lease", lease.id.clone()),
+        ("ttl", remaining_text(lease.ttl.as_ref())),
+        ("remaining", remaining_text(lease.remaining.as_ref())),
+        (
+            "expires",
+            lease
+                .expires_at
+                .map(|at| at.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
+        ("private", yes_no(lease.private)),
+        ("labels", labels_text(&lease.labels)),
+        ("faults", id_list(&lease.fault_ids)),
+    ])
+}
+
+fn revoked_text(id: &str, reverted: &[String]) -> String {
+    format!("revoked lease {id}; reverted faults: {}", id_list(reverted))
+}
+
+fn lease_table(leases: &[Lease]) -> String {
+    if leases.is_empty() {
+        return "no leases".into();
+    }
+    let rows: Vec<Vec<String>> = leases
+        .iter()
+        .map(|lease| {
+            vec![
+                lease.id.clone(),
+                remaining_text(lease.ttl.as_ref()),
+                remaining_text(lease.remaining.as_ref()),
+                yes_no(lease.private),
+                labels_text(&lease.labels),
+                id_list(&lease.fault_ids),
+            ]
+        })
+        .collect();
+    table(&["ID", "TTL", "LEFT", "PRIVATE", "LABELS", "FAULTS"], &rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON output: proto3 JSON names, enums by name, durations "1.5s", timestamps RFC 3339.
+// Counters and ids stay JSON numbers (proto3 parsers accept both) so `jq '.dropped > 0'` works.
+
+fn duration_json(d: Option<&prost_types::Duration>) -> Value {
+    d.map_or(Value::Null, |d| Value::String(d.to_string()))
+}
+
+fn timestamp_json(t: Option<&prost_types::Timestamp>) -> Value {
+    t.map_or(Value::Null, |t| Value::String(t.to_string()))
+}
+
+/// An enum by its proto name, or its number when this faultctl does not know the value.
+fn enum_json(name: Option<&'static str>, number: i32) -> Value {
+    name.map_or(json!(number), |name| json!(name))
+}
+
+/// An object without its null members: proto3 JSON leaves unset fields out.
+fn object(members: Vec<(&str, Value)>) -> Value {
+    let map: Map<String, Value> = members
+        .into_iter()
+        .filter(|(_, value)| !value.is_null())
+        .map(|(key, value)| (key.to_string(), value))
+        .collect();
+    Value::Object(map)
+}
+
+fn target_json(target: &Target) -> Value {
+    let (scope_name, scope) = match &target.scope {
+        Some(target::Scope::Host(_)) => ("host", json!({})),
+        Some(target::Scope::Cgroup(cgroup)) => ("cgroup", json!({ "path": cgroup.path })),
+        Some(target::Scope::Pid(pid)) => ("pid", json!({ "pid": pid.pid })),
+        None => ("scope", Value::Null),
+    };
+    let ports: Vec<Value> = target
+        .ports
+        .iter()
+        .map(|port| {
+            object(vec![
+                ("first", json!(port.first)),
+                ("last", json!(port.last)),
+            ])
+        })
+        .collect();
+    let protocol = pb::Protocol::try_from(target.protocol)
+        .ok()
+        .map(|p| p.as_str_name());
+    let direction = pb::Direction::try_from(target.direction)
+        .ok()
+        .map(|d| d.as_str_name());
+    object(vec![
+        (scope_name, scope),
+        ("ports", json!(ports)),
+        ("protocol", enum_json(protocol, target.protocol)),
+        ("direction", enum_json(direction, target.direction)),
+    ])
+}
+
+fn fault_json(fault: &Fault) -> Value {
+    let (action_name, action) = match &fault.action {
+        Some(fault::Action::Drop(drop)) => ("drop", json!({ "percent": drop.percent })),
+        None => ("action", Value::Null),
+    };
+    let state = FaultState::try_from(fault.state)
+        .ok()
+        .map(|s| s.as_str_name());
+    object(vec![
+        ("id", json!(fault.id)),
+        ("leaseId", json!(fault.lease_id)),
+        (action_name, action),
+        ("target", fault.target.as_ref().map_or(Value::Null, target_json)),
+        ("labels", json!(fault.labels)),
+        ("state", enum_json(state, fault.state)),
+        (
+            "counters",
+            fault.counters.map_or(Value::Null, |c| {
+                json!({ "matched": c.matched, "dropped": c.dropped })
+            }),
+        ),
+        ("expiresAt", timestamp_json(fault.expires_at.as_ref())),
+        ("remaining", duration_json(fault.remaining.as_ref())),
+        ("mechanism", json!(fault.mechanism)),
+        (
+            "resolved",
+            fault.resolved.as_ref().map_or(Value::Null, |r| {
+                json!({ "cgroupPath": r.cgroup_path, "cgroupId": r.cgroup_id, "rules": r.rules })
+            }),
+        ),
+    ])
+}
+
+fn lease_json(lease: &Lease) -> Value {
+    object(vec![
+        ("id", json!(lease.id)),
+        ("ttl", duration_json(lease.ttl.as_ref())),
+        ("expiresAt", timestamp_json(lease.expires_at.as_ref())),
+        ("remaining", duration_json(lease.remaining.as_ref())),
+        ("faultIds", json!(lease.fault_ids)),
+        ("private", json!(lease.private)),
+        ("labels", json!(lease.labels)),
+    ])
+}
+
+fn caps_json(caps: &CapabilitiesResponse) -> Value {
+    let capabilities: Vec<Value> = caps
+        .capabilities
+        .iter()
+        .map(|cap| json!({ "name": cap.name, "available": cap.available, "detail": cap.detail }))
+        .collect();
+    let actions: Vec<Value> = caps
+        .actions
+        .iter()
+        .map(|action| {
+            json!({
+                "action": action.action,
+                "available": action.available,
+                "mechanism": action.mechanism,
+                "detail": action.detail,
+            })
+        })
+        .collect();
+    json!({
+        "kernelRelease": caps.kernel_release,
+        "cgroupRoot": caps.cgroup_root,
+        "capabilities": capabilities,
+        "actions": actions,
+        "agentVersion": caps.agent_version,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `faultctl inject drop <line>`, split on whitespace.
+    fn drop_args(line: &str) -> Result<DropArgs, clap::Error> {
+        let argv = "faultctl inject drop"
+            .split_whitespace()
+            .chain(line.split_whitespace());
+        match Cli::try_parse_from(argv)?.command {
+            Command::Inject(InjectCommand::Drop(args)) => Ok(args),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn range(first: u32, last: Option<u32>) -> PortRange {
+        PortRange { first, last }
+    }
+
+    #[test]
+    fn ports_parse_singles_ranges_and_lists() {
+        assert_eq!(parse_port_range("6379"), Ok(range(6379, None)));
+        assert_eq!(parse_port_range("8000-8010"), Ok(range(8000, Some(8010))));
+        assert_eq!(parse_port_range("65535"), Ok(range(65535, None)));
+        let args = drop_args("--host --ttl 1s --port 6379,5432 --port 1-9");
+        let ports = args.map(|args| args.target.ports).expect("parses");
+        let expected = vec![range(6379, None), range(5432, None), range(1, Some(9))];
+        assert_eq!(ports, expected);
+    }
+
+    #[test]
+    fn bad_ports_say_what_to_type() {
+        for bad in ["0", "65536", "redis", "", "-5", "80-", "90-80"] {
+            let why = parse_port_range(bad).expect_err(bad);
+            assert!(why.contains("e.g. --port"), "{bad}: {why}");
+        }
+        let why = parse_port_range("90-80").expect_err("reversed range");
+        assert!(why.contains("--port 80-90"), "{why}");
+        let err = drop_args("--host --ttl 1s --port 6379,0").expect_err("port 0");
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        let err = drop_args("--host --ttl 1s").expect_err("no port");
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn labels_parse_and_reject_duplicates() {
+        assert_eq!(parse_label("team=db"), Ok(("team".into(), "db".into())));
+        assert_eq!(parse_label("url=a=b"), Ok(("url".into(), "a=b".into())));
+        assert_eq!(parse_label("empty="), Ok(("empty".into(), String::new())));
+        assert!(parse_label("novalue").is_err());
+        assert!(parse_label("=v").is_err());
+        let args = drop_args("--host --ttl 1s --port 1 --label a=1 --label b=2").expect("parses");
+        assert_eq!(label_map(&args.labels).map(|map| map.len()), Ok(2));
+        let args = drop_args("--host --ttl 1s --port 1 --label a=1 --label a=2").expect("parses");
+        assert!(label_map(&args.labels).is_err());
+        assert!(validate(&Command::Inject(InjectCommand::Drop(args))).is_err());
+    }
+
+    #[test]
+    fn exactly_one_scope() {
+        let scope = |line: &str| {
+            drop_args(&format!("{line} --ttl 1s --port 1")).map(|args| args.target.scope.to_proto())
+        };
+        let cgroup = pb::CgroupScope {
+            path: "/app".into(),
+        };
+        assert_eq!(
+            scope("--cgroup /app").ok().flatten(),
+            Some(target::Scope::Cgroup(cgroup))
+        );
+        let pid = pb::PidScope { pid: 42 };
+        assert_eq!(
+            scope("--pid 42").ok().flatten(),
+            Some(target::Scope::Pid(pid))
+        );
+        let host = pb::HostScope {};
+        assert_eq!(
+            scope("--host").ok().flatten(),
+            Some(target::Scope::Host(host))
+        );
+        let none = scope("").expect_err("no scope");
+        assert_eq!(none.kind(), ErrorKind::MissingRequiredArgument);
+        let two = scope("--host --pid 42").expect_err("two scopes");
+        assert_eq!(two.kind(), ErrorKind::ArgumentConflict);
+        assert!(scope("--pid 0").is_err());
+        let empty = [
+            "faultctl", "inject", "drop", "--cgroup", "", "--ttl", "1s", "--port", "1",
+        ];
+        assert!(Cli::try_parse_from(empty).is_err());
+    }
+
+    #[test]
+    fn exactly_one_of_ttl_and_lease() {
+        assert!(drop_args("--host --port 1").is_err());
+        assert!(drop_args("--host --port 1 --ttl 1s --lease x").is_err());
+        assert!(drop_args("--host --port 1 --ttl 0s").is_err());
+        assert!(drop_args("--host --port 1 --ttl soon").is_err());
+        let args = drop_args("--host --port 1 --lease abc --keepalive").expect("parses");
+        assert_eq!(args.lease.lease_id.as_deref(), Some("abc"));
+        assert!(args.keepalive);
+    }
+
+    #[test]
+    fn defaults_are_both_protocols_both_directions_all_packets() {
+        let args = drop_args("--host --ttl 30s --port 6379").expect("parses");
+        let target = args.target.to_proto();
+        assert_eq!(target.protocol, pb::Protocol::Unspecified as i32);
+        assert_eq!(target.direction, pb::Direction::Both as i32);
+        assert_eq!(args.percent, 100.0);
+        assert!(drop_args("--host --ttl 30s --port 6379 --percent 101").is_err());
+    }
+
+    #[test]
+    fn target_summary_reads_like_the_flags() {
+        let target = Target {
+            scope: Some(target::Scope::Cgroup(pb::CgroupScope {
+                path: "/app".into(),
+            })),
+            ports: vec![range(6379, None)],
+            protocol: pb::Protocol::Unspecified as i32,
+            direction: pb::Direction::Both as i32,
+        };
+        assert_eq!(
+            target_summary(&target),
+            "tcp+udp both ports 6379 cgroup /app"
+        );
+        let target = Target {
+            scope: Some(target::Scope::Pid(pb::PidScope { pid: 7 })),
+            ports: vec![range(5432, None), range(8000, Some(8010))],
+            protocol: pb::Protocol::Tcp as i32,
+            direction: pb::Direction::Egress as i32,
+        };
+        assert_eq!(
+            target_summary(&target),
+            "tcp egress ports 5432,8000-8010 pid 7"
+        );
+        let target = Target {
+            scope: Some(target::Scope::Host(pb::HostScope {})),
+            protocol: pb::Protocol::Udp as i32,
+            direction: pb::Direction::Unspecified as i32,
+            ..Target::default()
+        };
+        assert_eq!(target_summary(&target), "udp both all ports host");
+        let fault = Fault {
+            action: Some(fault::Action::Drop(pb::Drop { percent: 12.5 })),
+            target: Some(target),
+            ..Fault::default()
+        };
+        assert_eq!(fault_summary(&fault), "drop 12.5% udp both all ports host");
+    }
+
+    #[test]
+    fn json_uses_proto3_names() {
+        let fault = Fault {
+            id: "f1".into(),
+            lease_id: "l1".into(),
+            action: Some(fault::Action::Drop(pb::Drop { percent: 100.0 })),
+            target: Some(Target {
+                scope: Some(target::Scope::Host(pb::HostScope {})),
+                ports: vec![range(1, Some(2))],
+                protocol: pb::Protocol::Tcp as i32,
+                direction: pb::Direction::Egress as i32,
+            }),
+            state: FaultState::Active as i32,
+            remaining: Some(duration::to_proto(Duration::from_millis(1500))),
+            ..Fault::default()
+        };
+        let json = fault_json(&fault);
+        assert_eq!(json["leaseId"], "l1");
+        assert_eq!(json["drop"]["percent"], 100.0);
+        assert_eq!(json["target"]["host"], json!({}));
+        assert_eq!(json["target"]["ports"], json!([{ "first": 1, "last": 2 }]));
+        assert_eq!(json["target"]["protocol"], "TCP");
+        assert_eq!(json["target"]["direction"], "EGRESS");
+        assert_eq!(json["state"], "ACTIVE");
+        assert_eq!(json["remaining"], "1.500s");
+        assert!(json.get("expiresAt").is_none());
+    }
+}
