@@ -1,0 +1,132 @@
+//! Building faultd.v1 requests and reading answers.
+
+use std::time::Duration;
+
+use faultd_proto::v1::fault::Action;
+use faultd_proto::v1::fault_service_client::FaultServiceClient;
+use faultd_proto::v1::inject_request::Lease as InjectLease;
+use faultd_proto::v1::lease_service_client::LeaseServiceClient;
+use faultd_proto::v1::target::Scope;
+use faultd_proto::v1::{
+    CgroupScope, Direction, Drop, Fault, GetFaultRequest, InjectRequest, Lease, ListFaultsRequest,
+    ListLeasesRequest, PortRange, Protocol, Target,
+};
+use tonic::transport::Channel;
+
+use crate::cgroup::Cgroup;
+
+/// A target: the cgroup, these single ports, protocol and direction.
+pub fn cgroup_target(
+    cgroup: &Cgroup,
+    ports: &[u16],
+    protocol: Protocol,
+    direction: Direction,
+) -> Target {
+    Target {
+        scope: Some(Scope::Cgroup(CgroupScope {
+            path: cgroup.path().to_owned(),
+        })),
+        ports: ports
+            .iter()
+            .map(|&p| PortRange {
+                first: p.into(),
+                last: None,
+            })
+            .collect(),
+        protocol: protocol.into(),
+        direction: direction.into(),
+    }
+}
+
+/// A drop fault of `percent` on `target`.
+pub fn drop_fault(percent: f64, target: Target) -> Fault {
+    Fault {
+        action: Some(Action::Drop(Drop { percent })),
+        target: Some(target),
+        ..Default::default()
+    }
+}
+
+/// Inject under a private lease of `ttl`.
+pub fn with_ttl(fault: Fault, ttl: Duration) -> InjectRequest {
+    InjectRequest {
+        lease: Some(InjectLease::Ttl(faultd::duration::to_proto(ttl))),
+        fault: Some(fault),
+    }
+}
+
+/// Inject under an existing lease.
+pub fn under_lease(fault: Fault, lease_id: &str) -> InjectRequest {
+    InjectRequest {
+        lease: Some(InjectLease::LeaseId(lease_id.to_owned())),
+        fault: Some(fault),
+    }
+}
+
+/// A protobuf timestamp as Unix nanoseconds.
+pub fn unix_ns(ts: &prost_types::Timestamp) -> i128 {
+    ts.seconds as i128 * 1_000_000_000 + ts.nanos as i128
+}
+
+/// The `expires_at` of a lease as Unix nanoseconds; panics if it has none.
+pub fn lease_deadline(lease: &Lease) -> i128 {
+    unix_ns(
+        lease
+            .expires_at
+            .as_ref()
+            .unwrap_or_else(|| panic!("lease {} has no expires_at: {lease:?}", lease.id)),
+    )
+}
+
+pub async fn list_faults(client: &mut FaultServiceClient<Channel>) -> Vec<Fault> {
+    client
+        .list(ListFaultsRequest {})
+        .await
+        .unwrap_or_else(|s| panic!("FaultService.List failed: {s:?}"))
+        .into_inner()
+        .faults
+}
+
+pub async fn list_leases(client: &mut LeaseServiceClient<Channel>) -> Vec<Lease> {
+    client
+        .list(ListLeasesRequest {})
+        .await
+        .unwrap_or_else(|s| panic!("LeaseService.List failed: {s:?}"))
+        .into_inner()
+        .leases
+}
+
+pub async fn get_fault(client: &mut FaultServiceClient<Channel>, id: &str) -> Fault {
+    client
+        .get(GetFaultRequest { id: id.to_owned() })
+        .await
+        .unwrap_or_else(|s| panic!("FaultService.Get({id}) failed: {s:?}"))
+        .into_inner()
+}
+
+/// Calls Get until `ready` holds for the fault's counters, for up to 2 s (counters may be
+/// read from the kernel a moment later than the packets passed). Returns the last answer.
+pub async fn get_fault_until(
+    client: &mut FaultServiceClient<Channel>,
+    id: &str,
+    ready: impl Fn(u64, u64) -> bool,
+) -> Fault {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let fault = get_fault(client, id).await;
+        let (matched, dropped) = counters(&fault);
+        if ready(matched, dropped) || tokio::time::Instant::now() >= deadline {
+            return fault;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// (matched, dropped); (0, 0) when the fault carries no counters.
+pub fn counters(fault: &Fault) -> (u64, u64) {
+    fault
+        .counters
+        .as_ref()
+        .map(|c| (c.matched, c.dropped))
+        .unwrap_or((0, 0))
+}

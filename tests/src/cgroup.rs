@@ -1,0 +1,157 @@
+//! The cgroup v2 root and cgroups of the test's own below it.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::process::{poll, signal};
+use crate::uniq::uniq;
+
+/// Where cgroup2 is mounted (on a hybrid layout `/sys/fs/cgroup/unified`), from
+/// /proc/self/mountinfo.
+pub fn cgroup2_root() -> &'static Path {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_else(|e| panic!("reading /proc/self/mountinfo: {e}"));
+        parse_cgroup2_mount(&mountinfo).unwrap_or_else(|| {
+            panic!("no cgroup2 file system is mounted: faultd and these tests need cgroup v2")
+        })
+    })
+}
+
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        if fs.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        Some(PathBuf::from(unescape(mount.split_whitespace().nth(4)?)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as \ooo.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            let digits = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
+            if let Ok(v) = u8::from_str_radix(digits, 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A cgroup `faultd-test-<uniq>` directly below the cgroup v2 root.
+pub struct Cgroup {
+    path: String,
+    dir: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new() -> Cgroup {
+        crate::require_root();
+        let name = format!("faultd-test-{}", uniq());
+        let dir = cgroup2_root().join(&name);
+        std::fs::create_dir(&dir)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
+        Cgroup {
+            path: format!("/{name}"),
+            dir,
+        }
+    }
+
+    /// The path relative to the cgroup v2 root, as faultd takes it: `/faultd-test-…`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The directory in the cgroup file system.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The cgroup id (the inode number of its directory), as BPF's `bpf_skb_cgroup_id` sees it.
+    pub fn id(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.dir)
+            .unwrap_or_else(|e| panic!("stat {}: {e}", self.dir.display()))
+            .ino()
+    }
+
+    pub fn procs(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.dir.join("cgroup.procs"))
+            .map(|s| {
+                s.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Default for Cgroup {
+    fn default() -> Self {
+        Cgroup::new()
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let kill = self.dir.join("cgroup.kill");
+        let emptied = poll(Duration::from_secs(5), || {
+            let procs = self.procs();
+            if procs.is_empty() {
+                return Some(());
+            }
+            if std::fs::write(&kill, "1").is_err() {
+                procs.iter().for_each(|&pid| signal(pid, libc::SIGKILL));
+            }
+            None
+        });
+        if emptied.is_none() {
+            eprintln!(
+                "warning: processes still in cgroup {}: {:?}",
+                self.dir.display(),
+                self.procs()
+            );
+        }
+        // A killed process leaves the cgroup a moment after it is gone from cgroup.procs.
+        let removed = poll(Duration::from_secs(5), || {
+            std::fs::remove_dir(&self.dir).ok()
+        });
+        if removed.is_none() {
+            eprintln!("warning: could not remove cgroup {}", self.dir.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_layout() {
+        let mountinfo = "30 24 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
+            41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
+            42 31 0:39 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+        assert_eq!(
+            parse_cgroup2_mount(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn unescapes_octal() {
+        assert_eq!(unescape(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+    }
+}

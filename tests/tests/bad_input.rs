@@ -1,0 +1,190 @@
+//! Bad requests get the right code and name the field; a failed request changes nothing.
+
+use std::time::Duration;
+
+use faultd_proto::v1::target::Scope;
+use faultd_proto::v1::{
+    CgroupScope, Direction, GetFaultRequest, InjectRequest, Protocol, RemoveRequest, RenewRequest,
+    RevokeRequest, TimeToLiveRequest,
+};
+use faultd_tests::api::{
+    cgroup_target, drop_fault, list_faults, list_leases, under_lease, with_ttl,
+};
+use faultd_tests::uniq::uniq;
+use faultd_tests::{Cgroup, Faultd, FaultdOptions};
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn bad_requests_name_the_field_and_change_nothing() {
+    let cgroup = Cgroup::new();
+    let faultd = Faultd::start_with(FaultdOptions {
+        max_ttl: Some("1h".into()),
+        ..Default::default()
+    })
+    .await;
+    let mut faults = faultd.faults();
+    let mut leases = faultd.leases();
+    let good = || cgroup_target(&cgroup, &[6379], Protocol::Tcp, Direction::Egress);
+    let minute = Duration::from_secs(60);
+
+    let mut no_ports = good();
+    no_ports.ports.clear();
+    let mut no_scope = good();
+    no_scope.scope = None;
+    let mut unknown_cgroup = good();
+    unknown_cgroup.scope = Some(Scope::Cgroup(CgroupScope {
+        path: format!("/faultd-test-{}-absent", uniq()),
+    }));
+
+    let cases: Vec<(&str, InjectRequest, &str)> = vec![
+        (
+            "percent 101",
+            with_ttl(drop_fault(101.0, good()), minute),
+            "percent",
+        ),
+        (
+            "percent -1",
+            with_ttl(drop_fault(-1.0, good()), minute),
+            "percent",
+        ),
+        (
+            "no ports",
+            with_ttl(drop_fault(100.0, no_ports), minute),
+            "ports",
+        ),
+        (
+            "no scope",
+            with_ttl(drop_fault(100.0, no_scope), minute),
+            "scope",
+        ),
+        (
+            "unknown cgroup path",
+            with_ttl(drop_fault(100.0, unknown_cgroup), minute),
+            "cgroup",
+        ),
+        (
+            "ttl 0",
+            with_ttl(drop_fault(100.0, good()), Duration::ZERO),
+            "ttl",
+        ),
+        (
+            "ttl 2h above --max-ttl 1h",
+            with_ttl(drop_fault(100.0, good()), Duration::from_secs(7200)),
+            "ttl",
+        ),
+        (
+            "unknown lease_id",
+            under_lease(drop_fault(100.0, good()), &format!("unknown-{}", uniq())),
+            "lease_id",
+        ),
+    ];
+
+    let faults_before = list_faults(&mut faults).await;
+    let leases_before = list_leases(&mut leases).await;
+    let mut wrong = Vec::new();
+    for (case, request, field) in cases {
+        match faults.inject(request.clone()).await {
+            Ok(answer) => wrong.push(format!(
+                "{case}: Inject was accepted: {:?}",
+                answer.into_inner()
+            )),
+            Err(status) => {
+                if status.code() != Code::InvalidArgument || !status.message().contains(field) {
+                    wrong.push(format!(
+                        "{case}: expected INVALID_ARGUMENT naming `{field}`, got {:?}: {:?}",
+                        status.code(),
+                        status.message()
+                    ));
+                }
+            }
+        }
+        let faults_now = list_faults(&mut faults).await;
+        let leases_now = list_leases(&mut leases).await;
+        if faults_now != faults_before || leases_now.len() != leases_before.len() {
+            wrong.push(format!("{case}: the failed request changed state: faults {faults_now:?}, leases {leases_now:?}"));
+        }
+    }
+
+    let fault_id = format!("unknown-{}", uniq());
+    let lease_id = format!("unknown-{}", uniq());
+    let not_found: Vec<(&str, Result<(), tonic::Status>)> = vec![
+        (
+            "Get unknown fault",
+            faults
+                .get(GetFaultRequest {
+                    id: fault_id.clone(),
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "Remove unknown fault",
+            faults
+                .remove(RemoveRequest {
+                    id: fault_id.clone(),
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "Renew unknown lease",
+            leases
+                .renew(RenewRequest {
+                    lease_id: lease_id.clone(),
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "Revoke unknown lease",
+            leases
+                .revoke(RevokeRequest {
+                    lease_id: lease_id.clone(),
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "TimeToLive unknown lease",
+            leases
+                .time_to_live(TimeToLiveRequest {
+                    lease_id: lease_id.clone(),
+                })
+                .await
+                .map(drop),
+        ),
+    ];
+    for (case, result) in not_found {
+        match result {
+            Ok(()) => wrong.push(format!("{case}: succeeded")),
+            Err(status) if status.code() != Code::NotFound => wrong.push(format!(
+                "{case}: expected NOT_FOUND, got {:?}: {:?}",
+                status.code(),
+                status.message()
+            )),
+            Err(_) => {}
+        }
+    }
+    let faults_now = list_faults(&mut faults).await;
+    let leases_now = list_leases(&mut leases).await;
+    if faults_now != faults_before || leases_now.len() != leases_before.len() {
+        wrong.push(format!(
+            "NOT_FOUND calls changed state: faults {faults_now:?}, leases {leases_now:?}"
+        ));
+    }
+    assert!(
+        wrong.is_empty(),
+        "faultd mishandled bad requests:\n  {}",
+        wrong.join("\n  ")
+    );
+
+    // The same request with every field right is accepted: the rejections were about the field.
+    let accepted = faults
+        .inject(with_ttl(drop_fault(100.0, good()), minute))
+        .await;
+    assert!(
+        accepted.is_ok(),
+        "the valid control request was rejected: {accepted:?}"
+    );
+}

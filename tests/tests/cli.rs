@@ -1,0 +1,117 @@
+//! faultctl as a user runs it: inject, list, list as JSON, rm, and a bad flag.
+
+use faultd_tests::api::list_faults;
+use faultd_tests::servers::REDIS_PORT;
+use faultd_tests::{Cgroup, Faultctl, Faultd, NetNs, Redis, Workload, fd_probe};
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn faultctl_injects_lists_and_removes_a_drop() {
+    let netns = NetNs::new();
+    let _redis = Redis::start(&netns);
+    let cgroup = Cgroup::new();
+    let faultd = Faultd::start().await;
+    let mut faults = faultd.faults();
+    let faultctl = Faultctl::new(&faultd);
+    let inside = Workload::inside(fd_probe!(), &cgroup, &netns);
+    let port = REDIS_PORT.to_string();
+
+    let inject = faultctl.run(&[
+        "inject",
+        "drop",
+        "--cgroup",
+        cgroup.path(),
+        "--port",
+        &port,
+        "--ttl",
+        "30s",
+    ]);
+    inject.assert_success();
+    let held = list_faults(&mut faults).await;
+    assert_eq!(
+        held.len(),
+        1,
+        "after `{}` faultd should hold one fault: {held:?}",
+        inject.command
+    );
+    let id = held[0].id.clone();
+    assert!(
+        inject.stdout().contains(&id),
+        "`{}` should print the id of the fault it injected ({id}): {inject}",
+        inject.command
+    );
+    let run = inside.redis_ping();
+    assert!(
+        run.timed_out(),
+        "after `faultctl inject drop --port {port}`, redis-cli inside the cgroup should hang: {run}"
+    );
+
+    let list = faultctl.run(&["list"]);
+    list.assert_success();
+    assert!(
+        list.stdout().contains(&id),
+        "`{}` should show fault {id}: {list}",
+        list.command
+    );
+
+    let json = faultctl.run(&["--output", "json", "list"]);
+    json.assert_success();
+    let value: serde_json::Value = serde_json::from_str(&json.stdout())
+        .unwrap_or_else(|e| panic!("`{}` is not JSON ({e}): {json}", json.command));
+    assert!(
+        contains_string(&value, &id),
+        "`{}` parses as JSON but does not mention fault {id}: {value}",
+        json.command
+    );
+
+    let rm = faultctl.run(&["rm", &id]);
+    rm.assert_success();
+    let left = list_faults(&mut faults).await;
+    assert!(
+        left.is_empty(),
+        "after `{}` faultd still holds {left:?}",
+        rm.command
+    );
+    let run = inside.redis_ping();
+    assert!(
+        run.answered(),
+        "after `faultctl rm {id}`, redis-cli inside the cgroup should get PONG: {run}"
+    );
+
+    let bad = faultctl.run(&[
+        "inject",
+        "drop",
+        "--cgroup",
+        cgroup.path(),
+        "--port",
+        &port,
+        "--ttl",
+        "30s",
+        "--percent",
+        "150",
+    ]);
+    assert!(
+        !bad.success(),
+        "`{}` should fail: a percent above 100 is invalid; {bad}",
+        bad.command
+    );
+    assert!(
+        bad.stderr().contains("percent"),
+        "`{}` should say what is wrong with percent: {bad}",
+        bad.command
+    );
+    let left = list_faults(&mut faults).await;
+    assert!(
+        left.is_empty(),
+        "a rejected `faultctl inject` changed faultd's faults: {left:?}"
+    );
+}
+
+fn contains_string(value: &serde_json::Value, needle: &str) -> bool {
+    match value {
+        serde_json::Value::String(s) => s == needle,
+        serde_json::Value::Array(items) => items.iter().any(|v| contains_string(v, needle)),
+        serde_json::Value::Object(map) => map.values().any(|v| contains_string(v, needle)),
+        _ => false,
+    }
+}
