@@ -12,21 +12,19 @@ use faultd::target::CgroupRoot;
 use faultd_proto::v1 as pb;
 use pb::fault_service_client::FaultServiceClient;
 use pb::lease_service_client::LeaseServiceClient;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tonic::Code;
 
 struct Server {
     dir: PathBuf,
     socket: PathBuf,
     fake: FakeDataplane,
-    stop: Option<oneshot::Sender<()>>,
+    stop: watch::Sender<bool>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        let _ = self.stop.send(true);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -50,16 +48,14 @@ async fn server(name: &str) -> Server {
     let caps = Arc::new(Capabilities::probe(root.path(), Ok("fake")));
     let socket = dir.join("faultd.sock");
     let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
+    let (stop, stopped) = watch::channel(false);
     tokio::spawn(engine.clone().run_expiry(std::future::pending()));
-    tokio::spawn(faultd::api::serve(engine, caps, listener, async {
-        let _ = stopped.await;
-    }));
+    tokio::spawn(faultd::api::serve(engine, caps, listener, stopped));
     Server {
         dir,
         socket,
         fake,
-        stop: Some(stop),
+        stop,
     }
 }
 
@@ -192,4 +188,37 @@ async fn keepalive_renews_and_reports_an_unknown_lease() {
         .unwrap()
         .into_inner();
     assert!(revoked.reverted_fault_ids.is_empty());
+}
+
+#[tokio::test]
+async fn shutdown_ends_keepalive_streams() {
+    let server = server("shutdown").await;
+    let channel = faultd::client::connect(&server.socket).await.unwrap();
+    let mut leases = LeaseServiceClient::new(channel);
+    let lease = leases
+        .grant(pb::GrantRequest {
+            ttl: Some(faultd::duration::to_proto(Duration::from_secs(60))),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // A client that renews once and then keeps its side open, as `faultctl --keepalive` does.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(pb::KeepAliveRequest { lease_id: lease.id })
+        .await
+        .unwrap();
+    let mut replies = leases
+        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    replies.message().await.unwrap().unwrap();
+    server.stop.send(true).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(1), replies.message())
+        .await
+        .expect("an open KeepAlive stream must end when faultd stops, not hold it up")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    drop(tx);
 }

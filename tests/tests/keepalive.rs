@@ -223,3 +223,67 @@ async fn keepalive_stream_holds_the_fault_until_its_holder_dies() {
         "after the keep-alive stopped and the lease expired, List shows {left_over:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn sigterm_reverts_at_once_while_a_keepalive_is_open() {
+    let netns = NetNs::new();
+    let _redis = Redis::start(&netns);
+    let cgroup = Cgroup::new();
+    let mut faultd = Faultd::start().await;
+    let faultctl = Faultctl::new(&faultd);
+    let inside = Workload::inside(fd_probe!(), &cgroup, &netns);
+
+    // A long ttl: if the revert waited for the lease, traffic would stay blocked for a minute.
+    let mut cmd = faultctl.command();
+    cmd.args([
+        "inject",
+        "drop",
+        "--cgroup",
+        cgroup.path(),
+        "--port",
+        &REDIS_PORT.to_string(),
+    ])
+    .args(["--ttl", "60s", "--keepalive"])
+    .stdout(Stdio::piped());
+    let what = describe(&cmd);
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
+    let mut controller = Controller { child, what };
+    controller.first_line();
+    let blocked = inside.redis_ping();
+    assert!(
+        !blocked.answered(),
+        "the fault was not in force before SIGTERM: {blocked}"
+    );
+
+    let started = std::time::Instant::now();
+    let status = faultd.terminate();
+    let took = started.elapsed();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "faultd should exit 0 on SIGTERM with a KeepAlive stream open, got {status:?}; its log:\n{}",
+        faultd.log()
+    );
+    eprintln!(
+        "MEASURE sigterm_with_keepalive_exit_ms={:.1}",
+        took.as_secs_f64() * 1e3
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "faultd took {took:?} to stop on SIGTERM: an open KeepAlive stream held it up"
+    );
+    let after = inside.redis_ping();
+    assert!(
+        after.answered(),
+        "after faultd stopped, redis-cli inside the cgroup still gets no answer: {after}"
+    );
+    let ended = faultd_tests::process::blocking(|| {
+        wait_timeout(&mut controller.child, Duration::from_secs(3))
+    });
+    assert!(
+        ended.is_some_and(|s| !s.success()),
+        "faultctl --keepalive should stop with an error once faultd is gone, got {ended:?}"
+    );
+}

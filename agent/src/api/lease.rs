@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use faultd_proto::v1 as pb;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -13,11 +13,13 @@ use crate::engine::Engine;
 
 pub struct LeaseApi {
     engine: Arc<Engine>,
+    /// Turns true when faultd stops: open KeepAlive streams end then.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl LeaseApi {
-    pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    pub fn new(engine: Arc<Engine>, shutdown: watch::Receiver<bool>) -> Self {
+        Self { engine, shutdown }
     }
 }
 
@@ -46,9 +48,23 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
         let mut inbound = request.into_inner();
         let engine = self.engine.clone();
         let (tx, rx) = mpsc::channel(16);
+        let shutdown = super::stopped(self.shutdown.clone());
         tokio::spawn(async move {
-            // Ends when the client closes its side or goes away, or on the first failed renewal.
-            while let Some(Ok(message)) = inbound.next().await {
+            tokio::pin!(shutdown);
+            // Ends when the client closes its side or goes away, on the first failed renewal,
+            // or when faultd stops.
+            loop {
+                let message = tokio::select! {
+                    message = inbound.next() => match message {
+                        Some(Ok(message)) => message,
+                        _ => break,
+                    },
+                    () = &mut shutdown => {
+                        let status = Status::unavailable("faultd is stopping; every fault was reverted");
+                        let _client_gone = tx.send(Err(status)).await;
+                        break;
+                    }
+                };
                 let reply = convert::lease_id(&message.lease_id, "lease_id")
                     .map_err(Status::from)
                     .and_then(|id| engine.renew(&id).map_err(Status::from))

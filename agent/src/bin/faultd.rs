@@ -68,31 +68,42 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _closed_or_stopped = rx.wait_for(|stop| *stop).await;
-    };
-    let expiry = tokio::spawn(engine.clone().run_expiry(stopped(stop_rx.clone())));
+    let expiry = tokio::spawn(
+        engine
+            .clone()
+            .run_expiry(faultd::api::stopped(stop_rx.clone())),
+    );
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    let on_signal = engine.clone();
     tokio::spawn(async move {
         let name = tokio::select! {
             _ = sigterm.recv() => "SIGTERM",
             _ = sigint.recv() => "SIGINT",
         };
-        tracing::info!("{name}: reverting every fault and stopping");
+        // Revert first: clients still connected must not keep faults alive past the signal.
+        let (faults, leases) = on_signal.abort();
+        tracing::info!(
+            faults = faults.len(),
+            leases = leases.len(),
+            "{name}: reverted everything; stopping"
+        );
         let _receivers_gone = stop_tx.send(true);
     });
 
     tracing::info!(socket = %config.socket.display(), kernel = %caps.kernel_release, "faultd ready");
-    let served =
-        faultd::api::serve(engine.clone(), Arc::new(caps), listener, stopped(stop_rx)).await;
+    let served = faultd::api::serve(engine.clone(), Arc::new(caps), listener, stop_rx).await;
 
+    // Anything injected while connections drained goes too.
     let (faults, leases) = engine.abort();
-    tracing::info!(
-        faults = faults.len(),
-        leases = leases.len(),
-        "reverted everything"
-    );
+    if !faults.is_empty() || !leases.is_empty() {
+        tracing::info!(
+            faults = faults.len(),
+            leases = leases.len(),
+            "reverted what came in while connections drained"
+        );
+    }
+    tracing::info!("stopped");
     if let Err(e) = expiry.await {
         tracing::warn!(error = %e, "expiry task");
     }
