@@ -171,9 +171,9 @@ impl Engine {
     pub fn grant(&self, ttl: Duration, labels: Labels) -> Result<LeaseView, Error> {
         self.check_ttl(ttl, "ttl")?;
         let mut state = self.lock();
-        let id = state.grant(ttl, labels, false);
+        let (id, _) = state.grant(ttl, labels, false);
         self.deadline_changed.notify_one();
-        Ok(state.lease_view(&id))
+        state.lease_view(&id)
     }
 
     pub fn renew(&self, id: &str) -> Result<LeaseView, Error> {
@@ -195,19 +195,19 @@ impl Engine {
         }
         state.dataplane.upsert(&rules)?;
         self.deadline_changed.notify_one();
-        Ok(state.lease_view(id))
+        state.lease_view(id)
     }
 
     pub fn revoke(&self, id: &str) -> Result<(LeaseView, Vec<FaultId>), Error> {
         let mut state = self.lock();
-        let view = state.lease_view_checked(id)?;
+        let view = state.lease_view(id)?;
         let reverted = state.revoke(id, RevertReason::Revoked);
         self.deadline_changed.notify_one();
         Ok((view, reverted))
     }
 
     pub fn time_to_live(&self, id: &str) -> Result<LeaseView, Error> {
-        self.lock().lease_view_checked(id)
+        self.lock().lease_view(id)
     }
 
     pub fn leases(&self) -> Vec<LeaseView> {
@@ -223,15 +223,20 @@ impl Engine {
         }
         spec.target.validate()?;
         let mut state = self.lock();
-        if let LeaseRef::Existing(id) = &lease
-            && !state.leases.contains(id)
-        {
-            return Err(Invalid::new(
-                "lease_id",
-                format!("no lease {id:?} (grant one first, or pass a ttl)"),
-            )
-            .into());
-        }
+        // The lease the fault goes under: an existing one, or a private one granted below.
+        let (existing, private_ttl) = match lease {
+            LeaseRef::Existing(id) => match state.leases.get(&id) {
+                Some(lease) => (Some((id, lease.deadline)), Duration::ZERO),
+                None => {
+                    return Err(Invalid::new(
+                        "lease_id",
+                        format!("no lease {id:?} (grant one first, or pass a ttl)"),
+                    )
+                    .into());
+                }
+            },
+            LeaseRef::Ttl(ttl) => (None, ttl),
+        };
         let resolved = state.resolver.resolve(&spec.target.scope)?;
         let keys = spec.target.rule_keys(resolved.cgroup_id);
         if let Some(owner) = keys.iter().find_map(|k| state.owners.get(k)) {
@@ -242,7 +247,7 @@ impl Engine {
         }
         if state.owners.len() + keys.len() > MAX_RULES as usize {
             return Err(Error::Exhausted(format!(
-                "the kernel rule table holds {} entries; this fault needs {} more than the {} left",
+                "the kernel rule table holds {} entries; this fault needs {} but only {} are free",
                 MAX_RULES,
                 keys.len(),
                 MAX_RULES as usize - state.owners.len()
@@ -253,13 +258,10 @@ impl Engine {
                 "{MAX_FAULTS} faults are active, the most this agent holds"
             )));
         };
-        let lease_id = match &lease {
-            LeaseRef::Existing(id) => id.clone(),
-            LeaseRef::Ttl(ttl) => state.grant(*ttl, Labels::new(), true),
-        };
-        let deadline = match state.leases.get(&lease_id) {
-            Some(lease) => lease.deadline,
-            None => return Err(not_found("lease", &lease_id)),
+        let private = existing.is_none();
+        let (lease_id, deadline) = match existing {
+            Some(found) => found,
+            None => state.grant(private_ttl, Labels::new(), true),
         };
         let value = rule_value(&spec.action, slot, kernel_deadline(deadline));
         let rules: Vec<_> = keys.iter().map(|k| (*k, value)).collect();
@@ -269,7 +271,7 @@ impl Engine {
             .and_then(|()| state.dataplane.upsert(&rules));
         if let Err(e) = applied {
             state.free_slots.push(slot);
-            if matches!(lease, LeaseRef::Ttl(_)) {
+            if private {
                 state.leases.remove(&lease_id);
             }
             return Err(e.into());
@@ -365,17 +367,18 @@ impl Engine {
 }
 
 impl State {
-    fn grant(&mut self, ttl: Duration, labels: Labels, private: bool) -> LeaseId {
+    fn grant(&mut self, ttl: Duration, labels: Labels, private: bool) -> (LeaseId, Instant) {
         let id = new_id(|id| self.leases.contains(id));
+        let deadline = Instant::now() + ttl;
         self.leases.insert(Lease {
             id: id.clone(),
             ttl,
-            deadline: Instant::now() + ttl,
+            deadline,
             faults: Vec::new(),
             private,
             labels,
         });
-        id
+        (id, deadline)
     }
 
     /// Expires every lease due at `now` and reverts its faults.
@@ -452,27 +455,11 @@ impl State {
         }
     }
 
-    fn lease_view_checked(&self, id: &str) -> Result<LeaseView, Error> {
+    fn lease_view(&self, id: &str) -> Result<LeaseView, Error> {
         self.leases
             .get(id)
             .map(|l| self.view_of(l))
             .ok_or_else(|| not_found("lease", id))
-    }
-
-    /// For a lease that is known to exist.
-    fn lease_view(&self, id: &str) -> LeaseView {
-        match self.leases.get(id) {
-            Some(lease) => self.view_of(lease),
-            None => LeaseView {
-                id: id.to_string(),
-                ttl: Duration::ZERO,
-                expires_at: SystemTime::now(),
-                remaining: Duration::ZERO,
-                fault_ids: Vec::new(),
-                private: false,
-                labels: Labels::new(),
-            },
-        }
     }
 }
 
