@@ -127,3 +127,91 @@ async fn reflection_lists_the_services_and_health_is_serving() {
         "grpc.health.v1 Check(\"\") answered {health:?}"
     );
 }
+
+/// Runs the reflection-only Python client (tests/clients/reflect_call.py) against `faultd`.
+fn reflect_call(faultd: &Faultd, args: &[&str]) -> (bool, String) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/reflect_call.py");
+    // `cargo xtask test` points this at the venv it installs grpcio into.
+    let python = std::env::var_os("FAULTD_TEST_PYTHON").unwrap_or_else(|| "python3".into());
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(script).arg(faultd.socket()).args(args);
+    let out = faultd_tests::process::output(&mut cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() || stdout.starts_with("ERROR "),
+        "`{}` failed without a gRPC status (is grpcio installed? `cargo xtask setup` installs it): {}\n{}",
+        faultd_tests::process::describe(&cmd),
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), stdout)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn a_client_without_the_proto_injects_a_fault_by_json() {
+    use faultd_tests::servers::REDIS_PORT;
+    use faultd_tests::{Cgroup, NetNs, Redis, Workload, fd_probe};
+
+    let netns = NetNs::new();
+    let _redis = Redis::start(&netns);
+    let cgroup = Cgroup::new();
+    let faultd = Faultd::start().await;
+    let inside = Workload::inside(fd_probe!(), &cgroup, &netns);
+
+    let call = |args: &[&str]| {
+        let faultd = &faultd;
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        faultd_tests::process::blocking(|| reflect_call(faultd, &refs))
+    };
+    let (ok, listed) = call(&["list"]);
+    assert!(ok, "listing services by reflection failed: {listed}");
+    for service in SERVICES {
+        assert!(
+            listed.lines().any(|l| l == service),
+            "grpcio reflection lists {listed:?}, without {service}"
+        );
+    }
+
+    // The request a user types into grpcurl, as in the README.
+    let inject = format!(
+        r#"{{"ttl":"30s","fault":{{"drop":{{"percent":100}},"target":{{"cgroup":{{"path":"{}"}},
+            "ports":[{{"first":{REDIS_PORT}}}],"protocol":"TCP","direction":"EGRESS"}}}}}}"#,
+        cgroup.path()
+    );
+    let (ok, answer) = call(&["call", "faultd.v1.FaultService/Inject", &inject]);
+    assert!(ok, "Inject by JSON failed: {answer}");
+    let fault: serde_json::Value =
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("Inject answered {answer:?}: {e}"));
+    let id = fault["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {fault}"))
+        .to_string();
+    assert_eq!(fault["state"], "ACTIVE", "{fault}");
+    let blocked = inside.redis_ping();
+    assert!(
+        !blocked.answered(),
+        "the fault injected by JSON did not block Redis inside the cgroup: {blocked}"
+    );
+
+    let bad = inject.replace(r#""percent":100"#, r#""percent":150"#);
+    let (ok, answer) = call(&["call", "faultd.v1.FaultService/Inject", &bad]);
+    assert!(!ok, "percent 150 was accepted: {answer}");
+    assert!(
+        answer.starts_with("ERROR INVALID_ARGUMENT fault.drop.percent"),
+        "a bad percent should be INVALID_ARGUMENT naming fault.drop.percent, got {answer:?}"
+    );
+
+    let (ok, answer) = call(&[
+        "call",
+        "faultd.v1.FaultService/Remove",
+        &format!(r#"{{"id":"{id}"}}"#),
+    ]);
+    assert!(ok, "Remove by JSON failed: {answer}");
+    let after = inside.redis_ping();
+    assert!(
+        after.answered(),
+        "after Remove, redis-cli inside still gets no answer: {after}"
+    );
+}

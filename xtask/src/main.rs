@@ -30,8 +30,11 @@ const PACKAGES: &[&str] = &[
     "postgresql",
     "postgresql-client",
     "procps",
+    "python3-venv",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Python packages of the reflection-only test client (tests/clients), pinned.
+const PYTHON_PACKAGES: &[&str] = &["grpcio==1.85.1", "grpcio-reflection==1.85.1"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 #[derive(Parser)]
@@ -139,6 +142,21 @@ fn setup() -> anyhow::Result<()> {
                 .env("LLVM_PREFIX", LLVM_PREFIX),
         )?;
     }
+    if !python_client_installed() {
+        // A venv of our own: leaves the system's Python alone (and Debian's refuses pip).
+        status(Command::new("python3").args(["-m", "venv", TEST_VENV]))?;
+        status(
+            Command::new(test_python())
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .args(PYTHON_PACKAGES),
+        )?;
+    }
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -148,6 +166,23 @@ fn package_installed(name: &str) -> bool {
         .args(["-W", "-f=${Status}", name])
         .output()
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+}
+
+/// Where the test client's Python lives, relative to the workspace root.
+const TEST_VENV: &str = "target/test-venv";
+
+fn test_python() -> PathBuf {
+    Path::new(TEST_VENV).join("bin/python3")
+}
+
+fn python_client_installed() -> bool {
+    Command::new(test_python())
+        .args([
+            "-c",
+            "import grpc, grpc_reflection; assert grpc.__version__ == '1.85.1'",
+        ])
+        .output()
+        .is_ok_and(|out| out.status.success())
 }
 
 fn bpf_linker_installed() -> bool {
@@ -201,7 +236,8 @@ fn test(root: &Path, no_lint: bool, args: Vec<String>) -> anyhow::Result<()> {
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--exclude", "faultd-ebpf", "--"])
         .env("FAULTD_BIN", bin.join("faultd"))
-        .env("FAULTCTL_BIN", bin.join("faultctl"));
+        .env("FAULTCTL_BIN", bin.join("faultctl"))
+        .env("FAULTD_TEST_PYTHON", root.join(test_python()));
     if is_root() {
         cmd.arg("--include-ignored");
     } else if env::var_os("CI").is_some() {

@@ -111,4 +111,32 @@ mod tests {
         assert_eq!(size_of::<ScopeValue>(), 8);
         assert_eq!(size_of::<Counters>(), 16);
     }
+
+    fn bytes<T>(value: &T) -> &[u8] {
+        // SAFETY: the types are #[repr(C)] plain data without implicit padding (checked above).
+        unsafe { core::slice::from_raw_parts((value as *const T).cast(), size_of::<T>()) }
+    }
+
+    #[test]
+    fn keys_and_values_encode_as_the_kernel_reads_them() {
+        let key = RuleKey::new(0x0102_0304_0506_0708, PROTO_TCP, DIR_INGRESS, 6379);
+        let mut expected = [0u8; 16];
+        expected[..8].copy_from_slice(&0x0102_0304_0506_0708u64.to_ne_bytes());
+        expected[8..10].copy_from_slice(&6379u16.to_ne_bytes());
+        expected[10] = PROTO_TCP;
+        expected[11] = DIR_INGRESS;
+        assert_eq!(bytes(&key), expected);
+
+        let value = RuleValue {
+            expires_at_ns: 7,
+            drop_threshold: DROP_ALL,
+            counter_slot: 3,
+            action: ACTION_DROP,
+        };
+        let raw = bytes(&value);
+        assert_eq!(&raw[..8], 7u64.to_ne_bytes());
+        assert_eq!(&raw[8..16], DROP_ALL.to_ne_bytes());
+        assert_eq!(&raw[16..20], 3u32.to_ne_bytes());
+        assert_eq!(&raw[20..24], ACTION_DROP.to_ne_bytes());
+    }
 }
