@@ -8,8 +8,8 @@ use faultd_proto::v1::inject_request::Lease as InjectLease;
 use faultd_proto::v1::lease_service_client::LeaseServiceClient;
 use faultd_proto::v1::target::Scope;
 use faultd_proto::v1::{
-    CgroupScope, Direction, Drop, Fault, GetFaultRequest, InjectRequest, Lease, ListFaultsRequest,
-    ListLeasesRequest, PortRange, Protocol, Target,
+    CgroupScope, Direction, Drop, Fault, GetFaultRequest, GrantRequest, InjectRequest, Lease,
+    ListFaultsRequest, ListLeasesRequest, PortRange, Protocol, Target,
 };
 use tonic::transport::Channel;
 
@@ -45,6 +45,18 @@ pub fn drop_fault(percent: f64, target: Target) -> Fault {
         target: Some(target),
         ..Default::default()
     }
+}
+
+/// Grants a lease of `ttl`; panics with the status if faultd refuses.
+pub async fn grant(client: &mut LeaseServiceClient<Channel>, ttl: Duration) -> Lease {
+    client
+        .grant(GrantRequest {
+            ttl: Some(faultd::duration::to_proto(ttl)),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("Grant ttl {ttl:?} failed: {s:?}"))
+        .into_inner()
 }
 
 /// Inject under a private lease of `ttl`.

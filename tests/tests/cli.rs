@@ -2,18 +2,20 @@
 
 use faultd_tests::api::list_faults;
 use faultd_tests::servers::REDIS_PORT;
-use faultd_tests::{Cgroup, Faultctl, Faultd, NetNs, Redis, Workload, fd_probe};
+use faultd_tests::{Faultctl, RedisScene, fd_probe};
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
 async fn faultctl_injects_lists_and_removes_a_drop() {
-    let netns = NetNs::new();
-    let _redis = Redis::start(&netns);
-    let cgroup = Cgroup::new();
-    let faultd = Faultd::start().await;
+    let scene = RedisScene::start(fd_probe!()).await;
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        ..
+    } = &scene;
     let mut faults = faultd.faults();
-    let faultctl = Faultctl::new(&faultd);
-    let inside = Workload::inside(fd_probe!(), &cgroup, &netns);
+    let faultctl = Faultctl::new(faultd);
     let port = REDIS_PORT.to_string();
 
     let inject = faultctl.run(&[

@@ -5,12 +5,12 @@ use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use faultd_proto::v1::{Direction, GrantRequest, Protocol};
-use faultd_tests::api::{cgroup_target, drop_fault, list_faults, under_lease};
+use faultd_proto::v1::{Direction, Protocol};
+use faultd_tests::api::{cgroup_target, drop_fault, grant, list_faults, under_lease};
 use faultd_tests::process::{describe, signal, unix_ns, wait_timeout};
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::workload::{Attempt, timeline};
-use faultd_tests::{Cgroup, Faultctl, Faultd, NetNs, Redis, Workload, fd_keepalive, fd_probe};
+use faultd_tests::{Faultctl, RedisScene, Workload, fd_keepalive, fd_probe};
 
 const TTL: Duration = Duration::from_secs(1);
 /// 3 × ttl: the fault must outlive several ttls while the lease is kept alive.
@@ -32,6 +32,26 @@ impl Drop for Controller {
 }
 
 impl Controller {
+    /// `faultctl inject drop --cgroup PATH --port 6379 --ttl TTL --keepalive`, stdout piped.
+    fn faultctl_keepalive(faultctl: &Faultctl, cgroup: &str, ttl: &str) -> Controller {
+        let mut cmd = faultctl.command();
+        cmd.args([
+            "inject",
+            "drop",
+            "--cgroup",
+            cgroup,
+            "--port",
+            &REDIS_PORT.to_string(),
+        ])
+        .args(["--ttl", ttl, "--keepalive"])
+        .stdout(Stdio::piped());
+        let what = describe(&cmd);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
+        Controller { child, what }
+    }
+
     /// Reads the first stdout line, waiting up to 10 s.
     fn first_line(&mut self) -> String {
         let stdout = self.child.stdout.take().expect("piped stdout");
@@ -121,30 +141,17 @@ fn hold_then_kill(inside: &Workload, controller: &mut Controller) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
 async fn faultctl_keepalive_holds_the_fault_until_faultctl_dies() {
-    let netns = NetNs::new();
-    let _redis = Redis::start(&netns);
-    let cgroup = Cgroup::new();
-    let faultd = Faultd::start().await;
+    let scene = RedisScene::start(fd_probe!()).await;
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        ..
+    } = &scene;
     let mut faults = faultd.faults();
-    let faultctl = Faultctl::new(&faultd);
-    let inside = Workload::inside(fd_probe!(), &cgroup, &netns);
+    let faultctl = Faultctl::new(faultd);
 
-    let mut cmd = faultctl.command();
-    cmd.args([
-        "inject",
-        "drop",
-        "--cgroup",
-        cgroup.path(),
-        "--port",
-        &REDIS_PORT.to_string(),
-    ])
-    .args(["--ttl", "1s", "--keepalive"])
-    .stdout(Stdio::piped());
-    let what = describe(&cmd);
-    let child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
-    let mut controller = Controller { child, what };
+    let mut controller = Controller::faultctl_keepalive(&faultctl, cgroup.path(), "1s");
     let line = controller.first_line();
     let held = list_faults(&mut faults).await;
     assert_eq!(
@@ -159,7 +166,7 @@ async fn faultctl_keepalive_holds_the_fault_until_faultctl_dies() {
         held[0].id
     );
 
-    let recovery_ms = hold_then_kill(&inside, &mut controller);
+    let recovery_ms = hold_then_kill(inside, &mut controller);
     eprintln!("MEASURE keepalive_kill_recovery_ms={recovery_ms:.1}");
     assert!(
         recovery_ms <= RECOVERY_BOUND_MS,
@@ -176,22 +183,17 @@ async fn faultctl_keepalive_holds_the_fault_until_faultctl_dies() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
 async fn keepalive_stream_holds_the_fault_until_its_holder_dies() {
-    let netns = NetNs::new();
-    let _redis = Redis::start(&netns);
-    let cgroup = Cgroup::new();
-    let faultd = Faultd::start().await;
+    let scene = RedisScene::start(fd_probe!()).await;
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        ..
+    } = &scene;
     let mut faults = faultd.faults();
     let mut leases = faultd.leases();
-    let inside = Workload::inside(fd_probe!(), &cgroup, &netns);
 
-    let lease = leases
-        .grant(GrantRequest {
-            ttl: Some(faultd::duration::to_proto(TTL)),
-            labels: Default::default(),
-        })
-        .await
-        .unwrap_or_else(|s| panic!("Grant ttl {TTL:?} failed: {s:?}"))
-        .into_inner();
+    let lease = grant(&mut leases, TTL).await;
     let mut cmd = std::process::Command::new(fd_keepalive!());
     cmd.arg("--socket")
         .arg(faultd.socket())
@@ -204,13 +206,13 @@ async fn keepalive_stream_holds_the_fault_until_its_holder_dies() {
     let mut controller = Controller { child, what };
     // The first answer proves the stream is up before the fault depends on it.
     controller.first_line();
-    let target = cgroup_target(&cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Both);
+    let target = cgroup_target(cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Both);
     faults
         .inject(under_lease(drop_fault(100.0, target), &lease.id))
         .await
         .unwrap_or_else(|s| panic!("Inject under lease {} failed: {s:?}", lease.id));
 
-    let recovery_ms = hold_then_kill(&inside, &mut controller);
+    let recovery_ms = hold_then_kill(inside, &mut controller);
     eprintln!("MEASURE keepalive_stream_kill_recovery_ms={recovery_ms:.1}");
     assert!(
         recovery_ms <= RECOVERY_BOUND_MS,
@@ -227,30 +229,17 @@ async fn keepalive_stream_holds_the_fault_until_its_holder_dies() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
 async fn sigterm_reverts_at_once_while_a_keepalive_is_open() {
-    let netns = NetNs::new();
-    let _redis = Redis::start(&netns);
-    let cgroup = Cgroup::new();
-    let mut faultd = Faultd::start().await;
-    let faultctl = Faultctl::new(&faultd);
-    let inside = Workload::inside(fd_probe!(), &cgroup, &netns);
+    let mut scene = RedisScene::start(fd_probe!()).await;
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        ..
+    } = &mut scene;
+    let faultctl = Faultctl::new(faultd);
 
     // A long ttl: if the revert waited for the lease, traffic would stay blocked for a minute.
-    let mut cmd = faultctl.command();
-    cmd.args([
-        "inject",
-        "drop",
-        "--cgroup",
-        cgroup.path(),
-        "--port",
-        &REDIS_PORT.to_string(),
-    ])
-    .args(["--ttl", "60s", "--keepalive"])
-    .stdout(Stdio::piped());
-    let what = describe(&cmd);
-    let child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
-    let mut controller = Controller { child, what };
+    let mut controller = Controller::faultctl_keepalive(&faultctl, cgroup.path(), "60s");
     controller.first_line();
     let blocked = inside.redis_ping();
     assert!(

@@ -2,12 +2,14 @@
 
 use std::time::Duration;
 
-use faultd_proto::v1::{Direction, GrantRequest, Protocol, TimeToLiveRequest};
-use faultd_tests::api::{cgroup_target, drop_fault, lease_deadline, list_faults, under_lease};
+use faultd_proto::v1::{Direction, Protocol, TimeToLiveRequest};
+use faultd_tests::api::{
+    cgroup_target, drop_fault, grant, lease_deadline, list_faults, under_lease,
+};
 use faultd_tests::process::unix_ns;
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::workload::timeline;
-use faultd_tests::{Cgroup, Faultd, NetNs, Redis, Workload, fd_probe};
+use faultd_tests::{RedisScene, fd_probe};
 
 const TTL: Duration = Duration::from_secs(2);
 const PROBE_INTERVAL: Duration = Duration::from_millis(5);
@@ -18,30 +20,20 @@ const RECOVERY_BOUND_MS: f64 = 100.0;
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
 async fn fault_ends_at_its_lease_deadline() {
-    let netns = NetNs::new();
-    let _redis = Redis::start(&netns);
-    let cgroup = Cgroup::new();
-    let faultd = Faultd::start().await;
+    let scene = RedisScene::start(fd_probe!()).await;
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        ..
+    } = &scene;
     let mut faults = faultd.faults();
     let mut leases = faultd.leases();
-    let inside = Workload::inside(fd_probe!(), &cgroup, &netns);
 
-    let lease = leases
-        .grant(GrantRequest {
-            ttl: Some(faultd::duration::to_proto(TTL)),
-            labels: Default::default(),
-        })
-        .await
-        .unwrap_or_else(|s| panic!("Grant ttl {TTL:?} failed: {s:?}"))
-        .into_inner();
+    let lease = grant(&mut leases, TTL).await;
     let deadline = lease_deadline(&lease);
     // Protocol TCP, direction unspecified (both): the default a user gets.
-    let target = cgroup_target(
-        &cgroup,
-        &[REDIS_PORT],
-        Protocol::Tcp,
-        Direction::Unspecified,
-    );
+    let target = cgroup_target(cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Unspecified);
     let fault = faults
         .inject(under_lease(drop_fault(100.0, target), &lease.id))
         .await

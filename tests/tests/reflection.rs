@@ -151,13 +151,15 @@ fn reflect_call(faultd: &Faultd, args: &[&str]) -> (bool, String) {
 #[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
 async fn a_client_without_the_proto_injects_a_fault_by_json() {
     use faultd_tests::servers::REDIS_PORT;
-    use faultd_tests::{Cgroup, NetNs, Redis, Workload, fd_probe};
+    use faultd_tests::{RedisScene, fd_probe};
 
-    let netns = NetNs::new();
-    let _redis = Redis::start(&netns);
-    let cgroup = Cgroup::new();
-    let faultd = Faultd::start().await;
-    let inside = Workload::inside(fd_probe!(), &cgroup, &netns);
+    let scene = RedisScene::start(fd_probe!()).await;
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        ..
+    } = &scene;
 
     let call = |args: &[&str]| {
         let faultd = &faultd;
