@@ -117,3 +117,72 @@ fn contains_string(value: &serde_json::Value, needle: &str) -> bool {
         _ => false,
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn faultctl_targets_a_process_by_pid() {
+    let scene = RedisScene::start(fd_probe!()).await;
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        ..
+    } = &scene;
+    let faultctl = Faultctl::new(faultd);
+    // A long-running process of the workload: the user knows its pid, not its cgroup.
+    let mut cmd = inside.command("sleep");
+    cmd.arg("60");
+    let workload = faultd_tests::process::ChildGuard::spawn("sleep in the workload", &mut cmd);
+    let pid = workload.id().to_string();
+    // fd-probe joins the cgroup before it execs: wait until the kernel shows it there.
+    let procs = cgroup.dir().join("cgroup.procs");
+    let joined = faultd_tests::process::blocking(|| {
+        (0..200).any(|_| {
+            let found = std::fs::read_to_string(&procs).is_ok_and(|p| p.lines().any(|l| l == pid));
+            if !found {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            found
+        })
+    });
+    assert!(
+        joined,
+        "the workload process {pid} never showed up in {}",
+        procs.display()
+    );
+
+    let port = REDIS_PORT.to_string();
+    let inject = faultctl.run(&[
+        "--output", "json", "inject", "drop", "--pid", &pid, "--port", &port, "--ttl", "30s",
+    ]);
+    inject.assert_success();
+    let fault: serde_json::Value = serde_json::from_str(&inject.stdout())
+        .unwrap_or_else(|e| panic!("`{}` printed no JSON: {e}", inject.command));
+    assert_eq!(
+        fault["resolved"]["cgroupPath"],
+        cgroup.path(),
+        "--pid {pid} should resolve to the process's cgroup: {fault}"
+    );
+    let blocked = inside.redis_ping();
+    assert!(
+        !blocked.answered(),
+        "a drop on the cgroup of pid {pid} did not block redis-cli in that cgroup: {blocked}"
+    );
+    let unknown = faultctl.run(&[
+        "inject",
+        "drop",
+        "--pid",
+        "999999999",
+        "--port",
+        &port,
+        "--ttl",
+        "30s",
+    ]);
+    assert!(!unknown.success(), "a pid that does not exist was accepted");
+    assert!(
+        unknown.stderr().contains("fault.target.pid.pid")
+            && unknown.stderr().contains("INVALID_ARGUMENT"),
+        "an unknown pid should be INVALID_ARGUMENT naming fault.target.pid.pid, got {}",
+        unknown.stderr()
+    );
+}
