@@ -7,47 +7,16 @@ use std::time::Duration;
 use crate::process::{poll, signal};
 use crate::uniq::uniq;
 
-/// Where cgroup2 is mounted (on a hybrid layout `/sys/fs/cgroup/unified`), from
-/// /proc/self/mountinfo.
+/// Where cgroup2 is mounted (on a hybrid layout `/sys/fs/cgroup/unified`), found the way
+/// faultd finds it.
 pub fn cgroup2_root() -> &'static Path {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
     ROOT.get_or_init(|| {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_else(|e| panic!("reading /proc/self/mountinfo: {e}"));
-        parse_cgroup2_mount(&mountinfo).unwrap_or_else(|| {
-            panic!("no cgroup2 file system is mounted: faultd and these tests need cgroup v2")
-        })
+        faultd::target::CgroupRoot::detect()
+            .unwrap_or_else(|e| panic!("{e}: faultd and these tests need cgroup v2"))
+            .path()
+            .to_path_buf()
     })
-}
-
-fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let (mount, fs) = line.split_once(" - ")?;
-        if fs.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        Some(PathBuf::from(unescape(mount.split_whitespace().nth(4)?)))
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as \ooo.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() {
-            let digits = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
-            if let Ok(v) = u8::from_str_radix(digits, 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A cgroup `faultd-test-<uniq>` directly below the cgroup v2 root.
@@ -131,27 +100,5 @@ impl Drop for Cgroup {
         if removed.is_none() {
             eprintln!("warning: could not remove cgroup {}", self.dir.display());
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_cgroup2_in_hybrid_layout() {
-        let mountinfo = "30 24 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
-            41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
-            42 31 0:39 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
-        assert_eq!(
-            parse_cgroup2_mount(mountinfo),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-    }
-
-    #[test]
-    fn unescapes_octal() {
-        assert_eq!(unescape(r"/mnt/a\040b"), "/mnt/a b");
-        assert_eq!(unescape("/plain"), "/plain");
     }
 }

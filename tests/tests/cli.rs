@@ -133,23 +133,17 @@ async fn faultctl_targets_a_process_by_pid() {
     let mut cmd = inside.command("sleep");
     cmd.arg("60");
     let workload = faultd_tests::process::ChildGuard::spawn("sleep in the workload", &mut cmd);
-    let pid = workload.id().to_string();
     // fd-probe joins the cgroup before it execs: wait until the kernel shows it there.
-    let procs = cgroup.dir().join("cgroup.procs");
-    let joined = faultd_tests::process::blocking(|| {
-        (0..200).any(|_| {
-            let found = std::fs::read_to_string(&procs).is_ok_and(|p| p.lines().any(|l| l == pid));
-            if !found {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            found
-        })
+    let joined = faultd_tests::process::poll(std::time::Duration::from_secs(2), || {
+        cgroup.procs().contains(&workload.id()).then_some(())
     });
     assert!(
-        joined,
-        "the workload process {pid} never showed up in {}",
-        procs.display()
+        joined.is_some(),
+        "the workload process {} never showed up in cgroup {}",
+        workload.id(),
+        cgroup.path()
     );
+    let pid = workload.id().to_string();
 
     let port = REDIS_PORT.to_string();
     let inject = faultctl.run(&[

@@ -74,12 +74,12 @@ pub struct RuleValue {
     pub action: u32,
 }
 
-/// Presence of a scope in the rules map; `rules` counts its entries (user space bookkeeping).
+/// Marks a cgroup that has rules; the programs only test for presence. User space counts the
+/// rules of each scope itself.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ScopeValue {
-    pub rules: u32,
-    pub _pad: u32,
+    pub _reserved: u64,
 }
 
 /// Per-fault packet counters, one copy per CPU.

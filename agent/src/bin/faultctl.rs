@@ -856,13 +856,11 @@ fn fault_summary(fault: &Fault) -> String {
     format!("{} {target}", action_text(fault.action.as_ref()))
 }
 
-/// Rounded to the millisecond first, so 29.9999s reads "30s" rather than "30.000s".
+/// e.g. "30s" or "2.925s" (`duration::format` rounds to the millisecond).
 fn remaining_text(remaining: Option<&prost_types::Duration>) -> String {
-    let rounded =
-        |d: Duration| Duration::from_millis(((d.as_nanos() + 500_000) / 1_000_000) as u64);
     remaining
         .and_then(duration::from_proto)
-        .map(|d| duration::format(rounded(d)))
+        .map(duration::format)
         .unwrap_or_else(|| "-".into())
 }
 

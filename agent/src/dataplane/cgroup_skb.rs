@@ -28,6 +28,10 @@ pub struct CgroupSkbDataplane {
     _ebpf: Ebpf,
 }
 
+/// `BPF_EXIST` (uapi linux/bpf.h): update an entry only if it exists, so a refresh racing a
+/// removal cannot bring the entry back.
+const BPF_EXIST: u64 = 2;
+
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
     move |e| DataplaneError::Map {
         map,
@@ -105,7 +109,7 @@ impl CgroupSkbDataplane {
         } else {
             self.scope_rules.insert(scope, after as u32);
             if before == 0 {
-                let value = ScopeValue { rules: 1, _pad: 0 };
+                let value = ScopeValue::default();
                 self.scopes
                     .insert(scope, value, 0)
                     .map_err(map_err(SCOPES_MAP))?;
@@ -113,48 +117,44 @@ impl CgroupSkbDataplane {
         }
         Ok(())
     }
-
-    fn try_upsert(
-        &mut self,
-        rules: &[(RuleKey, RuleValue)],
-        added: &mut Vec<RuleKey>,
-        overwritten: &mut Vec<(RuleKey, RuleValue)>,
-    ) -> Result<(), DataplaneError> {
-        for (key, value) in rules {
-            match self.rules.get(key, 0) {
-                Ok(old) => overwritten.push((*key, old)),
-                Err(aya::maps::MapError::KeyNotFound) => {
-                    // The scope entry goes in first so the program never misses a new rule.
-                    self.count_scope(key.scope_id, 1)?;
-                    added.push(*key);
-                }
-                Err(e) => return Err(map_err(RULES_MAP)(e)),
-            }
-            self.rules
-                .insert(key, value, 0)
-                .map_err(map_err(RULES_MAP))?;
-        }
-        Ok(())
-    }
 }
 
 impl Dataplane for CgroupSkbDataplane {
-    fn upsert(&mut self, rules: &[(RuleKey, RuleValue)]) -> Result<(), DataplaneError> {
-        let mut added = Vec::new();
-        let mut overwritten = Vec::new();
-        let result = self.try_upsert(rules, &mut added, &mut overwritten);
-        if result.is_err() {
-            // Roll back; the first error is the one worth reporting.
-            if let Err(e) = self.remove(&added) {
-                tracing::warn!(error = %e, "rolling back a failed rule insert");
-            }
-            for (key, value) in overwritten {
-                if let Err(e) = self.rules.insert(key, value, 0) {
-                    tracing::warn!(error = %e, "restoring a rule after a failed insert");
+    fn insert(&mut self, rules: &[(RuleKey, RuleValue)]) -> Result<(), DataplaneError> {
+        let mut added = Vec::with_capacity(rules.len());
+        let mut result = Ok(());
+        for (key, value) in rules {
+            // The scope entry goes in first so the program never misses a new rule.
+            result = self
+                .count_scope(key.scope_id, 1)
+                .and_then(|()| self.rules.insert(key, value, 0).map_err(map_err(RULES_MAP)));
+            match result {
+                Ok(()) => added.push(*key),
+                Err(_) => {
+                    // Undo this key's scope count; `remove` undoes the earlier keys'.
+                    if let Err(e) = self.count_scope(key.scope_id, -1) {
+                        tracing::warn!(error = %e, "rolling back a failed rule insert");
+                    }
+                    break;
                 }
             }
         }
+        if result.is_err()
+            && let Err(e) = self.remove(&added)
+        {
+            // The first error is the one worth reporting.
+            tracing::warn!(error = %e, "rolling back a failed rule insert");
+        }
         result
+    }
+
+    fn refresh(&mut self, rules: &[(RuleKey, RuleValue)]) -> Result<(), DataplaneError> {
+        for (key, value) in rules {
+            self.rules
+                .insert(key, value, BPF_EXIST)
+                .map_err(map_err(RULES_MAP))?;
+        }
+        Ok(())
     }
 
     fn remove(&mut self, keys: &[RuleKey]) -> Result<(), DataplaneError> {

@@ -11,8 +11,8 @@ use super::{Dataplane, DataplaneError};
 pub struct FakeState {
     pub rules: HashMap<RuleKey, RuleValue>,
     pub counters: HashMap<u32, Counters>,
-    /// Fail the next upsert after this many entries were written.
-    pub fail_upsert_after: Option<usize>,
+    /// Fail the next insert after this many entries were written.
+    pub fail_insert_after: Option<usize>,
 }
 
 /// Clones share one state, so a test keeps a handle while the engine owns the other.
@@ -34,12 +34,12 @@ impl FakeDataplane {
 }
 
 impl Dataplane for FakeDataplane {
-    fn upsert(&mut self, rules: &[(RuleKey, RuleValue)]) -> Result<(), DataplaneError> {
+    fn insert(&mut self, rules: &[(RuleKey, RuleValue)]) -> Result<(), DataplaneError> {
         let mut state = self.lock();
         let before = state.rules.clone();
         for (i, (key, value)) in rules.iter().enumerate() {
-            if state.fail_upsert_after == Some(i) {
-                state.fail_upsert_after = None;
+            if state.fail_insert_after == Some(i) {
+                state.fail_insert_after = None;
                 state.rules = before;
                 return Err(DataplaneError::Map {
                     map: "fake",
@@ -47,6 +47,16 @@ impl Dataplane for FakeDataplane {
                 });
             }
             state.rules.insert(*key, *value);
+        }
+        Ok(())
+    }
+
+    fn refresh(&mut self, rules: &[(RuleKey, RuleValue)]) -> Result<(), DataplaneError> {
+        let mut state = self.lock();
+        for (key, value) in rules {
+            if let Some(held) = state.rules.get_mut(key) {
+                *held = *value;
+            }
         }
         Ok(())
     }

@@ -26,9 +26,12 @@ pub enum DataplaneError {
 
 /// A datapath keyed by `RuleKey`.
 pub trait Dataplane: Send {
-    /// Inserts new entries or overwrites existing ones. All or nothing: on error, the entries
-    /// that this call added are taken out again and the ones it overwrote keep their value.
-    fn upsert(&mut self, rules: &[(RuleKey, RuleValue)]) -> Result<(), DataplaneError>;
+    /// Adds entries whose keys it does not hold yet (the engine checks that). All or nothing:
+    /// on error, the entries this call added are taken out again.
+    fn insert(&mut self, rules: &[(RuleKey, RuleValue)]) -> Result<(), DataplaneError>;
+    /// Overwrites the values of entries it holds (a renewed deadline). On error some entries
+    /// keep their old, earlier deadline: the fault can only end sooner, never outlive a lease.
+    fn refresh(&mut self, rules: &[(RuleKey, RuleValue)]) -> Result<(), DataplaneError>;
     /// Removes entries; missing ones are ignored. Keeps going on error and reports the first.
     fn remove(&mut self, keys: &[RuleKey]) -> Result<(), DataplaneError>;
     /// The counters of a slot, summed over CPUs.

@@ -94,7 +94,6 @@ pub enum RevertReason {
 }
 
 struct FaultRecord {
-    id: FaultId,
     lease_id: LeaseId,
     spec: FaultSpec,
     resolved: ResolvedScope,
@@ -193,7 +192,7 @@ impl Engine {
                 rules.extend(fault.keys.iter().map(|k| (*k, value)));
             }
         }
-        state.dataplane.upsert(&rules)?;
+        state.dataplane.refresh(&rules)?;
         self.deadline_changed.notify_one();
         state.lease_view(id)
     }
@@ -268,7 +267,7 @@ impl Engine {
         let applied = state
             .dataplane
             .reset_counters(slot)
-            .and_then(|()| state.dataplane.upsert(&rules));
+            .and_then(|()| state.dataplane.insert(&rules));
         if let Err(e) = applied {
             state.free_slots.push(slot);
             if private {
@@ -288,7 +287,6 @@ impl Engine {
         state.faults.insert(
             id.clone(),
             FaultRecord {
-                id: id.clone(),
                 lease_id,
                 spec,
                 resolved,
@@ -418,7 +416,7 @@ impl State {
         if let Some(lease) = self.leases.get_mut(&fault.lease_id) {
             lease.faults.retain(|f| f != id);
         }
-        tracing::info!(fault = %fault.id, ?reason, "fault reverted");
+        tracing::info!(fault = %id, ?reason, "fault reverted");
     }
 
     fn fault_view(&self, id: &str, state: FaultState) -> Result<FaultView, Error> {
@@ -429,7 +427,7 @@ impl State {
             .ok_or_else(|| not_found("lease", &fault.lease_id))?;
         let (expires_at, remaining) = wall_clock(lease.deadline);
         Ok(FaultView {
-            id: fault.id.clone(),
+            id: id.to_string(),
             lease_id: fault.lease_id.clone(),
             spec: fault.spec.clone(),
             resolved: fault.resolved.clone(),

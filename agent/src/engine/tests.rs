@@ -223,7 +223,7 @@ async fn overlapping_faults_are_refused() {
 #[tokio::test(start_paused = true)]
 async fn a_dataplane_failure_rolls_everything_back() {
     let (engine, fake) = engine();
-    fake.state.lock().unwrap().fail_upsert_after = Some(0);
+    fake.state.lock().unwrap().fail_insert_after = Some(0);
     let result = engine.inject(
         LeaseRef::Ttl(Duration::from_secs(5)),
         drop_spec(100.0, "/app", 6379),

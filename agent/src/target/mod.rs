@@ -130,9 +130,29 @@ fn cgroup2_mount_point(line: &str) -> Option<PathBuf> {
     if after.split_whitespace().next()? != "cgroup2" {
         return None;
     }
-    let mount_point = before.split_whitespace().nth(4)?;
-    // mountinfo escapes spaces and the like as octal.
-    Some(PathBuf::from(mount_point.replace("\\040", " ")))
+    Some(PathBuf::from(unescape(before.split_whitespace().nth(4)?)))
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(value) = bytes
+                .get(i + 1..i + 4)
+                .and_then(|digits| std::str::from_utf8(digits).ok())
+                .and_then(|digits| u8::from_str_radix(digits, 8).ok())
+        {
+            out.push(value);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -148,6 +168,13 @@ mod tests {
         );
         let v1 = "36 25 0:31 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu";
         assert_eq!(cgroup2_mount_point(v1), None);
+    }
+
+    #[test]
+    fn unescapes_octal() {
+        assert_eq!(unescape(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(unescape(r"/mnt/back\134slash"), r"/mnt/back\slash");
+        assert_eq!(unescape("/plain"), "/plain");
     }
 
     #[test]
