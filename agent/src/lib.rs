@@ -5,14 +5,19 @@
 //! (scope resolution), `api` (gRPC: conversion and status mapping only), `caps` (kernel probe).
 
 pub mod api;
+pub mod audit;
 pub mod caps;
 pub mod client;
 pub mod config;
 pub mod dataplane;
 pub mod duration;
 pub mod engine;
+pub mod events;
 pub mod fault;
+pub mod http;
 pub mod lease;
+pub mod metrics;
+pub mod policy;
 pub mod target;
 
 /// The eBPF object built by build.rs (empty when built without the eBPF toolchain).

@@ -41,9 +41,7 @@ async fn server(name: &str) -> Server {
     let engine = Engine::new(
         Box::new(fake.clone()),
         Box::new(root.clone()),
-        EngineConfig {
-            max_ttl: Duration::from_secs(3600),
-        },
+        EngineConfig::default(),
     );
     let caps = Arc::new(Capabilities::probe(root.path(), Ok("fake")));
     let socket = dir.join("faultd.sock");
@@ -79,6 +77,7 @@ fn drop_request(ttl: &str, percent: f64, path: &str) -> pb::InjectRequest {
             }),
             ..Default::default()
         }),
+        dry_run: false,
     }
 }
 

@@ -64,6 +64,7 @@ pub fn with_ttl(fault: Fault, ttl: Duration) -> InjectRequest {
     InjectRequest {
         lease: Some(InjectLease::Ttl(faultd::duration::to_proto(ttl))),
         fault: Some(fault),
+        dry_run: false,
     }
 }
 
@@ -72,6 +73,7 @@ pub fn under_lease(fault: Fault, lease_id: &str) -> InjectRequest {
     InjectRequest {
         lease: Some(InjectLease::LeaseId(lease_id.to_owned())),
         fault: Some(fault),
+        dry_run: false,
     }
 }
 

@@ -5,7 +5,8 @@ use std::time::{Duration, SystemTime};
 use faultd_proto::v1 as pb;
 
 use crate::duration;
-use crate::engine::{FaultState, FaultView, LeaseRef, LeaseView};
+use crate::engine::{FaultState, FaultView, LeaseRef, LeaseView, RevertReason};
+use crate::events::{EventKind, FaultEvent};
 use crate::fault::{
     Action, Direction, FaultSpec, Invalid, Labels, PortRange, Protocol, Scope, Target,
 };
@@ -141,6 +142,7 @@ pub fn fault(view: FaultView) -> pb::Fault {
     let state = match view.state {
         FaultState::Active => pb::FaultState::Active,
         FaultState::Reverted => pb::FaultState::Reverted,
+        FaultState::DryRun => pb::FaultState::DryRun,
     };
     pb::Fault {
         id: view.id,
@@ -166,6 +168,36 @@ pub fn fault(view: FaultView) -> pb::Fault {
             cgroup_id: view.resolved.cgroup_id,
             rules: view.rules as u32,
         }),
+    }
+}
+
+pub fn revert_reason(reason: RevertReason) -> pb::RevertReason {
+    match reason {
+        RevertReason::Expired => pb::RevertReason::Expired,
+        RevertReason::Removed => pb::RevertReason::Removed,
+        RevertReason::Revoked => pb::RevertReason::Revoked,
+        RevertReason::Aborted => pb::RevertReason::Aborted,
+        RevertReason::Shutdown => pb::RevertReason::Shutdown,
+    }
+}
+
+pub fn event(event: &FaultEvent) -> pb::FaultEvent {
+    let kind = match &event.kind {
+        EventKind::Applied => pb::fault_event::Kind::Applied(pb::FaultApplied {}),
+        EventKind::Reverted { reason, detail } => {
+            pb::fault_event::Kind::Reverted(pb::FaultReverted {
+                reason: revert_reason(*reason).into(),
+                detail: detail.clone(),
+            })
+        }
+        EventKind::Failed { message } => pb::fault_event::Kind::Failed(pb::FaultFailed {
+            message: message.clone(),
+        }),
+    };
+    pb::FaultEvent {
+        time: Some(timestamp(event.time)),
+        fault: Some(fault(event.fault.clone())),
+        kind: Some(kind),
     }
 }
 

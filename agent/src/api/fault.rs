@@ -4,21 +4,48 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use faultd_proto::v1 as pb;
+use serde_json::{Value, json};
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use super::convert;
+use super::{Calls, convert, peer};
 use crate::caps::Capabilities;
 use crate::engine::Engine;
 use crate::fault::Invalid;
 
+const SERVICE: &str = "faultd.v1.FaultService";
+
 pub struct FaultApi {
     engine: Arc<Engine>,
     caps: Arc<Capabilities>,
+    /// Turns true when faultd stops: open Watch streams end then.
+    shutdown: watch::Receiver<bool>,
+    calls: Calls,
 }
 
 impl FaultApi {
-    pub fn new(engine: Arc<Engine>, caps: Arc<Capabilities>) -> Self {
-        Self { engine, caps }
+    pub fn new(
+        engine: Arc<Engine>,
+        caps: Arc<Capabilities>,
+        shutdown: watch::Receiver<bool>,
+        calls: Calls,
+    ) -> Self {
+        Self {
+            engine,
+            caps,
+            shutdown,
+            calls,
+        }
+    }
+
+    fn inject(&self, request: pb::InjectRequest) -> Result<pb::Fault, Status> {
+        let lease = convert::lease_ref(request.lease.as_ref())?;
+        let spec = convert::fault_spec(request.fault)?;
+        let view = match request.dry_run {
+            true => self.engine.dry_run(lease, spec)?,
+            false => self.engine.inject(lease, spec)?,
+        };
+        Ok(convert::fault(view))
     }
 }
 
@@ -29,34 +56,68 @@ fn fault_id(id: &str) -> Result<&str, Status> {
     Ok(id)
 }
 
+/// What an Inject asked for, for the audit log: the domain's reading of it when it converts,
+/// else the request as it came.
+fn inject_json(request: &pb::InjectRequest) -> Value {
+    let lease = match &request.lease {
+        Some(pb::inject_request::Lease::LeaseId(id)) => json!({ "leaseId": id }),
+        Some(pb::inject_request::Lease::Ttl(ttl)) => json!({ "ttl": ttl.to_string() }),
+        None => Value::Null,
+    };
+    let fault = match convert::fault_spec(request.fault.clone()) {
+        Ok(spec) => json!({
+            "action": format!("{:?}", spec.action),
+            "target": spec.target.summary(),
+            "labels": spec.labels,
+        }),
+        Err(_) => json!({ "unconverted": format!("{:?}", request.fault) }),
+    };
+    json!({ "lease": lease, "dryRun": request.dry_run, "fault": fault })
+}
+
+fn fault_json(fault: &pb::Fault) -> Value {
+    json!({ "faultId": fault.id, "leaseId": fault.lease_id, "state": fault.state().as_str_name() })
+}
+
 #[tonic::async_trait]
 impl pb::fault_service_server::FaultService for FaultApi {
     async fn inject(
         &self,
         request: Request<pb::InjectRequest>,
     ) -> Result<Response<pb::Fault>, Status> {
+        let peer = peer::of(&request);
         let request = request.into_inner();
-        let lease = convert::lease_ref(request.lease.as_ref())?;
-        let spec = convert::fault_spec(request.fault)?;
-        Ok(Response::new(convert::fault(
-            self.engine.inject(lease, spec)?,
-        )))
+        let what = inject_json(&request);
+        let result = self.inject(request);
+        self.calls
+            .mutating(SERVICE, "Inject", &peer, what, &result, fault_json);
+        result.map(Response::new)
     }
 
     async fn remove(
         &self,
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::Fault>, Status> {
-        let id = fault_id(&request.get_ref().id)?;
-        Ok(Response::new(convert::fault(self.engine.remove(id)?)))
+        let peer = peer::of(&request);
+        let id = &request.get_ref().id;
+        let result = fault_id(id)
+            .and_then(|id| self.engine.remove(id).map_err(Status::from))
+            .map(convert::fault);
+        let what = json!({ "id": id });
+        self.calls
+            .mutating(SERVICE, "Remove", &peer, what, &result, fault_json);
+        result.map(Response::new)
     }
 
     async fn get(
         &self,
         request: Request<pb::GetFaultRequest>,
     ) -> Result<Response<pb::Fault>, Status> {
-        let id = fault_id(&request.get_ref().id)?;
-        Ok(Response::new(convert::fault(self.engine.get(id)?)))
+        let result = fault_id(&request.get_ref().id)
+            .and_then(|id| self.engine.get(id).map_err(Status::from))
+            .map(convert::fault);
+        self.calls.read(SERVICE, "Get", &result);
+        result.map(Response::new)
     }
 
     async fn list(
@@ -69,31 +130,58 @@ impl pb::fault_service_server::FaultService for FaultApi {
             .into_iter()
             .map(convert::fault)
             .collect();
-        Ok(Response::new(pb::ListFaultsResponse { faults }))
+        let result = Ok(pb::ListFaultsResponse { faults });
+        self.calls.read(SERVICE, "List", &result);
+        result.map(Response::new)
     }
 
     async fn abort(
         &self,
-        _: Request<pb::AbortRequest>,
+        request: Request<pb::AbortRequest>,
     ) -> Result<Response<pb::AbortResponse>, Status> {
+        let peer = peer::of(&request);
         let started = Instant::now();
         let (faults, leases) = self.engine.abort();
+        let took = started.elapsed();
         tracing::warn!(
             faults = faults.len(),
             leases = leases.len(),
+            took_us = took.as_micros() as u64,
             "abort: everything reverted"
         );
-        Ok(Response::new(pb::AbortResponse {
+        let result = Ok(pb::AbortResponse {
             reverted_fault_ids: faults,
             revoked_lease_ids: leases,
-            took: Some(crate::duration::to_proto(started.elapsed())),
-        }))
+            took: Some(crate::duration::to_proto(took)),
+        });
+        self.calls
+            .mutating(SERVICE, "Abort", &peer, json!({}), &result, |abort| {
+                json!({
+                    "revertedFaultIds": abort.reverted_fault_ids,
+                    "revokedLeaseIds": abort.revoked_lease_ids,
+                    "took": crate::duration::format(took),
+                })
+            });
+        result.map(Response::new)
     }
 
     async fn capabilities(
         &self,
         _: Request<pb::CapabilitiesRequest>,
     ) -> Result<Response<pb::CapabilitiesResponse>, Status> {
-        Ok(Response::new(self.caps.to_proto()))
+        let result = Ok(self.caps.to_proto());
+        self.calls.read(SERVICE, "Capabilities", &result);
+        result.map(Response::new)
+    }
+
+    type WatchStream = super::events::EventStream;
+
+    async fn watch(
+        &self,
+        _: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let result = Ok(super::events::stream(&self.engine, self.shutdown.clone()));
+        self.calls.read(SERVICE, "Watch", &result);
+        result.map(Response::new)
     }
 }

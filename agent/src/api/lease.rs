@@ -1,29 +1,42 @@
 //! faultd.v1.LeaseService.
 
+use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use faultd_proto::v1 as pb;
+use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
-use super::convert;
+use super::{Calls, convert, peer};
 use crate::engine::Engine;
+
+const SERVICE: &str = "faultd.v1.LeaseService";
 
 pub struct LeaseApi {
     engine: Arc<Engine>,
     /// Turns true when faultd stops: open KeepAlive streams end then.
     shutdown: watch::Receiver<bool>,
+    calls: Calls,
 }
 
 impl LeaseApi {
-    pub fn new(engine: Arc<Engine>, shutdown: watch::Receiver<bool>) -> Self {
-        Self { engine, shutdown }
+    pub fn new(engine: Arc<Engine>, shutdown: watch::Receiver<bool>, calls: Calls) -> Self {
+        Self {
+            engine,
+            shutdown,
+            calls,
+        }
     }
 }
 
 type LeaseStream = Pin<Box<dyn Stream<Item = Result<pb::Lease, Status>> + Send>>;
+
+fn lease_json(lease: &pb::Lease) -> Value {
+    json!({ "leaseId": lease.id, "ttl": lease.ttl.map(|t| t.to_string()) })
+}
 
 #[tonic::async_trait]
 impl pb::lease_service_server::LeaseService for LeaseApi {
@@ -31,12 +44,22 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
         &self,
         request: Request<pb::GrantRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
+        let peer = peer::of(&request);
         let request = request.into_inner();
-        let ttl = convert::ttl(request.ttl.as_ref(), "ttl")?;
-        let lease = self
-            .engine
-            .grant(ttl, request.labels.into_iter().collect())?;
-        Ok(Response::new(convert::lease(lease)))
+        let what = json!({
+            "ttl": request.ttl.map(|t| t.to_string()),
+            "labels": request.labels,
+        });
+        let result = convert::ttl(request.ttl.as_ref(), "ttl")
+            .map_err(Status::from)
+            .and_then(|ttl| {
+                let labels = request.labels.into_iter().collect();
+                self.engine.grant(ttl, labels).map_err(Status::from)
+            })
+            .map(convert::lease);
+        self.calls
+            .mutating(SERVICE, "Grant", &peer, what, &result, lease_json);
+        result.map(Response::new)
     }
 
     type KeepAliveStream = LeaseStream;
@@ -45,22 +68,33 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
         &self,
         request: Request<Streaming<pb::KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let peer = peer::of(&request);
         let mut inbound = request.into_inner();
         let engine = self.engine.clone();
+        let calls = self.calls.clone();
         let (tx, rx) = mpsc::channel(16);
         let shutdown = super::stopped(self.shutdown.clone());
         tokio::spawn(async move {
             tokio::pin!(shutdown);
+            // One audit line per stream, when it ends: which leases it renewed, how often.
+            let mut renewed = BTreeSet::new();
+            let mut renewals = 0u64;
+            let mut ended: Result<(), Status> = Ok(());
             // Ends when the client closes its side or goes away, on the first failed renewal,
             // or when faultd stops.
             loop {
                 let message = tokio::select! {
                     message = inbound.next() => match message {
                         Some(Ok(message)) => message,
-                        _ => break,
+                        Some(Err(status)) => {
+                            ended = Err(status);
+                            break;
+                        }
+                        None => break,
                     },
                     () = &mut shutdown => {
                         let status = Status::unavailable("faultd is stopping; every fault was reverted");
+                        ended = Err(status.clone());
                         let _client_gone = tx.send(Err(status)).await;
                         break;
                     }
@@ -69,11 +103,25 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
                     .map_err(Status::from)
                     .and_then(|id| engine.renew(&id).map_err(Status::from))
                     .map(convert::lease);
+                match &reply {
+                    Ok(lease) => {
+                        renewals += 1;
+                        renewed.insert(lease.id.clone());
+                    }
+                    Err(status) => ended = Err(status.clone()),
+                }
                 let failed = reply.is_err();
                 if tx.send(reply).await.is_err() || failed {
                     break;
                 }
             }
+            let what = json!({ "leaseIds": renewed, "renewals": renewals });
+            let result = match ended {
+                // A client that goes away mid-stream is the normal end of a keep-alive.
+                Err(status) if status.code() == Code::Cancelled => Ok(()),
+                other => other,
+            };
+            calls.mutating(SERVICE, "KeepAlive", &peer, what, &result, |()| Value::Null);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -82,30 +130,53 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
         &self,
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let id = convert::lease_id(&request.get_ref().lease_id, "lease_id")?;
-        Ok(Response::new(convert::lease(self.engine.renew(&id)?)))
+        let peer = peer::of(&request);
+        let id = &request.get_ref().lease_id;
+        let result = convert::lease_id(id, "lease_id")
+            .map_err(Status::from)
+            .and_then(|id| self.engine.renew(&id).map_err(Status::from))
+            .map(convert::lease);
+        let what = json!({ "leaseId": id });
+        self.calls
+            .mutating(SERVICE, "Renew", &peer, what, &result, lease_json);
+        result.map(Response::new)
     }
 
     async fn revoke(
         &self,
         request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
-        let id = convert::lease_id(&request.get_ref().lease_id, "lease_id")?;
-        let (lease, reverted) = self.engine.revoke(&id)?;
-        Ok(Response::new(pb::RevokeResponse {
-            lease: Some(convert::lease(lease)),
-            reverted_fault_ids: reverted,
-        }))
+        let peer = peer::of(&request);
+        let id = &request.get_ref().lease_id;
+        let result = convert::lease_id(id, "lease_id")
+            .map_err(Status::from)
+            .and_then(|id| self.engine.revoke(&id).map_err(Status::from))
+            .map(|(lease, reverted)| pb::RevokeResponse {
+                lease: Some(convert::lease(lease)),
+                reverted_fault_ids: reverted,
+            });
+        let what = json!({ "leaseId": id });
+        self.calls.mutating(
+            SERVICE,
+            "Revoke",
+            &peer,
+            what,
+            &result,
+            |revoked| json!({ "revertedFaultIds": revoked.reverted_fault_ids }),
+        );
+        result.map(Response::new)
     }
 
     async fn time_to_live(
         &self,
         request: Request<pb::TimeToLiveRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let id = convert::lease_id(&request.get_ref().lease_id, "lease_id")?;
-        Ok(Response::new(convert::lease(
-            self.engine.time_to_live(&id)?,
-        )))
+        let result = convert::lease_id(&request.get_ref().lease_id, "lease_id")
+            .map_err(Status::from)
+            .and_then(|id| self.engine.time_to_live(&id).map_err(Status::from))
+            .map(convert::lease);
+        self.calls.read(SERVICE, "TimeToLive", &result);
+        result.map(Response::new)
     }
 
     async fn list(
@@ -118,6 +189,8 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
             .into_iter()
             .map(convert::lease)
             .collect();
-        Ok(Response::new(pb::ListLeasesResponse { leases }))
+        let result = Ok(pb::ListLeasesResponse { leases });
+        self.calls.read(SERVICE, "List", &result);
+        result.map(Response::new)
     }
 }

@@ -1,7 +1,8 @@
 //! `faultctl`, the command-line client of faultd: it turns flags into `faultd.v1` requests over
-//! the agent's unix socket and prints the answers for people (`--output text`) or scripts
-//! (`--output json`, proto3 JSON field names). It holds no state of its own except, with
-//! `--keepalive`, the lease it keeps alive until Ctrl-C or SIGTERM.
+//! the agent's unix socket (or its mTLS TCP listener, `--server tcp://...`) and prints the
+//! answers for people (`--output text`) or scripts (`--output json`, proto3 JSON field names).
+//! It holds no state of its own except, with `--keepalive`, the lease it keeps alive until
+//! Ctrl-C or SIGTERM.
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -18,10 +19,10 @@ use faultd::{client, duration};
 use faultd_proto::v1::fault_service_client::FaultServiceClient;
 use faultd_proto::v1::lease_service_client::LeaseServiceClient;
 use faultd_proto::v1::{
-    self as pb, AbortRequest, CapabilitiesRequest, CapabilitiesResponse, Fault, FaultState,
-    GetFaultRequest, GrantRequest, InjectRequest, KeepAliveRequest, Lease, ListFaultsRequest,
-    ListLeasesRequest, PortRange, RemoveRequest, RenewRequest, RevokeRequest, Target,
-    TimeToLiveRequest, fault, inject_request, target,
+    self as pb, AbortRequest, CapabilitiesRequest, CapabilitiesResponse, Fault, FaultEvent,
+    FaultState, GetFaultRequest, GrantRequest, InjectRequest, KeepAliveRequest, Lease,
+    ListFaultsRequest, ListLeasesRequest, PortRange, RemoveRequest, RenewRequest, RevokeRequest,
+    Target, TimeToLiveRequest, WatchRequest, fault, fault_event, inject_request, target,
 };
 use serde_json::{Map, Value, json};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -41,6 +42,11 @@ struct Cli {
     /// The unix socket faultd listens on.
     #[arg(long, global = true, env = "FAULTD_SOCKET", default_value = client::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Where faultd serves: unix:///PATH (like --socket) or tcp://HOST:PORT (its --listen).
+    #[arg(long, global = true, env = "FAULTD_SERVER", value_name = "URL", value_parser = parse_server)]
+    server: Option<Server>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// How to print answers: for people, or one JSON document per command.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -52,6 +58,56 @@ struct Cli {
 enum Output {
     Text,
     Json,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Server {
+    Unix(PathBuf),
+    /// HOST:PORT.
+    Tcp(String),
+}
+
+/// For --server tcp://: faultd's listener requires mTLS unless it was started with --insecure.
+#[derive(Args, Debug, Default)]
+struct TlsArgs {
+    /// PEM CA that signed faultd's server certificate.
+    #[arg(long, global = true, value_name = "PEM", env = "FAULTCTL_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate, signed by the CA faultd trusts (its --tls-client-ca).
+    #[arg(long, global = true, value_name = "PEM", env = "FAULTCTL_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, value_name = "PEM", env = "FAULTCTL_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Name to check faultd's certificate against (default: the host of --server).
+    #[arg(long, global = true, value_name = "NAME")]
+    tls_server_name: Option<String>,
+    /// Plain TCP, for a faultd started with --insecure.
+    #[arg(long, global = true)]
+    insecure: bool,
+}
+
+fn parse_server(text: &str) -> Result<Server, String> {
+    if let Some(path) = text.strip_prefix("unix://") {
+        if path.is_empty() {
+            return Err(format!("{text:?}: write unix:///run/faultd/faultd.sock"));
+        }
+        return Ok(Server::Unix(PathBuf::from(path)));
+    }
+    if let Some(addr) = text.strip_prefix("tcp://") {
+        let port_ok = addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok {
+            return Err(format!(
+                "{text:?}: write tcp://HOST:PORT, e.g. tcp://10.0.0.5:7443"
+            ));
+        }
+        return Ok(Server::Tcp(addr.to_string()));
+    }
+    Err(format!(
+        "{text:?}: write unix:///PATH or tcp://HOST:PORT, e.g. --server tcp://10.0.0.5:7443"
+    ))
 }
 
 #[derive(Subcommand, Debug)]
@@ -69,6 +125,9 @@ enum Command {
     Abort,
     /// Show what the kernel offers and which actions can be applied.
     Caps,
+    /// Print fault events as they happen (applied, reverted with the reason, failed) until
+    /// Ctrl-C; with --output json one JSON object a line.
+    Watch,
     /// Manage leases.
     #[command(subcommand)]
     Lease(LeaseCommand),
@@ -93,8 +152,12 @@ struct DropArgs {
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     labels: Vec<(String, String)>,
     /// Keep the lease alive until Ctrl-C or SIGTERM, then revert the fault.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dry_run")]
     keepalive: bool,
+    /// Validate, check the policy and resolve the target, and show what would be applied;
+    /// nothing changes.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Args, Debug)]
@@ -328,12 +391,48 @@ fn validate(command: &Command) -> Result<(), String> {
     }
 }
 
+/// Checks the connection flags: TLS only over TCP, and TCP either with TLS or with --insecure.
+fn validate_connection(server: Option<&Server>, tls: &TlsArgs) -> Result<(), String> {
+    let tls_given = tls.tls_ca.is_some() || tls.tls_cert.is_some() || tls.tls_key.is_some();
+    match server {
+        Some(Server::Tcp(addr)) => {
+            if tls.insecure && tls_given {
+                return Err(
+                    "--insecure is plain TCP: drop the --tls-* flags, or --insecure".into(),
+                );
+            }
+            if !tls.insecure && tls.tls_ca.is_none() {
+                return Err(format!(
+                    "faultd's TCP listener uses mutual TLS: give --tls-ca, --tls-cert and \
+                     --tls-key for tcp://{addr} (or --insecure for a faultd started with \
+                     --insecure)"
+                ));
+            }
+            if tls.tls_cert.is_some() != tls.tls_key.is_some() {
+                return Err("give --tls-cert and --tls-key together".into());
+            }
+            Ok(())
+        }
+        _ if tls_given || tls.insecure || tls.tls_server_name.is_some() => Err(
+            "--tls-* and --insecure are for --server tcp://HOST:PORT; the unix socket needs none"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
 async fn run(cli: Cli) -> Result<()> {
     let output = cli.output;
-    if let Err(why) = validate(&cli.command) {
+    if let Err(why) =
+        validate(&cli.command).and_then(|()| validate_connection(cli.server.as_ref(), &cli.tls))
+    {
         usage_error(why);
     }
-    let channel = connect(&cli.socket).await?;
+    let channel = match &cli.server {
+        Some(Server::Tcp(addr)) => connect_tcp(addr, &cli.tls).await?,
+        Some(Server::Unix(socket)) => connect(socket).await?,
+        None => connect(&cli.socket).await?,
+    };
     let mut faults = FaultServiceClient::new(channel.clone());
     let mut leases = LeaseServiceClient::new(channel);
     match cli.command {
@@ -388,6 +487,66 @@ async fn run(cli: Cli) -> Result<()> {
             show(output, || caps_text(&caps), caps_json(&caps))
         }
         Command::Lease(command) => lease_command(&mut leases, command, output).await,
+        Command::Watch => watch(&mut faults, output).await,
+    }
+}
+
+async fn connect_tcp(addr: &str, args: &TlsArgs) -> Result<Channel> {
+    let read = |path: &PathBuf, flag: &str| {
+        std::fs::read(path).with_context(|| format!("reading {flag} {}", path.display()))
+    };
+    let tls = match (&args.tls_ca, args.insecure) {
+        (_, true) => None,
+        (Some(ca), false) => {
+            let identity = match (&args.tls_cert, &args.tls_key) {
+                (Some(cert), Some(key)) => {
+                    Some((read(cert, "--tls-cert")?, read(key, "--tls-key")?))
+                }
+                _ => None,
+            };
+            Some(client::Tls {
+                ca: read(ca, "--tls-ca")?,
+                identity,
+                server_name: args.tls_server_name.clone(),
+            })
+        }
+        (None, false) => bail!("give --tls-ca (checked above)"),
+    };
+    client::connect_tcp(addr, tls).await.map_err(|err| {
+        anyhow!(
+            "cannot reach faultd at tcp://{addr}: {}; is faultd listening there (--listen), and \
+             do --tls-ca, --tls-cert and --tls-key match its --tls-cert and --tls-client-ca?",
+            error_chain(&err)
+        )
+    })
+}
+
+/// Prints events until Ctrl-C (Ok) or until faultd ends the stream (Err: it says why).
+async fn watch(faults: &mut FaultServiceClient<Channel>, output: Output) -> Result<()> {
+    let mut signals = Signals::install()?;
+    let mut events = faults
+        .watch(WatchRequest {})
+        .await
+        .map_err(rpc_error("watching events"))?
+        .into_inner();
+    loop {
+        let event = tokio::select! {
+            _ = signals.recv() => return Ok(()),
+            event = events.message() => event,
+        };
+        let event = match event {
+            Ok(Some(event)) => event,
+            Ok(None) => bail!("faultd closed the event stream"),
+            Err(status) => return Err(rpc_error("watching events")(status)),
+        };
+        let line = match output {
+            Output::Text => event_text(&event),
+            Output::Json => event_json(&event).to_string(),
+        };
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{line}")
+            .and_then(|()| stdout.flush())
+            .context("writing to stdout")?;
     }
 }
 
@@ -492,6 +651,31 @@ async fn inject_drop(
 ) -> Result<()> {
     let labels = label_map(&args.labels).map_err(|why| anyhow!(why))?;
     let target = args.target.to_proto();
+    if args.dry_run {
+        let lease = match (&args.lease.lease_id, args.lease.ttl) {
+            (Some(id), _) => inject_request::Lease::LeaseId(id.clone()),
+            (None, Some(ttl)) => inject_request::Lease::Ttl(duration::to_proto(ttl)),
+            (None, None) => bail!("bound the fault with --ttl DURATION or --lease ID"),
+        };
+        let request = InjectRequest {
+            lease: Some(lease),
+            fault: Some(Fault {
+                action: Some(fault::Action::Drop(pb::Drop {
+                    percent: args.percent,
+                })),
+                target: Some(target),
+                labels,
+                ..Fault::default()
+            }),
+            dry_run: true,
+        };
+        let fault = faults
+            .inject(request)
+            .await
+            .map_err(rpc_error("dry run of the fault"))?
+            .into_inner();
+        return show(output, || dry_run_text(&fault), fault_json(&fault));
+    }
     // Installed before anything is granted, so a signal during set-up still ends in a revoke
     // instead of the default exit that would leave the fault in force for a whole ttl.
     let mut signals = match args.keepalive {
@@ -529,6 +713,7 @@ async fn inject_drop(
             labels,
             ..Fault::default()
         }),
+        dry_run: false,
     };
     let fault = match faults.inject(request).await {
         Ok(fault) => fault.into_inner(),
@@ -905,6 +1090,96 @@ fn injected_text(fault: &Fault) -> String {
         ));
     }
     text
+}
+
+fn dry_run_text(fault: &Fault) -> String {
+    let lease = match fault.lease_id.as_str() {
+        "" => "a new lease".to_string(),
+        id => format!("lease {id}"),
+    };
+    let resolved = match &fault.resolved {
+        Some(r) => format!(
+            "cgroup {} (id {}), {} kernel map entries",
+            r.cgroup_path, r.cgroup_id, r.rules
+        ),
+        None => "-".into(),
+    };
+    let mut text = String::from("dry run: nothing was changed\n");
+    text.push_str(&details(&[
+        ("would inject", fault_summary(fault)),
+        ("under", lease),
+        ("resolved", resolved),
+        ("mechanism", fault.mechanism.clone()),
+        ("would end in", remaining_text(fault.remaining.as_ref())),
+    ]));
+    text
+}
+
+/// e.g. `2026-01-01T10:00:00.5Z  reverted  1f2e...  drop 100% tcp egress ports 6379 cgroup /app
+/// (expired: lease expired; matched 12, dropped 12)`.
+fn event_text(event: &FaultEvent) -> String {
+    let time = event
+        .time
+        .as_ref()
+        .map_or_else(|| "-".to_string(), |t| t.to_string());
+    let fault = event.fault.clone().unwrap_or_default();
+    let id = match fault.id.as_str() {
+        "" => "-",
+        id => id,
+    };
+    let counters = fault.counters.unwrap_or_default();
+    let (kind, detail) = match &event.kind {
+        Some(fault_event::Kind::Applied(_)) => (
+            "applied",
+            format!("lease {}, {}", fault.lease_id, fault.mechanism),
+        ),
+        Some(fault_event::Kind::Reverted(reverted)) => {
+            let reason = pb::RevertReason::try_from(reverted.reason)
+                .map(|r| r.as_str_name().to_lowercase())
+                .unwrap_or_else(|_| format!("reason {}", reverted.reason));
+            (
+                "reverted",
+                format!(
+                    "{reason}: {}; matched {}, dropped {}",
+                    reverted.detail, counters.matched, counters.dropped
+                ),
+            )
+        }
+        Some(fault_event::Kind::Failed(failed)) => ("failed", failed.message.clone()),
+        None => ("event", String::new()),
+    };
+    format!(
+        "{time}  {kind:<8}  {id}  {} ({detail})",
+        fault_summary(&fault)
+    )
+}
+
+fn event_json(event: &FaultEvent) -> Value {
+    let kind = match &event.kind {
+        Some(fault_event::Kind::Applied(_)) => ("applied", json!({})),
+        Some(fault_event::Kind::Reverted(reverted)) => {
+            let reason = pb::RevertReason::try_from(reverted.reason)
+                .ok()
+                .map(|r| r.as_str_name());
+            (
+                "reverted",
+                json!({
+                    "reason": enum_json(reason, reverted.reason),
+                    "detail": reverted.detail,
+                }),
+            )
+        }
+        Some(fault_event::Kind::Failed(failed)) => ("failed", json!({ "message": failed.message })),
+        None => ("kind", Value::Null),
+    };
+    object(vec![
+        ("time", timestamp_json(event.time.as_ref())),
+        kind,
+        (
+            "fault",
+            event.fault.as_ref().map_or(Value::Null, fault_json),
+        ),
+    ])
 }
 
 fn removed_text(fault: &Fault) -> String {

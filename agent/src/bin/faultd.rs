@@ -1,5 +1,6 @@
-//! faultd: the per-node agent. Loads the datapath, serves the API on a unix socket, expires
-//! leases, and reverts everything on SIGINT/SIGTERM.
+//! faultd: the per-node agent. Loads the datapath, serves the API on a unix socket (and, with
+//! --listen, on TCP with mTLS), expires leases, serves metrics, writes the audit log, and
+//! reverts everything on SIGINT/SIGTERM.
 
 use std::fs::{self, File};
 use std::io::IsTerminal;
@@ -10,13 +11,17 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use faultd::api::{Listener, Services};
+use faultd::audit::{AuditLog, Entry, Peer};
 use faultd::caps::Capabilities;
 use faultd::config::{Config, LogFormat};
 use faultd::dataplane::Dataplane;
 use faultd::dataplane::cgroup_skb::CgroupSkbDataplane;
 use faultd::engine::{Engine, EngineConfig};
+use faultd::policy::Policy;
 use faultd::target::CgroupRoot;
-use tokio::net::UnixListener;
+use serde_json::json;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -32,6 +37,25 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    let mut policy = match &config.policy {
+        Some(path) => Policy::load(path)?,
+        None => Policy::default(),
+    };
+    if let Some(max_ttl) = config.max_ttl {
+        policy.max_ttl = max_ttl;
+    }
+    if config.allow_host_scope {
+        policy.allow_host_scope = true;
+    }
+    let tls = tls_config(&config)?;
+    let audit = match &config.audit_log {
+        Some(path) => {
+            Some(Arc::new(AuditLog::open(path).with_context(|| {
+                format!("opening the audit log {}", path.display())
+            })?))
+        }
+        None => None,
+    };
     let _lock = lock_state_dir(&config.state_dir)?;
     let cgroup_root = match &config.cgroup_root {
         Some(path) => CgroupRoot::at(path),
@@ -58,14 +82,49 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let dataplane = dataplane.context("faultd cannot apply faults without its datapath")?;
 
-    let listener = bind(&config.socket).await?;
+    let listener = bind(&config.socket, config.socket_group.as_deref()).await?;
+    let mut own_ports = Vec::new();
+    let tcp = match config.listen {
+        Some(addr) => {
+            let tcp = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --listen tcp://{addr}"))?;
+            let bound = tcp.local_addr()?;
+            own_ports.push(bound.port());
+            match &tls {
+                Some(_) => {
+                    tracing::info!(listen = %format!("tcp://{bound}"), "serving the API over mTLS")
+                }
+                None => tracing::warn!(
+                    listen = %format!("tcp://{bound}"),
+                    "serving the API over plain TCP without authentication (--insecure): anyone who reaches this port can cut any connection on this node"
+                ),
+            }
+            Some(tcp)
+        }
+        None => None,
+    };
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --metrics-addr {addr}"))?;
+            let bound = listener.local_addr()?;
+            own_ports.push(bound.port());
+            tracing::info!(metrics = %format!("http://{bound}/metrics"), health = %format!("http://{bound}/healthz"), "serving metrics");
+            Some(listener)
+        }
+        None => None,
+    };
+    policy.protect_own_ports(&own_ports);
+    tracing::info!(policy = %policy.summary(), "policy");
     let engine = Engine::new(
         Box::new(dataplane),
         Box::new(cgroup_root),
-        EngineConfig {
-            max_ttl: config.max_ttl,
-        },
+        EngineConfig { policy },
     );
+    let caps = Arc::new(caps);
+    let services = Services::new(engine.clone(), caps.clone()).with_audit(audit);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let expiry = tokio::spawn(
@@ -76,26 +135,60 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let on_signal = engine.clone();
+    let calls = services.calls.clone();
     tokio::spawn(async move {
         let name = tokio::select! {
             _ = sigterm.recv() => "SIGTERM",
             _ = sigint.recv() => "SIGINT",
         };
         // Revert first: clients still connected must not keep faults alive past the signal.
-        let (faults, leases) = on_signal.abort();
+        let (faults, leases) = on_signal.shutdown();
         tracing::info!(
             faults = faults.len(),
             leases = leases.len(),
             "{name}: reverted everything; stopping"
         );
+        calls.audit(&Entry {
+            call: "shutdown",
+            peer: &Peer::Agent {
+                cause: name.to_string(),
+            },
+            request: json!({}),
+            code: "OK",
+            message: "",
+            result: json!({ "revertedFaultIds": faults, "revokedLeaseIds": leases }),
+        });
         let _receivers_gone = stop_tx.send(true);
     });
 
+    if let Some(listener) = metrics_listener {
+        let endpoint = faultd::http::Endpoint {
+            registry: Arc::new(engine.metrics().registry(&engine)),
+            engine: engine.clone(),
+            caps: caps.clone(),
+        };
+        tokio::spawn(faultd::http::serve(listener, endpoint, stop_rx.clone()));
+    }
+    let tcp_served = tcp.map(|listener| {
+        let listener = Listener::Tcp { listener, tls };
+        tokio::spawn(faultd::api::serve_on(
+            services.clone(),
+            listener,
+            stop_rx.clone(),
+        ))
+    });
     tracing::info!(socket = %config.socket.display(), kernel = %caps.kernel_release, "faultd ready");
-    let served = faultd::api::serve(engine.clone(), Arc::new(caps), listener, stop_rx).await;
+    let served = faultd::api::serve_on(services, Listener::Unix(listener), stop_rx).await;
+    if let Some(task) = tcp_served {
+        match task.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "serving the API on TCP"),
+            Err(e) => tracing::error!(error = %e, "serving the API on TCP"),
+            Ok(Ok(())) => {}
+        }
+    }
 
     // Anything injected while connections drained goes too.
-    let (faults, leases) = engine.abort();
+    let (faults, leases) = engine.shutdown();
     if !faults.is_empty() || !leases.is_empty() {
         tracing::info!(
             faults = faults.len(),
@@ -130,8 +223,76 @@ fn lock_state_dir(dir: &Path) -> anyhow::Result<File> {
     Ok(file)
 }
 
-/// Binds the API socket (mode 0660), replacing a stale one but never a live agent's.
-async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
+/// The mTLS configuration of --listen, or None for --insecure (or no --listen). Refuses
+/// half-configured TLS, and plain TCP that was not asked for explicitly.
+fn tls_config(config: &Config) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let files = [&config.tls_cert, &config.tls_key, &config.tls_client_ca];
+    let given = files.iter().filter(|f| f.is_some()).count();
+    let Some(addr) = config.listen else {
+        if given > 0 || config.insecure {
+            bail!(
+                "--tls-cert, --tls-key, --tls-client-ca and --insecure are for --listen tcp://ADDR"
+            );
+        }
+        return Ok(None);
+    };
+    match (config.insecure, given) {
+        (true, 0) => return Ok(None),
+        (true, _) => bail!(
+            "--insecure serves plain TCP: drop --tls-cert, --tls-key and --tls-client-ca, or drop --insecure"
+        ),
+        (false, 3) => {}
+        (false, _) => bail!(
+            "--listen tcp://{addr} requires mTLS: give --tls-cert, --tls-key and --tls-client-ca \
+             (a client CA, so only clients with a certificate it signed get in), or --insecure to \
+             serve plain TCP anyway"
+        ),
+    }
+    let read = |path: &Option<std::path::PathBuf>, flag: &str| -> anyhow::Result<Vec<u8>> {
+        let path = path.as_ref().context("checked above")?;
+        fs::read(path).with_context(|| format!("reading {flag} {}", path.display()))
+    };
+    let cert = read(&config.tls_cert, "--tls-cert")?;
+    let key = read(&config.tls_key, "--tls-key")?;
+    let ca = read(&config.tls_client_ca, "--tls-client-ca")?;
+    Ok(Some(
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(cert, key))
+            .client_ca_root(Certificate::from_pem(ca))
+            .client_auth_optional(false),
+    ))
+}
+
+/// A group by name or number.
+fn group_id(group: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(group).context("--socket-group contains a NUL byte")?;
+    let mut entry: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: every pointer is valid for the call; getgrnam_r writes only into `entry` and
+    // `buffer` (its length is passed) and sets `found` to `&entry` or null.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut entry,
+            buffer.as_mut_ptr(),
+            buffer.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        bail!("--socket-group {group}: no such group");
+    }
+    Ok(entry.gr_gid)
+}
+
+/// Binds the API socket (mode 0660, owned by `group` if given), replacing a stale one but never
+/// a live agent's.
+async fn bind(socket: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
     if let Some(parent) = socket.parent() {
         fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
@@ -147,6 +308,11 @@ async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     }
     let listener =
         UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    if let Some(group) = group {
+        let gid = group_id(group)?;
+        std::os::unix::fs::chown(socket, None, Some(gid))
+            .with_context(|| format!("giving {} to group {group}", socket.display()))?;
+    }
     fs::set_permissions(socket, fs::Permissions::from_mode(0o660))?;
     Ok(listener)
 }

@@ -3,7 +3,7 @@
 //! not at all. A timer task expires leases on their deadlines; the kernel entries carry the
 //! same deadline, so the kernel stops a fault on time even when this process cannot.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -12,14 +12,20 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::dataplane::{Dataplane, DataplaneError};
+use crate::events::{EventKind, Events};
 use crate::fault::{Action, FaultId, FaultSpec, Invalid, Labels, LeaseId};
 use crate::lease::{Lease, LeaseTable};
+use crate::metrics::Metrics;
+use crate::policy::{Denied, Policy};
 use crate::target::{Resolve, ResolvedScope};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Invalid(#[from] Invalid),
+    /// The policy forbids the request.
+    #[error(transparent)]
+    Denied(#[from] Denied),
     #[error("no {kind} {id:?}")]
     NotFound { kind: &'static str, id: String },
     #[error("{0}")]
@@ -30,17 +36,10 @@ pub enum Error {
     Dataplane(#[from] DataplaneError),
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct EngineConfig {
-    pub max_ttl: Duration,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        Self {
-            max_ttl: Duration::from_secs(3600),
-        }
-    }
+    /// Limits, protected ports and the host scope (`policy.max_ttl` caps every ttl).
+    pub policy: Policy,
 }
 
 /// Which lease an Inject goes under.
@@ -55,6 +54,8 @@ pub enum LeaseRef {
 pub enum FaultState {
     Active,
     Reverted,
+    /// What a dry run would apply; nothing was.
+    DryRun,
 }
 
 /// A fault as the API shows it.
@@ -84,13 +85,27 @@ pub struct LeaseView {
     pub labels: Labels,
 }
 
-/// Why faults were reverted (for logs and, later, events).
-#[derive(Clone, Copy, Debug)]
+/// Why faults were reverted (logs, events, metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RevertReason {
     Removed,
     Expired,
     Revoked,
     Aborted,
+    /// faultd is stopping.
+    Shutdown,
+}
+
+impl RevertReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Removed => "removed",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+            Self::Aborted => "aborted",
+            Self::Shutdown => "shutdown",
+        }
+    }
 }
 
 struct FaultRecord {
@@ -99,11 +114,18 @@ struct FaultRecord {
     resolved: ResolvedScope,
     keys: Vec<RuleKey>,
     slot: u32,
+    /// The policy's max_fault_duration after it was applied: it ends then even if its lease
+    /// lives on.
+    ends_at: Instant,
 }
 
 struct State {
     leases: LeaseTable,
     faults: HashMap<FaultId, FaultRecord>,
+    /// `ends_at` of every fault, earliest first.
+    fault_ends: BTreeSet<(Instant, FaultId)>,
+    events: Events,
+    metrics: Metrics,
     /// Which fault holds each kernel key: overlapping faults are refused, not merged.
     owners: HashMap<RuleKey, FaultId>,
     free_slots: Vec<u32>,
@@ -114,6 +136,9 @@ struct State {
 pub struct Engine {
     state: Mutex<State>,
     config: EngineConfig,
+    /// Shared with `State` (cheap handles), so readers need not take the lock.
+    events: Events,
+    metrics: Metrics,
     /// Wakes the expiry task when the earliest deadline may have moved.
     deadline_changed: Notify,
 }
@@ -124,10 +149,17 @@ impl Engine {
         resolver: Box<dyn Resolve>,
         config: EngineConfig,
     ) -> Arc<Self> {
+        let events = Events::default();
+        let metrics = Metrics::default();
         Arc::new(Self {
+            events: events.clone(),
+            metrics: metrics.clone(),
             state: Mutex::new(State {
                 leases: LeaseTable::default(),
                 faults: HashMap::new(),
+                fault_ends: BTreeSet::new(),
+                events,
+                metrics,
                 owners: HashMap::new(),
                 free_slots: (0..MAX_FAULTS).rev().collect(),
                 dataplane,
@@ -142,6 +174,16 @@ impl Engine {
         &self.config
     }
 
+    /// The counters the engine keeps (the API adds its own to the same set).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Fault events from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<crate::events::FaultEvent>> {
+        self.events.subscribe()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave kernel state half-applied (every step
         // rolls back before returning), so the data is still usable.
@@ -154,15 +196,28 @@ impl Engine {
         if ttl.is_zero() {
             return Err(Invalid::new(field, "must be greater than 0"));
         }
-        if ttl > self.config.max_ttl {
+        let max = self.config.policy.max_ttl;
+        if ttl > max {
             return Err(Invalid::new(
                 field,
                 format!(
-                    "{} exceeds the maximum {}",
+                    "{} exceeds the maximum {} (policy max_ttl)",
                     crate::duration::format(ttl),
-                    crate::duration::format(self.config.max_ttl)
+                    crate::duration::format(max)
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// RESOURCE_EXHAUSTED once the policy's max_leases are held.
+    fn check_lease_room(&self, state: &State) -> Result<(), Error> {
+        let max = self.config.policy.max_leases;
+        if state.leases.len() >= max {
+            return Err(Error::Exhausted(format!(
+                "{max} leases are held, the most the policy allows (policy max_leases); revoke \
+                 one first"
+            )));
         }
         Ok(())
     }
@@ -170,6 +225,7 @@ impl Engine {
     pub fn grant(&self, ttl: Duration, labels: Labels) -> Result<LeaseView, Error> {
         self.check_ttl(ttl, "ttl")?;
         let mut state = self.lock();
+        self.check_lease_room(&state)?;
         let (id, _) = state.grant(ttl, labels, false);
         self.deadline_changed.notify_one();
         state.lease_view(&id)
@@ -184,10 +240,10 @@ impl Engine {
             .ok_or_else(|| not_found("lease", id))?
             .clone();
         // Push the new deadline into every kernel entry of the lease.
-        let deadline = kernel_deadline(lease.deadline);
         let mut rules = Vec::new();
         for fault_id in &lease.faults {
             if let Some(fault) = state.faults.get(fault_id) {
+                let deadline = kernel_deadline(lease.deadline.min(fault.ends_at));
                 let value = rule_value(&fault.spec.action, fault.slot, deadline);
                 rules.extend(fault.keys.iter().map(|k| (*k, value)));
             }
@@ -217,10 +273,29 @@ impl Engine {
     }
 
     pub fn inject(&self, lease: LeaseRef, spec: FaultSpec) -> Result<FaultView, Error> {
+        self.inject_or_plan(lease, spec, false)
+    }
+
+    /// Everything `inject` checks and resolves, without applying anything: the answer is the
+    /// fault as it would be (state `DryRun`, no id). Leases, faults and the kernel stay as
+    /// they are.
+    pub fn dry_run(&self, lease: LeaseRef, spec: FaultSpec) -> Result<FaultView, Error> {
+        self.inject_or_plan(lease, spec, true)
+    }
+
+    fn inject_or_plan(
+        &self,
+        lease: LeaseRef,
+        spec: FaultSpec,
+        dry_run: bool,
+    ) -> Result<FaultView, Error> {
+        let started = std::time::Instant::now();
         if let LeaseRef::Ttl(ttl) = &lease {
             self.check_ttl(*ttl, "ttl")?;
         }
         spec.target.validate()?;
+        let policy = &self.config.policy;
+        policy.check_target(&spec.target)?;
         let mut state = self.lock();
         // The lease the fault goes under: an existing one, or a private one granted below.
         let (existing, private_ttl) = match lease {
@@ -237,6 +312,7 @@ impl Engine {
             LeaseRef::Ttl(ttl) => (None, ttl),
         };
         let resolved = state.resolver.resolve(&spec.target.scope)?;
+        policy.check_resolved(&resolved)?;
         let keys = spec.target.rule_keys(resolved.cgroup_id);
         if let Some(owner) = keys.iter().find_map(|k| state.owners.get(k)) {
             return Err(Error::Conflict(format!(
@@ -252,17 +328,51 @@ impl Engine {
                 MAX_RULES as usize - state.owners.len()
             )));
         }
+        if state.faults.len() >= policy.max_active_faults {
+            return Err(Error::Exhausted(format!(
+                "{} faults are active, the most the policy allows (policy max_active_faults); \
+                 remove one first",
+                policy.max_active_faults
+            )));
+        }
+        if state.free_slots.is_empty() {
+            return Err(Error::Exhausted(format!(
+                "{MAX_FAULTS} faults are active, the most this agent holds"
+            )));
+        }
+        let private = existing.is_none();
+        if private {
+            self.check_lease_room(&state)?;
+        }
+        let ends_at = Instant::now() + policy.max_fault_duration;
+        if dry_run {
+            let lease_deadline = existing
+                .as_ref()
+                .map_or(Instant::now() + private_ttl, |(_, deadline)| *deadline);
+            let (expires_at, remaining) = wall_clock(lease_deadline.min(ends_at));
+            return Ok(FaultView {
+                id: String::new(),
+                lease_id: existing.map(|(id, _)| id).unwrap_or_default(),
+                spec,
+                resolved,
+                rules: keys.len(),
+                state: FaultState::DryRun,
+                counters: Counters::default(),
+                expires_at,
+                remaining,
+                mechanism: state.dataplane.mechanism(),
+            });
+        }
         let Some(slot) = state.free_slots.pop() else {
             return Err(Error::Exhausted(format!(
                 "{MAX_FAULTS} faults are active, the most this agent holds"
             )));
         };
-        let private = existing.is_none();
         let (lease_id, deadline) = match existing {
             Some(found) => found,
             None => state.grant(private_ttl, Labels::new(), true),
         };
-        let value = rule_value(&spec.action, slot, kernel_deadline(deadline));
+        let value = rule_value(&spec.action, slot, kernel_deadline(deadline.min(ends_at)));
         let rules: Vec<_> = keys.iter().map(|k| (*k, value)).collect();
         let applied = state
             .dataplane
@@ -272,6 +382,23 @@ impl Engine {
             state.free_slots.push(slot);
             if private {
                 state.leases.remove(&lease_id);
+            }
+            if state.events.watched() {
+                let (expires_at, remaining) = wall_clock(deadline.min(ends_at));
+                let view = FaultView {
+                    id: String::new(),
+                    lease_id: if private { String::new() } else { lease_id },
+                    spec,
+                    resolved,
+                    rules: keys.len(),
+                    state: FaultState::Reverted,
+                    counters: Counters::default(),
+                    expires_at,
+                    remaining,
+                    mechanism: state.dataplane.mechanism(),
+                };
+                let message = format!("applying the fault: {e}");
+                state.events.publish(EventKind::Failed { message }, view);
             }
             return Err(e.into());
         }
@@ -284,6 +411,7 @@ impl Engine {
         }
         tracing::info!(fault = %id, lease = %lease_id, action = spec.action.name(),
             target = %spec.target.summary(), cgroup_id = resolved.cgroup_id, rules = keys.len(), "fault applied");
+        let action = spec.action.name();
         state.faults.insert(
             id.clone(),
             FaultRecord {
@@ -292,10 +420,17 @@ impl Engine {
                 resolved,
                 keys,
                 slot,
+                ends_at,
             },
         );
+        state.fault_ends.insert((ends_at, id.clone()));
         self.deadline_changed.notify_one();
-        state.fault_view(&id, FaultState::Active)
+        let view = state.fault_view(&id, FaultState::Active)?;
+        state.metrics.applied(action, started.elapsed());
+        if state.events.watched() {
+            state.events.publish(EventKind::Applied, view.clone());
+        }
+        Ok(view)
     }
 
     /// Reverts one fault now; a private lease goes with it.
@@ -328,11 +463,24 @@ impl Engine {
 
     /// Reverts every fault and revokes every lease.
     pub fn abort(&self) -> (Vec<FaultId>, Vec<LeaseId>) {
-        let mut state = self.lock();
+        self.metrics.aborts.inc();
+        self.revert_all(self.lock(), RevertReason::Aborted)
+    }
+
+    /// Reverts every fault and revokes every lease because faultd is stopping.
+    pub fn shutdown(&self) -> (Vec<FaultId>, Vec<LeaseId>) {
+        self.revert_all(self.lock(), RevertReason::Shutdown)
+    }
+
+    fn revert_all(
+        &self,
+        mut state: MutexGuard<'_, State>,
+        reason: RevertReason,
+    ) -> (Vec<FaultId>, Vec<LeaseId>) {
         let leases = state.leases.ids();
         let mut faults = Vec::new();
         for id in &leases {
-            faults.extend(state.revoke(id, RevertReason::Aborted));
+            faults.extend(state.revoke(id, reason));
         }
         self.deadline_changed.notify_one();
         (faults, leases)
@@ -342,13 +490,25 @@ impl Engine {
         self.lock().faults.len()
     }
 
+    /// Every fault with its counters, and the number of leases, read at one instant (for
+    /// metrics).
+    pub fn snapshot(&self) -> (Vec<FaultView>, usize) {
+        let state = self.lock();
+        let faults = state
+            .faults
+            .keys()
+            .filter_map(|id| state.fault_view(id, FaultState::Active).ok())
+            .collect();
+        (faults, state.leases.len())
+    }
+
     /// Expires leases on their deadlines until `shutdown` resolves.
     pub async fn run_expiry(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
             // Registered before reading the deadline, so a change in between is not missed.
             let changed = self.deadline_changed.notified();
-            let next = self.lock().leases.next_deadline();
+            let next = self.lock().next_deadline();
             let sleep = async {
                 match next {
                     Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -379,13 +539,33 @@ impl State {
         (id, deadline)
     }
 
-    /// Expires every lease due at `now` and reverts its faults.
+    /// Expires every lease due at `now` and reverts its faults, and every fault that reached
+    /// the policy's max_fault_duration.
     fn expire(&mut self, now: Instant) {
         for lease in self.leases.take_expired(now) {
             tracing::info!(lease = %lease.id, faults = lease.faults.len(), "lease expired");
+            self.metrics.lease_expirations.inc();
             for fault in &lease.faults {
-                self.revert(fault, RevertReason::Expired);
+                self.revert_because(fault, RevertReason::Expired, "lease expired");
             }
+        }
+        while let Some((ends_at, _)) = self.fault_ends.first() {
+            if *ends_at > now {
+                break;
+            }
+            if let Some((_, id)) = self.fault_ends.pop_first() {
+                tracing::info!(fault = %id, "fault reached the policy's max_fault_duration");
+                self.revert_because(&id, RevertReason::Expired, "max_fault_duration reached");
+            }
+        }
+    }
+
+    /// The earliest lease deadline or fault end.
+    fn next_deadline(&self) -> Option<Instant> {
+        let fault_end = self.fault_ends.first().map(|(at, _)| *at);
+        match (self.leases.next_deadline(), fault_end) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -399,24 +579,69 @@ impl State {
         lease.faults
     }
 
+    fn revert(&mut self, id: &str, reason: RevertReason) {
+        let detail = match reason {
+            RevertReason::Removed => "removed by FaultService.Remove",
+            RevertReason::Expired => "lease expired",
+            RevertReason::Revoked => "lease revoked",
+            RevertReason::Aborted => "FaultService.Abort",
+            RevertReason::Shutdown => "faultd stopped",
+        };
+        self.revert_because(id, reason, detail);
+    }
+
     /// Takes a fault out of the kernel and the tables. Removing a key cannot be undone
     /// half-way in any useful sense, so errors are logged and the bookkeeping goes on: the
     /// kernel entry still expires by its deadline.
-    fn revert(&mut self, id: &str, reason: RevertReason) {
+    fn revert_because(&mut self, id: &str, reason: RevertReason, detail: &str) {
+        let started = std::time::Instant::now();
         let Some(fault) = self.faults.remove(id) else {
             return;
         };
-        if let Err(e) = self.dataplane.remove(&fault.keys) {
+        // The final counters, read while the entries are still there.
+        let counters = match self.events.watched() {
+            true => self.dataplane.counters(fault.slot).unwrap_or_default(),
+            false => Counters::default(),
+        };
+        let removed = self.dataplane.remove(&fault.keys);
+        if let Err(e) = &removed {
             tracing::error!(fault = %id, error = %e, "removing kernel entries; they lapse at the lease deadline");
         }
         for key in &fault.keys {
             self.owners.remove(key);
         }
+        self.fault_ends.remove(&(fault.ends_at, id.to_string()));
         self.free_slots.push(fault.slot);
         if let Some(lease) = self.leases.get_mut(&fault.lease_id) {
             lease.faults.retain(|f| f != id);
         }
-        tracing::info!(fault = %id, ?reason, "fault reverted");
+        self.metrics
+            .reverted(fault.spec.action.name(), reason, started.elapsed());
+        tracing::info!(fault = %id, reason = reason.name(), detail, "fault reverted");
+        if self.events.watched() {
+            let view = FaultView {
+                id: id.to_string(),
+                rules: fault.keys.len(),
+                state: FaultState::Reverted,
+                counters,
+                expires_at: SystemTime::now(),
+                remaining: Duration::ZERO,
+                mechanism: self.dataplane.mechanism(),
+                lease_id: fault.lease_id,
+                spec: fault.spec,
+                resolved: fault.resolved,
+            };
+            if let Err(e) = removed {
+                let message = format!(
+                    "removing the fault's kernel entries: {e}; they lapse at the lease deadline"
+                );
+                self.events
+                    .publish(EventKind::Failed { message }, view.clone());
+            }
+            let detail = detail.to_string();
+            self.events
+                .publish(EventKind::Reverted { reason, detail }, view);
+        }
     }
 
     fn fault_view(&self, id: &str, state: FaultState) -> Result<FaultView, Error> {
@@ -425,7 +650,7 @@ impl State {
             .leases
             .get(&fault.lease_id)
             .ok_or_else(|| not_found("lease", &fault.lease_id))?;
-        let (expires_at, remaining) = wall_clock(lease.deadline);
+        let (expires_at, remaining) = wall_clock(lease.deadline.min(fault.ends_at));
         Ok(FaultView {
             id: id.to_string(),
             lease_id: fault.lease_id.clone(),

@@ -1,0 +1,288 @@
+//! Prometheus metrics. The engine and the API count into `Metrics` as things happen; what is in
+//! force now (active faults, leases, per-fault packet counters from the per-CPU BPF maps) is read
+//! from the engine at scrape time, so a scrape never shows a fault that is gone.
+//!
+//! Labels are the domain's names (`action="drop"`, `reason="expired"`), so actions and effects
+//! added later need no change here beyond `effects`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use faultd_common::Counters;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::engine::{Engine, RevertReason};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    pub action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RevertLabels {
+    pub action: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    pub grpc_service: String,
+    pub grpc_method: String,
+    pub grpc_code: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 10 µs to ~2.6 s: a map update takes microseconds, a slow netlink call milliseconds.
+    Histogram::new(exponential_buckets(1e-5, 4.0, 10))
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// What faultd counts as it goes. Clones share the same counters.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub faults_applied: Family<ActionLabels, Counter>,
+    pub faults_reverted: Family<RevertLabels, Counter>,
+    pub lease_expirations: Counter,
+    pub aborts: Counter,
+    pub apply_seconds: HistogramFamily<ActionLabels>,
+    pub revert_seconds: HistogramFamily<ActionLabels>,
+    pub grpc_handled: Family<GrpcLabels, Counter>,
+    pub audit_write_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            faults_applied: Family::default(),
+            faults_reverted: Family::default(),
+            lease_expirations: Counter::default(),
+            aborts: Counter::default(),
+            apply_seconds: Family::new_with_constructor(latency_histogram),
+            revert_seconds: Family::new_with_constructor(latency_histogram),
+            grpc_handled: Family::default(),
+            audit_write_errors: Counter::default(),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn applied(&self, action: &str, took: Duration) {
+        let labels = ActionLabels {
+            action: action.to_string(),
+        };
+        self.faults_applied.get_or_create(&labels).inc();
+        self.apply_seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn reverted(&self, action: &str, reason: RevertReason, took: Duration) {
+        self.faults_reverted
+            .get_or_create(&RevertLabels {
+                action: action.to_string(),
+                reason: reason.name().to_string(),
+            })
+            .inc();
+        self.revert_seconds
+            .get_or_create(&ActionLabels {
+                action: action.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// One answered gRPC call; `code` as grpc-go names it (OK, INVALID_ARGUMENT, ...).
+    pub fn handled(&self, service: &str, method: &str, code: &str) {
+        self.grpc_handled
+            .get_or_create(&GrpcLabels {
+                grpc_service: service.to_string(),
+                grpc_method: method.to_string(),
+                grpc_code: code.to_string(),
+            })
+            .inc();
+    }
+
+    /// A registry with these counters and what the engine holds at scrape time, all under the
+    /// `faultd_` prefix.
+    pub fn registry(&self, engine: &Arc<Engine>) -> Registry {
+        let mut registry = Registry::with_prefix("faultd");
+        registry.register(
+            "faults_applied",
+            "Faults applied, by action",
+            self.faults_applied.clone(),
+        );
+        registry.register(
+            "faults_reverted",
+            "Faults reverted, by action and reason (expired, removed, revoked, aborted, shutdown)",
+            self.faults_reverted.clone(),
+        );
+        registry.register(
+            "lease_expirations",
+            "Leases that expired because nobody renewed them",
+            self.lease_expirations.clone(),
+        );
+        registry.register(
+            "aborts",
+            "FaultService.Abort calls (emergency stops)",
+            self.aborts.clone(),
+        );
+        registry.register_with_unit(
+            "fault_apply",
+            "Time to validate, resolve and apply a fault in the kernel",
+            Unit::Seconds,
+            self.apply_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "fault_revert",
+            "Time to take a fault out of the kernel",
+            Unit::Seconds,
+            self.revert_seconds.clone(),
+        );
+        registry.register(
+            "grpc_handled",
+            "gRPC calls answered, by service, method and status code",
+            self.grpc_handled.clone(),
+        );
+        registry.register(
+            "audit_write_errors",
+            "Audit log lines that could not be written",
+            self.audit_write_errors.clone(),
+        );
+        registry.register_collector(Box::new(EngineCollector {
+            engine: Arc::downgrade(engine),
+        }));
+        registry
+    }
+}
+
+/// Renders the registry in the text exposition format (OpenMetrics, which Prometheus reads).
+/// Blocking: it reads the BPF counters of every fault.
+pub fn render(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry)?;
+    Ok(text)
+}
+
+/// The content type of `render`'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What a fault did to the packets it matched, by effect, from its kernel counters.
+pub fn effects(counters: &Counters) -> Vec<(&'static str, u64)> {
+    vec![("dropped", counters.dropped)]
+}
+
+/// Reads the engine at scrape time.
+struct EngineCollector {
+    engine: Weak<Engine>,
+}
+
+impl std::fmt::Debug for EngineCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EngineCollector")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct ActiveLabels {
+    action: String,
+    mechanism: String,
+}
+
+#[derive(Clone, Debug, EncodeLabelSet)]
+struct FaultLabels {
+    fault: String,
+    lease: String,
+    action: String,
+    mechanism: String,
+}
+
+#[derive(Clone, Debug, EncodeLabelSet)]
+struct EffectLabels {
+    fault: String,
+    lease: String,
+    action: String,
+    mechanism: String,
+    effect: String,
+}
+
+impl Collector for EngineCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(engine) = self.engine.upgrade() else {
+            return Ok(());
+        };
+        let (faults, leases) = engine.snapshot();
+
+        let mut active: BTreeMap<ActiveLabels, i64> = BTreeMap::new();
+        for fault in &faults {
+            *active
+                .entry(ActiveLabels {
+                    action: fault.spec.action.name().to_string(),
+                    mechanism: fault.mechanism.to_string(),
+                })
+                .or_default() += 1;
+        }
+        let gauge = ConstGauge::new(0i64);
+        let mut family = encoder.encode_descriptor(
+            "faults_active",
+            "Faults in force, by action and mechanism",
+            None,
+            gauge.metric_type(),
+        )?;
+        for (labels, count) in &active {
+            ConstGauge::new(*count).encode(family.encode_family(labels)?)?;
+        }
+
+        let gauge = ConstGauge::new(leases as i64);
+        let metric = encoder.encode_descriptor(
+            "leases_active",
+            "Leases held (private ones included)",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)?;
+
+        let counter = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "fault_packets_matched",
+            "Packets that matched a fault's target, per fault (per-CPU BPF counters, summed)",
+            None,
+            counter.metric_type(),
+        )?;
+        for fault in &faults {
+            let labels = FaultLabels {
+                fault: fault.id.clone(),
+                lease: fault.lease_id.clone(),
+                action: fault.spec.action.name().to_string(),
+                mechanism: fault.mechanism.to_string(),
+            };
+            ConstCounter::new(fault.counters.matched).encode(family.encode_family(&labels)?)?;
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "fault_packets_affected",
+            "Packets a fault acted on, per fault and effect (dropped, ...)",
+            None,
+            counter.metric_type(),
+        )?;
+        for fault in &faults {
+            for (effect, value) in effects(&fault.counters) {
+                let labels = EffectLabels {
+                    fault: fault.id.clone(),
+                    lease: fault.lease_id.clone(),
+                    action: fault.spec.action.name().to_string(),
+                    mechanism: fault.mechanism.to_string(),
+                    effect: effect.to_string(),
+                };
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
