@@ -468,10 +468,10 @@ fn fuzz_the_request_path() {
                     tally.lock().unwrap().decoded += 1;
                     run(request, round)?;
                 }
-                if let Ok(request) = pb::GrantRequest::decode(bytes.as_slice()) {
-                    if let Err(status) = target.grant(request) {
-                        clean(&status)?;
-                    }
+                if let Ok(request) = pb::GrantRequest::decode(bytes.as_slice())
+                    && let Err(status) = target.grant(request)
+                {
+                    clean(&status)?;
                 }
                 if let Ok(request) = pb::RenewRequest::decode(bytes.as_slice())
                     && let Err(error) = convert::lease_id(&request.lease_id, "lease_id")
