@@ -179,3 +179,42 @@ fn list(kind: Kind) -> Vec<(u64, String, Vec<u32>)> {
         })
         .unwrap_or_default()
 }
+
+/// The entries of the map `name` that process `pid` holds, as (key, value) bytes, sorted.
+/// Panics if the process holds no such map.
+pub fn map_entries(pid: u32, name: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let owned = BpfObjects::owned_by(pid);
+    let Some((id, _)) = owned.maps.objects.iter().find(|(_, n)| n == name) else {
+        panic!("process {pid} holds no BPF map named {name}: {owned:?}");
+    };
+    let out = run_ok(Command::new("bpftool").args(["-j", "map", "dump", "id", &id.to_string()]));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bpftool map dump id {id}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let bytes = |value: &serde_json::Value| -> Vec<u8> {
+        value
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|b| b.as_str())
+                    .filter_map(|b| u8::from_str_radix(b.trim_start_matches("0x"), 16).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut entries: Vec<(Vec<u8>, Vec<u8>)> = json
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|item| (bytes(&item["key"]), bytes(&item["value"])))
+                .collect()
+        })
+        .unwrap_or_default();
+    entries.sort();
+    entries
+}

@@ -157,6 +157,34 @@ impl Faultd {
         read(&self.log)
     }
 
+    /// A value faultd logged as `key=value` (text logs) or `"key":"value"` (JSON logs), e.g.
+    /// `metrics` → `http://127.0.0.1:41234/metrics`.
+    pub fn logged(&self, key: &str) -> Option<String> {
+        let log = self.log();
+        let text = format!("{key}=");
+        let json = format!("\"{key}\":\"");
+        log.lines().find_map(|line| {
+            if let Some((_, rest)) = line.split_once(&json) {
+                return rest.split('"').next().map(str::to_owned);
+            }
+            let (_, rest) = line.split_once(&text)?;
+            rest.split_whitespace().next().map(str::to_owned)
+        })
+    }
+
+    /// `HOST:PORT` of the metrics endpoint faultd logged at start (`--metrics-addr`).
+    pub fn metrics_addr(&self) -> String {
+        let url = self.logged("metrics").unwrap_or_else(|| {
+            panic!(
+                "faultd logged no metrics address (was it started with --metrics-addr?):\n{}",
+                self.log()
+            )
+        });
+        url.trim_start_matches("http://")
+            .trim_end_matches("/metrics")
+            .to_owned()
+    }
+
     pub fn channel(&self) -> Channel {
         self.channel.clone()
     }

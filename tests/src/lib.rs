@@ -5,14 +5,17 @@
 //! PostgreSQL inside a namespace ([`servers`]), the faultd process and the faultctl CLI
 //! ([`faultd`]). [`workload`] runs real clients and measurements inside a cgroup and a
 //! namespace through the `fd-probe` helper binary; [`api`] builds requests; [`bpf`] reads what
-//! the kernel holds. Nothing here skips: a missing tool or privilege is a panic that says what
+//! the kernel holds; [`pki`] makes certificates for mTLS; [`http`] scrapes faultd's metrics
+//! endpoint. Nothing here skips: a missing tool or privilege is a panic that says what
 //! is missing.
 
 pub mod api;
 pub mod bpf;
 pub mod cgroup;
 pub mod faultd;
+pub mod http;
 pub mod netns;
+pub mod pki;
 pub mod process;
 pub mod scene;
 pub mod servers;
