@@ -512,13 +512,36 @@ async fn connect_tcp(addr: &str, args: &TlsArgs) -> Result<Channel> {
         }
         (None, false) => bail!("give --tls-ca (checked above)"),
     };
-    client::connect_tcp(addr, tls).await.map_err(|err| {
+    let with_tls = tls.is_some();
+    let channel = client::connect_tcp(addr, tls).await.map_err(|err| {
         anyhow!(
             "cannot reach faultd at tcp://{addr}: {}; is faultd listening there (--listen), and \
              do --tls-ca, --tls-cert and --tls-key match its --tls-cert and --tls-client-ca?",
             error_chain(&err)
         )
-    })
+    })?;
+    // With TLS 1.3 faultd checks the client's certificate after the client thinks the
+    // handshake is done: one cheap call finds out now, with a message that says what to fix.
+    if let Err(status) = FaultServiceClient::new(channel.clone())
+        .capabilities(CapabilitiesRequest {})
+        .await
+    {
+        let refused = matches!(
+            status.code(),
+            Code::Cancelled | Code::Unknown | Code::Unavailable
+        );
+        if with_tls && refused {
+            let cause = std::error::Error::source(&status)
+                .map(error_chain)
+                .unwrap_or_else(|| status.message().to_string());
+            bail!(
+                "faultd at tcp://{addr} refused this client ({cause}): it admits only clients \
+                 with a certificate signed by its --tls-client-ca; give --tls-cert and --tls-key"
+            );
+        }
+        return Err(rpc_error(format!("calling faultd at tcp://{addr}"))(status));
+    }
+    Ok(channel)
 }
 
 /// Prints events until Ctrl-C (Ok) or until faultd ends the stream (Err: it says why).
@@ -920,7 +943,11 @@ fn rpc_error(what: impl Display) -> impl FnOnce(Status) -> anyhow::Error {
             "" => status.code().description(),
             message => message,
         };
-        anyhow!("{what}: {message} ({})", code_name(status.code()))
+        // A transport failure (e.g. a TLS alert from faultd) rides in the status's source.
+        let cause = std::error::Error::source(&status)
+            .map(|source| format!(": {}", error_chain(source)))
+            .unwrap_or_default();
+        anyhow!("{what}: {message}{cause} ({})", code_name(status.code()))
     }
 }
 
