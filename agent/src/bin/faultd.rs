@@ -12,7 +12,6 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use faultd::caps::Capabilities;
 use faultd::config::{Config, LogFormat};
-use faultd::dataplane::Dataplane;
 use faultd::dataplane::cgroup_skb::CgroupSkbDataplane;
 use faultd::engine::{Engine, EngineConfig};
 use faultd::target::CgroupRoot;
@@ -50,7 +49,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         cgroup_root.path(),
         dataplane
             .as_ref()
-            .map(|d| d.mechanism())
+            .map(|d| d as &dyn faultd::dataplane::Dataplane)
             .map_err(|e| e.to_string()),
     );
     for c in &caps.items {
