@@ -227,9 +227,8 @@ async fn faultctl_rejects_and_resets_connections() {
     let reset = faultctl.run(&[&["inject", "reset"][..], &scope].concat());
     reset.assert_success();
     let detail = faultctl.run(&["--output", "json", "list"]);
-    let json: serde_json::Value = serde_json::from_str(&detail.stdout()).unwrap_or_else(|e| {
-        panic!("`{}` printed no JSON ({e}): {detail}", detail.command)
-    });
+    let json: serde_json::Value = serde_json::from_str(&detail.stdout())
+        .unwrap_or_else(|e| panic!("`{}` printed no JSON ({e}): {detail}", detail.command));
     assert_eq!(
         json["faults"][0]["mechanism"], "sock_diag+cgroup_connect",
         "{json}"
