@@ -5,7 +5,7 @@ time in ns (time.time_ns()), so the test can time events against its own clock:
   {"event": "ready", ...}        the connection is open and the client is blocked on it
   {"event": "error", "errno": 103, "error": "...", "type": "..."}
   {"event": "message", "data": "..."}       (redis-subscribe)
-  {"event": "done", "acked": [...], ...}    (writers)
+  {"event": "writing"}, {"event": "done", "acked": [...], ...}    (writers)
 
 Modes:
   pg-hold HOST PORT            BEGIN, then idle in the transaction until the socket wakes up
@@ -184,6 +184,8 @@ def writer(seconds, write, landed, reconnect):
         try:
             write(i)
             acked.append(i)
+            if i == 0:
+                emit("writing")
             i += 1
             continue
         except Exception as exc:  # noqa: BLE001

@@ -399,13 +399,15 @@ async fn writes_through_a_reset_are_neither_lost_nor_duplicated() {
     let table = format!("writes_{}", std::process::id());
 
     let mut redis_writer =
-        ConnClient::start(&inside, "redis-writer", &["127.0.0.1", "6379", "w", "4"]);
+        ConnClient::start(&inside, "redis-writer", &["127.0.0.1", "6379", "w", "5"]);
     let mut pg_writer = ConnClient::start(
         &inside,
         "pg-writer",
-        &["127.0.0.1", &POSTGRES_PORT.to_string(), &table, "4"],
+        &["127.0.0.1", &POSTGRES_PORT.to_string(), &table, "5"],
     );
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    redis_writer.expect("writing", Duration::from_secs(20));
+    pg_writer.expect("writing", Duration::from_secs(20));
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let target = cgroup_target(
         &cgroup,
         &[REDIS_PORT, POSTGRES_PORT],
@@ -545,9 +547,10 @@ async fn reset_after_bytes_cuts_each_connection_once_it_carried_that_much() {
     }
     eprintln!("MEASURE reset_after_bytes limit={LIMIT} carried_at_reset={cuts:?}");
     for carried in &cuts {
-        // At 1 MB/s and a 5 ms watch, the reset lands within a few chunks of the limit.
+        // At 1 MB/s and a 5 ms watch, the reset lands within a chunk or two of the limit; the
+        // bound leaves 100 ms for a busy machine to schedule the watcher.
         assert!(
-            (LIMIT - 2 * CHUNK..=LIMIT + 6 * CHUNK).contains(carried),
+            (LIMIT - 2 * CHUNK..=LIMIT + 10 * CHUNK).contains(carried),
             "a connection was reset after carrying {carried} bytes; the limit is {LIMIT}"
         );
     }

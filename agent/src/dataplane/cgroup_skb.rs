@@ -249,7 +249,11 @@ impl Dataplane for CgroupSkbDataplane {
     }
 
     fn connection_killer(&self) -> ConnectionKiller {
-        std::sync::Arc::new(|filter: &SocketFilter| Ok(sock_diag::destroy(filter)?.sockets))
+        let sockets = std::sync::Mutex::new(sock_diag::Sockets::default());
+        std::sync::Arc::new(move |filter: &SocketFilter| {
+            let mut sockets = sockets.lock().unwrap_or_else(|p| p.into_inner());
+            Ok(sock_diag::destroy(filter, &mut sockets)?.sockets)
+        })
     }
 }
 

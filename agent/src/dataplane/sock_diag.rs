@@ -7,7 +7,7 @@
 //! scope's processes are found through /proc and a netlink socket is opened in each, on a
 //! short-lived thread of its own (setns never runs on a tokio worker).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -56,25 +56,37 @@ pub enum SockDiagError {
     DestroyUnsupported(io::Error),
 }
 
+/// sock_diag sockets by network namespace, kept between the passes of a watcher so that a pass
+/// costs a dump, not a thread and a setns per namespace. Only the namespaces seen in the last
+/// pass are kept: a netlink socket holds its namespace alive.
+#[derive(Default)]
+pub struct Sockets {
+    by_ns: HashMap<(u64, u64), OwnedFd>,
+}
+
 /// Destroys the established TCP sockets (IPv4 and IPv6) matching `filter`, in every network
 /// namespace that a process of the cgroup subtree is in. Blocking.
-pub fn destroy(filter: &SocketFilter) -> Result<Destroyed, SockDiagError> {
+pub fn destroy(filter: &SocketFilter, sockets: &mut Sockets) -> Result<Destroyed, SockDiagError> {
     let (cgroups, pids) = cgroup_subtree(&filter.cgroup_dir)?;
     let namespaces = namespaces_of(&pids);
+    sockets.by_ns.retain(|ns, _| namespaces.contains_key(ns));
     let mut done = Destroyed::default();
     let mut first_error = None;
-    for ns_path in namespaces.values() {
-        let socket = match open_in_netns(ns_path) {
-            Ok(socket) => socket,
-            // The process left or exited since the scan: its namespace may be gone too.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-            Err(e) => {
-                first_error.get_or_insert(SockDiagError::Netlink(e));
-                continue;
-            }
+    for (ns, ns_path) in &namespaces {
+        let socket = match sockets.by_ns.entry(*ns) {
+            std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => match open_in_netns(ns_path) {
+                Ok(socket) => slot.insert(socket),
+                // The process left or exited since the scan: its namespace may be gone too.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(e) => {
+                    first_error.get_or_insert(SockDiagError::Netlink(e));
+                    continue;
+                }
+            },
         };
         done.namespaces += 1;
-        match destroy_in(&socket, filter, &cgroups) {
+        match destroy_in(socket, filter, &cgroups) {
             Ok(n) => done.sockets += n,
             Err(e) => {
                 first_error.get_or_insert(e);
