@@ -5,6 +5,9 @@ use std::path::Path;
 
 use faultd_proto::v1 as pb;
 
+use crate::dataplane::Dataplane;
+use crate::fault::Action;
+
 #[derive(Clone, Debug)]
 pub struct Capability {
     pub name: &'static str,
@@ -17,14 +20,14 @@ pub struct Capabilities {
     pub kernel_release: String,
     pub cgroup_root: String,
     pub items: Vec<Capability>,
-    /// The datapath that applies `drop`, if it loaded.
-    pub drop_mechanism: Option<&'static str>,
+    /// Per action: the mechanism that applies it, or why it is unavailable.
+    pub actions: Vec<(&'static str, Result<&'static str, String>)>,
 }
 
 impl Capabilities {
     /// Probes the kernel. `datapath` is the outcome of loading and attaching the programs
     /// (the one probe that proves BPF, cgroup_skb and the helpers the programs call).
-    pub fn probe(cgroup_root: &Path, datapath: Result<&'static str, String>) -> Self {
+    pub fn probe(cgroup_root: &Path, datapath: Result<&dyn Dataplane, String>) -> Self {
         let kernel_release = kernel_release();
         let btf = Path::new("/sys/kernel/btf/vmlinux").is_file();
         let version = parse_version(&kernel_release);
@@ -45,8 +48,8 @@ impl Capabilities {
                 detail: cgroup_root.display().to_string(),
             },
         ];
-        let drop_mechanism = match &datapath {
-            Ok(mechanism) => {
+        let actions = match &datapath {
+            Ok(datapath) => {
                 items.push(Capability {
                     name: "cgroup_skb",
                     available: true,
@@ -55,7 +58,11 @@ impl Capabilities {
                         cgroup_root.display()
                     ),
                 });
-                Some(*mechanism)
+                items.extend(datapath.capabilities());
+                ACTIONS
+                    .iter()
+                    .map(|(name, action)| (*name, datapath.mechanism(action)))
+                    .collect()
             }
             Err(reason) => {
                 items.push(Capability {
@@ -63,7 +70,10 @@ impl Capabilities {
                     available: false,
                     detail: reason.clone(),
                 });
-                None
+                ACTIONS
+                    .iter()
+                    .map(|(name, _)| (*name, Err("the datapath did not load".to_string())))
+                    .collect()
             }
         };
         items.push(Capability {
@@ -81,7 +91,7 @@ impl Capabilities {
             kernel_release,
             cgroup_root: cgroup_root.display().to_string(),
             items,
-            drop_mechanism,
+            actions,
         }
     }
 
@@ -92,15 +102,25 @@ impl Capabilities {
             mechanism: String::new(),
             detail: "not implemented in this version".into(),
         };
-        let drop = pb::ActionSupport {
-            action: "drop".into(),
-            available: self.drop_mechanism.is_some(),
-            mechanism: self.drop_mechanism.unwrap_or_default().into(),
-            detail: match self.drop_mechanism {
-                Some(_) => "per-packet drop with the lease deadline enforced in the kernel".into(),
-                None => "the cgroup_skb datapath did not load".into(),
-            },
-        };
+        let mut actions: Vec<_> = self
+            .actions
+            .iter()
+            .map(|(name, outcome)| match outcome {
+                Ok(mechanism) => pb::ActionSupport {
+                    action: (*name).into(),
+                    available: true,
+                    mechanism: (*mechanism).into(),
+                    detail: String::new(),
+                },
+                Err(missing) => pb::ActionSupport {
+                    action: (*name).into(),
+                    available: false,
+                    mechanism: String::new(),
+                    detail: missing.clone(),
+                },
+            })
+            .collect();
+        actions.extend([not_yet("delay"), not_yet("bandwidth")]);
         pb::CapabilitiesResponse {
             kernel_release: self.kernel_release.clone(),
             cgroup_root: self.cgroup_root.clone(),
@@ -113,14 +133,33 @@ impl Capabilities {
                     detail: c.detail.clone(),
                 })
                 .collect(),
-            actions: vec![
-                drop,
-                not_yet("delay"),
-                not_yet("reset"),
-                not_yet("reject"),
-                not_yet("bandwidth"),
-            ],
+            actions,
             agent_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// The actions the capability report lists, with a representative of each.
+const ACTIONS: &[(&str, Action)] = &[
+    ("drop", Action::Drop { percent: 100.0 }),
+    ("reject", Action::Reject),
+    ("reset", Action::Reset { after_bytes: None }),
+];
+
+impl Capability {
+    /// A probe's outcome: `what` it is when available, else what is missing.
+    pub fn outcome(name: &'static str, result: Result<(), String>, what: &str) -> Self {
+        match result {
+            Ok(()) => Self {
+                name,
+                available: true,
+                detail: what.into(),
+            },
+            Err(missing) => Self {
+                name,
+                available: false,
+                detail: missing,
+            },
         }
     }
 }

@@ -121,8 +121,23 @@ async fn health(endpoint: Endpoint) -> Reply {
         _ => (false, None, None),
     };
     let caps = &endpoint.caps;
-    let loaded = caps.drop_mechanism.is_some();
+    // The datapath programs are attached once at start; the probe saw whether they loaded.
+    let loaded = caps
+        .items
+        .iter()
+        .any(|c| c.name == "cgroup_skb" && c.available);
     let healthy = loaded && responsive;
+    let actions: serde_json::Map<String, serde_json::Value> = caps
+        .actions
+        .iter()
+        .map(|(name, outcome)| {
+            let value = match outcome {
+                Ok(mechanism) => json!({ "available": true, "mechanism": mechanism }),
+                Err(missing) => json!({ "available": false, "detail": missing }),
+            };
+            ((*name).to_string(), value)
+        })
+        .collect();
     let capabilities: Vec<_> = caps
         .items
         .iter()
@@ -130,7 +145,7 @@ async fn health(endpoint: Endpoint) -> Reply {
         .collect();
     let body = json!({
         "status": if healthy { "ok" } else { "unhealthy" },
-        "datapath": { "loaded": loaded, "mechanism": caps.drop_mechanism },
+        "datapath": { "loaded": loaded, "actions": actions },
         "engine": { "responsive": responsive, "faults": faults, "leases": leases },
         "kernel": caps.kernel_release,
         "capabilities": capabilities,

@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use faultd_common::Counters;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -18,7 +17,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::engine::{Engine, RevertReason};
+use crate::engine::{Engine, FaultView, RevertReason};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabels {
@@ -173,9 +172,14 @@ pub fn render(registry: &Registry) -> Result<String, std::fmt::Error> {
 /// The content type of `render`'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// What a fault did to the packets it matched, by effect, from its kernel counters.
-pub fn effects(counters: &Counters) -> Vec<(&'static str, u64)> {
-    vec![("dropped", counters.dropped)]
+/// What a fault did, by effect: from its kernel counters (packets dropped, connects refused)
+/// and from user space (connections reset).
+pub fn effects(fault: &FaultView) -> Vec<(&'static str, u64)> {
+    vec![
+        ("dropped", fault.counters.dropped),
+        ("refused", fault.counters.refused),
+        ("reset", fault.connections_reset),
+    ]
 }
 
 /// Reads the engine at scrape time.
@@ -267,12 +271,13 @@ impl Collector for EngineCollector {
 
         let mut family = encoder.encode_descriptor(
             "fault_packets_affected",
-            "Packets a fault acted on, per fault and effect (dropped, ...)",
+            "What a fault did, per fault and effect: packets dropped, connects refused, \
+             connections reset",
             None,
             counter.metric_type(),
         )?;
         for fault in &faults {
-            for (effect, value) in effects(&fault.counters) {
+            for (effect, value) in effects(fault) {
                 let labels = EffectLabels {
                     fault: fault.id.clone(),
                     lease: fault.lease_id.clone(),

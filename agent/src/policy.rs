@@ -471,6 +471,7 @@ mod tests {
         let root = ResolvedScope {
             cgroup_path: "/".into(),
             cgroup_id: 1,
+            dir: "/sys/fs/cgroup".into(),
         };
         assert_eq!(
             policy.check_resolved(&root).unwrap_err().rule,
@@ -479,6 +480,7 @@ mod tests {
         let app = ResolvedScope {
             cgroup_path: "/app".into(),
             cgroup_id: 2,
+            dir: "/sys/fs/cgroup/app".into(),
         };
         assert!(policy.check_resolved(&app).is_ok());
     }

@@ -43,7 +43,7 @@ async fn server(name: &str) -> Server {
         Box::new(root.clone()),
         EngineConfig::default(),
     );
-    let caps = Arc::new(Capabilities::probe(root.path(), Ok("fake")));
+    let caps = Arc::new(Capabilities::probe(root.path(), Ok(&fake)));
     let socket = dir.join("faultd.sock");
     let listener = tokio::net::UnixListener::bind(&socket).unwrap();
     let (stop, stopped) = watch::channel(false);

@@ -163,7 +163,7 @@ impl Target {
         let rules = self.fake.rules();
         prop_assert_eq!(rules.len(), expected);
         for fault in &faults {
-            for key in fault.spec.target.rule_keys(fault.resolved.cgroup_id) {
+            for key in fault.spec.rule_keys(fault.resolved.cgroup_id) {
                 prop_assert!(rules.contains_key(&key), "fault {} lost {key:?}", fault.id);
             }
         }
@@ -187,7 +187,7 @@ impl Drop for Target {
 // ---------------------------------------------------------------------------------------------
 // Strategies: mostly plausible values, with the edges mixed in.
 
-fn text() -> impl Strategy<Value = String> {
+fn text() -> BoxedStrategy<String> {
     prop_oneof![
         Just(String::new()),
         Just("/app".to_string()),
@@ -199,9 +199,10 @@ fn text() -> impl Strategy<Value = String> {
         "[a-z/._-]{0,24}",
         ".{0,40}",
     ]
+    .boxed()
 }
 
-fn port() -> impl Strategy<Value = u32> {
+fn port() -> BoxedStrategy<u32> {
     prop_oneof![
         8 => 1000u32..1100,
         2 => 1u32..=65535,
@@ -210,9 +211,10 @@ fn port() -> impl Strategy<Value = u32> {
         1 => Just(53u32),
         1 => any::<u32>(),
     ]
+    .boxed()
 }
 
-fn duration() -> impl Strategy<Value = prost_types::Duration> {
+fn duration() -> BoxedStrategy<prost_types::Duration> {
     let seconds = prop_oneof![
         8 => 1i64..3600,
         2 => 0i64..7200,
@@ -221,10 +223,12 @@ fn duration() -> impl Strategy<Value = prost_types::Duration> {
         1 => Just(-1i64),
     ];
     let nanos = prop_oneof![8 => 0i32..1_000_000_000, 1 => any::<i32>()];
-    (seconds, nanos).prop_map(|(seconds, nanos)| prost_types::Duration { seconds, nanos })
+    (seconds, nanos)
+        .prop_map(|(seconds, nanos)| prost_types::Duration { seconds, nanos })
+        .boxed()
 }
 
-fn percent() -> impl Strategy<Value = f64> {
+fn percent() -> BoxedStrategy<f64> {
     prop_oneof![
         12 => 0.0f64..=100.0,
         1 => Just(f64::NAN),
@@ -232,9 +236,10 @@ fn percent() -> impl Strategy<Value = f64> {
         1 => Just(-0.0f64),
         1 => any::<f64>(),
     ]
+    .boxed()
 }
 
-fn scope() -> impl Strategy<Value = Option<pb::target::Scope>> {
+fn scope() -> BoxedStrategy<Option<pb::target::Scope>> {
     let cgroup = |path: &str| {
         Some(pb::target::Scope::Cgroup(pb::CgroupScope {
             path: path.into(),
@@ -249,9 +254,10 @@ fn scope() -> impl Strategy<Value = Option<pb::target::Scope>> {
         1 => prop_oneof![Just(0u32), Just(1u32), Just(std::process::id()), any::<u32>()]
             .prop_map(|pid| Some(pb::target::Scope::Pid(pb::PidScope { pid }))),
     ]
+    .boxed()
 }
 
-fn target() -> impl Strategy<Value = pb::Target> {
+fn target() -> BoxedStrategy<pb::Target> {
     let range = (port(), proptest::option::weighted(0.2, port()))
         .prop_map(|(first, last)| pb::PortRange { first, last });
     let protocol = prop_oneof![12 => 0i32..3, 1 => any::<i32>()];
@@ -268,12 +274,18 @@ fn target() -> impl Strategy<Value = pb::Target> {
             protocol,
             direction,
         })
+        .boxed()
 }
 
-fn fault() -> impl Strategy<Value = pb::Fault> {
+fn fault() -> BoxedStrategy<pb::Fault> {
     let action = proptest::option::weighted(
         0.9,
-        percent().prop_map(|percent| pb::fault::Action::Drop(pb::Drop { percent })),
+        prop_oneof![
+            4 => percent().prop_map(|percent| pb::fault::Action::Drop(pb::Drop { percent })),
+            1 => Just(pb::fault::Action::Reject(pb::Reject {})),
+            1 => proptest::option::of(prop_oneof![Just(0u64), 1u64..1_000_000, any::<u64>()])
+                .prop_map(|after_bytes| pb::fault::Action::Reset(pb::Reset { after_bytes })),
+        ],
     );
     let labels = proptest::collection::hash_map(text(), text(), 0..3);
     (
@@ -290,9 +302,10 @@ fn fault() -> impl Strategy<Value = pb::Fault> {
             labels,
             ..Default::default()
         })
+        .boxed()
 }
 
-fn inject_request() -> impl Strategy<Value = pb::InjectRequest> {
+fn inject_request() -> BoxedStrategy<pb::InjectRequest> {
     let lease = prop_oneof![
         1 => Just(None),
         8 => duration().prop_map(|ttl| Some(pb::inject_request::Lease::Ttl(ttl))),
@@ -308,6 +321,7 @@ fn inject_request() -> impl Strategy<Value = pb::InjectRequest> {
             fault,
             dry_run,
         })
+        .boxed()
 }
 
 /// Byte-level damage to an encoded message: flips, cuts, insertions.

@@ -36,6 +36,7 @@ impl Resolve for Cgroups {
                 Ok(ResolvedScope {
                     cgroup_path: path.clone(),
                     cgroup_id: id,
+                    dir: format!("/sys/fs/cgroup{path}").into(),
                 })
             }
             _ => Err(faultd::fault::Invalid::new("fault.target", "cgroups only")),
@@ -58,6 +59,8 @@ enum Op {
         protocol: u8,
         direction: u8,
         dry_run: bool,
+        /// 0 drop, 1 reject, 2 reset.
+        action: u8,
     },
     Remove {
         fault: usize,
@@ -86,9 +89,10 @@ fn op() -> impl Strategy<Value = Op> {
             0u8..3,
             0u8..3,
             proptest::bool::weighted(0.2),
+            prop_oneof![4 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)],
         )
-            .prop_map(|(lease, ttl_ms, cgroup, first, span, protocol, direction, dry_run)| {
-                Op::Inject { lease, ttl_ms, cgroup, first, span, protocol, direction, dry_run }
+            .prop_map(|(lease, ttl_ms, cgroup, first, span, protocol, direction, dry_run, action)| {
+                Op::Inject { lease, ttl_ms, cgroup, first, span, protocol, direction, dry_run, action }
             }),
         2 => (0usize..16).prop_map(|fault| Op::Remove { fault }),
         1 => (0usize..8).prop_map(|lease| Op::Revoke { lease }),
@@ -113,8 +117,12 @@ fn check(engine: &Engine, fake: &FakeDataplane) -> Result<(), TestCaseError> {
         let lease = leases.get(&fault.lease_id);
         prop_assert!(lease.is_some(), "fault {} has no lease", fault.id);
         prop_assert!(lease.unwrap().fault_ids.contains(&fault.id));
-        let keys = fault.spec.target.rule_keys(fault.resolved.cgroup_id);
-        let first = rules.get(&keys[0]);
+        let keys = fault.spec.rule_keys(fault.resolved.cgroup_id);
+        let Some(first_key) = keys.first() else {
+            // A reset with after_bytes has no kernel entries, only its watcher.
+            continue;
+        };
+        let first = rules.get(first_key);
         prop_assert!(first.is_some(), "fault {} is not in the map", fault.id);
         prop_assert!(
             slots.insert(first.unwrap().counter_slot),
@@ -176,13 +184,18 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     protocol,
                     direction,
                     dry_run,
+                    action,
                 } => {
                     let lease = match lease.and_then(|i| leases.get(i)) {
                         Some(id) => LeaseRef::Existing(id.clone()),
                         None => LeaseRef::Ttl(ms(ttl_ms)),
                     };
                     let spec = FaultSpec {
-                        action: Action::Drop { percent: 100.0 },
+                        action: match action {
+                            0 => Action::Drop { percent: 100.0 },
+                            1 => Action::Reject,
+                            _ => Action::Reset { after_bytes: None },
+                        },
                         target: Target {
                             scope: Scope::Cgroup {
                                 path: paths[cgroup].into(),

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod bpf;
 pub mod cgroup;
+pub mod clients;
 pub mod faultd;
 pub mod http;
 pub mod netns;

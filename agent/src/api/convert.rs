@@ -40,7 +40,16 @@ pub fn fault_spec(fault: Option<pb::Fault>) -> Result<FaultSpec, Invalid> {
     let fault = fault.ok_or_else(|| Invalid::new("fault", "required"))?;
     let action = match fault.action {
         Some(pb::fault::Action::Drop(drop)) => Action::drop(drop.percent, "fault.drop.percent")?,
-        None => return Err(Invalid::new("fault", "an action is required (drop)")),
+        Some(pb::fault::Action::Reject(pb::Reject {})) => Action::Reject,
+        Some(pb::fault::Action::Reset(reset)) => {
+            Action::reset(reset.after_bytes, "fault.reset.after_bytes")?
+        }
+        None => {
+            return Err(Invalid::new(
+                "fault",
+                "an action is required (drop, reject or reset)",
+            ));
+        }
     };
     let target = fault
         .target
@@ -114,6 +123,8 @@ pub fn fault(view: FaultView) -> pb::Fault {
     let spec = view.spec;
     let action = match spec.action {
         Action::Drop { percent } => pb::fault::Action::Drop(pb::Drop { percent }),
+        Action::Reject => pb::fault::Action::Reject(pb::Reject {}),
+        Action::Reset { after_bytes } => pb::fault::Action::Reset(pb::Reset { after_bytes }),
     };
     let scope = match spec.target.scope {
         Scope::Host => pb::target::Scope::Host(pb::HostScope {}),
@@ -159,6 +170,8 @@ pub fn fault(view: FaultView) -> pb::Fault {
         counters: Some(pb::Counters {
             matched: view.counters.matched,
             dropped: view.counters.dropped,
+            refused: view.counters.refused,
+            reset: view.connections_reset,
         }),
         expires_at: Some(timestamp(view.expires_at)),
         remaining: Some(duration::to_proto(view.remaining)),

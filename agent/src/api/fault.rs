@@ -38,13 +38,18 @@ impl FaultApi {
         }
     }
 
-    fn inject(&self, request: pb::InjectRequest) -> Result<pb::Fault, Status> {
+    async fn inject(&self, request: pb::InjectRequest) -> Result<pb::Fault, Status> {
         let lease = convert::lease_ref(request.lease.as_ref())?;
         let spec = convert::fault_spec(request.fault)?;
-        let view = match request.dry_run {
-            true => self.engine.dry_run(lease, spec)?,
-            false => self.engine.inject(lease, spec)?,
-        };
+        let dry_run = request.dry_run;
+        // A reset walks cgroups and talks netlink in other namespaces: not on an async worker.
+        let engine = self.engine.clone();
+        let view = tokio::task::spawn_blocking(move || match dry_run {
+            true => engine.dry_run(lease, spec),
+            false => engine.inject(lease, spec),
+        })
+        .await
+        .map_err(|e| Status::internal(format!("inject task: {e}")))??;
         Ok(convert::fault(view))
     }
 }
@@ -88,7 +93,7 @@ impl pb::fault_service_server::FaultService for FaultApi {
         let peer = peer::of(&request);
         let request = request.into_inner();
         let what = inject_json(&request);
-        let result = self.inject(request);
+        let result = self.inject(request).await;
         self.calls
             .mutating(SERVICE, "Inject", &peer, what, &result, fault_json);
         result.map(Response::new)

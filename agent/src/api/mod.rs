@@ -41,6 +41,7 @@ impl From<Error> for Status {
             Error::NotFound { .. } => Status::not_found(message),
             Error::Conflict(_) => Status::already_exists(message),
             Error::Exhausted(_) => Status::resource_exhausted(message),
+            Error::Unsupported(_) => Status::failed_precondition(message),
             Error::Dataplane(_) => Status::internal(message),
         }
     }

@@ -137,15 +137,36 @@ enum Command {
 enum InjectCommand {
     /// Drop a share of the matched packets.
     Drop(DropArgs),
+    /// Refuse new TCP connections to the ports with "Connection refused" (ECONNREFUSED).
+    Reject(InjectArgs),
+    /// Tear down the established TCP connections on the ports now and refuse new ones.
+    Reset(ResetArgs),
 }
 
 #[derive(Args, Debug)]
 struct DropArgs {
     #[command(flatten)]
-    target: TargetArgs,
+    common: InjectArgs,
     /// Share of the matched packets to drop, 0 to 100.
     #[arg(long, default_value_t = 100.0, value_parser = parse_percent)]
     percent: f64,
+}
+
+#[derive(Args, Debug)]
+struct ResetArgs {
+    #[command(flatten)]
+    common: InjectArgs,
+    /// Instead: tear down each connection once it has carried this many bytes, and let new
+    /// connections open (each gets the same allowance).
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    after_bytes: Option<u64>,
+}
+
+/// What every action takes: the target, the lease, labels.
+#[derive(Args, Debug)]
+struct InjectArgs {
+    #[command(flatten)]
+    target: TargetArgs,
     #[command(flatten)]
     lease: LeaseChoice,
     /// Label of the fault (and of the lease faultctl grants for it); repeatable.
@@ -378,7 +399,8 @@ async fn main() -> ExitCode {
 /// Checks what clap cannot, so a mistake is a usage error (exit 2) before any call is made.
 fn validate(command: &Command) -> Result<(), String> {
     match command {
-        Command::Inject(InjectCommand::Drop(args)) => {
+        Command::Inject(command) => {
+            let args = command.common();
             if args.target.scope.to_proto().is_none() {
                 return Err(
                     "choose where the fault applies: --cgroup PATH, --pid PID or --host".into(),
@@ -436,8 +458,9 @@ async fn run(cli: Cli) -> Result<()> {
     let mut faults = FaultServiceClient::new(channel.clone());
     let mut leases = LeaseServiceClient::new(channel);
     match cli.command {
-        Command::Inject(InjectCommand::Drop(args)) => {
-            inject_drop(&mut faults, &mut leases, args, output).await
+        Command::Inject(command) => {
+            let (args, action) = command.into_parts();
+            inject(&mut faults, &mut leases, args, action, output).await
         }
         Command::List => {
             let list = faults
@@ -666,10 +689,39 @@ async fn lease_command(
     show(output, || lease_detail(&lease), lease_json(&lease))
 }
 
-async fn inject_drop(
+impl InjectCommand {
+    fn common(&self) -> &InjectArgs {
+        match self {
+            Self::Drop(args) => &args.common,
+            Self::Reject(args) => args,
+            Self::Reset(args) => &args.common,
+        }
+    }
+
+    fn into_parts(self) -> (InjectArgs, fault::Action) {
+        match self {
+            Self::Drop(args) => (
+                args.common,
+                fault::Action::Drop(pb::Drop {
+                    percent: args.percent,
+                }),
+            ),
+            Self::Reject(args) => (args, fault::Action::Reject(pb::Reject {})),
+            Self::Reset(args) => (
+                args.common,
+                fault::Action::Reset(pb::Reset {
+                    after_bytes: args.after_bytes,
+                }),
+            ),
+        }
+    }
+}
+
+async fn inject(
     faults: &mut FaultServiceClient<Channel>,
     leases: &mut LeaseServiceClient<Channel>,
-    args: DropArgs,
+    args: InjectArgs,
+    action: fault::Action,
     output: Output,
 ) -> Result<()> {
     let labels = label_map(&args.labels).map_err(|why| anyhow!(why))?;
@@ -683,9 +735,7 @@ async fn inject_drop(
         let request = InjectRequest {
             lease: Some(lease),
             fault: Some(Fault {
-                action: Some(fault::Action::Drop(pb::Drop {
-                    percent: args.percent,
-                })),
+                action: Some(action),
                 target: Some(target),
                 labels,
                 ..Fault::default()
@@ -729,9 +779,7 @@ async fn inject_drop(
     let request = InjectRequest {
         lease: Some(lease),
         fault: Some(Fault {
-            action: Some(fault::Action::Drop(pb::Drop {
-                percent: args.percent,
-            })),
+            action: Some(action),
             target: Some(target),
             labels,
             ..Fault::default()
@@ -1054,6 +1102,11 @@ fn target_summary(target: &Target) -> String {
 fn action_text(action: Option<&fault::Action>) -> String {
     match action {
         Some(fault::Action::Drop(drop)) => format!("drop {}%", drop.percent),
+        Some(fault::Action::Reject(_)) => "reject".into(),
+        Some(fault::Action::Reset(reset)) => match reset.after_bytes {
+            Some(bytes) => format!("reset after {bytes} bytes"),
+            None => "reset".into(),
+        },
         None => "no action".into(),
     }
 }
@@ -1279,12 +1332,14 @@ fn fault_table(faults: &[Fault]) -> String {
                 left,
                 counters.matched.to_string(),
                 counters.dropped.to_string(),
+                counters.refused.to_string(),
+                counters.reset.to_string(),
             ]
         })
         .collect();
     table(
         &[
-            "ID", "LEASE", "ACTION", "TARGET", "LEFT", "MATCHED", "DROPPED",
+            "ID", "LEASE", "ACTION", "TARGET", "LEFT", "MATCHED", "DROPPED", "REFUSED", "RESET",
         ],
         &rows,
     )
@@ -1319,6 +1374,8 @@ fn fault_detail(fault: &Fault) -> String {
         ("expires", expires),
         ("matched", counters.matched.to_string()),
         ("dropped", counters.dropped.to_string()),
+        ("refused", counters.refused.to_string()),
+        ("reset", counters.reset.to_string()),
     ])
 }
 
@@ -1477,6 +1534,14 @@ fn target_json(target: &Target) -> Value {
 fn fault_json(fault: &Fault) -> Value {
     let (action_name, action) = match &fault.action {
         Some(fault::Action::Drop(drop)) => ("drop", json!({ "percent": drop.percent })),
+        Some(fault::Action::Reject(_)) => ("reject", json!({})),
+        Some(fault::Action::Reset(reset)) => (
+            "reset",
+            match reset.after_bytes {
+                Some(bytes) => json!({ "afterBytes": bytes }),
+                None => json!({}),
+            },
+        ),
         None => ("action", Value::Null),
     };
     let state = FaultState::try_from(fault.state)
@@ -1492,7 +1557,8 @@ fn fault_json(fault: &Fault) -> Value {
         (
             "counters",
             fault.counters.map_or(Value::Null, |c| {
-                json!({ "matched": c.matched, "dropped": c.dropped })
+                json!({ "matched": c.matched, "dropped": c.dropped, "refused": c.refused,
+                    "reset": c.reset })
             }),
         ),
         ("expiresAt", timestamp_json(fault.expires_at.as_ref())),
@@ -1573,7 +1639,7 @@ mod tests {
         assert_eq!(parse_port_range("8000-8010"), Ok(range(8000, Some(8010))));
         assert_eq!(parse_port_range("65535"), Ok(range(65535, None)));
         let args = drop_args("--host --ttl 1s --port 6379,5432 --port 1-9");
-        let ports = args.map(|args| args.target.ports).expect("parses");
+        let ports = args.map(|args| args.common.target.ports).expect("parses");
         let expected = vec![range(6379, None), range(5432, None), range(1, Some(9))];
         assert_eq!(ports, expected);
     }
@@ -1600,16 +1666,17 @@ mod tests {
         assert!(parse_label("novalue").is_err());
         assert!(parse_label("=v").is_err());
         let args = drop_args("--host --ttl 1s --port 1 --label a=1 --label b=2").expect("parses");
-        assert_eq!(label_map(&args.labels).map(|map| map.len()), Ok(2));
+        assert_eq!(label_map(&args.common.labels).map(|map| map.len()), Ok(2));
         let args = drop_args("--host --ttl 1s --port 1 --label a=1 --label a=2").expect("parses");
-        assert!(label_map(&args.labels).is_err());
+        assert!(label_map(&args.common.labels).is_err());
         assert!(validate(&Command::Inject(InjectCommand::Drop(args))).is_err());
     }
 
     #[test]
     fn exactly_one_scope() {
         let scope = |line: &str| {
-            drop_args(&format!("{line} --ttl 1s --port 1")).map(|args| args.target.scope.to_proto())
+            drop_args(&format!("{line} --ttl 1s --port 1"))
+                .map(|args| args.common.target.scope.to_proto())
         };
         let cgroup = pb::CgroupScope {
             path: "/app".into(),
@@ -1646,14 +1713,14 @@ mod tests {
         assert!(drop_args("--host --port 1 --ttl 0s").is_err());
         assert!(drop_args("--host --port 1 --ttl soon").is_err());
         let args = drop_args("--host --port 1 --lease abc --keepalive").expect("parses");
-        assert_eq!(args.lease.lease_id.as_deref(), Some("abc"));
-        assert!(args.keepalive);
+        assert_eq!(args.common.lease.lease_id.as_deref(), Some("abc"));
+        assert!(args.common.keepalive);
     }
 
     #[test]
     fn defaults_are_both_protocols_both_directions_all_packets() {
         let args = drop_args("--host --ttl 30s --port 6379").expect("parses");
-        let target = args.target.to_proto();
+        let target = args.common.target.to_proto();
         assert_eq!(target.protocol, pb::Protocol::Unspecified as i32);
         assert_eq!(target.direction, pb::Direction::Both as i32);
         assert_eq!(args.percent, 100.0);

@@ -15,7 +15,6 @@ use faultd::api::{Listener, Services};
 use faultd::audit::{AuditLog, Entry, Peer};
 use faultd::caps::Capabilities;
 use faultd::config::{Config, LogFormat};
-use faultd::dataplane::Dataplane;
 use faultd::dataplane::cgroup_skb::CgroupSkbDataplane;
 use faultd::engine::{Engine, EngineConfig};
 use faultd::policy::Policy;
@@ -74,7 +73,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         cgroup_root.path(),
         dataplane
             .as_ref()
-            .map(|d| d.mechanism())
+            .map(|d| d as &dyn faultd::dataplane::Dataplane)
             .map_err(|e| e.to_string()),
     );
     for c in &caps.items {

@@ -4,14 +4,17 @@
 //! same deadline, so the kernel stops a fault on time even when this process cannot.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use faultd_common::{ACTION_DROP, Counters, MAX_FAULTS, MAX_RULES, RuleKey, RuleValue};
+use faultd_common::{
+    ACTION_DROP, ACTION_REJECT, Counters, MAX_FAULTS, MAX_RULES, RuleKey, RuleValue,
+};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::dataplane::{Dataplane, DataplaneError};
+use crate::dataplane::{Dataplane, DataplaneError, SocketFilter};
 use crate::events::{EventKind, Events};
 use crate::fault::{Action, FaultId, FaultSpec, Invalid, Labels, LeaseId};
 use crate::lease::{Lease, LeaseTable};
@@ -32,6 +35,9 @@ pub enum Error {
     Conflict(String),
     #[error("{0}")]
     Exhausted(String),
+    /// The kernel lacks what the action needs.
+    #[error("{0}")]
+    Unsupported(String),
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
 }
@@ -68,6 +74,8 @@ pub struct FaultView {
     pub rules: usize,
     pub state: FaultState,
     pub counters: Counters,
+    /// Connections torn down by a `reset`.
+    pub connections_reset: u64,
     pub expires_at: SystemTime,
     pub remaining: Duration,
     pub mechanism: &'static str,
@@ -114,6 +122,10 @@ struct FaultRecord {
     resolved: ResolvedScope,
     keys: Vec<RuleKey>,
     slot: u32,
+    mechanism: &'static str,
+    connections_reset: Arc<AtomicU64>,
+    /// Dropping it stops the `reset{after_bytes}` watcher.
+    watcher: Option<reset::ResetWatcher>,
     /// The policy's max_fault_duration after it was applied: it ends then even if its lease
     /// lives on.
     ends_at: Instant,
@@ -246,6 +258,9 @@ impl Engine {
                 let deadline = kernel_deadline(lease.deadline.min(fault.ends_at));
                 let value = rule_value(&fault.spec.action, fault.slot, deadline);
                 rules.extend(fault.keys.iter().map(|k| (*k, value)));
+                if let Some(watcher) = &fault.watcher {
+                    watcher.renew(deadline);
+                }
             }
         }
         state.dataplane.refresh(&rules)?;
@@ -293,10 +308,17 @@ impl Engine {
         if let LeaseRef::Ttl(ttl) = &lease {
             self.check_ttl(*ttl, "ttl")?;
         }
-        spec.target.validate()?;
+        spec.validate()?;
+        let spec = spec.normalized();
         let policy = &self.config.policy;
         policy.check_target(&spec.target)?;
         let mut state = self.lock();
+        let mechanism = state.dataplane.mechanism(&spec.action).map_err(|missing| {
+            Error::Unsupported(format!(
+                "{} is not available on this kernel: {missing}",
+                spec.action.name()
+            ))
+        })?;
         // The lease the fault goes under: an existing one, or a private one granted below.
         let (existing, private_ttl) = match lease {
             LeaseRef::Existing(id) => match state.leases.get(&id) {
@@ -313,10 +335,11 @@ impl Engine {
         };
         let resolved = state.resolver.resolve(&spec.target.scope)?;
         policy.check_resolved(&resolved)?;
-        let keys = spec.target.rule_keys(resolved.cgroup_id);
+        let keys = spec.rule_keys(resolved.cgroup_id);
         if let Some(owner) = keys.iter().find_map(|k| state.owners.get(k)) {
             return Err(Error::Conflict(format!(
-                "fault.target: {} overlaps fault {owner} (remove it first)",
+                "fault.target: {} {} overlaps fault {owner} (remove it first)",
+                spec.action.name(),
                 spec.target.summary()
             )));
         }
@@ -358,9 +381,10 @@ impl Engine {
                 rules: keys.len(),
                 state: FaultState::DryRun,
                 counters: Counters::default(),
+                connections_reset: 0,
                 expires_at,
                 remaining,
-                mechanism: state.dataplane.mechanism(),
+                mechanism,
             });
         }
         let Some(slot) = state.free_slots.pop() else {
@@ -372,45 +396,61 @@ impl Engine {
             Some(found) => found,
             None => state.grant(private_ttl, Labels::new(), true),
         };
-        let value = rule_value(&spec.action, slot, kernel_deadline(deadline.min(ends_at)));
+        let deadline_ns = kernel_deadline(deadline.min(ends_at));
+        let value = rule_value(&spec.action, slot, deadline_ns);
         let rules: Vec<_> = keys.iter().map(|k| (*k, value)).collect();
+        let id = new_id(|id| state.faults.contains_key(id));
+        let connections_reset = Arc::new(AtomicU64::new(0));
         let applied = state
             .dataplane
             .reset_counters(slot)
-            .and_then(|()| state.dataplane.insert(&rules));
-        if let Err(e) = applied {
-            state.free_slots.push(slot);
-            if private {
-                state.leases.remove(&lease_id);
+            .and_then(|()| state.dataplane.insert(&rules))
+            .map_err(Error::from)
+            .and_then(|()| {
+                // New connects are refused before the old connections go, so a client cannot
+                // slip a reconnect in between.
+                state.apply_reset(&id, &spec, &resolved, deadline_ns, &connections_reset)
+            });
+        let watcher = match applied {
+            Ok(watcher) => watcher,
+            Err(e) => {
+                if let Err(e) = state.dataplane.remove(&keys) {
+                    tracing::warn!(error = %e, "rolling back a failed inject");
+                }
+                state.free_slots.push(slot);
+                if private {
+                    state.leases.remove(&lease_id);
+                }
+                if state.events.watched() {
+                    let (expires_at, remaining) = wall_clock(deadline.min(ends_at));
+                    let view = FaultView {
+                        id: String::new(),
+                        lease_id: if private { String::new() } else { lease_id },
+                        spec,
+                        resolved,
+                        rules: keys.len(),
+                        state: FaultState::Reverted,
+                        counters: Counters::default(),
+                        connections_reset: 0,
+                        expires_at,
+                        remaining,
+                        mechanism,
+                    };
+                    let message = format!("applying the fault: {e}");
+                    state.events.publish(EventKind::Failed { message }, view);
+                }
+                return Err(e);
             }
-            if state.events.watched() {
-                let (expires_at, remaining) = wall_clock(deadline.min(ends_at));
-                let view = FaultView {
-                    id: String::new(),
-                    lease_id: if private { String::new() } else { lease_id },
-                    spec,
-                    resolved,
-                    rules: keys.len(),
-                    state: FaultState::Reverted,
-                    counters: Counters::default(),
-                    expires_at,
-                    remaining,
-                    mechanism: state.dataplane.mechanism(),
-                };
-                let message = format!("applying the fault: {e}");
-                state.events.publish(EventKind::Failed { message }, view);
-            }
-            return Err(e.into());
-        }
-        let id = new_id(|id| state.faults.contains_key(id));
+        };
         for key in &keys {
             state.owners.insert(*key, id.clone());
         }
         if let Some(lease) = state.leases.get_mut(&lease_id) {
             lease.faults.push(id.clone());
         }
-        tracing::info!(fault = %id, lease = %lease_id, action = spec.action.name(),
-            target = %spec.target.summary(), cgroup_id = resolved.cgroup_id, rules = keys.len(), "fault applied");
+        tracing::info!(fault = %id, lease = %lease_id, action = spec.action.name(), mechanism,
+            target = %spec.target.summary(), cgroup_id = resolved.cgroup_id, rules = keys.len(),
+            connections_reset = connections_reset.load(Ordering::Relaxed), "fault applied");
         let action = spec.action.name();
         state.faults.insert(
             id.clone(),
@@ -420,6 +460,9 @@ impl Engine {
                 resolved,
                 keys,
                 slot,
+                mechanism,
+                connections_reset,
+                watcher,
                 ends_at,
             },
         );
@@ -525,6 +568,34 @@ impl Engine {
 }
 
 impl State {
+    /// The socket side of `reset`: tears down the target's connections now, or starts the
+    /// watcher of `reset{after_bytes}`.
+    fn apply_reset(
+        &self,
+        id: &str,
+        spec: &FaultSpec,
+        resolved: &ResolvedScope,
+        deadline_ns: u64,
+        count: &Arc<AtomicU64>,
+    ) -> Result<Option<reset::ResetWatcher>, Error> {
+        let Action::Reset { after_bytes } = spec.action else {
+            return Ok(None);
+        };
+        let filter = SocketFilter {
+            cgroup_dir: resolved.dir.clone(),
+            ports: spec.target.ports.clone(),
+            min_bytes: after_bytes,
+        };
+        let killer = self.dataplane.connection_killer();
+        if after_bytes.is_none() {
+            count.fetch_add(killer(&filter)? as u64, Ordering::Relaxed);
+            return Ok(None);
+        }
+        reset::ResetWatcher::start(id, filter, killer, deadline_ns, count.clone())
+            .map(Some)
+            .map_err(|e| Error::Exhausted(format!("starting the reset watcher thread: {e}")))
+    }
+
     fn grant(&mut self, ttl: Duration, labels: Labels, private: bool) -> (LeaseId, Instant) {
         let id = new_id(|id| self.leases.contains(id));
         let deadline = Instant::now() + ttl;
@@ -624,9 +695,10 @@ impl State {
                 rules: fault.keys.len(),
                 state: FaultState::Reverted,
                 counters,
+                connections_reset: fault.connections_reset.load(Ordering::Relaxed),
                 expires_at: SystemTime::now(),
                 remaining: Duration::ZERO,
-                mechanism: self.dataplane.mechanism(),
+                mechanism: fault.mechanism,
                 lease_id: fault.lease_id,
                 spec: fault.spec,
                 resolved: fault.resolved,
@@ -659,9 +731,10 @@ impl State {
             rules: fault.keys.len(),
             state,
             counters: self.dataplane.counters(fault.slot)?,
+            connections_reset: fault.connections_reset.load(Ordering::Relaxed),
             expires_at,
             remaining,
-            mechanism: self.dataplane.mechanism(),
+            mechanism: fault.mechanism,
         })
     }
 
@@ -694,12 +767,13 @@ fn not_found(kind: &'static str, id: &str) -> Error {
 }
 
 fn rule_value(action: &Action, slot: u32, expires_at_ns: u64) -> RuleValue {
-    match action {
-        Action::Drop { .. } => RuleValue {
-            expires_at_ns,
-            drop_threshold: action.drop_threshold(),
-            counter_slot: slot,
-            action: ACTION_DROP,
+    RuleValue {
+        expires_at_ns,
+        drop_threshold: action.drop_threshold(),
+        counter_slot: slot,
+        action: match action {
+            Action::Drop { .. } => ACTION_DROP,
+            Action::Reject | Action::Reset { .. } => ACTION_REJECT,
         },
     }
 }
@@ -746,5 +820,6 @@ fn wall_clock(deadline: Instant) -> (SystemTime, Duration) {
     (SystemTime::now() + remaining, remaining)
 }
 
+mod reset;
 #[cfg(test)]
 mod tests;

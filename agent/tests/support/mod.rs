@@ -52,7 +52,7 @@ impl Server {
             Box::new(root.clone()),
             EngineConfig { policy },
         );
-        let caps = Arc::new(Capabilities::probe(root.path(), Ok("fake")));
+        let caps = Arc::new(Capabilities::probe(root.path(), Ok(&fake)));
         let audit_log = dir.join("audit.jsonl");
         let audit = Arc::new(AuditLog::open(&audit_log).unwrap());
         let services = Services::new(engine.clone(), caps).with_audit(Some(audit));
