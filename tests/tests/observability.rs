@@ -90,7 +90,10 @@ async fn metrics_rise_with_a_drop_on_redis_and_match_the_clients_losses() {
     let health: serde_json::Value = serde_json::from_str(&health).unwrap();
     assert_eq!(health["status"], "ok", "{health}");
     assert_eq!(health["datapath"]["loaded"], true, "{health}");
-    assert_eq!(health["datapath"]["mechanism"], "cgroup_skb", "{health}");
+    assert_eq!(
+        health["datapath"]["actions"]["drop"]["mechanism"], "cgroup_skb",
+        "{health}"
+    );
     assert!(
         health["capabilities"].as_array().is_some_and(|c| c
             .iter()
