@@ -2,7 +2,9 @@
 //!
 //! Rooms: `fault` (domain model and validation), `lease` (lease table), `engine` (applies and
 //! reverts faults, owns the kernel resources), `dataplane` (kernel mechanisms), `target`
-//! (scope resolution), `api` (gRPC: conversion and status mapping only), `caps` (kernel probe).
+//! (scope resolution), `api` (gRPC: conversion and status mapping only), `caps` (kernel probe),
+//! `policy` (guardrails), `events` (what happens to faults, for Watch), `metrics` and `http`
+//! (Prometheus and /healthz), `audit` (who did what).
 
 pub mod api;
 pub mod audit;
