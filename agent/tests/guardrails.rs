@@ -188,6 +188,31 @@ async fn a_fault_ends_at_max_fault_duration_even_when_its_lease_is_renewed() {
         .renew(pb::RenewRequest { lease_id: lease.id })
         .await
         .expect("the lease outlives the capped fault");
+    // A private lease goes with its capped fault.
+    faults
+        .inject(inject(drop_fault(100.0, &[(6380, None)]), "1s"))
+        .await
+        .unwrap();
+    next_event(&mut events).await;
+    let capped = next_event(&mut events).await;
+    assert!(
+        matches!(capped.kind, Some(pb::fault_event::Kind::Reverted(_))),
+        "{capped:?}"
+    );
+    // Its private lease (ttl 1s) would live on for another 600 ms without its fault.
+    let leases = server.engine.leases();
+    assert!(
+        leases.iter().all(|l| !l.private),
+        "the private lease should be gone with its fault: {leases:?}"
+    );
+}
+
+async fn next_event(events: &mut tonic::Streaming<pb::FaultEvent>) -> pb::FaultEvent {
+    tokio::time::timeout(Duration::from_secs(2), events.message())
+        .await
+        .expect("no event within 2 s")
+        .unwrap()
+        .unwrap()
 }
 
 #[tokio::test]

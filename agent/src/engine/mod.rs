@@ -626,7 +626,17 @@ impl State {
             }
             if let Some((_, id)) = self.fault_ends.pop_first() {
                 tracing::info!(fault = %id, "fault reached the policy's max_fault_duration");
+                let lease_id = self.faults.get(&id).map(|f| f.lease_id.clone());
                 self.revert_because(&id, RevertReason::Expired, "max_fault_duration reached");
+                // A private lease exists for its one fault: it goes with it.
+                if let Some(lease_id) = lease_id
+                    && self
+                        .leases
+                        .get(&lease_id)
+                        .is_some_and(|l| l.private && l.faults.is_empty())
+                {
+                    self.leases.remove(&lease_id);
+                }
             }
         }
     }
