@@ -88,6 +88,8 @@ pub struct ScopeValue {
 pub struct Counters {
     pub matched: u64,
     pub dropped: u64,
+    /// Packets held back by a delay or bandwidth fault.
+    pub delayed: u64,
 }
 
 #[cfg(feature = "user")]
@@ -109,7 +111,7 @@ mod tests {
         assert_eq!(size_of::<RuleKey>(), 16);
         assert_eq!(size_of::<RuleValue>(), 24);
         assert_eq!(size_of::<ScopeValue>(), 8);
-        assert_eq!(size_of::<Counters>(), 16);
+        assert_eq!(size_of::<Counters>(), 24);
     }
 
     fn bytes<T>(value: &T) -> &[u8] {
