@@ -5,6 +5,9 @@ use std::path::Path;
 
 use faultd_proto::v1 as pb;
 
+use crate::dataplane::Shaper;
+use crate::fault::{Action, Mechanism};
+
 #[derive(Clone, Debug)]
 pub struct Capability {
     pub name: &'static str,
@@ -19,6 +22,8 @@ pub struct Capabilities {
     pub items: Vec<Capability>,
     /// The datapath that applies `drop`, if it loaded.
     pub drop_mechanism: Option<&'static str>,
+    /// delay and bandwidth: the mechanism the agent picks for each, or why none can apply it.
+    pub shaping: Vec<(&'static str, Result<Mechanism, String>)>,
 }
 
 impl Capabilities {
@@ -82,6 +87,56 @@ impl Capabilities {
             cgroup_root: cgroup_root.display().to_string(),
             items,
             drop_mechanism,
+            shaping: Vec::new(),
+        }
+    }
+
+    /// Adds a probed capability: Ok(detail) if present, Err(why not) if not.
+    pub fn add(&mut self, name: &'static str, probed: Result<String, String>) {
+        let (available, detail) = match probed {
+            Ok(detail) => (true, detail),
+            Err(why) => (false, why),
+        };
+        self.items.push(Capability {
+            name,
+            available,
+            detail,
+        });
+    }
+
+    /// Records which mechanism would apply delay and bandwidth (the engine's choice for a fault
+    /// that leaves it open), given the engine's shapers.
+    pub fn add_shaping(&mut self, shapers: &[Box<dyn Shaper>]) {
+        let ms = std::time::Duration::from_millis;
+        let samples = [
+            ("delay", Action::delay(ms(1), ms(0), 0.0, None, "delay")),
+            ("bandwidth", Action::bandwidth(1, 0, None, "bandwidth")),
+        ];
+        for (name, action) in samples {
+            let Ok(action) = action else {
+                continue;
+            };
+            let mut reasons = Vec::new();
+            let chosen = Mechanism::PREFERENCE.into_iter().find(|mechanism| {
+                match shapers.iter().find(|s| s.mechanism() == *mechanism) {
+                    Some(shaper) => match shaper.unavailable(&action) {
+                        None => true,
+                        Some(why) => {
+                            reasons.push(format!("{}: {why}", mechanism.name()));
+                            false
+                        }
+                    },
+                    None => {
+                        reasons.push(format!(
+                            "{}: not supported by this faultd",
+                            mechanism.name()
+                        ));
+                        false
+                    }
+                }
+            });
+            self.shaping
+                .push((name, chosen.ok_or_else(|| reasons.join("; "))));
         }
     }
 
@@ -113,13 +168,32 @@ impl Capabilities {
                     detail: c.detail.clone(),
                 })
                 .collect(),
-            actions: vec![
-                drop,
-                not_yet("delay"),
-                not_yet("reset"),
-                not_yet("reject"),
-                not_yet("bandwidth"),
-            ],
+            actions: {
+                let mut actions = vec![drop];
+                for name in ["delay", "bandwidth"] {
+                    actions.push(match self.shaping.iter().find(|(n, _)| *n == name) {
+                        Some((_, Ok(mechanism))) => pb::ActionSupport {
+                            action: name.into(),
+                            available: true,
+                            mechanism: mechanism.name().into(),
+                            detail: format!(
+                                "{} unless the fault forces another mechanism",
+                                mechanism.name()
+                            ),
+                        },
+                        Some((_, Err(why))) => pb::ActionSupport {
+                            action: name.into(),
+                            available: false,
+                            mechanism: String::new(),
+                            detail: why.clone(),
+                        },
+                        None => not_yet(name),
+                    });
+                }
+                actions.push(not_yet("reset"));
+                actions.push(not_yet("reject"));
+                actions
+            },
             agent_version: env!("CARGO_PKG_VERSION").into(),
         }
     }

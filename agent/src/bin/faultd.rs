@@ -12,9 +12,12 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use faultd::caps::Capabilities;
 use faultd::config::{Config, LogFormat};
-use faultd::dataplane::Dataplane;
 use faultd::dataplane::cgroup_skb::CgroupSkbDataplane;
+use faultd::dataplane::nfqueue::{self, NfqueueShaper};
+use faultd::dataplane::{Dataplane, MissingShaper, Shaper, qdisc_probe};
 use faultd::engine::{Engine, EngineConfig};
+use faultd::fault::Mechanism;
+use faultd::instance::Instance;
 use faultd::target::CgroupRoot;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -46,21 +49,34 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || CgroupSkbDataplane::load(faultd::EBPF_OBJECT, &root))
             .await
             .context("loading the datapath")?;
-    let caps = Capabilities::probe(
+    let mut caps = Capabilities::probe(
         cgroup_root.path(),
         dataplane
             .as_ref()
             .map(|d| d.mechanism())
             .map_err(|e| e.to_string()),
     );
+    let dataplane = dataplane.context("faultd cannot apply faults without its datapath")?;
+
+    // What it leaves outside its process (netfilter chains) carries this id.
+    let instance = Instance::register().context("registering this agent's instance id")?;
+    fs::write(config.state_dir.join("instance"), instance.id())?;
+    let shapers = shapers(&instance, &cgroup_root, &config.state_dir, &mut caps).await?;
+    caps.add_shaping(&shapers);
     for c in &caps.items {
         tracing::info!(capability = c.name, available = c.available, detail = %c.detail, "probe");
     }
-    let dataplane = dataplane.context("faultd cannot apply faults without its datapath")?;
+    for (action, mechanism) in &caps.shaping {
+        match mechanism {
+            Ok(mechanism) => tracing::info!(action, mechanism = mechanism.name(), "mechanism"),
+            Err(why) => tracing::warn!(action, %why, "no mechanism"),
+        }
+    }
 
     let listener = bind(&config.socket).await?;
-    let engine = Engine::new(
+    let engine = Engine::with_shapers(
         Box::new(dataplane),
+        shapers,
         Box::new(cgroup_root),
         EngineConfig {
             max_ttl: config.max_ttl,
@@ -94,8 +110,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(socket = %config.socket.display(), kernel = %caps.kernel_release, "faultd ready");
     let served = faultd::api::serve(engine.clone(), Arc::new(caps), listener, stop_rx).await;
 
-    // Anything injected while connections drained goes too.
-    let (faults, leases) = engine.abort();
+    // Anything injected while connections drained goes too, and the mechanisms finish their
+    // clean-up (netfilter rules) before we exit.
+    let (faults, leases) = engine.close();
     if !faults.is_empty() || !leases.is_empty() {
         tracing::info!(
             faults = faults.len(),
@@ -111,6 +128,64 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "removing the socket");
     }
     served.map_err(|e| anyhow::anyhow!("serving the API: {e}"))
+}
+
+/// The delay and bandwidth mechanisms, in the engine's order of preference, after probing the
+/// kernel for each (reported in `caps`). NFQUEUE sweeps rules of dead agents as it starts.
+async fn shapers(
+    instance: &Instance,
+    cgroup_root: &CgroupRoot,
+    state_dir: &Path,
+    caps: &mut Capabilities,
+) -> anyhow::Result<Vec<Box<dyn Shaper>>> {
+    let qdiscs = tokio::task::spawn_blocking(|| qdisc_probe::probe(&["netem", "fq"])).await?;
+    let mut missing = Vec::new();
+    for (kind, probed) in qdiscs {
+        let mechanism = match kind {
+            "netem" => Some(Mechanism::Netem),
+            "fq" => Some(Mechanism::Edt),
+            _ => None,
+        };
+        if let Some(mechanism) = mechanism {
+            let reason = match &probed {
+                Ok(()) => format!(
+                    "sch_{kind} is present, but this faultd does not implement the {} mechanism",
+                    mechanism.name()
+                ),
+                Err(why) => why.clone(),
+            };
+            missing.push(MissingShaper { mechanism, reason });
+        }
+        caps.add(
+            kind,
+            probed.map(|()| format!("created a {kind} qdisc on a private loopback device")),
+        );
+    }
+    let id = instance.id().to_owned();
+    let probe = tokio::task::spawn_blocking(move || nfqueue::probe(&id)).await?;
+    caps.add(
+        "nfqueue",
+        probe
+            .families
+            .as_ref()
+            .map(|_| probe.detail.clone())
+            .map_err(|_| probe.detail.clone()),
+    );
+    let (id, root, dir) = (
+        instance.id().to_owned(),
+        cgroup_root.path().to_path_buf(),
+        state_dir.to_path_buf(),
+    );
+    let nfqueue =
+        tokio::task::spawn_blocking(move || NfqueueShaper::start(&id, &root, &dir, probe.families))
+            .await?
+            .context("starting the NFQUEUE mechanism")?;
+    let mut shapers: Vec<Box<dyn Shaper>> = Vec::new();
+    for shaper in missing {
+        shapers.push(Box::new(shaper));
+    }
+    shapers.push(Box::new(nfqueue));
+    Ok(shapers)
 }
 
 /// Takes the state directory's lock, held for the life of the process.

@@ -4,6 +4,9 @@
 
 pub mod cgroup_skb;
 pub mod fake;
+pub mod netfilter;
+pub mod nfqueue;
+pub mod qdisc_probe;
 
 use faultd_common::{Counters, RuleKey, RuleValue};
 
@@ -26,6 +29,13 @@ pub enum DataplaneError {
     },
     #[error("updating BPF map {map}: {reason}")]
     Map { map: &'static str, reason: String },
+    /// The mechanism cannot apply this fault here (FAILED_PRECONDITION, like a missing
+    /// mechanism), e.g. a cgroup path NFQUEUE cannot express.
+    #[error("{mechanism}: {reason}")]
+    Unsupported {
+        mechanism: &'static str,
+        reason: String,
+    },
     /// A shaping mechanism could not apply or revert a fault.
     #[error("{mechanism}: {reason}")]
     Shaper {
