@@ -5,7 +5,7 @@ use std::path::Path;
 
 use faultd_proto::v1 as pb;
 
-use crate::dataplane::Shaper;
+use crate::dataplane::{Dataplane, Shaper};
 use crate::fault::{Action, Mechanism};
 
 #[derive(Clone, Debug)]
@@ -20,16 +20,14 @@ pub struct Capabilities {
     pub kernel_release: String,
     pub cgroup_root: String,
     pub items: Vec<Capability>,
-    /// The datapath that applies `drop`, if it loaded.
-    pub drop_mechanism: Option<&'static str>,
-    /// delay and bandwidth: the mechanism the agent picks for each, or why none can apply it.
-    pub shaping: Vec<(&'static str, Result<Mechanism, String>)>,
+    /// Per action: the mechanism that applies it, or why it is unavailable.
+    pub actions: Vec<(&'static str, Result<&'static str, String>)>,
 }
 
 impl Capabilities {
     /// Probes the kernel. `datapath` is the outcome of loading and attaching the programs
     /// (the one probe that proves BPF, cgroup_skb and the helpers the programs call).
-    pub fn probe(cgroup_root: &Path, datapath: Result<&'static str, String>) -> Self {
+    pub fn probe(cgroup_root: &Path, datapath: Result<&dyn Dataplane, String>) -> Self {
         let kernel_release = kernel_release();
         let btf = Path::new("/sys/kernel/btf/vmlinux").is_file();
         let version = parse_version(&kernel_release);
@@ -50,8 +48,8 @@ impl Capabilities {
                 detail: cgroup_root.display().to_string(),
             },
         ];
-        let drop_mechanism = match &datapath {
-            Ok(mechanism) => {
+        let actions = match &datapath {
+            Ok(datapath) => {
                 items.push(Capability {
                     name: "cgroup_skb",
                     available: true,
@@ -60,7 +58,11 @@ impl Capabilities {
                         cgroup_root.display()
                     ),
                 });
-                Some(*mechanism)
+                items.extend(datapath.capabilities());
+                ACTIONS
+                    .iter()
+                    .map(|(name, action)| (*name, datapath.mechanism(action)))
+                    .collect()
             }
             Err(reason) => {
                 items.push(Capability {
@@ -68,7 +70,10 @@ impl Capabilities {
                     available: false,
                     detail: reason.clone(),
                 });
-                None
+                ACTIONS
+                    .iter()
+                    .map(|(name, _)| (*name, Err("the datapath did not load".to_string())))
+                    .collect()
             }
         };
         items.push(Capability {
@@ -86,26 +91,12 @@ impl Capabilities {
             kernel_release,
             cgroup_root: cgroup_root.display().to_string(),
             items,
-            drop_mechanism,
-            shaping: Vec::new(),
+            actions,
         }
     }
 
-    /// Adds a probed capability: Ok(detail) if present, Err(why not) if not.
-    pub fn add(&mut self, name: &'static str, probed: Result<String, String>) {
-        let (available, detail) = match probed {
-            Ok(detail) => (true, detail),
-            Err(why) => (false, why),
-        };
-        self.items.push(Capability {
-            name,
-            available,
-            detail,
-        });
-    }
-
-    /// Records which mechanism would apply delay and bandwidth (the engine's choice for a fault
-    /// that leaves it open), given the engine's shapers.
+    /// Adds delay and bandwidth: the mechanism the engine picks for a fault that leaves the
+    /// choice to it, given its shapers, or why none can apply the action.
     pub fn add_shaping(&mut self, shapers: &[Box<dyn Shaper>]) {
         let ms = std::time::Duration::from_millis;
         let samples = [
@@ -118,25 +109,21 @@ impl Capabilities {
             };
             let mut reasons = Vec::new();
             let chosen = Mechanism::PREFERENCE.into_iter().find(|mechanism| {
-                match shapers.iter().find(|s| s.mechanism() == *mechanism) {
-                    Some(shaper) => match shaper.unavailable(&action) {
-                        None => true,
-                        Some(why) => {
-                            reasons.push(format!("{}: {why}", mechanism.name()));
-                            false
-                        }
-                    },
-                    None => {
-                        reasons.push(format!(
-                            "{}: not supported by this faultd",
-                            mechanism.name()
-                        ));
-                        false
-                    }
+                let why = match shapers.iter().find(|s| s.mechanism() == *mechanism) {
+                    Some(shaper) => shaper.unavailable(&action),
+                    None => Some("not supported by this faultd".to_string()),
+                };
+                if let Some(why) = &why {
+                    reasons.push(format!("{}: {why}", mechanism.name()));
                 }
+                why.is_none()
             });
-            self.shaping
-                .push((name, chosen.ok_or_else(|| reasons.join("; "))));
+            self.actions.push((
+                name,
+                chosen
+                    .map(Mechanism::name)
+                    .ok_or_else(|| reasons.join("; ")),
+            ));
         }
     }
 
@@ -147,15 +134,29 @@ impl Capabilities {
             mechanism: String::new(),
             detail: "not implemented in this version".into(),
         };
-        let drop = pb::ActionSupport {
-            action: "drop".into(),
-            available: self.drop_mechanism.is_some(),
-            mechanism: self.drop_mechanism.unwrap_or_default().into(),
-            detail: match self.drop_mechanism {
-                Some(_) => "per-packet drop with the lease deadline enforced in the kernel".into(),
-                None => "the cgroup_skb datapath did not load".into(),
-            },
-        };
+        let mut actions: Vec<_> = self
+            .actions
+            .iter()
+            .map(|(name, outcome)| match outcome {
+                Ok(mechanism) => pb::ActionSupport {
+                    action: (*name).into(),
+                    available: true,
+                    mechanism: (*mechanism).into(),
+                    detail: String::new(),
+                },
+                Err(missing) => pb::ActionSupport {
+                    action: (*name).into(),
+                    available: false,
+                    mechanism: String::new(),
+                    detail: missing.clone(),
+                },
+            })
+            .collect();
+        for name in ["delay", "bandwidth"] {
+            if !self.actions.iter().any(|(listed, _)| *listed == name) {
+                actions.push(not_yet(name));
+            }
+        }
         pb::CapabilitiesResponse {
             kernel_release: self.kernel_release.clone(),
             cgroup_root: self.cgroup_root.clone(),
@@ -168,33 +169,33 @@ impl Capabilities {
                     detail: c.detail.clone(),
                 })
                 .collect(),
-            actions: {
-                let mut actions = vec![drop];
-                for name in ["delay", "bandwidth"] {
-                    actions.push(match self.shaping.iter().find(|(n, _)| *n == name) {
-                        Some((_, Ok(mechanism))) => pb::ActionSupport {
-                            action: name.into(),
-                            available: true,
-                            mechanism: mechanism.name().into(),
-                            detail: format!(
-                                "{} unless the fault forces another mechanism",
-                                mechanism.name()
-                            ),
-                        },
-                        Some((_, Err(why))) => pb::ActionSupport {
-                            action: name.into(),
-                            available: false,
-                            mechanism: String::new(),
-                            detail: why.clone(),
-                        },
-                        None => not_yet(name),
-                    });
-                }
-                actions.push(not_yet("reset"));
-                actions.push(not_yet("reject"));
-                actions
-            },
+            actions,
             agent_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// The actions the capability report lists, with a representative of each.
+const ACTIONS: &[(&str, Action)] = &[
+    ("drop", Action::Drop { percent: 100.0 }),
+    ("reject", Action::Reject),
+    ("reset", Action::Reset { after_bytes: None }),
+];
+
+impl Capability {
+    /// A probe's outcome: `what` it is when available, else what is missing.
+    pub fn outcome(name: &'static str, result: Result<(), String>, what: &str) -> Self {
+        match result {
+            Ok(()) => Self {
+                name,
+                available: true,
+                detail: what.into(),
+            },
+            Err(missing) => Self {
+                name,
+                available: false,
+                detail: missing,
+            },
         }
     }
 }

@@ -11,10 +11,11 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::Parser;
 use faultd::caps::Capabilities;
+use faultd::caps::Capability;
 use faultd::config::{Config, LogFormat};
 use faultd::dataplane::cgroup_skb::CgroupSkbDataplane;
 use faultd::dataplane::nfqueue::{self, NfqueueShaper};
-use faultd::dataplane::{Dataplane, MissingShaper, Shaper, qdisc_probe};
+use faultd::dataplane::{MissingShaper, Shaper, qdisc_probe};
 use faultd::engine::{Engine, EngineConfig};
 use faultd::fault::Mechanism;
 use faultd::instance::Instance;
@@ -53,7 +54,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         cgroup_root.path(),
         dataplane
             .as_ref()
-            .map(|d| d.mechanism())
+            .map(|d| d as &dyn faultd::dataplane::Dataplane)
             .map_err(|e| e.to_string()),
     );
     let dataplane = dataplane.context("faultd cannot apply faults without its datapath")?;
@@ -66,10 +67,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     for c in &caps.items {
         tracing::info!(capability = c.name, available = c.available, detail = %c.detail, "probe");
     }
-    for (action, mechanism) in &caps.shaping {
+    for (action, mechanism) in &caps.actions {
         match mechanism {
-            Ok(mechanism) => tracing::info!(action, mechanism = mechanism.name(), "mechanism"),
-            Err(why) => tracing::warn!(action, %why, "no mechanism"),
+            Ok(mechanism) => tracing::info!(action, mechanism, "action available"),
+            Err(why) => tracing::warn!(action, %why, "action unavailable"),
         }
     }
 
@@ -156,21 +157,23 @@ async fn shapers(
             };
             missing.push(MissingShaper { mechanism, reason });
         }
-        caps.add(
+        caps.items.push(Capability::outcome(
             kind,
-            probed.map(|()| format!("created a {kind} qdisc on a private loopback device")),
-        );
+            probed,
+            &format!("created a {kind} qdisc on a private loopback device"),
+        ));
     }
     let id = instance.id().to_owned();
     let probe = tokio::task::spawn_blocking(move || nfqueue::probe(&id)).await?;
-    caps.add(
+    caps.items.push(Capability::outcome(
         "nfqueue",
         probe
             .families
             .as_ref()
-            .map(|_| probe.detail.clone())
+            .map(drop)
             .map_err(|_| probe.detail.clone()),
-    );
+        &probe.detail,
+    ));
     let (id, root, dir) = (
         instance.id().to_owned(),
         cgroup_root.path().to_path_buf(),

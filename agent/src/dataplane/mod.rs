@@ -7,11 +7,13 @@ pub mod fake;
 pub mod netfilter;
 pub mod nfqueue;
 pub mod qdisc_probe;
+pub mod sock_diag;
 
 use faultd_common::{Counters, RuleKey, RuleValue};
 
 use crate::fault::{Action, FaultId, Mechanism, Target};
 use crate::target::ResolvedScope;
+pub use sock_diag::SocketFilter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -42,6 +44,8 @@ pub enum DataplaneError {
         mechanism: &'static str,
         reason: String,
     },
+    #[error("resetting connections: {0}")]
+    SockDiag(#[from] sock_diag::SockDiagError),
 }
 
 /// A datapath keyed by `RuleKey`.
@@ -57,9 +61,19 @@ pub trait Dataplane: Send {
     /// The counters of a slot, summed over CPUs.
     fn counters(&self, slot: u32) -> Result<Counters, DataplaneError>;
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataplaneError>;
-    /// The name shown to users as the fault's mechanism.
-    fn mechanism(&self) -> &'static str;
+    /// The mechanism that applies `action` (shown to users), or what this kernel lacks for it.
+    fn mechanism(&self, action: &Action) -> Result<&'static str, String>;
+    /// What tears down established TCP connections (`reset`): called with a filter, it returns
+    /// how many connections it destroyed. Shared, so a watcher thread can call it too.
+    fn connection_killer(&self) -> ConnectionKiller;
+    /// What this datapath probed beyond loading, for the capability report.
+    fn capabilities(&self) -> Vec<crate::caps::Capability> {
+        Vec::new()
+    }
 }
+
+pub type ConnectionKiller =
+    std::sync::Arc<dyn Fn(&SocketFilter) -> Result<usize, DataplaneError> + Send + Sync>;
 
 /// One delay or bandwidth fault, as a shaping mechanism receives it.
 #[derive(Clone, Copy, Debug)]

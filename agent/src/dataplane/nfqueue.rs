@@ -424,6 +424,7 @@ impl LaneShared {
             matched: self.matched.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
             delayed: self.delayed.load(Ordering::Relaxed),
+            refused: 0,
         }
     }
 }
@@ -1223,6 +1224,7 @@ impl Shaper for NfqueueShaper {
                 matched: sum.matched + c.matched,
                 dropped: sum.dropped + c.dropped,
                 delayed: sum.delayed + c.delayed,
+                refused: 0,
             }))
     }
 

@@ -16,6 +16,8 @@ pub struct ResolvedScope {
     pub cgroup_path: String,
     /// The cgroup v2 id (the directory's inode number), as `bpf_skb_cgroup_id` returns it.
     pub cgroup_id: u64,
+    /// The cgroup's directory on this host.
+    pub dir: PathBuf,
 }
 
 /// Resolves scopes; a trait so engine tests can run without cgroups.
@@ -91,6 +93,7 @@ impl CgroupRoot {
         Ok(ResolvedScope {
             cgroup_path: if clean.is_empty() { "/".into() } else { clean },
             cgroup_id: meta.ino(),
+            dir,
         })
     }
 }
