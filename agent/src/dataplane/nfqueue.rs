@@ -372,11 +372,18 @@ fn wait(fds: &mut [libc::pollfd], timeout: Option<u64>) -> io::Result<()> {
     Ok(())
 }
 
-/// Precise wake-ups for the lane thread: no timer slack, higher priority (best effort).
+/// Precise wake-ups for the lane thread: no timer slack, and the lowest real-time priority
+/// (SCHED_FIFO 1), so that a busy machine does not add its run-queue wait to the delay. The
+/// thread sleeps in `ppoll` between packets and does little work per packet; the kernel's
+/// real-time throttling bounds it anyway. Falls back to nice -10 where real-time is refused.
 fn tune_thread() {
-    // SAFETY: prctl and setpriority on the calling thread.
+    // SAFETY: prctl, sched_setscheduler and setpriority on the calling thread.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0);
+        let param = libc::sched_param { sched_priority: 1 };
+        if libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 {
+            return;
+        }
         let tid = libc::gettid();
         if libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, -10) != 0 {
             tracing::debug!(
@@ -581,6 +588,13 @@ fn serve(mut queue: Queue, fd: RawFd, mut schedule: Schedule, shared: &LaneShare
             let mut value = 0u64;
             // SAFETY: an 8-byte read from our eventfd; EAGAIN is harmless.
             unsafe { libc::read(shared.wake.as_raw_fd(), (&raw mut value).cast(), 8) };
+        }
+        if fds[0].revents & (libc::POLLERR | libc::POLLNVAL | libc::POLLHUP) != 0 {
+            tracing::error!(
+                revents = fds[0].revents,
+                "the NFQUEUE socket failed; closing it (traffic bypasses it)"
+            );
+            return;
         }
         if fds[0].revents == 0 {
             continue;
