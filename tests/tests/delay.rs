@@ -309,8 +309,7 @@ async fn the_delay_ends_at_the_lease_deadline() {
     let base_median = median(&base.rtts());
     let mut faults = faultd.faults();
     let mut leases = faultd.leases();
-    let lease = grant(&mut leases, Duration::from_secs(3)).await;
-    let deadline = lease_deadline(&lease);
+    let lease = grant(&mut leases, Duration::from_secs(2)).await;
     let target = cgroup_target(cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
     faults
         .inject(under_lease(
@@ -320,7 +319,22 @@ async fn the_delay_ends_at_the_lease_deadline() {
         .await
         .unwrap_or_else(|s| panic!("Inject under lease {} failed: {s:?}", lease.id));
 
-    let run = blocking(|| inside.redis_rtt(350, INTERVAL));
+    // Renewed twice, 1.5 s apart: the delay must hold past the first deadline (the lanes and
+    // the rules' own end move with the lease), then end at the last one.
+    let probe = inside.redis_rtt_spawn(250, INTERVAL);
+    let mut renewed = lease;
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        renewed = leases
+            .renew(faultd_proto::v1::RenewRequest {
+                lease_id: renewed.id.clone(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("Renew failed: {s:?}"))
+            .into_inner();
+    }
+    let deadline = lease_deadline(&renewed);
+    let run = probe.finish();
     let ms_to_deadline = |at: i128| (deadline - at) as f64 / 1e6;
     let mut before = 0;
     let mut after = Vec::new();
@@ -348,7 +362,7 @@ async fn the_delay_ends_at_the_lease_deadline() {
         }
     }
     assert!(
-        before >= 10 && after.len() >= 100,
+        before >= 30 && after.len() >= 100,
         "too few PINGs around the deadline ({before} before, {} after)",
         after.len()
     );
@@ -552,6 +566,72 @@ async fn sigkill_during_a_delay_lets_traffic_flow_and_a_new_faultd_sweeps_the_ru
         median(&again.rtts()) >= 99.0,
         "the new faultd's delay does not hold: {}",
         summary(&again)
+    );
+}
+
+/// SIGCONTs a stopped process when dropped, also when the test fails.
+struct Stopped(u32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        faultd_tests::process::signal(self.0, libc::SIGCONT);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
+async fn a_frozen_faultd_stops_delaying_new_traffic_within_2s_of_the_deadline() {
+    let _serial = SERIAL.lock().await;
+    let scene = RedisScene::start(fd_probe!()).await;
+    prioritize(scene.redis.pid());
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        netns,
+        ..
+    } = &scene;
+    let _app = inside.resident();
+    let mut faults = faultd.faults();
+    let mut leases = faultd.leases();
+    let lease = grant(&mut leases, Duration::from_secs(2)).await;
+    let deadline = lease_deadline(&lease);
+    let target = cgroup_target(cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
+    faults
+        .inject(under_lease(
+            delay_fault(ms(100), Duration::ZERO, 0.0, Mechanism::Unspecified, target),
+            &lease.id,
+        ))
+        .await
+        .unwrap_or_else(|s| panic!("Inject failed: {s:?}"));
+    let during = blocking(|| inside.redis_rtt(3, INTERVAL));
+    assert!(
+        median(&during.rtts()) >= 99.0,
+        "the delay should hold before faultd is frozen: {}",
+        summary(&during)
+    );
+
+    // Frozen: neither its expiry task nor its NFQUEUE threads run. Only the kernel can end it.
+    faultd_tests::process::signal(faultd.pid(), libc::SIGSTOP);
+    let frozen = Stopped(faultd.pid());
+    let wake = deadline + 2_050_000_000;
+    let wait = Duration::from_nanos((wake - faultd_tests::process::unix_ns()).max(0) as u64);
+    blocking(|| std::thread::sleep(wait));
+    let fresh = blocking(|| inside.redis_rtt(20, INTERVAL));
+    eprintln!("2 s after the deadline, faultd frozen: {}", summary(&fresh));
+    assert!(
+        fresh.connect_ms < 20.0 && median(&fresh.rtts()) < 5.0,
+        "with faultd frozen, new traffic 2 s after the lease deadline must not be queued: {}",
+        summary(&fresh)
+    );
+    drop(frozen);
+    let gone = poll(Duration::from_secs(3), || {
+        (!netfilter_rules(Some(netns)).contains("faultd:")).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "once thawed, faultd should remove the expired fault's rules:\n{}",
+        netfilter_rules(Some(netns))
     );
 }
 
