@@ -172,6 +172,34 @@ async fn a_100ms_egress_delay_adds_100ms_per_round_trip_inside_the_cgroup_only()
         counters.delayed >= u64::from(PINGS) && counters.matched >= counters.delayed,
         "Get should count at least {PINGS} delayed packets: {counters:?}"
     );
+
+    // Remove releases what is held at once; nothing is lost (no retransmission).
+    let probe = inside.redis_rtt_spawn(400, MS);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let removed_at = faultd_tests::process::unix_ns();
+    faults
+        .remove(faultd_proto::v1::RemoveRequest {
+            id: fault.id.clone(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("Remove failed: {s:?}"));
+    let run = probe.finish();
+    let worst = quantile(&run.rtts(), 1.0);
+    let after: Vec<f64> = run
+        .pings
+        .iter()
+        .filter(|p| p.at > removed_at + 50_000_000)
+        .filter_map(|p| p.rtt_ms)
+        .collect();
+    assert!(
+        run.failures() == 0 && worst < 110.0,
+        "a PING held when the fault was removed should be released, not lost: {}",
+        summary(&run)
+    );
+    assert!(
+        after.len() >= 100 && median(&after) < 5.0,
+        "after Remove the PINGs should be undelayed: {after:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

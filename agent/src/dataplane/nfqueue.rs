@@ -556,7 +556,15 @@ fn serve(mut queue: Queue, fd: RawFd, mut schedule: Schedule, shared: &LaneShare
                 release(&mut queue, msg);
             }
             if stopping {
-                return;
+                // The rules are gone by now: what is still queued is released, not dropped
+                // with the socket.
+                loop {
+                    match queue.recv() {
+                        Ok(msg) => release(&mut queue, msg),
+                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                        Err(_) => return,
+                    }
+                }
             }
         }
         while let Some(entry) = held.first_entry() {
@@ -1142,9 +1150,10 @@ impl NfqueueShaper {
         })
     }
 
-    /// Stops the lane at once; the rules go in the background.
+    /// Stops delaying at once (the lane passes everything from now on); the rules go in the
+    /// background, then the lane, so that no packet is left in a queue nobody reads.
     fn unplace(&mut self, placement: Placement) {
-        placement.lane.stop();
+        placement.lane.refresh(0);
         let inode = placement.netns.inode();
         let last = match self.in_use.get_mut(&inode) {
             Some(count) if *count > 1 => {
@@ -1165,7 +1174,6 @@ impl NfqueueShaper {
                 lines,
                 ..
             } = placement;
-            lane.join();
             for family in &families {
                 if let Err(e) =
                     netfilter::restore(*family, Some(&netns), &netfilter::deletion(&lines))
@@ -1181,6 +1189,7 @@ impl NfqueueShaper {
                     }
                 }
             }
+            lane.join();
         });
     }
 }
