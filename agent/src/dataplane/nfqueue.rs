@@ -491,13 +491,15 @@ impl Lane {
             .map_err(|e| format!("spawning the NFQUEUE thread: {e}"))?;
         let queue = match ready_rx.recv() {
             Ok(Ok(num)) => num,
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                return Err(e);
-            }
-            Err(_) => {
-                let _ = thread.join();
-                return Err("the NFQUEUE thread died while starting".into());
+            failed => {
+                // The thread has ended (or is about to): it holds no queue.
+                if thread.join().is_err() {
+                    tracing::error!("the NFQUEUE thread panicked while starting");
+                }
+                return Err(match failed {
+                    Ok(Err(e)) => e,
+                    _ => "the NFQUEUE thread died while starting".into(),
+                });
             }
         };
         Ok(Lane {
