@@ -2,9 +2,12 @@
 //! root. For every IPv4/IPv6 TCP/UDP packet they walk the socket's cgroup and its ancestors,
 //! and for the cgroups that have rules look up (scope, protocol, direction, port) in a hash map.
 //! An entry past its deadline is ignored, so a fault ends on time even if faultd is gone.
-//! Fail open: anything unexpected passes the packet.
+//! Fail open: anything unexpected passes the packet. The tc classifier for delay and bandwidth
+//! faults lives in `shape`.
 #![no_std]
 #![no_main]
+
+mod shape;
 
 use aya_ebpf::{
     helpers::{

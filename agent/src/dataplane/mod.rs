@@ -2,7 +2,11 @@
 //! the engine use `fake::FakeDataplane`.
 
 pub mod cgroup_skb;
+pub mod edt;
 pub mod fake;
+pub mod netem;
+pub mod rtnl;
+pub mod shape;
 
 use faultd_common::{Counters, RuleKey, RuleValue};
 
@@ -22,7 +26,15 @@ pub enum DataplaneError {
     },
     #[error("updating BPF map {map}: {reason}")]
     Map { map: &'static str, reason: String },
+    #[error("traffic control: {0}")]
+    Tc(String),
+    #[error("{0}")]
+    Unsupported(String),
 }
+
+/// `BPF_EXIST` (uapi linux/bpf.h): update an entry only if it exists, so a refresh racing a
+/// removal cannot bring the entry back.
+pub(crate) const BPF_EXIST: u64 = 2;
 
 /// A datapath keyed by `RuleKey`.
 pub trait Dataplane: Send {
