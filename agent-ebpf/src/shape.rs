@@ -16,17 +16,19 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use faultd_common::{
-    DIR_EGRESS, DIST_SCALE, DIST_SIZE, MAX_CGROUP_DEPTH, MAX_FAULTS, MAX_RULES, MAX_SCOPES,
-    PROTO_TCP, PROTO_UDP, RuleKey, SHAPE_CLASS, SHAPE_EDT, ScopeValue, ShapeCounters, ShapeState,
+    Counters, DIR_EGRESS, DIST_SCALE, DIST_SIZE, MAX_CGROUP_DEPTH, MAX_FAULTS, MAX_RULES, MAX_SCOPES,
+    PROTO_TCP, PROTO_UDP, RuleKey, SHAPE_CLASS, SHAPE_EDT, ScopeValue, ShapeState,
     ShapeValue,
 };
 
 #[map]
-static FAULTD_SHAPES: HashMap<RuleKey, ShapeValue> = HashMap::with_max_entries(MAX_RULES, 0);
+static FAULTD_SHAPES: HashMap<RuleKey, ShapeValue> =
+    HashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
 #[map]
-static FAULTD_SHAPE_SCOPES: HashMap<u64, ScopeValue> = HashMap::with_max_entries(MAX_SCOPES, 0);
+static FAULTD_SHAPE_SCOPES: HashMap<u64, ScopeValue> =
+    HashMap::with_max_entries(MAX_SCOPES, BPF_F_NO_PREALLOC);
 #[map]
-static FAULTD_SHAPE_COUNTERS: PerCpuArray<ShapeCounters> =
+static FAULTD_SHAPE_COUNTERS: PerCpuArray<Counters> =
     PerCpuArray::with_max_entries(MAX_FAULTS, 0);
 #[map]
 static FAULTD_SHAPE_STATE: Array<ShapeState> = Array::with_max_entries(MAX_FAULTS, 0);
@@ -34,6 +36,9 @@ static FAULTD_SHAPE_STATE: Array<ShapeState> = Array::with_max_entries(MAX_FAULT
 static FAULTD_SHAPE_DIST: Array<i32> = Array::with_max_entries(DIST_SIZE, 0);
 #[map]
 static FAULTD_SHAPE_ALIVE: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Entries are allocated as faults come: these maps are mostly empty.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// TC_ACT_UNSPEC for cls_bpf, TCX_NEXT for TCX: the next program (or the default) decides.
 const NEXT: i32 = -1;

@@ -88,13 +88,16 @@ pub struct ScopeValue {
 pub struct Counters {
     pub matched: u64,
     pub dropped: u64,
+    /// Packets held back by a delay or bandwidth fault.
+    pub delayed: u64,
 }
 
 /// Shaping (delay, bandwidth) at the tc egress hook: hash map `RuleKey` → `ShapeValue`.
 pub const SHAPES_MAP: &str = "FAULTD_SHAPES";
 /// Hash map `u64` cgroup id → `ScopeValue`: cgroups that have at least one shaping rule.
 pub const SHAPE_SCOPES_MAP: &str = "FAULTD_SHAPE_SCOPES";
-/// Per-CPU array indexed by `ShapeValue::counter_slot` → `ShapeCounters`.
+/// Per-CPU array indexed by `ShapeValue::counter_slot` → `Counters` (matched, delayed, and
+/// dropped by a full EDT rate backlog).
 pub const SHAPE_COUNTERS_MAP: &str = "FAULTD_SHAPE_COUNTERS";
 /// Array indexed by `ShapeValue::counter_slot` → `ShapeState` (EDT pacing and jitter state).
 pub const SHAPE_STATE_MAP: &str = "FAULTD_SHAPE_STATE";
@@ -141,17 +144,6 @@ pub struct ShapeValue {
     pub counter_slot: u32,
 }
 
-/// Per-fault shaping counters, one copy per CPU.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ShapeCounters {
-    pub matched: u64,
-    /// Packets delayed or paced (steered into the fault's class, or given a departure time).
-    pub delayed: u64,
-    /// EDT: packets dropped because the bandwidth backlog exceeded `max_backlog_ns`.
-    pub dropped: u64,
-}
-
 /// EDT state of one fault, shared by all CPUs (updates race benignly: a lost update shifts one
 /// departure time by one packet's worth).
 #[repr(C)]
@@ -171,7 +163,6 @@ mod pod {
     unsafe impl aya::Pod for super::ScopeValue {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::ShapeValue {}
-    unsafe impl aya::Pod for super::ShapeCounters {}
     unsafe impl aya::Pod for super::ShapeState {}
 }
 
@@ -187,8 +178,8 @@ mod tests {
         assert_eq!(size_of::<ScopeValue>(), 8);
         assert_eq!(size_of::<Counters>(), 16);
         assert_eq!(size_of::<ShapeValue>(), 56);
-        assert_eq!(size_of::<ShapeCounters>(), 24);
         assert_eq!(size_of::<ShapeState>(), 16);
+        assert_eq!(size_of::<Counters>(), 24);
     }
 
     fn bytes<T>(value: &T) -> &[u8] {

@@ -38,9 +38,12 @@ impl pb::fault_service_server::FaultService for FaultApi {
         let request = request.into_inner();
         let lease = convert::lease_ref(request.lease.as_ref())?;
         let spec = convert::fault_spec(request.fault)?;
-        Ok(Response::new(convert::fault(
-            self.engine.inject(lease, spec)?,
-        )))
+        // Applying may block (iptables for NFQUEUE, netlink): keep it off the async workers.
+        let engine = self.engine.clone();
+        let fault = tokio::task::spawn_blocking(move || engine.inject(lease, spec))
+            .await
+            .map_err(|e| Status::internal(format!("applying the fault: {e}")))??;
+        Ok(Response::new(convert::fault(fault)))
     }
 
     async fn remove(

@@ -31,6 +31,7 @@ impl From<Error> for Status {
             Error::NotFound { .. } => Status::not_found(message),
             Error::Conflict(_) => Status::already_exists(message),
             Error::Exhausted(_) => Status::resource_exhausted(message),
+            Error::Unavailable(_) => Status::failed_precondition(message),
             Error::Dataplane(_) => Status::internal(message),
         }
     }

@@ -78,6 +78,126 @@ enum Command {
 enum InjectCommand {
     /// Drop a share of the matched packets.
     Drop(DropArgs),
+    /// Hold each matched packet for a latency (± jitter), keeping each flow's order.
+    Delay(DelayArgs),
+    /// Pace the matched packets to a rate.
+    Bandwidth(BandwidthArgs),
+}
+
+#[derive(Args, Debug)]
+struct DelayArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Added delay, e.g. 100ms, 1.5s.
+    #[arg(long, value_name = "DURATION", value_parser = parse_latency)]
+    latency: Duration,
+    /// Standard deviation of a normally distributed extra delay, e.g. 20ms.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_jitter)]
+    jitter: Duration,
+    /// How much each packet's random part follows the previous one's, 0 to 100 (%).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_percent)]
+    correlation: f64,
+    #[arg(long, value_enum, default_value_t = MechanismArg::Auto)]
+    mechanism: MechanismArg,
+    #[command(flatten)]
+    lease: LeaseChoice,
+    /// Label of the fault (and of the lease faultctl grants for it); repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Keep the lease alive until Ctrl-C or SIGTERM, then revert the fault.
+    #[arg(long)]
+    keepalive: bool,
+}
+
+#[derive(Args, Debug)]
+struct BandwidthArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Rate per direction, e.g. 256KiB/s, 1MB/s, 10mbit (bytes unless the unit says bit).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    rate: u64,
+    /// Bytes that may pass at once after a pause, e.g. 32KiB (default: 10 ms at the rate).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    burst: Option<u64>,
+    #[arg(long, value_enum, default_value_t = MechanismArg::Auto)]
+    mechanism: MechanismArg,
+    #[command(flatten)]
+    lease: LeaseChoice,
+    /// Label of the fault (and of the lease faultctl grants for it); repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Keep the lease alive until Ctrl-C or SIGTERM, then revert the fault.
+    #[arg(long)]
+    keepalive: bool,
+}
+
+/// How faultd applies a delay or bandwidth fault; `auto` lets it choose.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum MechanismArg {
+    Auto,
+    Netem,
+    Edt,
+    Nfqueue,
+}
+
+impl MechanismArg {
+    fn to_proto(self) -> i32 {
+        match self {
+            Self::Auto => pb::Mechanism::Unspecified,
+            Self::Netem => pb::Mechanism::Netem,
+            Self::Edt => pb::Mechanism::Edt,
+            Self::Nfqueue => pb::Mechanism::Nfqueue,
+        }
+        .into()
+    }
+}
+
+/// What every inject command has besides its action.
+struct InjectParts<'a> {
+    target: &'a TargetArgs,
+    lease: &'a LeaseChoice,
+    labels: &'a [(String, String)],
+    keepalive: bool,
+    action: fault::Action,
+}
+
+impl InjectCommand {
+    fn parts(&self) -> InjectParts<'_> {
+        match self {
+            Self::Drop(args) => InjectParts {
+                target: &args.target,
+                lease: &args.lease,
+                labels: &args.labels,
+                keepalive: args.keepalive,
+                action: fault::Action::Drop(pb::Drop {
+                    percent: args.percent,
+                }),
+            },
+            Self::Delay(args) => InjectParts {
+                target: &args.target,
+                lease: &args.lease,
+                labels: &args.labels,
+                keepalive: args.keepalive,
+                action: fault::Action::Delay(pb::Delay {
+                    latency: Some(duration::to_proto(args.latency)),
+                    jitter: Some(duration::to_proto(args.jitter)),
+                    correlation: args.correlation,
+                    mechanism: args.mechanism.to_proto(),
+                }),
+            },
+            Self::Bandwidth(args) => InjectParts {
+                target: &args.target,
+                lease: &args.lease,
+                labels: &args.labels,
+                keepalive: args.keepalive,
+                action: fault::Action::Bandwidth(pb::Bandwidth {
+                    rate_bytes_per_sec: args.rate,
+                    burst: args.burst.unwrap_or(0),
+                    mechanism: args.mechanism.to_proto(),
+                }),
+            },
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -245,6 +365,65 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
     }
 }
 
+fn parse_latency(text: &str) -> Result<Duration, String> {
+    match duration::parse(text) {
+        Ok(latency) if !latency.is_zero() => Ok(latency),
+        Ok(_) => Err("a delay must be longer than zero, e.g. --latency 100ms".into()),
+        Err(why) => Err(format!("{why}; write e.g. --latency 100ms or 1.5s")),
+    }
+}
+
+fn parse_jitter(text: &str) -> Result<Duration, String> {
+    duration::parse(text).map_err(|why| format!("{why}; write e.g. --jitter 20ms"))
+}
+
+/// `NUMBER[UNIT]`: bytes, or bits when the unit says so. Returns bytes.
+fn parse_quantity(text: &str, bits_allowed: bool) -> Option<u64> {
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let bytes = match unit.trim() {
+        "" | "B" => 1.0,
+        "kB" | "KB" => 1e3,
+        "KiB" => 1024.0,
+        "MB" => 1e6,
+        "MiB" => 1024.0 * 1024.0,
+        "GB" => 1e9,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        bits if bits_allowed => match bits.to_ascii_lowercase().as_str() {
+            "bit" => 1.0 / 8.0,
+            "kbit" => 1e3 / 8.0,
+            "mbit" => 1e6 / 8.0,
+            "gbit" => 1e9 / 8.0,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let value = (number * bytes).round();
+    (value.is_finite() && value >= 1.0 && value < u64::MAX as f64).then_some(value as u64)
+}
+
+/// A rate in bytes per second: `256KiB/s`, `1MB/s`, `10mbit`, `5000` (bytes/s).
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let unit = trimmed.strip_suffix("/s").unwrap_or(trimmed);
+    parse_quantity(unit, true).ok_or_else(|| {
+        format!(
+            "{text:?} is not a rate: write e.g. --rate 256KiB/s, 1MB/s or 10mbit \
+             (B, KB, KiB, MB, MiB, GB, GiB per second, or bit, kbit, mbit, gbit)"
+        )
+    })
+}
+
+/// A size in bytes: `32KiB`, `1500`, `1MB`.
+fn parse_size(text: &str) -> Result<u64, String> {
+    parse_quantity(text.trim(), false).ok_or_else(|| {
+        format!("{text:?} is not a size: write e.g. --burst 32KiB or 1500 (B, KB, KiB, MB, MiB)")
+    })
+}
+
 fn parse_percent(text: &str) -> Result<f64, String> {
     match text.trim().trim_end_matches('%').parse::<f64>() {
         Ok(percent) if (0.0..=100.0).contains(&percent) => Ok(percent),
@@ -315,13 +494,14 @@ async fn main() -> ExitCode {
 /// Checks what clap cannot, so a mistake is a usage error (exit 2) before any call is made.
 fn validate(command: &Command) -> Result<(), String> {
     match command {
-        Command::Inject(InjectCommand::Drop(args)) => {
-            if args.target.scope.to_proto().is_none() {
+        Command::Inject(inject) => {
+            let parts = inject.parts();
+            if parts.target.scope.to_proto().is_none() {
                 return Err(
                     "choose where the fault applies: --cgroup PATH, --pid PID or --host".into(),
                 );
             }
-            label_map(&args.labels).map(drop)
+            label_map(parts.labels).map(drop)
         }
         Command::Lease(LeaseCommand::Grant { labels, .. }) => label_map(labels).map(drop),
         _ => Ok(()),
@@ -337,9 +517,7 @@ async fn run(cli: Cli) -> Result<()> {
     let mut faults = FaultServiceClient::new(channel.clone());
     let mut leases = LeaseServiceClient::new(channel);
     match cli.command {
-        Command::Inject(InjectCommand::Drop(args)) => {
-            inject_drop(&mut faults, &mut leases, args, output).await
-        }
+        Command::Inject(command) => inject(&mut faults, &mut leases, command, output).await,
         Command::List => {
             let list = faults
                 .list(ListFaultsRequest {})
@@ -484,13 +662,14 @@ async fn lease_command(
     show(output, || lease_detail(&lease), lease_json(&lease))
 }
 
-async fn inject_drop(
+async fn inject(
     faults: &mut FaultServiceClient<Channel>,
     leases: &mut LeaseServiceClient<Channel>,
-    args: DropArgs,
+    command: InjectCommand,
     output: Output,
 ) -> Result<()> {
-    let labels = label_map(&args.labels).map_err(|why| anyhow!(why))?;
+    let args = command.parts();
+    let labels = label_map(args.labels).map_err(|why| anyhow!(why))?;
     let target = args.target.to_proto();
     // Installed before anything is granted, so a signal during set-up still ends in a revoke
     // instead of the default exit that would leave the fault in force for a whole ttl.
@@ -522,9 +701,7 @@ async fn inject_drop(
     let request = InjectRequest {
         lease: Some(lease),
         fault: Some(Fault {
-            action: Some(fault::Action::Drop(pb::Drop {
-                percent: args.percent,
-            })),
+            action: Some(args.action),
             target: Some(target),
             labels,
             ..Fault::default()
@@ -842,8 +1019,34 @@ fn target_summary(target: &Target) -> String {
 fn action_text(action: Option<&fault::Action>) -> String {
     match action {
         Some(fault::Action::Drop(drop)) => format!("drop {}%", drop.percent),
+        Some(fault::Action::Delay(delay)) => {
+            let mut text = format!("delay {}", remaining_text(delay.latency.as_ref()));
+            let jitter = delay.jitter.as_ref().and_then(duration::from_proto);
+            if jitter.is_some_and(|jitter| !jitter.is_zero()) {
+                text.push_str(&format!(" ±{}", remaining_text(delay.jitter.as_ref())));
+            }
+            if delay.correlation > 0.0 {
+                text.push_str(&format!(" {}% correlated", delay.correlation));
+            }
+            text
+        }
+        Some(fault::Action::Bandwidth(bandwidth)) => format!(
+            "bandwidth {}/s burst {}",
+            bytes_text(bandwidth.rate_bytes_per_sec),
+            bytes_text(bandwidth.burst)
+        ),
         None => "no action".into(),
     }
+}
+
+/// Bytes in the largest binary unit that divides them exactly, e.g. `256KiB`, `2621B`.
+fn bytes_text(bytes: u64) -> String {
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= size && bytes.is_multiple_of(size) {
+            return format!("{}{unit}", bytes / size);
+        }
+    }
+    format!("{bytes}B")
 }
 
 /// e.g. `drop 100% tcp+udp both ports 6379 cgroup /app`.
@@ -910,11 +1113,12 @@ fn injected_text(fault: &Fault) -> String {
 fn removed_text(fault: &Fault) -> String {
     let counters = fault.counters.unwrap_or_default();
     format!(
-        "removed fault {} ({}); matched {}, dropped {}",
+        "removed fault {} ({}); matched {}, dropped {}, delayed {}",
         fault.id,
         fault_summary(fault),
         counters.matched,
-        counters.dropped
+        counters.dropped,
+        counters.delayed
     )
 }
 
@@ -977,12 +1181,22 @@ fn fault_table(faults: &[Fault]) -> String {
                 left,
                 counters.matched.to_string(),
                 counters.dropped.to_string(),
+                counters.delayed.to_string(),
+                fault.mechanism.clone(),
             ]
         })
         .collect();
     table(
         &[
-            "ID", "LEASE", "ACTION", "TARGET", "LEFT", "MATCHED", "DROPPED",
+            "ID",
+            "LEASE",
+            "ACTION",
+            "TARGET",
+            "LEFT",
+            "MATCHED",
+            "DROPPED",
+            "DELAYED",
+            "MECHANISM",
         ],
         &rows,
     )
@@ -1017,6 +1231,7 @@ fn fault_detail(fault: &Fault) -> String {
         ("expires", expires),
         ("matched", counters.matched.to_string()),
         ("dropped", counters.dropped.to_string()),
+        ("delayed", counters.delayed.to_string()),
     ])
 }
 
@@ -1141,6 +1356,13 @@ fn object(members: Vec<(&str, Value)>) -> Value {
     Value::Object(map)
 }
 
+fn mechanism_json(mechanism: i32) -> Value {
+    let name = pb::Mechanism::try_from(mechanism)
+        .ok()
+        .map(|m| m.as_str_name());
+    enum_json(name, mechanism)
+}
+
 fn target_json(target: &Target) -> Value {
     let (scope_name, scope) = match &target.scope {
         Some(target::Scope::Host(_)) => ("host", json!({})),
@@ -1175,6 +1397,23 @@ fn target_json(target: &Target) -> Value {
 fn fault_json(fault: &Fault) -> Value {
     let (action_name, action) = match &fault.action {
         Some(fault::Action::Drop(drop)) => ("drop", json!({ "percent": drop.percent })),
+        Some(fault::Action::Delay(delay)) => (
+            "delay",
+            object(vec![
+                ("latency", duration_json(delay.latency.as_ref())),
+                ("jitter", duration_json(delay.jitter.as_ref())),
+                ("correlation", json!(delay.correlation)),
+                ("mechanism", mechanism_json(delay.mechanism)),
+            ]),
+        ),
+        Some(fault::Action::Bandwidth(bandwidth)) => (
+            "bandwidth",
+            json!({
+                "rateBytesPerSec": bandwidth.rate_bytes_per_sec,
+                "burst": bandwidth.burst,
+                "mechanism": mechanism_json(bandwidth.mechanism),
+            }),
+        ),
         None => ("action", Value::Null),
     };
     let state = FaultState::try_from(fault.state)
@@ -1190,7 +1429,7 @@ fn fault_json(fault: &Fault) -> Value {
         (
             "counters",
             fault.counters.map_or(Value::Null, |c| {
-                json!({ "matched": c.matched, "dropped": c.dropped })
+                json!({ "matched": c.matched, "dropped": c.dropped, "delayed": c.delayed })
             }),
         ),
         ("expiresAt", timestamp_json(fault.expires_at.as_ref())),
@@ -1395,6 +1634,123 @@ mod tests {
             ..Fault::default()
         };
         assert_eq!(fault_summary(&fault), "drop 12.5% udp both all ports host");
+    }
+
+    fn inject_command(line: &str) -> Result<InjectCommand, clap::Error> {
+        let argv = "faultctl inject"
+            .split_whitespace()
+            .chain(line.split_whitespace());
+        match Cli::try_parse_from(argv)?.command {
+            Command::Inject(command) => Ok(command),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn delay_takes_human_durations_and_a_mechanism() {
+        let command = inject_command(
+            "delay --cgroup /app --port 6379 --latency 100ms --jitter 20ms --correlation 25 \
+             --mechanism nfqueue --ttl 30s",
+        )
+        .expect("parses");
+        let parts = command.parts();
+        let Some(fault::Action::Delay(delay)) = Some(parts.action) else {
+            panic!("not a delay");
+        };
+        assert_eq!(
+            delay.latency,
+            Some(duration::to_proto(Duration::from_millis(100)))
+        );
+        assert_eq!(
+            delay.jitter,
+            Some(duration::to_proto(Duration::from_millis(20)))
+        );
+        assert_eq!(delay.correlation, 25.0);
+        assert_eq!(delay.mechanism, pb::Mechanism::Nfqueue as i32);
+
+        let command = inject_command("delay --host --port 1 --latency 1.5s --ttl 1s").unwrap();
+        let Some(fault::Action::Delay(delay)) = Some(command.parts().action) else {
+            panic!("not a delay");
+        };
+        assert_eq!(delay.mechanism, pb::Mechanism::Unspecified as i32, "auto");
+        assert_eq!(delay.correlation, 0.0);
+        for bad in [
+            "delay --host --port 1 --ttl 1s",
+            "delay --host --port 1 --ttl 1s --latency 0s",
+            "delay --host --port 1 --ttl 1s --latency soon",
+            "delay --host --port 1 --ttl 1s --latency 1s --correlation 101",
+            "delay --host --port 1 --ttl 1s --latency 1s --mechanism tc",
+        ] {
+            assert!(inject_command(bad).is_err(), "{bad} should not parse");
+        }
+    }
+
+    #[test]
+    fn rates_and_sizes_accept_human_units() {
+        assert_eq!(parse_rate("256KiB/s"), Ok(262_144));
+        assert_eq!(parse_rate("1MB/s"), Ok(1_000_000));
+        assert_eq!(parse_rate("1.5MiB/s"), Ok(1_572_864));
+        assert_eq!(parse_rate("10mbit"), Ok(1_250_000));
+        assert_eq!(parse_rate("8kbit/s"), Ok(1000));
+        assert_eq!(parse_rate("5000"), Ok(5000));
+        for bad in ["", "fast", "0", "-5KiB/s", "10 parsecs", "1KiB/h"] {
+            let why = parse_rate(bad).expect_err(bad);
+            assert!(why.contains("--rate 256KiB/s"), "{bad}: {why}");
+        }
+        assert_eq!(parse_size("32KiB"), Ok(32_768));
+        assert_eq!(parse_size("1500"), Ok(1500));
+        assert!(parse_size("8kbit").is_err(), "a size is in bytes");
+
+        let command =
+            inject_command("bandwidth --cgroup /app --port 6379 --rate 256KiB/s --ttl 10s")
+                .unwrap();
+        let Some(fault::Action::Bandwidth(bandwidth)) = Some(command.parts().action) else {
+            panic!("not a bandwidth");
+        };
+        assert_eq!(
+            (bandwidth.rate_bytes_per_sec, bandwidth.burst),
+            (262_144, 0)
+        );
+        assert!(inject_command("bandwidth --host --port 1 --ttl 1s").is_err());
+    }
+
+    #[test]
+    fn delay_and_bandwidth_read_like_the_flags() {
+        let ms = |ms| Some(duration::to_proto(Duration::from_millis(ms)));
+        let delay = fault::Action::Delay(pb::Delay {
+            latency: ms(100),
+            jitter: ms(20),
+            correlation: 25.0,
+            mechanism: 0,
+        });
+        assert_eq!(
+            action_text(Some(&delay)),
+            "delay 100ms ±20ms 25% correlated"
+        );
+        let fixed = fault::Action::Delay(pb::Delay {
+            latency: ms(50),
+            jitter: ms(0),
+            ..Default::default()
+        });
+        assert_eq!(action_text(Some(&fixed)), "delay 50ms");
+        let bandwidth = fault::Action::Bandwidth(pb::Bandwidth {
+            rate_bytes_per_sec: 262_144,
+            burst: 2621,
+            mechanism: 0,
+        });
+        assert_eq!(
+            action_text(Some(&bandwidth)),
+            "bandwidth 256KiB/s burst 2621B"
+        );
+        let fault = Fault {
+            action: Some(delay),
+            mechanism: "nfqueue".into(),
+            ..Fault::default()
+        };
+        let json = fault_json(&fault);
+        assert_eq!(json["delay"]["latency"], "0.100s");
+        assert_eq!(json["delay"]["mechanism"], "MECHANISM_UNSPECIFIED");
+        assert_eq!(json["mechanism"], "nfqueue");
     }
 
     #[test]

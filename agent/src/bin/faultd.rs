@@ -57,10 +57,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(capability = c.name, available = c.available, detail = %c.detail, "probe");
     }
     let dataplane = dataplane.context("faultd cannot apply faults without its datapath")?;
+    // netem and EDT: probed by building their qdiscs in a private namespace; a killed
+    // predecessor's qdiscs and filters are swept as the classifier loads.
+    let (shapers, found) =
+        tokio::task::spawn_blocking(|| faultd::dataplane::shape::tc_shapers(faultd::EBPF_OBJECT))
+            .await?;
+    let mut caps = caps;
+    for (name, outcome) in found {
+        let available = outcome.is_ok();
+        let detail = outcome.unwrap_or_else(|why| why);
+        tracing::info!(capability = name, available, %detail, "probe");
+        caps.items.push(faultd::caps::Capability {
+            name,
+            available,
+            detail,
+        });
+    }
 
     let listener = bind(&config.socket).await?;
-    let engine = Engine::new(
+    let engine = Engine::with_shapers(
         Box::new(dataplane),
+        shapers,
         Box::new(cgroup_root),
         EngineConfig {
             max_ttl: config.max_ttl,
@@ -94,8 +111,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(socket = %config.socket.display(), kernel = %caps.kernel_release, "faultd ready");
     let served = faultd::api::serve(engine.clone(), Arc::new(caps), listener, stop_rx).await;
 
-    // Anything injected while connections drained goes too.
-    let (faults, leases) = engine.abort();
+    // Anything injected while connections drained goes too, and the mechanisms remove what
+    // they installed (qdiscs, filters).
+    let (faults, leases) = engine.close();
     if !faults.is_empty() || !leases.is_empty() {
         tracing::info!(
             faults = faults.len(),

@@ -178,6 +178,7 @@ impl Dataplane for CgroupSkbDataplane {
         Ok(per_cpu.iter().fold(Counters::default(), |sum, c| Counters {
             matched: sum.matched + c.matched,
             dropped: sum.dropped + c.dropped,
+            delayed: sum.delayed + c.delayed,
         }))
     }
 

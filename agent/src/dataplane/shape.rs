@@ -37,12 +37,13 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use faultd_common::{
     COUNTERS_MAP, PROG_SHAPE, RULES_MAP, RuleKey, SCOPES_MAP, SHAPE_ALIVE_MAP, SHAPE_COUNTERS_MAP,
-    SHAPE_DIST_MAP, SHAPE_SCOPES_MAP, SHAPE_STATE_MAP, SHAPES_MAP, ScopeValue, ShapeCounters,
+    Counters, SHAPE_DIST_MAP, SHAPE_SCOPES_MAP, SHAPE_STATE_MAP, SHAPES_MAP, ScopeValue,
     ShapeState, ShapeValue,
 };
 
 use super::rtnl::{self, CLSACT_EGRESS, CLSACT_HANDLE, Rtnl, RtnlError, TC_H_ROOT};
-use super::{DataplaneError, edt, netem};
+use super::{DataplaneError, Shaped, Shaper, edt, netem};
+use crate::fault::{Action, Direction, Mechanism, Target};
 
 /// First tag; an instance's tag is the major number of its root qdiscs and the priority of its
 /// netlink filters. Below 0x8000, where the kernel's automatic handles start.
@@ -104,13 +105,13 @@ struct Interface {
     edt_class: bool,
 }
 
-pub struct Shaper {
+pub struct TcShaping {
     tag: u16,
     _tag_lock: File,
     rtnl: Rtnl,
     shapes: BpfHashMap<MapData, RuleKey, ShapeValue>,
     scopes: BpfHashMap<MapData, u64, ScopeValue>,
-    counters: PerCpuArray<MapData, ShapeCounters>,
+    counters: PerCpuArray<MapData, Counters>,
     state: Array<MapData, ShapeState>,
     scope_rules: HashMap<u64, u32>,
     faults: BTreeMap<u32, ShapeFault>,
@@ -134,7 +135,7 @@ fn tc_err(e: RtnlError) -> DataplaneError {
     DataplaneError::Tc(e.to_string())
 }
 
-impl Shaper {
+impl TcShaping {
     /// Loads the classifier, claims a tag and removes what dead instances left behind.
     /// Attaches nothing until the first fault. Blocking: call from a blocking thread.
     pub fn load(object: &[u8]) -> Result<Self, DataplaneError> {
@@ -233,14 +234,13 @@ impl Shaper {
                 keys: keys.to_vec(),
             },
         );
-        let result = self
-            .cover_interfaces()
-            .and_then(|()| {
-                let ifindexes: Vec<u32> = self.interfaces.keys().copied().collect();
-                ifindexes
-                    .into_iter()
-                    .try_for_each(|ifindex| self.install_fault(ifindex, slot))
-            })
+        // Interfaces covered already get the new fault's class here; newly covered ones get
+        // every fault's in `cover_interfaces`.
+        let covered: Vec<u32> = self.interfaces.keys().copied().collect();
+        let result = covered
+            .into_iter()
+            .try_for_each(|ifindex| self.install_fault(ifindex, slot))
+            .and_then(|()| self.cover_interfaces())
             .and_then(|()| self.insert_keys(slot, expires_at_ns));
         if let Err(e) = result {
             if let Err(undo) = self.remove(slot) {
@@ -301,12 +301,12 @@ impl Shaper {
         first_error.map_or(Ok(()), Err)
     }
 
-    pub fn counters(&self, slot: u32) -> Result<ShapeCounters, DataplaneError> {
+    pub fn counters(&self, slot: u32) -> Result<Counters, DataplaneError> {
         let per_cpu = self
             .counters
             .get(&slot, 0)
             .map_err(map_err(SHAPE_COUNTERS_MAP))?;
-        Ok(per_cpu.iter().fold(ShapeCounters::default(), |sum, c| ShapeCounters {
+        Ok(per_cpu.iter().fold(Counters::default(), |sum, c| Counters {
             matched: sum.matched + c.matched,
             delayed: sum.delayed + c.delayed,
             dropped: sum.dropped + c.dropped,
@@ -336,7 +336,7 @@ impl Shaper {
     }
 
     fn reset_slot(&mut self, slot: u32) -> Result<(), DataplaneError> {
-        let zeros = PerCpuValues::try_from(vec![ShapeCounters::default(); self.nr_cpus])
+        let zeros = PerCpuValues::try_from(vec![Counters::default(); self.nr_cpus])
             .map_err(|e| DataplaneError::Map {
                 map: SHAPE_COUNTERS_MAP,
                 reason: e.to_string(),
@@ -540,7 +540,7 @@ impl Shaper {
     }
 }
 
-impl Drop for Shaper {
+impl Drop for TcShaping {
     fn drop(&mut self) {
         if let Err(e) = self.shutdown() {
             tracing::error!(error = %e, "removing tc shaping state");
@@ -722,4 +722,246 @@ mod tests {
         assert!(!is_tag(0x8001));
         assert!(!is_tag(1));
     }
+}
+
+/// The engine's view of one mechanism (netem or EDT) over the shared tc state: both use the
+/// same classifier, maps and root qdiscs.
+pub struct TcShaper {
+    mechanism: ShapeMechanism,
+    tc: Arc<std::sync::Mutex<TcShaping>>,
+    slots: HashMap<String, u32>,
+}
+
+impl TcShaper {
+    /// The netem and EDT shapers over one `TcShaping`.
+    pub fn pair(tc: TcShaping) -> (TcShaper, TcShaper) {
+        let tc = Arc::new(std::sync::Mutex::new(tc));
+        let make = |mechanism| TcShaper {
+            mechanism,
+            tc: tc.clone(),
+            slots: HashMap::new(),
+        };
+        (make(ShapeMechanism::Netem), make(ShapeMechanism::Edt))
+    }
+
+    fn tc(&self) -> std::sync::MutexGuard<'_, TcShaping> {
+        // Every step rolls back before returning, so a panic cannot leave the state half-done.
+        self.tc.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn error(&self, e: DataplaneError) -> DataplaneError {
+        DataplaneError::Shaper {
+            mechanism: self.mechanism.name(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// What a delay or bandwidth action asks of the tc mechanisms.
+fn spec_of(action: &Action) -> Option<ShapeSpec> {
+    match action {
+        Action::Delay(delay) => Some(ShapeSpec {
+            latency: delay.latency,
+            jitter: delay.jitter,
+            correlation: delay.correlation,
+            rate_bytes_per_sec: 0,
+            burst_bytes: 0,
+        }),
+        Action::Bandwidth(bandwidth) => Some(ShapeSpec {
+            latency: Duration::ZERO,
+            jitter: Duration::ZERO,
+            correlation: 0.0,
+            rate_bytes_per_sec: bandwidth.rate_bytes_per_sec,
+            burst_bytes: u32::try_from(bandwidth.burst).unwrap_or(u32::MAX),
+        }),
+        _ => None,
+    }
+}
+
+impl Shaper for TcShaper {
+    fn mechanism(&self) -> Mechanism {
+        match self.mechanism {
+            ShapeMechanism::Netem => Mechanism::Netem,
+            ShapeMechanism::Edt => Mechanism::Edt,
+        }
+    }
+
+    fn unavailable(&self, action: &Action) -> Option<String> {
+        let spec = spec_of(action)?;
+        match self.mechanism {
+            ShapeMechanism::Edt => edt::check(&spec).err().map(|e| e.to_string()),
+            ShapeMechanism::Netem => None,
+        }
+    }
+
+    fn unavailable_for(&self, action: &Action, target: &Target) -> Option<String> {
+        if target.direction != Direction::Egress {
+            return Some(format!(
+                "{} shapes what the workload sends (direction egress) at the interfaces' egress; \
+                 {} traffic needs the nfqueue mechanism",
+                self.mechanism.name(),
+                target.direction.name()
+            ));
+        }
+        self.unavailable(action)
+    }
+
+    fn apply(&mut self, fault: &Shaped<'_>) -> Result<(), DataplaneError> {
+        let spec = spec_of(fault.action).ok_or_else(|| {
+            self.error(DataplaneError::Unsupported(format!(
+                "cannot apply a {} action",
+                fault.action.name()
+            )))
+        })?;
+        // Egress keys only: the classifier runs at the egress hook.
+        let keys: Vec<RuleKey> = fault
+            .keys
+            .iter()
+            .filter(|k| k.direction == faultd_common::DIR_EGRESS)
+            .copied()
+            .collect();
+        let mechanism = self.mechanism;
+        self.tc()
+            .apply(fault.slot, mechanism, spec, &keys, fault.expires_at_ns)
+            .map_err(|e| self.error(e))?;
+        self.slots.insert(fault.id.clone(), fault.slot);
+        Ok(())
+    }
+
+    fn refresh(&mut self, id: &str, expires_at_ns: u64) -> Result<(), DataplaneError> {
+        let Some(&slot) = self.slots.get(id) else {
+            return Ok(());
+        };
+        self.tc()
+            .refresh(slot, expires_at_ns)
+            .map_err(|e| self.error(e))
+    }
+
+    fn remove(&mut self, id: &str) -> Result<(), DataplaneError> {
+        let Some(slot) = self.slots.remove(id) else {
+            return Ok(());
+        };
+        self.tc().remove(slot).map_err(|e| self.error(e))
+    }
+
+    fn counters(&self, id: &str) -> Result<Counters, DataplaneError> {
+        match self.slots.get(id) {
+            Some(&slot) => self.tc().counters(slot).map_err(|e| self.error(e)),
+            None => Ok(Counters::default()),
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Err(e) = self.tc().shutdown() {
+            tracing::error!(mechanism = self.mechanism.name(), error = %e, "removing tc shaping state");
+        }
+    }
+}
+
+/// Whether this kernel can run `mechanism`, found by building what it needs — an htb root, a
+/// class and its netem or fq leaf — on the loopback device of a private network namespace
+/// that a short-lived thread creates and takes with it. Names what is missing.
+pub fn probe(mechanism: ShapeMechanism) -> Result<(), String> {
+    let thread = std::thread::Builder::new()
+        .name("faultd-probe-tc".into())
+        .spawn(move || -> Result<(), String> {
+            // SAFETY: unshare on this thread only (network namespaces are per thread).
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(format!(
+                    "creating a private network namespace: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            let mut rtnl = Rtnl::open().map_err(|e| e.to_string())?;
+            let missing = |kind: &'static str| {
+                move |e: RtnlError| match e.errno() {
+                    Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) => {
+                        format!("the kernel has no sch_{kind} ({e})")
+                    }
+                    _ => e.to_string(),
+                }
+            };
+            let lo = 1;
+            rtnl.replace_root_qdisc(lo, TAG_BASE, "htb", rtnl::htb_root_options(DIRECT_QLEN))
+                .map_err(missing("htb"))?;
+            let spec = ShapeSpec {
+                latency: Duration::from_millis(1),
+                jitter: Duration::ZERO,
+                correlation: 0.0,
+                rate_bytes_per_sec: 0,
+                burst_bytes: 0,
+            };
+            match mechanism {
+                ShapeMechanism::Netem => {
+                    netem::install(&mut rtnl, lo, TAG_BASE, 0, &spec, &[]).map_err(missing("netem"))
+                }
+                ShapeMechanism::Edt => edt::install(&mut rtnl, lo, TAG_BASE).map_err(missing("fq")),
+            }
+        })
+        .map_err(|e| format!("starting the probe thread: {e}"))?;
+    thread
+        .join()
+        .map_err(|_| "the probe thread panicked".to_string())?
+}
+
+/// The netem and EDT shapers for the engine, in that order: the real ones where `probe` finds
+/// what they need and the classifier loads, else stand-ins that name what is missing. Also
+/// what was found, as (capability, Ok(detail) or Err(why)) for `Capabilities`. Blocking.
+pub fn tc_shapers(
+    object: &[u8],
+) -> (
+    Vec<Box<dyn Shaper>>,
+    Vec<(&'static str, Result<String, String>)>,
+) {
+    let netem = probe(ShapeMechanism::Netem);
+    let edt = probe(ShapeMechanism::Edt);
+    let mut found = vec![
+        (
+            "netem",
+            netem
+                .clone()
+                .map(|()| "built htb + netem on a private loopback device".to_string()),
+        ),
+        (
+            "fq",
+            edt.clone()
+                .map(|()| "built htb + fq (with a horizon) on a private loopback device".to_string()),
+        ),
+    ];
+    let loaded = if netem.is_ok() || edt.is_ok() {
+        TcShaping::load(object).map_err(|e| format!("loading the tc classifier: {e}"))
+    } else {
+        Err("no qdisc to shape with".to_string())
+    };
+    found.push((
+        "tc_classifier",
+        match &loaded {
+            Ok(_) if tcx_available() => Ok("faultd_shape on egress through fd-owned TCX links".into()),
+            Ok(_) => Ok("faultd_shape on clsact egress through netlink (no TCX before 6.6)".into()),
+            Err(e) => Err(e.clone()),
+        },
+    ));
+    let missing = |mechanism: Mechanism, reason: String| -> Box<dyn Shaper> {
+        Box::new(super::MissingShaper { mechanism, reason })
+    };
+    let shapers = match loaded {
+        Ok(tc) => {
+            let (netem_shaper, edt_shaper) = TcShaper::pair(tc);
+            vec![
+                match netem {
+                    Ok(()) => Box::new(netem_shaper) as Box<dyn Shaper>,
+                    Err(why) => missing(Mechanism::Netem, why),
+                },
+                match edt {
+                    Ok(()) => Box::new(edt_shaper) as Box<dyn Shaper>,
+                    Err(why) => missing(Mechanism::Edt, why),
+                },
+            ]
+        }
+        Err(why) => vec![
+            missing(Mechanism::Netem, netem.err().unwrap_or_else(|| why.clone())),
+            missing(Mechanism::Edt, edt.err().unwrap_or(why)),
+        ],
+    };
+    (shapers, found)
 }

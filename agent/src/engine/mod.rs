@@ -11,8 +11,8 @@ use faultd_common::{ACTION_DROP, Counters, MAX_FAULTS, MAX_RULES, RuleKey, RuleV
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::dataplane::{Dataplane, DataplaneError};
-use crate::fault::{Action, FaultId, FaultSpec, Invalid, Labels, LeaseId};
+use crate::dataplane::{Dataplane, DataplaneError, Shaped, Shaper};
+use crate::fault::{Action, FaultId, FaultSpec, Invalid, Labels, LeaseId, Mechanism, Target};
 use crate::lease::{Lease, LeaseTable};
 use crate::target::{Resolve, ResolvedScope};
 
@@ -26,6 +26,9 @@ pub enum Error {
     Conflict(String),
     #[error("{0}")]
     Exhausted(String),
+    /// The kernel lacks what the fault needs (a mechanism, a qdisc, a netfilter target).
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
 }
@@ -99,6 +102,9 @@ struct FaultRecord {
     resolved: ResolvedScope,
     keys: Vec<RuleKey>,
     slot: u32,
+    /// Index into `State::shapers` for delay and bandwidth faults; None for the cgroup_skb
+    /// datapath's faults, whose keys are in the kernel map.
+    shaper: Option<usize>,
 }
 
 struct State {
@@ -106,8 +112,12 @@ struct State {
     faults: HashMap<FaultId, FaultRecord>,
     /// Which fault holds each kernel key: overlapping faults are refused, not merged.
     owners: HashMap<RuleKey, FaultId>,
+    /// The same for delay and bandwidth faults: they may overlap a drop, not each other.
+    shape_owners: HashMap<RuleKey, FaultId>,
     free_slots: Vec<u32>,
     dataplane: Box<dyn Dataplane>,
+    /// The mechanisms for delay and bandwidth, one per `Mechanism` at most.
+    shapers: Vec<Box<dyn Shaper>>,
     resolver: Box<dyn Resolve>,
 }
 
@@ -124,13 +134,25 @@ impl Engine {
         resolver: Box<dyn Resolve>,
         config: EngineConfig,
     ) -> Arc<Self> {
+        Self::with_shapers(dataplane, Vec::new(), resolver, config)
+    }
+
+    /// An engine that can also delay and pace packets through `shapers`.
+    pub fn with_shapers(
+        dataplane: Box<dyn Dataplane>,
+        shapers: Vec<Box<dyn Shaper>>,
+        resolver: Box<dyn Resolve>,
+        config: EngineConfig,
+    ) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State {
                 leases: LeaseTable::default(),
                 faults: HashMap::new(),
                 owners: HashMap::new(),
+                shape_owners: HashMap::new(),
                 free_slots: (0..MAX_FAULTS).rev().collect(),
                 dataplane,
+                shapers,
                 resolver,
             }),
             config,
@@ -186,11 +208,19 @@ impl Engine {
         // Push the new deadline into every kernel entry of the lease.
         let deadline = kernel_deadline(lease.deadline);
         let mut rules = Vec::new();
+        let mut shaped = Vec::new();
         for fault_id in &lease.faults {
             if let Some(fault) = state.faults.get(fault_id) {
+                if let Some(shaper) = fault.shaper {
+                    shaped.push((shaper, fault_id.clone()));
+                    continue;
+                }
                 let value = rule_value(&fault.spec.action, fault.slot, deadline);
                 rules.extend(fault.keys.iter().map(|k| (*k, value)));
             }
+        }
+        for (shaper, fault_id) in shaped {
+            state.shapers[shaper].refresh(&fault_id, deadline)?;
         }
         state.dataplane.refresh(&rules)?;
         self.deadline_changed.notify_one();
@@ -238,13 +268,21 @@ impl Engine {
         };
         let resolved = state.resolver.resolve(&spec.target.scope)?;
         let keys = spec.target.rule_keys(resolved.cgroup_id);
-        if let Some(owner) = keys.iter().find_map(|k| state.owners.get(k)) {
+        let shaper = match spec.action.shaping() {
+            Some(forced) => Some(state.choose_shaper(&spec.action, &spec.target, forced)?),
+            None => None,
+        };
+        let owners = match shaper {
+            Some(_) => &state.shape_owners,
+            None => &state.owners,
+        };
+        if let Some(owner) = keys.iter().find_map(|k| owners.get(k)) {
             return Err(Error::Conflict(format!(
                 "fault.target: {} overlaps fault {owner} (remove it first)",
                 spec.target.summary()
             )));
         }
-        if state.owners.len() + keys.len() > MAX_RULES as usize {
+        if shaper.is_none() && state.owners.len() + keys.len() > MAX_RULES as usize {
             return Err(Error::Exhausted(format!(
                 "the kernel rule table holds {} entries; this fault needs {} but only {} are free",
                 MAX_RULES,
@@ -262,12 +300,27 @@ impl Engine {
             Some(found) => found,
             None => state.grant(private_ttl, Labels::new(), true),
         };
-        let value = rule_value(&spec.action, slot, kernel_deadline(deadline));
-        let rules: Vec<_> = keys.iter().map(|k| (*k, value)).collect();
+        let id = new_id(|id| state.faults.contains_key(id));
+        let expires_at_ns = kernel_deadline(deadline);
         let applied = state
             .dataplane
             .reset_counters(slot)
-            .and_then(|()| state.dataplane.insert(&rules));
+            .and_then(|()| match shaper {
+                Some(shaper) => state.shapers[shaper].apply(&Shaped {
+                    id: &id,
+                    action: &spec.action,
+                    target: &spec.target,
+                    resolved: &resolved,
+                    keys: &keys,
+                    slot,
+                    expires_at_ns,
+                }),
+                None => {
+                    let value = rule_value(&spec.action, slot, expires_at_ns);
+                    let rules: Vec<_> = keys.iter().map(|k| (*k, value)).collect();
+                    state.dataplane.insert(&rules)
+                }
+            });
         if let Err(e) = applied {
             state.free_slots.push(slot);
             if private {
@@ -275,14 +328,21 @@ impl Engine {
             }
             return Err(e.into());
         }
-        let id = new_id(|id| state.faults.contains_key(id));
+        let owners = match shaper {
+            Some(_) => &mut state.shape_owners,
+            None => &mut state.owners,
+        };
         for key in &keys {
-            state.owners.insert(*key, id.clone());
+            owners.insert(*key, id.clone());
         }
         if let Some(lease) = state.leases.get_mut(&lease_id) {
             lease.faults.push(id.clone());
         }
-        tracing::info!(fault = %id, lease = %lease_id, action = spec.action.name(),
+        let mechanism = match shaper {
+            Some(shaper) => state.shapers[shaper].mechanism().name(),
+            None => state.dataplane.mechanism(),
+        };
+        tracing::info!(fault = %id, lease = %lease_id, action = spec.action.name(), mechanism,
             target = %spec.target.summary(), cgroup_id = resolved.cgroup_id, rules = keys.len(), "fault applied");
         state.faults.insert(
             id.clone(),
@@ -292,6 +352,7 @@ impl Engine {
                 resolved,
                 keys,
                 slot,
+                shaper,
             },
         );
         self.deadline_changed.notify_one();
@@ -336,6 +397,16 @@ impl Engine {
         }
         self.deadline_changed.notify_one();
         (faults, leases)
+    }
+
+    /// Reverts everything, then waits for the mechanisms' background clean-up (shutdown).
+    pub fn close(&self) -> (Vec<FaultId>, Vec<LeaseId>) {
+        let reverted = self.abort();
+        let mut state = self.lock();
+        for shaper in &mut state.shapers {
+            shaper.flush();
+        }
+        reverted
     }
 
     pub fn active_faults(&self) -> usize {
@@ -389,6 +460,44 @@ impl State {
         }
     }
 
+    /// The shaper for a delay or bandwidth action: the one the user forced, else the first
+    /// available in order of preference. FAILED_PRECONDITION names what is missing.
+    fn choose_shaper(
+        &self,
+        action: &Action,
+        target: &Target,
+        forced: Option<Mechanism>,
+    ) -> Result<usize, Error> {
+        let find =
+            |mechanism: Mechanism| self.shapers.iter().position(|s| s.mechanism() == mechanism);
+        let why_not = |mechanism: Mechanism| match find(mechanism) {
+            Some(i) => self.shapers[i]
+                .unavailable_for(action, target)
+                .map_or(Ok(i), Err),
+            None => Err("not supported by this faultd".to_string()),
+        };
+        let action_name = action.name();
+        if let Some(mechanism) = forced {
+            return why_not(mechanism).map_err(|why| {
+                Error::Unavailable(format!(
+                    "fault.{action_name}.mechanism: {} cannot apply a {action_name} on this host: {why}",
+                    mechanism.name().to_uppercase()
+                ))
+            });
+        }
+        let mut reasons = Vec::new();
+        for mechanism in Mechanism::PREFERENCE {
+            match why_not(mechanism) {
+                Ok(i) => return Ok(i),
+                Err(why) => reasons.push(format!("{}: {why}", mechanism.name())),
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "fault.{action_name}: no mechanism can apply a {action_name} on this host ({})",
+            reasons.join("; ")
+        )))
+    }
+
     fn revoke(&mut self, id: &str, reason: RevertReason) -> Vec<FaultId> {
         let Some(lease) = self.leases.remove(id) else {
             return Vec::new();
@@ -406,11 +515,19 @@ impl State {
         let Some(fault) = self.faults.remove(id) else {
             return;
         };
-        if let Err(e) = self.dataplane.remove(&fault.keys) {
+        let removed = match fault.shaper {
+            Some(shaper) => self.shapers[shaper].remove(id),
+            None => self.dataplane.remove(&fault.keys),
+        };
+        if let Err(e) = removed {
             tracing::error!(fault = %id, error = %e, "removing kernel entries; they lapse at the lease deadline");
         }
+        let owners = match fault.shaper {
+            Some(_) => &mut self.shape_owners,
+            None => &mut self.owners,
+        };
         for key in &fault.keys {
-            self.owners.remove(key);
+            owners.remove(key);
         }
         self.free_slots.push(fault.slot);
         if let Some(lease) = self.leases.get_mut(&fault.lease_id) {
@@ -426,6 +543,16 @@ impl State {
             .get(&fault.lease_id)
             .ok_or_else(|| not_found("lease", &fault.lease_id))?;
         let (expires_at, remaining) = wall_clock(lease.deadline);
+        let (counters, mechanism) = match fault.shaper {
+            Some(shaper) => {
+                let shaper = &self.shapers[shaper];
+                (shaper.counters(id)?, shaper.mechanism().name())
+            }
+            None => (
+                self.dataplane.counters(fault.slot)?,
+                self.dataplane.mechanism(),
+            ),
+        };
         Ok(FaultView {
             id: id.to_string(),
             lease_id: fault.lease_id.clone(),
@@ -433,10 +560,10 @@ impl State {
             resolved: fault.resolved.clone(),
             rules: fault.keys.len(),
             state,
-            counters: self.dataplane.counters(fault.slot)?,
+            counters,
             expires_at,
             remaining,
-            mechanism: self.dataplane.mechanism(),
+            mechanism,
         })
     }
 
@@ -468,14 +595,13 @@ fn not_found(kind: &'static str, id: &str) -> Error {
     }
 }
 
+/// The cgroup_skb map value of a fault (only drop faults go into that map).
 fn rule_value(action: &Action, slot: u32, expires_at_ns: u64) -> RuleValue {
-    match action {
-        Action::Drop { .. } => RuleValue {
-            expires_at_ns,
-            drop_threshold: action.drop_threshold(),
-            counter_slot: slot,
-            action: ACTION_DROP,
-        },
+    RuleValue {
+        expires_at_ns,
+        drop_threshold: action.drop_threshold(),
+        counter_slot: slot,
+        action: ACTION_DROP,
     }
 }
 
