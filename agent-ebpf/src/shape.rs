@@ -16,8 +16,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use faultd_common::{
-    Counters, DIR_EGRESS, DIST_SCALE, DIST_SIZE, MAX_CGROUP_DEPTH, MAX_FAULTS, MAX_RULES, MAX_SCOPES,
-    PROTO_TCP, PROTO_UDP, RuleKey, SHAPE_CLASS, SHAPE_EDT, ScopeValue, ShapeState,
+    Counters, DIR_EGRESS, DIST_SCALE, DIST_SIZE, MAX_CGROUP_DEPTH, MAX_FAULTS, MAX_RULES,
+    MAX_SCOPES, PROTO_TCP, PROTO_UDP, RuleKey, SHAPE_CLASS, SHAPE_EDT, ScopeValue, ShapeState,
     ShapeValue,
 };
 
@@ -28,8 +28,7 @@ static FAULTD_SHAPES: HashMap<RuleKey, ShapeValue> =
 static FAULTD_SHAPE_SCOPES: HashMap<u64, ScopeValue> =
     HashMap::with_max_entries(MAX_SCOPES, BPF_F_NO_PREALLOC);
 #[map]
-static FAULTD_SHAPE_COUNTERS: PerCpuArray<Counters> =
-    PerCpuArray::with_max_entries(MAX_FAULTS, 0);
+static FAULTD_SHAPE_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_FAULTS, 0);
 #[map]
 static FAULTD_SHAPE_STATE: Array<ShapeState> = Array::with_max_entries(MAX_FAULTS, 0);
 #[map]
@@ -112,7 +111,9 @@ fn lookup(ctx: &TcContext, protocol: u8, local: u16, remote: u16) -> Option<&'st
             let found = unsafe {
                 FAULTD_SHAPES
                     .get(&RuleKey::new(scope, protocol, DIR_EGRESS, remote))
-                    .or_else(|| FAULTD_SHAPES.get(&RuleKey::new(scope, protocol, DIR_EGRESS, local)))
+                    .or_else(|| {
+                        FAULTD_SHAPES.get(&RuleKey::new(scope, protocol, DIR_EGRESS, local))
+                    })
             };
             if found.is_some() {
                 return found;

@@ -92,7 +92,10 @@ pub struct Matrix {
 /// `cargo xtask vm-test`: runs the matrix and closes with its own total line.
 pub fn vm_test(root: &Path, options: &Options) -> anyhow::Result<()> {
     let matrix = run_matrix(root, options)?;
-    println!("vm-test: {} passed, {} failed", matrix.passed, matrix.failed);
+    println!(
+        "vm-test: {} passed, {} failed",
+        matrix.passed, matrix.failed
+    );
     if matrix.failed > 0 {
         bail!("the kernel matrix failed; console logs are in target/vm/");
     }
@@ -129,7 +132,13 @@ pub fn run_matrix(root: &Path, options: &Options) -> anyhow::Result<Matrix> {
         let initrd = vm.join(format!("initrd-{}.cpio.gz", kernel.label));
         concat(&[&base, &modules, &bins], &initrd)?;
         let took = Instant::now();
-        let rc = boot(&vm, kernel.label, &image.vmlinuz, &initrd, &options.guest_args)?;
+        let rc = boot(
+            &vm,
+            kernel.label,
+            &image.vmlinuz,
+            &initrd,
+            &options.guest_args,
+        )?;
         results.push((kernel.label, rc, took.elapsed()));
     }
     println!("xtask: kernel matrix:");
@@ -139,7 +148,10 @@ pub fn run_matrix(root: &Path, options: &Options) -> anyhow::Result<Matrix> {
             Some(rc) => format!("FAILED (rc={rc})"),
             None => "FAILED (no RESULT line)".to_string(),
         };
-        println!("xtask:   {label:<5} {verdict} in {:.1} s", took.as_secs_f64());
+        println!(
+            "xtask:   {label:<5} {verdict} in {:.1} s",
+            took.as_secs_f64()
+        );
     }
     let failed = results.iter().filter(|(_, rc, _)| *rc != Some(0)).count() as u64;
     println!(
@@ -259,7 +271,12 @@ fn fetch_deb(vm: &Path, release: Release, package: &str, dest: &Path) -> anyhow:
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
         })
-        .with_context(|| format!("apt-get download {package} left no .deb in {}", debs.display()))?;
+        .with_context(|| {
+            format!(
+                "apt-get download {package} left no .deb in {}",
+                debs.display()
+            )
+        })?;
     if dest.exists() {
         fs::remove_dir_all(dest)?;
     }
@@ -373,7 +390,9 @@ fn build_base_image(vm: &Path, busybox: &Path) -> anyhow::Result<PathBuf> {
     if dir.exists() {
         fs::remove_dir_all(&dir)?;
     }
-    for sub in ["bin", "sbin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "run", "lib64"] {
+    for sub in [
+        "bin", "sbin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "run", "lib64",
+    ] {
         fs::create_dir_all(dir.join(sub))?;
     }
     fs::copy(busybox, dir.join("bin/busybox"))?;
@@ -540,7 +559,9 @@ fn boot(
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                eprintln!("xtask: the {label} guest did not finish in {GUEST_TIMEOUT:?}; stopping it");
+                eprintln!(
+                    "xtask: the {label} guest did not finish in {GUEST_TIMEOUT:?}; stopping it"
+                );
                 child.kill()?;
                 break;
             }

@@ -104,7 +104,10 @@ mod tests {
         assert_eq!(value.jitter_ns, 20_000_000);
         assert_eq!(value.classid, 0x7a00_ffff);
         assert_eq!(value.mechanism, SHAPE_EDT);
-        assert_eq!(value.correlation, (0.25 * f64::from(u32::MAX)).round() as u32);
+        assert_eq!(
+            value.correlation,
+            (0.25 * f64::from(u32::MAX)).round() as u32
+        );
         assert!(value.max_backlog_ns < HORIZON.as_nanos() as u64);
     }
 }

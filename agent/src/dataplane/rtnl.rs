@@ -236,7 +236,12 @@ impl Rtnl {
         self.request(
             RouteNetlinkMessage::NewQueueDiscipline(message),
             NLM_F_CREATE | NLM_F_EXCL,
-            || format!("adding a {kind} qdisc under {} on interface {ifindex}", handle(parent)),
+            || {
+                format!(
+                    "adding a {kind} qdisc under {} on interface {ifindex}",
+                    handle(parent)
+                )
+            },
         )
         .map(drop)
     }
@@ -256,13 +261,18 @@ impl Rtnl {
     }
 
     /// Deletes a qdisc; a qdisc that is already gone is not an error.
-    pub fn delete_qdisc(&mut self, ifindex: u32, handle_: u32, parent: u32) -> Result<(), RtnlError> {
+    pub fn delete_qdisc(
+        &mut self,
+        ifindex: u32,
+        handle_: u32,
+        parent: u32,
+    ) -> Result<(), RtnlError> {
         let message = tc_message(ifindex, handle_, parent, "", Vec::new());
-        ignore_missing(self.request(
-            RouteNetlinkMessage::DelQueueDiscipline(message),
-            0,
-            || format!("deleting qdisc {} on interface {ifindex}", handle(handle_)),
-        ))
+        ignore_missing(
+            self.request(RouteNetlinkMessage::DelQueueDiscipline(message), 0, || {
+                format!("deleting qdisc {} on interface {ifindex}", handle(handle_))
+            }),
+        )
     }
 
     /// Creates or changes an htb class.
@@ -277,7 +287,12 @@ impl Rtnl {
         self.request(
             RouteNetlinkMessage::NewTrafficClass(message),
             NLM_F_CREATE | NLM_F_REPLACE,
-            || format!("installing htb class {} on interface {ifindex}", handle(classid)),
+            || {
+                format!(
+                    "installing htb class {} on interface {ifindex}",
+                    handle(classid)
+                )
+            },
         )
         .map(drop)
     }
@@ -285,11 +300,11 @@ impl Rtnl {
     /// Deletes a class (and its leaf qdisc); a class that is already gone is not an error.
     pub fn delete_class(&mut self, ifindex: u32, classid: u32) -> Result<(), RtnlError> {
         let message = tc_message(ifindex, classid, 0, "", Vec::new());
-        ignore_missing(self.request(
-            RouteNetlinkMessage::DelTrafficClass(message),
-            0,
-            || format!("deleting class {} on interface {ifindex}", handle(classid)),
-        ))
+        ignore_missing(
+            self.request(RouteNetlinkMessage::DelTrafficClass(message), 0, || {
+                format!("deleting class {} on interface {ifindex}", handle(classid))
+            }),
+        )
     }
 
     /// Deletes every filter of `priority` under `parent`.
@@ -301,18 +316,23 @@ impl Rtnl {
     ) -> Result<(), RtnlError> {
         let mut message = tc_message(ifindex, 0, parent, "", Vec::new());
         message.header.info = (u32::from(priority) << 16) | u32::from(ETH_P_ALL_BE);
-        ignore_missing(self.request(
-            RouteNetlinkMessage::DelTrafficFilter(message),
-            0,
-            || format!("deleting filters of priority {priority} on interface {ifindex}"),
-        ))
+        ignore_missing(
+            self.request(RouteNetlinkMessage::DelTrafficFilter(message), 0, || {
+                format!("deleting filters of priority {priority} on interface {ifindex}")
+            }),
+        )
     }
 }
 
 fn ignore_missing(result: Result<Vec<RouteNetlinkMessage>, RtnlError>) -> Result<(), RtnlError> {
     match result {
         Ok(_) => Ok(()),
-        Err(e) if matches!(e.errno(), Some(libc::ENOENT) | Some(libc::EINVAL) | Some(libc::ENODEV)) => {
+        Err(e)
+            if matches!(
+                e.errno(),
+                Some(libc::ENOENT) | Some(libc::EINVAL) | Some(libc::ENODEV)
+            ) =>
+        {
             Ok(())
         }
         Err(e) => Err(e),
@@ -398,7 +418,8 @@ pub fn htb_class_options(rate: u64, burst: u32) -> Vec<u8> {
     // struct tc_ratespec { cell_log u8, linklayer u8, overhead u16, cell_align i16, mpu u16, rate u32 }
     let mut ratespec = vec![0u8, TC_LINKLAYER_ETHERNET, 0, 0, 0, 0, 0, 0];
     ratespec.extend_from_slice(&rate32.to_ne_bytes());
-    let ticks = (u64::from(burst) * 1_000_000_000 / rate / PSCHED_TICK_NS).clamp(1, u64::from(u32::MAX)) as u32;
+    let ticks = (u64::from(burst) * 1_000_000_000 / rate / PSCHED_TICK_NS)
+        .clamp(1, u64::from(u32::MAX)) as u32;
     let quantum = (rate / 10).clamp(1600, 200_000) as u32;
     // struct tc_htb_opt { rate, ceil, buffer, cbuffer, quantum, level, prio }
     let mut parms = ratespec.clone();
@@ -415,7 +436,13 @@ pub fn htb_class_options(rate: u64, burst: u32) -> Vec<u8> {
 
 /// netem options: `latency` and `jitter` (standard deviation of `table`, a normal distribution)
 /// in nanoseconds, `correlation` scaled to u32, room for `limit` packets.
-pub fn netem_options(latency: u64, jitter: u64, correlation: u32, limit: u32, table: &[i16]) -> Vec<u8> {
+pub fn netem_options(
+    latency: u64,
+    jitter: u64,
+    correlation: u32,
+    limit: u32,
+    table: &[i16],
+) -> Vec<u8> {
     const TCA_NETEM_CORR: u16 = 1;
     const TCA_NETEM_DELAY_DIST: u16 = 2;
     const TCA_NETEM_LATENCY64: u16 = 10;
@@ -429,7 +456,11 @@ pub fn netem_options(latency: u64, jitter: u64, correlation: u32, limit: u32, ta
         let bytes: Vec<u8> = table.iter().flat_map(|v| v.to_ne_bytes()).collect();
         attribute(&mut out, TCA_NETEM_DELAY_DIST, &bytes);
     }
-    attribute(&mut out, TCA_NETEM_LATENCY64, &(latency as i64).to_ne_bytes());
+    attribute(
+        &mut out,
+        TCA_NETEM_LATENCY64,
+        &(latency as i64).to_ne_bytes(),
+    );
     attribute(&mut out, TCA_NETEM_JITTER64, &(jitter as i64).to_ne_bytes());
     out
 }
@@ -458,7 +489,9 @@ pub fn normal_table() -> Vec<i16> {
         .map(|i| {
             let p = (i as f64 + 0.5) / size as f64;
             let z = inverse_normal_cdf(p).clamp(-4.0, 4.0);
-            (z * faultd_common::DIST_SCALE as f64).round().clamp(-32767.0, 32767.0) as i16
+            (z * faultd_common::DIST_SCALE as f64)
+                .round()
+                .clamp(-32767.0, 32767.0) as i16
         })
         .collect()
 }
@@ -538,7 +571,10 @@ mod tests {
         assert_eq!(out.len(), 24 + 16 + (4 + 8192) + 12 + 12);
         let latency = &out[out.len() - 24..out.len() - 12];
         assert_eq!(u16::from_ne_bytes([latency[2], latency[3]]), 10);
-        assert_eq!(i64::from_ne_bytes(latency[4..12].try_into().unwrap()), 100_000_000);
+        assert_eq!(
+            i64::from_ne_bytes(latency[4..12].try_into().unwrap()),
+            100_000_000
+        );
         // No jitter: no table.
         assert_eq!(netem_options(1, 0, 0, 1, &table).len(), 24 + 16 + 12 + 12);
     }
@@ -564,7 +600,11 @@ mod tests {
         let scale = faultd_common::DIST_SCALE as f64;
         let n = table.len() as f64;
         let mean = table.iter().map(|&v| f64::from(v) / scale).sum::<f64>() / n;
-        let var = table.iter().map(|&v| (f64::from(v) / scale - mean).powi(2)).sum::<f64>() / n;
+        let var = table
+            .iter()
+            .map(|&v| (f64::from(v) / scale - mean).powi(2))
+            .sum::<f64>()
+            / n;
         assert!(mean.abs() < 1e-3, "mean {mean}");
         assert!((var.sqrt() - 1.0).abs() < 0.01, "sd {}", var.sqrt());
     }

@@ -27,8 +27,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
@@ -36,8 +36,8 @@ use aya::programs::tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, TcHan
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use faultd_common::{
-    COUNTERS_MAP, PROG_SHAPE, RULES_MAP, RuleKey, SCOPES_MAP, SHAPE_ALIVE_MAP, SHAPE_COUNTERS_MAP,
-    Counters, SHAPE_DIST_MAP, SHAPE_SCOPES_MAP, SHAPE_STATE_MAP, SHAPES_MAP, ScopeValue,
+    COUNTERS_MAP, Counters, PROG_SHAPE, RULES_MAP, RuleKey, SCOPES_MAP, SHAPE_ALIVE_MAP,
+    SHAPE_COUNTERS_MAP, SHAPE_DIST_MAP, SHAPE_SCOPES_MAP, SHAPE_STATE_MAP, SHAPES_MAP, ScopeValue,
     ShapeState, ShapeValue,
 };
 
@@ -155,9 +155,12 @@ impl TcShaping {
             .ok_or_else(|| DataplaneError::Load(format!("program {PROG_SHAPE} missing")))?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
-        program
-            .load()
-            .map_err(|e| DataplaneError::Load(format!("{PROG_SHAPE}: {}", super::cgroup_skb::verifier_detail(&e))))?;
+        program.load().map_err(|e| {
+            DataplaneError::Load(format!(
+                "{PROG_SHAPE}: {}",
+                super::cgroup_skb::verifier_detail(&e)
+            ))
+        })?;
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
                 .ok_or_else(|| DataplaneError::Load(format!("map {name} missing from the object")))
@@ -165,8 +168,8 @@ impl TcShaping {
         let shapes = BpfHashMap::try_from(take(SHAPES_MAP)?).map_err(map_err(SHAPES_MAP))?;
         let scopes =
             BpfHashMap::try_from(take(SHAPE_SCOPES_MAP)?).map_err(map_err(SHAPE_SCOPES_MAP))?;
-        let counters =
-            PerCpuArray::try_from(take(SHAPE_COUNTERS_MAP)?).map_err(map_err(SHAPE_COUNTERS_MAP))?;
+        let counters = PerCpuArray::try_from(take(SHAPE_COUNTERS_MAP)?)
+            .map_err(map_err(SHAPE_COUNTERS_MAP))?;
         let state = Array::try_from(take(SHAPE_STATE_MAP)?).map_err(map_err(SHAPE_STATE_MAP))?;
         let mut dist: Array<MapData, i32> =
             Array::try_from(take(SHAPE_DIST_MAP)?).map_err(map_err(SHAPE_DIST_MAP))?;
@@ -336,10 +339,12 @@ impl TcShaping {
     }
 
     fn reset_slot(&mut self, slot: u32) -> Result<(), DataplaneError> {
-        let zeros = PerCpuValues::try_from(vec![Counters::default(); self.nr_cpus])
-            .map_err(|e| DataplaneError::Map {
-                map: SHAPE_COUNTERS_MAP,
-                reason: e.to_string(),
+        let zeros =
+            PerCpuValues::try_from(vec![Counters::default(); self.nr_cpus]).map_err(|e| {
+                DataplaneError::Map {
+                    map: SHAPE_COUNTERS_MAP,
+                    reason: e.to_string(),
+                }
             })?;
         self.counters
             .set(slot, zeros, 0)
@@ -372,7 +377,9 @@ impl TcShaping {
         if after == 0 {
             self.scope_rules.remove(&scope);
             if before > 0 {
-                self.scopes.remove(&scope).map_err(map_err(SHAPE_SCOPES_MAP))?;
+                self.scopes
+                    .remove(&scope)
+                    .map_err(map_err(SHAPE_SCOPES_MAP))?;
             }
         } else {
             self.scope_rules.insert(scope, after as u32);
@@ -408,11 +415,7 @@ impl TcShaping {
                 continue;
             }
             self.cover(link.index, &link.name)?;
-            let slots: Vec<u32> = self
-                .faults
-                .keys()
-                .copied()
-                .collect();
+            let slots: Vec<u32> = self.faults.keys().copied().collect();
             for slot in slots {
                 self.install_fault(link.index, slot)?;
             }
@@ -422,7 +425,12 @@ impl TcShaping {
 
     fn cover(&mut self, ifindex: u32, name: &str) -> Result<(), DataplaneError> {
         self.rtnl
-            .replace_root_qdisc(ifindex, self.tag, "htb", rtnl::htb_root_options(DIRECT_QLEN))
+            .replace_root_qdisc(
+                ifindex,
+                self.tag,
+                "htb",
+                rtnl::htb_root_options(DIRECT_QLEN),
+            )
             .map_err(tc_err)?;
         let mut interface = Interface {
             name: name.to_string(),
@@ -478,7 +486,9 @@ impl TcShaping {
                     classid: None,
                 }),
             )
-            .map_err(|e| DataplaneError::Tc(format!("attaching {PROG_SHAPE} to {name} egress: {e}")))?;
+            .map_err(|e| {
+                DataplaneError::Tc(format!("attaching {PROG_SHAPE} to {name} egress: {e}"))
+            })?;
         interface.link = Some(link);
         Ok(())
     }
@@ -488,10 +498,15 @@ impl TcShaping {
             return Ok(());
         };
         match fault.mechanism {
-            ShapeMechanism::Netem => {
-                netem::install(&mut self.rtnl, ifindex, self.tag, slot, &fault.spec, &self.table)
-                    .map_err(tc_err)
-            }
+            ShapeMechanism::Netem => netem::install(
+                &mut self.rtnl,
+                ifindex,
+                self.tag,
+                slot,
+                &fault.spec,
+                &self.table,
+            )
+            .map_err(tc_err),
             ShapeMechanism::Edt => {
                 let Some(interface) = self.interfaces.get_mut(&ifindex) else {
                     return Ok(());
@@ -633,15 +648,20 @@ fn is_tag(value: u32) -> bool {
     (u32::from(TAG_BASE)..u32::from(TAG_BASE + TAG_COUNT)).contains(&value)
 }
 
-/// Removes the root qdiscs and netlink filters of dead instances. Logs what it cannot do:
+/// Removes the root qdiscs and netlink filters of dead instances (its own tag's included: the
+/// instance that held it before is gone). Logs what it cannot do:
 /// an agent that cannot sweep can still shape.
 fn sweep(rtnl: &mut Rtnl, own: u16) {
     let dir = Path::new(TAG_LOCK_DIR);
     // Locks of dead tags, held while sweeping so no new instance claims them meanwhile.
     let mut dead: HashMap<u32, Option<File>> = HashMap::new();
     let mut is_dead = |tag: u32| -> bool {
-        if tag == u32::from(own) || !is_tag(tag) {
+        if !is_tag(tag) {
             return false;
+        }
+        // This instance has just claimed its tag: what carries it is a dead holder's.
+        if tag == u32::from(own) {
+            return true;
         }
         dead.entry(tag)
             .or_insert_with(|| try_lock(&lock_path(dir, tag as u16)).ok().flatten())
@@ -652,8 +672,10 @@ fn sweep(rtnl: &mut Rtnl, own: u16) {
             for q in qdiscs.iter().filter(|q| q.parent == TC_H_ROOT) {
                 if is_dead(q.handle >> 16) {
                     match rtnl.delete_qdisc(q.ifindex, q.handle, TC_H_ROOT) {
-                        Ok(()) => tracing::info!(ifindex = q.ifindex, handle = %rtnl::handle(q.handle),
-                            "removed a dead faultd's root qdisc"),
+                        Ok(()) => {
+                            tracing::info!(ifindex = q.ifindex, handle = %rtnl::handle(q.handle),
+                            "removed a dead faultd's root qdisc")
+                        }
                         Err(e) => tracing::warn!(error = %e, "sweeping a dead faultd's qdisc"),
                     }
                 }
@@ -675,7 +697,11 @@ fn sweep(rtnl: &mut Rtnl, own: u16) {
                         match rtnl.delete_filters(ifindex, CLSACT_EGRESS, priority) {
                             Ok(()) => {
                                 swept = true;
-                                tracing::info!(ifindex, priority, "removed a dead faultd's tc filter");
+                                tracing::info!(
+                                    ifindex,
+                                    priority,
+                                    "removed a dead faultd's tc filter"
+                                );
                             }
                             Err(e) => tracing::warn!(error = %e, "sweeping a dead faultd's filter"),
                         }
@@ -924,8 +950,9 @@ pub fn tc_shapers(
         ),
         (
             "fq",
-            edt.clone()
-                .map(|()| "built htb + fq (with a horizon) on a private loopback device".to_string()),
+            edt.clone().map(|()| {
+                "built htb + fq (with a horizon) on a private loopback device".to_string()
+            }),
         ),
     ];
     let loaded = if netem.is_ok() || edt.is_ok() {
@@ -936,7 +963,9 @@ pub fn tc_shapers(
     found.push((
         "tc_classifier",
         match &loaded {
-            Ok(_) if tcx_available() => Ok("faultd_shape on egress through fd-owned TCX links".into()),
+            Ok(_) if tcx_available() => {
+                Ok("faultd_shape on egress through fd-owned TCX links".into())
+            }
             Ok(_) => Ok("faultd_shape on clsact egress through netlink (no TCX before 6.6)".into()),
             Err(e) => Err(e.clone()),
         },
