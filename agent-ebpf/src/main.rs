@@ -2,8 +2,12 @@
 //! root. For every IPv4/IPv6 TCP/UDP packet they walk the socket's cgroup and its ancestors,
 //! and for the cgroups that have rules look up (scope, protocol, direction, port) in a hash map.
 //! An entry past its deadline is ignored, so a fault ends on time even if faultd is gone.
-//! Fail open: anything unexpected passes the packet. The tc classifier for delay and bandwidth
-//! faults lives in `shape`.
+//! Fail open: anything unexpected passes the packet.
+//!
+//! Two cgroup/connect programs (IPv4, IPv6) refuse new TCP connections of a scope to the ports
+//! of a `reject` or `reset` fault with ECONNREFUSED, as a port nobody listens on does.
+//!
+//! The tc classifier for delay and bandwidth faults lives in `shape`.
 #![no_std]
 #![no_main]
 
@@ -11,15 +15,17 @@ mod shape;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_prandom_u32,
+        bpf_ktime_get_ns, bpf_set_retval, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, map},
+    macros::{cgroup_skb, cgroup_sock_addr, map},
     maps::{HashMap, PerCpuArray},
-    programs::SkBuffContext,
+    programs::{SkBuffContext, SockAddrContext},
 };
 use faultd_common::{
-    ACTION_DROP, Counters, DIR_EGRESS, DIR_INGRESS, MAX_CGROUP_DEPTH, MAX_FAULTS, MAX_RULES,
-    MAX_SCOPES, PROTO_TCP, PROTO_UDP, RuleKey, RuleValue, ScopeValue,
+    ACTION_DROP, ACTION_REJECT, Counters, DIR_CONNECT, DIR_EGRESS, DIR_INGRESS, ECONNREFUSED,
+    MAX_CGROUP_DEPTH, MAX_FAULTS, MAX_RULES, MAX_SCOPES, PROTO_TCP, PROTO_UDP, RuleKey, RuleValue,
+    ScopeValue,
 };
 
 #[map]
@@ -141,6 +147,70 @@ fn apply(rule: &RuleValue) -> bool {
         unsafe { (*c).dropped += 1 };
     }
     drop
+}
+
+/// cgroup/connect verdicts.
+const CONNECT_ALLOW: i32 = 1;
+const CONNECT_DENY: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn faultd_connect4(ctx: SockAddrContext) -> i32 {
+    connect(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn faultd_connect6(ctx: SockAddrContext) -> i32 {
+    connect(&ctx)
+}
+
+#[inline(always)]
+fn connect(ctx: &SockAddrContext) -> i32 {
+    if should_refuse(ctx) {
+        // Without this the caller sees EPERM, which no real server failure produces.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        CONNECT_DENY
+    } else {
+        CONNECT_ALLOW
+    }
+}
+
+#[inline(always)]
+fn should_refuse(ctx: &SockAddrContext) -> bool {
+    let addr = ctx.sock_addr;
+    // UDP "connects" only set a default peer: a real closed port never refuses them.
+    if unsafe { (*addr).protocol } != PROTO_TCP as u32 {
+        return false;
+    }
+    // The port is in network byte order in the low 16 bits.
+    let port = u16::from_be(unsafe { (*addr).user_port } as u16);
+    let leaf = unsafe { bpf_get_current_cgroup_id() };
+    if leaf == 0 {
+        return false;
+    }
+    for level in 0..MAX_CGROUP_DEPTH {
+        let scope = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if scope == 0 {
+            return false;
+        }
+        if unsafe { FAULTD_SCOPES.get(&scope) }.is_some()
+            && let Some(rule) =
+                unsafe { FAULTD_RULES.get(&RuleKey::new(scope, PROTO_TCP, DIR_CONNECT, port)) }
+            && rule.action == ACTION_REJECT
+            && unsafe { bpf_ktime_get_ns() } < rule.expires_at_ns
+        {
+            if let Some(c) = FAULTD_COUNTERS.get_ptr_mut(rule.counter_slot) {
+                unsafe {
+                    (*c).matched += 1;
+                    (*c).refused += 1;
+                }
+            }
+            return true;
+        }
+        if scope == leaf {
+            return false;
+        }
+    }
+    false
 }
 
 #[cfg(not(test))]

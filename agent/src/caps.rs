@@ -5,6 +5,9 @@ use std::path::Path;
 
 use faultd_proto::v1 as pb;
 
+use crate::dataplane::{Dataplane, Shaper};
+use crate::fault::{Action, Mechanism};
+
 #[derive(Clone, Debug)]
 pub struct Capability {
     pub name: &'static str,
@@ -17,14 +20,14 @@ pub struct Capabilities {
     pub kernel_release: String,
     pub cgroup_root: String,
     pub items: Vec<Capability>,
-    /// The datapath that applies `drop`, if it loaded.
-    pub drop_mechanism: Option<&'static str>,
+    /// Per action: the mechanism that applies it, or why it is unavailable.
+    pub actions: Vec<(&'static str, Result<&'static str, String>)>,
 }
 
 impl Capabilities {
     /// Probes the kernel. `datapath` is the outcome of loading and attaching the programs
     /// (the one probe that proves BPF, cgroup_skb and the helpers the programs call).
-    pub fn probe(cgroup_root: &Path, datapath: Result<&'static str, String>) -> Self {
+    pub fn probe(cgroup_root: &Path, datapath: Result<&dyn Dataplane, String>) -> Self {
         let kernel_release = kernel_release();
         let btf = Path::new("/sys/kernel/btf/vmlinux").is_file();
         let version = parse_version(&kernel_release);
@@ -45,8 +48,8 @@ impl Capabilities {
                 detail: cgroup_root.display().to_string(),
             },
         ];
-        let drop_mechanism = match &datapath {
-            Ok(mechanism) => {
+        let actions = match &datapath {
+            Ok(datapath) => {
                 items.push(Capability {
                     name: "cgroup_skb",
                     available: true,
@@ -55,7 +58,11 @@ impl Capabilities {
                         cgroup_root.display()
                     ),
                 });
-                Some(*mechanism)
+                items.extend(datapath.capabilities());
+                ACTIONS
+                    .iter()
+                    .map(|(name, action)| (*name, datapath.mechanism(action)))
+                    .collect()
             }
             Err(reason) => {
                 items.push(Capability {
@@ -63,7 +70,10 @@ impl Capabilities {
                     available: false,
                     detail: reason.clone(),
                 });
-                None
+                ACTIONS
+                    .iter()
+                    .map(|(name, _)| (*name, Err("the datapath did not load".to_string())))
+                    .collect()
             }
         };
         items.push(Capability {
@@ -81,7 +91,39 @@ impl Capabilities {
             kernel_release,
             cgroup_root: cgroup_root.display().to_string(),
             items,
-            drop_mechanism,
+            actions,
+        }
+    }
+
+    /// Adds delay and bandwidth: the mechanism the engine picks for a fault that leaves the
+    /// choice to it, given its shapers, or why none can apply the action.
+    pub fn add_shaping(&mut self, shapers: &[Box<dyn Shaper>]) {
+        let ms = std::time::Duration::from_millis;
+        let samples = [
+            ("delay", Action::delay(ms(1), ms(0), 0.0, None, "delay")),
+            ("bandwidth", Action::bandwidth(1, 0, None, "bandwidth")),
+        ];
+        for (name, action) in samples {
+            let Ok(action) = action else {
+                continue;
+            };
+            let mut reasons = Vec::new();
+            let chosen = Mechanism::PREFERENCE.into_iter().find(|mechanism| {
+                let why = match shapers.iter().find(|s| s.mechanism() == *mechanism) {
+                    Some(shaper) => shaper.unavailable(&action),
+                    None => Some("not supported by this faultd".to_string()),
+                };
+                if let Some(why) = &why {
+                    reasons.push(format!("{}: {why}", mechanism.name()));
+                }
+                why.is_none()
+            });
+            self.actions.push((
+                name,
+                chosen
+                    .map(Mechanism::name)
+                    .ok_or_else(|| reasons.join("; ")),
+            ));
         }
     }
 
@@ -92,15 +134,29 @@ impl Capabilities {
             mechanism: String::new(),
             detail: "not implemented in this version".into(),
         };
-        let drop = pb::ActionSupport {
-            action: "drop".into(),
-            available: self.drop_mechanism.is_some(),
-            mechanism: self.drop_mechanism.unwrap_or_default().into(),
-            detail: match self.drop_mechanism {
-                Some(_) => "per-packet drop with the lease deadline enforced in the kernel".into(),
-                None => "the cgroup_skb datapath did not load".into(),
-            },
-        };
+        let mut actions: Vec<_> = self
+            .actions
+            .iter()
+            .map(|(name, outcome)| match outcome {
+                Ok(mechanism) => pb::ActionSupport {
+                    action: (*name).into(),
+                    available: true,
+                    mechanism: (*mechanism).into(),
+                    detail: String::new(),
+                },
+                Err(missing) => pb::ActionSupport {
+                    action: (*name).into(),
+                    available: false,
+                    mechanism: String::new(),
+                    detail: missing.clone(),
+                },
+            })
+            .collect();
+        for name in ["delay", "bandwidth"] {
+            if !self.actions.iter().any(|(listed, _)| *listed == name) {
+                actions.push(not_yet(name));
+            }
+        }
         pb::CapabilitiesResponse {
             kernel_release: self.kernel_release.clone(),
             cgroup_root: self.cgroup_root.clone(),
@@ -113,14 +169,33 @@ impl Capabilities {
                     detail: c.detail.clone(),
                 })
                 .collect(),
-            actions: vec![
-                drop,
-                not_yet("delay"),
-                not_yet("reset"),
-                not_yet("reject"),
-                not_yet("bandwidth"),
-            ],
+            actions,
             agent_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// The actions the capability report lists, with a representative of each.
+const ACTIONS: &[(&str, Action)] = &[
+    ("drop", Action::Drop { percent: 100.0 }),
+    ("reject", Action::Reject),
+    ("reset", Action::Reset { after_bytes: None }),
+];
+
+impl Capability {
+    /// A probe's outcome: `what` it is when available, else what is missing.
+    pub fn outcome(name: &'static str, result: Result<(), String>, what: &str) -> Self {
+        match result {
+            Ok(()) => Self {
+                name,
+                available: true,
+                detail: what.into(),
+            },
+            Err(missing) => Self {
+                name,
+                available: false,
+                detail: missing,
+            },
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod dataplane;
 pub mod duration;
 pub mod engine;
 pub mod fault;
+pub mod instance;
 pub mod lease;
 pub mod target;
 

@@ -45,7 +45,7 @@ async fn server(name: &str) -> Server {
             max_ttl: Duration::from_secs(3600),
         },
     );
-    let caps = Arc::new(Capabilities::probe(root.path(), Ok("fake")));
+    let caps = Arc::new(Capabilities::probe(root.path(), Ok(&fake)));
     let socket = dir.join("faultd.sock");
     let listener = tokio::net::UnixListener::bind(&socket).unwrap();
     let (stop, stopped) = watch::channel(false);

@@ -9,7 +9,7 @@ use faultd_proto::v1::lease_service_client::LeaseServiceClient;
 use faultd_proto::v1::target::Scope;
 use faultd_proto::v1::{
     CgroupScope, Direction, Drop, Fault, GetFaultRequest, GrantRequest, InjectRequest, Lease,
-    ListFaultsRequest, ListLeasesRequest, PortRange, Protocol, Target,
+    ListFaultsRequest, ListLeasesRequest, PortRange, Protocol, Reject, Reset, Target,
 };
 use tonic::transport::Channel;
 
@@ -42,6 +42,25 @@ pub fn cgroup_target(
 pub fn drop_fault(percent: f64, target: Target) -> Fault {
     Fault {
         action: Some(Action::Drop(Drop { percent })),
+        target: Some(target),
+        ..Default::default()
+    }
+}
+
+/// A reject fault on `target`: new TCP connects are refused.
+pub fn reject_fault(target: Target) -> Fault {
+    Fault {
+        action: Some(Action::Reject(Reject {})),
+        target: Some(target),
+        ..Default::default()
+    }
+}
+
+/// A reset fault on `target`: established connections are torn down, new ones refused (or,
+/// with `after_bytes`, each connection is torn down once it carried that many bytes).
+pub fn reset_fault(target: Target, after_bytes: Option<u64>) -> Fault {
+    Fault {
+        action: Some(Action::Reset(Reset { after_bytes })),
         target: Some(target),
         ..Default::default()
     }

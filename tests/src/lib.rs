@@ -11,6 +11,7 @@
 pub mod api;
 pub mod bpf;
 pub mod cgroup;
+pub mod clients;
 pub mod faultd;
 pub mod netns;
 pub mod process;

@@ -8,7 +8,8 @@ use faultd_proto::v1::{
     RevokeRequest, TimeToLiveRequest,
 };
 use faultd_tests::api::{
-    cgroup_target, drop_fault, list_faults, list_leases, under_lease, with_ttl,
+    cgroup_target, drop_fault, list_faults, list_leases, reject_fault, reset_fault, under_lease,
+    with_ttl,
 };
 use faultd_tests::uniq::uniq;
 use faultd_tests::{Cgroup, Faultd, FaultdOptions};
@@ -62,6 +63,35 @@ async fn bad_requests_name_the_field_and_change_nothing() {
             "unknown cgroup path",
             with_ttl(drop_fault(100.0, unknown_cgroup), minute),
             "cgroup",
+        ),
+        (
+            "reject on UDP",
+            with_ttl(
+                reject_fault(cgroup_target(
+                    &cgroup,
+                    &[6379],
+                    Protocol::Udp,
+                    Direction::Egress,
+                )),
+                minute,
+            ),
+            "fault.target.protocol",
+        ),
+        (
+            "reset of ingress connections",
+            with_ttl(
+                reset_fault(
+                    cgroup_target(&cgroup, &[6379], Protocol::Tcp, Direction::Ingress),
+                    None,
+                ),
+                minute,
+            ),
+            "fault.target.direction",
+        ),
+        (
+            "reset after 0 bytes",
+            with_ttl(reset_fault(good(), Some(0)), minute),
+            "fault.reset.after_bytes",
         ),
         (
             "ttl 0",

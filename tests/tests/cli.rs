@@ -180,3 +180,66 @@ async fn faultctl_targets_a_process_by_pid() {
         unknown.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn faultctl_rejects_and_resets_connections() {
+    let scene = RedisScene::start(fd_probe!()).await;
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        ..
+    } = &scene;
+    let faultctl = Faultctl::new(faultd);
+    let port = REDIS_PORT.to_string();
+    let scope = ["--cgroup", cgroup.path(), "--port", &port, "--ttl", "30s"];
+
+    let reject = faultctl.run(&[&["inject", "reject"][..], &scope].concat());
+    reject.assert_success();
+    let run = inside.redis_ping();
+    assert!(
+        !run.answered() && format!("{}{}", run.stdout, run.stderr).contains("Connection refused"),
+        "after `{}`, redis-cli inside should be refused: {run}",
+        reject.command
+    );
+    let list = faultctl.run(&["list"]);
+    list.assert_success();
+    let row = list
+        .stdout()
+        .lines()
+        .find(|l| l.contains("reject"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert!(
+        row.contains("tcp egress ports 6379"),
+        "`faultctl list` should show the reject as applied (TCP connects): {list}"
+    );
+    // A second connection fault on the same port overlaps: refused, with the reason.
+    let overlap = faultctl.run(&[&["inject", "reset"][..], &scope].concat());
+    assert!(
+        !overlap.success() && overlap.stderr().contains("ALREADY_EXISTS"),
+        "`{}` should be refused as overlapping: {overlap}",
+        overlap.command
+    );
+    let abort = faultctl.run(&["abort"]);
+    abort.assert_success();
+    let reset = faultctl.run(&[&["inject", "reset"][..], &scope].concat());
+    reset.assert_success();
+    let detail = faultctl.run(&["--output", "json", "list"]);
+    let json: serde_json::Value = serde_json::from_str(&detail.stdout())
+        .unwrap_or_else(|e| panic!("`{}` printed no JSON ({e}): {detail}", detail.command));
+    assert_eq!(
+        json["faults"][0]["mechanism"], "sock_diag+cgroup_connect",
+        "{json}"
+    );
+    assert!(json["faults"][0]["reset"].is_object(), "{json}");
+
+    let zero = faultctl.run(&[&["inject", "reset", "--after-bytes", "0"][..], &scope].concat());
+    assert_eq!(
+        zero.output.status.code(),
+        Some(2),
+        "`{}` should be a usage error: {zero}",
+        zero.command
+    );
+}

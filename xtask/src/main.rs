@@ -37,8 +37,15 @@ const PACKAGES: &[&str] = &[
     "python3-venv",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Python packages of the reflection-only test client (tests/clients), pinned.
-const PYTHON_PACKAGES: &[&str] = &["grpcio==1.85.1", "grpcio-reflection==1.85.1"];
+/// Python packages of the test clients (tests/clients), pinned: gRPC by reflection, and real
+/// Redis and PostgreSQL client libraries.
+const PYTHON_PACKAGES: &[&str] = &[
+    "grpcio==1.85.1",
+    "grpcio-reflection==1.85.1",
+    "redis==5.2.1",
+    "psycopg==3.2.13",
+    "psycopg-binary==3.2.13",
+];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 #[derive(Parser)]
@@ -196,13 +203,17 @@ fn test_python() -> PathBuf {
 }
 
 fn python_client_installed() -> bool {
+    // `pip freeze` lists name==version, as the pins are written.
     Command::new(test_python())
-        .args([
-            "-c",
-            "import grpc, grpc_reflection; assert grpc.__version__ == '1.85.1'",
-        ])
+        .args(["-m", "pip", "freeze", "--disable-pip-version-check"])
         .output()
-        .is_ok_and(|out| out.status.success())
+        .is_ok_and(|out| {
+            let frozen = String::from_utf8_lossy(&out.stdout).to_lowercase();
+            out.status.success()
+                && PYTHON_PACKAGES
+                    .iter()
+                    .all(|pin| frozen.lines().any(|line| line.trim() == *pin))
+        })
 }
 
 fn bpf_linker_installed() -> bool {

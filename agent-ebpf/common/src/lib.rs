@@ -14,6 +14,9 @@ pub const COUNTERS_MAP: &str = "FAULTD_COUNTERS";
 /// Program names (the ELF symbols), as user space looks them up.
 pub const PROG_EGRESS: &str = "faultd_egress";
 pub const PROG_INGRESS: &str = "faultd_ingress";
+/// cgroup/connect4 and cgroup/connect6 programs: refuse new TCP connections.
+pub const PROG_CONNECT4: &str = "faultd_connect4";
+pub const PROG_CONNECT6: &str = "faultd_connect6";
 
 /// Capacity of the rules map (one entry per scope × protocol × direction × port).
 pub const MAX_RULES: u32 = 65_536;
@@ -30,9 +33,16 @@ pub const PROTO_UDP: u8 = 17;
 /// Direction as seen from the workload.
 pub const DIR_EGRESS: u8 = 1;
 pub const DIR_INGRESS: u8 = 2;
+/// Not a packet direction: a TCP `connect()` of the workload, keyed by the destination port.
+pub const DIR_CONNECT: u8 = 4;
 
 /// `RuleValue::action`: drop `drop_threshold / 2^32` of the matched packets.
 pub const ACTION_DROP: u32 = 1;
+/// `RuleValue::action` on a `DIR_CONNECT` key: the connect fails with ECONNREFUSED.
+pub const ACTION_REJECT: u32 = 2;
+
+/// The errno a refused connect reports, as a real closed port does.
+pub const ECONNREFUSED: i32 = 111;
 
 /// A drop threshold meaning "every packet": compared as `prandom_u32 < threshold` in u64.
 pub const DROP_ALL: u64 = 1 << 32;
@@ -88,6 +98,8 @@ pub struct ScopeValue {
 pub struct Counters {
     pub matched: u64,
     pub dropped: u64,
+    /// Connects refused.
+    pub refused: u64,
     /// Packets held back by a delay or bandwidth fault.
     pub delayed: u64,
 }
@@ -176,10 +188,9 @@ mod tests {
         assert_eq!(size_of::<RuleKey>(), 16);
         assert_eq!(size_of::<RuleValue>(), 24);
         assert_eq!(size_of::<ScopeValue>(), 8);
-        assert_eq!(size_of::<Counters>(), 16);
+        assert_eq!(size_of::<Counters>(), 32);
         assert_eq!(size_of::<ShapeValue>(), 56);
         assert_eq!(size_of::<ShapeState>(), 16);
-        assert_eq!(size_of::<Counters>(), 24);
     }
 
     fn bytes<T>(value: &T) -> &[u8] {

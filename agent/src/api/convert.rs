@@ -52,10 +52,14 @@ pub fn fault_spec(fault: Option<pb::Fault>) -> Result<FaultSpec, Invalid> {
             mechanism(bandwidth.mechanism, "fault.bandwidth.mechanism")?,
             "fault.bandwidth",
         )?,
+        Some(pb::fault::Action::Reject(pb::Reject {})) => Action::Reject,
+        Some(pb::fault::Action::Reset(reset)) => {
+            Action::reset(reset.after_bytes, "fault.reset.after_bytes")?
+        }
         None => {
             return Err(Invalid::new(
                 "fault",
-                "an action is required (drop, delay or bandwidth)",
+                "an action is required (drop, delay, bandwidth, reject or reset)",
             ));
         }
     };
@@ -171,6 +175,8 @@ pub fn fault(view: FaultView) -> pb::Fault {
             burst: bandwidth.burst,
             mechanism: mechanism_to_proto(bandwidth.mechanism),
         }),
+        Action::Reject => pb::fault::Action::Reject(pb::Reject {}),
+        Action::Reset { after_bytes } => pb::fault::Action::Reset(pb::Reset { after_bytes }),
     };
     let scope = match spec.target.scope {
         Scope::Host => pb::target::Scope::Host(pb::HostScope {}),
@@ -215,6 +221,8 @@ pub fn fault(view: FaultView) -> pb::Fault {
         counters: Some(pb::Counters {
             matched: view.counters.matched,
             dropped: view.counters.dropped,
+            refused: view.counters.refused,
+            reset: view.connections_reset,
             delayed: view.counters.delayed,
         }),
         expires_at: Some(timestamp(view.expires_at)),

@@ -38,11 +38,11 @@ impl pb::fault_service_server::FaultService for FaultApi {
         let request = request.into_inner();
         let lease = convert::lease_ref(request.lease.as_ref())?;
         let spec = convert::fault_spec(request.fault)?;
-        // Applying may block (iptables for NFQUEUE, netlink): keep it off the async workers.
+        // A reset walks cgroups and talks netlink in other namespaces: not on an async worker.
         let engine = self.engine.clone();
         let fault = tokio::task::spawn_blocking(move || engine.inject(lease, spec))
             .await
-            .map_err(|e| Status::internal(format!("applying the fault: {e}")))??;
+            .map_err(|e| Status::internal(format!("inject task: {e}")))??;
         Ok(Response::new(convert::fault(fault)))
     }
 

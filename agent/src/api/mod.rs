@@ -20,6 +20,7 @@ use tonic::Status;
 pub use self::fault::FaultApi;
 pub use self::lease::LeaseApi;
 use crate::caps::Capabilities;
+use crate::dataplane::DataplaneError;
 use crate::engine::{Engine, Error};
 use crate::fault::Invalid;
 
@@ -31,7 +32,9 @@ impl From<Error> for Status {
             Error::NotFound { .. } => Status::not_found(message),
             Error::Conflict(_) => Status::already_exists(message),
             Error::Exhausted(_) => Status::resource_exhausted(message),
-            Error::Unavailable(_) => Status::failed_precondition(message),
+            Error::Unsupported(_) | Error::Dataplane(DataplaneError::Unsupported { .. }) => {
+                Status::failed_precondition(message)
+            }
             Error::Dataplane(_) => Status::internal(message),
         }
     }

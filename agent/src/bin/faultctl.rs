@@ -78,6 +78,10 @@ enum Command {
 enum InjectCommand {
     /// Drop a share of the matched packets.
     Drop(DropArgs),
+    /// Refuse new TCP connections to the ports with "Connection refused" (ECONNREFUSED).
+    Reject(InjectArgs),
+    /// Tear down the established TCP connections on the ports now and refuse new ones.
+    Reset(ResetArgs),
     /// Hold each matched packet for a latency (± jitter), keeping each flow's order.
     Delay(DelayArgs),
     /// Pace the matched packets to a rate.
@@ -87,7 +91,7 @@ enum InjectCommand {
 #[derive(Args, Debug)]
 struct DelayArgs {
     #[command(flatten)]
-    target: TargetArgs,
+    common: InjectArgs,
     /// Added delay, e.g. 100ms, 1.5s.
     #[arg(long, value_name = "DURATION", value_parser = parse_latency)]
     latency: Duration,
@@ -99,20 +103,12 @@ struct DelayArgs {
     correlation: f64,
     #[arg(long, value_enum, default_value_t = MechanismArg::Auto)]
     mechanism: MechanismArg,
-    #[command(flatten)]
-    lease: LeaseChoice,
-    /// Label of the fault (and of the lease faultctl grants for it); repeatable.
-    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
-    labels: Vec<(String, String)>,
-    /// Keep the lease alive until Ctrl-C or SIGTERM, then revert the fault.
-    #[arg(long)]
-    keepalive: bool,
 }
 
 #[derive(Args, Debug)]
 struct BandwidthArgs {
     #[command(flatten)]
-    target: TargetArgs,
+    common: InjectArgs,
     /// Rate per direction, e.g. 256KiB/s, 1MB/s, 10mbit (bytes unless the unit says bit).
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     rate: u64,
@@ -121,14 +117,6 @@ struct BandwidthArgs {
     burst: Option<u64>,
     #[arg(long, value_enum, default_value_t = MechanismArg::Auto)]
     mechanism: MechanismArg,
-    #[command(flatten)]
-    lease: LeaseChoice,
-    /// Label of the fault (and of the lease faultctl grants for it); repeatable.
-    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
-    labels: Vec<(String, String)>,
-    /// Keep the lease alive until Ctrl-C or SIGTERM, then revert the fault.
-    #[arg(long)]
-    keepalive: bool,
 }
 
 /// How faultd applies a delay or bandwidth fault; `auto` lets it choose.
@@ -152,61 +140,30 @@ impl MechanismArg {
     }
 }
 
-/// What every inject command has besides its action.
-struct InjectParts<'a> {
-    target: &'a TargetArgs,
-    lease: &'a LeaseChoice,
-    labels: &'a [(String, String)],
-    keepalive: bool,
-    action: fault::Action,
-}
-
-impl InjectCommand {
-    fn parts(&self) -> InjectParts<'_> {
-        match self {
-            Self::Drop(args) => InjectParts {
-                target: &args.target,
-                lease: &args.lease,
-                labels: &args.labels,
-                keepalive: args.keepalive,
-                action: fault::Action::Drop(pb::Drop {
-                    percent: args.percent,
-                }),
-            },
-            Self::Delay(args) => InjectParts {
-                target: &args.target,
-                lease: &args.lease,
-                labels: &args.labels,
-                keepalive: args.keepalive,
-                action: fault::Action::Delay(pb::Delay {
-                    latency: Some(duration::to_proto(args.latency)),
-                    jitter: Some(duration::to_proto(args.jitter)),
-                    correlation: args.correlation,
-                    mechanism: args.mechanism.to_proto(),
-                }),
-            },
-            Self::Bandwidth(args) => InjectParts {
-                target: &args.target,
-                lease: &args.lease,
-                labels: &args.labels,
-                keepalive: args.keepalive,
-                action: fault::Action::Bandwidth(pb::Bandwidth {
-                    rate_bytes_per_sec: args.rate,
-                    burst: args.burst.unwrap_or(0),
-                    mechanism: args.mechanism.to_proto(),
-                }),
-            },
-        }
-    }
-}
-
 #[derive(Args, Debug)]
 struct DropArgs {
     #[command(flatten)]
-    target: TargetArgs,
+    common: InjectArgs,
     /// Share of the matched packets to drop, 0 to 100.
     #[arg(long, default_value_t = 100.0, value_parser = parse_percent)]
     percent: f64,
+}
+
+#[derive(Args, Debug)]
+struct ResetArgs {
+    #[command(flatten)]
+    common: InjectArgs,
+    /// Instead: tear down each connection once it has carried this many bytes, and let new
+    /// connections open (each gets the same allowance).
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    after_bytes: Option<u64>,
+}
+
+/// What every action takes: the target, the lease, labels.
+#[derive(Args, Debug)]
+struct InjectArgs {
+    #[command(flatten)]
+    target: TargetArgs,
     #[command(flatten)]
     lease: LeaseChoice,
     /// Label of the fault (and of the lease faultctl grants for it); repeatable.
@@ -494,14 +451,14 @@ async fn main() -> ExitCode {
 /// Checks what clap cannot, so a mistake is a usage error (exit 2) before any call is made.
 fn validate(command: &Command) -> Result<(), String> {
     match command {
-        Command::Inject(inject) => {
-            let parts = inject.parts();
-            if parts.target.scope.to_proto().is_none() {
+        Command::Inject(command) => {
+            let args = command.common();
+            if args.target.scope.to_proto().is_none() {
                 return Err(
                     "choose where the fault applies: --cgroup PATH, --pid PID or --host".into(),
                 );
             }
-            label_map(parts.labels).map(drop)
+            label_map(&args.labels).map(drop)
         }
         Command::Lease(LeaseCommand::Grant { labels, .. }) => label_map(labels).map(drop),
         _ => Ok(()),
@@ -517,7 +474,10 @@ async fn run(cli: Cli) -> Result<()> {
     let mut faults = FaultServiceClient::new(channel.clone());
     let mut leases = LeaseServiceClient::new(channel);
     match cli.command {
-        Command::Inject(command) => inject(&mut faults, &mut leases, command, output).await,
+        Command::Inject(command) => {
+            let (args, action) = command.into_parts();
+            inject(&mut faults, &mut leases, args, action, output).await
+        }
         Command::List => {
             let list = faults
                 .list(ListFaultsRequest {})
@@ -662,14 +622,61 @@ async fn lease_command(
     show(output, || lease_detail(&lease), lease_json(&lease))
 }
 
+impl InjectCommand {
+    fn common(&self) -> &InjectArgs {
+        match self {
+            Self::Drop(args) => &args.common,
+            Self::Reject(args) => args,
+            Self::Reset(args) => &args.common,
+            Self::Delay(args) => &args.common,
+            Self::Bandwidth(args) => &args.common,
+        }
+    }
+
+    fn into_parts(self) -> (InjectArgs, fault::Action) {
+        match self {
+            Self::Drop(args) => (
+                args.common,
+                fault::Action::Drop(pb::Drop {
+                    percent: args.percent,
+                }),
+            ),
+            Self::Reject(args) => (args, fault::Action::Reject(pb::Reject {})),
+            Self::Reset(args) => (
+                args.common,
+                fault::Action::Reset(pb::Reset {
+                    after_bytes: args.after_bytes,
+                }),
+            ),
+            Self::Delay(args) => (
+                args.common,
+                fault::Action::Delay(pb::Delay {
+                    latency: Some(duration::to_proto(args.latency)),
+                    jitter: Some(duration::to_proto(args.jitter)),
+                    correlation: args.correlation,
+                    mechanism: args.mechanism.to_proto(),
+                }),
+            ),
+            Self::Bandwidth(args) => (
+                args.common,
+                fault::Action::Bandwidth(pb::Bandwidth {
+                    rate_bytes_per_sec: args.rate,
+                    burst: args.burst.unwrap_or(0),
+                    mechanism: args.mechanism.to_proto(),
+                }),
+            ),
+        }
+    }
+}
+
 async fn inject(
     faults: &mut FaultServiceClient<Channel>,
     leases: &mut LeaseServiceClient<Channel>,
-    command: InjectCommand,
+    args: InjectArgs,
+    action: fault::Action,
     output: Output,
 ) -> Result<()> {
-    let args = command.parts();
-    let labels = label_map(args.labels).map_err(|why| anyhow!(why))?;
+    let labels = label_map(&args.labels).map_err(|why| anyhow!(why))?;
     let target = args.target.to_proto();
     // Installed before anything is granted, so a signal during set-up still ends in a revoke
     // instead of the default exit that would leave the fault in force for a whole ttl.
@@ -701,7 +708,7 @@ async fn inject(
     let request = InjectRequest {
         lease: Some(lease),
         fault: Some(Fault {
-            action: Some(args.action),
+            action: Some(action),
             target: Some(target),
             labels,
             ..Fault::default()
@@ -1019,6 +1026,11 @@ fn target_summary(target: &Target) -> String {
 fn action_text(action: Option<&fault::Action>) -> String {
     match action {
         Some(fault::Action::Drop(drop)) => format!("drop {}%", drop.percent),
+        Some(fault::Action::Reject(_)) => "reject".into(),
+        Some(fault::Action::Reset(reset)) => match reset.after_bytes {
+            Some(bytes) => format!("reset after {bytes} bytes"),
+            None => "reset".into(),
+        },
         Some(fault::Action::Delay(delay)) => {
             let mut text = format!("delay {}", remaining_text(delay.latency.as_ref()));
             let jitter = delay.jitter.as_ref().and_then(duration::from_proto);
@@ -1112,14 +1124,17 @@ fn injected_text(fault: &Fault) -> String {
 
 fn removed_text(fault: &Fault) -> String {
     let counters = fault.counters.unwrap_or_default();
-    format!(
-        "removed fault {} ({}); matched {}, dropped {}, delayed {}",
+    let mut text = format!(
+        "removed fault {} ({}); matched {}, dropped {}",
         fault.id,
         fault_summary(fault),
         counters.matched,
-        counters.dropped,
-        counters.delayed
-    )
+        counters.dropped
+    );
+    if counters.delayed > 0 {
+        text.push_str(&format!(", delayed {}", counters.delayed));
+    }
+    text
 }
 
 /// Aligned `key  value` lines.
@@ -1181,6 +1196,8 @@ fn fault_table(faults: &[Fault]) -> String {
                 left,
                 counters.matched.to_string(),
                 counters.dropped.to_string(),
+                counters.refused.to_string(),
+                counters.reset.to_string(),
                 counters.delayed.to_string(),
                 fault.mechanism.clone(),
             ]
@@ -1195,6 +1212,8 @@ fn fault_table(faults: &[Fault]) -> String {
             "LEFT",
             "MATCHED",
             "DROPPED",
+            "REFUSED",
+            "RESET",
             "DELAYED",
             "MECHANISM",
         ],
@@ -1231,6 +1250,8 @@ fn fault_detail(fault: &Fault) -> String {
         ("expires", expires),
         ("matched", counters.matched.to_string()),
         ("dropped", counters.dropped.to_string()),
+        ("refused", counters.refused.to_string()),
+        ("reset", counters.reset.to_string()),
         ("delayed", counters.delayed.to_string()),
     ])
 }
@@ -1397,6 +1418,14 @@ fn target_json(target: &Target) -> Value {
 fn fault_json(fault: &Fault) -> Value {
     let (action_name, action) = match &fault.action {
         Some(fault::Action::Drop(drop)) => ("drop", json!({ "percent": drop.percent })),
+        Some(fault::Action::Reject(_)) => ("reject", json!({})),
+        Some(fault::Action::Reset(reset)) => (
+            "reset",
+            match reset.after_bytes {
+                Some(bytes) => json!({ "afterBytes": bytes }),
+                None => json!({}),
+            },
+        ),
         Some(fault::Action::Delay(delay)) => (
             "delay",
             object(vec![
@@ -1429,7 +1458,8 @@ fn fault_json(fault: &Fault) -> Value {
         (
             "counters",
             fault.counters.map_or(Value::Null, |c| {
-                json!({ "matched": c.matched, "dropped": c.dropped, "delayed": c.delayed })
+                json!({ "matched": c.matched, "dropped": c.dropped, "refused": c.refused,
+                    "reset": c.reset, "delayed": c.delayed })
             }),
         ),
         ("expiresAt", timestamp_json(fault.expires_at.as_ref())),
@@ -1510,7 +1540,7 @@ mod tests {
         assert_eq!(parse_port_range("8000-8010"), Ok(range(8000, Some(8010))));
         assert_eq!(parse_port_range("65535"), Ok(range(65535, None)));
         let args = drop_args("--host --ttl 1s --port 6379,5432 --port 1-9");
-        let ports = args.map(|args| args.target.ports).expect("parses");
+        let ports = args.map(|args| args.common.target.ports).expect("parses");
         let expected = vec![range(6379, None), range(5432, None), range(1, Some(9))];
         assert_eq!(ports, expected);
     }
@@ -1537,16 +1567,17 @@ mod tests {
         assert!(parse_label("novalue").is_err());
         assert!(parse_label("=v").is_err());
         let args = drop_args("--host --ttl 1s --port 1 --label a=1 --label b=2").expect("parses");
-        assert_eq!(label_map(&args.labels).map(|map| map.len()), Ok(2));
+        assert_eq!(label_map(&args.common.labels).map(|map| map.len()), Ok(2));
         let args = drop_args("--host --ttl 1s --port 1 --label a=1 --label a=2").expect("parses");
-        assert!(label_map(&args.labels).is_err());
+        assert!(label_map(&args.common.labels).is_err());
         assert!(validate(&Command::Inject(InjectCommand::Drop(args))).is_err());
     }
 
     #[test]
     fn exactly_one_scope() {
         let scope = |line: &str| {
-            drop_args(&format!("{line} --ttl 1s --port 1")).map(|args| args.target.scope.to_proto())
+            drop_args(&format!("{line} --ttl 1s --port 1"))
+                .map(|args| args.common.target.scope.to_proto())
         };
         let cgroup = pb::CgroupScope {
             path: "/app".into(),
@@ -1583,14 +1614,14 @@ mod tests {
         assert!(drop_args("--host --port 1 --ttl 0s").is_err());
         assert!(drop_args("--host --port 1 --ttl soon").is_err());
         let args = drop_args("--host --port 1 --lease abc --keepalive").expect("parses");
-        assert_eq!(args.lease.lease_id.as_deref(), Some("abc"));
-        assert!(args.keepalive);
+        assert_eq!(args.common.lease.lease_id.as_deref(), Some("abc"));
+        assert!(args.common.keepalive);
     }
 
     #[test]
     fn defaults_are_both_protocols_both_directions_all_packets() {
         let args = drop_args("--host --ttl 30s --port 6379").expect("parses");
-        let target = args.target.to_proto();
+        let target = args.common.target.to_proto();
         assert_eq!(target.protocol, pb::Protocol::Unspecified as i32);
         assert_eq!(target.direction, pb::Direction::Both as i32);
         assert_eq!(args.percent, 100.0);
@@ -1653,8 +1684,8 @@ mod tests {
              --mechanism nfqueue --ttl 30s",
         )
         .expect("parses");
-        let parts = command.parts();
-        let Some(fault::Action::Delay(delay)) = Some(parts.action) else {
+        let (_, action) = command.into_parts();
+        let Some(fault::Action::Delay(delay)) = Some(action) else {
             panic!("not a delay");
         };
         assert_eq!(
@@ -1669,7 +1700,7 @@ mod tests {
         assert_eq!(delay.mechanism, pb::Mechanism::Nfqueue as i32);
 
         let command = inject_command("delay --host --port 1 --latency 1.5s --ttl 1s").unwrap();
-        let Some(fault::Action::Delay(delay)) = Some(command.parts().action) else {
+        let Some(fault::Action::Delay(delay)) = Some(command.into_parts().1) else {
             panic!("not a delay");
         };
         assert_eq!(delay.mechanism, pb::Mechanism::Unspecified as i32, "auto");
@@ -1704,7 +1735,7 @@ mod tests {
         let command =
             inject_command("bandwidth --cgroup /app --port 6379 --rate 256KiB/s --ttl 10s")
                 .unwrap();
-        let Some(fault::Action::Bandwidth(bandwidth)) = Some(command.parts().action) else {
+        let Some(fault::Action::Bandwidth(bandwidth)) = Some(command.into_parts().1) else {
             panic!("not a bandwidth");
         };
         assert_eq!(

@@ -8,14 +8,16 @@ use std::fs::File;
 use std::path::Path;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
 use faultd_common::{
-    COUNTERS_MAP, Counters, PROG_EGRESS, PROG_INGRESS, RULES_MAP, RuleKey, RuleValue, SCOPES_MAP,
-    ScopeValue,
+    COUNTERS_MAP, Counters, PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS, PROG_INGRESS, RULES_MAP,
+    RuleKey, RuleValue, SCOPES_MAP, ScopeValue,
 };
 
-use super::{Dataplane, DataplaneError};
+use super::{ConnectionKiller, Dataplane, DataplaneError, SocketFilter, sock_diag};
+use crate::caps::Capability;
+use crate::fault::Action;
 
 pub struct CgroupSkbDataplane {
     rules: BpfHashMap<MapData, RuleKey, RuleValue>,
@@ -24,6 +26,10 @@ pub struct CgroupSkbDataplane {
     /// Rules per scope id, to keep the scopes map in step with the rules map.
     scope_rules: HashMap<u64, u32>,
     nr_cpus: usize,
+    /// Whether the connect programs loaded and attached (reject, reset), or why not.
+    connect: Result<(), String>,
+    /// Whether SOCK_DESTROY works here (reset), or why not.
+    sock_destroy: Result<(), String>,
     /// Owns the programs and their links: dropping it detaches them.
     _ebpf: Ebpf,
 }
@@ -76,6 +82,13 @@ impl CgroupSkbDataplane {
                 .attach(&root, attach_type, CgroupAttachMode::Single)
                 .map_err(|e| attach_err(e.to_string()))?;
         }
+        // The connect programs need newer kernels than the packet programs (bpf_set_retval in
+        // cgroup hooks, 5.18): without them drop still works and reject/reset say what is missing.
+        let connect = attach_connect(&mut ebpf, &root).map_err(|e| e.to_string());
+        if let Err(e) = &connect {
+            tracing::warn!(error = %e, "reject and reset are unavailable");
+        }
+        let sock_destroy = sock_diag::probe();
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
                 .ok_or_else(|| DataplaneError::Load(format!("map {name} missing from the object")))
@@ -91,6 +104,8 @@ impl CgroupSkbDataplane {
             counters,
             scope_rules: HashMap::new(),
             nr_cpus,
+            connect,
+            sock_destroy,
             _ebpf: ebpf,
         })
     }
@@ -178,6 +193,7 @@ impl Dataplane for CgroupSkbDataplane {
         Ok(per_cpu.iter().fold(Counters::default(), |sum, c| Counters {
             matched: sum.matched + c.matched,
             dropped: sum.dropped + c.dropped,
+            refused: sum.refused + c.refused,
             delayed: sum.delayed + c.delayed,
         }))
     }
@@ -195,9 +211,74 @@ impl Dataplane for CgroupSkbDataplane {
             .map_err(map_err(COUNTERS_MAP))
     }
 
-    fn mechanism(&self) -> &'static str {
-        "cgroup_skb"
+    fn mechanism(&self, action: &Action) -> Result<&'static str, String> {
+        match action {
+            Action::Drop { .. } => Ok("cgroup_skb"),
+            Action::Reject => self
+                .connect
+                .clone()
+                .map(|()| "cgroup_connect")
+                .map_err(|e| format!("cgroup/connect programs: {e}")),
+            Action::Reset { after_bytes } => {
+                self.sock_destroy.clone()?;
+                if after_bytes.is_some() {
+                    return Ok("sock_diag");
+                }
+                self.connect
+                    .clone()
+                    .map(|()| "sock_diag+cgroup_connect")
+                    .map_err(|e| format!("cgroup/connect programs: {e}"))
+            }
+            Action::Delay(_) | Action::Bandwidth(_) => {
+                Err("delay and bandwidth are applied by a shaping mechanism".into())
+            }
+        }
     }
+
+    fn capabilities(&self) -> Vec<Capability> {
+        vec![
+            Capability::outcome(
+                "cgroup_connect",
+                self.connect.clone(),
+                "connect4+connect6 programs refusing with bpf_set_retval(-ECONNREFUSED)",
+            ),
+            Capability::outcome(
+                "sock_destroy",
+                self.sock_destroy.clone(),
+                "SOCK_DESTROY over netlink sock_diag (probed on a loopback connection)",
+            ),
+        ]
+    }
+
+    fn connection_killer(&self) -> ConnectionKiller {
+        let sockets = std::sync::Mutex::new(sock_diag::Sockets::default());
+        std::sync::Arc::new(move |filter: &SocketFilter| {
+            let mut sockets = sockets.lock().unwrap_or_else(|p| p.into_inner());
+            Ok(sock_diag::destroy(filter, &mut sockets)?.sockets)
+        })
+    }
+}
+
+/// Loads the connect4/connect6 programs and attaches them at the cgroup v2 root.
+fn attach_connect(ebpf: &mut Ebpf, root: &File) -> Result<(), DataplaneError> {
+    for name in [PROG_CONNECT4, PROG_CONNECT6] {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| DataplaneError::Load(format!("program {name} missing from the object")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
+        program
+            .load()
+            .map_err(|e| DataplaneError::Load(format!("{name}: {}", verifier_detail(&e))))?;
+        program
+            .attach(root, CgroupAttachMode::Single)
+            .map_err(|e| DataplaneError::Attach {
+                program: name,
+                cgroup: "the cgroup v2 root".into(),
+                reason: e.to_string(),
+            })?;
+    }
+    Ok(())
 }
 
 /// The verifier log is the useful part of a load failure.

@@ -34,12 +34,15 @@ pub fn classid(tag: u16) -> u32 {
 pub fn check(spec: &ShapeSpec) -> Result<(), DataplaneError> {
     let longest = spec.latency + spec.jitter * JITTER_SPAN;
     if longest >= HORIZON {
-        return Err(DataplaneError::Unsupported(format!(
-            "EDT holds packets for less than fq's horizon of {}: latency + 4 × jitter is {}; \
+        return Err(DataplaneError::Unsupported {
+            mechanism: "edt",
+            reason: format!(
+                "EDT holds packets for less than fq's horizon of {}: latency + 4 × jitter is {}; \
              use a shorter delay or the netem mechanism",
-            crate::duration::format(HORIZON),
-            crate::duration::format(longest)
-        )));
+                crate::duration::format(HORIZON),
+                crate::duration::format(longest)
+            ),
+        });
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use faultd_common::{Counters, RuleKey, RuleValue};
 
-use super::{Dataplane, DataplaneError, Shaped, Shaper};
+use super::{ConnectionKiller, Dataplane, DataplaneError, Shaped, Shaper, SocketFilter};
 use crate::fault::{Action, FaultId, Mechanism};
 
 #[derive(Default)]
@@ -14,6 +14,11 @@ pub struct FakeState {
     pub counters: HashMap<u32, Counters>,
     /// Fail the next insert after this many entries were written.
     pub fail_insert_after: Option<usize>,
+    /// What `mechanism` says is missing for reject/reset, if anything.
+    pub connect_missing: Option<String>,
+    /// Filters `destroy_sockets` was called with, and how many sockets each call reports.
+    pub destroyed: Vec<SocketFilter>,
+    pub sockets_per_destroy: usize,
 }
 
 /// Clones share one state, so a test keeps a handle while the engine owns the other.
@@ -79,8 +84,21 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
 
-    fn mechanism(&self) -> &'static str {
-        "fake"
+    fn mechanism(&self, action: &Action) -> Result<&'static str, String> {
+        match (action, &self.lock().connect_missing) {
+            (Action::Drop { .. }, _) => Ok("fake"),
+            (_, Some(missing)) => Err(missing.clone()),
+            (_, None) => Ok("fake-connect"),
+        }
+    }
+
+    fn connection_killer(&self) -> ConnectionKiller {
+        let fake = self.clone();
+        Arc::new(move |filter: &SocketFilter| {
+            let mut state = fake.lock();
+            state.destroyed.push(filter.clone());
+            Ok(state.sockets_per_destroy)
+        })
     }
 }
 

@@ -6,13 +6,18 @@ pub mod cgroup_skb;
 pub mod edt;
 pub mod fake;
 pub mod netem;
+pub mod netfilter;
+pub mod nfqueue;
+pub mod qdisc_probe;
 pub mod rtnl;
 pub mod shape;
+pub mod sock_diag;
 
 use faultd_common::{Counters, RuleKey, RuleValue};
 
 use crate::fault::{Action, FaultId, Mechanism, Target};
 use crate::target::ResolvedScope;
+pub use sock_diag::SocketFilter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -32,14 +37,21 @@ pub enum DataplaneError {
     Map { map: &'static str, reason: String },
     #[error("traffic control: {0}")]
     Tc(String),
-    #[error("{0}")]
-    Unsupported(String),
+    /// The mechanism cannot apply this fault here (FAILED_PRECONDITION, like a missing
+    /// mechanism), e.g. a cgroup path NFQUEUE cannot express.
+    #[error("{mechanism}: {reason}")]
+    Unsupported {
+        mechanism: &'static str,
+        reason: String,
+    },
     /// A shaping mechanism could not apply or revert a fault.
     #[error("{mechanism}: {reason}")]
     Shaper {
         mechanism: &'static str,
         reason: String,
     },
+    #[error("resetting connections: {0}")]
+    SockDiag(#[from] sock_diag::SockDiagError),
 }
 
 /// `BPF_EXIST` (uapi linux/bpf.h): update an entry only if it exists, so a refresh racing a
@@ -59,9 +71,19 @@ pub trait Dataplane: Send {
     /// The counters of a slot, summed over CPUs.
     fn counters(&self, slot: u32) -> Result<Counters, DataplaneError>;
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataplaneError>;
-    /// The name shown to users as the fault's mechanism.
-    fn mechanism(&self) -> &'static str;
+    /// The mechanism that applies `action` (shown to users), or what this kernel lacks for it.
+    fn mechanism(&self, action: &Action) -> Result<&'static str, String>;
+    /// What tears down established TCP connections (`reset`): called with a filter, it returns
+    /// how many connections it destroyed. Shared, so a watcher thread can call it too.
+    fn connection_killer(&self) -> ConnectionKiller;
+    /// What this datapath probed beyond loading, for the capability report.
+    fn capabilities(&self) -> Vec<crate::caps::Capability> {
+        Vec::new()
+    }
 }
+
+pub type ConnectionKiller =
+    std::sync::Arc<dyn Fn(&SocketFilter) -> Result<usize, DataplaneError> + Send + Sync>;
 
 /// One delay or bandwidth fault, as a shaping mechanism receives it.
 #[derive(Clone, Copy, Debug)]

@@ -313,6 +313,7 @@ impl TcShaping {
             matched: sum.matched + c.matched,
             delayed: sum.delayed + c.delayed,
             dropped: sum.dropped + c.dropped,
+            refused: sum.refused + c.refused,
         }))
     }
 
@@ -834,10 +835,10 @@ impl Shaper for TcShaper {
 
     fn apply(&mut self, fault: &Shaped<'_>) -> Result<(), DataplaneError> {
         let spec = spec_of(fault.action).ok_or_else(|| {
-            self.error(DataplaneError::Unsupported(format!(
-                "cannot apply a {} action",
-                fault.action.name()
-            )))
+            self.error(DataplaneError::Unsupported {
+                mechanism: self.mechanism.name(),
+                reason: format!("cannot apply a {} action", fault.action.name()),
+            })
         })?;
         // Egress keys only: the classifier runs at the egress hook.
         let keys: Vec<RuleKey> = fault

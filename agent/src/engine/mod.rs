@@ -4,14 +4,17 @@
 //! same deadline, so the kernel stops a fault on time even when this process cannot.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use faultd_common::{ACTION_DROP, Counters, MAX_FAULTS, MAX_RULES, RuleKey, RuleValue};
+use faultd_common::{
+    ACTION_DROP, ACTION_REJECT, Counters, MAX_FAULTS, MAX_RULES, RuleKey, RuleValue,
+};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::dataplane::{Dataplane, DataplaneError, Shaped, Shaper};
+use crate::dataplane::{Dataplane, DataplaneError, Shaped, Shaper, SocketFilter};
 use crate::fault::{Action, FaultId, FaultSpec, Invalid, Labels, LeaseId, Mechanism, Target};
 use crate::lease::{Lease, LeaseTable};
 use crate::target::{Resolve, ResolvedScope};
@@ -26,9 +29,9 @@ pub enum Error {
     Conflict(String),
     #[error("{0}")]
     Exhausted(String),
-    /// The kernel lacks what the fault needs (a mechanism, a qdisc, a netfilter target).
+    /// The kernel lacks what the action needs (a mechanism, a qdisc, a netfilter target).
     #[error("{0}")]
-    Unavailable(String),
+    Unsupported(String),
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
 }
@@ -70,6 +73,8 @@ pub struct FaultView {
     pub rules: usize,
     pub state: FaultState,
     pub counters: Counters,
+    /// Connections torn down by a `reset`.
+    pub connections_reset: u64,
     pub expires_at: SystemTime,
     pub remaining: Duration,
     pub mechanism: &'static str,
@@ -102,6 +107,10 @@ struct FaultRecord {
     resolved: ResolvedScope,
     keys: Vec<RuleKey>,
     slot: u32,
+    mechanism: &'static str,
+    connections_reset: Arc<AtomicU64>,
+    /// Dropping it stops the `reset{after_bytes}` watcher.
+    watcher: Option<reset::ResetWatcher>,
     /// Index into `State::shapers` for delay and bandwidth faults; None for the cgroup_skb
     /// datapath's faults, whose keys are in the kernel map.
     shaper: Option<usize>,
@@ -217,6 +226,9 @@ impl Engine {
                 }
                 let value = rule_value(&fault.spec.action, fault.slot, deadline);
                 rules.extend(fault.keys.iter().map(|k| (*k, value)));
+                if let Some(watcher) = &fault.watcher {
+                    watcher.renew(deadline);
+                }
             }
         }
         for (shaper, fault_id) in shaped {
@@ -250,8 +262,23 @@ impl Engine {
         if let LeaseRef::Ttl(ttl) = &lease {
             self.check_ttl(*ttl, "ttl")?;
         }
-        spec.target.validate()?;
+        spec.validate()?;
+        let spec = spec.normalized();
         let mut state = self.lock();
+        // Delay and bandwidth go to a shaping mechanism, the rest to the datapath.
+        let shaper = match spec.action.shaping() {
+            Some(forced) => Some(state.choose_shaper(&spec.action, &spec.target, forced)?),
+            None => None,
+        };
+        let mechanism = match shaper {
+            Some(shaper) => state.shapers[shaper].mechanism().name(),
+            None => state.dataplane.mechanism(&spec.action).map_err(|missing| {
+                Error::Unsupported(format!(
+                    "{} is not available on this kernel: {missing}",
+                    spec.action.name()
+                ))
+            })?,
+        };
         // The lease the fault goes under: an existing one, or a private one granted below.
         let (existing, private_ttl) = match lease {
             LeaseRef::Existing(id) => match state.leases.get(&id) {
@@ -267,18 +294,15 @@ impl Engine {
             LeaseRef::Ttl(ttl) => (None, ttl),
         };
         let resolved = state.resolver.resolve(&spec.target.scope)?;
-        let keys = spec.target.rule_keys(resolved.cgroup_id);
-        let shaper = match spec.action.shaping() {
-            Some(forced) => Some(state.choose_shaper(&spec.action, &spec.target, forced)?),
-            None => None,
-        };
+        let keys = spec.rule_keys(resolved.cgroup_id);
         let owners = match shaper {
             Some(_) => &state.shape_owners,
             None => &state.owners,
         };
         if let Some(owner) = keys.iter().find_map(|k| owners.get(k)) {
             return Err(Error::Conflict(format!(
-                "fault.target: {} overlaps fault {owner} (remove it first)",
+                "fault.target: {} {} overlaps fault {owner} (remove it first)",
+                spec.action.name(),
                 spec.target.summary()
             )));
         }
@@ -300,8 +324,11 @@ impl Engine {
             Some(found) => found,
             None => state.grant(private_ttl, Labels::new(), true),
         };
+        let deadline_ns = kernel_deadline(deadline);
+        let value = rule_value(&spec.action, slot, deadline_ns);
+        let rules: Vec<_> = keys.iter().map(|k| (*k, value)).collect();
         let id = new_id(|id| state.faults.contains_key(id));
-        let expires_at_ns = kernel_deadline(deadline);
+        let connections_reset = Arc::new(AtomicU64::new(0));
         let applied = state
             .dataplane
             .reset_counters(slot)
@@ -313,21 +340,32 @@ impl Engine {
                     resolved: &resolved,
                     keys: &keys,
                     slot,
-                    expires_at_ns,
+                    expires_at_ns: deadline_ns,
                 }),
-                None => {
-                    let value = rule_value(&spec.action, slot, expires_at_ns);
-                    let rules: Vec<_> = keys.iter().map(|k| (*k, value)).collect();
-                    state.dataplane.insert(&rules)
-                }
+                None => state.dataplane.insert(&rules),
+            })
+            .map_err(Error::from)
+            .and_then(|()| {
+                // New connects are refused before the old connections go, so a client cannot
+                // slip a reconnect in between.
+                state.apply_reset(&id, &spec, &resolved, deadline_ns, &connections_reset)
             });
-        if let Err(e) = applied {
-            state.free_slots.push(slot);
-            if private {
-                state.leases.remove(&lease_id);
+        let watcher = match applied {
+            Ok(watcher) => watcher,
+            Err(e) => {
+                // A shaped fault's keys are not in the datapath (a drop may hold the same ones).
+                if shaper.is_none()
+                    && let Err(e) = state.dataplane.remove(&keys)
+                {
+                    tracing::warn!(error = %e, "rolling back a failed inject");
+                }
+                state.free_slots.push(slot);
+                if private {
+                    state.leases.remove(&lease_id);
+                }
+                return Err(e);
             }
-            return Err(e.into());
-        }
+        };
         let owners = match shaper {
             Some(_) => &mut state.shape_owners,
             None => &mut state.owners,
@@ -338,12 +376,9 @@ impl Engine {
         if let Some(lease) = state.leases.get_mut(&lease_id) {
             lease.faults.push(id.clone());
         }
-        let mechanism = match shaper {
-            Some(shaper) => state.shapers[shaper].mechanism().name(),
-            None => state.dataplane.mechanism(),
-        };
         tracing::info!(fault = %id, lease = %lease_id, action = spec.action.name(), mechanism,
-            target = %spec.target.summary(), cgroup_id = resolved.cgroup_id, rules = keys.len(), "fault applied");
+            target = %spec.target.summary(), cgroup_id = resolved.cgroup_id, rules = keys.len(),
+            connections_reset = connections_reset.load(Ordering::Relaxed), "fault applied");
         state.faults.insert(
             id.clone(),
             FaultRecord {
@@ -352,6 +387,9 @@ impl Engine {
                 resolved,
                 keys,
                 slot,
+                mechanism,
+                connections_reset,
+                watcher,
                 shaper,
             },
         );
@@ -436,6 +474,72 @@ impl Engine {
 }
 
 impl State {
+    /// The socket side of `reset`: tears down the target's connections now, or starts the
+    /// watcher of `reset{after_bytes}`.
+    fn apply_reset(
+        &self,
+        id: &str,
+        spec: &FaultSpec,
+        resolved: &ResolvedScope,
+        deadline_ns: u64,
+        count: &Arc<AtomicU64>,
+    ) -> Result<Option<reset::ResetWatcher>, Error> {
+        let Action::Reset { after_bytes } = spec.action else {
+            return Ok(None);
+        };
+        let filter = SocketFilter {
+            cgroup_dir: resolved.dir.clone(),
+            ports: spec.target.ports.clone(),
+            min_bytes: after_bytes,
+        };
+        let killer = self.dataplane.connection_killer();
+        if after_bytes.is_none() {
+            count.fetch_add(killer(&filter)? as u64, Ordering::Relaxed);
+            return Ok(None);
+        }
+        reset::ResetWatcher::start(id, filter, killer, deadline_ns, count.clone())
+            .map(Some)
+            .map_err(|e| Error::Exhausted(format!("starting the reset watcher thread: {e}")))
+    }
+
+    /// The shaper for a delay or bandwidth action: the one the user forced, else the first
+    /// available in order of preference. FAILED_PRECONDITION names what is missing.
+    fn choose_shaper(
+        &self,
+        action: &Action,
+        target: &Target,
+        forced: Option<Mechanism>,
+    ) -> Result<usize, Error> {
+        let find =
+            |mechanism: Mechanism| self.shapers.iter().position(|s| s.mechanism() == mechanism);
+        let why_not = |mechanism: Mechanism| match find(mechanism) {
+            Some(i) => self.shapers[i]
+                .unavailable_for(action, target)
+                .map_or(Ok(i), Err),
+            None => Err("not supported by this faultd".to_string()),
+        };
+        let action_name = action.name();
+        if let Some(mechanism) = forced {
+            return why_not(mechanism).map_err(|why| {
+                Error::Unsupported(format!(
+                    "fault.{action_name}.mechanism: {} cannot apply a {action_name} on this host: {why}",
+                    mechanism.name().to_uppercase()
+                ))
+            });
+        }
+        let mut reasons = Vec::new();
+        for mechanism in Mechanism::PREFERENCE {
+            match why_not(mechanism) {
+                Ok(i) => return Ok(i),
+                Err(why) => reasons.push(format!("{}: {why}", mechanism.name())),
+            }
+        }
+        Err(Error::Unsupported(format!(
+            "fault.{action_name}: no mechanism can apply a {action_name} on this host ({})",
+            reasons.join("; ")
+        )))
+    }
+
     fn grant(&mut self, ttl: Duration, labels: Labels, private: bool) -> (LeaseId, Instant) {
         let id = new_id(|id| self.leases.contains(id));
         let deadline = Instant::now() + ttl;
@@ -458,44 +562,6 @@ impl State {
                 self.revert(fault, RevertReason::Expired);
             }
         }
-    }
-
-    /// The shaper for a delay or bandwidth action: the one the user forced, else the first
-    /// available in order of preference. FAILED_PRECONDITION names what is missing.
-    fn choose_shaper(
-        &self,
-        action: &Action,
-        target: &Target,
-        forced: Option<Mechanism>,
-    ) -> Result<usize, Error> {
-        let find =
-            |mechanism: Mechanism| self.shapers.iter().position(|s| s.mechanism() == mechanism);
-        let why_not = |mechanism: Mechanism| match find(mechanism) {
-            Some(i) => self.shapers[i]
-                .unavailable_for(action, target)
-                .map_or(Ok(i), Err),
-            None => Err("not supported by this faultd".to_string()),
-        };
-        let action_name = action.name();
-        if let Some(mechanism) = forced {
-            return why_not(mechanism).map_err(|why| {
-                Error::Unavailable(format!(
-                    "fault.{action_name}.mechanism: {} cannot apply a {action_name} on this host: {why}",
-                    mechanism.name().to_uppercase()
-                ))
-            });
-        }
-        let mut reasons = Vec::new();
-        for mechanism in Mechanism::PREFERENCE {
-            match why_not(mechanism) {
-                Ok(i) => return Ok(i),
-                Err(why) => reasons.push(format!("{}: {why}", mechanism.name())),
-            }
-        }
-        Err(Error::Unavailable(format!(
-            "fault.{action_name}: no mechanism can apply a {action_name} on this host ({})",
-            reasons.join("; ")
-        )))
     }
 
     fn revoke(&mut self, id: &str, reason: RevertReason) -> Vec<FaultId> {
@@ -543,15 +609,9 @@ impl State {
             .get(&fault.lease_id)
             .ok_or_else(|| not_found("lease", &fault.lease_id))?;
         let (expires_at, remaining) = wall_clock(lease.deadline);
-        let (counters, mechanism) = match fault.shaper {
-            Some(shaper) => {
-                let shaper = &self.shapers[shaper];
-                (shaper.counters(id)?, shaper.mechanism().name())
-            }
-            None => (
-                self.dataplane.counters(fault.slot)?,
-                self.dataplane.mechanism(),
-            ),
+        let counters = match fault.shaper {
+            Some(shaper) => self.shapers[shaper].counters(id)?,
+            None => self.dataplane.counters(fault.slot)?,
         };
         Ok(FaultView {
             id: id.to_string(),
@@ -561,9 +621,10 @@ impl State {
             rules: fault.keys.len(),
             state,
             counters,
+            connections_reset: fault.connections_reset.load(Ordering::Relaxed),
             expires_at,
             remaining,
-            mechanism,
+            mechanism: fault.mechanism,
         })
     }
 
@@ -595,13 +656,16 @@ fn not_found(kind: &'static str, id: &str) -> Error {
     }
 }
 
-/// The cgroup_skb map value of a fault (only drop faults go into that map).
 fn rule_value(action: &Action, slot: u32, expires_at_ns: u64) -> RuleValue {
     RuleValue {
         expires_at_ns,
         drop_threshold: action.drop_threshold(),
         counter_slot: slot,
-        action: ACTION_DROP,
+        action: match action {
+            Action::Reject | Action::Reset { .. } => ACTION_REJECT,
+            // Delay and bandwidth never reach the map (their shaper applies them).
+            Action::Drop { .. } | Action::Delay(_) | Action::Bandwidth(_) => ACTION_DROP,
+        },
     }
 }
 
@@ -647,5 +711,6 @@ fn wall_clock(deadline: Instant) -> (SystemTime, Duration) {
     (SystemTime::now() + remaining, remaining)
 }
 
+mod reset;
 #[cfg(test)]
 mod tests;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use faultd_common::{DIR_EGRESS, DIR_INGRESS, PROTO_TCP, PROTO_UDP, RuleKey};
+use faultd_common::{DIR_CONNECT, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, PROTO_UDP, RuleKey};
 
 pub type FaultId = String;
 pub type LeaseId = String;
@@ -95,6 +95,14 @@ pub enum Action {
     Drop {
         percent: f64,
     },
+    /// New TCP connects of the target fail with ECONNREFUSED; existing connections live on.
+    Reject,
+    /// Established TCP connections of the target are torn down at once, and new connects are
+    /// refused for as long as the fault lasts. With `after_bytes`, each connection is instead
+    /// torn down once it has carried that many bytes, and new connects are allowed.
+    Reset {
+        after_bytes: Option<u64>,
+    },
     Delay(Delay),
     Bandwidth(Bandwidth),
 }
@@ -174,11 +182,23 @@ impl Action {
         }))
     }
 
+    pub fn reset(after_bytes: Option<u64>, field: &str) -> Result<Self, Invalid> {
+        if after_bytes == Some(0) {
+            return Err(Invalid::new(
+                field,
+                "must be at least 1 (leave it out to reset every connection now)",
+            ));
+        }
+        Ok(Self::Reset { after_bytes })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Self::Drop { .. } => "drop",
             Self::Delay(_) => "delay",
             Self::Bandwidth(_) => "bandwidth",
+            Self::Reject => "reject",
+            Self::Reset { .. } => "reset",
         }
     }
 
@@ -186,7 +206,7 @@ impl Action {
     /// forced, if any. None for actions of the cgroup_skb datapath.
     pub fn shaping(&self) -> Option<Option<Mechanism>> {
         match self {
-            Self::Drop { .. } => None,
+            Self::Drop { .. } | Self::Reject | Self::Reset { .. } => None,
             Self::Delay(delay) => Some(delay.mechanism),
             Self::Bandwidth(bandwidth) => Some(bandwidth.mechanism),
         }
@@ -199,8 +219,18 @@ impl Action {
             Self::Drop { percent } => {
                 ((percent / 100.0) * faultd_common::DROP_ALL as f64).round() as u64
             }
-            Self::Delay(_) | Self::Bandwidth(_) => 0,
+            Self::Reject | Self::Reset { .. } | Self::Delay(_) | Self::Bandwidth(_) => 0,
         }
+    }
+
+    /// Whether new connects of the target are refused while the fault lasts.
+    pub fn refuses_connects(&self) -> bool {
+        matches!(self, Self::Reject | Self::Reset { after_bytes: None })
+    }
+
+    /// Whether the fault acts on connections rather than packets.
+    fn on_connections(&self) -> bool {
+        matches!(self, Self::Reject | Self::Reset { .. })
     }
 }
 
@@ -389,6 +419,64 @@ pub struct FaultSpec {
     pub labels: Labels,
 }
 
+impl FaultSpec {
+    /// The target's checks, and what the action asks of the target.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        self.target.validate()?;
+        if self.action.on_connections() {
+            let action = self.action.name();
+            if self.target.protocol == Protocol::Udp {
+                return Err(Invalid::new(
+                    "fault.target.protocol",
+                    format!("{action} acts on TCP connections: use TCP or leave it unset"),
+                ));
+            }
+            if self.target.direction == Direction::Ingress {
+                return Err(Invalid::new(
+                    "fault.target.direction",
+                    format!(
+                        "{action} acts on the connections the workload opens: use EGRESS or \
+                         leave it unset"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel keys of this fault in the scope `scope_id`, without duplicates. Packet faults
+    /// key on (protocol, direction, port); connection faults on the TCP connect's destination
+    /// port (a `reset` with `after_bytes` refuses nothing, so it has no keys).
+    pub fn rule_keys(&self, scope_id: u64) -> Vec<RuleKey> {
+        if !self.action.on_connections() {
+            return self.target.rule_keys(scope_id);
+        }
+        if !self.action.refuses_connects() {
+            return Vec::new();
+        }
+        let mut keys: Vec<_> = self
+            .target
+            .ports
+            .iter()
+            .flat_map(|r| r.first..=r.last)
+            .map(|port| RuleKey::new(scope_id, PROTO_TCP, DIR_CONNECT, port))
+            .collect();
+        keys.sort_unstable_by_key(|k| k.port);
+        keys.dedup();
+        keys
+    }
+
+    /// The spec as it is applied, so that what the API shows is what happens: connection
+    /// faults act on TCP connects the workload makes (protocol TCP, direction egress).
+    pub fn normalized(mut self) -> Self {
+        if self.action.on_connections() {
+            self.target.protocol = Protocol::Tcp;
+            self.target.direction = Direction::Egress;
+        }
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,6 +586,55 @@ mod tests {
         assert_eq!(
             t.rule_keys(1),
             vec![RuleKey::new(1, PROTO_TCP, DIR_EGRESS, 5432)]
+        );
+    }
+
+    #[test]
+    fn connection_faults_key_on_tcp_connects() {
+        let spec = |action, protocol, direction| FaultSpec {
+            action,
+            target: target(
+                vec![PortRange::new(5432, Some(5433), "f").unwrap()],
+                protocol,
+                direction,
+            ),
+            labels: Labels::new(),
+        };
+        let reject = spec(Action::Reject, Protocol::Both, Direction::Both);
+        assert!(reject.validate().is_ok());
+        assert_eq!(
+            reject.rule_keys(9),
+            vec![
+                RuleKey::new(9, PROTO_TCP, DIR_CONNECT, 5432),
+                RuleKey::new(9, PROTO_TCP, DIR_CONNECT, 5433)
+            ]
+        );
+        let reset = spec(
+            Action::Reset { after_bytes: None },
+            Protocol::Tcp,
+            Direction::Egress,
+        );
+        assert_eq!(reset.rule_keys(9).len(), 2);
+        let limited = spec(
+            Action::Reset {
+                after_bytes: Some(10),
+            },
+            Protocol::Tcp,
+            Direction::Egress,
+        );
+        assert!(limited.rule_keys(9).is_empty());
+        let udp = spec(Action::Reject, Protocol::Udp, Direction::Both);
+        assert_eq!(udp.validate().unwrap_err().field, "fault.target.protocol");
+        let ingress = spec(Action::Reject, Protocol::Tcp, Direction::Ingress);
+        assert_eq!(
+            ingress.validate().unwrap_err().field,
+            "fault.target.direction"
+        );
+        assert_eq!(
+            Action::reset(Some(0), "fault.reset.after_bytes")
+                .unwrap_err()
+                .field,
+            "fault.reset.after_bytes"
         );
     }
 

@@ -1,4 +1,7 @@
-//! Resolving a scope to the cgroup v2 directory and id the kernel programs match on.
+//! Resolving a scope to the cgroup v2 directory and id the kernel programs match on, and to
+//! the network namespaces its processes use (`namespaces`).
+
+pub mod namespaces;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -13,6 +16,8 @@ pub struct ResolvedScope {
     pub cgroup_path: String,
     /// The cgroup v2 id (the directory's inode number), as `bpf_skb_cgroup_id` returns it.
     pub cgroup_id: u64,
+    /// The cgroup's directory on this host.
+    pub dir: PathBuf,
 }
 
 /// Resolves scopes; a trait so engine tests can run without cgroups.
@@ -88,6 +93,7 @@ impl CgroupRoot {
         Ok(ResolvedScope {
             cgroup_path: if clean.is_empty() { "/".into() } else { clean },
             cgroup_id: meta.ino(),
+            dir,
         })
     }
 }

@@ -1,0 +1,543 @@
+//! Tearing down established TCP connections of a scope: dump the TCP sockets over netlink
+//! sock_diag (each reply carries the socket's cgroup id, `INET_DIAG_CGROUP_ID`), and send
+//! `SOCK_DESTROY` for each socket of the scope's cgroup subtree on a matching port. The
+//! application sees ECONNABORTED/ECONNRESET on its next call, the peer gets an RST.
+//!
+//! sock_diag only sees the network namespace its socket was opened in, so the namespaces of the
+//! scope's processes are found through /proc and a netlink socket is opened in each, on a
+//! short-lived thread of its own (setns never runs on a tokio worker).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::fault::PortRange;
+
+/// Which connections to tear down.
+#[derive(Clone, Debug)]
+pub struct SocketFilter {
+    /// The scope's cgroup directory; sockets of every cgroup below it match too.
+    pub cgroup_dir: PathBuf,
+    /// Ports of either end; empty means every port.
+    pub ports: Vec<PortRange>,
+    /// Only connections that carried at least this many bytes (acked out + received).
+    pub min_bytes: Option<u64>,
+}
+
+impl SocketFilter {
+    fn port_matches(&self, sport: u16, dport: u16) -> bool {
+        self.ports.is_empty()
+            || self
+                .ports
+                .iter()
+                .any(|r| (r.first..=r.last).contains(&sport) || (r.first..=r.last).contains(&dport))
+    }
+}
+
+/// What one pass found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Destroyed {
+    pub sockets: usize,
+    pub namespaces: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SockDiagError {
+    #[error("reading the cgroup tree at {path}: {source}")]
+    Cgroup { path: String, source: io::Error },
+    #[error("netlink sock_diag: {0}")]
+    Netlink(io::Error),
+    #[error(
+        "the kernel refused SOCK_DESTROY ({0}); it needs CONFIG_INET_DIAG_DESTROY and CAP_NET_ADMIN"
+    )]
+    DestroyUnsupported(io::Error),
+}
+
+/// sock_diag sockets by network namespace, kept between the passes of a watcher so that a pass
+/// costs a dump, not a thread and a setns per namespace. Only the namespaces seen in the last
+/// pass are kept: a netlink socket holds its namespace alive.
+#[derive(Default)]
+pub struct Sockets {
+    by_ns: HashMap<(u64, u64), OwnedFd>,
+}
+
+/// Destroys the established TCP sockets (IPv4 and IPv6) matching `filter`, in every network
+/// namespace that a process of the cgroup subtree is in. Blocking.
+pub fn destroy(filter: &SocketFilter, sockets: &mut Sockets) -> Result<Destroyed, SockDiagError> {
+    let (cgroups, pids) = cgroup_subtree(&filter.cgroup_dir)?;
+    let namespaces = namespaces_of(&pids);
+    sockets.by_ns.retain(|ns, _| namespaces.contains_key(ns));
+    let mut done = Destroyed::default();
+    let mut first_error = None;
+    for (ns, ns_path) in &namespaces {
+        let socket = match sockets.by_ns.entry(*ns) {
+            std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => match open_in_netns(ns_path) {
+                Ok(socket) => slot.insert(socket),
+                // The process left or exited since the scan: its namespace may be gone too.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(e) => {
+                    first_error.get_or_insert(SockDiagError::Netlink(e));
+                    continue;
+                }
+            },
+        };
+        done.namespaces += 1;
+        match destroy_in(socket, filter, &cgroups) {
+            Ok(n) => done.sockets += n,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) if done.sockets == 0 => Err(e),
+        Some(e) => {
+            tracing::warn!(error = %e, destroyed = done.sockets, "some connections could not be reset");
+            Ok(done)
+        }
+        None => Ok(done),
+    }
+}
+
+/// Checks that this kernel lets us destroy sockets: opens a loopback connection in our own
+/// namespace and destroys the client end.
+pub fn probe() -> Result<(), String> {
+    let run = || -> io::Result<()> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let client = std::net::TcpStream::connect(addr)?;
+        let (_server, _) = listener.accept()?;
+        let local = client.local_addr()?;
+        let socket = netlink_socket()?;
+        let mut found = None;
+        dump(&socket, libc::AF_INET as u8, false, |msg, _| {
+            if msg.sport == local.port() && msg.dport == addr.port() {
+                found = Some(*msg);
+            }
+        })?;
+        let msg = found
+            .ok_or_else(|| io::Error::other("sock_diag did not list a fresh loopback socket"))?;
+        destroy_one(&socket, &msg)?;
+        Ok(())
+    };
+    run().map_err(|e| format!("SOCK_DESTROY over sock_diag: {e}"))
+}
+
+/// The cgroup ids (directory inodes) of `dir` and every cgroup below it, and their processes.
+fn cgroup_subtree(dir: &Path) -> Result<(HashSet<u64>, Vec<u32>), SockDiagError> {
+    let err = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| SockDiagError::Cgroup { path, source }
+    };
+    let mut ids = HashSet::new();
+    let mut pids = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let meta = match fs::metadata(&dir) {
+            Ok(meta) => meta,
+            // A cgroup below the scope removed during the walk.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !ids.is_empty() => continue,
+            Err(e) => return Err(err(&dir)(e)),
+        };
+        ids.insert(meta.ino());
+        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+            pids.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(err(&dir)(e)),
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok((ids, pids))
+}
+
+/// One `/proc/<pid>/ns/net` path per distinct network namespace of `pids`.
+fn namespaces_of(pids: &[u32]) -> BTreeMap<(u64, u64), PathBuf> {
+    let mut namespaces = BTreeMap::new();
+    for pid in pids {
+        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        if let Ok(meta) = fs::metadata(&path) {
+            namespaces.entry((meta.dev(), meta.ino())).or_insert(path);
+        }
+    }
+    namespaces
+}
+
+fn netlink_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A sock_diag socket bound to the namespace at `ns_path`. A socket stays in the namespace it
+/// was created in, so the setns happens on a throwaway thread.
+fn open_in_netns(ns_path: &Path) -> io::Result<OwnedFd> {
+    let own = fs::metadata("/proc/self/ns/net")?;
+    let target = fs::metadata(ns_path)?;
+    if (own.dev(), own.ino()) == (target.dev(), target.ino()) {
+        return netlink_socket();
+    }
+    let ns = fs::File::open(ns_path)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this thread only; the thread ends right after.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            netlink_socket()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("sock_diag thread panicked")))
+    })
+}
+
+/// Dumps and destroys in one namespace; returns how many sockets were destroyed.
+fn destroy_in(
+    socket: &OwnedFd,
+    filter: &SocketFilter,
+    cgroups: &HashSet<u64>,
+) -> Result<usize, SockDiagError> {
+    let mut victims = Vec::new();
+    let with_info = filter.min_bytes.is_some();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        dump(socket, family, with_info, |msg, attrs| {
+            let in_scope = attrs.cgroup_id.is_some_and(|id| cgroups.contains(&id));
+            let enough = filter
+                .min_bytes
+                .is_none_or(|min| attrs.bytes.is_some_and(|b| b >= min));
+            if in_scope && enough && filter.port_matches(msg.sport, msg.dport) {
+                victims.push(*msg);
+            }
+        })
+        .map_err(SockDiagError::Netlink)?;
+    }
+    let mut destroyed = 0;
+    for victim in &victims {
+        match destroy_one(socket, victim) {
+            Ok(()) => destroyed += 1,
+            // Closed in the meantime.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EPERM)) => {
+                return Err(SockDiagError::DestroyUnsupported(e));
+            }
+            Err(e) => return Err(SockDiagError::Netlink(e)),
+        }
+    }
+    Ok(destroyed)
+}
+
+// uapi constants (linux/sock_diag.h, linux/inet_diag.h, linux/netlink.h).
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const INET_DIAG_INFO: u16 = 2;
+const INET_DIAG_CGROUP_ID: u16 = 21;
+const NLMSG_HDRLEN: usize = 16;
+const REQ_LEN: usize = 56;
+const MSG_LEN: usize = 72;
+/// tcp_info: offsets of tcpi_bytes_acked and tcpi_bytes_received (Linux >= 4.1 / 4.2).
+const TCPI_BYTES_ACKED: usize = 120;
+const TCPI_BYTES_RECEIVED: usize = 128;
+/// Connection states worth tearing down: everything but LISTEN, CLOSE and TIME_WAIT.
+const TCP_STATES: u32 = (1 << 1) // ESTABLISHED
+    | (1 << 2) // SYN_SENT
+    | (1 << 3) // SYN_RECV
+    | (1 << 4) // FIN_WAIT1
+    | (1 << 5) // FIN_WAIT2
+    | (1 << 8) // CLOSE_WAIT
+    | (1 << 9) // LAST_ACK
+    | (1 << 11); // CLOSING
+
+/// The parts of `inet_diag_msg` we use, and its raw socket id for SOCK_DESTROY.
+#[derive(Clone, Copy, Debug)]
+struct DiagMsg {
+    family: u8,
+    sport: u16,
+    dport: u16,
+    /// `inet_diag_sockid` as the kernel sent it (48 bytes).
+    id: [u8; 48],
+}
+
+#[derive(Default)]
+struct DiagAttrs {
+    cgroup_id: Option<u64>,
+    bytes: Option<u64>,
+}
+
+fn request(kind: u16, flags: u16, family: u8, ext: u8, states: u32, id: &[u8; 48]) -> Vec<u8> {
+    let len = NLMSG_HDRLEN + REQ_LEN;
+    let mut buf = Vec::with_capacity(len);
+    buf.extend_from_slice(&(len as u32).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    buf.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+    buf.push(family);
+    buf.push(libc::IPPROTO_TCP as u8);
+    buf.push(ext);
+    buf.push(0);
+    buf.extend_from_slice(&states.to_ne_bytes());
+    buf.extend_from_slice(id);
+    buf
+}
+
+fn send(socket: &OwnedFd, buf: &[u8]) -> io::Result<()> {
+    // SAFETY: sockaddr_nl zeroed is the kernel's address.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: valid buffer and address for the duration of the call.
+    let n = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            0,
+            (&addr as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn recv(socket: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: valid buffer.
+        let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn u16_at(buf: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([buf[at], buf[at + 1]])
+}
+
+fn u32_at(buf: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
+}
+
+fn u64_at(buf: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&buf[at..at + 8]);
+    u64::from_ne_bytes(b)
+}
+
+/// The errno of an NLMSG_ERROR payload (0 is an ack).
+fn nl_error(payload: &[u8]) -> io::Result<()> {
+    if payload.len() < 4 {
+        return Err(io::Error::other("short netlink error message"));
+    }
+    let code = i32::from_ne_bytes([payload[0], payload[1], payload[2], payload[3]]);
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(-code))
+    }
+}
+
+/// Walks the messages of one datagram; `each` gets (type, payload) and says whether to go on.
+fn messages(buf: &[u8], mut each: impl FnMut(u16, &[u8]) -> io::Result<bool>) -> io::Result<bool> {
+    let mut at = 0;
+    while at + NLMSG_HDRLEN <= buf.len() {
+        let len = u32_at(buf, at) as usize;
+        if len < NLMSG_HDRLEN || at + len > buf.len() {
+            return Err(io::Error::other("malformed netlink message"));
+        }
+        let kind = u16_at(buf, at + 4);
+        if !each(kind, &buf[at + NLMSG_HDRLEN..at + len])? {
+            return Ok(false);
+        }
+        at += (len + 3) & !3;
+    }
+    Ok(true)
+}
+
+/// Dumps the TCP sockets of one family in the socket's namespace.
+fn dump(
+    socket: &OwnedFd,
+    family: u8,
+    with_info: bool,
+    mut each: impl FnMut(&DiagMsg, &DiagAttrs),
+) -> io::Result<()> {
+    let ext = if with_info {
+        1 << (INET_DIAG_INFO - 1)
+    } else {
+        0
+    };
+    send(
+        socket,
+        &request(
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            family,
+            ext,
+            TCP_STATES,
+            &[0; 48],
+        ),
+    )?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = recv(socket, &mut buf)?;
+        let more = messages(&buf[..n], |kind, payload| match kind {
+            NLMSG_DONE => Ok(false),
+            NLMSG_ERROR => nl_error(payload).map(|()| false),
+            SOCK_DIAG_BY_FAMILY if payload.len() >= MSG_LEN => {
+                let mut id = [0u8; 48];
+                id.copy_from_slice(&payload[4..52]);
+                let msg = DiagMsg {
+                    family: payload[0],
+                    sport: u16::from_be_bytes([payload[4], payload[5]]),
+                    dport: u16::from_be_bytes([payload[6], payload[7]]),
+                    id,
+                };
+                each(&msg, &attrs(&payload[MSG_LEN..]));
+                Ok(true)
+            }
+            _ => Ok(true),
+        })?;
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
+fn attrs(mut buf: &[u8]) -> DiagAttrs {
+    let mut attrs = DiagAttrs::default();
+    while buf.len() >= 4 {
+        let len = usize::from(u16_at(buf, 0));
+        let kind = u16_at(buf, 2) & 0x3fff;
+        if len < 4 || len > buf.len() {
+            break;
+        }
+        let value = &buf[4..len];
+        match kind {
+            INET_DIAG_CGROUP_ID if value.len() >= 8 => attrs.cgroup_id = Some(u64_at(value, 0)),
+            INET_DIAG_INFO if value.len() >= TCPI_BYTES_RECEIVED + 8 => {
+                attrs.bytes = Some(
+                    u64_at(value, TCPI_BYTES_ACKED)
+                        .saturating_add(u64_at(value, TCPI_BYTES_RECEIVED)),
+                );
+            }
+            _ => {}
+        }
+        buf = &buf[((len + 3) & !3).min(buf.len())..];
+    }
+    attrs
+}
+
+fn destroy_one(socket: &OwnedFd, msg: &DiagMsg) -> io::Result<()> {
+    send(
+        socket,
+        &request(
+            SOCK_DESTROY,
+            NLM_F_REQUEST | NLM_F_ACK,
+            msg.family,
+            0,
+            u32::MAX,
+            &msg.id,
+        ),
+    )?;
+    let mut buf = [0u8; 1024];
+    let n = recv(socket, &mut buf)?;
+    let mut result = Err(io::Error::other("no answer to SOCK_DESTROY"));
+    messages(&buf[..n], |kind, payload| {
+        if kind == NLMSG_ERROR {
+            result = nl_error(payload);
+            return Ok(false);
+        }
+        Ok(true)
+    })?;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_the_kernel_layout() {
+        let mut id = [0u8; 48];
+        id[0] = 0x18;
+        id[1] = 0xeb; // sport 6379, big endian
+        let req = request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 2, 0, u32::MAX, &id);
+        assert_eq!(req.len(), 72);
+        assert_eq!(u32_at(&req, 0), 72);
+        assert_eq!(u16_at(&req, 4), SOCK_DESTROY);
+        assert_eq!(u16_at(&req, 6), NLM_F_REQUEST | NLM_F_ACK);
+        assert_eq!(req[16], 2); // family
+        assert_eq!(req[17], 6); // TCP
+        assert_eq!(u32_at(&req, 20), u32::MAX);
+        assert_eq!(&req[24..26], &[0x18, 0xeb]);
+    }
+
+    #[test]
+    fn attributes_yield_cgroup_id_and_bytes() {
+        let mut buf = Vec::new();
+        // INET_DIAG_CGROUP_ID, 8-byte value.
+        buf.extend_from_slice(&12u16.to_ne_bytes());
+        buf.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
+        buf.extend_from_slice(&4242u64.to_ne_bytes());
+        // INET_DIAG_INFO with a tcp_info long enough for the byte counters.
+        let mut info = vec![0u8; 232];
+        info[TCPI_BYTES_ACKED..TCPI_BYTES_ACKED + 8].copy_from_slice(&100u64.to_ne_bytes());
+        info[TCPI_BYTES_RECEIVED..TCPI_BYTES_RECEIVED + 8].copy_from_slice(&23u64.to_ne_bytes());
+        buf.extend_from_slice(&((4 + info.len()) as u16).to_ne_bytes());
+        buf.extend_from_slice(&INET_DIAG_INFO.to_ne_bytes());
+        buf.extend_from_slice(&info);
+        let attrs = attrs(&buf);
+        assert_eq!(attrs.cgroup_id, Some(4242));
+        assert_eq!(attrs.bytes, Some(123));
+    }
+
+    #[test]
+    fn ports_of_either_end_match() {
+        let filter = SocketFilter {
+            cgroup_dir: PathBuf::from("/x"),
+            ports: vec![PortRange {
+                first: 5432,
+                last: 5432,
+            }],
+            min_bytes: None,
+        };
+        assert!(filter.port_matches(5432, 40000));
+        assert!(filter.port_matches(40000, 5432));
+        assert!(!filter.port_matches(40000, 6379));
+        let all = SocketFilter {
+            ports: vec![],
+            ..filter
+        };
+        assert!(all.port_matches(1, 2));
+    }
+}

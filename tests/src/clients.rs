@@ -1,0 +1,139 @@
+//! Real client libraries (redis-py, psycopg 3) run inside or beside a workload through
+//! `tests/clients/conn_client.py`, reporting what they see as timestamped JSON events.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::process::{describe, stop};
+use crate::workload::Workload;
+
+/// The Python with the client libraries: `cargo xtask test` points `FAULTD_TEST_PYTHON` at the
+/// venv it installs them into.
+pub fn python() -> std::ffi::OsString {
+    std::env::var_os("FAULTD_TEST_PYTHON").unwrap_or_else(|| "python3".into())
+}
+
+/// A running client; killed if dropped.
+pub struct ConnClient {
+    child: Option<Child>,
+    events: Receiver<Value>,
+    stderr: std::sync::mpsc::Receiver<String>,
+    command: String,
+    seen: Vec<Value>,
+}
+
+impl ConnClient {
+    /// `conn_client.py MODE ARGS…` in `workload`.
+    pub fn start(workload: &Workload, mode: &str, args: &[&str]) -> ConnClient {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/conn_client.py");
+        let python = python();
+        let mut cmd: Command = workload.command(&python.to_string_lossy());
+        cmd.arg(script)
+            .arg(mode)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", describe(&cmd)));
+        let (tx, events) = channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                match serde_json::from_str(&line) {
+                    Ok(value) => {
+                        if tx.send(value).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => eprintln!("conn_client: {line}"),
+                }
+            }
+        });
+        let (etx, stderr) = channel();
+        let pipe = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                text.push_str(&line);
+                text.push('\n');
+            }
+            let _ = etx.send(text);
+        });
+        ConnClient {
+            child: Some(child),
+            events,
+            stderr,
+            command: describe(&cmd),
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next event within `timeout`, or None.
+    pub fn next(&mut self, timeout: Duration) -> Option<Value> {
+        match self.events.recv_timeout(timeout) {
+            Ok(event) => {
+                self.seen.push(event.clone());
+                Some(event)
+            }
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// Waits for an event named `name`, skipping others; panics with what was seen if none
+    /// arrives within `timeout`.
+    pub fn expect(&mut self, name: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(left) {
+                Some(event) if event["event"] == name => return event,
+                Some(_) => {}
+                None => {
+                    let stderr = self.stderr_text();
+                    panic!(
+                        "`{}` sent no {name:?} event within {timeout:?}; events {:?}; stderr {stderr}",
+                        self.command, self.seen
+                    )
+                }
+            }
+        }
+    }
+
+    /// Events seen so far.
+    pub fn seen(&self) -> &[Value] {
+        &self.seen
+    }
+
+    fn stderr_text(&mut self) -> String {
+        if let Some(child) = self.child.as_mut()
+            && matches!(child.try_wait(), Ok(Some(_)))
+        {
+            return self
+                .stderr
+                .recv_timeout(Duration::from_secs(1))
+                .unwrap_or_default();
+        }
+        "(still running)".into()
+    }
+}
+
+impl Drop for ConnClient {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop(&mut child, libc::SIGKILL, Duration::from_secs(2));
+        }
+    }
+}
+
+/// The event's `t` (unix ns).
+pub fn at(event: &Value) -> i128 {
+    event["t"]
+        .as_i64()
+        .map(i128::from)
+        .unwrap_or_else(|| panic!("event without a time: {event}"))
+}
