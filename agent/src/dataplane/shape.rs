@@ -712,42 +712,16 @@ fn sweep(rtnl: &mut Rtnl, own: u16) {
                 let empty = |rtnl: &mut Rtnl, parent| {
                     rtnl.filters(ifindex, parent).is_ok_and(|f| f.is_empty())
                 };
-                if swept && empty(rtnl, CLSACT_EGRESS) && empty(rtnl, 0xFFFF_FFF2) {
-                    if let Err(e) = rtnl.delete_qdisc(ifindex, CLSACT_HANDLE, 0xFFFF_FFF1) {
-                        tracing::warn!(error = %e, "removing a dead faultd's clsact");
-                    }
+                if swept
+                    && empty(rtnl, CLSACT_EGRESS)
+                    && empty(rtnl, 0xFFFF_FFF2)
+                    && let Err(e) = rtnl.delete_qdisc(ifindex, CLSACT_HANDLE, 0xFFFF_FFF1)
+                {
+                    tracing::warn!(error = %e, "removing a dead faultd's clsact");
                 }
             }
         }
         Err(e) => tracing::warn!(error = %e, "listing qdiscs to sweep"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tags_are_claimed_once_and_freed_with_the_holder() {
-        let dir = std::env::temp_dir().join(format!("faultd-tags-{}", std::process::id()));
-        let (first, lock) = claim_tag(&dir).unwrap();
-        assert_eq!(first, TAG_BASE);
-        let (second, _lock2) = claim_tag(&dir).unwrap();
-        assert_eq!(second, TAG_BASE + 1);
-        // Held: not dead.
-        assert!(try_lock(&lock_path(&dir, first)).unwrap().is_none());
-        drop(lock);
-        assert!(try_lock(&lock_path(&dir, first)).unwrap().is_some());
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn only_the_tag_range_is_swept() {
-        assert!(is_tag(0x7a00));
-        assert!(is_tag(0x7aff));
-        assert!(!is_tag(0x7b00));
-        assert!(!is_tag(0x8001));
-        assert!(!is_tag(1));
     }
 }
 
@@ -931,15 +905,13 @@ pub fn probe(mechanism: ShapeMechanism) -> Result<(), String> {
         .map_err(|_| "the probe thread panicked".to_string())?
 }
 
+/// A capability as probed: its name, and what was found or why it is missing.
+pub type Found = (&'static str, Result<String, String>);
+
 /// The netem and EDT shapers for the engine, in that order: the real ones where `probe` finds
 /// what they need and the classifier loads, else stand-ins that name what is missing. Also
 /// what was found, as (capability, Ok(detail) or Err(why)) for `Capabilities`. Blocking.
-pub fn tc_shapers(
-    object: &[u8],
-) -> (
-    Vec<Box<dyn Shaper>>,
-    Vec<(&'static str, Result<String, String>)>,
-) {
+pub fn tc_shapers(object: &[u8]) -> (Vec<Box<dyn Shaper>>, Vec<Found>) {
     let netem = probe(ShapeMechanism::Netem);
     let edt = probe(ShapeMechanism::Edt);
     let mut found = vec![
@@ -994,4 +966,32 @@ pub fn tc_shapers(
         ],
     };
     (shapers, found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_are_claimed_once_and_freed_with_the_holder() {
+        let dir = std::env::temp_dir().join(format!("faultd-tags-{}", std::process::id()));
+        let (first, lock) = claim_tag(&dir).unwrap();
+        assert_eq!(first, TAG_BASE);
+        let (second, _lock2) = claim_tag(&dir).unwrap();
+        assert_eq!(second, TAG_BASE + 1);
+        // Held: not dead.
+        assert!(try_lock(&lock_path(&dir, first)).unwrap().is_none());
+        drop(lock);
+        assert!(try_lock(&lock_path(&dir, first)).unwrap().is_some());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_the_tag_range_is_swept() {
+        assert!(is_tag(0x7a00));
+        assert!(is_tag(0x7aff));
+        assert!(!is_tag(0x7b00));
+        assert!(!is_tag(0x8001));
+        assert!(!is_tag(1));
+    }
 }
