@@ -14,6 +14,11 @@
 //! fault, one bit for each side the workload is on) and ingress packets flowing the other way
 //! on a marked connection are queued. A connection is thus delayed on ingress from the first
 //! packet the workload sends on it (its SYN as a client, its SYN-ACK as a server).
+//!
+//! The queueing rules also carry the lease deadline, rounded up to the second (`-m time
+//! --datestop`): should faultd hang as a whole (stopped, frozen), the kernel stops queueing
+//! packets to it shortly after the deadline. A healthy faultd's lanes stop holding packets at
+//! the deadline itself.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -315,25 +320,27 @@ pub fn chain_creation(instance: &str) -> Vec<String> {
 
 /// The rules of one fault in one namespace.
 #[derive(Clone, Debug)]
-pub struct FaultRules<'a> {
-    pub instance: &'a str,
-    pub fault: &'a str,
+pub struct FaultRules {
+    pub instance: String,
+    pub fault: String,
     /// Relative to the cgroup v2 root, checked with `check_cgroup_path`.
-    pub cgroup_path: &'a str,
+    pub cgroup_path: String,
     pub protocol: Protocol,
     pub direction: Direction,
-    pub ports: &'a [PortRange],
+    pub ports: Vec<PortRange>,
     pub queue: u16,
     /// The conntrack mark id: needed when the direction includes ingress.
     pub mark_id: Option<u8>,
+    /// Unix seconds: the last second in which packets are queued (None: no end).
+    pub until: Option<u64>,
 }
 
-impl FaultRules<'_> {
+impl FaultRules {
     /// `-A` lines, in the order they must be evaluated: connection marks before the egress
     /// NFQUEUE rule, which ends the packet's walk through the chain.
     pub fn lines(&self) -> Vec<String> {
-        let out = chain(self.instance, Hook::Output);
-        let input = chain(self.instance, Hook::Input);
+        let out = chain(&self.instance, Hook::Output);
+        let input = chain(&self.instance, Hook::Input);
         let protocols: &[&str] = match self.protocol {
             Protocol::Tcp => &["tcp"],
             Protocol::Udp => &["udp"],
@@ -342,11 +349,18 @@ impl FaultRules<'_> {
         let egress = matches!(self.direction, Direction::Egress | Direction::Both);
         let ingress = matches!(self.direction, Direction::Ingress | Direction::Both);
         let comment = format!("-m comment --comment faultd:{}", self.fault);
-        let queue = format!("-j NFQUEUE --queue-num {} --queue-bypass", self.queue);
+        let until = match self.until {
+            Some(secs) => format!("-m time --datestop {} --utc ", utc(secs)),
+            None => String::new(),
+        };
+        let queue = format!(
+            "{until}{comment} -j NFQUEUE --queue-num {} --queue-bypass",
+            self.queue
+        );
         let cgroup = format!("-m cgroup --path {}", self.cgroup_path);
         let mut lines = Vec::new();
         for protocol in protocols {
-            for ports in multiport_lists(self.ports) {
+            for ports in multiport_lists(&self.ports) {
                 let matches = format!("-p {protocol} -m multiport --ports {ports}");
                 if let (true, Some(id)) = (ingress, self.mark_id) {
                     let id = u32::from(id) << MARK_ID_SHIFT;
@@ -362,19 +376,40 @@ impl FaultRules<'_> {
                     for (ctdir, side) in [("REPLY", MARK_ORIGINAL), ("ORIGINAL", MARK_REPLY)] {
                         lines.push(format!(
                             "-A {input} {matches} -m connmark --mark {:#x}/{:#x} \
-                             -m conntrack --ctdir {ctdir} {comment} {queue}",
+                             -m conntrack --ctdir {ctdir} {queue}",
                             id | side,
                             MARK_ID_MASK | side
                         ));
                     }
                 }
                 if egress {
-                    lines.push(format!("-A {out} {cgroup} {matches} {comment} {queue}"));
+                    lines.push(format!("-A {out} {cgroup} {matches} {queue}"));
                 }
             }
         }
         lines
     }
+}
+
+/// Unix seconds as xt_time writes a UTC date: `2026-11-22T05:30:07`.
+fn utc(secs: u64) -> String {
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
 }
 
 /// Restore lines deleting what `lines` added, last first.
@@ -435,15 +470,16 @@ mod tests {
 
     #[test]
     fn egress_rules_match_the_cgroup_and_either_port() {
-        let rules = FaultRules {
-            instance: "0badcafe",
-            fault: "f00d",
-            cgroup_path: "/app",
+        let mut rules = FaultRules {
+            instance: "0badcafe".into(),
+            fault: "f00d".into(),
+            cgroup_path: "/app".into(),
             protocol: Protocol::Tcp,
             direction: Direction::Egress,
-            ports: &ports(&[(6379, 6379)]),
+            ports: ports(&[(6379, 6379)]),
             queue: 40000,
             mark_id: None,
+            until: None,
         };
         assert_eq!(
             rules.lines(),
@@ -456,19 +492,27 @@ mod tests {
             deletion(&rules.lines()),
             vec![rules.lines()[0].replacen("-A", "-D", 1)]
         );
+        rules.until = Some(1_763_789_407);
+        assert!(
+            rules.lines()[0]
+                .contains("--ports 6379 -m time --datestop 2025-11-22T05:30:07 --utc -m comment"),
+            "{:?}",
+            rules.lines()
+        );
     }
 
     #[test]
     fn ingress_rules_mark_connections_on_the_way_out() {
         let rules = FaultRules {
-            instance: "0badcafe",
-            fault: "f00d",
-            cgroup_path: "/app",
+            instance: "0badcafe".into(),
+            fault: "f00d".into(),
+            cgroup_path: "/app".into(),
             protocol: Protocol::Both,
             direction: Direction::Both,
-            ports: &ports(&[(6379, 6379)]),
+            ports: ports(&[(6379, 6379)]),
             queue: 7,
             mark_id: Some(3),
+            until: None,
         };
         let lines = rules.lines();
         assert_eq!(
@@ -499,6 +543,13 @@ mod tests {
         );
         assert_eq!(listing.mark_ids(), BTreeSet::from([3]));
         assert_eq!(listing.queues(), BTreeSet::from([7]));
+    }
+
+    #[test]
+    fn dates_are_utc() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00");
+        assert_eq!(utc(4_102_444_799), "2099-12-31T23:59:59");
     }
 
     #[test]

@@ -372,11 +372,18 @@ fn wait(fds: &mut [libc::pollfd], timeout: Option<u64>) -> io::Result<()> {
     Ok(())
 }
 
-/// Precise wake-ups for the lane thread: no timer slack, higher priority (best effort).
+/// Precise wake-ups for the lane thread: no timer slack, and the lowest real-time priority
+/// (SCHED_FIFO 1), so that a busy machine does not add its run-queue wait to the delay. The
+/// thread sleeps in `ppoll` between packets and does little work per packet; the kernel's
+/// real-time throttling bounds it anyway. Falls back to nice -10 where real-time is refused.
 fn tune_thread() {
-    // SAFETY: prctl and setpriority on the calling thread.
+    // SAFETY: prctl, sched_setscheduler and setpriority on the calling thread.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0);
+        let param = libc::sched_param { sched_priority: 1 };
+        if libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 {
+            return;
+        }
         let tid = libc::gettid();
         if libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, -10) != 0 {
             tracing::debug!(
@@ -581,6 +588,13 @@ fn serve(mut queue: Queue, fd: RawFd, mut schedule: Schedule, shared: &LaneShare
             let mut value = 0u64;
             // SAFETY: an 8-byte read from our eventfd; EAGAIN is harmless.
             unsafe { libc::read(shared.wake.as_raw_fd(), (&raw mut value).cast(), 8) };
+        }
+        if fds[0].revents & (libc::POLLERR | libc::POLLNVAL | libc::POLLHUP) != 0 {
+            tracing::error!(
+                revents = fds[0].revents,
+                "the NFQUEUE socket failed; closing it (traffic bypasses it)"
+            );
+            return;
         }
         if fds[0].revents == 0 {
             continue;
@@ -793,14 +807,15 @@ fn probe_family(
     use std::net::{SocketAddr, UdpSocket};
     let ports = [crate::fault::PortRange { first: 9, last: 9 }];
     let rules = FaultRules {
-        instance,
-        fault: "probe",
-        cgroup_path: "/",
+        instance: instance.into(),
+        fault: "probe".into(),
+        cgroup_path: "/".into(),
         protocol: crate::fault::Protocol::Udp,
         direction: Direction::Both,
-        ports: &ports,
+        ports: ports.to_vec(),
         queue: num,
         mark_id: Some(1),
+        until: Some(backstop_until(monotonic_now_ns() + 3_600_000_000_000)),
     };
     let mut lines = netfilter::chain_creation(instance);
     lines.extend(rules.lines());
@@ -866,8 +881,25 @@ fn probe_family(
 struct Placement {
     netns: Arc<NetNs>,
     lane: Lane,
-    /// The `-A` lines per family, for their removal.
-    lines: Vec<(Family, Vec<String>)>,
+    rules: FaultRules,
+    families: Vec<Family>,
+    /// The `-A` lines in force (they change with the deadline), for their removal.
+    lines: Vec<String>,
+}
+
+/// Seconds the kernel-side deadline (`-m time --datestop`) may trail the lease deadline: the
+/// rule is rewritten in the background on each renewal, and must not lapse before it.
+const BACKSTOP_MARGIN_SECS: u64 = 1;
+
+/// The last Unix second in which the rules of a fault with this deadline (CLOCK_MONOTONIC ns)
+/// queue packets.
+fn backstop_until(expires_at_ns: u64) -> u64 {
+    let left = expires_at_ns.saturating_sub(monotonic_now_ns());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    // The rule matches through this whole second: it ends 1 to 2 s after the deadline.
+    (now + Duration::from_nanos(left)).as_secs() + BACKSTOP_MARGIN_SECS
 }
 
 pub struct NfqueueShaper {
@@ -1035,14 +1067,15 @@ impl NfqueueShaper {
         .map_err(shaper_error)?;
         self.next_queue = QUEUE_FIRST + (lane.queue - QUEUE_FIRST + 1) % QUEUE_COUNT;
         let rules = FaultRules {
-            instance: &self.instance,
-            fault: fault.id,
-            cgroup_path: &fault.resolved.cgroup_path,
+            instance: self.instance.clone(),
+            fault: fault.id.clone(),
+            cgroup_path: fault.resolved.cgroup_path.clone(),
             protocol: fault.target.protocol,
             direction: fault.target.direction,
-            ports: &fault.target.ports,
+            ports: fault.target.ports.clone(),
             queue: lane.queue,
             mark_id,
+            until: Some(backstop_until(fault.expires_at_ns)),
         };
         let fault_lines = rules.lines();
         let batches: Vec<(Family, Vec<String>)> = listings
@@ -1059,27 +1092,39 @@ impl NfqueueShaper {
         self.record_netns(netns.inode());
         let apply_ns = netns.clone();
         let apply = batches.clone();
+        let instance = self.instance.clone();
         let applied = self
             .worker
             .call(move || {
-                let mut done: Vec<Family> = Vec::new();
-                for (family, lines) in &apply {
+                let mut done: Vec<&(Family, Vec<String>)> = Vec::new();
+                for batch in &apply {
+                    let (family, lines) = batch;
                     if let Err(e) = netfilter::restore(*family, Some(&apply_ns), lines) {
-                        for family in done {
-                            let undo = netfilter::deletion(
-                                &apply
-                                    .iter()
-                                    .find(|(f, _)| *f == family)
-                                    .map(|(_, l)| l.clone())
-                                    .unwrap_or_default(),
-                            );
-                            if let Err(e) = netfilter::restore(family, Some(&apply_ns), &undo) {
+                        // All or nothing: take out what the other family got.
+                        for (family, lines) in done {
+                            let created_chains =
+                                lines.first().is_some_and(|l| l.starts_with("-N "));
+                            let undone = match created_chains {
+                                true => netfilter::list(*family, Some(&apply_ns)).and_then(|l| {
+                                    netfilter::restore(
+                                        *family,
+                                        Some(&apply_ns),
+                                        &l.removal(&instance),
+                                    )
+                                }),
+                                false => netfilter::restore(
+                                    *family,
+                                    Some(&apply_ns),
+                                    &netfilter::deletion(lines),
+                                ),
+                            };
+                            if let Err(e) = undone {
                                 tracing::warn!(error = %e, "undoing NFQUEUE rules");
                             }
                         }
                         return Err(format!("{} rules: {e}", family.name()));
                     }
-                    done.push(*family);
+                    done.push(batch);
                 }
                 Ok(())
             })
@@ -1091,10 +1136,9 @@ impl NfqueueShaper {
         Ok(Placement {
             netns,
             lane,
-            lines: batches
-                .into_iter()
-                .map(|(family, _)| (family, fault_lines.clone()))
-                .collect(),
+            rules,
+            families: batches.into_iter().map(|(family, _)| family).collect(),
+            lines: fault_lines,
         })
     }
 
@@ -1117,11 +1161,14 @@ impl NfqueueShaper {
             let Placement {
                 netns,
                 mut lane,
+                families,
                 lines,
+                ..
             } = placement;
             lane.join();
-            for (family, lines) in &lines {
-                if let Err(e) = netfilter::restore(*family, Some(&netns), &netfilter::deletion(lines))
+            for family in &families {
+                if let Err(e) =
+                    netfilter::restore(*family, Some(&netns), &netfilter::deletion(&lines))
                 {
                     tracing::warn!(error = %e, netns = %netns.path().display(), "removing NFQUEUE rules");
                 }
@@ -1200,8 +1247,27 @@ impl Shaper for NfqueueShaper {
     }
 
     fn refresh(&mut self, id: &str, expires_at_ns: u64) -> Result<(), DataplaneError> {
-        for placement in self.faults.get(id).into_iter().flatten() {
+        let until = backstop_until(expires_at_ns);
+        for placement in self.faults.get_mut(id).into_iter().flatten() {
             placement.lane.refresh(expires_at_ns);
+            if placement.rules.until == Some(until) {
+                continue;
+            }
+            // The kernel-side deadline moves with the lease, in one transaction per family.
+            placement.rules.until = Some(until);
+            let fresh = placement.rules.lines();
+            let mut swap = netfilter::deletion(&placement.lines);
+            swap.extend(fresh.iter().cloned());
+            placement.lines = fresh;
+            let (netns, families) = (placement.netns.clone(), placement.families.clone());
+            self.worker.spawn(move || {
+                for family in families {
+                    if let Err(e) = netfilter::restore(family, Some(&netns), &swap) {
+                        // The rule keeps its earlier end: the fault can only end sooner.
+                        tracing::warn!(error = %e, "moving the NFQUEUE rules' deadline");
+                    }
+                }
+            });
         }
         Ok(())
     }

@@ -404,8 +404,9 @@ fn redis_connect(addr: &str, timeout: Duration) -> Result<TcpStream, String> {
     Ok(stream)
 }
 
-/// PINGs Redis over one connection, timing each round trip itself. One line per PING:
-/// `<unix_ns when sent> <rtt_ns>`, or `<unix_ns> fail <error>` (then it reconnects).
+/// PINGs Redis over one connection, timing each round trip itself. First `connect <ns>` (how
+/// long connect() took), then one line per PING: `<unix_ns when sent> <rtt_ns>`, or
+/// `<unix_ns> fail <error>` (then it reconnects).
 fn redis_rtt(args: &[String]) -> Result<ExitCode, String> {
     let (pos, opts) = parse(args, 1, &["count", "interval", "timeout"])?;
     let count: u64 = match opts.get("count") {
@@ -417,8 +418,10 @@ fn redis_rtt(args: &[String]) -> Result<ExitCode, String> {
     let interval = duration(&opts, "interval", Duration::from_millis(10))?;
     let timeout = duration(&opts, "timeout", Duration::from_secs(10))?;
     raise_priority();
+    let began = Instant::now();
     let mut stream = redis_connect(&pos[0], timeout)?;
-    let mut lines = Vec::with_capacity(count as usize);
+    let mut lines = Vec::with_capacity(count as usize + 1);
+    lines.push(format!("connect {}", began.elapsed().as_nanos()));
     let mut buf = Vec::new();
     for _ in 0..count {
         let at = unix_ns();
