@@ -13,11 +13,10 @@ use clap::Parser;
 use faultd::caps::Capabilities;
 use faultd::caps::Capability;
 use faultd::config::{Config, LogFormat};
+use faultd::dataplane::Shaper;
 use faultd::dataplane::cgroup_skb::CgroupSkbDataplane;
 use faultd::dataplane::nfqueue::{self, NfqueueShaper};
-use faultd::dataplane::{MissingShaper, Shaper, qdisc_probe};
 use faultd::engine::{Engine, EngineConfig};
-use faultd::fault::Mechanism;
 use faultd::instance::Instance;
 use faultd::target::CgroupRoot;
 use tokio::net::UnixListener;
@@ -139,29 +138,18 @@ async fn shapers(
     state_dir: &Path,
     caps: &mut Capabilities,
 ) -> anyhow::Result<Vec<Box<dyn Shaper>>> {
-    let qdiscs = tokio::task::spawn_blocking(|| qdisc_probe::probe(&["netem", "fq"])).await?;
-    let mut missing = Vec::new();
-    for (kind, probed) in qdiscs {
-        let mechanism = match kind {
-            "netem" => Some(Mechanism::Netem),
-            "fq" => Some(Mechanism::Edt),
-            _ => None,
-        };
-        if let Some(mechanism) = mechanism {
-            let reason = match &probed {
-                Ok(()) => format!(
-                    "sch_{kind} is present, but this faultd does not implement the {} mechanism",
-                    mechanism.name()
-                ),
-                Err(why) => why.clone(),
-            };
-            missing.push(MissingShaper { mechanism, reason });
-        }
-        caps.items.push(Capability::outcome(
-            kind,
-            probed,
-            &format!("created a {kind} qdisc on a private loopback device"),
-        ));
+    // netem and EDT: probed by building what they need (htb, a class, its netem or fq leaf)
+    // on the loopback device of a private namespace; a killed predecessor's qdiscs and filters
+    // are swept as the classifier loads.
+    let (tc_shapers, found) =
+        tokio::task::spawn_blocking(|| faultd::dataplane::shape::tc_shapers(faultd::EBPF_OBJECT))
+            .await?;
+    for (name, outcome) in found {
+        caps.items.push(Capability {
+            name,
+            available: outcome.is_ok(),
+            detail: outcome.unwrap_or_else(|why| why),
+        });
     }
     let id = instance.id().to_owned();
     let probe = tokio::task::spawn_blocking(move || nfqueue::probe(&id)).await?;
@@ -183,10 +171,7 @@ async fn shapers(
         tokio::task::spawn_blocking(move || NfqueueShaper::start(&id, &root, &dir, probe.families))
             .await?
             .context("starting the NFQUEUE mechanism")?;
-    let mut shapers: Vec<Box<dyn Shaper>> = Vec::new();
-    for shaper in missing {
-        shapers.push(Box::new(shaper));
-    }
+    let mut shapers: Vec<Box<dyn Shaper>> = tc_shapers;
     shapers.push(Box::new(nfqueue));
     Ok(shapers)
 }

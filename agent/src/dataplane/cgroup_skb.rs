@@ -34,9 +34,7 @@ pub struct CgroupSkbDataplane {
     _ebpf: Ebpf,
 }
 
-/// `BPF_EXIST` (uapi linux/bpf.h): update an entry only if it exists, so a refresh racing a
-/// removal cannot bring the entry back.
-const BPF_EXIST: u64 = 2;
+use super::BPF_EXIST;
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
     move |e| DataplaneError::Map {
@@ -284,7 +282,7 @@ fn attach_connect(ebpf: &mut Ebpf, root: &File) -> Result<(), DataplaneError> {
 }
 
 /// The verifier log is the useful part of a load failure.
-fn verifier_detail(e: &aya::programs::ProgramError) -> String {
+pub(crate) fn verifier_detail(e: &aya::programs::ProgramError) -> String {
     match e {
         aya::programs::ProgramError::LoadError {
             io_error,

@@ -3,10 +3,14 @@
 //! the engine use `fake::FakeDataplane` and `fake::FakeShaper`.
 
 pub mod cgroup_skb;
+pub mod edt;
 pub mod fake;
+pub mod netem;
 pub mod netfilter;
 pub mod nfqueue;
 pub mod qdisc_probe;
+pub mod rtnl;
+pub mod shape;
 pub mod sock_diag;
 
 use faultd_common::{Counters, RuleKey, RuleValue};
@@ -31,6 +35,8 @@ pub enum DataplaneError {
     },
     #[error("updating BPF map {map}: {reason}")]
     Map { map: &'static str, reason: String },
+    #[error("traffic control: {0}")]
+    Tc(String),
     /// The mechanism cannot apply this fault here (FAILED_PRECONDITION, like a missing
     /// mechanism), e.g. a cgroup path NFQUEUE cannot express.
     #[error("{mechanism}: {reason}")]
@@ -47,6 +53,10 @@ pub enum DataplaneError {
     #[error("resetting connections: {0}")]
     SockDiag(#[from] sock_diag::SockDiagError),
 }
+
+/// `BPF_EXIST` (uapi linux/bpf.h): update an entry only if it exists, so a refresh racing a
+/// removal cannot bring the entry back.
+pub(crate) const BPF_EXIST: u64 = 2;
 
 /// A datapath keyed by `RuleKey`.
 pub trait Dataplane: Send {
@@ -100,6 +110,10 @@ pub trait Shaper: Send {
     /// Why this mechanism cannot apply `action` on this host, or None if it can. The reason
     /// names what is missing (it is shown as FAILED_PRECONDITION).
     fn unavailable(&self, action: &Action) -> Option<String>;
+    /// Like `unavailable`, for this target (e.g. a mechanism that shapes egress only).
+    fn unavailable_for(&self, action: &Action, _target: &Target) -> Option<String> {
+        self.unavailable(action)
+    }
     /// Applies the fault, all or nothing. May block (netlink, exec of iptables).
     fn apply(&mut self, fault: &Shaped<'_>) -> Result<(), DataplaneError>;
     /// Moves the fault's deadline (a renewed lease).

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::dataplane::{Dataplane, DataplaneError, Shaped, Shaper, SocketFilter};
-use crate::fault::{Action, FaultId, FaultSpec, Invalid, Labels, LeaseId, Mechanism};
+use crate::fault::{Action, FaultId, FaultSpec, Invalid, Labels, LeaseId, Mechanism, Target};
 use crate::lease::{Lease, LeaseTable};
 use crate::target::{Resolve, ResolvedScope};
 
@@ -267,7 +267,7 @@ impl Engine {
         let mut state = self.lock();
         // Delay and bandwidth go to a shaping mechanism, the rest to the datapath.
         let shaper = match spec.action.shaping() {
-            Some(forced) => Some(state.choose_shaper(&spec.action, forced)?),
+            Some(forced) => Some(state.choose_shaper(&spec.action, &spec.target, forced)?),
             None => None,
         };
         let mechanism = match shaper {
@@ -504,11 +504,18 @@ impl State {
 
     /// The shaper for a delay or bandwidth action: the one the user forced, else the first
     /// available in order of preference. FAILED_PRECONDITION names what is missing.
-    fn choose_shaper(&self, action: &Action, forced: Option<Mechanism>) -> Result<usize, Error> {
+    fn choose_shaper(
+        &self,
+        action: &Action,
+        target: &Target,
+        forced: Option<Mechanism>,
+    ) -> Result<usize, Error> {
         let find =
             |mechanism: Mechanism| self.shapers.iter().position(|s| s.mechanism() == mechanism);
         let why_not = |mechanism: Mechanism| match find(mechanism) {
-            Some(i) => self.shapers[i].unavailable(action).map_or(Ok(i), Err),
+            Some(i) => self.shapers[i]
+                .unavailable_for(action, target)
+                .map_or(Ok(i), Err),
             None => Err("not supported by this faultd".to_string()),
         };
         let action_name = action.name();
