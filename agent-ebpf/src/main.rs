@@ -6,8 +6,12 @@
 //!
 //! Two cgroup/connect programs (IPv4, IPv6) refuse new TCP connections of a scope to the ports
 //! of a `reject` or `reset` fault with ECONNREFUSED, as a port nobody listens on does.
+//!
+//! The tc classifier for delay and bandwidth faults lives in `shape`.
 #![no_std]
 #![no_main]
+
+mod shape;
 
 use aya_ebpf::{
     helpers::{

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use faultd_proto::v1 as pb;
 
-use crate::dataplane::Dataplane;
-use crate::fault::Action;
+use crate::dataplane::{Dataplane, Shaper};
+use crate::fault::{Action, Mechanism};
 
 #[derive(Clone, Debug)]
 pub struct Capability {
@@ -95,6 +95,38 @@ impl Capabilities {
         }
     }
 
+    /// Adds delay and bandwidth: the mechanism the engine picks for a fault that leaves the
+    /// choice to it, given its shapers, or why none can apply the action.
+    pub fn add_shaping(&mut self, shapers: &[Box<dyn Shaper>]) {
+        let ms = std::time::Duration::from_millis;
+        let samples = [
+            ("delay", Action::delay(ms(1), ms(0), 0.0, None, "delay")),
+            ("bandwidth", Action::bandwidth(1, 0, None, "bandwidth")),
+        ];
+        for (name, action) in samples {
+            let Ok(action) = action else {
+                continue;
+            };
+            let mut reasons = Vec::new();
+            let chosen = Mechanism::PREFERENCE.into_iter().find(|mechanism| {
+                let why = match shapers.iter().find(|s| s.mechanism() == *mechanism) {
+                    Some(shaper) => shaper.unavailable(&action),
+                    None => Some("not supported by this faultd".to_string()),
+                };
+                if let Some(why) = &why {
+                    reasons.push(format!("{}: {why}", mechanism.name()));
+                }
+                why.is_none()
+            });
+            self.actions.push((
+                name,
+                chosen
+                    .map(Mechanism::name)
+                    .ok_or_else(|| reasons.join("; ")),
+            ));
+        }
+    }
+
     pub fn to_proto(&self) -> pb::CapabilitiesResponse {
         let not_yet = |action: &str| pb::ActionSupport {
             action: action.into(),
@@ -120,7 +152,11 @@ impl Capabilities {
                 },
             })
             .collect();
-        actions.extend([not_yet("delay"), not_yet("bandwidth")]);
+        for name in ["delay", "bandwidth"] {
+            if !self.actions.iter().any(|(listed, _)| *listed == name) {
+                actions.push(not_yet(name));
+            }
+        }
         pb::CapabilitiesResponse {
             kernel_release: self.kernel_release.clone(),
             cgroup_root: self.cgroup_root.clone(),

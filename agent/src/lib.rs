@@ -17,6 +17,7 @@ pub mod engine;
 pub mod events;
 pub mod fault;
 pub mod http;
+pub mod instance;
 pub mod lease;
 pub mod metrics;
 pub mod policy;

@@ -178,6 +178,7 @@ pub fn effects(fault: &FaultView) -> Vec<(&'static str, u64)> {
     vec![
         ("dropped", fault.counters.dropped),
         ("refused", fault.counters.refused),
+        ("delayed", fault.counters.delayed),
         ("reset", fault.connections_reset),
     ]
 }
@@ -272,7 +273,7 @@ impl Collector for EngineCollector {
         let mut family = encoder.encode_descriptor(
             "fault_packets_affected",
             "What a fault did, per fault and effect: packets dropped, connects refused, \
-             connections reset",
+             packets delayed, connections reset",
             None,
             counter.metric_type(),
         )?;

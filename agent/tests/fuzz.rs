@@ -283,6 +283,25 @@ fn fault() -> BoxedStrategy<pb::Fault> {
         prop_oneof![
             4 => percent().prop_map(|percent| pb::fault::Action::Drop(pb::Drop { percent })),
             1 => Just(pb::fault::Action::Reject(pb::Reject {})),
+            1 => (duration(), duration(), percent(), -1i32..4).prop_map(
+                |(latency, jitter, correlation, mechanism)| {
+                    pb::fault::Action::Delay(pb::Delay {
+                        latency: Some(latency),
+                        jitter: Some(jitter),
+                        correlation,
+                        mechanism,
+                    })
+                }
+            ),
+            1 => (any::<u64>(), any::<u64>(), -1i32..4).prop_map(
+                |(rate_bytes_per_sec, burst, mechanism)| {
+                    pb::fault::Action::Bandwidth(pb::Bandwidth {
+                        rate_bytes_per_sec,
+                        burst,
+                        mechanism,
+                    })
+                }
+            ),
             1 => proptest::option::of(prop_oneof![Just(0u64), 1u64..1_000_000, any::<u64>()])
                 .prop_map(|after_bytes| pb::fault::Action::Reset(pb::Reset { after_bytes })),
         ],

@@ -561,7 +561,7 @@ async fn metrics_show_faults_leases_codes_and_latencies() {
             faultd_common::Counters {
                 matched: 120,
                 dropped: 30,
-                refused: 0,
+                ..Default::default()
             },
         );
     }

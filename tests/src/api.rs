@@ -8,8 +8,9 @@ use faultd_proto::v1::inject_request::Lease as InjectLease;
 use faultd_proto::v1::lease_service_client::LeaseServiceClient;
 use faultd_proto::v1::target::Scope;
 use faultd_proto::v1::{
-    CgroupScope, Direction, Drop, Fault, GetFaultRequest, GrantRequest, InjectRequest, Lease,
-    ListFaultsRequest, ListLeasesRequest, PortRange, Protocol, Reject, Reset, Target,
+    Bandwidth, CgroupScope, Delay, Direction, Drop, Fault, GetFaultRequest, GrantRequest,
+    InjectRequest, Lease, ListFaultsRequest, ListLeasesRequest, Mechanism, PortRange, Protocol,
+    Reject, Reset, Target,
 };
 use tonic::transport::Channel;
 
@@ -61,6 +62,39 @@ pub fn reject_fault(target: Target) -> Fault {
 pub fn reset_fault(target: Target, after_bytes: Option<u64>) -> Fault {
     Fault {
         action: Some(Action::Reset(Reset { after_bytes })),
+        target: Some(target),
+        ..Default::default()
+    }
+}
+
+/// A delay fault: `latency` plus normal jitter of standard deviation `jitter`.
+pub fn delay_fault(
+    latency: Duration,
+    jitter: Duration,
+    correlation: f64,
+    mechanism: Mechanism,
+    target: Target,
+) -> Fault {
+    Fault {
+        action: Some(Action::Delay(Delay {
+            latency: Some(faultd::duration::to_proto(latency)),
+            jitter: Some(faultd::duration::to_proto(jitter)),
+            correlation,
+            mechanism: mechanism.into(),
+        })),
+        target: Some(target),
+        ..Default::default()
+    }
+}
+
+/// A bandwidth fault of `rate` bytes per second (burst 0: faultd's default).
+pub fn bandwidth_fault(rate: u64, burst: u64, target: Target) -> Fault {
+    Fault {
+        action: Some(Action::Bandwidth(Bandwidth {
+            rate_bytes_per_sec: rate,
+            burst,
+            mechanism: Mechanism::Unspecified.into(),
+        })),
         target: Some(target),
         ..Default::default()
     }

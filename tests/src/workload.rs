@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::cgroup::Cgroup;
 use crate::netns::NetNs;
-use crate::process::{blocking, describe, output, stop, wait_timeout};
+use crate::process::{ChildGuard, blocking, describe, output, stop, wait_timeout};
 use crate::servers::{POSTGRES_PORT, REDIS_PORT};
 
 /// Where clients run: a namespace and, for the workload itself, a cgroup.
@@ -59,6 +59,106 @@ impl Workload {
         let mut cmd = self.base();
         cmd.args(["--", program]);
         cmd
+    }
+
+    /// A long-lived process of the workload (`sleep`), as a running application would be:
+    /// mechanisms that act per network namespace find the workload's through it.
+    /// Returns once it runs in the cgroup and the namespace.
+    pub fn resident(&self) -> ChildGuard {
+        let mut cmd = self.command("sleep");
+        cmd.arg("600");
+        let resident = ChildGuard::spawn("resident sleep", &mut cmd);
+        // fd-probe execs sleep only after joining the cgroup and the namespace.
+        let comm = format!("/proc/{}/comm", resident.id());
+        let settled = crate::process::poll(Duration::from_secs(5), || {
+            (std::fs::read_to_string(&comm).ok()?.trim() == "sleep").then_some(())
+        });
+        assert!(
+            settled.is_some(),
+            "`{}` did not start within 5 s",
+            describe(&cmd)
+        );
+        resident
+    }
+
+    /// `redis-rtt`: `count` PINGs to Redis on 127.0.0.1 over one connection, `interval` apart,
+    /// each timed by the client itself.
+    pub fn redis_rtt(&self, count: u32, interval: Duration) -> RttRun {
+        self.redis_rtt_at("127.0.0.1", count, interval)
+    }
+
+    /// `redis_rtt` to Redis on `host` (e.g. `[::1]`).
+    pub fn redis_rtt_at(&self, host: &str, count: u32, interval: Duration) -> RttRun {
+        let mut cmd = self.base();
+        cmd.args(["redis-rtt", &format!("{host}:{REDIS_PORT}")])
+            .args(["--count", &count.to_string()])
+            .args(["--interval", &format!("{}us", interval.as_micros())]);
+        let out = output(&mut cmd);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "`{}` ({}) failed ({}): {stdout}{}",
+            describe(&cmd),
+            self.label,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        RttRun::parse(&stdout).unwrap_or_else(|| panic!("`{}` printed {stdout:?}", describe(&cmd)))
+    }
+
+    /// Starts `redis_rtt` in the background.
+    pub fn redis_rtt_spawn(&self, count: u32, interval: Duration) -> RttProbe {
+        let mut cmd = self.base();
+        cmd.args(["redis-rtt", &format!("127.0.0.1:{REDIS_PORT}")])
+            .args(["--count", &count.to_string()])
+            .args(["--interval", &format!("{}us", interval.as_micros())])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", describe(&cmd)));
+        RttProbe {
+            child: Some(child),
+            command: describe(&cmd),
+        }
+    }
+
+    /// SETs `key` to `bytes` bytes.
+    pub fn redis_set(&self, key: &str, bytes: usize) {
+        let mut cmd = self.base();
+        cmd.args(["redis-set", &format!("127.0.0.1:{REDIS_PORT}"), key])
+            .arg(bytes.to_string());
+        let out = output(&mut cmd);
+        assert!(
+            out.status.success(),
+            "`{}` failed ({}): {}{}",
+            describe(&cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// GETs `key` on a fresh connection; returns the bytes received and the seconds from the
+    /// request to the value's last byte.
+    pub fn redis_get(&self, key: &str) -> (u64, f64) {
+        let mut cmd = self.base();
+        cmd.args(["redis-get", &format!("127.0.0.1:{REDIS_PORT}"), key]);
+        let out = output(&mut cmd);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "`{}` ({}) failed ({}): {stdout}{}",
+            describe(&cmd),
+            self.label,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let seconds = stdout
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("seconds=")?.parse().ok())
+            .unwrap_or_else(|| panic!("no seconds=F in {stdout:?}"));
+        (field(&stdout, "bytes"), seconds)
     }
 
     /// `timeout 3 redis-cli -h 127.0.0.1 -p 6379 PING`.
@@ -215,6 +315,114 @@ impl std::fmt::Display for ClientRun {
             self.stdout.trim(),
             self.stderr.trim()
         )
+    }
+}
+
+/// One PING of `redis-rtt`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Ping {
+    /// Unix ns when it was sent.
+    pub at: i128,
+    /// Round trip in ms; None if it failed.
+    pub rtt_ms: Option<f64>,
+}
+
+/// What `redis-rtt` measured.
+#[derive(Clone, Debug)]
+pub struct RttRun {
+    /// How long connect() took, in ms.
+    pub connect_ms: f64,
+    pub pings: Vec<Ping>,
+}
+
+impl RttRun {
+    fn parse(text: &str) -> Option<RttRun> {
+        let mut lines = text.lines();
+        let connect_ms = lines
+            .next()?
+            .strip_prefix("connect ")?
+            .trim()
+            .parse::<f64>()
+            .ok()?
+            / 1e6;
+        let pings = lines
+            .map(|line| {
+                let mut fields = line.split_whitespace();
+                let at = fields.next()?.parse().ok()?;
+                let rtt = fields.next()?;
+                let rtt_ms = rtt.parse::<f64>().ok().map(|ns| ns / 1e6);
+                Some(Ping { at, rtt_ms })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(RttRun { connect_ms, pings })
+    }
+
+    /// Round trips of the PINGs that succeeded, in ms, in order.
+    pub fn rtts(&self) -> Vec<f64> {
+        self.pings.iter().filter_map(|p| p.rtt_ms).collect()
+    }
+
+    pub fn failures(&self) -> usize {
+        self.pings.iter().filter(|p| p.rtt_ms.is_none()).count()
+    }
+}
+
+/// A `redis-rtt` running in the background; killed if dropped unfinished.
+pub struct RttProbe {
+    child: Option<Child>,
+    command: String,
+}
+
+impl RttProbe {
+    pub fn finish(mut self) -> RttRun {
+        let child = self.child.take().expect("probe running");
+        let out = blocking(|| child.wait_with_output())
+            .unwrap_or_else(|e| panic!("waiting for `{}`: {e}", self.command));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "`{}` failed ({}): {stdout}{}",
+            self.command,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        RttRun::parse(&stdout).unwrap_or_else(|| panic!("`{}` printed {stdout:?}", self.command))
+    }
+}
+
+impl Drop for RttProbe {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop(&mut child, libc::SIGKILL, Duration::from_secs(5));
+        }
+    }
+}
+
+/// Order statistics of measurements.
+pub mod stats {
+    /// The `q`-quantile (0..=1) by nearest rank.
+    pub fn quantile(values: &[f64], q: f64) -> f64 {
+        assert!(!values.is_empty(), "no measurements");
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        sorted[rank - 1]
+    }
+
+    pub fn median(values: &[f64]) -> f64 {
+        quantile(values, 0.5)
+    }
+
+    pub fn mean(values: &[f64]) -> f64 {
+        values.iter().sum::<f64>() / values.len() as f64
+    }
+
+    /// Sample standard deviation.
+    pub fn stddev(values: &[f64]) -> f64 {
+        let mean = mean(values);
+        let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>()
+            / (values.len().saturating_sub(1).max(1)) as f64;
+        var.sqrt()
     }
 }
 

@@ -3,7 +3,11 @@
 //! - `setup`: installs what is missing, idempotently (Debian packages, bpf-linker).
 //! - `build`: builds the binaries (eBPF object included).
 //! - `run`: setup, release build, then runs faultd in the foreground with sane defaults.
-//! - `test`: setup, fmt and clippy, then the whole suite, privileged end-to-end tests included.
+//! - `test`: setup, fmt and clippy, then the whole suite, privileged end-to-end tests included,
+//!   and the kernel matrix.
+//! - `vm-test`: the kernel matrix alone (qemu guests with other kernels; see `vm.rs`).
+
+mod vm;
 
 use std::env;
 use std::io::{BufRead, BufReader};
@@ -74,6 +78,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Boot other kernels under qemu and run the delay, bandwidth and drop tests in them.
+    VmTest {
+        /// Only these kernels (5.10, 6.1, 6.12); all by default.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+        /// Arguments for the guest test program (test names to run).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,6 +97,13 @@ fn main() -> anyhow::Result<()> {
         Task::Build { release } => build(release),
         Task::Run { args } => run(&root, args),
         Task::Test { no_lint, args } => test(&root, no_lint, args),
+        Task::VmTest { kernels, args } => vm::vm_test(
+            &root,
+            &vm::Options {
+                kernels,
+                guest_args: args,
+            },
+        ),
     }
 }
 
@@ -260,7 +280,20 @@ fn test(root: &Path, no_lint: bool, args: Vec<String>) -> anyhow::Result<()> {
         );
     }
     cmd.args(args);
-    let totals = run_tests(&mut cmd)?;
+    let mut totals = run_tests(&mut cmd)?;
+    // The kernel matrix: each kernel's guest counts as one test.
+    if is_root() && vm::wanted() {
+        match vm::run_matrix(root, &vm::Options::default()) {
+            Ok(matrix) => {
+                totals.passed += matrix.passed;
+                totals.failed += matrix.failed;
+            }
+            Err(e) => {
+                eprintln!("xtask: the kernel matrix could not run: {e:#}");
+                totals.failed += 1;
+            }
+        }
+    }
     // One closing line for the whole workspace, whatever test binary happened to run last.
     println!("xtask: {} passed, {} failed", totals.passed, totals.failed);
     if totals.failed > 0 || !totals.success {

@@ -100,6 +100,71 @@ pub struct Counters {
     pub dropped: u64,
     /// Connects refused.
     pub refused: u64,
+    /// Packets held back by a delay or bandwidth fault.
+    pub delayed: u64,
+}
+
+/// Shaping (delay, bandwidth) at the tc egress hook: hash map `RuleKey` → `ShapeValue`.
+pub const SHAPES_MAP: &str = "FAULTD_SHAPES";
+/// Hash map `u64` cgroup id → `ScopeValue`: cgroups that have at least one shaping rule.
+pub const SHAPE_SCOPES_MAP: &str = "FAULTD_SHAPE_SCOPES";
+/// Per-CPU array indexed by `ShapeValue::counter_slot` → `Counters` (matched, delayed, and
+/// dropped by a full EDT rate backlog).
+pub const SHAPE_COUNTERS_MAP: &str = "FAULTD_SHAPE_COUNTERS";
+/// Array indexed by `ShapeValue::counter_slot` → `ShapeState` (EDT pacing and jitter state).
+pub const SHAPE_STATE_MAP: &str = "FAULTD_SHAPE_STATE";
+/// Array of `DIST_SIZE` `i32`: the inverse CDF of the standard normal distribution scaled by
+/// `DIST_SCALE` (the table netem takes as TCA_NETEM_DELAY_DIST), for EDT jitter.
+pub const SHAPE_DIST_MAP: &str = "FAULTD_SHAPE_DIST";
+/// Array of one `u64`: CLOCK_MONOTONIC time until which the agent is known to be alive. The
+/// classifier shapes nothing after it, so a killed agent's netlink-attached classifier (kernels
+/// without TCX keep it) stops within a second.
+pub const SHAPE_ALIVE_MAP: &str = "FAULTD_SHAPE_ALIVE";
+/// The tc egress classifier.
+pub const PROG_SHAPE: &str = "faultd_shape";
+
+/// `ShapeValue::mechanism`: steer the packet into the htb class `classid` (netem/htb leaf).
+pub const SHAPE_CLASS: u32 = 1;
+/// `ShapeValue::mechanism`: delay/pace by setting `skb->tstamp` (Earliest Departure Time), which
+/// the fq qdisc enforces.
+pub const SHAPE_EDT: u32 = 2;
+
+/// Entries of the distribution table and its scale (netem's NETEM_DIST_SCALE).
+pub const DIST_SIZE: u32 = 4096;
+pub const DIST_SCALE: i64 = 8192;
+
+/// How a fault shapes the packets it matches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ShapeValue {
+    /// CLOCK_MONOTONIC deadline, as `RuleValue::expires_at_ns`.
+    pub expires_at_ns: u64,
+    /// EDT: added delay and its spread (standard deviation of a normal distribution).
+    pub delay_ns: u64,
+    pub jitter_ns: u64,
+    /// EDT: bytes per second the matched traffic may leave at (0: unlimited).
+    pub rate_bytes_per_sec: u64,
+    /// EDT: longest queueing a packet may accumulate from the rate before it is dropped, as a
+    /// full bottleneck queue would (kept below fq's horizon).
+    pub max_backlog_ns: u64,
+    /// The htb class (`major << 16 | minor`) written to `skb->priority`: the fault's own
+    /// (SHAPE_CLASS) or the interface's fq class (SHAPE_EDT).
+    pub classid: u32,
+    pub mechanism: u32,
+    /// Correlation of successive jitter samples, scaled to 0..=u32::MAX.
+    pub correlation: u32,
+    pub counter_slot: u32,
+}
+
+/// EDT state of one fault, shared by all CPUs (updates race benignly: a lost update shifts one
+/// departure time by one packet's worth).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ShapeState {
+    /// Departure time of the last paced packet.
+    pub last_departure_ns: u64,
+    /// Last uniform random value, for correlated jitter.
+    pub last_random: u64,
 }
 
 #[cfg(feature = "user")]
@@ -109,6 +174,8 @@ mod pod {
     unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::ScopeValue {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::ShapeValue {}
+    unsafe impl aya::Pod for super::ShapeState {}
 }
 
 #[cfg(test)]
@@ -121,7 +188,9 @@ mod tests {
         assert_eq!(size_of::<RuleKey>(), 16);
         assert_eq!(size_of::<RuleValue>(), 24);
         assert_eq!(size_of::<ScopeValue>(), 8);
-        assert_eq!(size_of::<Counters>(), 24);
+        assert_eq!(size_of::<Counters>(), 32);
+        assert_eq!(size_of::<ShapeValue>(), 56);
+        assert_eq!(size_of::<ShapeState>(), 16);
     }
 
     fn bytes<T>(value: &T) -> &[u8] {

@@ -8,7 +8,7 @@ use crate::duration;
 use crate::engine::{FaultState, FaultView, LeaseRef, LeaseView, RevertReason};
 use crate::events::{EventKind, FaultEvent};
 use crate::fault::{
-    Action, Direction, FaultSpec, Invalid, Labels, PortRange, Protocol, Scope, Target,
+    Action, Direction, FaultSpec, Invalid, Labels, Mechanism, PortRange, Protocol, Scope, Target,
 };
 
 pub fn ttl(value: Option<&prost_types::Duration>, field: &str) -> Result<Duration, Invalid> {
@@ -40,6 +40,19 @@ pub fn fault_spec(fault: Option<pb::Fault>) -> Result<FaultSpec, Invalid> {
     let fault = fault.ok_or_else(|| Invalid::new("fault", "required"))?;
     let action = match fault.action {
         Some(pb::fault::Action::Drop(drop)) => Action::drop(drop.percent, "fault.drop.percent")?,
+        Some(pb::fault::Action::Delay(delay)) => Action::delay(
+            ttl(delay.latency.as_ref(), "fault.delay.latency")?,
+            optional_duration(delay.jitter.as_ref(), "fault.delay.jitter")?,
+            delay.correlation,
+            mechanism(delay.mechanism, "fault.delay.mechanism")?,
+            "fault.delay",
+        )?,
+        Some(pb::fault::Action::Bandwidth(bandwidth)) => Action::bandwidth(
+            bandwidth.rate_bytes_per_sec,
+            bandwidth.burst,
+            mechanism(bandwidth.mechanism, "fault.bandwidth.mechanism")?,
+            "fault.bandwidth",
+        )?,
         Some(pb::fault::Action::Reject(pb::Reject {})) => Action::Reject,
         Some(pb::fault::Action::Reset(reset)) => {
             Action::reset(reset.after_bytes, "fault.reset.after_bytes")?
@@ -47,7 +60,7 @@ pub fn fault_spec(fault: Option<pb::Fault>) -> Result<FaultSpec, Invalid> {
         None => {
             return Err(Invalid::new(
                 "fault",
-                "an action is required (drop, reject or reset)",
+                "an action is required (drop, delay, bandwidth, reject or reset)",
             ));
         }
     };
@@ -105,6 +118,35 @@ pub fn fault_spec(fault: Option<pb::Fault>) -> Result<FaultSpec, Invalid> {
     })
 }
 
+/// An unset duration is zero.
+fn optional_duration(
+    value: Option<&prost_types::Duration>,
+    field: &str,
+) -> Result<Duration, Invalid> {
+    value.map_or(Ok(Duration::ZERO), |value| ttl(Some(value), field))
+}
+
+/// None: the agent chooses.
+fn mechanism(value: i32, field: &str) -> Result<Option<Mechanism>, Invalid> {
+    match pb::Mechanism::try_from(value) {
+        Ok(pb::Mechanism::Unspecified) => Ok(None),
+        Ok(pb::Mechanism::Netem) => Ok(Some(Mechanism::Netem)),
+        Ok(pb::Mechanism::Edt) => Ok(Some(Mechanism::Edt)),
+        Ok(pb::Mechanism::Nfqueue) => Ok(Some(Mechanism::Nfqueue)),
+        Err(_) => Err(Invalid::new(field, format!("unknown value {value}"))),
+    }
+}
+
+fn mechanism_to_proto(mechanism: Option<Mechanism>) -> i32 {
+    match mechanism {
+        None => pb::Mechanism::Unspecified,
+        Some(Mechanism::Netem) => pb::Mechanism::Netem,
+        Some(Mechanism::Edt) => pb::Mechanism::Edt,
+        Some(Mechanism::Nfqueue) => pb::Mechanism::Nfqueue,
+    }
+    .into()
+}
+
 pub fn timestamp(time: SystemTime) -> prost_types::Timestamp {
     let since = time
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -123,6 +165,17 @@ pub fn fault(view: FaultView) -> pb::Fault {
     let spec = view.spec;
     let action = match spec.action {
         Action::Drop { percent } => pb::fault::Action::Drop(pb::Drop { percent }),
+        Action::Delay(delay) => pb::fault::Action::Delay(pb::Delay {
+            latency: Some(duration::to_proto(delay.latency)),
+            jitter: Some(duration::to_proto(delay.jitter)),
+            correlation: delay.correlation,
+            mechanism: mechanism_to_proto(delay.mechanism),
+        }),
+        Action::Bandwidth(bandwidth) => pb::fault::Action::Bandwidth(pb::Bandwidth {
+            rate_bytes_per_sec: bandwidth.rate_bytes_per_sec,
+            burst: bandwidth.burst,
+            mechanism: mechanism_to_proto(bandwidth.mechanism),
+        }),
         Action::Reject => pb::fault::Action::Reject(pb::Reject {}),
         Action::Reset { after_bytes } => pb::fault::Action::Reset(pb::Reset { after_bytes }),
     };
@@ -172,6 +225,7 @@ pub fn fault(view: FaultView) -> pb::Fault {
             dropped: view.counters.dropped,
             refused: view.counters.refused,
             reset: view.connections_reset,
+            delayed: view.counters.delayed,
         }),
         expires_at: Some(timestamp(view.expires_at)),
         remaining: Some(duration::to_proto(view.remaining)),
@@ -260,6 +314,71 @@ mod tests {
                 first: 6379,
                 last: 6379
             }]
+        );
+    }
+
+    fn with_action(action: pb::fault::Action) -> pb::Fault {
+        pb::Fault {
+            action: Some(action),
+            ..drop_fault(0.0)
+        }
+    }
+
+    #[test]
+    fn converts_delay_and_bandwidth_both_ways() {
+        let ms = |ms| Some(duration::to_proto(Duration::from_millis(ms)));
+        let delay = pb::Delay {
+            latency: ms(100),
+            jitter: ms(20),
+            correlation: 25.0,
+            mechanism: pb::Mechanism::Nfqueue.into(),
+        };
+        let spec = fault_spec(Some(with_action(pb::fault::Action::Delay(delay)))).unwrap();
+        let Action::Delay(domain) = &spec.action else {
+            panic!("not a delay: {spec:?}");
+        };
+        assert_eq!(domain.latency, Duration::from_millis(100));
+        assert_eq!(domain.jitter, Duration::from_millis(20));
+        assert_eq!(domain.mechanism, Some(Mechanism::Nfqueue));
+        assert_eq!(mechanism_to_proto(domain.mechanism), delay.mechanism);
+
+        let bandwidth = pb::Bandwidth {
+            rate_bytes_per_sec: 262_144,
+            burst: 0,
+            mechanism: 0,
+        };
+        let spec = fault_spec(Some(with_action(pb::fault::Action::Bandwidth(bandwidth)))).unwrap();
+        let Action::Bandwidth(domain) = &spec.action else {
+            panic!("not a bandwidth: {spec:?}");
+        };
+        assert_eq!(domain.burst, 2621, "the default burst is filled in");
+        assert_eq!(domain.mechanism, None);
+    }
+
+    #[test]
+    fn names_the_bad_delay_and_bandwidth_fields() {
+        let field = |action| fault_spec(Some(with_action(action))).unwrap_err().field;
+        let delay = pb::Delay {
+            latency: None,
+            ..Default::default()
+        };
+        assert_eq!(
+            field(pb::fault::Action::Delay(delay)),
+            "fault.delay.latency"
+        );
+        let delay = pb::Delay {
+            latency: Some(duration::to_proto(Duration::from_millis(5))),
+            mechanism: 42,
+            ..Default::default()
+        };
+        assert_eq!(
+            field(pb::fault::Action::Delay(delay)),
+            "fault.delay.mechanism"
+        );
+        let bandwidth = pb::Bandwidth::default();
+        assert_eq!(
+            field(pb::fault::Action::Bandwidth(bandwidth)),
+            "fault.bandwidth.rate_bytes_per_sec"
         );
     }
 

@@ -28,6 +28,7 @@ pub use self::fault::FaultApi;
 pub use self::lease::LeaseApi;
 use crate::audit::{AuditLog, Entry, Peer};
 use crate::caps::Capabilities;
+use crate::dataplane::DataplaneError;
 use crate::engine::{Engine, Error};
 use crate::fault::Invalid;
 use crate::metrics::Metrics;
@@ -41,7 +42,9 @@ impl From<Error> for Status {
             Error::NotFound { .. } => Status::not_found(message),
             Error::Conflict(_) => Status::already_exists(message),
             Error::Exhausted(_) => Status::resource_exhausted(message),
-            Error::Unsupported(_) => Status::failed_precondition(message),
+            Error::Unsupported(_) | Error::Dataplane(DataplaneError::Unsupported { .. }) => {
+                Status::failed_precondition(message)
+            }
             Error::Dataplane(_) => Status::internal(message),
         }
     }

@@ -141,6 +141,62 @@ enum InjectCommand {
     Reject(InjectArgs),
     /// Tear down the established TCP connections on the ports now and refuse new ones.
     Reset(ResetArgs),
+    /// Hold each matched packet for a latency (± jitter), keeping each flow's order.
+    Delay(DelayArgs),
+    /// Pace the matched packets to a rate.
+    Bandwidth(BandwidthArgs),
+}
+
+#[derive(Args, Debug)]
+struct DelayArgs {
+    #[command(flatten)]
+    common: InjectArgs,
+    /// Added delay, e.g. 100ms, 1.5s.
+    #[arg(long, value_name = "DURATION", value_parser = parse_latency)]
+    latency: Duration,
+    /// Standard deviation of a normally distributed extra delay, e.g. 20ms.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_jitter)]
+    jitter: Duration,
+    /// How much each packet's random part follows the previous one's, 0 to 100 (%).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_percent)]
+    correlation: f64,
+    #[arg(long, value_enum, default_value_t = MechanismArg::Auto)]
+    mechanism: MechanismArg,
+}
+
+#[derive(Args, Debug)]
+struct BandwidthArgs {
+    #[command(flatten)]
+    common: InjectArgs,
+    /// Rate per direction, e.g. 256KiB/s, 1MB/s, 10mbit (bytes unless the unit says bit).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    rate: u64,
+    /// Bytes that may pass at once after a pause, e.g. 32KiB (default: 10 ms at the rate).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    burst: Option<u64>,
+    #[arg(long, value_enum, default_value_t = MechanismArg::Auto)]
+    mechanism: MechanismArg,
+}
+
+/// How faultd applies a delay or bandwidth fault; `auto` lets it choose.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum MechanismArg {
+    Auto,
+    Netem,
+    Edt,
+    Nfqueue,
+}
+
+impl MechanismArg {
+    fn to_proto(self) -> i32 {
+        match self {
+            Self::Auto => pb::Mechanism::Unspecified,
+            Self::Netem => pb::Mechanism::Netem,
+            Self::Edt => pb::Mechanism::Edt,
+            Self::Nfqueue => pb::Mechanism::Nfqueue,
+        }
+        .into()
+    }
 }
 
 #[derive(Args, Debug)]
@@ -327,6 +383,65 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
         Ok(_) => Err("a ttl must be longer than zero, e.g. --ttl 30s".into()),
         Err(why) => Err(format!("{why}; write e.g. --ttl 30s, 500ms, 2m or 1m30s")),
     }
+}
+
+fn parse_latency(text: &str) -> Result<Duration, String> {
+    match duration::parse(text) {
+        Ok(latency) if !latency.is_zero() => Ok(latency),
+        Ok(_) => Err("a delay must be longer than zero, e.g. --latency 100ms".into()),
+        Err(why) => Err(format!("{why}; write e.g. --latency 100ms or 1.5s")),
+    }
+}
+
+fn parse_jitter(text: &str) -> Result<Duration, String> {
+    duration::parse(text).map_err(|why| format!("{why}; write e.g. --jitter 20ms"))
+}
+
+/// `NUMBER[UNIT]`: bytes, or bits when the unit says so. Returns bytes.
+fn parse_quantity(text: &str, bits_allowed: bool) -> Option<u64> {
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let bytes = match unit.trim() {
+        "" | "B" => 1.0,
+        "kB" | "KB" => 1e3,
+        "KiB" => 1024.0,
+        "MB" => 1e6,
+        "MiB" => 1024.0 * 1024.0,
+        "GB" => 1e9,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        bits if bits_allowed => match bits.to_ascii_lowercase().as_str() {
+            "bit" => 1.0 / 8.0,
+            "kbit" => 1e3 / 8.0,
+            "mbit" => 1e6 / 8.0,
+            "gbit" => 1e9 / 8.0,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let value = (number * bytes).round();
+    (value.is_finite() && value >= 1.0 && value < u64::MAX as f64).then_some(value as u64)
+}
+
+/// A rate in bytes per second: `256KiB/s`, `1MB/s`, `10mbit`, `5000` (bytes/s).
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let unit = trimmed.strip_suffix("/s").unwrap_or(trimmed);
+    parse_quantity(unit, true).ok_or_else(|| {
+        format!(
+            "{text:?} is not a rate: write e.g. --rate 256KiB/s, 1MB/s or 10mbit \
+             (B, KB, KiB, MB, MiB, GB, GiB per second, or bit, kbit, mbit, gbit)"
+        )
+    })
+}
+
+/// A size in bytes: `32KiB`, `1500`, `1MB`.
+fn parse_size(text: &str) -> Result<u64, String> {
+    parse_quantity(text.trim(), false).ok_or_else(|| {
+        format!("{text:?} is not a size: write e.g. --burst 32KiB or 1500 (B, KB, KiB, MB, MiB)")
+    })
 }
 
 fn parse_percent(text: &str) -> Result<f64, String> {
@@ -695,6 +810,8 @@ impl InjectCommand {
             Self::Drop(args) => &args.common,
             Self::Reject(args) => args,
             Self::Reset(args) => &args.common,
+            Self::Delay(args) => &args.common,
+            Self::Bandwidth(args) => &args.common,
         }
     }
 
@@ -711,6 +828,23 @@ impl InjectCommand {
                 args.common,
                 fault::Action::Reset(pb::Reset {
                     after_bytes: args.after_bytes,
+                }),
+            ),
+            Self::Delay(args) => (
+                args.common,
+                fault::Action::Delay(pb::Delay {
+                    latency: Some(duration::to_proto(args.latency)),
+                    jitter: Some(duration::to_proto(args.jitter)),
+                    correlation: args.correlation,
+                    mechanism: args.mechanism.to_proto(),
+                }),
+            ),
+            Self::Bandwidth(args) => (
+                args.common,
+                fault::Action::Bandwidth(pb::Bandwidth {
+                    rate_bytes_per_sec: args.rate,
+                    burst: args.burst.unwrap_or(0),
+                    mechanism: args.mechanism.to_proto(),
                 }),
             ),
         }
@@ -1107,8 +1241,34 @@ fn action_text(action: Option<&fault::Action>) -> String {
             Some(bytes) => format!("reset after {bytes} bytes"),
             None => "reset".into(),
         },
+        Some(fault::Action::Delay(delay)) => {
+            let mut text = format!("delay {}", remaining_text(delay.latency.as_ref()));
+            let jitter = delay.jitter.as_ref().and_then(duration::from_proto);
+            if jitter.is_some_and(|jitter| !jitter.is_zero()) {
+                text.push_str(&format!(" ±{}", remaining_text(delay.jitter.as_ref())));
+            }
+            if delay.correlation > 0.0 {
+                text.push_str(&format!(" {}% correlated", delay.correlation));
+            }
+            text
+        }
+        Some(fault::Action::Bandwidth(bandwidth)) => format!(
+            "bandwidth {}/s burst {}",
+            bytes_text(bandwidth.rate_bytes_per_sec),
+            bytes_text(bandwidth.burst)
+        ),
         None => "no action".into(),
     }
+}
+
+/// Bytes in the largest binary unit that divides them exactly, e.g. `256KiB`, `2621B`.
+fn bytes_text(bytes: u64) -> String {
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= size && bytes.is_multiple_of(size) {
+            return format!("{}{unit}", bytes / size);
+        }
+    }
+    format!("{bytes}B")
 }
 
 /// e.g. `drop 100% tcp+udp both ports 6379 cgroup /app`.
@@ -1264,13 +1424,17 @@ fn event_json(event: &FaultEvent) -> Value {
 
 fn removed_text(fault: &Fault) -> String {
     let counters = fault.counters.unwrap_or_default();
-    format!(
+    let mut text = format!(
         "removed fault {} ({}); matched {}, dropped {}",
         fault.id,
         fault_summary(fault),
         counters.matched,
         counters.dropped
-    )
+    );
+    if counters.delayed > 0 {
+        text.push_str(&format!(", delayed {}", counters.delayed));
+    }
+    text
 }
 
 /// Aligned `key  value` lines.
@@ -1334,12 +1498,24 @@ fn fault_table(faults: &[Fault]) -> String {
                 counters.dropped.to_string(),
                 counters.refused.to_string(),
                 counters.reset.to_string(),
+                counters.delayed.to_string(),
+                fault.mechanism.clone(),
             ]
         })
         .collect();
     table(
         &[
-            "ID", "LEASE", "ACTION", "TARGET", "LEFT", "MATCHED", "DROPPED", "REFUSED", "RESET",
+            "ID",
+            "LEASE",
+            "ACTION",
+            "TARGET",
+            "LEFT",
+            "MATCHED",
+            "DROPPED",
+            "REFUSED",
+            "RESET",
+            "DELAYED",
+            "MECHANISM",
         ],
         &rows,
     )
@@ -1376,6 +1552,7 @@ fn fault_detail(fault: &Fault) -> String {
         ("dropped", counters.dropped.to_string()),
         ("refused", counters.refused.to_string()),
         ("reset", counters.reset.to_string()),
+        ("delayed", counters.delayed.to_string()),
     ])
 }
 
@@ -1500,6 +1677,13 @@ fn object(members: Vec<(&str, Value)>) -> Value {
     Value::Object(map)
 }
 
+fn mechanism_json(mechanism: i32) -> Value {
+    let name = pb::Mechanism::try_from(mechanism)
+        .ok()
+        .map(|m| m.as_str_name());
+    enum_json(name, mechanism)
+}
+
 fn target_json(target: &Target) -> Value {
     let (scope_name, scope) = match &target.scope {
         Some(target::Scope::Host(_)) => ("host", json!({})),
@@ -1542,6 +1726,23 @@ fn fault_json(fault: &Fault) -> Value {
                 None => json!({}),
             },
         ),
+        Some(fault::Action::Delay(delay)) => (
+            "delay",
+            object(vec![
+                ("latency", duration_json(delay.latency.as_ref())),
+                ("jitter", duration_json(delay.jitter.as_ref())),
+                ("correlation", json!(delay.correlation)),
+                ("mechanism", mechanism_json(delay.mechanism)),
+            ]),
+        ),
+        Some(fault::Action::Bandwidth(bandwidth)) => (
+            "bandwidth",
+            json!({
+                "rateBytesPerSec": bandwidth.rate_bytes_per_sec,
+                "burst": bandwidth.burst,
+                "mechanism": mechanism_json(bandwidth.mechanism),
+            }),
+        ),
         None => ("action", Value::Null),
     };
     let state = FaultState::try_from(fault.state)
@@ -1558,7 +1759,7 @@ fn fault_json(fault: &Fault) -> Value {
             "counters",
             fault.counters.map_or(Value::Null, |c| {
                 json!({ "matched": c.matched, "dropped": c.dropped, "refused": c.refused,
-                    "reset": c.reset })
+                    "reset": c.reset, "delayed": c.delayed })
             }),
         ),
         ("expiresAt", timestamp_json(fault.expires_at.as_ref())),
@@ -1764,6 +1965,123 @@ mod tests {
             ..Fault::default()
         };
         assert_eq!(fault_summary(&fault), "drop 12.5% udp both all ports host");
+    }
+
+    fn inject_command(line: &str) -> Result<InjectCommand, clap::Error> {
+        let argv = "faultctl inject"
+            .split_whitespace()
+            .chain(line.split_whitespace());
+        match Cli::try_parse_from(argv)?.command {
+            Command::Inject(command) => Ok(command),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn delay_takes_human_durations_and_a_mechanism() {
+        let command = inject_command(
+            "delay --cgroup /app --port 6379 --latency 100ms --jitter 20ms --correlation 25 \
+             --mechanism nfqueue --ttl 30s",
+        )
+        .expect("parses");
+        let (_, action) = command.into_parts();
+        let Some(fault::Action::Delay(delay)) = Some(action) else {
+            panic!("not a delay");
+        };
+        assert_eq!(
+            delay.latency,
+            Some(duration::to_proto(Duration::from_millis(100)))
+        );
+        assert_eq!(
+            delay.jitter,
+            Some(duration::to_proto(Duration::from_millis(20)))
+        );
+        assert_eq!(delay.correlation, 25.0);
+        assert_eq!(delay.mechanism, pb::Mechanism::Nfqueue as i32);
+
+        let command = inject_command("delay --host --port 1 --latency 1.5s --ttl 1s").unwrap();
+        let Some(fault::Action::Delay(delay)) = Some(command.into_parts().1) else {
+            panic!("not a delay");
+        };
+        assert_eq!(delay.mechanism, pb::Mechanism::Unspecified as i32, "auto");
+        assert_eq!(delay.correlation, 0.0);
+        for bad in [
+            "delay --host --port 1 --ttl 1s",
+            "delay --host --port 1 --ttl 1s --latency 0s",
+            "delay --host --port 1 --ttl 1s --latency soon",
+            "delay --host --port 1 --ttl 1s --latency 1s --correlation 101",
+            "delay --host --port 1 --ttl 1s --latency 1s --mechanism tc",
+        ] {
+            assert!(inject_command(bad).is_err(), "{bad} should not parse");
+        }
+    }
+
+    #[test]
+    fn rates_and_sizes_accept_human_units() {
+        assert_eq!(parse_rate("256KiB/s"), Ok(262_144));
+        assert_eq!(parse_rate("1MB/s"), Ok(1_000_000));
+        assert_eq!(parse_rate("1.5MiB/s"), Ok(1_572_864));
+        assert_eq!(parse_rate("10mbit"), Ok(1_250_000));
+        assert_eq!(parse_rate("8kbit/s"), Ok(1000));
+        assert_eq!(parse_rate("5000"), Ok(5000));
+        for bad in ["", "fast", "0", "-5KiB/s", "10 parsecs", "1KiB/h"] {
+            let why = parse_rate(bad).expect_err(bad);
+            assert!(why.contains("--rate 256KiB/s"), "{bad}: {why}");
+        }
+        assert_eq!(parse_size("32KiB"), Ok(32_768));
+        assert_eq!(parse_size("1500"), Ok(1500));
+        assert!(parse_size("8kbit").is_err(), "a size is in bytes");
+
+        let command =
+            inject_command("bandwidth --cgroup /app --port 6379 --rate 256KiB/s --ttl 10s")
+                .unwrap();
+        let Some(fault::Action::Bandwidth(bandwidth)) = Some(command.into_parts().1) else {
+            panic!("not a bandwidth");
+        };
+        assert_eq!(
+            (bandwidth.rate_bytes_per_sec, bandwidth.burst),
+            (262_144, 0)
+        );
+        assert!(inject_command("bandwidth --host --port 1 --ttl 1s").is_err());
+    }
+
+    #[test]
+    fn delay_and_bandwidth_read_like_the_flags() {
+        let ms = |ms| Some(duration::to_proto(Duration::from_millis(ms)));
+        let delay = fault::Action::Delay(pb::Delay {
+            latency: ms(100),
+            jitter: ms(20),
+            correlation: 25.0,
+            mechanism: 0,
+        });
+        assert_eq!(
+            action_text(Some(&delay)),
+            "delay 100ms ±20ms 25% correlated"
+        );
+        let fixed = fault::Action::Delay(pb::Delay {
+            latency: ms(50),
+            jitter: ms(0),
+            ..Default::default()
+        });
+        assert_eq!(action_text(Some(&fixed)), "delay 50ms");
+        let bandwidth = fault::Action::Bandwidth(pb::Bandwidth {
+            rate_bytes_per_sec: 262_144,
+            burst: 2621,
+            mechanism: 0,
+        });
+        assert_eq!(
+            action_text(Some(&bandwidth)),
+            "bandwidth 256KiB/s burst 2621B"
+        );
+        let fault = Fault {
+            action: Some(delay),
+            mechanism: "nfqueue".into(),
+            ..Fault::default()
+        };
+        let json = fault_json(&fault);
+        assert_eq!(json["delay"]["latency"], "0.100s");
+        assert_eq!(json["delay"]["mechanism"], "MECHANISM_UNSPECIFIED");
+        assert_eq!(json["mechanism"], "nfqueue");
     }
 
     #[test]

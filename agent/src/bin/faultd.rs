@@ -14,9 +14,13 @@ use clap::Parser;
 use faultd::api::{Listener, Services};
 use faultd::audit::{AuditLog, Entry, Peer};
 use faultd::caps::Capabilities;
+use faultd::caps::Capability;
 use faultd::config::{Config, LogFormat};
+use faultd::dataplane::Shaper;
 use faultd::dataplane::cgroup_skb::CgroupSkbDataplane;
+use faultd::dataplane::nfqueue::{self, NfqueueShaper};
 use faultd::engine::{Engine, EngineConfig};
+use faultd::instance::Instance;
 use faultd::policy::Policy;
 use faultd::target::CgroupRoot;
 use serde_json::json;
@@ -69,17 +73,29 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || CgroupSkbDataplane::load(faultd::EBPF_OBJECT, &root))
             .await
             .context("loading the datapath")?;
-    let caps = Capabilities::probe(
+    let mut caps = Capabilities::probe(
         cgroup_root.path(),
         dataplane
             .as_ref()
             .map(|d| d as &dyn faultd::dataplane::Dataplane)
             .map_err(|e| e.to_string()),
     );
+    let dataplane = dataplane.context("faultd cannot apply faults without its datapath")?;
+
+    // What it leaves outside its process (netfilter chains) carries this id.
+    let instance = Instance::register().context("registering this agent's instance id")?;
+    fs::write(config.state_dir.join("instance"), instance.id())?;
+    let shapers = shapers(&instance, &cgroup_root, &config.state_dir, &mut caps).await?;
+    caps.add_shaping(&shapers);
     for c in &caps.items {
         tracing::info!(capability = c.name, available = c.available, detail = %c.detail, "probe");
     }
-    let dataplane = dataplane.context("faultd cannot apply faults without its datapath")?;
+    for (action, mechanism) in &caps.actions {
+        match mechanism {
+            Ok(mechanism) => tracing::info!(action, mechanism, "action available"),
+            Err(why) => tracing::warn!(action, %why, "action unavailable"),
+        }
+    }
 
     let listener = bind(&config.socket, config.socket_group.as_deref()).await?;
     let mut own_ports = Vec::new();
@@ -117,8 +133,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     policy.protect_own_ports(&own_ports);
     tracing::info!(policy = %policy.summary(), "policy");
-    let engine = Engine::new(
+    let engine = Engine::with_shapers(
         Box::new(dataplane),
+        shapers,
         Box::new(cgroup_root),
         EngineConfig { policy },
     );
@@ -186,8 +203,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    // Anything injected while connections drained goes too.
-    let (faults, leases) = engine.shutdown();
+    // Anything injected while connections drained goes too, and the mechanisms finish their
+    // clean-up (netfilter rules) before we exit.
+    let (faults, leases) = engine.close();
     if !faults.is_empty() || !leases.is_empty() {
         tracing::info!(
             faults = faults.len(),
@@ -203,6 +221,52 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "removing the socket");
     }
     served.map_err(|e| anyhow::anyhow!("serving the API: {e}"))
+}
+
+/// The delay and bandwidth mechanisms, in the engine's order of preference, after probing the
+/// kernel for each (reported in `caps`). NFQUEUE sweeps rules of dead agents as it starts.
+async fn shapers(
+    instance: &Instance,
+    cgroup_root: &CgroupRoot,
+    state_dir: &Path,
+    caps: &mut Capabilities,
+) -> anyhow::Result<Vec<Box<dyn Shaper>>> {
+    // netem and EDT: probed by building what they need (htb, a class, its netem or fq leaf)
+    // on the loopback device of a private namespace; a killed predecessor's qdiscs and filters
+    // are swept as the classifier loads.
+    let (tc_shapers, found) =
+        tokio::task::spawn_blocking(|| faultd::dataplane::shape::tc_shapers(faultd::EBPF_OBJECT))
+            .await?;
+    for (name, outcome) in found {
+        caps.items.push(Capability {
+            name,
+            available: outcome.is_ok(),
+            detail: outcome.unwrap_or_else(|why| why),
+        });
+    }
+    let id = instance.id().to_owned();
+    let probe = tokio::task::spawn_blocking(move || nfqueue::probe(&id)).await?;
+    caps.items.push(Capability::outcome(
+        "nfqueue",
+        probe
+            .families
+            .as_ref()
+            .map(drop)
+            .map_err(|_| probe.detail.clone()),
+        &probe.detail,
+    ));
+    let (id, root, dir) = (
+        instance.id().to_owned(),
+        cgroup_root.path().to_path_buf(),
+        state_dir.to_path_buf(),
+    );
+    let nfqueue =
+        tokio::task::spawn_blocking(move || NfqueueShaper::start(&id, &root, &dir, probe.families))
+            .await?
+            .context("starting the NFQUEUE mechanism")?;
+    let mut shapers: Vec<Box<dyn Shaper>> = tc_shapers;
+    shapers.push(Box::new(nfqueue));
+    Ok(shapers)
 }
 
 /// Takes the state directory's lock, held for the life of the process.

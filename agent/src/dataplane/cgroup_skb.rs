@@ -34,9 +34,7 @@ pub struct CgroupSkbDataplane {
     _ebpf: Ebpf,
 }
 
-/// `BPF_EXIST` (uapi linux/bpf.h): update an entry only if it exists, so a refresh racing a
-/// removal cannot bring the entry back.
-const BPF_EXIST: u64 = 2;
+use super::BPF_EXIST;
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
     move |e| DataplaneError::Map {
@@ -196,6 +194,7 @@ impl Dataplane for CgroupSkbDataplane {
             matched: sum.matched + c.matched,
             dropped: sum.dropped + c.dropped,
             refused: sum.refused + c.refused,
+            delayed: sum.delayed + c.delayed,
         }))
     }
 
@@ -229,6 +228,9 @@ impl Dataplane for CgroupSkbDataplane {
                     .clone()
                     .map(|()| "sock_diag+cgroup_connect")
                     .map_err(|e| format!("cgroup/connect programs: {e}"))
+            }
+            Action::Delay(_) | Action::Bandwidth(_) => {
+                Err("delay and bandwidth are applied by a shaping mechanism".into())
             }
         }
     }
@@ -280,7 +282,7 @@ fn attach_connect(ebpf: &mut Ebpf, root: &File) -> Result<(), DataplaneError> {
 }
 
 /// The verifier log is the useful part of a load failure.
-fn verifier_detail(e: &aya::programs::ProgramError) -> String {
+pub(crate) fn verifier_detail(e: &aya::programs::ProgramError) -> String {
     match e {
         aya::programs::ProgramError::LoadError {
             io_error,

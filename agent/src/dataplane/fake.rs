@@ -1,12 +1,12 @@
-//! An in-memory `Dataplane` for tests of the logic above the kernel.
+//! An in-memory `Dataplane` and `Shaper` for tests of the logic above the kernel.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use faultd_common::{Counters, RuleKey, RuleValue};
 
-use super::{ConnectionKiller, Dataplane, DataplaneError, SocketFilter};
-use crate::fault::Action;
+use super::{ConnectionKiller, Dataplane, DataplaneError, Shaped, Shaper, SocketFilter};
+use crate::fault::{Action, FaultId, Mechanism};
 
 #[derive(Default)]
 pub struct FakeState {
@@ -99,5 +99,95 @@ impl Dataplane for FakeDataplane {
             state.destroyed.push(filter.clone());
             Ok(state.sockets_per_destroy)
         })
+    }
+}
+
+/// A fault as the fake shaper holds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FakeShape {
+    pub action: Action,
+    pub keys: Vec<RuleKey>,
+    pub expires_at_ns: u64,
+}
+
+#[derive(Default)]
+pub struct FakeShapes {
+    pub faults: HashMap<FaultId, FakeShape>,
+    pub counters: HashMap<FaultId, Counters>,
+    /// Fail the next apply.
+    pub fail_apply: bool,
+}
+
+/// Clones share one state, like `FakeDataplane`.
+#[derive(Clone)]
+pub struct FakeShaper {
+    pub mechanism: Mechanism,
+    /// Some(reason): the mechanism is missing on this "host".
+    pub missing: Option<String>,
+    pub state: Arc<Mutex<FakeShapes>>,
+}
+
+impl FakeShaper {
+    pub fn new(mechanism: Mechanism, missing: Option<&str>) -> Self {
+        Self {
+            mechanism,
+            missing: missing.map(str::to_owned),
+            state: Arc::default(),
+        }
+    }
+
+    pub fn faults(&self) -> HashMap<FaultId, FakeShape> {
+        self.lock().faults.clone()
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, FakeShapes> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Shaper for FakeShaper {
+    fn mechanism(&self) -> Mechanism {
+        self.mechanism
+    }
+
+    fn unavailable(&self, _action: &Action) -> Option<String> {
+        self.missing.clone()
+    }
+
+    fn apply(&mut self, fault: &Shaped<'_>) -> Result<(), DataplaneError> {
+        let mut state = self.lock();
+        if std::mem::take(&mut state.fail_apply) {
+            return Err(DataplaneError::Shaper {
+                mechanism: self.mechanism.name(),
+                reason: "injected failure".into(),
+            });
+        }
+        state.faults.insert(
+            fault.id.clone(),
+            FakeShape {
+                action: fault.action.clone(),
+                keys: fault.keys.to_vec(),
+                expires_at_ns: fault.expires_at_ns,
+            },
+        );
+        Ok(())
+    }
+
+    fn refresh(&mut self, id: &str, expires_at_ns: u64) -> Result<(), DataplaneError> {
+        if let Some(fault) = self.lock().faults.get_mut(id) {
+            fault.expires_at_ns = expires_at_ns;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, id: &str) -> Result<(), DataplaneError> {
+        self.lock().faults.remove(id);
+        Ok(())
+    }
+
+    fn counters(&self, id: &str) -> Result<Counters, DataplaneError> {
+        Ok(self.lock().counters.get(id).copied().unwrap_or_default())
     }
 }

@@ -1,13 +1,22 @@
-//! Kernel mechanisms, one file each. The engine talks to them through `Dataplane`; unit tests of
-//! the engine use `fake::FakeDataplane`.
+//! Kernel mechanisms, one file each. The engine talks to the cgroup_skb datapath through
+//! `Dataplane` and to the mechanisms that delay and pace packets through `Shaper`; unit tests of
+//! the engine use `fake::FakeDataplane` and `fake::FakeShaper`.
 
 pub mod cgroup_skb;
+pub mod edt;
 pub mod fake;
+pub mod netem;
+pub mod netfilter;
+pub mod nfqueue;
+pub mod qdisc_probe;
+pub mod rtnl;
+pub mod shape;
 pub mod sock_diag;
 
 use faultd_common::{Counters, RuleKey, RuleValue};
 
-use crate::fault::Action;
+use crate::fault::{Action, FaultId, Mechanism, Target};
+use crate::target::ResolvedScope;
 pub use sock_diag::SocketFilter;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,9 +35,28 @@ pub enum DataplaneError {
     },
     #[error("updating BPF map {map}: {reason}")]
     Map { map: &'static str, reason: String },
+    #[error("traffic control: {0}")]
+    Tc(String),
+    /// The mechanism cannot apply this fault here (FAILED_PRECONDITION, like a missing
+    /// mechanism), e.g. a cgroup path NFQUEUE cannot express.
+    #[error("{mechanism}: {reason}")]
+    Unsupported {
+        mechanism: &'static str,
+        reason: String,
+    },
+    /// A shaping mechanism could not apply or revert a fault.
+    #[error("{mechanism}: {reason}")]
+    Shaper {
+        mechanism: &'static str,
+        reason: String,
+    },
     #[error("resetting connections: {0}")]
     SockDiag(#[from] sock_diag::SockDiagError),
 }
+
+/// `BPF_EXIST` (uapi linux/bpf.h): update an entry only if it exists, so a refresh racing a
+/// removal cannot bring the entry back.
+pub(crate) const BPF_EXIST: u64 = 2;
 
 /// A datapath keyed by `RuleKey`.
 pub trait Dataplane: Send {
@@ -56,3 +84,80 @@ pub trait Dataplane: Send {
 
 pub type ConnectionKiller =
     std::sync::Arc<dyn Fn(&SocketFilter) -> Result<usize, DataplaneError> + Send + Sync>;
+
+/// One delay or bandwidth fault, as a shaping mechanism receives it.
+#[derive(Clone, Copy, Debug)]
+pub struct Shaped<'a> {
+    pub id: &'a FaultId,
+    /// `Action::Delay` or `Action::Bandwidth`.
+    pub action: &'a Action,
+    pub target: &'a Target,
+    pub resolved: &'a ResolvedScope,
+    /// The target's keys in the scope (as the cgroup_skb datapath would store them).
+    pub keys: &'a [RuleKey],
+    /// The fault's slot in the per-CPU counters map, for mechanisms that count in BPF.
+    pub slot: u32,
+    /// The lease deadline, CLOCK_MONOTONIC ns (`bpf_ktime_get_ns`): the mechanism stops
+    /// delaying at this instant by itself, even if the agent cannot remove the fault in time.
+    pub expires_at_ns: u64,
+}
+
+/// A mechanism that delays or paces the packets of a fault: netem, EDT or NFQUEUE. The engine
+/// picks one per fault (the user's choice, else the first available in
+/// `Mechanism::PREFERENCE`), and calls it under its lock, so calls never overlap.
+pub trait Shaper: Send {
+    fn mechanism(&self) -> Mechanism;
+    /// Why this mechanism cannot apply `action` on this host, or None if it can. The reason
+    /// names what is missing (it is shown as FAILED_PRECONDITION).
+    fn unavailable(&self, action: &Action) -> Option<String>;
+    /// Like `unavailable`, for this target (e.g. a mechanism that shapes egress only).
+    fn unavailable_for(&self, action: &Action, _target: &Target) -> Option<String> {
+        self.unavailable(action)
+    }
+    /// Applies the fault, all or nothing. May block (netlink, exec of iptables).
+    fn apply(&mut self, fault: &Shaped<'_>) -> Result<(), DataplaneError>;
+    /// Moves the fault's deadline (a renewed lease).
+    fn refresh(&mut self, id: &str, expires_at_ns: u64) -> Result<(), DataplaneError>;
+    /// Stops delaying at once and takes the fault out; unknown ids are ignored. Must not block
+    /// for long (it runs on lease expiry): slow clean-up may finish in the background.
+    fn remove(&mut self, id: &str) -> Result<(), DataplaneError>;
+    fn counters(&self, id: &str) -> Result<Counters, DataplaneError>;
+    /// Waits until background clean-up of removed faults is done (at shutdown).
+    fn flush(&mut self) {}
+}
+
+/// A mechanism this host (or this build) lacks. It stands in the engine's list so that a user
+/// who forces it learns what is missing, e.g. "the kernel has no sch_netem".
+pub struct MissingShaper {
+    pub mechanism: Mechanism,
+    pub reason: String,
+}
+
+impl Shaper for MissingShaper {
+    fn mechanism(&self) -> Mechanism {
+        self.mechanism
+    }
+
+    fn unavailable(&self, _action: &Action) -> Option<String> {
+        Some(self.reason.clone())
+    }
+
+    fn apply(&mut self, _fault: &Shaped<'_>) -> Result<(), DataplaneError> {
+        Err(DataplaneError::Shaper {
+            mechanism: self.mechanism.name(),
+            reason: self.reason.clone(),
+        })
+    }
+
+    fn refresh(&mut self, _id: &str, _expires_at_ns: u64) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+
+    fn remove(&mut self, _id: &str) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+
+    fn counters(&self, _id: &str) -> Result<Counters, DataplaneError> {
+        Ok(Counters::default())
+    }
+}

@@ -14,9 +14,9 @@ use faultd_common::{
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::dataplane::{Dataplane, DataplaneError, SocketFilter};
+use crate::dataplane::{Dataplane, DataplaneError, Shaped, Shaper, SocketFilter};
 use crate::events::{EventKind, Events};
-use crate::fault::{Action, FaultId, FaultSpec, Invalid, Labels, LeaseId};
+use crate::fault::{Action, FaultId, FaultSpec, Invalid, Labels, LeaseId, Mechanism, Target};
 use crate::lease::{Lease, LeaseTable};
 use crate::metrics::Metrics;
 use crate::policy::{Denied, Policy};
@@ -35,7 +35,7 @@ pub enum Error {
     Conflict(String),
     #[error("{0}")]
     Exhausted(String),
-    /// The kernel lacks what the action needs.
+    /// The kernel lacks what the action needs (a mechanism, a qdisc, a netfilter target).
     #[error("{0}")]
     Unsupported(String),
     #[error(transparent)]
@@ -126,6 +126,9 @@ struct FaultRecord {
     connections_reset: Arc<AtomicU64>,
     /// Dropping it stops the `reset{after_bytes}` watcher.
     watcher: Option<reset::ResetWatcher>,
+    /// Index into `State::shapers` for delay and bandwidth faults; None for the cgroup_skb
+    /// datapath's faults, whose keys are in the kernel map.
+    shaper: Option<usize>,
     /// The policy's max_fault_duration after it was applied: it ends then even if its lease
     /// lives on.
     ends_at: Instant,
@@ -140,8 +143,12 @@ struct State {
     metrics: Metrics,
     /// Which fault holds each kernel key: overlapping faults are refused, not merged.
     owners: HashMap<RuleKey, FaultId>,
+    /// The same for delay and bandwidth faults: they may overlap a drop, not each other.
+    shape_owners: HashMap<RuleKey, FaultId>,
     free_slots: Vec<u32>,
     dataplane: Box<dyn Dataplane>,
+    /// The mechanisms for delay and bandwidth, one per `Mechanism` at most.
+    shapers: Vec<Box<dyn Shaper>>,
     resolver: Box<dyn Resolve>,
 }
 
@@ -161,6 +168,16 @@ impl Engine {
         resolver: Box<dyn Resolve>,
         config: EngineConfig,
     ) -> Arc<Self> {
+        Self::with_shapers(dataplane, Vec::new(), resolver, config)
+    }
+
+    /// An engine that can also delay and pace packets through `shapers`.
+    pub fn with_shapers(
+        dataplane: Box<dyn Dataplane>,
+        shapers: Vec<Box<dyn Shaper>>,
+        resolver: Box<dyn Resolve>,
+        config: EngineConfig,
+    ) -> Arc<Self> {
         let events = Events::default();
         let metrics = Metrics::default();
         Arc::new(Self {
@@ -173,8 +190,10 @@ impl Engine {
                 events,
                 metrics,
                 owners: HashMap::new(),
+                shape_owners: HashMap::new(),
                 free_slots: (0..MAX_FAULTS).rev().collect(),
                 dataplane,
+                shapers,
                 resolver,
             }),
             config,
@@ -253,15 +272,23 @@ impl Engine {
             .clone();
         // Push the new deadline into every kernel entry of the lease.
         let mut rules = Vec::new();
+        let mut shaped = Vec::new();
         for fault_id in &lease.faults {
             if let Some(fault) = state.faults.get(fault_id) {
                 let deadline = kernel_deadline(lease.deadline.min(fault.ends_at));
+                if let Some(shaper) = fault.shaper {
+                    shaped.push((shaper, fault_id.clone(), deadline));
+                    continue;
+                }
                 let value = rule_value(&fault.spec.action, fault.slot, deadline);
                 rules.extend(fault.keys.iter().map(|k| (*k, value)));
                 if let Some(watcher) = &fault.watcher {
                     watcher.renew(deadline);
                 }
             }
+        }
+        for (shaper, fault_id, deadline) in shaped {
+            state.shapers[shaper].refresh(&fault_id, deadline)?;
         }
         state.dataplane.refresh(&rules)?;
         self.deadline_changed.notify_one();
@@ -313,12 +340,20 @@ impl Engine {
         let policy = &self.config.policy;
         policy.check_target(&spec.target)?;
         let mut state = self.lock();
-        let mechanism = state.dataplane.mechanism(&spec.action).map_err(|missing| {
-            Error::Unsupported(format!(
-                "{} is not available on this kernel: {missing}",
-                spec.action.name()
-            ))
-        })?;
+        // Delay and bandwidth go to a shaping mechanism, the rest to the datapath.
+        let shaper = match spec.action.shaping() {
+            Some(forced) => Some(state.choose_shaper(&spec.action, &spec.target, forced)?),
+            None => None,
+        };
+        let mechanism = match shaper {
+            Some(shaper) => state.shapers[shaper].mechanism().name(),
+            None => state.dataplane.mechanism(&spec.action).map_err(|missing| {
+                Error::Unsupported(format!(
+                    "{} is not available on this kernel: {missing}",
+                    spec.action.name()
+                ))
+            })?,
+        };
         // The lease the fault goes under: an existing one, or a private one granted below.
         let (existing, private_ttl) = match lease {
             LeaseRef::Existing(id) => match state.leases.get(&id) {
@@ -336,14 +371,18 @@ impl Engine {
         let resolved = state.resolver.resolve(&spec.target.scope)?;
         policy.check_resolved(&resolved)?;
         let keys = spec.rule_keys(resolved.cgroup_id);
-        if let Some(owner) = keys.iter().find_map(|k| state.owners.get(k)) {
+        let owners = match shaper {
+            Some(_) => &state.shape_owners,
+            None => &state.owners,
+        };
+        if let Some(owner) = keys.iter().find_map(|k| owners.get(k)) {
             return Err(Error::Conflict(format!(
                 "fault.target: {} {} overlaps fault {owner} (remove it first)",
                 spec.action.name(),
                 spec.target.summary()
             )));
         }
-        if state.owners.len() + keys.len() > MAX_RULES as usize {
+        if shaper.is_none() && state.owners.len() + keys.len() > MAX_RULES as usize {
             return Err(Error::Exhausted(format!(
                 "the kernel rule table holds {} entries; this fault needs {} but only {} are free",
                 MAX_RULES,
@@ -404,7 +443,18 @@ impl Engine {
         let applied = state
             .dataplane
             .reset_counters(slot)
-            .and_then(|()| state.dataplane.insert(&rules))
+            .and_then(|()| match shaper {
+                Some(shaper) => state.shapers[shaper].apply(&Shaped {
+                    id: &id,
+                    action: &spec.action,
+                    target: &spec.target,
+                    resolved: &resolved,
+                    keys: &keys,
+                    slot,
+                    expires_at_ns: deadline_ns,
+                }),
+                None => state.dataplane.insert(&rules),
+            })
             .map_err(Error::from)
             .and_then(|()| {
                 // New connects are refused before the old connections go, so a client cannot
@@ -414,7 +464,10 @@ impl Engine {
         let watcher = match applied {
             Ok(watcher) => watcher,
             Err(e) => {
-                if let Err(e) = state.dataplane.remove(&keys) {
+                // A shaped fault's keys are not in the datapath (a drop may hold the same ones).
+                if shaper.is_none()
+                    && let Err(e) = state.dataplane.remove(&keys)
+                {
                     tracing::warn!(error = %e, "rolling back a failed inject");
                 }
                 state.free_slots.push(slot);
@@ -442,8 +495,12 @@ impl Engine {
                 return Err(e);
             }
         };
+        let owners = match shaper {
+            Some(_) => &mut state.shape_owners,
+            None => &mut state.owners,
+        };
         for key in &keys {
-            state.owners.insert(*key, id.clone());
+            owners.insert(*key, id.clone());
         }
         if let Some(lease) = state.leases.get_mut(&lease_id) {
             lease.faults.push(id.clone());
@@ -463,6 +520,7 @@ impl Engine {
                 mechanism,
                 connections_reset,
                 watcher,
+                shaper,
                 ends_at,
             },
         );
@@ -527,6 +585,16 @@ impl Engine {
         }
         self.deadline_changed.notify_one();
         (faults, leases)
+    }
+
+    /// Reverts everything, then waits for the mechanisms' background clean-up (shutdown).
+    pub fn close(&self) -> (Vec<FaultId>, Vec<LeaseId>) {
+        let reverted = self.shutdown();
+        let mut state = self.lock();
+        for shaper in &mut state.shapers {
+            shaper.flush();
+        }
+        reverted
     }
 
     pub fn active_faults(&self) -> usize {
@@ -594,6 +662,44 @@ impl State {
         reset::ResetWatcher::start(id, filter, killer, deadline_ns, count.clone())
             .map(Some)
             .map_err(|e| Error::Exhausted(format!("starting the reset watcher thread: {e}")))
+    }
+
+    /// The shaper for a delay or bandwidth action: the one the user forced, else the first
+    /// available in order of preference. FAILED_PRECONDITION names what is missing.
+    fn choose_shaper(
+        &self,
+        action: &Action,
+        target: &Target,
+        forced: Option<Mechanism>,
+    ) -> Result<usize, Error> {
+        let find =
+            |mechanism: Mechanism| self.shapers.iter().position(|s| s.mechanism() == mechanism);
+        let why_not = |mechanism: Mechanism| match find(mechanism) {
+            Some(i) => self.shapers[i]
+                .unavailable_for(action, target)
+                .map_or(Ok(i), Err),
+            None => Err("not supported by this faultd".to_string()),
+        };
+        let action_name = action.name();
+        if let Some(mechanism) = forced {
+            return why_not(mechanism).map_err(|why| {
+                Error::Unsupported(format!(
+                    "fault.{action_name}.mechanism: {} cannot apply a {action_name} on this host: {why}",
+                    mechanism.name().to_uppercase()
+                ))
+            });
+        }
+        let mut reasons = Vec::new();
+        for mechanism in Mechanism::PREFERENCE {
+            match why_not(mechanism) {
+                Ok(i) => return Ok(i),
+                Err(why) => reasons.push(format!("{}: {why}", mechanism.name())),
+            }
+        }
+        Err(Error::Unsupported(format!(
+            "fault.{action_name}: no mechanism can apply a {action_name} on this host ({})",
+            reasons.join("; ")
+        )))
     }
 
     fn grant(&mut self, ttl: Duration, labels: Labels, private: bool) -> (LeaseId, Instant) {
@@ -680,16 +786,24 @@ impl State {
             return;
         };
         // The final counters, read while the entries are still there.
-        let counters = match self.events.watched() {
-            true => self.dataplane.counters(fault.slot).unwrap_or_default(),
-            false => Counters::default(),
+        let counters = match (self.events.watched(), fault.shaper) {
+            (false, _) => Counters::default(),
+            (true, Some(shaper)) => self.shapers[shaper].counters(id).unwrap_or_default(),
+            (true, None) => self.dataplane.counters(fault.slot).unwrap_or_default(),
         };
-        let removed = self.dataplane.remove(&fault.keys);
+        let removed = match fault.shaper {
+            Some(shaper) => self.shapers[shaper].remove(id),
+            None => self.dataplane.remove(&fault.keys),
+        };
         if let Err(e) = &removed {
             tracing::error!(fault = %id, error = %e, "removing kernel entries; they lapse at the lease deadline");
         }
+        let owners = match fault.shaper {
+            Some(_) => &mut self.shape_owners,
+            None => &mut self.owners,
+        };
         for key in &fault.keys {
-            self.owners.remove(key);
+            owners.remove(key);
         }
         self.fault_ends.remove(&(fault.ends_at, id.to_string()));
         self.free_slots.push(fault.slot);
@@ -733,6 +847,10 @@ impl State {
             .get(&fault.lease_id)
             .ok_or_else(|| not_found("lease", &fault.lease_id))?;
         let (expires_at, remaining) = wall_clock(lease.deadline.min(fault.ends_at));
+        let counters = match fault.shaper {
+            Some(shaper) => self.shapers[shaper].counters(id)?,
+            None => self.dataplane.counters(fault.slot)?,
+        };
         Ok(FaultView {
             id: id.to_string(),
             lease_id: fault.lease_id.clone(),
@@ -740,7 +858,7 @@ impl State {
             resolved: fault.resolved.clone(),
             rules: fault.keys.len(),
             state,
-            counters: self.dataplane.counters(fault.slot)?,
+            counters,
             connections_reset: fault.connections_reset.load(Ordering::Relaxed),
             expires_at,
             remaining,
@@ -782,8 +900,9 @@ fn rule_value(action: &Action, slot: u32, expires_at_ns: u64) -> RuleValue {
         drop_threshold: action.drop_threshold(),
         counter_slot: slot,
         action: match action {
-            Action::Drop { .. } => ACTION_DROP,
             Action::Reject | Action::Reset { .. } => ACTION_REJECT,
+            // Delay and bandwidth never reach the map (their shaper applies them).
+            Action::Drop { .. } | Action::Delay(_) | Action::Bandwidth(_) => ACTION_DROP,
         },
     }
 }

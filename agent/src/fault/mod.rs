@@ -2,6 +2,7 @@
 //! validated. No tonic and no aya types here: the API converts into these, the engine applies them.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use faultd_common::{DIR_CONNECT, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, PROTO_UDP, RuleKey};
 
@@ -30,16 +31,80 @@ impl Invalid {
     }
 }
 
+/// Longest latency, and largest jitter, a delay fault may ask for.
+pub const MAX_DELAY: Duration = Duration::from_secs(60);
+
+/// How a delay or bandwidth fault is applied (DESIGN.md, Mechanisms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mechanism {
+    /// A netem (or tbf/htb) class selected by a BPF classifier.
+    Netem,
+    /// Departure times set by a BPF program, enforced by the fq qdisc.
+    Edt,
+    /// Packets held in user space through an NFQUEUE rule with `--queue-bypass`.
+    Nfqueue,
+}
+
+impl Mechanism {
+    /// In the order the agent prefers them when the user leaves the choice to it.
+    pub const PREFERENCE: [Mechanism; 3] = [Mechanism::Netem, Mechanism::Edt, Mechanism::Nfqueue];
+
+    /// The name shown to users (`Fault.mechanism`, `faultctl caps`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Netem => "netem",
+            Self::Edt => "edt",
+            Self::Nfqueue => "nfqueue",
+        }
+    }
+}
+
+/// `delay`: hold each matched packet for `latency` plus a normally distributed random part of
+/// standard deviation `jitter`, whose successive values are correlated by `correlation` %.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Delay {
+    pub latency: Duration,
+    pub jitter: Duration,
+    /// 0 to 100.
+    pub correlation: f64,
+    /// None: the agent chooses.
+    pub mechanism: Option<Mechanism>,
+}
+
+/// `bandwidth`: pace the matched packets to `rate_bytes_per_sec` through a token bucket of
+/// `burst` bytes (one bucket per direction).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Bandwidth {
+    pub rate_bytes_per_sec: u64,
+    pub burst: u64,
+    /// None: the agent chooses.
+    pub mechanism: Option<Mechanism>,
+}
+
+impl Bandwidth {
+    /// The bucket when the user gives none: 10 ms at the rate, and at least one full-size
+    /// Ethernet frame so that a packet never waits for more tokens than the bucket holds.
+    pub fn default_burst(rate_bytes_per_sec: u64) -> u64 {
+        (rate_bytes_per_sec / 100).max(1514)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     /// Drop `percent` (0–100) of the matched packets.
-    Drop { percent: f64 },
+    Drop {
+        percent: f64,
+    },
     /// New TCP connects of the target fail with ECONNREFUSED; existing connections live on.
     Reject,
     /// Established TCP connections of the target are torn down at once, and new connects are
     /// refused for as long as the fault lasts. With `after_bytes`, each connection is instead
     /// torn down once it has carried that many bytes, and new connects are allowed.
-    Reset { after_bytes: Option<u64> },
+    Reset {
+        after_bytes: Option<u64>,
+    },
+    Delay(Delay),
+    Bandwidth(Bandwidth),
 }
 
 impl Action {
@@ -51,6 +116,70 @@ impl Action {
             ));
         }
         Ok(Self::Drop { percent })
+    }
+
+    /// `field` is the action's path, e.g. `fault.delay`.
+    pub fn delay(
+        latency: Duration,
+        jitter: Duration,
+        correlation: f64,
+        mechanism: Option<Mechanism>,
+        field: &str,
+    ) -> Result<Self, Invalid> {
+        if latency.is_zero() {
+            return Err(Invalid::new(
+                format!("{field}.latency"),
+                "must be greater than 0 (e.g. \"100ms\")",
+            ));
+        }
+        for (name, value) in [("latency", latency), ("jitter", jitter)] {
+            if value > MAX_DELAY {
+                return Err(Invalid::new(
+                    format!("{field}.{name}"),
+                    format!(
+                        "{} exceeds the maximum {}",
+                        crate::duration::format(value),
+                        crate::duration::format(MAX_DELAY)
+                    ),
+                ));
+            }
+        }
+        if !correlation.is_finite() || !(0.0..=100.0).contains(&correlation) {
+            return Err(Invalid::new(
+                format!("{field}.correlation"),
+                format!("{correlation} is outside 0 to 100"),
+            ));
+        }
+        Ok(Self::Delay(Delay {
+            latency,
+            jitter,
+            correlation,
+            mechanism,
+        }))
+    }
+
+    /// `burst` 0 takes `Bandwidth::default_burst`.
+    pub fn bandwidth(
+        rate_bytes_per_sec: u64,
+        burst: u64,
+        mechanism: Option<Mechanism>,
+        field: &str,
+    ) -> Result<Self, Invalid> {
+        if rate_bytes_per_sec == 0 {
+            return Err(Invalid::new(
+                format!("{field}.rate_bytes_per_sec"),
+                "must be greater than 0 (e.g. 262144 for 256 KiB/s); use drop to cut traffic off",
+            ));
+        }
+        let burst = match burst {
+            0 => Bandwidth::default_burst(rate_bytes_per_sec),
+            burst => burst,
+        };
+        Ok(Self::Bandwidth(Bandwidth {
+            rate_bytes_per_sec,
+            burst,
+            mechanism,
+        }))
     }
 
     pub fn reset(after_bytes: Option<u64>, field: &str) -> Result<Self, Invalid> {
@@ -66,18 +195,31 @@ impl Action {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Drop { .. } => "drop",
+            Self::Delay(_) => "delay",
+            Self::Bandwidth(_) => "bandwidth",
             Self::Reject => "reject",
             Self::Reset { .. } => "reset",
         }
     }
 
-    /// `percent` as the threshold the program compares `bpf_get_prandom_u32()` with.
+    /// For actions applied by a shaping mechanism (delay, bandwidth): the mechanism the user
+    /// forced, if any. None for actions of the cgroup_skb datapath.
+    pub fn shaping(&self) -> Option<Option<Mechanism>> {
+        match self {
+            Self::Drop { .. } | Self::Reject | Self::Reset { .. } => None,
+            Self::Delay(delay) => Some(delay.mechanism),
+            Self::Bandwidth(bandwidth) => Some(bandwidth.mechanism),
+        }
+    }
+
+    /// `percent` as the threshold the program compares `bpf_get_prandom_u32()` with (0 for
+    /// actions that drop nothing).
     pub fn drop_threshold(&self) -> u64 {
         match self {
             Self::Drop { percent } => {
                 ((percent / 100.0) * faultd_common::DROP_ALL as f64).round() as u64
             }
-            Self::Reject | Self::Reset { .. } => 0,
+            Self::Reject | Self::Reset { .. } | Self::Delay(_) | Self::Bandwidth(_) => 0,
         }
     }
 
@@ -357,6 +499,46 @@ mod tests {
         assert_eq!(err.field, "fault.drop.percent");
         assert!(Action::drop(-1.0, "p").is_err());
         assert!(Action::drop(f64::NAN, "p").is_err());
+    }
+
+    #[test]
+    fn delays_are_checked_field_by_field() {
+        let ms = Duration::from_millis;
+        let delay = Action::delay(ms(100), ms(20), 25.0, None, "fault.delay").unwrap();
+        assert_eq!(delay.name(), "delay");
+        assert_eq!(delay.shaping(), Some(None));
+        assert_eq!(delay.drop_threshold(), 0);
+        let field = |latency, jitter, correlation| {
+            Action::delay(latency, jitter, correlation, None, "fault.delay")
+                .unwrap_err()
+                .field
+        };
+        assert_eq!(field(ms(0), ms(0), 0.0), "fault.delay.latency");
+        assert_eq!(field(ms(61_000), ms(0), 0.0), "fault.delay.latency");
+        assert_eq!(field(ms(10), ms(61_000), 0.0), "fault.delay.jitter");
+        assert_eq!(field(ms(10), ms(0), 100.5), "fault.delay.correlation");
+        assert_eq!(field(ms(10), ms(0), f64::NAN), "fault.delay.correlation");
+        let forced = Action::delay(ms(1), ms(0), 0.0, Some(Mechanism::Nfqueue), "f").unwrap();
+        assert_eq!(forced.shaping(), Some(Some(Mechanism::Nfqueue)));
+    }
+
+    #[test]
+    fn bandwidth_needs_a_rate_and_defaults_its_burst() {
+        let err = Action::bandwidth(0, 0, None, "fault.bandwidth").unwrap_err();
+        assert_eq!(err.field, "fault.bandwidth.rate_bytes_per_sec");
+        let Action::Bandwidth(b) = Action::bandwidth(262_144, 0, None, "f").unwrap() else {
+            panic!("not a bandwidth action");
+        };
+        assert_eq!(b.burst, 2621);
+        let Action::Bandwidth(b) = Action::bandwidth(1000, 0, None, "f").unwrap() else {
+            panic!("not a bandwidth action");
+        };
+        assert_eq!(b.burst, 1514, "at least one full frame");
+        let Action::Bandwidth(b) = Action::bandwidth(1000, 64, None, "f").unwrap() else {
+            panic!("not a bandwidth action");
+        };
+        assert_eq!(b.burst, 64, "the user's burst is kept");
+        assert_eq!(Action::Drop { percent: 1.0 }.shaping(), None);
     }
 
     #[test]

@@ -1,4 +1,7 @@
-//! Resolving a scope to the cgroup v2 directory and id the kernel programs match on.
+//! Resolving a scope to the cgroup v2 directory and id the kernel programs match on, and to
+//! the network namespaces its processes use (`namespaces`).
+
+pub mod namespaces;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;

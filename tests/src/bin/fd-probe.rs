@@ -5,6 +5,9 @@
 //! fd-probe [--cgroup DIR] [--netns NAME] tcp-probe ADDR [--interval 5ms] [--timeout 20ms] [--duration 1s]
 //! fd-probe [--cgroup DIR] [--netns NAME] udp-blast ADDR COUNT [--rate PPS]
 //! fd-probe [--cgroup DIR] [--netns NAME] udp-recv ADDR [--idle 1s] [--max 30s]
+//! fd-probe [--cgroup DIR] [--netns NAME] redis-rtt ADDR [--count 200] [--interval 10ms] [--timeout 10s]
+//! fd-probe [--cgroup DIR] [--netns NAME] redis-set ADDR KEY BYTES
+//! fd-probe [--cgroup DIR] [--netns NAME] redis-get ADDR KEY [--timeout 30s]
 //! ```
 //!
 //! It joins the cgroup first (its own pid into DIR/cgroup.procs), then the network namespace
@@ -15,7 +18,7 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
-use std::io::{self, BufWriter, ErrorKind, Write};
+use std::io::{self, BufWriter, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
@@ -84,6 +87,9 @@ fn run() -> Result<ExitCode, String> {
         "tcp-probe" => tcp_probe(&args),
         "udp-blast" => udp_blast(&args),
         "udp-recv" => udp_recv(&args),
+        "redis-rtt" => redis_rtt(&args),
+        "redis-set" => redis_set(&args),
+        "redis-get" => redis_get(&args),
         other => Err(format!("unknown mode {other:?}")),
     }
 }
@@ -368,4 +374,157 @@ fn rcvbuf_errors() -> Result<u64, String> {
         .find(|(name, _)| *name == "RcvbufErrors")
         .and_then(|(_, value)| value.parse().ok())
         .ok_or_else(|| "/proc/self/net/snmp: no Udp RcvbufErrors".into())
+}
+
+/// Reads until `buf` ends with `suffix`; returns everything read.
+fn read_until(stream: &mut TcpStream, suffix: &[u8], buf: &mut Vec<u8>) -> io::Result<()> {
+    buf.clear();
+    let mut chunk = [0u8; 64 * 1024];
+    while !buf.ends_with(suffix) {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                ErrorKind::UnexpectedEof,
+                "Redis closed the connection",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(())
+}
+
+fn redis_connect(addr: &str, timeout: Duration) -> Result<TcpStream, String> {
+    let addr = resolve(addr)?;
+    let stream =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    Ok(stream)
+}
+
+/// PINGs Redis over one connection, timing each round trip itself. First `connect <ns>` (how
+/// long connect() took), then one line per PING: `<unix_ns when sent> <rtt_ns>`, or
+/// `<unix_ns> fail <error>` (then it reconnects).
+fn redis_rtt(args: &[String]) -> Result<ExitCode, String> {
+    let (pos, opts) = parse(args, 1, &["count", "interval", "timeout"])?;
+    let count: u64 = match opts.get("count") {
+        Some(c) => c
+            .parse()
+            .map_err(|_| format!("--count {c:?} is not a number"))?,
+        None => 200,
+    };
+    let interval = duration(&opts, "interval", Duration::from_millis(10))?;
+    let timeout = duration(&opts, "timeout", Duration::from_secs(10))?;
+    raise_priority();
+    let began = Instant::now();
+    let mut stream = redis_connect(&pos[0], timeout)?;
+    let mut lines = Vec::with_capacity(count as usize + 1);
+    lines.push(format!("connect {}", began.elapsed().as_nanos()));
+    let mut buf = Vec::new();
+    for _ in 0..count {
+        let at = unix_ns();
+        let began = Instant::now();
+        let answer = stream
+            .write_all(b"PING\r\n")
+            .and_then(|()| read_until(&mut stream, b"\r\n", &mut buf));
+        match answer {
+            Ok(()) if buf == b"+PONG\r\n" => {
+                lines.push(format!("{at} {}", began.elapsed().as_nanos()));
+            }
+            Ok(()) => {
+                return Err(format!(
+                    "Redis answered {:?} to PING",
+                    String::from_utf8_lossy(&buf)
+                ));
+            }
+            Err(e) => {
+                lines.push(format!("{at} fail {e}"));
+                stream = redis_connect(&pos[0], timeout)?;
+            }
+        }
+        thread::sleep(interval);
+    }
+    let mut out = BufWriter::new(io::stdout().lock());
+    for line in lines {
+        writeln!(out, "{line}").map_err(|e| e.to_string())?;
+    }
+    out.flush().map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SET KEY to BYTES bytes. Prints `ok`.
+fn redis_set(args: &[String]) -> Result<ExitCode, String> {
+    let (pos, _) = parse(args, 3, &[])?;
+    let size: usize = pos[2]
+        .parse()
+        .map_err(|_| format!("BYTES {:?} is not a number", pos[2]))?;
+    let mut stream = redis_connect(&pos[0], Duration::from_secs(10))?;
+    let key = &pos[1];
+    let mut request =
+        format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${size}\r\n", key.len()).into_bytes();
+    request.extend(std::iter::repeat_n(b'x', size));
+    request.extend_from_slice(b"\r\n");
+    stream
+        .write_all(&request)
+        .map_err(|e| format!("SET: {e}"))?;
+    let mut buf = Vec::new();
+    read_until(&mut stream, b"\r\n", &mut buf).map_err(|e| format!("SET: {e}"))?;
+    if buf != b"+OK\r\n" {
+        return Err(format!(
+            "Redis answered {:?} to SET",
+            String::from_utf8_lossy(&buf)
+        ));
+    }
+    println!("ok");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// GETs KEY on a fresh connection, timing from the request to the last byte of the value.
+/// Prints `bytes=N seconds=F`.
+fn redis_get(args: &[String]) -> Result<ExitCode, String> {
+    let (pos, opts) = parse(args, 2, &["timeout"])?;
+    let timeout = duration(&opts, "timeout", Duration::from_secs(30))?;
+    raise_priority();
+    let mut stream = redis_connect(&pos[0], timeout)?;
+    let key = &pos[1];
+    let request = format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
+    let began = Instant::now();
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("GET: {e}"))?;
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    // `$<len>\r\n<value>\r\n`
+    let total = loop {
+        if let Some(end) = received.windows(2).position(|w| w == b"\r\n") {
+            let header = String::from_utf8_lossy(&received[..end]).into_owned();
+            let len: usize = header
+                .strip_prefix('$')
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| format!("Redis answered {header:?} to GET"))?;
+            break end + 2 + len + 2;
+        }
+        let n = stream.read(&mut chunk).map_err(|e| format!("GET: {e}"))?;
+        if n == 0 {
+            return Err("Redis closed the connection during GET".into());
+        }
+        received.extend_from_slice(&chunk[..n]);
+    };
+    while received.len() < total {
+        let n = stream
+            .read(&mut chunk)
+            .map_err(|e| format!("GET after {} of {total} bytes: {e}", received.len()))?;
+        if n == 0 {
+            return Err("Redis closed the connection during GET".into());
+        }
+        received.extend_from_slice(&chunk[..n]);
+    }
+    println!(
+        "bytes={} seconds={:.6}",
+        received.len(),
+        began.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,638 @@
+//! The xtables rules of the NFQUEUE mechanism (the one place faultd executes a program).
+//!
+//! Each agent owns two chains per network namespace in the mangle table, named after its
+//! instance id: `FAULTD-<id>-OUT`, jumped to first from OUTPUT, and `FAULTD-<id>-IN`, from
+//! INPUT. A fault adds rules there and takes them out again; chains of agents that are no
+//! longer alive are swept. Changes go through `iptables-restore --noflush` (and
+//! `ip6tables-restore`) so that a fault's rules appear, or disappear, in one transaction; the
+//! input holds only values faultd produced or validated (`check_cgroup_path`).
+//!
+//! Egress (what the workload sends) matches the sending socket's cgroup with `-m cgroup`.
+//! Ingress cannot: on INPUT the packet has no socket yet for loopback traffic (early demux is
+//! skipped when the packet already carries a route), so `-m cgroup` never matches there. The
+//! workload's connections are therefore marked on the way out (conntrack mark, one id per
+//! fault, one bit for each side the workload is on) and ingress packets flowing the other way
+//! on a marked connection are queued. A connection is thus delayed on ingress from the first
+//! packet the workload sends on it (its SYN as a client, its SYN-ACK as a server).
+//!
+//! The queueing rules also carry the lease deadline, rounded up to the second (`-m time
+//! --datestop`): should faultd hang as a whole (stopped, frozen), the kernel stops queueing
+//! packets to it shortly after the deadline. A healthy faultd's lanes stop holding packets at
+//! the deadline itself.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+use crate::fault::{Direction, PortRange, Protocol};
+use crate::instance::Instance;
+use crate::target::namespaces::NetNs;
+
+pub const TABLE: &str = "mangle";
+const CHAIN_PREFIX: &str = "FAULTD-";
+
+/// Conntrack mark layout: a fault's id (1 to 127) in bits 24–30, and whether a workload socket
+/// sent in the connection's original or reply direction.
+const MARK_ID_SHIFT: u32 = 24;
+const MARK_ID_MASK: u32 = 0x7f00_0000;
+const MARK_ORIGINAL: u32 = 0x0080_0000;
+const MARK_REPLY: u32 = 0x0040_0000;
+pub const MAX_MARK_ID: u8 = 127;
+
+/// Most port entries xt_multiport takes in one rule (a range counts as two).
+const MULTIPORT_MAX: usize = 15;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    fn tool(self) -> &'static str {
+        match self {
+            Self::V4 => "iptables",
+            Self::V6 => "ip6tables",
+        }
+    }
+
+    fn restore_tool(self) -> &'static str {
+        match self {
+            Self::V4 => "iptables-restore",
+            Self::V6 => "ip6tables-restore",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Output,
+    Input,
+}
+
+impl Hook {
+    fn builtin(self) -> &'static str {
+        match self {
+            Self::Output => "OUTPUT",
+            Self::Input => "INPUT",
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Self::Output => "OUT",
+            Self::Input => "IN",
+        }
+    }
+}
+
+/// The chain of `instance` for `hook`, e.g. `FAULTD-1a2b3c4d-OUT`.
+pub fn chain(instance: &str, hook: Hook) -> String {
+    format!("{CHAIN_PREFIX}{instance}-{}", hook.suffix())
+}
+
+/// The instance id of a faultd chain name, if it is one.
+fn chain_owner(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix(CHAIN_PREFIX)?;
+    let (id, hook) = rest.split_once('-')?;
+    (Instance::is_id(id) && (hook == "OUT" || hook == "IN")).then_some(id)
+}
+
+/// Refuses cgroup paths that could not be passed safely to `-m cgroup --path`: xt_cgroup takes
+/// at most 4095 bytes, and the restore input is line- and quote-structured.
+pub fn check_cgroup_path(path: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "/._-@:+,=".contains(c);
+    if !path.starts_with('/') || path.len() > 4095 {
+        return Err(format!(
+            "cgroup path {path:?} must start with / and be shorter than 4096 bytes"
+        ));
+    }
+    if let Some(bad) = path.chars().find(|c| !allowed(*c)) {
+        return Err(format!(
+            "cgroup path {path:?} has the character {bad:?}, which the NFQUEUE mechanism does not \
+             pass to iptables (allowed: letters, digits and /._-@:+,=)"
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `program args` (in `netns` if given), feeding `stdin`; returns stdout. An argument
+/// vector, never a shell.
+fn run(
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+    netns: Option<&NetNs>,
+) -> Result<String, String> {
+    let described = format!("{program} {}", args.join(" "));
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(netns) = netns {
+        let fd = netns.as_fd().as_raw_fd();
+        // SAFETY: between fork and exec only setns(2) runs, which is async-signal-safe; the
+        // fd stays open in the child until exec.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot run `{described}`: {e} (is iptables installed?)"))?;
+    if let Some(text) = stdin
+        && let Some(mut pipe) = child.stdin.take()
+    {
+        // A write error shows up as the program's failure below.
+        if let Err(e) = pipe.write_all(text.as_bytes()) {
+            tracing::debug!(error = %e, "writing to {program}");
+        }
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| format!("waiting for `{described}`: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "`{described}` failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Applies `lines` (iptables commands such as `-A CHAIN ...`) to the mangle table in one
+/// transaction.
+pub fn restore(family: Family, netns: Option<&NetNs>, lines: &[String]) -> Result<(), String> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let input = format!("*{TABLE}\n{}\nCOMMIT\n", lines.join("\n"));
+    run(
+        family.restore_tool(),
+        &["--noflush", "--wait=5"],
+        Some(&input),
+        netns,
+    )
+    .map(drop)
+}
+
+/// The mangle table's rules as `iptables -S` prints them.
+pub fn list(family: Family, netns: Option<&NetNs>) -> Result<Listing, String> {
+    run(family.tool(), &["-w", "5", "-t", TABLE, "-S"], None, netns).map(|text| Listing { text })
+}
+
+/// What `iptables -t mangle -S` showed.
+#[derive(Clone, Debug, Default)]
+pub struct Listing {
+    text: String,
+}
+
+impl Listing {
+    #[cfg(test)]
+    fn from_text(text: &str) -> Listing {
+        Listing { text: text.into() }
+    }
+
+    fn lines(&self) -> impl Iterator<Item = &str> {
+        self.text.lines().map(str::trim)
+    }
+
+    /// Rules (`-A` lines) of faultd chains.
+    fn faultd_rules(&self) -> impl Iterator<Item = &str> {
+        self.lines().filter(|line| {
+            line.strip_prefix("-A ")
+                .and_then(|rest| rest.split_whitespace().next())
+                .is_some_and(|chain| chain_owner(chain).is_some())
+        })
+    }
+
+    /// Instance ids that own faultd chains here.
+    pub fn owners(&self) -> BTreeSet<String> {
+        self.lines()
+            .filter_map(|line| line.strip_prefix("-N "))
+            .filter_map(|chain| chain_owner(chain.trim()))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn has_chains(&self, instance: &str) -> bool {
+        self.owners().contains(instance)
+    }
+
+    /// Queue numbers that faultd rules of any agent send packets to.
+    pub fn queues(&self) -> BTreeSet<u16> {
+        self.faultd_rules()
+            .filter_map(|line| value_after(line, "--queue-num"))
+            .filter_map(|value| value.parse().ok())
+            .collect()
+    }
+
+    /// Conntrack mark ids that faultd rules of any agent use.
+    pub fn mark_ids(&self) -> BTreeSet<u8> {
+        self.faultd_rules()
+            .filter_map(|line| {
+                value_after(line, "--set-xmark").or_else(|| value_after(line, "--mark"))
+            })
+            .filter_map(|value| value.split('/').next())
+            .filter_map(|value| u32::from_str_radix(value.trim_start_matches("0x"), 16).ok())
+            .map(|mark| ((mark & MARK_ID_MASK) >> MARK_ID_SHIFT) as u8)
+            .filter(|id| *id != 0)
+            .collect()
+    }
+
+    /// Restore lines that remove every chain of `instance` and the jumps to them.
+    pub fn removal(&self, instance: &str) -> Vec<String> {
+        let ours = |chain: &str| chain_owner(chain) == Some(instance);
+        let mut lines: Vec<String> = self
+            .lines()
+            .filter_map(|line| line.strip_prefix("-A "))
+            .filter(|rule| {
+                let mut words = rule.split_whitespace();
+                let chain = words.next().unwrap_or_default();
+                let jumps_to_ours = rule
+                    .split_whitespace()
+                    .skip_while(|w| *w != "-j")
+                    .nth(1)
+                    .is_some_and(ours);
+                !ours(chain) && jumps_to_ours
+            })
+            .map(|rule| format!("-D {rule}"))
+            .collect();
+        let chains: Vec<&str> = self
+            .lines()
+            .filter_map(|line| line.strip_prefix("-N "))
+            .map(str::trim)
+            .filter(|chain| ours(chain))
+            .collect();
+        lines.extend(chains.iter().map(|chain| format!("-F {chain}")));
+        lines.extend(chains.iter().map(|chain| format!("-X {chain}")));
+        lines
+    }
+}
+
+/// The word after `flag` in a rule.
+fn value_after<'a>(line: &'a str, flag: &str) -> Option<&'a str> {
+    let mut words = line.split_whitespace();
+    words.find(|w| *w == flag)?;
+    words.next()
+}
+
+/// Restore lines that create the chains of `instance` and jump to them first.
+pub fn chain_creation(instance: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    for hook in [Hook::Output, Hook::Input] {
+        lines.push(format!("-N {}", chain(instance, hook)));
+    }
+    for hook in [Hook::Output, Hook::Input] {
+        lines.push(format!(
+            "-I {} 1 -j {}",
+            hook.builtin(),
+            chain(instance, hook)
+        ));
+    }
+    lines
+}
+
+/// The rules of one fault in one namespace.
+#[derive(Clone, Debug)]
+pub struct FaultRules {
+    pub instance: String,
+    pub fault: String,
+    /// Relative to the cgroup v2 root, checked with `check_cgroup_path`.
+    pub cgroup_path: String,
+    pub protocol: Protocol,
+    pub direction: Direction,
+    pub ports: Vec<PortRange>,
+    pub queue: u16,
+    /// The conntrack mark id: needed when the direction includes ingress.
+    pub mark_id: Option<u8>,
+    /// Unix seconds: the last second in which packets are queued (None: no end).
+    pub until: Option<u64>,
+}
+
+impl FaultRules {
+    /// `-A` lines, in the order they must be evaluated: connection marks before the egress
+    /// NFQUEUE rule, which ends the packet's walk through the chain.
+    pub fn lines(&self) -> Vec<String> {
+        let out = chain(&self.instance, Hook::Output);
+        let input = chain(&self.instance, Hook::Input);
+        let protocols: &[&str] = match self.protocol {
+            Protocol::Tcp => &["tcp"],
+            Protocol::Udp => &["udp"],
+            Protocol::Both => &["tcp", "udp"],
+        };
+        let egress = matches!(self.direction, Direction::Egress | Direction::Both);
+        let ingress = matches!(self.direction, Direction::Ingress | Direction::Both);
+        let comment = format!("-m comment --comment faultd:{}", self.fault);
+        let until = match self.until {
+            Some(secs) => format!("-m time --datestop {} --utc ", utc(secs)),
+            None => String::new(),
+        };
+        let queue = format!(
+            "{until}{comment} -j NFQUEUE --queue-num {} --queue-bypass",
+            self.queue
+        );
+        let cgroup = format!("-m cgroup --path {}", self.cgroup_path);
+        let mut lines = Vec::new();
+        for protocol in protocols {
+            for ports in multiport_lists(&self.ports) {
+                let matches = format!("-p {protocol} -m multiport --ports {ports}");
+                if let (true, Some(id)) = (ingress, self.mark_id) {
+                    let id = u32::from(id) << MARK_ID_SHIFT;
+                    for (ctdir, side) in [("ORIGINAL", MARK_ORIGINAL), ("REPLY", MARK_REPLY)] {
+                        lines.push(format!(
+                            "-A {out} {cgroup} {matches} -m conntrack --ctdir {ctdir} {comment} \
+                             -j CONNMARK --set-xmark {:#x}/{:#x}",
+                            id | side,
+                            MARK_ID_MASK | side
+                        ));
+                    }
+                    // Ingress to the workload flows against the direction it sent in.
+                    for (ctdir, side) in [("REPLY", MARK_ORIGINAL), ("ORIGINAL", MARK_REPLY)] {
+                        lines.push(format!(
+                            "-A {input} {matches} -m connmark --mark {:#x}/{:#x} \
+                             -m conntrack --ctdir {ctdir} {queue}",
+                            id | side,
+                            MARK_ID_MASK | side
+                        ));
+                    }
+                }
+                if egress {
+                    lines.push(format!("-A {out} {cgroup} {matches} {queue}"));
+                }
+            }
+        }
+        lines
+    }
+}
+
+/// Unix seconds as xt_time writes a UTC date: `2026-11-22T05:30:07`.
+fn utc(secs: u64) -> String {
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+/// Restore lines deleting what `lines` added, last first.
+pub fn deletion(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .rev()
+        .filter_map(|line| line.strip_prefix("-A "))
+        .map(|rule| format!("-D {rule}"))
+        .collect()
+}
+
+/// Port ranges as xt_multiport `--ports` lists of at most 15 entries (a range takes two).
+fn multiport_lists(ports: &[PortRange]) -> Vec<String> {
+    let mut lists = Vec::new();
+    let mut current: Vec<String> = Vec::new();
+    let mut used = 0;
+    for range in ports {
+        let (entry, cost) = if range.first == range.last {
+            (range.first.to_string(), 1)
+        } else {
+            (format!("{}:{}", range.first, range.last), 2)
+        };
+        if used + cost > MULTIPORT_MAX {
+            lists.push(current.join(","));
+            current.clear();
+            used = 0;
+        }
+        current.push(entry);
+        used += cost;
+    }
+    if !current.is_empty() {
+        lists.push(current.join(","));
+    }
+    lists
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ports(list: &[(u16, u16)]) -> Vec<PortRange> {
+        list.iter()
+            .map(|&(first, last)| PortRange { first, last })
+            .collect()
+    }
+
+    #[test]
+    fn cgroup_paths_are_checked_before_they_reach_iptables() {
+        assert!(check_cgroup_path("/").is_ok());
+        assert!(check_cgroup_path("/system.slice/redis-server.service").is_ok());
+        assert!(check_cgroup_path("/kubepods.slice/pod_1:2@x+y,z=w").is_ok());
+        for bad in ["relative", "/a b", "/a\nCOMMIT", "/a\"b", "/dev-x\\x2d"] {
+            assert!(check_cgroup_path(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_cgroup_path(&format!("/{}", "a".repeat(4095))).is_err());
+    }
+
+    #[test]
+    fn egress_rules_match_the_cgroup_and_either_port() {
+        let mut rules = FaultRules {
+            instance: "0badcafe".into(),
+            fault: "f00d".into(),
+            cgroup_path: "/app".into(),
+            protocol: Protocol::Tcp,
+            direction: Direction::Egress,
+            ports: ports(&[(6379, 6379)]),
+            queue: 40000,
+            mark_id: None,
+            until: None,
+        };
+        assert_eq!(
+            rules.lines(),
+            vec![
+                "-A FAULTD-0badcafe-OUT -m cgroup --path /app -p tcp -m multiport --ports 6379 \
+                 -m comment --comment faultd:f00d -j NFQUEUE --queue-num 40000 --queue-bypass"
+            ]
+        );
+        assert_eq!(
+            deletion(&rules.lines()),
+            vec![rules.lines()[0].replacen("-A", "-D", 1)]
+        );
+        rules.until = Some(1_763_789_407);
+        assert!(
+            rules.lines()[0]
+                .contains("--ports 6379 -m time --datestop 2025-11-22T05:30:07 --utc -m comment"),
+            "{:?}",
+            rules.lines()
+        );
+    }
+
+    #[test]
+    fn ingress_rules_mark_connections_on_the_way_out() {
+        let rules = FaultRules {
+            instance: "0badcafe".into(),
+            fault: "f00d".into(),
+            cgroup_path: "/app".into(),
+            protocol: Protocol::Both,
+            direction: Direction::Both,
+            ports: ports(&[(6379, 6379)]),
+            queue: 7,
+            mark_id: Some(3),
+            until: None,
+        };
+        let lines = rules.lines();
+        assert_eq!(
+            lines.len(),
+            2 * 5,
+            "per protocol: 2 marks, 2 ingress queues, 1 egress"
+        );
+        assert!(
+            lines[0].contains("--ctdir ORIGINAL")
+                && lines[0].ends_with("--set-xmark 0x3800000/0x7f800000")
+        );
+        assert!(
+            lines[1].contains("--ctdir REPLY")
+                && lines[1].ends_with("--set-xmark 0x3400000/0x7f400000")
+        );
+        assert!(lines[2].starts_with("-A FAULTD-0badcafe-IN -p tcp"));
+        assert!(lines[2].contains("--mark 0x3800000/0x7f800000 -m conntrack --ctdir REPLY"));
+        assert!(lines[3].contains("--mark 0x3400000/0x7f400000 -m conntrack --ctdir ORIGINAL"));
+        assert!(lines[4].starts_with("-A FAULTD-0badcafe-OUT -m cgroup"));
+        assert!(lines[4].ends_with("--queue-num 7 --queue-bypass"));
+        assert!(lines[5].contains("-p udp"));
+        let listing = Listing::from_text(
+            &lines
+                .iter()
+                .map(|l| l.replace("--path /app", "--path \"/app\""))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        assert_eq!(listing.mark_ids(), BTreeSet::from([3]));
+        assert_eq!(listing.queues(), BTreeSet::from([7]));
+    }
+
+    #[test]
+    fn dates_are_utc() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00");
+        assert_eq!(utc(4_102_444_799), "2099-12-31T23:59:59");
+    }
+
+    #[test]
+    fn port_lists_respect_the_multiport_limit() {
+        let many: Vec<(u16, u16)> = (1..=20).map(|p| (p, p)).collect();
+        let lists = multiport_lists(&ports(&many));
+        assert_eq!(lists.len(), 2);
+        assert_eq!(lists[0].split(',').count(), 15);
+        let ranges: Vec<(u16, u16)> = (0..8).map(|i| (i * 10 + 1, i * 10 + 5)).collect();
+        let lists = multiport_lists(&ports(&ranges));
+        assert_eq!(
+            lists,
+            vec!["1:5,11:15,21:25,31:35,41:45,51:55,61:65", "71:75"]
+        );
+    }
+
+    const LISTING: &str = "\
+-P PREROUTING ACCEPT
+-P INPUT ACCEPT
+-P OUTPUT ACCEPT
+-N FAULTD-0badcafe-IN
+-N FAULTD-0badcafe-OUT
+-N FAULTD-12345678-IN
+-N FAULTD-12345678-OUT
+-N FAULTD-not-an-id
+-N OTHER
+-A INPUT -j FAULTD-12345678-IN
+-A INPUT -j FAULTD-0badcafe-IN
+-A OUTPUT -j FAULTD-12345678-OUT
+-A OUTPUT -j FAULTD-0badcafe-OUT
+-A OUTPUT -p tcp -j OTHER
+-A FAULTD-0badcafe-OUT -p tcp -m cgroup --path \"/a\" -m multiport --ports 1 -m comment --comment \"faultd:x\" -j NFQUEUE --queue-num 40001 --queue-bypass
+-A FAULTD-12345678-OUT -p tcp -m cgroup --path \"/b\" -m multiport --ports 1 -m conntrack --ctdir ORIGINAL -j CONNMARK --set-xmark 0x5800000/0x7f800000
+-A OTHER -j NFQUEUE --queue-num 5
+";
+
+    #[test]
+    fn listings_show_owners_queues_and_marks() {
+        let listing = Listing::from_text(LISTING);
+        assert_eq!(
+            listing.owners(),
+            BTreeSet::from(["0badcafe".to_string(), "12345678".to_string()])
+        );
+        assert!(listing.has_chains("0badcafe"));
+        assert_eq!(
+            listing.queues(),
+            BTreeSet::from([40001]),
+            "only faultd chains count"
+        );
+        assert_eq!(listing.mark_ids(), BTreeSet::from([5]));
+    }
+
+    #[test]
+    fn removal_takes_jumps_rules_and_chains_of_one_instance_only() {
+        let listing = Listing::from_text(LISTING);
+        assert_eq!(
+            listing.removal("0badcafe"),
+            vec![
+                "-D INPUT -j FAULTD-0badcafe-IN",
+                "-D OUTPUT -j FAULTD-0badcafe-OUT",
+                "-F FAULTD-0badcafe-IN",
+                "-F FAULTD-0badcafe-OUT",
+                "-X FAULTD-0badcafe-IN",
+                "-X FAULTD-0badcafe-OUT",
+            ]
+        );
+        assert!(listing.removal("99999999").is_empty());
+    }
+
+    #[test]
+    fn chains_are_created_with_a_jump_in_front() {
+        assert_eq!(
+            chain_creation("0badcafe"),
+            vec![
+                "-N FAULTD-0badcafe-OUT",
+                "-N FAULTD-0badcafe-IN",
+                "-I OUTPUT 1 -j FAULTD-0badcafe-OUT",
+                "-I INPUT 1 -j FAULTD-0badcafe-IN",
+            ]
+        );
+        assert!(
+            chain("0badcafe", Hook::Output).len() <= 28,
+            "xtables chain names"
+        );
+    }
+}

@@ -1,0 +1,627 @@
+//! The test program of the kernel matrix (`cargo xtask vm-test`): runs as the guest's only
+//! workload, next to a TCP echo server of its own, and exits with the number of failed tests.
+//!
+//! `fd-vmguest [TEST...]` runs the tests (all by default); `fd-vmguest rtt ...` is the client
+//! it starts in a cgroup to measure round trips.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("upload") {
+        if let Err(e) = upload_client(&args[1..]) {
+            eprintln!("upload: {e:#}");
+            std::process::exit(2);
+        }
+        return;
+    }
+    if args.first().map(String::as_str) == Some("rtt") {
+        if let Err(e) = rtt_client(&args[1..]) {
+            eprintln!("rtt: {e:#}");
+            std::process::exit(2);
+        }
+        return;
+    }
+    let failed = guest::run(&args);
+    std::process::exit(failed.min(100) as i32);
+}
+
+/// Round trips of one byte over one connection: `rtt CGROUP_DIR PORT COUNT [PAUSE_MS]`,
+/// microseconds on stdout, one per line. Joins the cgroup before its socket exists, so the
+/// socket belongs to it.
+fn rtt_client(args: &[String]) -> anyhow::Result<()> {
+    let [cgroup, port, count, rest @ ..] = args else {
+        bail!("usage: rtt CGROUP_DIR PORT COUNT [PAUSE_MS]");
+    };
+    std::fs::write(
+        Path::new(cgroup).join("cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .with_context(|| format!("joining {cgroup}"))?;
+    let port: u16 = port.parse()?;
+    let count: usize = count.parse()?;
+    let pause = Duration::from_millis(rest.first().map_or(Ok(0), |p| p.parse())?);
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut out = String::new();
+    let mut byte = [0u8; 1];
+    for i in 0..count {
+        let start = Instant::now();
+        stream.write_all(&[i as u8])?;
+        stream.read_exact(&mut byte)?;
+        out.push_str(&format!("{}\n", start.elapsed().as_micros()));
+        std::thread::sleep(pause);
+    }
+    stream.shutdown(Shutdown::Both)?;
+    print!("{out}");
+    Ok(())
+}
+
+/// Uploads BYTES to the sink server: `upload CGROUP_DIR PORT BYTES`; prints the microseconds
+/// until the server confirmed it received them all.
+fn upload_client(args: &[String]) -> anyhow::Result<()> {
+    let [cgroup, port, bytes] = args else {
+        bail!("usage: upload CGROUP_DIR PORT BYTES");
+    };
+    std::fs::write(
+        Path::new(cgroup).join("cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .with_context(|| format!("joining {cgroup}"))?;
+    let port: u16 = port.parse()?;
+    let bytes: usize = bytes.parse()?;
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let chunk = vec![0x5au8; 16 * 1024];
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        let n = chunk.len().min(bytes - sent);
+        stream.write_all(&chunk[..n])?;
+        sent += n;
+    }
+    stream.shutdown(Shutdown::Write)?;
+    let mut total = [0u8; 8];
+    stream.read_exact(&mut total)?;
+    ensure!(
+        u64::from_be_bytes(total) == bytes as u64,
+        "the server counted {} bytes",
+        u64::from_be_bytes(total)
+    );
+    println!("{}", start.elapsed().as_micros());
+    Ok(())
+}
+
+/// An echo server on 127.0.0.1:`port`, one thread per connection, for the life of the guest.
+fn echo_server(port: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(("127.0.0.1", port))?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let _nodelay = stream.set_nodelay(true);
+                let mut buf = [0u8; 65536];
+                loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if stream.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// A sink server: reads everything and answers with the byte count once the peer shuts down
+/// its side (for bandwidth: the client times its upload).
+fn sink_server(port: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(("127.0.0.1", port))?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                let mut total = 0u64;
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                let _answer = stream.write_all(&total.to_be_bytes());
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Sample statistics in milliseconds.
+#[derive(Clone, Copy, Debug)]
+struct Stats {
+    median: f64,
+    p99: f64,
+    mean: f64,
+    sd: f64,
+    /// The spread estimated from the interquartile range (IQR / 1.349, σ for a normal
+    /// distribution): robust to the emulator's occasional long stalls, which inflate `sd`.
+    iqr_sigma: f64,
+    n: usize,
+}
+
+impl Stats {
+    fn of(micros: &[u64]) -> anyhow::Result<Stats> {
+        ensure!(!micros.is_empty(), "no samples");
+        let mut ms: Vec<f64> = micros.iter().map(|&u| u as f64 / 1000.0).collect();
+        ms.sort_by(f64::total_cmp);
+        let n = ms.len();
+        let mean = ms.iter().sum::<f64>() / n as f64;
+        let var = ms.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
+        let rank = |q: f64| ms[((q * (n - 1) as f64).round() as usize).min(n - 1)];
+        Ok(Stats {
+            median: rank(0.5),
+            p99: rank(0.99),
+            mean,
+            sd: var.sqrt(),
+            iqr_sigma: (rank(0.75) - rank(0.25)) / 1.349,
+            n,
+        })
+    }
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "median {:.2} ms, p99 {:.2} ms, mean {:.2} ms, sd {:.2} ms, IQR/1.349 {:.2} ms (n={})",
+            self.median, self.p99, self.mean, self.sd, self.iqr_sigma, self.n
+        )
+    }
+}
+
+/// Runs the rtt client in `cgroup` and returns its round trips.
+fn measure(cgroup: &Path, port: u16, count: usize, pause_ms: u64) -> anyhow::Result<Vec<u64>> {
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe)
+        .arg("rtt")
+        .arg(cgroup)
+        .args([port.to_string(), count.to_string(), pause_ms.to_string()])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "rtt client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.parse::<u64>().context("rtt output"))
+        .collect()
+}
+
+fn cgroup_root() -> PathBuf {
+    PathBuf::from("/sys/fs/cgroup")
+}
+
+mod guest {
+    //! The tests and their runner: the same assertions as the host's delay tests, through a
+    //! real faultd and its gRPC API, with slack for the timing noise of an emulated CPU.
+
+    use faultd_proto::v1::fault::Action;
+    use faultd_proto::v1::{
+        Bandwidth, Delay, Direction, Fault, Mechanism, Protocol, RemoveRequest,
+    };
+    use faultd_tests::api::{cgroup_target, drop_fault, with_ttl};
+    use faultd_tests::{Cgroup, Faultd};
+
+    use super::*;
+
+    const ECHO_PORT: u16 = 7000;
+    const SINK_PORT: u16 = 7001;
+    /// Emulated CPUs add 1–20 ms of noise to single round trips; medians move less.
+    const MEDIAN_SLACK_MS: f64 = 15.0;
+
+    type Test = fn(&tokio::runtime::Runtime) -> anyhow::Result<()>;
+
+    const TESTS: &[(&str, Test)] = &[
+        ("delay-netem", |rt| rt.block_on(delay(Mechanism::Netem))),
+        ("delay-edt", |rt| rt.block_on(delay(Mechanism::Edt))),
+        ("jitter-netem", |rt| rt.block_on(jitter(Mechanism::Netem))),
+        ("jitter-edt", |rt| rt.block_on(jitter(Mechanism::Edt))),
+        ("expiry-netem", |rt| rt.block_on(expiry(Mechanism::Netem))),
+        ("bandwidth-netem", |rt| {
+            rt.block_on(bandwidth(Mechanism::Netem))
+        }),
+        ("bandwidth-edt", |rt| rt.block_on(bandwidth(Mechanism::Edt))),
+        ("drop", |rt| rt.block_on(drop_all())),
+        ("sigkill-netem", |rt| rt.block_on(sigkill(Mechanism::Netem))),
+    ];
+
+    pub fn run(filter: &[String]) -> usize {
+        if let Err(e) = echo_server(ECHO_PORT).and_then(|()| sink_server(SINK_PORT)) {
+            println!("guest: starting the servers: {e:#}");
+            return 1;
+        }
+        // SAFETY: single-threaded here; the harness finds the binaries through these.
+        unsafe {
+            std::env::set_var("FAULTD_BIN", "/bin/faultd");
+            std::env::set_var("FAULTCTL_BIN", "/bin/faultctl");
+        }
+        let mut failed = 0;
+        for (name, test) in TESTS {
+            if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+                continue;
+            }
+            let started = Instant::now();
+            println!("guest: test {name} ...");
+            let outcome = std::panic::catch_unwind(|| {
+                let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+                test(&rt)
+            });
+            let took = started.elapsed().as_secs_f64();
+            match outcome {
+                Ok(Ok(())) => println!("guest: test {name} ok ({took:.1} s)"),
+                Ok(Err(e)) => {
+                    failed += 1;
+                    println!("guest: test {name} FAILED ({took:.1} s): {e:#}");
+                }
+                Err(_) => {
+                    failed += 1;
+                    println!("guest: test {name} FAILED ({took:.1} s): panicked");
+                }
+            }
+        }
+        failed
+    }
+
+    fn cgroup_dir(cgroup: &Cgroup) -> PathBuf {
+        cgroup_root().join(cgroup.path().trim_start_matches('/'))
+    }
+
+    fn delay_fault(cgroup: &Cgroup, latency_ms: u64, jitter_ms: u64, m: Mechanism) -> Fault {
+        Fault {
+            action: Some(Action::Delay(Delay {
+                latency: Some(faultd::duration::to_proto(Duration::from_millis(
+                    latency_ms,
+                ))),
+                jitter: Some(faultd::duration::to_proto(Duration::from_millis(jitter_ms))),
+                correlation: 0.0,
+                mechanism: m.into(),
+            })),
+            target: Some(cgroup_target(
+                cgroup,
+                &[ECHO_PORT],
+                Protocol::Tcp,
+                Direction::Egress,
+            )),
+            ..Default::default()
+        }
+    }
+
+    /// Injects under a private lease of `ttl`; checks the mechanism faultd reports.
+    async fn inject(
+        faultd: &Faultd,
+        fault: Fault,
+        ttl: Duration,
+        m: Mechanism,
+    ) -> anyhow::Result<Fault> {
+        let fault = faultd
+            .faults()
+            .inject(with_ttl(fault, ttl))
+            .await
+            .map_err(|s| anyhow::anyhow!("Inject: {s:?}"))?
+            .into_inner();
+        let want = m.as_str_name().to_lowercase();
+        ensure!(
+            fault.mechanism == want,
+            "mechanism {:?}, want {want:?}",
+            fault.mechanism
+        );
+        Ok(fault)
+    }
+
+    async fn remove(faultd: &Faultd, id: &str) -> anyhow::Result<Fault> {
+        Ok(faultd
+            .faults()
+            .remove(RemoveRequest { id: id.to_string() })
+            .await
+            .map_err(|s| anyhow::anyhow!("Remove: {s:?}"))?
+            .into_inner())
+    }
+
+    fn tc(args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("/usr/sbin/tc").args(args).output()?;
+        ensure!(
+            out.status.success(),
+            "tc {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// No qdisc or filter of faultd's (handles and priorities 7a00–7aff) on loopback.
+    fn assert_no_tc_state() -> anyhow::Result<()> {
+        let qdiscs = tc(&["qdisc", "show", "dev", "lo"])?;
+        ensure!(
+            !qdiscs.contains(" 7a"),
+            "faultd's qdiscs left on lo:\n{qdiscs}"
+        );
+        ensure!(!qdiscs.contains("clsact"), "a clsact left on lo:\n{qdiscs}");
+        Ok(())
+    }
+
+    fn stats(cgroup: &Path, count: usize, pause_ms: u64) -> anyhow::Result<Stats> {
+        Stats::of(&measure(cgroup, ECHO_PORT, count, pause_ms)?)
+    }
+
+    /// 100 ms on what the cgroup sends: the round trip rises by 100 ms, not 200; clients
+    /// outside are unaffected; removing it restores the baseline and leaves nothing in tc.
+    async fn delay(m: Mechanism) -> anyhow::Result<()> {
+        let faultd = Faultd::start().await;
+        let cgroup = Cgroup::new();
+        let inside = cgroup_dir(&cgroup);
+        let baseline = stats(&inside, 50, 0)?;
+        let fault = inject(
+            &faultd,
+            delay_fault(&cgroup, 100, 0, m),
+            Duration::from_secs(120),
+            m,
+        )
+        .await?;
+        println!(
+            "guest:   {}",
+            tc(&["qdisc", "show", "dev", "lo"])?
+                .trim_end()
+                .replace('\n', "\nguest:   ")
+        );
+        let delayed = stats(&inside, 50, 0)?;
+        let outside = stats(&cgroup_root(), 50, 0)?;
+        let removed = remove(&faultd, &fault.id).await?;
+        let after = stats(&inside, 50, 0)?;
+        let counters = removed.counters.unwrap_or_default();
+        println!(
+            "guest:   baseline {baseline}\nguest:   delayed  {delayed}\nguest:   outside  {outside}\nguest:   after    {after}\nguest:   counters matched {} delayed {}",
+            counters.matched, counters.delayed
+        );
+        let added = delayed.median - baseline.median;
+        println!(
+            "guest:   REPORT {} delay 100ms: added median {added:.2} ms (error {:+.2} ms), p99 {:.2} ms (error {:+.2} ms)",
+            m.as_str_name(),
+            added - 100.0,
+            delayed.p99 - baseline.median,
+            delayed.p99 - baseline.median - 100.0
+        );
+        ensure!(
+            (added - 100.0).abs() <= MEDIAN_SLACK_MS,
+            "added {added:.2} ms, not 100 ± {MEDIAN_SLACK_MS} ms"
+        );
+        // p99 of 50 is nearly the maximum: one emulator hiccup of up to ~70 ms may land there.
+        ensure!(
+            delayed.p99 < baseline.median + 100.0 + 75.0,
+            "p99 {:.2} ms",
+            delayed.p99
+        );
+        ensure!(
+            outside.median < baseline.median + MEDIAN_SLACK_MS,
+            "outside median {:.2} ms",
+            outside.median
+        );
+        ensure!(
+            after.median < baseline.median + MEDIAN_SLACK_MS,
+            "after removal: {:.2} ms",
+            after.median
+        );
+        ensure!(
+            counters.delayed >= 50,
+            "delayed counter {}",
+            counters.delayed
+        );
+        assert_no_tc_state()
+    }
+
+    /// 50 ms ± 20 ms: the spread of the round trips is the requested one.
+    async fn jitter(m: Mechanism) -> anyhow::Result<()> {
+        let faultd = Faultd::start().await;
+        let cgroup = Cgroup::new();
+        let inside = cgroup_dir(&cgroup);
+        let baseline = stats(&inside, 50, 0)?;
+        let fault = inject(
+            &faultd,
+            delay_fault(&cgroup, 50, 20, m),
+            Duration::from_secs(120),
+            m,
+        )
+        .await?;
+        let delayed = stats(&inside, 100, 0)?;
+        remove(&faultd, &fault.id).await?;
+        println!("guest:   baseline {baseline}\nguest:   jittered {delayed}");
+        // The emulator's own noise adds to the spread: take it out. Its stalls of tens of ms
+        // inflate the standard deviation, so the assertion uses the interquartile estimate.
+        let sd = (delayed.sd.powi(2) - baseline.sd.powi(2)).max(0.0).sqrt();
+        let sigma = (delayed.iqr_sigma.powi(2) - baseline.iqr_sigma.powi(2))
+            .max(0.0)
+            .sqrt();
+        println!(
+            "guest:   REPORT {} jitter 50ms±20ms: median added {:.2} ms, sd {sd:.2} ms, IQR/1.349 {sigma:.2} ms",
+            m.as_str_name(),
+            delayed.median - baseline.median
+        );
+        ensure!(
+            (sigma - 20.0).abs() <= 20.0 * 0.3,
+            "spread {sigma:.2} ms (IQR/1.349), not 20 ms ± 30%"
+        );
+        ensure!(
+            (delayed.median - baseline.median - 50.0).abs() <= MEDIAN_SLACK_MS,
+            "median {:.2}",
+            delayed.median
+        );
+        Ok(())
+    }
+
+    /// The lease ends the delay by itself, and faultd takes its qdiscs away.
+    async fn expiry(m: Mechanism) -> anyhow::Result<()> {
+        let faultd = Faultd::start().await;
+        let cgroup = Cgroup::new();
+        let inside = cgroup_dir(&cgroup);
+        let ttl = Duration::from_secs(3);
+        let injected = Instant::now();
+        inject(&faultd, delay_fault(&cgroup, 100, 0, m), ttl, m).await?;
+        let delayed = stats(&inside, 5, 0)?;
+        ensure!(
+            delayed.median > 90.0,
+            "not delayed before expiry: {delayed}"
+        );
+        tokio::time::sleep((ttl + Duration::from_millis(300)).saturating_sub(injected.elapsed()))
+            .await;
+        let after = stats(&inside, 20, 0)?;
+        println!("guest:   delayed {delayed}\nguest:   expired {after}");
+        ensure!(
+            after.median < 20.0,
+            "still delayed after the lease expired: {after}"
+        );
+        assert_no_tc_state()
+    }
+
+    /// Uploads `bytes` to the sink server from `cgroup`; the time until the server confirms.
+    fn upload(cgroup: &Path, bytes: usize) -> anyhow::Result<Duration> {
+        let exe = std::env::current_exe()?;
+        let out = Command::new(exe)
+            .arg("upload")
+            .arg(cgroup)
+            .args([SINK_PORT.to_string(), bytes.to_string()])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "upload failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let micros: u64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+        Ok(Duration::from_micros(micros))
+    }
+
+    /// 256 KiB/s: 1 MiB takes 4 s ± 10% (± 15% emulated); outside is unaffected.
+    async fn bandwidth(m: Mechanism) -> anyhow::Result<()> {
+        let faultd = Faultd::start().await;
+        let cgroup = Cgroup::new();
+        let inside = cgroup_dir(&cgroup);
+        let rate = 256 * 1024;
+        let fault = Fault {
+            action: Some(Action::Bandwidth(Bandwidth {
+                rate_bytes_per_sec: rate,
+                burst: 0,
+                mechanism: m.into(),
+            })),
+            target: Some(cgroup_target(
+                &cgroup,
+                &[SINK_PORT],
+                Protocol::Tcp,
+                Direction::Egress,
+            )),
+            ..Default::default()
+        };
+        let fault = inject(&faultd, fault, Duration::from_secs(120), m).await?;
+        let limited = upload(&inside, 1 << 20)?;
+        let outside = upload(&cgroup_root(), 1 << 20)?;
+        remove(&faultd, &fault.id).await?;
+        let expected = (1u64 << 20) as f64 / rate as f64;
+        let error = limited.as_secs_f64() / expected - 1.0;
+        println!(
+            "guest:   REPORT {} bandwidth 256KiB/s: 1 MiB in {:.3} s (expected {expected:.1} s, error {:+.1}%), outside {:.3} s",
+            m.as_str_name(),
+            limited.as_secs_f64(),
+            error * 100.0,
+            outside.as_secs_f64()
+        );
+        ensure!(
+            error.abs() <= 0.15,
+            "1 MiB took {:.3} s at 256 KiB/s",
+            limited.as_secs_f64()
+        );
+        ensure!(
+            outside.as_secs_f64() < 1.0,
+            "outside upload took {:.3} s",
+            outside.as_secs_f64()
+        );
+        assert_no_tc_state()
+    }
+
+    /// The cgroup_skb datapath on this kernel: a 100% drop cuts the cgroup's connection
+    /// attempts; removing it lets them through.
+    async fn drop_all() -> anyhow::Result<()> {
+        let faultd = Faultd::start().await;
+        let cgroup = Cgroup::new();
+        let inside = cgroup_dir(&cgroup);
+        let fault = faultd
+            .faults()
+            .inject(with_ttl(
+                drop_fault(
+                    100.0,
+                    cgroup_target(&cgroup, &[ECHO_PORT], Protocol::Tcp, Direction::Egress),
+                ),
+                Duration::from_secs(60),
+            ))
+            .await
+            .map_err(|s| anyhow::anyhow!("Inject: {s:?}"))?
+            .into_inner();
+        let blocked = measure(&inside, ECHO_PORT, 1, 0);
+        ensure!(
+            blocked.is_err(),
+            "a round trip passed a 100% drop: {blocked:?}"
+        );
+        let outside = stats(&cgroup_root(), 5, 0)?;
+        remove(&faultd, &fault.id).await?;
+        let after = stats(&inside, 5, 0)?;
+        println!("guest:   outside {outside}\nguest:   after   {after}");
+        Ok(())
+    }
+
+    /// SIGKILL during a delay: traffic flows again within 1 s, and the next faultd leaves no
+    /// qdisc or filter of the dead one.
+    async fn sigkill(m: Mechanism) -> anyhow::Result<()> {
+        let mut faultd = Faultd::start().await;
+        let cgroup = Cgroup::new();
+        let inside = cgroup_dir(&cgroup);
+        inject(
+            &faultd,
+            delay_fault(&cgroup, 100, 0, m),
+            Duration::from_secs(120),
+            m,
+        )
+        .await?;
+        let delayed = stats(&inside, 3, 0)?;
+        ensure!(delayed.median > 90.0, "not delayed: {delayed}");
+        faultd.kill();
+        let killed = Instant::now();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let after = stats(&inside, 10, 0)?;
+        println!("guest:   delayed {delayed}\nguest:   1 s after SIGKILL {after}");
+        ensure!(
+            after.median < 20.0,
+            "still delayed {:?} after SIGKILL: {after}",
+            killed.elapsed()
+        );
+        let left = tc(&["qdisc", "show", "dev", "lo"])?;
+        println!(
+            "guest:   left by the killed faultd:\nguest:   {}",
+            left.trim_end().replace('\n', "\nguest:   ")
+        );
+        let _next = Faultd::start().await;
+        assert_no_tc_state()?;
+        let filters = tc(&["filter", "show", "dev", "lo", "egress"]).unwrap_or_default();
+        ensure!(
+            !filters.contains("faultd_shape"),
+            "a filter of the dead faultd is left:\n{filters}"
+        );
+        Ok(())
+    }
+}
