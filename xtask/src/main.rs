@@ -6,6 +6,8 @@
 //! - `test`: setup, fmt and clippy, then the whole suite, privileged end-to-end tests included,
 //!   and the kernel matrix.
 //! - `vm-test`: the kernel matrix alone (qemu guests with other kernels; see `vm.rs`).
+//! - `bench`: setup, release build, then the benchmarks (`tests/src/bin/fd-bench.rs`; not part
+//!   of the test suite): a table on stdout and JSON in `target/bench/`.
 
 mod vm;
 
@@ -78,6 +80,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, build (release) and run the benchmarks: a table, and JSON in target/bench/.
+    Bench {
+        /// Fewer rounds and shorter runs (a few minutes instead of ~20).
+        #[arg(long)]
+        quick: bool,
+        /// Only this benchmark (latency, overhead, accuracy, scale, churn, proxy); repeatable.
+        #[arg(long)]
+        only: Vec<String>,
+    },
     /// Boot other kernels under qemu and run the delay, bandwidth and drop tests in them.
     VmTest {
         /// Only these kernels (5.10, 6.1, 6.12); all by default.
@@ -97,6 +108,7 @@ fn main() -> anyhow::Result<()> {
         Task::Build { release } => build(release),
         Task::Run { args } => run(&root, args),
         Task::Test { no_lint, args } => test(&root, no_lint, args),
+        Task::Bench { quick, only } => bench(&root, quick, only),
         Task::VmTest { kernels, args } => vm::vm_test(
             &root,
             &vm::Options {
@@ -228,6 +240,57 @@ fn build(release: bool) -> anyhow::Result<()> {
     cmd.args(["build", "-p", "faultd-agent", "--bins"]);
     if release {
         cmd.arg("--release");
+    }
+    status(&mut cmd)
+}
+
+/// The fault proxy the benchmarks compare against, pinned.
+const FAULT_CLI_VERSION: &str = "1.2.1";
+const BENCH_TOOLS: &str = "target/bench-tools";
+
+fn bench(root: &Path, quick: bool, only: Vec<String>) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "the benchmarks create namespaces, cgroups and BPF programs: run `sudo -E cargo xtask bench`"
+        );
+    }
+    setup()?;
+    status(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "faultd-agent",
+        "-p",
+        "faultd-tests",
+        "--bins",
+    ]))?;
+    let wants_proxy = only.is_empty() || only.iter().any(|o| o == "proxy");
+    if wants_proxy && !root.join(BENCH_TOOLS).join("bin/fault").is_file() {
+        // Best effort: if it does not build here, the proxy benchmark says so and the rest run.
+        let installed = status(
+            cargo()
+                .args([
+                    "install",
+                    &format!("fault-cli@{FAULT_CLI_VERSION}"),
+                    "--locked",
+                ])
+                .args(["--root", BENCH_TOOLS, "--target-dir"])
+                .arg(Path::new(BENCH_TOOLS).join("build")),
+        );
+        if let Err(e) = installed {
+            eprintln!("xtask: WARNING: fault-cli {FAULT_CLI_VERSION} did not install: {e:#}");
+        }
+    }
+    let bin = root.join("target/release");
+    let mut cmd = Command::new(bin.join("fd-bench"));
+    cmd.env("FAULTD_BIN", bin.join("faultd"))
+        .env("FAULTCTL_BIN", bin.join("faultctl"))
+        .args(["--out", "target/bench"]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    for name in only {
+        cmd.args(["--only", &name]);
     }
     status(&mut cmd)
 }

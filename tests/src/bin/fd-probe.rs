@@ -5,6 +5,7 @@
 //! fd-probe [--cgroup DIR] [--netns NAME] tcp-probe ADDR [--interval 5ms] [--timeout 20ms] [--duration 1s]
 //! fd-probe [--cgroup DIR] [--netns NAME] udp-blast ADDR COUNT [--rate PPS]
 //! fd-probe [--cgroup DIR] [--netns NAME] udp-recv ADDR [--idle 1s] [--max 30s]
+//! fd-probe [--cgroup DIR] [--netns NAME] udp-stream ADDR --round N [--interval 100us] [--duration 5s]
 //! fd-probe [--cgroup DIR] [--netns NAME] redis-rtt ADDR [--count 200] [--interval 10ms] [--timeout 10s]
 //! fd-probe [--cgroup DIR] [--netns NAME] redis-set ADDR KEY BYTES
 //! fd-probe [--cgroup DIR] [--netns NAME] redis-get ADDR KEY [--timeout 30s]
@@ -87,6 +88,7 @@ fn run() -> Result<ExitCode, String> {
         "tcp-probe" => tcp_probe(&args),
         "udp-blast" => udp_blast(&args),
         "udp-recv" => udp_recv(&args),
+        "udp-stream" => udp_stream(&args),
         "redis-rtt" => redis_rtt(&args),
         "redis-set" => redis_set(&args),
         "redis-get" => redis_get(&args),
@@ -283,6 +285,47 @@ fn udp_blast(args: &[String]) -> Result<ExitCode, String> {
     if let Some(e) = first_error {
         println!("first_error={e}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sends one datagram every --interval for --duration, each carrying the round number, its
+/// sequence number and the wall-clock time it was sent (`round u32, seq u32, unix_ns u64`,
+/// little endian), so a receiver can tell when a fault began and ceased to drop them.
+/// Send errors (an `iptables -j DROP` in OUTPUT fails the send) are counted, not fatal.
+fn udp_stream(args: &[String]) -> Result<ExitCode, String> {
+    let (pos, opts) = parse(args, 1, &["round", "interval", "duration"])?;
+    let addr = resolve(&pos[0])?;
+    let round: u32 = opts
+        .get("round")
+        .ok_or("--round N is required")?
+        .parse()
+        .map_err(|_| "--round: not a number".to_owned())?;
+    let interval = duration(&opts, "interval", Duration::from_micros(100))?;
+    let length = duration(&opts, "duration", Duration::from_secs(5))?;
+    raise_priority();
+    // Sleeps of ~100 us are only that short with a small timer slack (default 50 us).
+    // SAFETY: prctl with integer arguments on our own thread.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000, 0, 0, 0) };
+    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("bind: {e}"))?;
+    let mut payload = [0u8; 16];
+    payload[..4].copy_from_slice(&round.to_le_bytes());
+    let start = Instant::now();
+    let mut errors = 0u64;
+    let mut seq: u32 = 0;
+    while start.elapsed() < length {
+        payload[4..8].copy_from_slice(&seq.to_le_bytes());
+        payload[8..16].copy_from_slice(&(unix_ns() as u64).to_le_bytes());
+        if socket.send_to(&payload, addr).is_err() {
+            errors += 1;
+        }
+        seq = seq.wrapping_add(1);
+        let due = interval * seq;
+        let elapsed = start.elapsed();
+        if due > elapsed {
+            thread::sleep(due - elapsed);
+        }
+    }
+    println!("sent={seq} errors={errors}");
     Ok(ExitCode::SUCCESS)
 }
 
