@@ -1,0 +1,113 @@
+//! Micro-benchmarks of the user-space paths every request takes (`cargo bench -p faultd-agent`):
+//! turning an Inject's fault into a validated spec, encoding a target into kernel map keys, and
+//! the lease table with 10 000 leases (renew, insert/remove, expiry scan).
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use faultd::api::convert::fault_spec;
+use faultd::lease::{Lease, LeaseTable};
+use faultd_proto::v1 as pb;
+use tokio::time::Instant;
+
+const LEASES: usize = 10_000;
+
+fn drop_fault(ports: Vec<pb::PortRange>) -> pb::Fault {
+    pb::Fault {
+        action: Some(pb::fault::Action::Drop(pb::Drop { percent: 30.0 })),
+        target: Some(pb::Target {
+            scope: Some(pb::target::Scope::Cgroup(pb::CgroupScope {
+                path: "/app/worker".to_owned(),
+            })),
+            ports,
+            protocol: pb::Protocol::Tcp.into(),
+            direction: pb::Direction::Egress.into(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn port(first: u32, last: Option<u32>) -> pb::PortRange {
+    pb::PortRange { first, last }
+}
+
+fn validation(c: &mut Criterion) {
+    let one = drop_fault(vec![port(6379, None)]);
+    c.bench_function("validate drop fault, 1 port", |b| {
+        b.iter(|| fault_spec(Some(black_box(one.clone()))).expect("valid"))
+    });
+    let many = drop_fault(vec![
+        port(6379, None),
+        port(5432, None),
+        port(8000, Some(8010)),
+    ]);
+    c.bench_function("validate drop fault, 2 ports + range of 11", |b| {
+        b.iter(|| fault_spec(Some(black_box(many.clone()))).expect("valid"))
+    });
+    let bad = pb::Fault {
+        action: Some(pb::fault::Action::Drop(pb::Drop { percent: 150.0 })),
+        ..one.clone()
+    };
+    c.bench_function("reject invalid drop percent", |b| {
+        b.iter(|| fault_spec(Some(black_box(bad.clone()))).expect_err("invalid"))
+    });
+}
+
+fn encoding(c: &mut Criterion) {
+    let one = fault_spec(Some(drop_fault(vec![port(6379, None)]))).expect("valid");
+    c.bench_function("rule keys, 1 port", |b| {
+        b.iter(|| black_box(&one.target).rule_keys(black_box(4242)))
+    });
+    let mut both = drop_fault(vec![port(8000, Some(8099))]);
+    if let Some(t) = both.target.as_mut() {
+        t.protocol = pb::Protocol::Unspecified.into();
+        t.direction = pb::Direction::Unspecified.into();
+    }
+    let both = fault_spec(Some(both)).expect("valid");
+    c.bench_function("rule keys, 100 ports x tcp+udp x both directions", |b| {
+        b.iter(|| black_box(&both.target).rule_keys(black_box(4242)))
+    });
+}
+
+fn lease(id: String, now: Instant) -> Lease {
+    Lease {
+        id,
+        ttl: Duration::from_secs(10),
+        deadline: now + Duration::from_secs(10),
+        faults: Vec::new(),
+        private: false,
+        labels: Default::default(),
+    }
+}
+
+fn lease_table(c: &mut Criterion) {
+    let now = Instant::now();
+    let mut table = LeaseTable::default();
+    let ids: Vec<String> = (0..LEASES).map(|i| format!("lease-{i:08}")).collect();
+    for id in &ids {
+        table.insert(lease(id.clone(), now));
+    }
+    let mut i = 0;
+    c.bench_function("lease table (10k): renew", |b| {
+        b.iter(|| {
+            i = (i + 1) % LEASES;
+            table.renew(black_box(&ids[i]), Instant::now()).is_some()
+        })
+    });
+    c.bench_function("lease table (10k): insert + remove", |b| {
+        b.iter(|| {
+            table.insert(lease("lease-extra".to_owned(), now));
+            table.remove(black_box("lease-extra")).is_some()
+        })
+    });
+    c.bench_function("lease table (10k): expiry scan, none due", |b| {
+        b.iter(|| table.take_expired(black_box(now)).len())
+    });
+    c.bench_function("lease table (10k): next deadline", |b| {
+        b.iter(|| table.next_deadline())
+    });
+}
+
+criterion_group!(benches, validation, encoding, lease_table);
+criterion_main!(benches);
