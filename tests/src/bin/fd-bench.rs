@@ -1175,6 +1175,8 @@ async fn overhead(ctx: &Ctx) -> anyhow::Result<()> {
     let rounds = ctx.rounds(5, 2);
     // name → per round (without faultd, with faultd)
     let mut pairs: Vec<(String, Vec<(Perf, Perf)>)> = Vec::new();
+    // faultd's own CPU while the clients ran: what it takes from them on a small machine.
+    let mut faultd_cpu = Vec::new();
     for round in 0..rounds {
         // Alternate which goes first, so a drift in the machine's load favours neither.
         let mut without = None;
@@ -1195,7 +1197,10 @@ async fn overhead(ctx: &Ctx) -> anyhow::Result<()> {
                 )
                 .await;
                 assert_eq!(ids.len(), 1000);
+                let pid = bench.faultd.pid();
+                let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
                 with = Some(workloads(ctx, &inside, DIRECT)?);
+                faultd_cpu.push(100.0 * (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64());
             }
         }
         let (without, with) = (without.expect("ran"), with.expect("ran"));
@@ -1248,6 +1253,12 @@ async fn overhead(ctx: &Ctx) -> anyhow::Result<()> {
         row.baseline = Some(("no faultd p99, us".to_owned(), base99));
         ctx.push(row);
     }
+    ctx.push(Row::new(
+        B,
+        "faultd CPU while the clients ran (b)",
+        "% core",
+        &faultd_cpu,
+    ));
     ctx.note(format!(
         "overhead: {rounds} interleaved rounds of (a) no faultd and (b) faultd with 1000 drop faults \
          on the client's own cgroup, ports {IDLE_PORTS}-{} TCP+UDP both directions (none matching); \
