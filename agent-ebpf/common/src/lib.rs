@@ -41,6 +41,22 @@ pub const ACTION_DROP: u32 = 1;
 /// `RuleValue::action` on a `DIR_CONNECT` key: the connect fails with ECONNREFUSED.
 pub const ACTION_REJECT: u32 = 2;
 
+/// `RuleValue::action` of a rules-map entry whose faults name peers: the packet's remote address,
+/// looked up in the peers map under the same `RuleKey`, says which fault (if any) applies.
+pub const ACTION_PEERS: u32 = 3;
+/// `RuleValue::action` of a peers-map entry for an excluded prefix: no fault applies.
+pub const ACTION_PASS: u32 = 0;
+
+/// LPM trie `PeerKey` → `RuleValue`: the peers (CIDRs) of faults that name them.
+pub const PEERS_MAP: &str = "FAULTD_PEERS";
+/// Capacity of the peers map (prefixes × kernel keys of the faults with peers).
+pub const MAX_PEERS: u32 = 65_536;
+/// `PeerKey::family`.
+pub const FAMILY_V4: u32 = 4;
+pub const FAMILY_V6: u32 = 6;
+/// Bits of a `PeerKey` before the address, always matched in full (rule key and family).
+pub const PEER_KEY_FIXED_BITS: u32 = 160;
+
 /// The errno a refused connect reports, as a real closed port does.
 pub const ECONNREFUSED: i32 = 111;
 
@@ -82,6 +98,18 @@ pub struct RuleValue {
     /// Index into the counters map.
     pub counter_slot: u32,
     pub action: u32,
+}
+
+/// The data of a peers-map key: the rule it belongs to, the address family, and the remote
+/// address in network byte order (IPv4 in the first 4 bytes). The prefix length counts
+/// `PEER_KEY_FIXED_BITS` plus the CIDR's length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PeerKey {
+    pub rule: RuleKey,
+    pub family: u32,
+    pub addr: [u8; 16],
+    pub _pad: u32,
 }
 
 /// Marks a cgroup that has rules; the programs only test for presence. User space counts the
@@ -173,6 +201,7 @@ mod pod {
     unsafe impl aya::Pod for super::RuleKey {}
     unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::ScopeValue {}
+    unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::ShapeValue {}
     unsafe impl aya::Pod for super::ShapeState {}
@@ -187,6 +216,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<RuleKey>(), 16);
         assert_eq!(size_of::<RuleValue>(), 24);
+        assert_eq!(size_of::<PeerKey>(), 40);
         assert_eq!(size_of::<ScopeValue>(), 8);
         assert_eq!(size_of::<Counters>(), 32);
         assert_eq!(size_of::<ShapeValue>(), 56);

@@ -7,21 +7,24 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
 use faultd_common::{
-    COUNTERS_MAP, Counters, PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS, PROG_INGRESS, RULES_MAP,
-    RuleKey, RuleValue, SCOPES_MAP, ScopeValue,
+    COUNTERS_MAP, Counters, FAMILY_V4, FAMILY_V6, PEER_KEY_FIXED_BITS, PEERS_MAP, PROG_CONNECT4,
+    PROG_CONNECT6, PROG_EGRESS, PROG_INGRESS, PeerKey, RULES_MAP, RuleKey, RuleValue, SCOPES_MAP,
+    ScopeValue,
 };
 
-use super::{ConnectionKiller, Dataplane, DataplaneError, SocketFilter, sock_diag};
+use super::{ConnectionKiller, Dataplane, DataplaneError, PeerEntry, SocketFilter, sock_diag};
 use crate::caps::Capability;
 use crate::fault::Action;
 
 pub struct CgroupSkbDataplane {
     rules: BpfHashMap<MapData, RuleKey, RuleValue>,
     scopes: BpfHashMap<MapData, u64, ScopeValue>,
+    peers: LpmTrie<MapData, PeerKey, RuleValue>,
     counters: PerCpuArray<MapData, Counters>,
     /// Rules per scope id, to keep the scopes map in step with the rules map.
     scope_rules: HashMap<u64, u32>,
@@ -95,12 +98,14 @@ impl CgroupSkbDataplane {
         };
         let rules = BpfHashMap::try_from(take(RULES_MAP)?).map_err(map_err(RULES_MAP))?;
         let scopes = BpfHashMap::try_from(take(SCOPES_MAP)?).map_err(map_err(SCOPES_MAP))?;
+        let peers = LpmTrie::try_from(take(PEERS_MAP)?).map_err(map_err(PEERS_MAP))?;
         let counters = PerCpuArray::try_from(take(COUNTERS_MAP)?).map_err(map_err(COUNTERS_MAP))?;
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| DataplaneError::Load(format!("{what}: {e}")))?;
         Ok(Self {
             rules,
             scopes,
+            peers,
             counters,
             scope_rules: HashMap::new(),
             nr_cpus,
@@ -188,6 +193,28 @@ impl Dataplane for CgroupSkbDataplane {
         first_error.map_or(Ok(()), Err)
     }
 
+    fn set_peers(&mut self, entries: &[(PeerEntry, RuleValue)]) -> Result<(), DataplaneError> {
+        for (entry, value) in entries {
+            self.peers
+                .insert(&peer_key(entry), value, 0)
+                .map_err(map_err(PEERS_MAP))?;
+        }
+        Ok(())
+    }
+
+    fn remove_peers(&mut self, entries: &[PeerEntry]) -> Result<(), DataplaneError> {
+        let mut first_error = None;
+        for entry in entries {
+            match self.peers.remove(&peer_key(entry)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => {
+                    first_error.get_or_insert(map_err(PEERS_MAP)(e));
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     fn counters(&self, slot: u32) -> Result<Counters, DataplaneError> {
         let per_cpu = self.counters.get(&slot, 0).map_err(map_err(COUNTERS_MAP))?;
         Ok(per_cpu.iter().fold(Counters::default(), |sum, c| Counters {
@@ -257,6 +284,24 @@ impl Dataplane for CgroupSkbDataplane {
             Ok(sock_diag::destroy(filter, &mut sockets)?.sockets)
         })
     }
+}
+
+/// The LPM trie key of a peers entry: the rule and the family always match in full.
+fn peer_key(entry: &PeerEntry) -> LpmKey<PeerKey> {
+    let family = if entry.cidr.is_v6() {
+        FAMILY_V6
+    } else {
+        FAMILY_V4
+    };
+    LpmKey::new(
+        PEER_KEY_FIXED_BITS + u32::from(entry.cidr.prefix),
+        PeerKey {
+            rule: entry.rule,
+            family,
+            addr: entry.cidr.bytes(),
+            _pad: 0,
+        },
+    )
 }
 
 /// Loads the connect4/connect6 programs and attaches them at the cgroup v2 root.
