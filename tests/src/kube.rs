@@ -76,16 +76,20 @@ impl KubeTree {
     pub fn pod(&mut self, driver: Driver, qos: Qos) -> Pod {
         let n = uniq().replace('-', "");
         let n = format!("{n:0>12}");
-        let uid = format!("{}-4e5f-4a9b-8c1d-{}", &n[n.len() - 8..], &n[n.len() - 12..]);
+        let uid = format!(
+            "{}-4e5f-4a9b-8c1d-{}",
+            &n[n.len() - 8..],
+            &n[n.len() - 12..]
+        );
         let u = uid.replace('-', "_");
         let relative = match (driver, qos) {
             (Driver::Systemd, Qos::Guaranteed) => format!("kubepods.slice/kubepods-pod{u}.slice"),
-            (Driver::Systemd, Qos::Burstable) => format!(
-                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"
-            ),
-            (Driver::Systemd, Qos::BestEffort) => format!(
-                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice"
-            ),
+            (Driver::Systemd, Qos::Burstable) => {
+                format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice")
+            }
+            (Driver::Systemd, Qos::BestEffort) => {
+                format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice")
+            }
             (Driver::Cgroupfs, Qos::Guaranteed) => format!("kubepods/pod{uid}"),
             (Driver::Cgroupfs, Qos::Burstable) => format!("kubepods/burstable/pod{uid}"),
             (Driver::Cgroupfs, Qos::BestEffort) => format!("kubepods/besteffort/pod{uid}"),
@@ -128,7 +132,11 @@ impl Default for KubeTree {
 
 fn procs(dir: &Path) -> Vec<u32> {
     std::fs::read_to_string(dir.join("cgroup.procs"))
-        .map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 

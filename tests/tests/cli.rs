@@ -260,8 +260,20 @@ async fn faultctl_takes_peers_and_pods_and_answers_health_probes() {
     );
 
     let inject = faultctl.run(&[
-        "inject", "drop", "--cgroup", &cgroup, "--port", &port, "--peer", "127.0.0.2",
-        "--peer", "fd00::/8", "--exclude-peer", "fd00::1", "--ttl", "30s",
+        "inject",
+        "drop",
+        "--cgroup",
+        &cgroup,
+        "--port",
+        &port,
+        "--peer",
+        "127.0.0.2",
+        "--peer",
+        "fd00::/8",
+        "--exclude-peer",
+        "fd00::1",
+        "--ttl",
+        "30s",
     ]);
     inject.assert_success();
     let list = faultctl.run(&["list"]);
@@ -278,8 +290,16 @@ async fn faultctl_takes_peers_and_pods_and_answers_health_probes() {
     );
 
     let bad = faultctl.run(&[
-        "inject", "drop", "--cgroup", &cgroup, "--port", "5432", "--exclude-peer", "10.0.0.1/8",
-        "--ttl", "30s",
+        "inject",
+        "drop",
+        "--cgroup",
+        &cgroup,
+        "--port",
+        "5432",
+        "--exclude-peer",
+        "10.0.0.1/8",
+        "--ttl",
+        "30s",
     ]);
     assert!(
         !bad.success() && bad.stderr().contains("fault.target.exclude_peers[0]"),

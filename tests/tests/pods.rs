@@ -36,10 +36,7 @@ fn pod_scope(pod: &Pod) -> Scope {
 
 async fn faultd_for(tree: &KubeTree) -> Faultd {
     Faultd::start_with(FaultdOptions {
-        extra_args: vec![
-            "--cgroup-root".into(),
-            tree.root().display().to_string(),
-        ],
+        extra_args: vec!["--cgroup-root".into(), tree.root().display().to_string()],
         ..Default::default()
     })
     .await
@@ -76,7 +73,12 @@ async fn pod_fault_covers_every_container(driver: Driver, qos: Qos, sibling_qos:
     let fault = faults
         .inject(with_ttl(drop_fault(100.0, target(pod_scope(&pod))), TTL))
         .await
-        .unwrap_or_else(|s| panic!("{driver:?}: Inject of a drop on pod {} failed: {s:?}", pod.uid))
+        .unwrap_or_else(|s| {
+            panic!(
+                "{driver:?}: Inject of a drop on pod {} failed: {s:?}",
+                pod.uid
+            )
+        })
         .into_inner();
     let resolved = fault.resolved.clone().unwrap_or_default();
     assert_eq!(
@@ -171,7 +173,10 @@ async fn a_container_fault_hits_only_that_container_and_unknown_ids_are_not_foun
         .unwrap_or_else(|s| panic!("Inject of a drop on container {target_id} failed: {s:?}"))
         .into_inner();
     let run = targeted.redis_ping();
-    assert!(run.timed_out(), "the targeted container should be black-holed: {run}");
+    assert!(
+        run.timed_out(),
+        "the targeted container should be black-holed: {run}"
+    );
     let run = other.redis_ping();
     assert!(
         run.answered(),
@@ -197,9 +202,15 @@ async fn a_container_fault_hits_only_that_container_and_unknown_ids_are_not_foun
         .unwrap_or_else(|s| panic!("Inject of a drop on container {bare_id} failed: {s:?}"))
         .into_inner();
     let run = bare.redis_ping();
-    assert!(run.timed_out(), "the cgroupfs container should be black-holed: {run}");
+    assert!(
+        run.timed_out(),
+        "the cgroupfs container should be black-holed: {run}"
+    );
     let run = targeted.redis_ping();
-    assert!(run.answered(), "the systemd pod's container is untouched: {run}");
+    assert!(
+        run.answered(),
+        "the systemd pod's container is untouched: {run}"
+    );
     faults
         .remove(RemoveRequest { id: fault.id })
         .await
@@ -255,5 +266,8 @@ async fn a_container_fault_hits_only_that_container_and_unknown_ids_are_not_foun
         .await
         .expect_err("a malformed uid must be refused");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert!(status.message().contains("fault.target.pod.uid"), "{status:?}");
+    assert!(
+        status.message().contains("fault.target.pod.uid"),
+        "{status:?}"
+    );
 }
