@@ -11,6 +11,10 @@
 //! packet's remote address, looked up with the rule's key in an LPM trie, then says which fault
 //! applies, if any. Rules without peers never touch the trie.
 //!
+//! Two tc programs (ingress, egress) serve `netns{path, interface}` scopes: attached to one
+//! interface inside a network namespace, they apply the drop rules of that interface's scope
+//! id (its index) to whatever crosses it, routed traffic included.
+//!
 //! The tc classifier for delay and bandwidth faults lives in `shape`.
 #![no_std]
 #![no_main]
@@ -22,18 +26,18 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_prandom_u32,
         bpf_ktime_get_ns, bpf_set_retval, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, cgroup_sock_addr, map},
+    macros::{cgroup_skb, cgroup_sock_addr, classifier, map},
     maps::{
         HashMap, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{SkBuffContext, SockAddrContext},
+    programs::{SkBuffContext, SockAddrContext, TcContext, sk_buff::SkBuff},
 };
 use faultd_common::{
     ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, Counters, DIR_CONNECT, DIR_EGRESS,
     DIR_INGRESS, ECONNREFUSED, FAMILY_V4, FAMILY_V6, MAX_CGROUP_DEPTH, MAX_FAULTS, MAX_PEERS,
     MAX_RULES, MAX_SCOPES, PEER_KEY_FIXED_BITS, PROTO_TCP, PROTO_UDP, PeerKey, RuleKey, RuleValue,
-    ScopeValue,
+    ScopeValue, netns_scope_id,
 };
 
 #[map]
@@ -84,34 +88,31 @@ struct Packet {
     remote_addr: usize,
 }
 
+/// `base`: where the IP header starts (0 in cgroup_skb programs, after the Ethernet header in tc).
 #[inline(always)]
-fn parse(ctx: &SkBuffContext, direction: u8) -> Option<Packet> {
+fn parse(ctx: &SkBuff, base: usize, direction: u8) -> Option<Packet> {
     // `protocol` holds the EtherType in network byte order.
-    let ethertype = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16) as u32;
+    let ethertype = u16::from_be(unsafe { (*ctx.skb).protocol } as u16) as u32;
     let egress = direction == DIR_EGRESS;
     let (protocol, l4, family, remote_addr) = match ethertype {
         ETH_P_IP => {
-            let vihl: u8 = ctx.load(0).ok()?;
+            let vihl: u8 = ctx.load(base).ok()?;
             if vihl >> 4 != 4 {
                 return None;
             }
-            let frag: u16 = u16::from_be(ctx.load(6).ok()?);
+            let frag: u16 = u16::from_be(ctx.load(base + 6).ok()?);
             if frag & 0x1fff != 0 {
                 return None; // a non-first fragment has no ports
             }
-            let protocol: u8 = ctx.load(9).ok()?;
-            let remote_addr = if egress { 16 } else { 12 };
-            (
-                protocol,
-                ((vihl & 0x0f) as usize) * 4,
-                FAMILY_V4,
-                remote_addr,
-            )
+            let protocol: u8 = ctx.load(base + 9).ok()?;
+            let remote_addr = base + if egress { 16 } else { 12 };
+            let l4 = base + ((vihl & 0x0f) as usize) * 4;
+            (protocol, l4, FAMILY_V4, remote_addr)
         }
         ETH_P_IPV6 => {
-            let next: u8 = ctx.load(6).ok()?;
-            let remote_addr = if egress { 24 } else { 8 };
-            (next, 40, FAMILY_V6, remote_addr)
+            let next: u8 = ctx.load(base + 6).ok()?;
+            let remote_addr = base + if egress { 24 } else { 8 };
+            (next, base + 40, FAMILY_V6, remote_addr)
         }
         _ => return None,
     };
@@ -157,7 +158,7 @@ fn peer_rule(rule: RuleKey, family: u32, addr: [u8; 16]) -> Option<&'static Rule
 
 /// The remote address of the packet, IPv4 in the first 4 bytes.
 #[inline(always)]
-fn remote_addr(ctx: &SkBuffContext, packet: &Packet) -> Option<[u8; 16]> {
+fn remote_addr(ctx: &SkBuff, packet: &Packet) -> Option<[u8; 16]> {
     let mut addr = [0u8; 16];
     if packet.family == FAMILY_V4 {
         let v4: [u8; 4] = ctx.load(packet.remote_addr).ok()?;
@@ -170,8 +171,7 @@ fn remote_addr(ctx: &SkBuffContext, packet: &Packet) -> Option<[u8; 16]> {
 
 #[inline(always)]
 fn should_drop(ctx: &SkBuffContext, direction: u8) -> Option<bool> {
-    let packet = parse(ctx, direction)?;
-    let protocol = packet.protocol;
+    let packet = parse(&ctx.skb, 0, direction)?;
     let skb = ctx.skb.skb;
     let leaf = unsafe { bpf_skb_cgroup_id(skb) };
     if leaf == 0 {
@@ -182,29 +182,66 @@ fn should_drop(ctx: &SkBuffContext, direction: u8) -> Option<bool> {
         if scope == 0 {
             return None;
         }
-        if unsafe { FAULTD_SCOPES.get(&scope) }.is_some() {
-            let mut key = RuleKey::new(scope, protocol, direction, packet.remote);
-            let mut rule = unsafe { FAULTD_RULES.get(&key) };
-            if rule.is_none() {
-                key = RuleKey::new(scope, protocol, direction, packet.local);
-                rule = unsafe { FAULTD_RULES.get(&key) };
-            }
-            if let Some(found) = rule
-                && found.action == ACTION_PEERS
-            {
-                rule = peer_rule(key, packet.family, remote_addr(ctx, &packet)?);
-            }
-            if let Some(rule) = rule
-                && apply(rule)
-            {
-                return Some(true);
-            }
+        if unsafe { FAULTD_SCOPES.get(&scope) }.is_some()
+            && scope_drops(&ctx.skb, scope, direction, &packet)?
+        {
+            return Some(true);
         }
         if scope == leaf {
             return None;
         }
     }
     None
+}
+
+/// Looks the packet up among the rules of one scope: counts it against the rule it matches and
+/// says whether to drop it.
+#[inline(always)]
+fn scope_drops(ctx: &SkBuff, scope: u64, direction: u8, packet: &Packet) -> Option<bool> {
+    let protocol = packet.protocol;
+    let mut key = RuleKey::new(scope, protocol, direction, packet.remote);
+    let mut rule = unsafe { FAULTD_RULES.get(&key) };
+    if rule.is_none() {
+        key = RuleKey::new(scope, protocol, direction, packet.local);
+        rule = unsafe { FAULTD_RULES.get(&key) };
+    }
+    if let Some(found) = rule
+        && found.action == ACTION_PEERS
+    {
+        rule = peer_rule(key, packet.family, remote_addr(ctx, packet)?);
+    }
+    Some(rule.is_some_and(apply))
+}
+
+/// tc verdicts: TC_ACT_UNSPEC hands the packet on (the next program, or the stack); TC_ACT_SHOT.
+const TC_NEXT: i32 = -1;
+const TC_SHOT: i32 = 2;
+const ETH_HLEN: usize = 14;
+
+#[classifier]
+pub fn faultd_tc_ingress(ctx: TcContext) -> i32 {
+    match tc_should_drop(&ctx, DIR_INGRESS) {
+        Some(true) => TC_SHOT,
+        _ => TC_NEXT,
+    }
+}
+
+#[classifier]
+pub fn faultd_tc_egress(ctx: TcContext) -> i32 {
+    match tc_should_drop(&ctx, DIR_EGRESS) {
+        Some(true) => TC_SHOT,
+        _ => TC_NEXT,
+    }
+}
+
+/// A netns{path, interface} scope: the rules of the interface the program runs on.
+#[inline(always)]
+fn tc_should_drop(ctx: &TcContext, direction: u8) -> Option<bool> {
+    let skb = ctx.skb.skb;
+    let scope = netns_scope_id(unsafe { (*skb).ifindex });
+    unsafe { FAULTD_SCOPES.get(&scope) }?;
+    let packet = parse(&ctx.skb, ETH_HLEN, direction)?;
+    scope_drops(&ctx.skb, scope, direction, &packet)
 }
 
 /// Counts the packet against the rule and says whether to drop it.

@@ -18,6 +18,21 @@ pub const PROG_INGRESS: &str = "faultd_ingress";
 pub const PROG_CONNECT4: &str = "faultd_connect4";
 pub const PROG_CONNECT6: &str = "faultd_connect6";
 
+/// tc programs (ingress, egress) of `netns{path, interface}` scopes.
+pub const PROG_TC_INGRESS: &str = "faultd_tc_ingress";
+pub const PROG_TC_EGRESS: &str = "faultd_tc_egress";
+
+/// Marks the scope ids of `netns{path, interface}` scopes (cgroup ids are inode numbers, far
+/// below it).
+pub const NETNS_SCOPE_BIT: u64 = 1 << 63;
+
+/// The scope id of an interface in a network namespace: its index. The tc programs run only on
+/// the interfaces faultd attached them to, and faultd attaches to one interface per index at a
+/// time (a tc program cannot tell the namespace of a routed packet's device).
+pub const fn netns_scope_id(ifindex: u32) -> u64 {
+    NETNS_SCOPE_BIT | ifindex as u64
+}
+
 /// Capacity of the rules map (one entry per scope × protocol × direction × port).
 pub const MAX_RULES: u32 = 65_536;
 /// Capacity of the scopes map.

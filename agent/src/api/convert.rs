@@ -74,10 +74,14 @@ pub fn fault_spec(fault: Option<pb::Fault>) -> Result<FaultSpec, Invalid> {
         Some(pb::target::Scope::Pid(pid)) => Scope::Pid { pid: pid.pid },
         Some(pb::target::Scope::Pod(pod)) => Scope::Pod { uid: pod.uid },
         Some(pb::target::Scope::Container(container)) => Scope::Container { id: container.id },
+        Some(pb::target::Scope::Netns(netns)) => Scope::Netns {
+            path: netns.path,
+            interface: netns.interface,
+        },
         None => {
             return Err(Invalid::new(
                 "fault.target",
-                "a scope is required: host, cgroup, pid, pod or container",
+                "a scope is required: host, cgroup, pid, pod, container or netns",
             ));
         }
     };
@@ -198,6 +202,9 @@ pub fn fault(view: FaultView) -> pb::Fault {
         Scope::Pid { pid } => pb::target::Scope::Pid(pb::PidScope { pid }),
         Scope::Pod { uid } => pb::target::Scope::Pod(pb::PodScope { uid }),
         Scope::Container { id } => pb::target::Scope::Container(pb::ContainerScope { id }),
+        Scope::Netns { path, interface } => {
+            pb::target::Scope::Netns(pb::NetnsScope { path, interface })
+        }
     };
     let protocol = match spec.target.protocol {
         Protocol::Tcp => pb::Protocol::Tcp,

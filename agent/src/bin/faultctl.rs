@@ -261,6 +261,9 @@ struct TargetArgs {
     /// Seen from the workload: egress is what it sends, ingress what it receives.
     #[arg(long, value_enum, default_value_t = DirectionArg::Both)]
     direction: DirectionArg,
+    /// The interface of --netns.
+    #[arg(long, value_name = "NAME")]
+    iface: Option<String>,
     /// Only traffic with this remote address or CIDR (IPv4 or IPv6, e.g. 10.0.0.0/8,
     /// fd00::/64, 127.0.0.2); repeatable and comma-separated. Default: every peer.
     #[arg(long = "peer", value_name = "CIDR", value_delimiter = ',')]
@@ -290,6 +293,10 @@ struct ScopeArgs {
     /// One container on this node, by its full id (`crictl ps --no-trunc`).
     #[arg(long, value_name = "ID", value_parser = NonEmptyStringValueParser::new())]
     container: Option<String>,
+    /// An interface in a network namespace (/run/netns/NAME or /proc/PID/ns/net), named with
+    /// --iface: what crosses it, routed traffic included (drop only).
+    #[arg(long, value_name = "PATH", value_parser = NonEmptyStringValueParser::new(), requires = "iface")]
+    netns: Option<String>,
 }
 
 /// What bounds the fault's life: exactly one of these.
@@ -482,6 +489,11 @@ impl ScopeArgs {
             }))
         } else if let Some(uid) = &self.pod {
             Some(target::Scope::Pod(pb::PodScope { uid: uid.clone() }))
+        } else if let Some(path) = &self.netns {
+            Some(target::Scope::Netns(pb::NetnsScope {
+                path: path.clone(),
+                interface: String::new(),
+            }))
         } else if let Some(id) = &self.container {
             Some(target::Scope::Container(pb::ContainerScope {
                 id: id.clone(),
@@ -505,8 +517,12 @@ impl TargetArgs {
             DirectionArg::Ingress => pb::Direction::Ingress,
             DirectionArg::Both => pb::Direction::Both,
         };
+        let mut scope = self.scope.to_proto();
+        if let (Some(target::Scope::Netns(netns)), Some(iface)) = (&mut scope, &self.iface) {
+            netns.interface = iface.clone();
+        }
         Target {
-            scope: self.scope.to_proto(),
+            scope,
             ports: self.ports.clone(),
             protocol: protocol as i32,
             direction: direction as i32,
@@ -546,9 +562,12 @@ fn validate(command: &Command) -> Result<(), String> {
             if args.target.scope.to_proto().is_none() {
                 return Err(
                     "choose where the fault applies: --cgroup PATH, --pid PID, --pod UID, \
-                     --container ID or --host"
+                     --container ID, --netns PATH --iface NAME or --host"
                         .into(),
                 );
+            }
+            if args.target.iface.is_some() && args.target.scope.netns.is_none() {
+                return Err("--iface names an interface of --netns PATH: give both".into());
             }
             label_map(&args.labels).map(drop)
         }
@@ -1273,6 +1292,7 @@ fn scope_text(scope: Option<&target::Scope>) -> String {
         Some(target::Scope::Pid(pid)) => format!("pid {}", pid.pid),
         Some(target::Scope::Pod(pod)) => format!("pod {}", pod.uid),
         Some(target::Scope::Container(c)) => format!("container {}", c.id),
+        Some(target::Scope::Netns(n)) => format!("interface {} of netns {}", n.interface, n.path),
         None => "no scope".into(),
     }
 }
@@ -1753,6 +1773,9 @@ fn target_json(target: &Target) -> Value {
         Some(target::Scope::Pid(pid)) => ("pid", json!({ "pid": pid.pid })),
         Some(target::Scope::Pod(pod)) => ("pod", json!({ "uid": pod.uid })),
         Some(target::Scope::Container(c)) => ("container", json!({ "id": c.id })),
+        Some(target::Scope::Netns(n)) => {
+            ("netns", json!({ "path": n.path, "interface": n.interface }))
+        }
         None => ("scope", Value::Null),
     };
     let ports: Vec<Value> = target
@@ -1903,6 +1926,40 @@ mod tests {
 
     fn range(first: u32, last: Option<u32>) -> PortRange {
         PortRange { first, last }
+    }
+
+    #[test]
+    fn scopes_and_peers_become_the_target() {
+        let args = drop_args(
+            "--netns /run/netns/r --iface r1 --port 6379 --ttl 30s --peer 10.0.0.0/8,::1 \
+             --exclude-peer 10.1.0.0/16",
+        )
+        .unwrap();
+        let target = args.common.target.to_proto();
+        assert_eq!(
+            target.scope,
+            Some(target::Scope::Netns(pb::NetnsScope {
+                path: "/run/netns/r".into(),
+                interface: "r1".into(),
+            }))
+        );
+        assert_eq!(target.peers, vec!["10.0.0.0/8", "::1"]);
+        assert_eq!(target.exclude_peers, vec!["10.1.0.0/16"]);
+        assert!(
+            drop_args("--netns /run/netns/r --port 1 --ttl 1s").is_err(),
+            "--iface needed"
+        );
+        let stray = drop_args("--iface r1 --host --port 1 --ttl 1s").unwrap();
+        assert!(
+            validate(&Command::Inject(InjectCommand::Drop(stray))).is_err(),
+            "--iface without --netns"
+        );
+        let pod = drop_args("--pod abc --port 1 --ttl 1s").unwrap();
+        assert_eq!(
+            pod.common.target.to_proto().scope,
+            Some(target::Scope::Pod(pb::PodScope { uid: "abc".into() }))
+        );
+        assert!(drop_args("--pod abc --container def --port 1 --ttl 1s").is_err());
     }
 
     #[test]

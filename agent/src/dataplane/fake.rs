@@ -12,6 +12,8 @@ use crate::fault::{Action, FaultId, Mechanism};
 pub struct FakeState {
     pub rules: HashMap<RuleKey, RuleValue>,
     pub peers: HashMap<PeerEntry, RuleValue>,
+    /// Interfaces of netns scopes by scope id: (interface, faults on it).
+    pub interfaces: HashMap<u64, (String, usize)>,
     pub counters: HashMap<u32, Counters>,
     /// Fail the next insert after this many entries were written.
     pub fail_insert_after: Option<usize>,
@@ -84,6 +86,31 @@ impl Dataplane for FakeDataplane {
         let mut state = self.lock();
         for (entry, value) in entries {
             state.peers.insert(*entry, *value);
+        }
+        Ok(())
+    }
+
+    fn attach_interface(
+        &mut self,
+        scope: &crate::target::ResolvedScope,
+        interface: &str,
+    ) -> Result<(), DataplaneError> {
+        let mut state = self.lock();
+        let entry = state
+            .interfaces
+            .entry(scope.cgroup_id)
+            .or_insert_with(|| (interface.to_string(), 0));
+        entry.1 += 1;
+        Ok(())
+    }
+
+    fn release_interface(&mut self, scope_id: u64) -> Result<(), DataplaneError> {
+        let mut state = self.lock();
+        if let Some(entry) = state.interfaces.get_mut(&scope_id) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                state.interfaces.remove(&scope_id);
+            }
         }
         Ok(())
     }

@@ -81,6 +81,16 @@ pub trait Dataplane: Send {
     /// Removes peers-map entries; missing ones are ignored. Keeps going on error and reports
     /// the first.
     fn remove_peers(&mut self, entries: &[PeerEntry]) -> Result<(), DataplaneError>;
+    /// Attaches the tc programs to the interface of a `netns{path, interface}` scope (its
+    /// `dir` is the namespace's path), or counts one more fault on it if they are attached.
+    fn attach_interface(
+        &mut self,
+        scope: &ResolvedScope,
+        interface: &str,
+    ) -> Result<(), DataplaneError>;
+    /// One fault less on the interface of `scope_id`: at the last, the programs are detached
+    /// (and a clsact qdisc faultd added removed).
+    fn release_interface(&mut self, scope_id: u64) -> Result<(), DataplaneError>;
     /// The counters of a slot, summed over CPUs.
     fn counters(&self, slot: u32) -> Result<Counters, DataplaneError>;
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataplaneError>;

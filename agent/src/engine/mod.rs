@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use crate::dataplane::{Dataplane, DataplaneError, PeerEntry, Shaped, Shaper, SocketFilter};
 use crate::events::{EventKind, Events};
 use crate::fault::{
-    Action, FaultId, FaultSpec, Invalid, Labels, LeaseId, Mechanism, PeerSet, Target,
+    Action, FaultId, FaultSpec, Invalid, Labels, LeaseId, Mechanism, PeerSet, Scope, Target,
 };
 use crate::lease::{Lease, LeaseTable};
 use crate::metrics::Metrics;
@@ -480,9 +480,23 @@ impl Engine {
         let rules: Vec<_> = keys.iter().map(|k| (*k, value)).collect();
         let id = new_id(|id| state.faults.contains_key(id));
         let connections_reset = Arc::new(AtomicU64::new(0));
+        // A netns scope's interface gets the tc programs first (once for all its faults).
+        let interface = match &spec.target.scope {
+            Scope::Netns { interface, .. } => Some(interface.clone()),
+            _ => None,
+        };
+        let mut attached = false;
         let applied = state
             .dataplane
             .reset_counters(slot)
+            .and_then(|()| match &interface {
+                Some(interface) => {
+                    let result = state.dataplane.attach_interface(&resolved, interface);
+                    attached = result.is_ok();
+                    result
+                }
+                None => Ok(()),
+            })
             .and_then(|()| match shaper {
                 Some(shaper) => state.shapers[shaper].apply(&Shaped {
                     id: &id,
@@ -516,6 +530,9 @@ impl Engine {
                     if let Err(e) = removed {
                         tracing::warn!(error = %e, "rolling back a failed inject");
                     }
+                }
+                if attached && let Err(e) = state.dataplane.release_interface(resolved.cgroup_id) {
+                    tracing::warn!(error = %e, "rolling back a failed inject");
                 }
                 state.free_slots.push(slot);
                 if private {
@@ -982,6 +999,11 @@ impl State {
         };
         if let Err(e) = &removed {
             tracing::error!(fault = %id, error = %e, "removing kernel entries; they lapse at the lease deadline");
+        }
+        if let Scope::Netns { .. } = fault.spec.target.scope
+            && let Err(e) = self.dataplane.release_interface(fault.resolved.cgroup_id)
+        {
+            tracing::error!(fault = %id, error = %e, "detaching the tc programs");
         }
         self.fault_ends.remove(&(fault.ends_at, id.to_string()));
         self.free_slots.push(fault.slot);

@@ -19,6 +19,11 @@ impl Resolve for FixedResolver {
             Scope::Cgroup { .. } => {
                 Err(Invalid::new("fault.target.cgroup.path", "no such cgroup").into())
             }
+            Scope::Netns { path, interface } => Ok(ResolvedScope {
+                cgroup_path: format!("netns {path} interface {interface}"),
+                cgroup_id: faultd_common::netns_scope_id(3),
+                dir: path.into(),
+            }),
             _ => Ok(ResolvedScope {
                 cgroup_path: "/".into(),
                 cgroup_id: 1,
@@ -691,4 +696,37 @@ async fn delay_with_peers_is_invalid_naming_the_field() {
         panic!("{err:?}")
     };
     assert_eq!(invalid.field, "fault.target.peers");
+}
+
+#[tokio::test(start_paused = true)]
+async fn netns_faults_share_the_interfaces_programs_and_release_them_with_the_last() {
+    let (engine, fake) = engine();
+    let ttl = || LeaseRef::Ttl(Duration::from_secs(30));
+    let on_port = |port| {
+        let mut spec = drop_spec(100.0, "/app", port);
+        spec.target.scope = Scope::Netns {
+            path: "/run/netns/r".into(),
+            interface: "r1".into(),
+        };
+        spec
+    };
+    let a = engine.inject(ttl(), on_port(6379)).unwrap();
+    let b = engine.inject(ttl(), on_port(5432)).unwrap();
+    let scope = faultd_common::netns_scope_id(3);
+    assert_eq!(
+        fake.state.lock().unwrap().interfaces[&scope],
+        ("r1".into(), 2)
+    );
+    assert!(fake.rules().keys().all(|k| k.scope_id == scope));
+    engine.remove(&a.id).unwrap();
+    assert_eq!(fake.state.lock().unwrap().interfaces[&scope].1, 1);
+    engine.remove(&b.id).unwrap();
+    assert!(fake.state.lock().unwrap().interfaces.is_empty());
+
+    let mut reject = on_port(6379);
+    reject.action = Action::Reject;
+    let Err(Error::Invalid(invalid)) = engine.inject(ttl(), reject) else {
+        panic!("a reject on a netns scope must be invalid")
+    };
+    assert_eq!(invalid.field, "fault.target.netns");
 }

@@ -254,6 +254,9 @@ pub enum Scope {
     Pod { uid: String },
     /// A container's cgroup, found by its id in the scope name the runtime gives it.
     Container { id: String },
+    /// An interface inside a network namespace (`/run/netns/NAME` or `/proc/PID/ns/net`): what
+    /// crosses it, routed or bridged traffic included, whichever socket (if any) owns it.
+    Netns { path: String, interface: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -437,6 +440,7 @@ impl Target {
             Scope::Pid { pid } => format!("pid {pid}"),
             Scope::Pod { uid } => format!("pod {uid}"),
             Scope::Container { id } => format!("container {id}"),
+            Scope::Netns { path, interface } => format!("interface {interface} of netns {path}"),
         };
         let mut peers = String::new();
         if !self.peers.is_empty() {
@@ -468,6 +472,17 @@ impl FaultSpec {
     /// The target's checks, and what the action asks of the target.
     pub fn validate(&self) -> Result<(), Invalid> {
         self.target.validate()?;
+        if matches!(self.target.scope, Scope::Netns { .. })
+            && !matches!(self.action, Action::Drop { .. })
+        {
+            return Err(Invalid::new(
+                "fault.target.netns",
+                format!(
+                    "{} faults cannot target an interface in a network namespace yet (drop can)",
+                    self.action.name()
+                ),
+            ));
+        }
         if self.action.shaping().is_some() {
             let field = match (
                 self.target.peers.is_empty(),

@@ -2,6 +2,7 @@
 //! the network namespaces its processes use (`namespaces`). Kubernetes pods and containers are
 //! found by the names the kubelet and the container runtimes give their cgroups (`pods`).
 
+pub mod interface;
 pub mod namespaces;
 pub mod pods;
 
@@ -116,6 +117,7 @@ impl Resolve for CgroupRoot {
         Ok(match scope {
             Scope::Pod { uid } => return pods::pod(self, uid),
             Scope::Container { id } => return pods::container(self, id),
+            Scope::Netns { path, interface } => return interface::resolve(path, interface),
             Scope::Host => self.cgroup("/", "fault.target.host")?,
             Scope::Cgroup { path } => {
                 if path.trim().is_empty() {
