@@ -3,6 +3,9 @@
 //! workload (and only those) and refuses reconnects while it lasts; writes that went through
 //! a reset are neither lost nor duplicated.
 
+use std::io::{BufRead, BufReader, Read};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use faultd_proto::v1::{Direction, Fault, Protocol, RemoveRequest};
@@ -11,7 +14,7 @@ use faultd_tests::api::{
     with_ttl,
 };
 use faultd_tests::clients::{ConnClient, at};
-use faultd_tests::process::{output, poll, unix_ns};
+use faultd_tests::process::{ChildGuard, output, poll, unix_ns, wait_timeout};
 use faultd_tests::servers::{POSTGRES_PORT, REDIS_PORT};
 use faultd_tests::workload::timeline;
 use faultd_tests::{Cgroup, Faultd, NetNs, Postgres, Redis, RedisScene, Workload, fd_probe};
@@ -320,9 +323,50 @@ async fn reset_ends_a_subscriber_inside_and_spares_one_outside() {
     );
     let mut outside_sub =
         ConnClient::start(&outside, "redis-subscribe", &["127.0.0.1", "6379", channel]);
+    // And redis-cli itself, as a user would hold a subscription open.
+    let cli_log = Arc::new(Mutex::new(String::new()));
+    let mut cli = {
+        let mut cmd = scene.inside.command("redis-cli");
+        cmd.args(["-h", "127.0.0.1", "-p", &REDIS_PORT.to_string()])
+            .args(["SUBSCRIBE", channel])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        ChildGuard::spawn("redis-cli SUBSCRIBE", &mut cmd)
+    };
+    for pipe in [
+        cli.child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        cli.child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let log = Arc::clone(&cli_log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut log = log.lock().expect("log lock");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+    }
     inside_sub.expect("ready", Duration::from_secs(10));
     outside_sub.expect("ready", Duration::from_secs(10));
-    assert_eq!(publish(&outside, channel, "before"), "2");
+    let cli_text = || cli_log.lock().expect("log lock").clone();
+    poll(Duration::from_secs(10), || {
+        (publish(&outside, channel, "before") == "3").then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "three subscribers expected; redis-cli printed: {}",
+            cli_text()
+        )
+    });
     expect_message(&mut inside_sub, "before");
     expect_message(&mut outside_sub, "before");
 
@@ -356,6 +400,17 @@ async fn reset_ends_a_subscriber_inside_and_spares_one_outside() {
                 .as_str()
                 .is_some_and(|t| t.starts_with("redis")),
         "the subscriber should die with a connection error: {died}"
+    );
+    let status = wait_timeout(&mut cli.child, Duration::from_secs(5));
+    let printed = cli_text();
+    assert!(
+        status.is_some_and(|s| !s.success())
+            && (printed.contains("connection abort") || printed.contains("reset by peer")),
+        "redis-cli SUBSCRIBE inside should exit with a connection error ({status:?}): {printed}"
+    );
+    eprintln!(
+        "MEASURE reset_redis_cli_subscriber {}",
+        printed.lines().last().unwrap_or_default()
     );
     assert_eq!(
         publish(&outside, channel, "after"),

@@ -15,6 +15,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::builder::NonEmptyStringValueParser;
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use faultd::api::code_name;
 use faultd::{client, duration};
 use faultd_proto::v1::fault_service_client::FaultServiceClient;
 use faultd_proto::v1::lease_service_client::LeaseServiceClient;
@@ -923,6 +924,25 @@ impl InjectCommand {
     }
 }
 
+fn inject_request(
+    lease: inject_request::Lease,
+    action: fault::Action,
+    target: Target,
+    labels: HashMap<String, String>,
+    dry_run: bool,
+) -> InjectRequest {
+    InjectRequest {
+        lease: Some(lease),
+        fault: Some(Fault {
+            action: Some(action),
+            target: Some(target),
+            labels,
+            ..Fault::default()
+        }),
+        dry_run,
+    }
+}
+
 async fn inject(
     faults: &mut FaultServiceClient<Channel>,
     leases: &mut LeaseServiceClient<Channel>,
@@ -938,18 +958,8 @@ async fn inject(
             (None, Some(ttl)) => inject_request::Lease::Ttl(duration::to_proto(ttl)),
             (None, None) => bail!("bound the fault with --ttl DURATION or --lease ID"),
         };
-        let request = InjectRequest {
-            lease: Some(lease),
-            fault: Some(Fault {
-                action: Some(action),
-                target: Some(target),
-                labels,
-                ..Fault::default()
-            }),
-            dry_run: true,
-        };
         let fault = faults
-            .inject(request)
+            .inject(inject_request(lease, action, target, labels, true))
             .await
             .map_err(rpc_error("dry run of the fault"))?
             .into_inner();
@@ -982,16 +992,7 @@ async fn inject(
         (None, Some(ttl)) => (inject_request::Lease::Ttl(duration::to_proto(ttl)), None),
         (None, None) => bail!("bound the fault with --ttl DURATION or --lease ID"),
     };
-    let request = InjectRequest {
-        lease: Some(lease),
-        fault: Some(Fault {
-            action: Some(action),
-            target: Some(target),
-            labels,
-            ..Fault::default()
-        }),
-        dry_run: false,
-    };
+    let request = inject_request(lease, action, target, labels, false);
     let fault = match faults.inject(request).await {
         Ok(fault) => fault.into_inner(),
         Err(status) => {
@@ -1202,28 +1203,6 @@ fn rpc_error(what: impl Display) -> impl FnOnce(Status) -> anyhow::Error {
             .map(|source| format!(": {}", error_chain(source)))
             .unwrap_or_default();
         anyhow!("{what}: {message}{cause} ({})", code_name(status.code()))
-    }
-}
-
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
