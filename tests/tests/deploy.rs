@@ -176,17 +176,17 @@ fn dockerfile_steps(dockerfile: &str) -> Vec<String> {
         .collect()
 }
 
-/// The commands of README's "Build from source" block.
+/// The commands of README's "Container image" block.
 fn readme_steps(readme: &str) -> Vec<String> {
     let section = readme
-        .split("## Build from source")
+        .split("## Container image")
         .nth(1)
-        .expect("a \"Build from source\" section in README.md");
+        .expect("a \"Container image\" section in README.md");
     let block = section
         .split("```sh\n")
         .nth(1)
         .and_then(|rest| rest.split("```").next())
-        .expect("a sh block in \"Build from source\"");
+        .expect("a sh block in \"Container image\"");
     block
         .replace("\\\n", " ")
         .lines()
@@ -213,7 +213,7 @@ fn the_dockerfile_builds_with_the_steps_the_readme_documents() {
     );
     assert_eq!(
         docker, documented,
-        "deploy/Dockerfile's build steps and README.md's \"Build from source\" differ"
+        "deploy/Dockerfile's build steps and README.md's \"Container image\" differ"
     );
 
     // And they are the toolchain `cargo xtask setup` installs.
