@@ -7,6 +7,14 @@
 //! Two cgroup/connect programs (IPv4, IPv6) refuse new TCP connections of a scope to the ports
 //! of a `reject` or `reset` fault with ECONNREFUSED, as a port nobody listens on does.
 //!
+//! A rule whose faults name peers (CIDRs) is a marker (`ACTION_PEERS`) in the rules map: the
+//! packet's remote address, looked up with the rule's key in an LPM trie, then says which fault
+//! applies, if any. Rules without peers never touch the trie.
+//!
+//! Two tc programs (ingress, egress) serve `netns{path, interface}` scopes: attached to one
+//! interface inside a network namespace, they apply the drop rules of that interface's scope
+//! id (its index) to whatever crosses it, routed traffic included.
+//!
 //! The tc classifier for delay and bandwidth faults lives in `shape`.
 #![no_std]
 #![no_main]
@@ -18,20 +26,29 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_prandom_u32,
         bpf_ktime_get_ns, bpf_set_retval, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, cgroup_sock_addr, map},
-    maps::{HashMap, PerCpuArray},
-    programs::{SkBuffContext, SockAddrContext},
+    macros::{cgroup_skb, cgroup_sock_addr, classifier, map},
+    maps::{
+        HashMap, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::{SkBuffContext, SockAddrContext, TcContext, sk_buff::SkBuff},
 };
 use faultd_common::{
-    ACTION_DROP, ACTION_REJECT, Counters, DIR_CONNECT, DIR_EGRESS, DIR_INGRESS, ECONNREFUSED,
-    MAX_CGROUP_DEPTH, MAX_FAULTS, MAX_RULES, MAX_SCOPES, PROTO_TCP, PROTO_UDP, RuleKey, RuleValue,
-    ScopeValue,
+    ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, Counters, DIR_CONNECT, DIR_EGRESS,
+    DIR_INGRESS, ECONNREFUSED, FAMILY_V4, FAMILY_V6, MAX_CGROUP_DEPTH, MAX_FAULTS, MAX_PEERS,
+    MAX_RULES, MAX_SCOPES, PEER_KEY_FIXED_BITS, PROTO_TCP, PROTO_UDP, PeerKey, RuleKey, RuleValue,
+    ScopeValue, netns_scope_id,
 };
 
 #[map]
 static FAULTD_RULES: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(MAX_RULES, 0);
 #[map]
 static FAULTD_SCOPES: HashMap<u64, ScopeValue> = HashMap::with_max_entries(MAX_SCOPES, 0);
+/// LPM tries need BPF_F_NO_PREALLOC.
+const BPF_F_NO_PREALLOC: u32 = 1;
+#[map]
+static FAULTD_PEERS: LpmTrie<PeerKey, RuleValue> =
+    LpmTrie::with_max_entries(MAX_PEERS, BPF_F_NO_PREALLOC);
 #[map]
 static FAULTD_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_FAULTS, 0);
 
@@ -61,27 +78,41 @@ pub fn faultd_ingress(ctx: SkBuffContext) -> i32 {
     }
 }
 
-/// The L4 protocol and the (local, remote) ports of the packet, seen from the workload.
+/// What the programs need of a packet, seen from the workload.
+struct Packet {
+    protocol: u8,
+    local: u16,
+    remote: u16,
+    family: u32,
+    /// Offset of the remote address in the packet (read only for rules with peers).
+    remote_addr: usize,
+}
+
+/// `base`: where the IP header starts (0 in cgroup_skb programs, after the Ethernet header in tc).
 #[inline(always)]
-fn parse(ctx: &SkBuffContext, direction: u8) -> Option<(u8, u16, u16)> {
+fn parse(ctx: &SkBuff, base: usize, direction: u8) -> Option<Packet> {
     // `protocol` holds the EtherType in network byte order.
-    let ethertype = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16) as u32;
-    let (protocol, l4) = match ethertype {
+    let ethertype = u16::from_be(unsafe { (*ctx.skb).protocol } as u16) as u32;
+    let egress = direction == DIR_EGRESS;
+    let (protocol, l4, family, remote_addr) = match ethertype {
         ETH_P_IP => {
-            let vihl: u8 = ctx.load(0).ok()?;
+            let vihl: u8 = ctx.load(base).ok()?;
             if vihl >> 4 != 4 {
                 return None;
             }
-            let frag: u16 = u16::from_be(ctx.load(6).ok()?);
+            let frag: u16 = u16::from_be(ctx.load(base + 6).ok()?);
             if frag & 0x1fff != 0 {
                 return None; // a non-first fragment has no ports
             }
-            let protocol: u8 = ctx.load(9).ok()?;
-            (protocol, ((vihl & 0x0f) as usize) * 4)
+            let protocol: u8 = ctx.load(base + 9).ok()?;
+            let remote_addr = base + if egress { 16 } else { 12 };
+            let l4 = base + ((vihl & 0x0f) as usize) * 4;
+            (protocol, l4, FAMILY_V4, remote_addr)
         }
         ETH_P_IPV6 => {
-            let next: u8 = ctx.load(6).ok()?;
-            (next, 40)
+            let next: u8 = ctx.load(base + 6).ok()?;
+            let remote_addr = base + if egress { 24 } else { 8 };
+            (next, base + 40, FAMILY_V6, remote_addr)
         }
         _ => return None,
     };
@@ -90,16 +121,57 @@ fn parse(ctx: &SkBuffContext, direction: u8) -> Option<(u8, u16, u16)> {
     }
     let sport = u16::from_be(ctx.load(l4).ok()?);
     let dport = u16::from_be(ctx.load(l4 + 2).ok()?);
-    if direction == DIR_EGRESS {
-        Some((protocol, sport, dport))
+    let (local, remote) = if egress {
+        (sport, dport)
     } else {
-        Some((protocol, dport, sport))
+        (dport, sport)
+    };
+    Some(Packet {
+        protocol,
+        local,
+        remote,
+        family,
+        remote_addr,
+    })
+}
+
+/// The fault a peers marker stands for, for this remote address: None when no fault's peers
+/// cover it (or an exclusion does).
+#[inline(always)]
+fn peer_rule(rule: RuleKey, family: u32, addr: [u8; 16]) -> Option<&'static RuleValue> {
+    let bits = if family == FAMILY_V4 { 32 } else { 128 };
+    let key = Key::new(
+        PEER_KEY_FIXED_BITS + bits,
+        PeerKey {
+            rule,
+            family,
+            addr,
+            _pad: 0,
+        },
+    );
+    let value = FAULTD_PEERS.get(&key)?;
+    if value.action == ACTION_PASS {
+        return None;
     }
+    Some(value)
+}
+
+/// The remote address of the packet, IPv4 in the first 4 bytes.
+#[inline(always)]
+fn remote_addr(ctx: &SkBuff, packet: &Packet) -> Option<[u8; 16]> {
+    let mut addr = [0u8; 16];
+    if packet.family == FAMILY_V4 {
+        let v4: [u8; 4] = ctx.load(packet.remote_addr).ok()?;
+        addr[..4].copy_from_slice(&v4);
+    } else {
+        addr = ctx.load(packet.remote_addr).ok()?;
+    }
+    Some(addr)
 }
 
 #[inline(always)]
 fn should_drop(ctx: &SkBuffContext, direction: u8) -> Option<bool> {
-    let (protocol, local, remote) = parse(ctx, direction)?;
+    let packet = parse(&ctx.skb, 0, direction)?;
     let skb = ctx.skb.skb;
     let leaf = unsafe { bpf_skb_cgroup_id(skb) };
     if leaf == 0 {
@@ -110,23 +182,66 @@ fn should_drop(ctx: &SkBuffContext, direction: u8) -> Option<bool> {
         if scope == 0 {
             return None;
         }
-        if unsafe { FAULTD_SCOPES.get(&scope) }.is_some() {
-            let rule = unsafe {
-                FAULTD_RULES
-                    .get(&RuleKey::new(scope, protocol, direction, remote))
-                    .or_else(|| FAULTD_RULES.get(&RuleKey::new(scope, protocol, direction, local)))
-            };
-            if let Some(rule) = rule
-                && apply(rule)
-            {
-                return Some(true);
-            }
+        if unsafe { FAULTD_SCOPES.get(&scope) }.is_some()
+            && scope_drops(&ctx.skb, scope, direction, &packet)?
+        {
+            return Some(true);
         }
         if scope == leaf {
             return None;
         }
     }
     None
+}
+
+/// Looks the packet up among the rules of one scope: counts it against the rule it matches and
+/// says whether to drop it.
+#[inline(always)]
+fn scope_drops(ctx: &SkBuff, scope: u64, direction: u8, packet: &Packet) -> Option<bool> {
+    let protocol = packet.protocol;
+    let mut key = RuleKey::new(scope, protocol, direction, packet.remote);
+    let mut rule = unsafe { FAULTD_RULES.get(&key) };
+    if rule.is_none() {
+        key = RuleKey::new(scope, protocol, direction, packet.local);
+        rule = unsafe { FAULTD_RULES.get(&key) };
+    }
+    if let Some(found) = rule
+        && found.action == ACTION_PEERS
+    {
+        rule = peer_rule(key, packet.family, remote_addr(ctx, packet)?);
+    }
+    Some(rule.is_some_and(apply))
+}
+
+/// tc verdicts: TC_ACT_UNSPEC hands the packet on (the next program, or the stack); TC_ACT_SHOT.
+const TC_NEXT: i32 = -1;
+const TC_SHOT: i32 = 2;
+const ETH_HLEN: usize = 14;
+
+#[classifier]
+pub fn faultd_tc_ingress(ctx: TcContext) -> i32 {
+    match tc_should_drop(&ctx, DIR_INGRESS) {
+        Some(true) => TC_SHOT,
+        _ => TC_NEXT,
+    }
+}
+
+#[classifier]
+pub fn faultd_tc_egress(ctx: TcContext) -> i32 {
+    match tc_should_drop(&ctx, DIR_EGRESS) {
+        Some(true) => TC_SHOT,
+        _ => TC_NEXT,
+    }
+}
+
+/// A netns{path, interface} scope: the rules of the interface the program runs on.
+#[inline(always)]
+fn tc_should_drop(ctx: &TcContext, direction: u8) -> Option<bool> {
+    let skb = ctx.skb.skb;
+    let scope = netns_scope_id(unsafe { (*skb).ifindex });
+    unsafe { FAULTD_SCOPES.get(&scope) }?;
+    let packet = parse(&ctx.skb, ETH_HLEN, direction)?;
+    scope_drops(&ctx.skb, scope, direction, &packet)
 }
 
 /// Counts the packet against the rule and says whether to drop it.
@@ -155,17 +270,17 @@ const CONNECT_DENY: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn faultd_connect4(ctx: SockAddrContext) -> i32 {
-    connect(&ctx)
+    connect::<false>(&ctx)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn faultd_connect6(ctx: SockAddrContext) -> i32 {
-    connect(&ctx)
+    connect::<true>(&ctx)
 }
 
 #[inline(always)]
-fn connect(ctx: &SockAddrContext) -> i32 {
-    if should_refuse(ctx) {
+fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
+    if should_refuse::<V6>(ctx) {
         // Without this the caller sees EPERM, which no real server failure produces.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         CONNECT_DENY
@@ -175,7 +290,7 @@ fn connect(ctx: &SockAddrContext) -> i32 {
 }
 
 #[inline(always)]
-fn should_refuse(ctx: &SockAddrContext) -> bool {
+fn should_refuse<const V6: bool>(ctx: &SockAddrContext) -> bool {
     let addr = ctx.sock_addr;
     // UDP "connects" only set a default peer: a real closed port never refuses them.
     if unsafe { (*addr).protocol } != PROTO_TCP as u32 {
@@ -194,7 +309,7 @@ fn should_refuse(ctx: &SockAddrContext) -> bool {
         }
         if unsafe { FAULTD_SCOPES.get(&scope) }.is_some()
             && let Some(rule) =
-                unsafe { FAULTD_RULES.get(&RuleKey::new(scope, PROTO_TCP, DIR_CONNECT, port)) }
+                connect_rule::<V6>(ctx, RuleKey::new(scope, PROTO_TCP, DIR_CONNECT, port))
             && rule.action == ACTION_REJECT
             && unsafe { bpf_ktime_get_ns() } < rule.expires_at_ns
         {
@@ -211,6 +326,36 @@ fn should_refuse(ctx: &SockAddrContext) -> bool {
         }
     }
     false
+}
+
+/// The rule of a connect's key, through the peers map when its faults name peers. `V6`: the
+/// connect6 hook (each hook may read only its own family's address fields).
+#[inline(always)]
+fn connect_rule<const V6: bool>(ctx: &SockAddrContext, key: RuleKey) -> Option<&'static RuleValue> {
+    let rule = unsafe { FAULTD_RULES.get(&key) }?;
+    if rule.action != ACTION_PEERS {
+        return Some(rule);
+    }
+    let addr = ctx.sock_addr;
+    let mut bytes = [0u8; 16];
+    let family = if !V6 {
+        bytes[..4].copy_from_slice(&unsafe { (*addr).user_ip4 }.to_ne_bytes());
+        FAMILY_V4
+    } else {
+        let words = unsafe { (*addr).user_ip6 };
+        for (i, word) in words.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        // An IPv4-mapped address (::ffff:a.b.c.d) connects over IPv4.
+        if words[0] == 0 && words[1] == 0 && u32::from_be(words[2]) == 0xffff {
+            bytes = [0u8; 16];
+            bytes[..4].copy_from_slice(&words[3].to_ne_bytes());
+            FAMILY_V4
+        } else {
+            FAMILY_V6
+        }
+    };
+    peer_rule(key, family, bytes)
 }
 
 #[cfg(not(test))]

@@ -359,6 +359,8 @@ mod tests {
                 .collect(),
             protocol: Protocol::Tcp,
             direction: Direction::Both,
+            peers: Vec::new(),
+            exclude_peers: Vec::new(),
         }
     }
 

@@ -74,6 +74,7 @@ fn drop_request(ttl: &str, percent: f64, path: &str) -> pb::InjectRequest {
                 }],
                 protocol: pb::Protocol::Tcp.into(),
                 direction: pb::Direction::Egress.into(),
+                ..Default::default()
             }),
             ..Default::default()
         }),

@@ -273,6 +273,7 @@ fn target() -> BoxedStrategy<pb::Target> {
             ports,
             protocol,
             direction,
+            ..Default::default()
         })
         .boxed()
 }

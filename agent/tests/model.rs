@@ -19,7 +19,7 @@ use proptest::prelude::*;
 struct Cgroups;
 
 impl Resolve for Cgroups {
-    fn resolve(&self, scope: &Scope) -> Result<ResolvedScope, faultd::fault::Invalid> {
+    fn resolve(&self, scope: &Scope) -> Result<ResolvedScope, faultd::target::ResolveError> {
         match scope {
             Scope::Cgroup { path } => {
                 let id = match path.as_str() {
@@ -30,7 +30,8 @@ impl Resolve for Cgroups {
                         return Err(faultd::fault::Invalid::new(
                             "fault.target.cgroup.path",
                             "no such cgroup",
-                        ));
+                        )
+                        .into());
                     }
                 };
                 Ok(ResolvedScope {
@@ -39,7 +40,7 @@ impl Resolve for Cgroups {
                     dir: format!("/sys/fs/cgroup{path}").into(),
                 })
             }
-            _ => Err(faultd::fault::Invalid::new("fault.target", "cgroups only")),
+            _ => Err(faultd::fault::Invalid::new("fault.target", "cgroups only").into()),
         }
     }
 }
@@ -208,6 +209,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                                 [protocol as usize],
                             direction: [Direction::Egress, Direction::Ingress, Direction::Both]
                                 [direction as usize],
+                            peers: Vec::new(),
+                            exclude_peers: Vec::new(),
                         },
                         labels: Labels::new(),
                     };

@@ -36,6 +36,7 @@ pub fn cgroup_target(
             .collect(),
         protocol: protocol.into(),
         direction: direction.into(),
+        ..Default::default()
     }
 }
 

@@ -15,6 +15,7 @@ pub mod cgroup;
 pub mod clients;
 pub mod faultd;
 pub mod http;
+pub mod kube;
 pub mod netns;
 pub mod pki;
 pub mod process;

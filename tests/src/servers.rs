@@ -37,26 +37,29 @@ pub struct Redis {
 
 impl Redis {
     pub fn start(ns: &NetNs) -> Redis {
+        Redis::start_bound(ns, &["127.0.0.1", "::1"])
+    }
+
+    /// `redis-server` on port 6379 of these addresses of the namespace (the first answers the
+    /// readiness PING).
+    pub fn start_bound(ns: &NetNs, binds: &[&str]) -> Redis {
         let dir = TempDir::new("faultd-test-redis");
         let log = dir.join("redis.log");
         let (stdout, stderr) = log_file(&log);
         let mut cmd = ns.exec("redis-server");
-        cmd.args([
-            "--port",
-            &REDIS_PORT.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "::1",
-        ])
-        .args(["--save", "", "--appendonly", "no", "--dir"])
-        .arg(dir.path())
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr);
+        cmd.args(["--port", &REDIS_PORT.to_string(), "--bind"])
+            .args(binds)
+            // Clients in other namespaces (routed to it) are let in: the namespace is the test's.
+            .args(["--protected-mode", "no"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir.path())
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
         let mut server = ChildGuard::spawn("redis-server", &mut cmd);
         let mut ping = ns.exec("redis-cli");
-        ping.args(["-h", "127.0.0.1", "-p", &REDIS_PORT.to_string(), "PING"]);
+        ping.args(["-h", binds[0], "-p", &REDIS_PORT.to_string(), "PING"]);
         let ready = poll(START_TIMEOUT, || {
             server.assert_running(|| read_log(&log));
             let out = output(&mut ping);

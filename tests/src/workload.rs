@@ -31,6 +31,17 @@ impl Workload {
         }
     }
 
+    /// In the cgroup directory `dir` (e.g. a container's scope in a kubelet-like tree) and
+    /// `netns`.
+    pub fn in_cgroup_dir(probe: &Path, dir: &Path, netns: &NetNs, label: &str) -> Workload {
+        Workload {
+            probe: probe.to_path_buf(),
+            cgroup: Some(dir.to_path_buf()),
+            netns: netns.name().to_owned(),
+            label: label.to_owned(),
+        }
+    }
+
     /// In `netns` but in the test's own cgroup: a neighbour the fault must not touch.
     pub fn outside(probe: &Path, netns: &NetNs) -> Workload {
         Workload {
@@ -163,12 +174,17 @@ impl Workload {
 
     /// `timeout 3 redis-cli -h 127.0.0.1 -p 6379 PING`.
     pub fn redis_ping(&self) -> ClientRun {
+        self.redis_ping_at("127.0.0.1")
+    }
+
+    /// `timeout 3 redis-cli -h HOST -p 6379 PING` (HOST e.g. `::1`, `127.0.0.2`).
+    pub fn redis_ping_at(&self, host: &str) -> ClientRun {
         let mut cmd = self.command("timeout");
         cmd.args([
             "3",
             "redis-cli",
             "-h",
-            "127.0.0.1",
+            host,
             "-p",
             &REDIS_PORT.to_string(),
             "PING",

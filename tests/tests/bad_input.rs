@@ -38,7 +38,45 @@ async fn bad_requests_name_the_field_and_change_nothing() {
         path: format!("/faultd-test-{}-absent", uniq()),
     }));
 
+    let peers = |peers: &[&str], exclude: &[&str]| {
+        let mut target = good();
+        target.peers = peers.iter().map(|p| p.to_string()).collect();
+        target.exclude_peers = exclude.iter().map(|p| p.to_string()).collect();
+        target
+    };
+
     let cases: Vec<(&str, InjectRequest, &str)> = vec![
+        (
+            "a peer that is no CIDR",
+            with_ttl(
+                drop_fault(100.0, peers(&["10.0.0.0/8", "redis"], &[])),
+                minute,
+            ),
+            "fault.target.peers[1]",
+        ),
+        (
+            "an IPv4 prefix longer than 32",
+            with_ttl(drop_fault(100.0, peers(&["10.0.0.0/33"], &[])), minute),
+            "fault.target.peers[0]",
+        ),
+        (
+            "a peer CIDR with host bits",
+            with_ttl(reject_fault(peers(&["fd00::1/64"], &[])), minute),
+            "fault.target.peers[0]",
+        ),
+        (
+            "an exclusion that is no CIDR",
+            with_ttl(drop_fault(100.0, peers(&[], &["::1/200"])), minute),
+            "fault.target.exclude_peers[0]",
+        ),
+        (
+            "exclusions that leave no peer",
+            with_ttl(
+                drop_fault(100.0, peers(&["10.1.0.0/16"], &["10.0.0.0/8"])),
+                minute,
+            ),
+            "fault.target.exclude_peers",
+        ),
         (
             "percent 101",
             with_ttl(drop_fault(101.0, good()), minute),

@@ -243,3 +243,87 @@ async fn faultctl_rejects_and_resets_connections() {
         zero.command
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn faultctl_takes_peers_and_pods_and_answers_health_probes() {
+    let mut scene = RedisScene::start(fd_probe!()).await;
+    let faultctl = Faultctl::new(&scene.faultd);
+    let port = REDIS_PORT.to_string();
+    let cgroup = scene.cgroup.path().to_string();
+
+    let health = faultctl.run(&["health"]);
+    health.assert_success();
+    assert!(
+        health.stdout().contains("SERVING"),
+        "`faultctl health` should say SERVING: {health}"
+    );
+
+    let inject = faultctl.run(&[
+        "inject",
+        "drop",
+        "--cgroup",
+        &cgroup,
+        "--port",
+        &port,
+        "--peer",
+        "127.0.0.2",
+        "--peer",
+        "fd00::/8",
+        "--exclude-peer",
+        "fd00::1",
+        "--ttl",
+        "30s",
+    ]);
+    inject.assert_success();
+    let list = faultctl.run(&["list"]);
+    list.assert_success();
+    assert!(
+        list.stdout()
+            .contains("peers 127.0.0.2/32,fd00::/8 except fd00::1/128"),
+        "`faultctl list` should show the peers: {list}"
+    );
+    let run = scene.inside.redis_ping();
+    assert!(
+        run.answered(),
+        "a drop limited to 127.0.0.2 and fd00::/8 leaves 127.0.0.1 alone: {run}"
+    );
+
+    let bad = faultctl.run(&[
+        "inject",
+        "drop",
+        "--cgroup",
+        &cgroup,
+        "--port",
+        "5432",
+        "--exclude-peer",
+        "10.0.0.1/8",
+        "--ttl",
+        "30s",
+    ]);
+    assert!(
+        !bad.success() && bad.stderr().contains("fault.target.exclude_peers[0]"),
+        "a CIDR with host bits should be refused naming the field: {bad}"
+    );
+    let unknown = faultctl.run(&[
+        "inject",
+        "drop",
+        "--pod",
+        "00000000-0000-4000-8000-000000000000",
+        "--port",
+        "5432",
+        "--ttl",
+        "30s",
+    ]);
+    assert!(
+        !unknown.success() && unknown.stderr().contains("kubepods"),
+        "an unknown pod should be refused naming where faultd looked: {unknown}"
+    );
+
+    scene.faultd.terminate();
+    let health = faultctl.run(&["health"]);
+    assert!(
+        !health.success(),
+        "`faultctl health` must fail when faultd is gone: {health}"
+    );
+}

@@ -39,14 +39,16 @@ const PACKAGES: &[&str] = &[
     "python3-venv",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Python packages of the test clients (tests/clients), pinned: gRPC by reflection, and real
-/// Redis and PostgreSQL client libraries.
+/// Python packages of the test clients (tests/clients), pinned: gRPC by reflection, real
+/// Redis and PostgreSQL client libraries, and the Kubernetes schema validator the deploy/
+/// manifest is checked with.
 const PYTHON_PACKAGES: &[&str] = &[
     "grpcio==1.85.1",
     "grpcio-reflection==1.85.1",
     "redis==5.2.1",
     "psycopg==3.2.13",
     "psycopg-binary==3.2.13",
+    "kubernetes-validate==1.37.0",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 

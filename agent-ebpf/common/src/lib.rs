@@ -18,6 +18,21 @@ pub const PROG_INGRESS: &str = "faultd_ingress";
 pub const PROG_CONNECT4: &str = "faultd_connect4";
 pub const PROG_CONNECT6: &str = "faultd_connect6";
 
+/// tc programs (ingress, egress) of `netns{path, interface}` scopes.
+pub const PROG_TC_INGRESS: &str = "faultd_tc_ingress";
+pub const PROG_TC_EGRESS: &str = "faultd_tc_egress";
+
+/// Marks the scope ids of `netns{path, interface}` scopes (cgroup ids are inode numbers, far
+/// below it).
+pub const NETNS_SCOPE_BIT: u64 = 1 << 63;
+
+/// The scope id of an interface in a network namespace: its index. The tc programs run only on
+/// the interfaces faultd attached them to, and faultd attaches to one interface per index at a
+/// time (a tc program cannot tell the namespace of a routed packet's device).
+pub const fn netns_scope_id(ifindex: u32) -> u64 {
+    NETNS_SCOPE_BIT | ifindex as u64
+}
+
 /// Capacity of the rules map (one entry per scope × protocol × direction × port).
 pub const MAX_RULES: u32 = 65_536;
 /// Capacity of the scopes map.
@@ -40,6 +55,22 @@ pub const DIR_CONNECT: u8 = 4;
 pub const ACTION_DROP: u32 = 1;
 /// `RuleValue::action` on a `DIR_CONNECT` key: the connect fails with ECONNREFUSED.
 pub const ACTION_REJECT: u32 = 2;
+
+/// `RuleValue::action` of a rules-map entry whose faults name peers: the packet's remote address,
+/// looked up in the peers map under the same `RuleKey`, says which fault (if any) applies.
+pub const ACTION_PEERS: u32 = 3;
+/// `RuleValue::action` of a peers-map entry for an excluded prefix: no fault applies.
+pub const ACTION_PASS: u32 = 0;
+
+/// LPM trie `PeerKey` → `RuleValue`: the peers (CIDRs) of faults that name them.
+pub const PEERS_MAP: &str = "FAULTD_PEERS";
+/// Capacity of the peers map (prefixes × kernel keys of the faults with peers).
+pub const MAX_PEERS: u32 = 65_536;
+/// `PeerKey::family`.
+pub const FAMILY_V4: u32 = 4;
+pub const FAMILY_V6: u32 = 6;
+/// Bits of a `PeerKey` before the address, always matched in full (rule key and family).
+pub const PEER_KEY_FIXED_BITS: u32 = 160;
 
 /// The errno a refused connect reports, as a real closed port does.
 pub const ECONNREFUSED: i32 = 111;
@@ -82,6 +113,18 @@ pub struct RuleValue {
     /// Index into the counters map.
     pub counter_slot: u32,
     pub action: u32,
+}
+
+/// The data of a peers-map key: the rule it belongs to, the address family, and the remote
+/// address in network byte order (IPv4 in the first 4 bytes). The prefix length counts
+/// `PEER_KEY_FIXED_BITS` plus the CIDR's length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PeerKey {
+    pub rule: RuleKey,
+    pub family: u32,
+    pub addr: [u8; 16],
+    pub _pad: u32,
 }
 
 /// Marks a cgroup that has rules; the programs only test for presence. User space counts the
@@ -173,6 +216,7 @@ mod pod {
     unsafe impl aya::Pod for super::RuleKey {}
     unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::ScopeValue {}
+    unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::ShapeValue {}
     unsafe impl aya::Pod for super::ShapeState {}
@@ -187,6 +231,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<RuleKey>(), 16);
         assert_eq!(size_of::<RuleValue>(), 24);
+        assert_eq!(size_of::<PeerKey>(), 40);
         assert_eq!(size_of::<ScopeValue>(), 8);
         assert_eq!(size_of::<Counters>(), 32);
         assert_eq!(size_of::<ShapeValue>(), 56);

@@ -8,7 +8,8 @@ use crate::duration;
 use crate::engine::{FaultState, FaultView, LeaseRef, LeaseView, RevertReason};
 use crate::events::{EventKind, FaultEvent};
 use crate::fault::{
-    Action, Direction, FaultSpec, Invalid, Labels, Mechanism, PortRange, Protocol, Scope, Target,
+    Action, Cidr, Direction, FaultSpec, Invalid, Labels, Mechanism, PortRange, Protocol, Scope,
+    Target,
 };
 
 pub fn ttl(value: Option<&prost_types::Duration>, field: &str) -> Result<Duration, Invalid> {
@@ -71,10 +72,16 @@ pub fn fault_spec(fault: Option<pb::Fault>) -> Result<FaultSpec, Invalid> {
         Some(pb::target::Scope::Host(_)) => Scope::Host,
         Some(pb::target::Scope::Cgroup(cgroup)) => Scope::Cgroup { path: cgroup.path },
         Some(pb::target::Scope::Pid(pid)) => Scope::Pid { pid: pid.pid },
+        Some(pb::target::Scope::Pod(pod)) => Scope::Pod { uid: pod.uid },
+        Some(pb::target::Scope::Container(container)) => Scope::Container { id: container.id },
+        Some(pb::target::Scope::Netns(netns)) => Scope::Netns {
+            path: netns.path,
+            interface: netns.interface,
+        },
         None => {
             return Err(Invalid::new(
                 "fault.target",
-                "a scope is required: host, cgroup or pid",
+                "a scope is required: host, cgroup, pid, pod, container or netns",
             ));
         }
     };
@@ -106,6 +113,14 @@ pub fn fault_spec(fault: Option<pb::Fault>) -> Result<FaultSpec, Invalid> {
             ));
         }
     };
+    let cidrs = |list: &[String], name: &str| {
+        list.iter()
+            .enumerate()
+            .map(|(i, text)| Cidr::parse(text, &format!("fault.target.{name}[{i}]")))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let peers = cidrs(&target.peers, "peers")?;
+    let exclude_peers = cidrs(&target.exclude_peers, "exclude_peers")?;
     Ok(FaultSpec {
         action,
         target: Target {
@@ -113,6 +128,8 @@ pub fn fault_spec(fault: Option<pb::Fault>) -> Result<FaultSpec, Invalid> {
             ports,
             protocol,
             direction,
+            peers,
+            exclude_peers,
         },
         labels: fault.labels.into_iter().collect(),
     })
@@ -183,6 +200,11 @@ pub fn fault(view: FaultView) -> pb::Fault {
         Scope::Host => pb::target::Scope::Host(pb::HostScope {}),
         Scope::Cgroup { path } => pb::target::Scope::Cgroup(pb::CgroupScope { path }),
         Scope::Pid { pid } => pb::target::Scope::Pid(pb::PidScope { pid }),
+        Scope::Pod { uid } => pb::target::Scope::Pod(pb::PodScope { uid }),
+        Scope::Container { id } => pb::target::Scope::Container(pb::ContainerScope { id }),
+        Scope::Netns { path, interface } => {
+            pb::target::Scope::Netns(pb::NetnsScope { path, interface })
+        }
     };
     let protocol = match spec.target.protocol {
         Protocol::Tcp => pb::Protocol::Tcp,
@@ -217,6 +239,13 @@ pub fn fault(view: FaultView) -> pb::Fault {
             ports,
             protocol: protocol.into(),
             direction: direction.into(),
+            peers: spec.target.peers.iter().map(Cidr::to_string).collect(),
+            exclude_peers: spec
+                .target
+                .exclude_peers
+                .iter()
+                .map(Cidr::to_string)
+                .collect(),
         }),
         labels: labels(&spec.labels),
         state: state.into(),
@@ -297,6 +326,7 @@ mod tests {
                 }],
                 protocol: pb::Protocol::Tcp.into(),
                 direction: pb::Direction::Egress.into(),
+                ..Default::default()
             }),
             ..Default::default()
         }

@@ -39,7 +39,7 @@ impl From<Error> for Status {
         match error {
             Error::Invalid(_) => Status::invalid_argument(message),
             Error::Denied(_) => Status::permission_denied(message),
-            Error::NotFound { .. } => Status::not_found(message),
+            Error::NotFound { .. } | Error::ScopeNotFound(_) => Status::not_found(message),
             Error::Conflict(_) => Status::already_exists(message),
             Error::Exhausted(_) => Status::resource_exhausted(message),
             Error::Unsupported(_) | Error::Dataplane(DataplaneError::Unsupported { .. }) => {

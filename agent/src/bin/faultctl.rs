@@ -111,6 +111,8 @@ fn parse_server(text: &str) -> Result<Server, String> {
     ))
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Apply a fault under a lease.
@@ -132,6 +134,9 @@ enum Command {
     /// Manage leases.
     #[command(subcommand)]
     Lease(LeaseCommand),
+    /// Ask faultd's gRPC health service whether it serves (exit 0) or not (exit 1): for
+    /// liveness and readiness probes.
+    Health,
 }
 
 #[derive(Subcommand, Debug)]
@@ -257,6 +262,16 @@ struct TargetArgs {
     /// Seen from the workload: egress is what it sends, ingress what it receives.
     #[arg(long, value_enum, default_value_t = DirectionArg::Both)]
     direction: DirectionArg,
+    /// The interface of --netns.
+    #[arg(long, value_name = "NAME")]
+    iface: Option<String>,
+    /// Only traffic with this remote address or CIDR (IPv4 or IPv6, e.g. 10.0.0.0/8,
+    /// fd00::/64, 127.0.0.2); repeatable and comma-separated. Default: every peer.
+    #[arg(long = "peer", value_name = "CIDR", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Spare traffic with this remote address or CIDR; repeatable and comma-separated.
+    #[arg(long = "exclude-peer", value_name = "CIDR", value_delimiter = ',')]
+    exclude_peers: Vec<String>,
 }
 
 /// Where the fault applies: exactly one of these.
@@ -272,6 +287,17 @@ struct ScopeArgs {
     /// Every socket on the node.
     #[arg(long)]
     host: bool,
+    /// Every container of a Kubernetes pod on this node, by uid (metadata.uid), including
+    /// containers that restart or start later.
+    #[arg(long, value_name = "UID", value_parser = NonEmptyStringValueParser::new())]
+    pod: Option<String>,
+    /// One container on this node, by its full id (`crictl ps --no-trunc`).
+    #[arg(long, value_name = "ID", value_parser = NonEmptyStringValueParser::new())]
+    container: Option<String>,
+    /// An interface in a network namespace (/run/netns/NAME or /proc/PID/ns/net), named with
+    /// --iface: what crosses it, routed traffic included (drop only).
+    #[arg(long, value_name = "PATH", value_parser = NonEmptyStringValueParser::new(), requires = "iface")]
+    netns: Option<String>,
 }
 
 /// What bounds the fault's life: exactly one of these.
@@ -462,6 +488,17 @@ impl ScopeArgs {
             Some(target::Scope::Cgroup(pb::CgroupScope {
                 path: path.clone(),
             }))
+        } else if let Some(uid) = &self.pod {
+            Some(target::Scope::Pod(pb::PodScope { uid: uid.clone() }))
+        } else if let Some(path) = &self.netns {
+            Some(target::Scope::Netns(pb::NetnsScope {
+                path: path.clone(),
+                interface: String::new(),
+            }))
+        } else if let Some(id) = &self.container {
+            Some(target::Scope::Container(pb::ContainerScope {
+                id: id.clone(),
+            }))
         } else {
             self.pid.map(|pid| target::Scope::Pid(pb::PidScope { pid }))
         }
@@ -481,11 +518,17 @@ impl TargetArgs {
             DirectionArg::Ingress => pb::Direction::Ingress,
             DirectionArg::Both => pb::Direction::Both,
         };
+        let mut scope = self.scope.to_proto();
+        if let (Some(target::Scope::Netns(netns)), Some(iface)) = (&mut scope, &self.iface) {
+            netns.interface = iface.clone();
+        }
         Target {
-            scope: self.scope.to_proto(),
+            scope,
             ports: self.ports.clone(),
             protocol: protocol as i32,
             direction: direction as i32,
+            peers: self.peers.clone(),
+            exclude_peers: self.exclude_peers.clone(),
         }
     }
 }
@@ -519,8 +562,13 @@ fn validate(command: &Command) -> Result<(), String> {
             let args = command.common();
             if args.target.scope.to_proto().is_none() {
                 return Err(
-                    "choose where the fault applies: --cgroup PATH, --pid PID or --host".into(),
+                    "choose where the fault applies: --cgroup PATH, --pid PID, --pod UID, \
+                     --container ID, --netns PATH --iface NAME or --host"
+                        .into(),
                 );
+            }
+            if args.target.iface.is_some() && args.target.scope.netns.is_none() {
+                return Err("--iface names an interface of --netns PATH: give both".into());
             }
             label_map(&args.labels).map(drop)
         }
@@ -571,6 +619,9 @@ async fn run(cli: Cli) -> Result<()> {
         Some(Server::Unix(socket)) => connect(socket).await?,
         None => connect(&cli.socket).await?,
     };
+    if let Command::Health = cli.command {
+        return health(channel, output).await;
+    }
     let mut faults = FaultServiceClient::new(channel.clone());
     let mut leases = LeaseServiceClient::new(channel);
     match cli.command {
@@ -627,7 +678,28 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Lease(command) => lease_command(&mut leases, command, output).await,
         Command::Watch => watch(&mut faults, output).await,
+        Command::Health => unreachable!("answered above"),
     }
+}
+
+/// `grpc.health.v1.Health/Check` for the whole server (empty service name).
+async fn health(channel: Channel, output: Output) -> Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let answer = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map_err(rpc_error("checking health"))?
+        .into_inner();
+    let status = ServingStatus::try_from(answer.status).unwrap_or(ServingStatus::Unknown);
+    let name = status.as_str_name();
+    show(output, || name.to_string(), json!({ "status": name }))?;
+    if status != ServingStatus::Serving {
+        anyhow::bail!("faultd is not serving ({name})");
+    }
+    Ok(())
 }
 
 async fn connect_tcp(addr: &str, args: &TlsArgs) -> Result<Channel> {
@@ -1197,14 +1269,24 @@ fn scope_text(scope: Option<&target::Scope>) -> String {
         Some(target::Scope::Host(_)) => "host".into(),
         Some(target::Scope::Cgroup(cgroup)) => format!("cgroup {}", cgroup.path),
         Some(target::Scope::Pid(pid)) => format!("pid {}", pid.pid),
+        Some(target::Scope::Pod(pod)) => format!("pod {}", pod.uid),
+        Some(target::Scope::Container(c)) => format!("container {}", c.id),
+        Some(target::Scope::Netns(n)) => format!("interface {} of netns {}", n.interface, n.path),
         None => "no scope".into(),
     }
 }
 
 /// e.g. `tcp+udp both ports 6379 cgroup /app`.
 fn target_summary(target: &Target) -> String {
+    let mut peers = String::new();
+    if !target.peers.is_empty() {
+        peers += &format!(" peers {}", target.peers.join(","));
+    }
+    if !target.exclude_peers.is_empty() {
+        peers += &format!(" except {}", target.exclude_peers.join(","));
+    }
     format!(
-        "{} {} {} {}",
+        "{} {} {}{peers} {}",
         protocol_text(target.protocol),
         direction_text(target.direction),
         ports_text(&target.ports),
@@ -1668,6 +1750,11 @@ fn target_json(target: &Target) -> Value {
         Some(target::Scope::Host(_)) => ("host", json!({})),
         Some(target::Scope::Cgroup(cgroup)) => ("cgroup", json!({ "path": cgroup.path })),
         Some(target::Scope::Pid(pid)) => ("pid", json!({ "pid": pid.pid })),
+        Some(target::Scope::Pod(pod)) => ("pod", json!({ "uid": pod.uid })),
+        Some(target::Scope::Container(c)) => ("container", json!({ "id": c.id })),
+        Some(target::Scope::Netns(n)) => {
+            ("netns", json!({ "path": n.path, "interface": n.interface }))
+        }
         None => ("scope", Value::Null),
     };
     let ports: Vec<Value> = target
@@ -1686,12 +1773,19 @@ fn target_json(target: &Target) -> Value {
     let direction = pb::Direction::try_from(target.direction)
         .ok()
         .map(|d| d.as_str_name());
-    object(vec![
+    let mut fields = vec![
         (scope_name, scope),
         ("ports", json!(ports)),
         ("protocol", enum_json(protocol, target.protocol)),
         ("direction", enum_json(direction, target.direction)),
-    ])
+    ];
+    if !target.peers.is_empty() {
+        fields.push(("peers", json!(target.peers)));
+    }
+    if !target.exclude_peers.is_empty() {
+        fields.push(("exclude_peers", json!(target.exclude_peers)));
+    }
+    object(fields)
 }
 
 fn fault_json(fault: &Fault) -> Value {
@@ -1814,6 +1908,40 @@ mod tests {
     }
 
     #[test]
+    fn scopes_and_peers_become_the_target() {
+        let args = drop_args(
+            "--netns /run/netns/r --iface r1 --port 6379 --ttl 30s --peer 10.0.0.0/8,::1 \
+             --exclude-peer 10.1.0.0/16",
+        )
+        .unwrap();
+        let target = args.common.target.to_proto();
+        assert_eq!(
+            target.scope,
+            Some(target::Scope::Netns(pb::NetnsScope {
+                path: "/run/netns/r".into(),
+                interface: "r1".into(),
+            }))
+        );
+        assert_eq!(target.peers, vec!["10.0.0.0/8", "::1"]);
+        assert_eq!(target.exclude_peers, vec!["10.1.0.0/16"]);
+        assert!(
+            drop_args("--netns /run/netns/r --port 1 --ttl 1s").is_err(),
+            "--iface needed"
+        );
+        let stray = drop_args("--iface r1 --host --port 1 --ttl 1s").unwrap();
+        assert!(
+            validate(&Command::Inject(InjectCommand::Drop(stray))).is_err(),
+            "--iface without --netns"
+        );
+        let pod = drop_args("--pod abc --port 1 --ttl 1s").unwrap();
+        assert_eq!(
+            pod.common.target.to_proto().scope,
+            Some(target::Scope::Pod(pb::PodScope { uid: "abc".into() }))
+        );
+        assert!(drop_args("--pod abc --container def --port 1 --ttl 1s").is_err());
+    }
+
+    #[test]
     fn ports_parse_singles_ranges_and_lists() {
         assert_eq!(parse_port_range("6379"), Ok(range(6379, None)));
         assert_eq!(parse_port_range("8000-8010"), Ok(range(8000, Some(8010))));
@@ -1916,6 +2044,7 @@ mod tests {
             ports: vec![range(6379, None)],
             protocol: pb::Protocol::Unspecified as i32,
             direction: pb::Direction::Both as i32,
+            ..Default::default()
         };
         assert_eq!(
             target_summary(&target),
@@ -1926,6 +2055,7 @@ mod tests {
             ports: vec![range(5432, None), range(8000, Some(8010))],
             protocol: pb::Protocol::Tcp as i32,
             direction: pb::Direction::Egress as i32,
+            ..Default::default()
         };
         assert_eq!(
             target_summary(&target),
@@ -2074,6 +2204,7 @@ mod tests {
                 ports: vec![range(1, Some(2))],
                 protocol: pb::Protocol::Tcp as i32,
                 direction: pb::Direction::Egress as i32,
+                ..Default::default()
             }),
             state: FaultState::Active as i32,
             remaining: Some(duration::to_proto(Duration::from_millis(1500))),

@@ -4,24 +4,32 @@
 //! every rule carries its lease deadline, so nothing outlives the agent or the lease.
 
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::fs::File;
 use std::path::Path;
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr};
+use aya::programs::links::LinkOrder;
+use aya::programs::tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions};
+use aya::programs::{
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier, TcAttachType,
+};
 use aya::{Ebpf, EbpfLoader};
 use faultd_common::{
-    COUNTERS_MAP, Counters, PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS, PROG_INGRESS, RULES_MAP,
+    COUNTERS_MAP, Counters, FAMILY_V4, FAMILY_V6, PEER_KEY_FIXED_BITS, PEERS_MAP, PROG_CONNECT4,
+    PROG_CONNECT6, PROG_EGRESS, PROG_INGRESS, PROG_TC_EGRESS, PROG_TC_INGRESS, PeerKey, RULES_MAP,
     RuleKey, RuleValue, SCOPES_MAP, ScopeValue,
 };
 
-use super::{ConnectionKiller, Dataplane, DataplaneError, SocketFilter, sock_diag};
+use super::{ConnectionKiller, Dataplane, DataplaneError, PeerEntry, SocketFilter, sock_diag};
 use crate::caps::Capability;
 use crate::fault::Action;
 
 pub struct CgroupSkbDataplane {
     rules: BpfHashMap<MapData, RuleKey, RuleValue>,
     scopes: BpfHashMap<MapData, u64, ScopeValue>,
+    peers: LpmTrie<MapData, PeerKey, RuleValue>,
     counters: PerCpuArray<MapData, Counters>,
     /// Rules per scope id, to keep the scopes map in step with the rules map.
     scope_rules: HashMap<u64, u32>,
@@ -30,6 +38,10 @@ pub struct CgroupSkbDataplane {
     connect: Result<(), String>,
     /// Whether SOCK_DESTROY works here (reset), or why not.
     sock_destroy: Result<(), String>,
+    /// Whether the tc programs of netns scopes loaded, or why not.
+    tc: Result<(), String>,
+    /// The interfaces of netns scopes the tc programs are attached to, by scope id.
+    interfaces: HashMap<u64, Attached>,
     /// Owns the programs and their links: dropping it detaches them.
     _ebpf: Ebpf,
 }
@@ -89,23 +101,31 @@ impl CgroupSkbDataplane {
             tracing::warn!(error = %e, "reject and reset are unavailable");
         }
         let sock_destroy = sock_diag::probe();
+        let tc = load_tc(&mut ebpf).map_err(|e| e.to_string());
+        if let Err(e) = &tc {
+            tracing::warn!(error = %e, "faults on interfaces in network namespaces are unavailable");
+        }
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
                 .ok_or_else(|| DataplaneError::Load(format!("map {name} missing from the object")))
         };
         let rules = BpfHashMap::try_from(take(RULES_MAP)?).map_err(map_err(RULES_MAP))?;
         let scopes = BpfHashMap::try_from(take(SCOPES_MAP)?).map_err(map_err(SCOPES_MAP))?;
+        let peers = LpmTrie::try_from(take(PEERS_MAP)?).map_err(map_err(PEERS_MAP))?;
         let counters = PerCpuArray::try_from(take(COUNTERS_MAP)?).map_err(map_err(COUNTERS_MAP))?;
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| DataplaneError::Load(format!("{what}: {e}")))?;
         Ok(Self {
             rules,
             scopes,
+            peers,
             counters,
             scope_rules: HashMap::new(),
             nr_cpus,
             connect,
             sock_destroy,
+            tc,
+            interfaces: HashMap::new(),
             _ebpf: ebpf,
         })
     }
@@ -188,6 +208,103 @@ impl Dataplane for CgroupSkbDataplane {
         first_error.map_or(Ok(()), Err)
     }
 
+    fn set_peers(&mut self, entries: &[(PeerEntry, RuleValue)]) -> Result<(), DataplaneError> {
+        for (entry, value) in entries {
+            self.peers
+                .insert(&peer_key(entry), value, 0)
+                .map_err(map_err(PEERS_MAP))?;
+        }
+        Ok(())
+    }
+
+    fn attach_interface(
+        &mut self,
+        scope: &crate::target::ResolvedScope,
+        interface: &str,
+    ) -> Result<(), DataplaneError> {
+        let netns_id = std::fs::metadata(&scope.dir)
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.dev(), m.ino())
+            })
+            .map_err(|e| DataplaneError::Tc(format!("{}: {e}", scope.dir.display())))?;
+        if let Some(attached) = self.interfaces.get_mut(&scope.cgroup_id) {
+            if attached.netns_id != netns_id || attached.interface != interface {
+                return Err(DataplaneError::Unsupported {
+                    mechanism: "tc",
+                    reason: format!(
+                        "interface {interface} of {} has the index of interface {} of {}, \
+                         which faults already hold; faultd tells the interfaces of netns \
+                         scopes apart by index",
+                        scope.dir.display(),
+                        attached.interface,
+                        attached.netns.display()
+                    ),
+                });
+            }
+            attached.faults += 1;
+            return Ok(());
+        }
+        if let Err(e) = &self.tc {
+            return Err(DataplaneError::Unsupported {
+                mechanism: "tc",
+                reason: format!("the tc programs of netns scopes did not load: {e}"),
+            });
+        }
+        let ebpf = &mut self._ebpf;
+        let netns = scope.dir.clone();
+        let attached =
+            super::super::target::interface::in_netns(&netns, || attach_tc(ebpf, interface))
+                .map_err(|e| DataplaneError::Tc(format!("entering {}: {e}", netns.display())))??;
+        tracing::info!(netns = %netns.display(), interface, tcx = attached.added_clsact.is_none(),
+            "tc programs attached");
+        self.interfaces.insert(
+            scope.cgroup_id,
+            Attached {
+                netns,
+                netns_id,
+                interface: interface.to_string(),
+                faults: 1,
+                ..attached
+            },
+        );
+        Ok(())
+    }
+
+    fn release_interface(&mut self, scope_id: u64) -> Result<(), DataplaneError> {
+        let Some(attached) = self.interfaces.get_mut(&scope_id) else {
+            return Ok(());
+        };
+        attached.faults = attached.faults.saturating_sub(1);
+        if attached.faults > 0 {
+            return Ok(());
+        }
+        let Some(attached) = self.interfaces.remove(&scope_id) else {
+            return Ok(());
+        };
+        let ebpf = &mut self._ebpf;
+        let netns = attached.netns.clone();
+        let interface = attached.interface.clone();
+        // Netlink filters are found by ifindex in the namespace: detach from inside it.
+        super::super::target::interface::in_netns(&netns, || detach_tc(ebpf, attached))
+            .map_err(|e| DataplaneError::Tc(format!("entering {}: {e}", netns.display())))??;
+        tracing::info!(netns = %netns.display(), interface, "tc programs detached");
+        Ok(())
+    }
+
+    fn remove_peers(&mut self, entries: &[PeerEntry]) -> Result<(), DataplaneError> {
+        let mut first_error = None;
+        for entry in entries {
+            match self.peers.remove(&peer_key(entry)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => {
+                    first_error.get_or_insert(map_err(PEERS_MAP)(e));
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     fn counters(&self, slot: u32) -> Result<Counters, DataplaneError> {
         let per_cpu = self.counters.get(&slot, 0).map_err(map_err(COUNTERS_MAP))?;
         Ok(per_cpu.iter().fold(Counters::default(), |sum, c| Counters {
@@ -243,6 +360,11 @@ impl Dataplane for CgroupSkbDataplane {
                 "connect4+connect6 programs refusing with bpf_set_retval(-ECONNREFUSED)",
             ),
             Capability::outcome(
+                "netns_tc",
+                self.tc.clone(),
+                "tc programs for netns{path, interface} scopes",
+            ),
+            Capability::outcome(
                 "sock_destroy",
                 self.sock_destroy.clone(),
                 "SOCK_DESTROY over netlink sock_diag (probed on a loopback connection)",
@@ -257,6 +379,135 @@ impl Dataplane for CgroupSkbDataplane {
             Ok(sock_diag::destroy(filter, &mut sockets)?.sockets)
         })
     }
+}
+
+/// The LPM trie key of a peers entry: the rule and the family always match in full.
+fn peer_key(entry: &PeerEntry) -> LpmKey<PeerKey> {
+    let family = if entry.cidr.is_v6() {
+        FAMILY_V6
+    } else {
+        FAMILY_V4
+    };
+    LpmKey::new(
+        PEER_KEY_FIXED_BITS + u32::from(entry.cidr.prefix),
+        PeerKey {
+            rule: entry.rule,
+            family,
+            addr: entry.cidr.bytes(),
+            _pad: 0,
+        },
+    )
+}
+
+/// The tc programs attached to one interface of a netns scope.
+struct Attached {
+    netns: std::path::PathBuf,
+    /// The namespace's (device, inode).
+    netns_id: (u64, u64),
+    interface: String,
+    /// Faults on the interface.
+    faults: usize,
+    links: Vec<(&'static str, SchedClassifierLinkId)>,
+    /// Netlink-attached (no TCX): whether faultd added the clsact qdisc, and the ifindex.
+    added_clsact: Option<(bool, u32)>,
+}
+
+const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
+    (PROG_TC_INGRESS, TcAttachType::Ingress),
+    (PROG_TC_EGRESS, TcAttachType::Egress),
+];
+
+fn tc_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DataplaneError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| DataplaneError::Load(format!("program {name} missing from the object")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))
+}
+
+fn load_tc(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
+    for (name, _) in TC_PROGRAMS {
+        tc_program(ebpf, name)?
+            .load()
+            .map_err(|e| DataplaneError::Load(format!("{name}: {}", verifier_detail(&e))))?;
+    }
+    Ok(())
+}
+
+/// On a thread inside the namespace: TCX links where the kernel has TCX, else cls_bpf filters
+/// on a clsact qdisc (added if missing, and then removed with them).
+fn attach_tc(ebpf: &mut Ebpf, interface: &str) -> Result<Attached, DataplaneError> {
+    let tc_err = |e: String| DataplaneError::Tc(format!("attaching to {interface}: {e}"));
+    let mut attached = Attached {
+        netns: Default::default(),
+        netns_id: (0, 0),
+        interface: interface.to_string(),
+        faults: 0,
+        links: Vec::new(),
+        added_clsact: None,
+    };
+    let tcx = tcx_available();
+    if !tcx {
+        let name = CString::new(interface).map_err(|e| tc_err(e.to_string()))?;
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        let added = super::rtnl::Rtnl::open()
+            .and_then(|mut rtnl| rtnl.add_clsact(ifindex))
+            .map_err(|e| tc_err(e.to_string()))?;
+        attached.added_clsact = Some((added, ifindex));
+    }
+    for (name, attach_type) in TC_PROGRAMS {
+        let options = if tcx {
+            TcAttachOptions::TcxOrder(LinkOrder::default())
+        } else {
+            TcAttachOptions::Netlink(NlOptions::default())
+        };
+        match tc_program(ebpf, name).and_then(|p| {
+            p.attach_with_options(interface, attach_type, options)
+                .map_err(|e| tc_err(e.to_string()))
+        }) {
+            Ok(link) => attached.links.push((name, link)),
+            Err(e) => {
+                if let Err(undo) = detach_tc(ebpf, attached) {
+                    tracing::warn!(error = %undo, "undoing a failed tc attach");
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(attached)
+}
+
+/// On a thread inside the namespace: detaches the programs, and removes a clsact qdisc faultd
+/// added.
+fn detach_tc(ebpf: &mut Ebpf, attached: Attached) -> Result<(), DataplaneError> {
+    let mut first_error = None;
+    for (name, link) in attached.links {
+        if let Err(e) = tc_program(ebpf, name).and_then(|p| {
+            p.detach(link)
+                .map_err(|e| DataplaneError::Tc(format!("detaching {name}: {e}")))
+        }) {
+            first_error.get_or_insert(e);
+        }
+    }
+    if let Some((true, ifindex)) = attached.added_clsact {
+        let removed = super::rtnl::Rtnl::open().and_then(|mut rtnl| {
+            rtnl.delete_qdisc(ifindex, super::rtnl::CLSACT_HANDLE, 0xFFFF_FFF1)
+        });
+        if let Err(e) = removed {
+            first_error.get_or_insert(DataplaneError::Tc(format!(
+                "removing the clsact qdisc of {}: {e}",
+                attached.interface
+            )));
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn tcx_available() -> bool {
+    super::shape::tcx_available()
 }
 
 /// Loads the connect4/connect6 programs and attaches them at the cgroup v2 root.

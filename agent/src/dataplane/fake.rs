@@ -5,12 +5,15 @@ use std::sync::{Arc, Mutex};
 
 use faultd_common::{Counters, RuleKey, RuleValue};
 
-use super::{ConnectionKiller, Dataplane, DataplaneError, Shaped, Shaper, SocketFilter};
+use super::{ConnectionKiller, Dataplane, DataplaneError, PeerEntry, Shaped, Shaper, SocketFilter};
 use crate::fault::{Action, FaultId, Mechanism};
 
 #[derive(Default)]
 pub struct FakeState {
     pub rules: HashMap<RuleKey, RuleValue>,
+    pub peers: HashMap<PeerEntry, RuleValue>,
+    /// Interfaces of netns scopes by scope id: (interface, faults on it).
+    pub interfaces: HashMap<u64, (String, usize)>,
     pub counters: HashMap<u32, Counters>,
     /// Fail the next insert after this many entries were written.
     pub fail_insert_after: Option<usize>,
@@ -30,6 +33,10 @@ pub struct FakeDataplane {
 impl FakeDataplane {
     pub fn rules(&self) -> HashMap<RuleKey, RuleValue> {
         self.lock().rules.clone()
+    }
+
+    pub fn peers(&self) -> HashMap<PeerEntry, RuleValue> {
+        self.lock().peers.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
@@ -71,6 +78,47 @@ impl Dataplane for FakeDataplane {
         let mut state = self.lock();
         for key in keys {
             state.rules.remove(key);
+        }
+        Ok(())
+    }
+
+    fn set_peers(&mut self, entries: &[(PeerEntry, RuleValue)]) -> Result<(), DataplaneError> {
+        let mut state = self.lock();
+        for (entry, value) in entries {
+            state.peers.insert(*entry, *value);
+        }
+        Ok(())
+    }
+
+    fn attach_interface(
+        &mut self,
+        scope: &crate::target::ResolvedScope,
+        interface: &str,
+    ) -> Result<(), DataplaneError> {
+        let mut state = self.lock();
+        let entry = state
+            .interfaces
+            .entry(scope.cgroup_id)
+            .or_insert_with(|| (interface.to_string(), 0));
+        entry.1 += 1;
+        Ok(())
+    }
+
+    fn release_interface(&mut self, scope_id: u64) -> Result<(), DataplaneError> {
+        let mut state = self.lock();
+        if let Some(entry) = state.interfaces.get_mut(&scope_id) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                state.interfaces.remove(&scope_id);
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_peers(&mut self, entries: &[PeerEntry]) -> Result<(), DataplaneError> {
+        let mut state = self.lock();
+        for entry in entries {
+            state.peers.remove(entry);
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ pub mod sock_diag;
 
 use faultd_common::{Counters, RuleKey, RuleValue};
 
-use crate::fault::{Action, FaultId, Mechanism, Target};
+use crate::fault::{Action, Cidr, FaultId, Mechanism, Target};
 use crate::target::ResolvedScope;
 pub use sock_diag::SocketFilter;
 
@@ -58,6 +58,13 @@ pub enum DataplaneError {
 /// removal cannot bring the entry back.
 pub(crate) const BPF_EXIST: u64 = 2;
 
+/// An entry of the peers map: the prefix `cidr` of the remote address, under the rule `rule`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerEntry {
+    pub rule: RuleKey,
+    pub cidr: Cidr,
+}
+
 /// A datapath keyed by `RuleKey`.
 pub trait Dataplane: Send {
     /// Adds entries whose keys it does not hold yet (the engine checks that). All or nothing:
@@ -68,6 +75,22 @@ pub trait Dataplane: Send {
     fn refresh(&mut self, rules: &[(RuleKey, RuleValue)]) -> Result<(), DataplaneError>;
     /// Removes entries; missing ones are ignored. Keeps going on error and reports the first.
     fn remove(&mut self, keys: &[RuleKey]) -> Result<(), DataplaneError>;
+    /// Inserts or overwrites peers-map entries (their rule holds an `ACTION_PEERS` marker).
+    /// On error some entries may be written: the engine takes them out again.
+    fn set_peers(&mut self, entries: &[(PeerEntry, RuleValue)]) -> Result<(), DataplaneError>;
+    /// Removes peers-map entries; missing ones are ignored. Keeps going on error and reports
+    /// the first.
+    fn remove_peers(&mut self, entries: &[PeerEntry]) -> Result<(), DataplaneError>;
+    /// Attaches the tc programs to the interface of a `netns{path, interface}` scope (its
+    /// `dir` is the namespace's path), or counts one more fault on it if they are attached.
+    fn attach_interface(
+        &mut self,
+        scope: &ResolvedScope,
+        interface: &str,
+    ) -> Result<(), DataplaneError>;
+    /// One fault less on the interface of `scope_id`: at the last, the programs are detached
+    /// (and a clsact qdisc faultd added removed).
+    fn release_interface(&mut self, scope_id: u64) -> Result<(), DataplaneError>;
     /// The counters of a slot, summed over CPUs.
     fn counters(&self, slot: u32) -> Result<Counters, DataplaneError>;
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataplaneError>;

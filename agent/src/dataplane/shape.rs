@@ -571,7 +571,7 @@ impl Drop for TcShaping {
 }
 
 /// TCX links exist from Linux 6.6 on.
-fn tcx_available() -> bool {
+pub(crate) fn tcx_available() -> bool {
     aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
 }
 

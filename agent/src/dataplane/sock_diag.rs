@@ -10,11 +10,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::fault::PortRange;
+use crate::fault::{PeerSet, PortRange};
 
 /// Which connections to tear down.
 #[derive(Clone, Debug)]
@@ -25,9 +26,29 @@ pub struct SocketFilter {
     pub ports: Vec<PortRange>,
     /// Only connections that carried at least this many bytes (acked out + received).
     pub min_bytes: Option<u64>,
+    /// Only connections to these remote addresses (None: any).
+    pub peers: Option<PeerSet>,
 }
 
 impl SocketFilter {
+    /// Whether the connection's remote address is one of the peers. `family` and `id` are the
+    /// `inet_diag_msg`'s (the remote address is the sockid's destination).
+    fn peer_matches(&self, family: u8, id: &[u8; 48]) -> bool {
+        let Some(peers) = &self.peers else {
+            return true;
+        };
+        let mut dst = [0u8; 16];
+        dst.copy_from_slice(&id[20..36]);
+        let addr = if family == libc::AF_INET as u8 {
+            IpAddr::V4(Ipv4Addr::new(dst[0], dst[1], dst[2], dst[3]))
+        } else {
+            let v6 = Ipv6Addr::from(dst);
+            // A dual-stack socket talking to an IPv4 peer.
+            v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+        };
+        peers.contains(addr)
+    }
+
     fn port_matches(&self, sport: u16, dport: u16) -> bool {
         self.ports.is_empty()
             || self
@@ -225,7 +246,11 @@ fn destroy_in(
             let enough = filter
                 .min_bytes
                 .is_none_or(|min| attrs.bytes.is_some_and(|b| b >= min));
-            if in_scope && enough && filter.port_matches(msg.sport, msg.dport) {
+            if in_scope
+                && enough
+                && filter.port_matches(msg.sport, msg.dport)
+                && filter.peer_matches(msg.family, &msg.id)
+            {
                 victims.push(*msg);
             }
         })
@@ -485,6 +510,7 @@ fn destroy_one(socket: &OwnedFd, msg: &DiagMsg) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fault::Cidr;
 
     #[test]
     fn requests_have_the_kernel_layout() {
@@ -530,6 +556,7 @@ mod tests {
                 last: 5432,
             }],
             min_bytes: None,
+            peers: None,
         };
         assert!(filter.port_matches(5432, 40000));
         assert!(filter.port_matches(40000, 5432));
@@ -539,5 +566,46 @@ mod tests {
             ..filter
         };
         assert!(all.port_matches(1, 2));
+    }
+
+    #[test]
+    fn peers_match_the_remote_address_of_either_family() {
+        let peers = PeerSet::new(
+            &[
+                Cidr::parse("127.0.0.2", "f").unwrap(),
+                Cidr::parse("fd00::/8", "f").unwrap(),
+            ],
+            &[],
+            "t",
+        )
+        .unwrap();
+        let filter = SocketFilter {
+            cgroup_dir: PathBuf::from("/x"),
+            ports: vec![],
+            min_bytes: None,
+            peers,
+        };
+        let id = |dst: [u8; 16]| {
+            let mut id = [0u8; 48];
+            id[4..20].copy_from_slice(&[9; 16]);
+            id[20..36].copy_from_slice(&dst);
+            id
+        };
+        let v4 = |a: [u8; 4]| {
+            let mut d = [0u8; 16];
+            d[..4].copy_from_slice(&a);
+            d
+        };
+        let inet = libc::AF_INET as u8;
+        let inet6 = libc::AF_INET6 as u8;
+        assert!(filter.peer_matches(inet, &id(v4([127, 0, 0, 2]))));
+        assert!(!filter.peer_matches(inet, &id(v4([127, 0, 0, 1]))));
+        let mapped = Ipv4Addr::new(127, 0, 0, 2).to_ipv6_mapped().octets();
+        assert!(filter.peer_matches(inet6, &id(mapped)));
+        assert!(filter.peer_matches(
+            inet6,
+            &id(Ipv6Addr::new(0xfd12, 0, 0, 0, 0, 0, 0, 1).octets())
+        ));
+        assert!(!filter.peer_matches(inet6, &id(Ipv6Addr::LOCALHOST.octets())));
     }
 }

@@ -9,18 +9,30 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use faultd_common::{
-    ACTION_DROP, ACTION_REJECT, Counters, MAX_FAULTS, MAX_RULES, RuleKey, RuleValue,
+    ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, Counters, MAX_FAULTS, MAX_RULES,
+    RuleKey, RuleValue,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::dataplane::{Dataplane, DataplaneError, Shaped, Shaper, SocketFilter};
+use crate::dataplane::{Dataplane, DataplaneError, PeerEntry, Shaped, Shaper, SocketFilter};
 use crate::events::{EventKind, Events};
-use crate::fault::{Action, FaultId, FaultSpec, Invalid, Labels, LeaseId, Mechanism, Target};
+use crate::fault::{
+    Action, FaultId, FaultSpec, Invalid, Labels, LeaseId, Mechanism, PeerSet, Scope, Target,
+};
 use crate::lease::{Lease, LeaseTable};
 use crate::metrics::Metrics;
 use crate::policy::{Denied, Policy};
-use crate::target::{Resolve, ResolvedScope};
+use crate::target::{Resolve, ResolveError, ResolvedScope};
+
+impl From<ResolveError> for Error {
+    fn from(error: ResolveError) -> Self {
+        match error {
+            ResolveError::Invalid(invalid) => Error::Invalid(invalid),
+            ResolveError::NotFound(message) => Error::ScopeNotFound(message),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -31,6 +43,9 @@ pub enum Error {
     Denied(#[from] Denied),
     #[error("no {kind} {id:?}")]
     NotFound { kind: &'static str, id: String },
+    /// A pod or container this node does not run, with where faultd looked.
+    #[error("{0}")]
+    ScopeNotFound(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -122,6 +137,11 @@ struct FaultRecord {
     resolved: ResolvedScope,
     keys: Vec<RuleKey>,
     slot: u32,
+    /// The peers the fault is limited to: its keys hold `ACTION_PEERS` markers (shared with
+    /// other faults on disjoint peers) and `value` lives in the peers map.
+    peers: Option<PeerSet>,
+    /// What the kernel holds for the fault (its deadline moves with the lease).
+    value: RuleValue,
     mechanism: &'static str,
     connections_reset: Arc<AtomicU64>,
     /// Dropping it stops the `reset{after_bytes}` watcher.
@@ -143,6 +163,8 @@ struct State {
     metrics: Metrics,
     /// Which fault holds each kernel key: overlapping faults are refused, not merged.
     owners: HashMap<RuleKey, FaultId>,
+    /// The faults with peers on each key (their peer sets are disjoint).
+    peer_owners: HashMap<RuleKey, Vec<FaultId>>,
     /// The same for delay and bandwidth faults: they may overlap a drop, not each other.
     shape_owners: HashMap<RuleKey, FaultId>,
     free_slots: Vec<u32>,
@@ -190,6 +212,7 @@ impl Engine {
                 events,
                 metrics,
                 owners: HashMap::new(),
+                peer_owners: HashMap::new(),
                 shape_owners: HashMap::new(),
                 free_slots: (0..MAX_FAULTS).rev().collect(),
                 dataplane,
@@ -272,16 +295,27 @@ impl Engine {
             .clone();
         // Push the new deadline into every kernel entry of the lease.
         let mut rules = Vec::new();
+        let mut peers = Vec::new();
         let mut shaped = Vec::new();
         for fault_id in &lease.faults {
-            if let Some(fault) = state.faults.get(fault_id) {
+            if let Some(fault) = state.faults.get_mut(fault_id) {
                 let deadline = kernel_deadline(lease.deadline.min(fault.ends_at));
                 if let Some(shaper) = fault.shaper {
                     shaped.push((shaper, fault_id.clone(), deadline));
                     continue;
                 }
                 let value = rule_value(&fault.spec.action, fault.slot, deadline);
-                rules.extend(fault.keys.iter().map(|k| (*k, value)));
+                fault.value = value;
+                match &fault.peers {
+                    None => rules.extend(fault.keys.iter().map(|k| (*k, value))),
+                    Some(set) => peers.extend(
+                        fault
+                            .keys
+                            .iter()
+                            .flat_map(|&rule| set.include.iter().map(move |&cidr| (rule, cidr)))
+                            .map(|(rule, cidr)| (PeerEntry { rule, cidr }, value)),
+                    ),
+                }
                 if let Some(watcher) = &fault.watcher {
                     watcher.renew(deadline);
                 }
@@ -291,6 +325,7 @@ impl Engine {
             state.shapers[shaper].refresh(&fault_id, deadline)?;
         }
         state.dataplane.refresh(&rules)?;
+        state.dataplane.set_peers(&peers)?;
         self.deadline_changed.notify_one();
         state.lease_view(id)
     }
@@ -371,23 +406,28 @@ impl Engine {
         let resolved = state.resolver.resolve(&spec.target.scope)?;
         policy.check_resolved(&resolved)?;
         let keys = spec.rule_keys(resolved.cgroup_id);
-        let owners = match shaper {
-            Some(_) => &state.shape_owners,
-            None => &state.owners,
+        let peers = spec.target.peer_set()?;
+        let owner = match shaper {
+            Some(_) => keys.iter().find_map(|k| state.shape_owners.get(k)),
+            None => keys
+                .iter()
+                .find_map(|k| state.owners.get(k))
+                .or_else(|| state.peer_conflict(&keys, peers.as_ref())),
         };
-        if let Some(owner) = keys.iter().find_map(|k| owners.get(k)) {
+        if let Some(owner) = owner {
             return Err(Error::Conflict(format!(
                 "fault.target: {} {} overlaps fault {owner} (remove it first)",
                 spec.action.name(),
                 spec.target.summary()
             )));
         }
-        if shaper.is_none() && state.owners.len() + keys.len() > MAX_RULES as usize {
+        let used = state.owners.len() + state.peer_owners.len();
+        if shaper.is_none() && used + keys.len() > MAX_RULES as usize {
             return Err(Error::Exhausted(format!(
                 "the kernel rule table holds {} entries; this fault needs {} but only {} are free",
                 MAX_RULES,
                 keys.len(),
-                MAX_RULES as usize - state.owners.len()
+                MAX_RULES as usize - used
             )));
         }
         if state.faults.len() >= policy.max_active_faults {
@@ -440,9 +480,23 @@ impl Engine {
         let rules: Vec<_> = keys.iter().map(|k| (*k, value)).collect();
         let id = new_id(|id| state.faults.contains_key(id));
         let connections_reset = Arc::new(AtomicU64::new(0));
+        // A netns scope's interface gets the tc programs first (once for all its faults).
+        let interface = match &spec.target.scope {
+            Scope::Netns { interface, .. } => Some(interface.clone()),
+            _ => None,
+        };
+        let mut attached = false;
         let applied = state
             .dataplane
             .reset_counters(slot)
+            .and_then(|()| match &interface {
+                Some(interface) => {
+                    let result = state.dataplane.attach_interface(&resolved, interface);
+                    attached = result.is_ok();
+                    result
+                }
+                None => Ok(()),
+            })
             .and_then(|()| match shaper {
                 Some(shaper) => state.shapers[shaper].apply(&Shaped {
                     id: &id,
@@ -453,7 +507,10 @@ impl Engine {
                     slot,
                     expires_at_ns: deadline_ns,
                 }),
-                None => state.dataplane.insert(&rules),
+                None => match &peers {
+                    None => state.dataplane.insert(&rules),
+                    Some(set) => state.insert_peer_fault(&keys, set, value),
+                },
             })
             .map_err(Error::from)
             .and_then(|()| {
@@ -465,9 +522,16 @@ impl Engine {
             Ok(watcher) => watcher,
             Err(e) => {
                 // A shaped fault's keys are not in the datapath (a drop may hold the same ones).
-                if shaper.is_none()
-                    && let Err(e) = state.dataplane.remove(&keys)
-                {
+                if shaper.is_none() {
+                    let removed = match &peers {
+                        None => state.dataplane.remove(&keys),
+                        Some(set) => state.remove_peer_fault(&id, &keys, set),
+                    };
+                    if let Err(e) = removed {
+                        tracing::warn!(error = %e, "rolling back a failed inject");
+                    }
+                }
+                if attached && let Err(e) = state.dataplane.release_interface(resolved.cgroup_id) {
                     tracing::warn!(error = %e, "rolling back a failed inject");
                 }
                 state.free_slots.push(slot);
@@ -495,12 +559,16 @@ impl Engine {
                 return Err(e);
             }
         };
-        let owners = match shaper {
-            Some(_) => &mut state.shape_owners,
-            None => &mut state.owners,
-        };
         for key in &keys {
-            owners.insert(*key, id.clone());
+            match (shaper, &peers) {
+                (Some(_), _) => {
+                    state.shape_owners.insert(*key, id.clone());
+                }
+                (None, None) => {
+                    state.owners.insert(*key, id.clone());
+                }
+                (None, Some(_)) => state.peer_owners.entry(*key).or_default().push(id.clone()),
+            }
         }
         if let Some(lease) = state.leases.get_mut(&lease_id) {
             lease.faults.push(id.clone());
@@ -517,6 +585,8 @@ impl Engine {
                 resolved,
                 keys,
                 slot,
+                peers,
+                value,
                 mechanism,
                 connections_reset,
                 watcher,
@@ -636,6 +706,118 @@ impl Engine {
 }
 
 impl State {
+    /// A fault with peers on one of `keys` whose peers may meet `peers` (every fault meets one
+    /// without peers).
+    fn peer_conflict(&self, keys: &[RuleKey], peers: Option<&PeerSet>) -> Option<&FaultId> {
+        keys.iter().find_map(|key| {
+            self.peer_owners.get(key)?.iter().find(|owner| {
+                match (
+                    peers,
+                    self.faults.get(*owner).and_then(|f| f.peers.as_ref()),
+                ) {
+                    (Some(new), Some(held)) => new.overlaps(held),
+                    _ => true,
+                }
+            })
+        })
+    }
+
+    /// What the peers entry `(key, cidr)` must hold for the faults with peers on `key` other
+    /// than `except`: the fault whose peers include the prefix, a pass for an exclusion, or
+    /// nothing.
+    fn peer_entry_value(
+        &self,
+        key: &RuleKey,
+        cidr: &crate::fault::Cidr,
+        except: &str,
+    ) -> Option<RuleValue> {
+        let mut pass = false;
+        for owner in self.peer_owners.get(key).into_iter().flatten() {
+            if owner == except {
+                continue;
+            }
+            let Some(fault) = self.faults.get(owner) else {
+                continue;
+            };
+            let Some(set) = &fault.peers else { continue };
+            if set.include.contains(cidr) {
+                return Some(fault.value);
+            }
+            pass |= set.exclude.contains(cidr);
+        }
+        pass.then_some(RuleValue {
+            action: ACTION_PASS,
+            ..RuleValue::default()
+        })
+    }
+
+    /// Writes a new fault's peers entries, then the markers of its keys that have none yet.
+    fn insert_peer_fault(
+        &mut self,
+        keys: &[RuleKey],
+        set: &PeerSet,
+        value: RuleValue,
+    ) -> Result<(), DataplaneError> {
+        let mut entries = Vec::new();
+        for &rule in keys {
+            for &cidr in &set.include {
+                entries.push((PeerEntry { rule, cidr }, value));
+            }
+            for &cidr in &set.exclude {
+                if self.peer_entry_value(&rule, &cidr, "").is_none() {
+                    let pass = RuleValue {
+                        action: ACTION_PASS,
+                        ..RuleValue::default()
+                    };
+                    entries.push((PeerEntry { rule, cidr }, pass));
+                }
+            }
+        }
+        self.dataplane.set_peers(&entries)?;
+        let markers: Vec<_> = keys
+            .iter()
+            .filter(|k| !self.peer_owners.contains_key(k))
+            .map(|k| (*k, PEERS_MARKER))
+            .collect();
+        self.dataplane.insert(&markers)
+    }
+
+    /// Takes a fault's peers entries out (or gives them back to the faults that share them),
+    /// and the markers of its keys no other fault holds. `id` must be out of `peer_owners`
+    /// already, or is skipped.
+    fn remove_peer_fault(
+        &mut self,
+        id: &str,
+        keys: &[RuleKey],
+        set: &PeerSet,
+    ) -> Result<(), DataplaneError> {
+        let markers: Vec<_> = keys
+            .iter()
+            .filter(|k| {
+                self.peer_owners
+                    .get(k)
+                    .is_none_or(|owners| owners.iter().all(|o| o == id))
+            })
+            .copied()
+            .collect();
+        let mut restore = Vec::new();
+        let mut gone = Vec::new();
+        for &rule in keys {
+            for &cidr in set.include.iter().chain(&set.exclude) {
+                let entry = PeerEntry { rule, cidr };
+                match self.peer_entry_value(&rule, &cidr, id) {
+                    Some(value) => restore.push((entry, value)),
+                    None => gone.push(entry),
+                }
+            }
+        }
+        // Markers first: from then on no packet consults the entries.
+        let first = self.dataplane.remove(&markers);
+        let second = self.dataplane.remove_peers(&gone);
+        let third = self.dataplane.set_peers(&restore);
+        first.and(second).and(third)
+    }
+
     /// The socket side of `reset`: tears down the target's connections now, or starts the
     /// watcher of `reset{after_bytes}`.
     fn apply_reset(
@@ -653,6 +835,7 @@ impl State {
             cgroup_dir: resolved.dir.clone(),
             ports: spec.target.ports.clone(),
             min_bytes: after_bytes,
+            peers: spec.target.peer_set()?,
         };
         let killer = self.dataplane.connection_killer();
         if after_bytes.is_none() {
@@ -791,19 +974,36 @@ impl State {
             (true, Some(shaper)) => self.shapers[shaper].counters(id).unwrap_or_default(),
             (true, None) => self.dataplane.counters(fault.slot).unwrap_or_default(),
         };
-        let removed = match fault.shaper {
-            Some(shaper) => self.shapers[shaper].remove(id),
-            None => self.dataplane.remove(&fault.keys),
+        for key in &fault.keys {
+            match (fault.shaper, &fault.peers) {
+                (Some(_), _) => {
+                    self.shape_owners.remove(key);
+                }
+                (None, None) => {
+                    self.owners.remove(key);
+                }
+                (None, Some(_)) => {
+                    if let Some(owners) = self.peer_owners.get_mut(key) {
+                        owners.retain(|owner| owner != id);
+                        if owners.is_empty() {
+                            self.peer_owners.remove(key);
+                        }
+                    }
+                }
+            }
+        }
+        let removed = match (fault.shaper, &fault.peers) {
+            (Some(shaper), _) => self.shapers[shaper].remove(id),
+            (None, None) => self.dataplane.remove(&fault.keys),
+            (None, Some(set)) => self.remove_peer_fault(id, &fault.keys, set),
         };
         if let Err(e) = &removed {
             tracing::error!(fault = %id, error = %e, "removing kernel entries; they lapse at the lease deadline");
         }
-        let owners = match fault.shaper {
-            Some(_) => &mut self.shape_owners,
-            None => &mut self.owners,
-        };
-        for key in &fault.keys {
-            owners.remove(key);
+        if let Scope::Netns { .. } = fault.spec.target.scope
+            && let Err(e) = self.dataplane.release_interface(fault.resolved.cgroup_id)
+        {
+            tracing::error!(fault = %id, error = %e, "detaching the tc programs");
         }
         self.fault_ends.remove(&(fault.ends_at, id.to_string()));
         self.free_slots.push(fault.slot);
@@ -893,6 +1093,14 @@ fn not_found(kind: &'static str, id: &str) -> Error {
         id: id.to_string(),
     }
 }
+
+/// The rules-map value of a key whose faults name peers: the peers map decides.
+const PEERS_MARKER: RuleValue = RuleValue {
+    expires_at_ns: u64::MAX,
+    drop_threshold: 0,
+    counter_slot: 0,
+    action: ACTION_PEERS,
+};
 
 fn rule_value(action: &Action, slot: u32, expires_at_ns: u64) -> RuleValue {
     RuleValue {

@@ -4,6 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+mod peers;
+
+pub use peers::{Cidr, PeerSet};
+
 use faultd_common::{DIR_CONNECT, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, PROTO_UDP, RuleKey};
 
 pub type FaultId = String;
@@ -12,6 +16,9 @@ pub type Labels = BTreeMap<String, String>;
 
 /// Most kernel entries (protocol × direction × port) one fault may need.
 pub const MAX_RULES_PER_FAULT: usize = 4096;
+
+/// Most peer entries (prefixes × kernel keys) one fault may need.
+pub const MAX_PEER_ENTRIES_PER_FAULT: usize = 8192;
 
 /// A request field that failed validation: `field` is the path a user typed, e.g.
 /// `fault.drop.percent`.
@@ -242,6 +249,14 @@ pub enum Scope {
     Cgroup { path: String },
     /// The cgroup of a process, resolved when the fault is injected.
     Pid { pid: u32 },
+    /// A Kubernetes pod's cgroup, found by its uid under the kubelet's cgroup tree: every
+    /// container of the pod, including those that (re)start later.
+    Pod { uid: String },
+    /// A container's cgroup, found by its id in the scope name the runtime gives it.
+    Container { id: String },
+    /// An interface inside a network namespace (`/run/netns/NAME` or `/proc/PID/ns/net`): what
+    /// crosses it, routed or bridged traffic included, whichever socket (if any) owns it.
+    Netns { path: String, interface: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -338,9 +353,18 @@ pub struct Target {
     pub ports: Vec<PortRange>,
     pub protocol: Protocol,
     pub direction: Direction,
+    /// Remote addresses the fault is limited to (empty: every address).
+    pub peers: Vec<Cidr>,
+    /// Remote addresses it spares.
+    pub exclude_peers: Vec<Cidr>,
 }
 
 impl Target {
+    /// The peers the fault is limited to, normalized; None when it names none.
+    pub fn peer_set(&self) -> Result<Option<PeerSet>, Invalid> {
+        PeerSet::new(&self.peers, &self.exclude_peers, "fault.target")
+    }
+
     /// Checks what no single field can: at least one port, and a bounded number of entries.
     pub fn validate(&self) -> Result<(), Invalid> {
         if self.ports.is_empty() {
@@ -356,6 +380,19 @@ impl Target {
                 format!(
                     "needs {rules} kernel entries (ports x protocols x directions); at most \
                      {MAX_RULES_PER_FAULT} per fault"
+                ),
+            ));
+        }
+        let peers = self
+            .peer_set()?
+            .map_or(0, |s| s.include.len() + s.exclude.len());
+        if peers * rules > MAX_PEER_ENTRIES_PER_FAULT {
+            return Err(Invalid::new(
+                "fault.target.peers",
+                format!(
+                    "needs {} kernel entries (peer prefixes x ports x protocols x directions); at \
+                     most {MAX_PEER_ENTRIES_PER_FAULT} per fault",
+                    peers * rules
                 ),
             ));
         }
@@ -401,9 +438,21 @@ impl Target {
             Scope::Host => "host".to_string(),
             Scope::Cgroup { path } => format!("cgroup {path}"),
             Scope::Pid { pid } => format!("pid {pid}"),
+            Scope::Pod { uid } => format!("pod {uid}"),
+            Scope::Container { id } => format!("container {id}"),
+            Scope::Netns { path, interface } => format!("interface {interface} of netns {path}"),
         };
+        let mut peers = String::new();
+        if !self.peers.is_empty() {
+            let list: Vec<_> = self.peers.iter().map(Cidr::to_string).collect();
+            peers += &format!(" peers {}", list.join(","));
+        }
+        if !self.exclude_peers.is_empty() {
+            let list: Vec<_> = self.exclude_peers.iter().map(Cidr::to_string).collect();
+            peers += &format!(" except {}", list.join(","));
+        }
         format!(
-            "{} {} ports {} of {scope}",
+            "{} {} ports {}{peers} of {scope}",
             self.protocol.name(),
             self.direction.name(),
             ports.join(",")
@@ -423,6 +472,36 @@ impl FaultSpec {
     /// The target's checks, and what the action asks of the target.
     pub fn validate(&self) -> Result<(), Invalid> {
         self.target.validate()?;
+        if matches!(self.target.scope, Scope::Netns { .. })
+            && !matches!(self.action, Action::Drop { .. })
+        {
+            return Err(Invalid::new(
+                "fault.target.netns",
+                format!(
+                    "{} faults cannot target an interface in a network namespace yet (drop can)",
+                    self.action.name()
+                ),
+            ));
+        }
+        if self.action.shaping().is_some() {
+            let field = match (
+                self.target.peers.is_empty(),
+                self.target.exclude_peers.is_empty(),
+            ) {
+                (false, _) => Some("fault.target.peers"),
+                (true, false) => Some("fault.target.exclude_peers"),
+                (true, true) => None,
+            };
+            if let Some(field) = field {
+                return Err(Invalid::new(
+                    field,
+                    format!(
+                        "{} faults cannot be limited to peers yet (drop, reject and reset can)",
+                        self.action.name()
+                    ),
+                ));
+            }
+        }
         if self.action.on_connections() {
             let action = self.action.name();
             if self.target.protocol == Protocol::Udp {
@@ -487,6 +566,8 @@ mod tests {
             ports,
             protocol,
             direction,
+            peers: Vec::new(),
+            exclude_peers: Vec::new(),
         }
     }
 

@@ -1,7 +1,10 @@
 //! Resolving a scope to the cgroup v2 directory and id the kernel programs match on, and to
-//! the network namespaces its processes use (`namespaces`).
+//! the network namespaces its processes use (`namespaces`). Kubernetes pods and containers are
+//! found by the names the kubelet and the container runtimes give their cgroups (`pods`).
 
+pub mod interface;
 pub mod namespaces;
+pub mod pods;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -20,9 +23,20 @@ pub struct ResolvedScope {
     pub dir: PathBuf,
 }
 
+/// Why a scope does not resolve.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// A malformed field, or a cgroup path or process that does not exist.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// A pod or container this node does not run (NOT_FOUND), with where faultd looked.
+    #[error("{0}")]
+    NotFound(String),
+}
+
 /// Resolves scopes; a trait so engine tests can run without cgroups.
 pub trait Resolve: Send {
-    fn resolve(&self, scope: &Scope) -> Result<ResolvedScope, Invalid>;
+    fn resolve(&self, scope: &Scope) -> Result<ResolvedScope, ResolveError>;
 }
 
 /// The cgroup v2 hierarchy of this host.
@@ -56,7 +70,7 @@ impl CgroupRoot {
         &self.path
     }
 
-    fn cgroup(&self, relative: &str, field: &str) -> Result<ResolvedScope, Invalid> {
+    pub(crate) fn cgroup(&self, relative: &str, field: &str) -> Result<ResolvedScope, Invalid> {
         let mut dir = self.path.clone();
         let mut clean = String::new();
         for component in Path::new(relative).components() {
@@ -99,22 +113,26 @@ impl CgroupRoot {
 }
 
 impl Resolve for CgroupRoot {
-    fn resolve(&self, scope: &Scope) -> Result<ResolvedScope, Invalid> {
-        match scope {
-            Scope::Host => self.cgroup("/", "fault.target.host"),
+    fn resolve(&self, scope: &Scope) -> Result<ResolvedScope, ResolveError> {
+        Ok(match scope {
+            Scope::Pod { uid } => return pods::pod(self, uid),
+            Scope::Container { id } => return pods::container(self, id),
+            Scope::Netns { path, interface } => return interface::resolve(path, interface),
+            Scope::Host => self.cgroup("/", "fault.target.host")?,
             Scope::Cgroup { path } => {
                 if path.trim().is_empty() {
                     return Err(Invalid::new(
                         "fault.target.cgroup.path",
                         "empty; use the host scope for the whole host",
-                    ));
+                    )
+                    .into());
                 }
-                self.cgroup(path, "fault.target.cgroup.path")
+                self.cgroup(path, "fault.target.cgroup.path")?
             }
             Scope::Pid { pid } => {
                 let field = "fault.target.pid.pid";
                 if *pid == 0 {
-                    return Err(Invalid::new(field, "0 is not a process id"));
+                    return Err(Invalid::new(field, "0 is not a process id").into());
                 }
                 let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
                     .map_err(|_| Invalid::new(field, format!("no process {pid}")))?;
@@ -124,9 +142,9 @@ impl Resolve for CgroupRoot {
                     .ok_or_else(|| {
                         Invalid::new(field, format!("process {pid} has no cgroup v2 membership"))
                     })?;
-                self.cgroup(path, field)
+                self.cgroup(path, field)?
             }
-        }
+        })
     }
 }
 
@@ -201,13 +219,16 @@ mod tests {
                 path: "/app/../..".into(),
             })
             .unwrap_err();
+        let ResolveError::Invalid(err) = err else {
+            panic!("{err:?}")
+        };
         assert_eq!(err.field, "fault.target.cgroup.path");
         let err = root
             .resolve(&Scope::Cgroup {
                 path: "/nope".into(),
             })
             .unwrap_err();
-        assert!(err.reason.contains("no cgroup"), "{err}");
+        assert!(err.to_string().contains("no cgroup"), "{err}");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -135,6 +135,7 @@ pub fn drop_fault(percent: f64, ports: &[(u32, Option<u32>)]) -> pb::Fault {
                 .collect(),
             protocol: pb::Protocol::Tcp.into(),
             direction: pb::Direction::Egress.into(),
+            ..Default::default()
         }),
         ..Default::default()
     }
