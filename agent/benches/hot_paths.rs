@@ -23,6 +23,7 @@ fn drop_fault(ports: Vec<pb::PortRange>) -> pb::Fault {
             ports,
             protocol: pb::Protocol::Tcp.into(),
             direction: pb::Direction::Egress.into(),
+            ..Default::default()
         }),
         ..Default::default()
     }
