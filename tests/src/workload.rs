@@ -136,8 +136,13 @@ impl Workload {
 
     /// SETs `key` to `bytes` bytes.
     pub fn redis_set(&self, key: &str, bytes: usize) {
+        self.redis_set_at("127.0.0.1", key, bytes)
+    }
+
+    /// `redis_set` on Redis on `host`.
+    pub fn redis_set_at(&self, host: &str, key: &str, bytes: usize) {
         let mut cmd = self.base();
-        cmd.args(["redis-set", &format!("127.0.0.1:{REDIS_PORT}"), key])
+        cmd.args(["redis-set", &format!("{host}:{REDIS_PORT}"), key])
             .arg(bytes.to_string());
         let out = output(&mut cmd);
         assert!(
@@ -153,8 +158,13 @@ impl Workload {
     /// GETs `key` on a fresh connection; returns the bytes received and the seconds from the
     /// request to the value's last byte.
     pub fn redis_get(&self, key: &str) -> (u64, f64) {
+        self.redis_get_at("127.0.0.1", key)
+    }
+
+    /// `redis_get` from Redis on `host`.
+    pub fn redis_get_at(&self, host: &str, key: &str) -> (u64, f64) {
         let mut cmd = self.base();
-        cmd.args(["redis-get", &format!("127.0.0.1:{REDIS_PORT}"), key]);
+        cmd.args(["redis-get", &format!("{host}:{REDIS_PORT}"), key]);
         let out = output(&mut cmd);
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(

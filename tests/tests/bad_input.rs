@@ -4,12 +4,12 @@ use std::time::Duration;
 
 use faultd_proto::v1::target::Scope;
 use faultd_proto::v1::{
-    CgroupScope, Direction, GetFaultRequest, InjectRequest, Protocol, RemoveRequest, RenewRequest,
-    RevokeRequest, TimeToLiveRequest,
+    CgroupScope, Direction, GetFaultRequest, InjectRequest, Mechanism, Protocol, RemoveRequest,
+    RenewRequest, RevokeRequest, TimeToLiveRequest,
 };
 use faultd_tests::api::{
-    cgroup_target, drop_fault, list_faults, list_leases, reject_fault, reset_fault, under_lease,
-    with_ttl,
+    bandwidth_fault, cgroup_target, delay_fault, drop_fault, list_faults, list_leases,
+    reject_fault, reset_fault, under_lease, with_ttl,
 };
 use faultd_tests::uniq::uniq;
 use faultd_tests::{Cgroup, Faultd, FaultdOptions};
@@ -76,6 +76,28 @@ async fn bad_requests_name_the_field_and_change_nothing() {
                 minute,
             ),
             "fault.target.exclude_peers",
+        ),
+        (
+            "a delay whose exclusions leave no peer",
+            with_ttl(
+                delay_fault(
+                    Duration::from_millis(100),
+                    Duration::ZERO,
+                    0.0,
+                    Mechanism::Unspecified,
+                    peers(&["10.1.0.0/16"], &["10.0.0.0/8"]),
+                ),
+                minute,
+            ),
+            "fault.target.exclude_peers",
+        ),
+        (
+            "a bandwidth fault with a peer that is no CIDR",
+            with_ttl(
+                bandwidth_fault(1 << 20, 0, peers(&["10.0.0.0/8", "::1/129"], &[])),
+                minute,
+            ),
+            "fault.target.peers[1]",
         ),
         (
             "percent 101",

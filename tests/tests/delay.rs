@@ -8,7 +8,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use faultd_proto::v1::{CapabilitiesRequest, Capability, Direction, Mechanism, Protocol};
+use faultd_proto::v1::{
+    CapabilitiesRequest, Capability, Direction, Mechanism, Protocol, RemoveRequest, Target,
+};
 use faultd_tests::api::{
     bandwidth_fault, cgroup_target, delay_fault, get_fault, grant, lease_deadline, list_faults,
     under_lease, with_ttl,
@@ -17,7 +19,7 @@ use faultd_tests::process::{blocking, output, poll};
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::workload::stats::{mean, median, quantile, stddev};
 use faultd_tests::workload::{RttRun, Workload};
-use faultd_tests::{Faultctl, Faultd, FaultdOptions, NetNs, RedisScene, TempDir, fd_probe};
+use faultd_tests::{Faultctl, Faultd, FaultdOptions, NetNs, Redis, RedisScene, TempDir, fd_probe};
 use tonic::Code;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -422,6 +424,188 @@ async fn the_delay_ends_at_the_lease_deadline() {
         gone.is_some(),
         "the expired fault's NFQUEUE rules are still in the namespace:\n{}",
         netfilter_rules(Some(netns))
+    );
+}
+
+fn with_peers(mut target: Target, peers: &[&str], exclude: &[&str]) -> Target {
+    target.peers = peers.iter().map(|p| p.to_string()).collect();
+    target.exclude_peers = exclude.iter().map(|p| p.to_string()).collect();
+    target
+}
+
+/// The median PING round trip (ms) to each of `hosts`, 100 PINGs each.
+fn medians(workload: &Workload, hosts: &[&str]) -> Vec<f64> {
+    hosts
+        .iter()
+        .map(|host| {
+            let run = blocking(|| workload.redis_rtt_at(host, 100, INTERVAL));
+            eprintln!("  {host}: {}", summary(&run));
+            assert_eq!(run.failures(), 0, "PINGs to {host} failed: {run:?}");
+            median(&run.rtts())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
+async fn a_delay_with_peers_holds_only_the_traffic_to_those_peers() {
+    let _serial = SERIAL.lock().await;
+    let scene = RedisScene::start(fd_probe!()).await;
+    prioritize(scene.redis.pid());
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        netns,
+        ..
+    } = &scene;
+    // A second Redis on the same port at another address.
+    let second = Redis::start_bound(netns, &["127.0.0.2"]);
+    prioritize(second.pid());
+    let _app = inside.resident();
+    let hosts = ["127.0.0.1", "127.0.0.2", "[::1]"];
+    eprintln!("baseline:");
+    let base = medians(inside, &hosts);
+    let mut faults = faultd.faults();
+    let target = || cgroup_target(cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
+
+    // (peers, excluded peers, which of `hosts` are delayed)
+    let cases: [(&[&str], &[&str], [bool; 3]); 3] = [
+        (&["127.0.0.2/32"], &[], [false, true, false]),
+        (&[], &["127.0.0.2"], [true, false, true]),
+        (&["::1/128"], &[], [false, false, true]),
+    ];
+    for (peers, exclude, delayed) in cases {
+        let fault = faults
+            .inject(with_ttl(
+                delay_fault(
+                    ms(100),
+                    Duration::ZERO,
+                    0.0,
+                    Mechanism::Unspecified,
+                    with_peers(target(), peers, exclude),
+                ),
+                Duration::from_secs(120),
+            ))
+            .await
+            .unwrap_or_else(|s| {
+                panic!(
+                    "Inject of a 100 ms delay with peers {peers:?} except {exclude:?} failed: \
+                     {s:?}\n{}",
+                    faultd.log()
+                )
+            })
+            .into_inner();
+        assert_eq!(fault.mechanism, "nfqueue", "{fault:?}");
+        let rules = netfilter_rules(Some(netns));
+        let queued = |family: &str| {
+            let table = match family {
+                "v4" => rules.split("ip6tables").next().unwrap_or_default(),
+                _ => rules.split("ip6tables").nth(1).unwrap_or_default(),
+            };
+            table.contains("NFQUEUE")
+        };
+        eprintln!("delay 100 ms, peers {peers:?} except {exclude:?}:");
+        let now = medians(inside, &hosts);
+        for (i, host) in hosts.iter().enumerate() {
+            let added = now[i] - base[i];
+            let tag = format!(
+                "delay_nfqueue_100ms_peers_{}_{}",
+                if exclude.is_empty() { "in" } else { "except" },
+                host.trim_matches(['[', ']'])
+            );
+            eprintln!("MEASURE {tag}_median_added_ms={added:.3}");
+            if delayed[i] {
+                assert!(
+                    (95.0..=105.0).contains(&added),
+                    "a 100 ms delay with peers {peers:?} except {exclude:?} added {added:.2} ms \
+                     to PINGs to {host} (want 100 ± 5)"
+                );
+            } else {
+                assert!(
+                    added.abs() <= 2.0,
+                    "a delay with peers {peers:?} except {exclude:?} changed PINGs to {host} by \
+                     {added:+.2} ms (want within 2 ms of baseline)"
+                );
+            }
+        }
+        // A family without a delayed peer has no queue rule.
+        let v4_delayed = delayed[0] || delayed[1];
+        assert_eq!(
+            (queued("v4"), queued("v6")),
+            (v4_delayed, delayed[2]),
+            "NFQUEUE rules per family (IPv4, IPv6) for peers {peers:?} except {exclude:?}:\n{rules}"
+        );
+        faults
+            .remove(RemoveRequest {
+                id: fault.id.clone(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("Remove failed: {s:?}"));
+        let left = poll(Duration::from_secs(5), || {
+            let rules = netfilter_rules(Some(netns));
+            (!rules.contains("FAULTD-")).then_some(())
+        });
+        assert!(
+            left.is_some(),
+            "after Remove faultd's rules and chains should be gone:\n{}",
+            netfilter_rules(Some(netns))
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
+async fn bandwidth_with_peers_paces_only_the_matched_server() {
+    let _serial = SERIAL.lock().await;
+    let scene = RedisScene::start(fd_probe!()).await;
+    prioritize(scene.redis.pid());
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        netns,
+        ..
+    } = &scene;
+    let second = Redis::start_bound(netns, &["127.0.0.2"]);
+    prioritize(second.pid());
+    let _app = inside.resident();
+    const VALUE: usize = 1 << 20;
+    for host in ["127.0.0.1", "127.0.0.2"] {
+        blocking(|| inside.redis_set_at(host, "faultd:big", VALUE));
+        let (bytes, base) = blocking(|| inside.redis_get_at(host, "faultd:big"));
+        assert!(
+            bytes >= VALUE as u64 && base < 0.5,
+            "baseline GET from {host}: {bytes} bytes in {base:.3} s"
+        );
+    }
+    let mut faults = faultd.faults();
+    // Both directions: the value comes in, ingress to the workload.
+    let target = cgroup_target(cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Both);
+    let fault = faults
+        .inject(with_ttl(
+            bandwidth_fault(256 << 10, 0, with_peers(target, &["127.0.0.2/32"], &[])),
+            Duration::from_secs(60),
+        ))
+        .await
+        .unwrap_or_else(|s| panic!("Inject of a bandwidth fault with peers failed: {s:?}"))
+        .into_inner();
+    assert_eq!(fault.mechanism, "nfqueue", "{fault:?}");
+    let (bytes, paced) = blocking(|| inside.redis_get_at("127.0.0.2", "faultd:big"));
+    let (_, other) = blocking(|| inside.redis_get_at("127.0.0.1", "faultd:big"));
+    eprintln!(
+        "MEASURE bandwidth_nfqueue_256KiB_1MiB_peer_get_s={paced:.3} error_pct={:+.1} other_s={other:.4}",
+        (paced - 4.0) / 4.0 * 100.0
+    );
+    assert!(bytes >= VALUE as u64);
+    assert!(
+        (3.6..=4.4).contains(&paced),
+        "at 256 KiB/s a GET of 1 MiB from the peer 127.0.0.2 took {paced:.3} s (want 4 s ± 10%)"
+    );
+    assert!(
+        other < 0.5,
+        "the same GET from 127.0.0.1, not a peer of the fault, took {other:.3} s: it must not be \
+         paced"
     );
 }
 

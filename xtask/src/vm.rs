@@ -119,7 +119,12 @@ pub fn run_matrix(root: &Path, options: &Options) -> anyhow::Result<Matrix> {
     let selected: Vec<&Kernel> = KERNELS
         .iter()
         .filter(|k| {
-            options.kernels.is_empty() || options.kernels.iter().any(|s| k.label.starts_with(s))
+            // "6.1" is 6.1 only, "6" every 6.x.
+            options.kernels.is_empty()
+                || options
+                    .kernels
+                    .iter()
+                    .any(|s| k.label == s || k.label.starts_with(&format!("{s}.")))
         })
         .collect();
     if selected.is_empty() {

@@ -26,6 +26,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
+use crate::fault::{Cidr, PeerSet};
 use crate::fault::{Direction, PortRange, Protocol};
 use crate::instance::Instance;
 use crate::target::namespaces::NetNs;
@@ -102,11 +103,24 @@ pub fn chain(instance: &str, hook: Hook) -> String {
     format!("{CHAIN_PREFIX}{instance}-{}", hook.suffix())
 }
 
-/// The instance id of a faultd chain name, if it is one.
+/// The chain of one fault of `instance` for `hook`, holding its exclusions' RETURN rules
+/// before its own, named after the fault's queue: e.g. `FAULTD-1a2b3c4d-O40000`.
+fn fault_chain(instance: &str, hook: Hook, queue: u16) -> String {
+    let letter = match hook {
+        Hook::Output => 'O',
+        Hook::Input => 'I',
+    };
+    format!("{CHAIN_PREFIX}{instance}-{letter}{queue}")
+}
+
+/// The instance id of a faultd chain name (an agent's or one of its faults'), if it is one.
 fn chain_owner(name: &str) -> Option<&str> {
     let rest = name.strip_prefix(CHAIN_PREFIX)?;
     let (id, hook) = rest.split_once('-')?;
-    (Instance::is_id(id) && (hook == "OUT" || hook == "IN")).then_some(id)
+    let fault_chain = hook
+        .strip_prefix(['O', 'I'])
+        .is_some_and(|queue| !queue.is_empty() && queue.parse::<u16>().is_ok());
+    (Instance::is_id(id) && (hook == "OUT" || hook == "IN" || fault_chain)).then_some(id)
 }
 
 /// Refuses cgroup paths that could not be passed safely to `-m cgroup --path`: xt_cgroup takes
@@ -333,22 +347,98 @@ pub struct FaultRules {
     pub mark_id: Option<u8>,
     /// Unix seconds: the last second in which packets are queued (None: no end).
     pub until: Option<u64>,
+    /// The remote addresses the fault is limited to (None: all of them).
+    pub peers: Option<PeerSet>,
 }
 
 impl FaultRules {
-    /// `-A` lines, in the order they must be evaluated: connection marks before the egress
-    /// NFQUEUE rule, which ends the packet's walk through the chain.
-    pub fn lines(&self) -> Vec<String> {
-        let out = chain(&self.instance, Hook::Output);
-        let input = chain(&self.instance, Hook::Input);
+    fn ingress_marked(&self) -> bool {
+        matches!(self.direction, Direction::Ingress | Direction::Both) && self.mark_id.is_some()
+    }
+
+    /// The peers of `family` the fault is limited to (`[None]`: every address; empty: none,
+    /// the family gets no rule) and the ones it excludes.
+    fn peers_of(&self, family: Family) -> (Vec<Option<Cidr>>, Vec<Cidr>) {
+        let ours = |c: &&Cidr| c.is_v6() == (family == Family::V6);
+        match &self.peers {
+            None => (vec![None], Vec::new()),
+            Some(set) => (
+                set.include.iter().filter(ours).copied().map(Some).collect(),
+                set.exclude.iter().filter(ours).copied().collect(),
+            ),
+        }
+    }
+
+    /// The fault's own chains in `family`: only a fault that excludes peers of this family
+    /// has them (its RETURN rules must not skip the rules of other faults).
+    fn own_chains(&self, family: Family) -> Vec<String> {
+        let (include, exclude) = self.peers_of(family);
+        if include.is_empty() || exclude.is_empty() {
+            return Vec::new();
+        }
+        let mut chains = vec![fault_chain(&self.instance, Hook::Output, self.queue)];
+        if self.ingress_marked() {
+            chains.push(fault_chain(&self.instance, Hook::Input, self.queue));
+        }
+        chains
+    }
+
+    /// Restore lines creating the fault's own chains in `family` (before `lines`).
+    pub fn setup(&self, family: Family) -> Vec<String> {
+        self.own_chains(family)
+            .iter()
+            .map(|chain| format!("-N {chain}"))
+            .collect()
+    }
+
+    /// Restore lines removing the fault's own chains in `family` (after `deletion(lines)`).
+    pub fn teardown(&self, family: Family) -> Vec<String> {
+        let chains = self.own_chains(family);
+        let mut lines: Vec<String> = chains.iter().map(|c| format!("-F {c}")).collect();
+        lines.extend(chains.iter().map(|c| format!("-X {c}")));
+        lines
+    }
+
+    /// `-A` lines for `family`, in the order they must be evaluated: exclusions first, then
+    /// connection marks before the egress NFQUEUE rule, which ends the packet's walk through
+    /// the chain. Egress matches a peer as the destination, ingress as the source; addresses
+    /// are rendered from parsed CIDRs only.
+    pub fn lines(&self, family: Family) -> Vec<String> {
+        let (includes, excludes) = self.peers_of(family);
+        if includes.is_empty() {
+            return Vec::new();
+        }
+        let mut out = chain(&self.instance, Hook::Output);
+        let mut input = chain(&self.instance, Hook::Input);
         let protocols: &[&str] = match self.protocol {
             Protocol::Tcp => &["tcp"],
             Protocol::Udp => &["udp"],
             Protocol::Both => &["tcp", "udp"],
         };
         let egress = matches!(self.direction, Direction::Egress | Direction::Both);
-        let ingress = matches!(self.direction, Direction::Ingress | Direction::Both);
+        let ingress = self.ingress_marked();
         let comment = format!("-m comment --comment faultd:{}", self.fault);
+        let mut lines = Vec::new();
+        if !excludes.is_empty() {
+            let own_out = fault_chain(&self.instance, Hook::Output, self.queue);
+            lines.push(format!("-A {out} {comment} -j {own_out}"));
+            lines.extend(
+                excludes
+                    .iter()
+                    .map(|e| format!("-A {own_out} -d {e} {comment} -j RETURN")),
+            );
+            out = own_out;
+            if ingress {
+                let own_in = fault_chain(&self.instance, Hook::Input, self.queue);
+                lines.push(format!("-A {input} {comment} -j {own_in}"));
+                lines.extend(
+                    excludes
+                        .iter()
+                        .map(|e| format!("-A {own_in} -s {e} {comment} -j RETURN")),
+                );
+                input = own_in;
+            }
+        }
         let until = match self.until {
             Some(secs) => format!("-m time --datestop {} --utc ", utc(secs)),
             None => String::new(),
@@ -358,32 +448,38 @@ impl FaultRules {
             self.queue
         );
         let cgroup = format!("-m cgroup --path {}", self.cgroup_path);
-        let mut lines = Vec::new();
-        for protocol in protocols {
-            for ports in multiport_lists(&self.ports) {
-                let matches = format!("-p {protocol} -m multiport --ports {ports}");
-                if let (true, Some(id)) = (ingress, self.mark_id) {
-                    let id = u32::from(id) << MARK_ID_SHIFT;
-                    for (ctdir, side) in [("ORIGINAL", MARK_ORIGINAL), ("REPLY", MARK_REPLY)] {
-                        lines.push(format!(
-                            "-A {out} {cgroup} {matches} -m conntrack --ctdir {ctdir} {comment} \
-                             -j CONNMARK --set-xmark {:#x}/{:#x}",
-                            id | side,
-                            MARK_ID_MASK | side
-                        ));
+        for peer in &includes {
+            // `0.0.0.0/0` and `::/0` (only exclusions) match every address.
+            let (to, from) = match peer.filter(|p| p.prefix > 0) {
+                Some(p) => (format!(" -d {p}"), format!(" -s {p}")),
+                None => (String::new(), String::new()),
+            };
+            for protocol in protocols {
+                for ports in multiport_lists(&self.ports) {
+                    let matches = format!("-p {protocol} -m multiport --ports {ports}");
+                    if let (true, Some(id)) = (ingress, self.mark_id) {
+                        let id = u32::from(id) << MARK_ID_SHIFT;
+                        for (ctdir, side) in [("ORIGINAL", MARK_ORIGINAL), ("REPLY", MARK_REPLY)] {
+                            lines.push(format!(
+                                "-A {out}{to} {cgroup} {matches} -m conntrack --ctdir {ctdir} \
+                                 {comment} -j CONNMARK --set-xmark {:#x}/{:#x}",
+                                id | side,
+                                MARK_ID_MASK | side
+                            ));
+                        }
+                        // Ingress to the workload flows against the direction it sent in.
+                        for (ctdir, side) in [("REPLY", MARK_ORIGINAL), ("ORIGINAL", MARK_REPLY)] {
+                            lines.push(format!(
+                                "-A {input}{from} {matches} -m connmark --mark {:#x}/{:#x} \
+                                 -m conntrack --ctdir {ctdir} {queue}",
+                                id | side,
+                                MARK_ID_MASK | side
+                            ));
+                        }
                     }
-                    // Ingress to the workload flows against the direction it sent in.
-                    for (ctdir, side) in [("REPLY", MARK_ORIGINAL), ("ORIGINAL", MARK_REPLY)] {
-                        lines.push(format!(
-                            "-A {input} {matches} -m connmark --mark {:#x}/{:#x} \
-                             -m conntrack --ctdir {ctdir} {queue}",
-                            id | side,
-                            MARK_ID_MASK | side
-                        ));
+                    if egress {
+                        lines.push(format!("-A {out}{to} {cgroup} {matches} {queue}"));
                     }
-                }
-                if egress {
-                    lines.push(format!("-A {out} {cgroup} {matches} {queue}"));
                 }
             }
         }
@@ -480,24 +576,25 @@ mod tests {
             queue: 40000,
             mark_id: None,
             until: None,
+            peers: None,
         };
         assert_eq!(
-            rules.lines(),
+            rules.lines(Family::V4),
             vec![
                 "-A FAULTD-0badcafe-OUT -m cgroup --path /app -p tcp -m multiport --ports 6379 \
                  -m comment --comment faultd:f00d -j NFQUEUE --queue-num 40000 --queue-bypass"
             ]
         );
         assert_eq!(
-            deletion(&rules.lines()),
-            vec![rules.lines()[0].replacen("-A", "-D", 1)]
+            deletion(&rules.lines(Family::V4)),
+            vec![rules.lines(Family::V4)[0].replacen("-A", "-D", 1)]
         );
         rules.until = Some(1_763_789_407);
         assert!(
-            rules.lines()[0]
+            rules.lines(Family::V4)[0]
                 .contains("--ports 6379 -m time --datestop 2025-11-22T05:30:07 --utc -m comment"),
             "{:?}",
-            rules.lines()
+            rules.lines(Family::V4)
         );
     }
 
@@ -513,8 +610,9 @@ mod tests {
             queue: 7,
             mark_id: Some(3),
             until: None,
+            peers: None,
         };
-        let lines = rules.lines();
+        let lines = rules.lines(Family::V4);
         assert_eq!(
             lines.len(),
             2 * 5,
@@ -543,6 +641,94 @@ mod tests {
         );
         assert_eq!(listing.mark_ids(), BTreeSet::from([3]));
         assert_eq!(listing.queues(), BTreeSet::from([7]));
+    }
+
+    fn peers(include: &[&str], exclude: &[&str]) -> Option<PeerSet> {
+        let parse = |list: &[&str]| -> Vec<Cidr> {
+            list.iter().map(|t| Cidr::parse(t, "f").unwrap()).collect()
+        };
+        PeerSet::new(&parse(include), &parse(exclude), "t").unwrap()
+    }
+
+    #[test]
+    fn peers_restrict_each_family_and_exclusions_return_from_the_faults_own_chain() {
+        let mut rules = FaultRules {
+            instance: "0badcafe".into(),
+            fault: "f00d".into(),
+            cgroup_path: "/app".into(),
+            protocol: Protocol::Tcp,
+            direction: Direction::Both,
+            ports: ports(&[(6379, 6379)]),
+            queue: 40000,
+            mark_id: Some(2),
+            until: None,
+            peers: peers(&["127.0.0.2/32", "10.0.0.0/8"], &[]),
+        };
+        let v4 = rules.lines(Family::V4);
+        assert_eq!(
+            v4.len(),
+            2 * 5,
+            "per peer: 2 marks, 2 ingress queues, 1 egress"
+        );
+        for (i, peer) in ["10.0.0.0/8", "127.0.0.2/32"].iter().enumerate() {
+            let part = &v4[i * 5..(i + 1) * 5];
+            assert!(part[0].starts_with(&format!("-A FAULTD-0badcafe-OUT -d {peer} -m cgroup")));
+            assert!(part[1].starts_with(&format!("-A FAULTD-0badcafe-OUT -d {peer} -m cgroup")));
+            assert!(part[2].starts_with(&format!("-A FAULTD-0badcafe-IN -s {peer} -p tcp")));
+            assert!(part[3].starts_with(&format!("-A FAULTD-0badcafe-IN -s {peer} -p tcp")));
+            assert!(part[4].starts_with(&format!("-A FAULTD-0badcafe-OUT -d {peer} -m cgroup")));
+            assert!(part[4].ends_with("-j NFQUEUE --queue-num 40000 --queue-bypass"));
+        }
+        assert!(
+            rules.lines(Family::V6).is_empty(),
+            "a family with no peer gets no rule"
+        );
+        assert!(rules.setup(Family::V4).is_empty() && rules.teardown(Family::V4).is_empty());
+
+        rules.peers = peers(&[], &["127.0.0.2", "fd00::/8"]);
+        rules.direction = Direction::Egress;
+        rules.mark_id = None;
+        let own = "FAULTD-0badcafe-O40000";
+        assert_eq!(rules.setup(Family::V4), vec![format!("-N {own}")]);
+        assert_eq!(
+            rules.lines(Family::V4),
+            vec![
+                format!("-A FAULTD-0badcafe-OUT -m comment --comment faultd:f00d -j {own}"),
+                format!("-A {own} -d 127.0.0.2/32 -m comment --comment faultd:f00d -j RETURN"),
+                format!(
+                    "-A {own} -m cgroup --path /app -p tcp -m multiport --ports 6379 \
+                     -m comment --comment faultd:f00d -j NFQUEUE --queue-num 40000 --queue-bypass"
+                ),
+            ]
+        );
+        let v6 = rules.lines(Family::V6);
+        assert!(v6[1].contains("-d fd00::/8 ") && v6[1].ends_with("-j RETURN"));
+        assert!(v6[2].starts_with(&format!("-A {own} -m cgroup")));
+        assert_eq!(
+            rules.teardown(Family::V6),
+            vec![format!("-F {own}"), format!("-X {own}")]
+        );
+
+        // The fault's chains are the agent's: a sweep takes them too.
+        let listing = Listing::from_text(&format!(
+            "-N FAULTD-0badcafe-OUT\n-N {own}\n-A OUTPUT -j FAULTD-0badcafe-OUT\n\
+             -A FAULTD-0badcafe-OUT -j {own}\n\
+             -A {own} -p tcp -j NFQUEUE --queue-num 40000 --queue-bypass\n"
+        ));
+        assert_eq!(listing.queues(), BTreeSet::from([40000]));
+        assert_eq!(
+            listing.removal("0badcafe"),
+            vec![
+                "-D OUTPUT -j FAULTD-0badcafe-OUT".to_string(),
+                "-F FAULTD-0badcafe-OUT".into(),
+                format!("-F {own}"),
+                "-X FAULTD-0badcafe-OUT".into(),
+                format!("-X {own}"),
+            ]
+        );
+        assert!(chain_owner("FAULTD-0badcafe-O").is_none());
+        assert!(chain_owner("FAULTD-0badcafe-Ox1").is_none());
+        assert!(own.len() <= 28, "xtables chain names");
     }
 
     #[test]

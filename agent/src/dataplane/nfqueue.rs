@@ -826,9 +826,10 @@ fn probe_family(
         queue: num,
         mark_id: Some(1),
         until: Some(backstop_until(monotonic_now_ns() + 3_600_000_000_000)),
+        peers: None,
     };
     let mut lines = netfilter::chain_creation(instance);
-    lines.extend(rules.lines());
+    lines.extend(rules.lines(family));
     netfilter::restore(family, Some(netns), &lines)?;
     let loopback: std::net::IpAddr = match family {
         Family::V4 => std::net::Ipv4Addr::LOCALHOST.into(),
@@ -892,9 +893,8 @@ struct Placement {
     netns: Arc<NetNs>,
     lane: Lane,
     rules: FaultRules,
-    families: Vec<Family>,
-    /// The `-A` lines in force (they change with the deadline), for their removal.
-    lines: Vec<String>,
+    /// The `-A` lines in force per family (they change with the deadline), for their removal.
+    lines: Vec<(Family, Vec<String>)>,
 }
 
 /// Seconds the kernel-side deadline (`-m time --datestop`) may trail the lease deadline: the
@@ -1086,34 +1086,41 @@ impl NfqueueShaper {
             queue: lane.queue,
             mark_id,
             until: Some(backstop_until(fault.expires_at_ns)),
+            peers: fault
+                .target
+                .peer_set()
+                .map_err(|e| shaper_error(e.reason))?,
         };
-        let fault_lines = rules.lines();
-        let batches: Vec<(Family, Vec<String>)> = listings
+        // Per family: whether the agent's chains are created, and the restore lines.
+        let batches: Vec<(Family, bool, Vec<String>)> = listings
             .iter()
             .map(|(family, listing)| {
-                let mut lines = match listing.has_chains(&self.instance) {
-                    true => Vec::new(),
-                    false => netfilter::chain_creation(&self.instance),
+                let create = !listing.has_chains(&self.instance);
+                let mut lines = match create {
+                    true => netfilter::chain_creation(&self.instance),
+                    false => Vec::new(),
                 };
-                lines.extend(fault_lines.iter().cloned());
-                (*family, lines)
+                lines.extend(rules.setup(*family));
+                lines.extend(rules.lines(*family));
+                (*family, create, lines)
             })
             .collect();
         self.record_netns(netns.inode());
         let apply_ns = netns.clone();
         let apply = batches.clone();
         let instance = self.instance.clone();
+        let undo_rules = rules.clone();
         let applied = self
             .worker
             .call(move || {
-                let mut done: Vec<&(Family, Vec<String>)> = Vec::new();
+                let mut done: Vec<&(Family, bool, Vec<String>)> = Vec::new();
                 for batch in &apply {
-                    let (family, lines) = batch;
+                    let (family, _, lines) = batch;
                     if let Err(e) = netfilter::restore(*family, Some(&apply_ns), lines) {
                         // All or nothing: take out what the other family got.
-                        for (family, lines) in done {
-                            let created_chains =
-                                lines.first().is_some_and(|l| l.starts_with("-N "));
+                        for (family, created_chains, lines) in done {
+                            let mut own = netfilter::deletion(lines);
+                            own.extend(undo_rules.teardown(*family));
                             let undone = match created_chains {
                                 true => netfilter::list(*family, Some(&apply_ns)).and_then(|l| {
                                     netfilter::restore(
@@ -1122,11 +1129,7 @@ impl NfqueueShaper {
                                         &l.removal(&instance),
                                     )
                                 }),
-                                false => netfilter::restore(
-                                    *family,
-                                    Some(&apply_ns),
-                                    &netfilter::deletion(lines),
-                                ),
+                                false => netfilter::restore(*family, Some(&apply_ns), &own),
                             };
                             if let Err(e) = undone {
                                 tracing::warn!(error = %e, "undoing NFQUEUE rules");
@@ -1143,12 +1146,15 @@ impl NfqueueShaper {
             // The lane goes (Drop) and with it the queue.
             return Err(shaper_error(e));
         }
+        let lines = batches
+            .iter()
+            .map(|(family, _, _)| (*family, rules.lines(*family)))
+            .collect();
         Ok(Placement {
             netns,
             lane,
             rules,
-            families: batches.into_iter().map(|(family, _)| family).collect(),
-            lines: fault_lines,
+            lines,
         })
     }
 
@@ -1172,14 +1178,13 @@ impl NfqueueShaper {
             let Placement {
                 netns,
                 mut lane,
-                families,
+                rules,
                 lines,
-                ..
             } = placement;
-            for family in &families {
-                if let Err(e) =
-                    netfilter::restore(*family, Some(&netns), &netfilter::deletion(&lines))
-                {
+            for (family, lines) in &lines {
+                let mut own = netfilter::deletion(lines);
+                own.extend(rules.teardown(*family));
+                if let Err(e) = netfilter::restore(*family, Some(&netns), &own) {
                     tracing::warn!(error = %e, netns = %netns.path().display(), "removing NFQUEUE rules");
                 }
                 if last {
@@ -1266,13 +1271,17 @@ impl Shaper for NfqueueShaper {
             }
             // The kernel-side deadline moves with the lease, in one transaction per family.
             placement.rules.until = Some(until);
-            let fresh = placement.rules.lines();
-            let mut swap = netfilter::deletion(&placement.lines);
-            swap.extend(fresh.iter().cloned());
-            placement.lines = fresh;
-            let (netns, families) = (placement.netns.clone(), placement.families.clone());
+            let mut swaps = Vec::new();
+            for (family, lines) in &mut placement.lines {
+                let fresh = placement.rules.lines(*family);
+                let mut swap = netfilter::deletion(lines);
+                swap.extend(fresh.iter().cloned());
+                *lines = fresh;
+                swaps.push((*family, swap));
+            }
+            let netns = placement.netns.clone();
             self.worker.spawn(move || {
-                for family in families {
+                for (family, swap) in swaps {
                     if let Err(e) = netfilter::restore(family, Some(&netns), &swap) {
                         // The rule keeps its earlier end: the fault can only end sooner.
                         tracing::warn!(error = %e, "moving the NFQUEUE rules' deadline");

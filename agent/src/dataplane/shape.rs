@@ -804,6 +804,13 @@ impl Shaper for TcShaper {
                 target.direction.name()
             ));
         }
+        if !target.peers.is_empty() || !target.exclude_peers.is_empty() {
+            return Some(format!(
+                "{} does not limit shaping to peers yet (fault.target.peers, \
+                 fault.target.exclude_peers); the nfqueue mechanism does",
+                self.mechanism.name()
+            ));
+        }
         self.unavailable(action)
     }
 

@@ -166,7 +166,7 @@ struct State {
     /// The faults with peers on each key (their peer sets are disjoint).
     peer_owners: HashMap<RuleKey, Vec<FaultId>>,
     /// The same for delay and bandwidth faults: they may overlap a drop, not each other.
-    shape_owners: HashMap<RuleKey, FaultId>,
+    shape_owners: HashMap<RuleKey, Vec<FaultId>>,
     free_slots: Vec<u32>,
     dataplane: Box<dyn Dataplane>,
     /// The mechanisms for delay and bandwidth, one per `Mechanism` at most.
@@ -408,7 +408,7 @@ impl Engine {
         let keys = spec.rule_keys(resolved.cgroup_id);
         let peers = spec.target.peer_set()?;
         let owner = match shaper {
-            Some(_) => keys.iter().find_map(|k| state.shape_owners.get(k)),
+            Some(_) => state.shape_conflict(&keys, peers.as_ref()),
             None => keys
                 .iter()
                 .find_map(|k| state.owners.get(k))
@@ -562,7 +562,7 @@ impl Engine {
         for key in &keys {
             match (shaper, &peers) {
                 (Some(_), _) => {
-                    state.shape_owners.insert(*key, id.clone());
+                    state.shape_owners.entry(*key).or_default().push(id.clone());
                 }
                 (None, None) => {
                     state.owners.insert(*key, id.clone());
@@ -706,20 +706,32 @@ impl Engine {
 }
 
 impl State {
-    /// A fault with peers on one of `keys` whose peers may meet `peers` (every fault meets one
-    /// without peers).
-    fn peer_conflict(&self, keys: &[RuleKey], peers: Option<&PeerSet>) -> Option<&FaultId> {
+    /// A delay or bandwidth fault on one of `keys` whose peers may meet `peers`: shaped faults
+    /// share a key only when their peer sets are disjoint (a fault without peers meets all).
+    fn shape_conflict(&self, keys: &[RuleKey], peers: Option<&PeerSet>) -> Option<&FaultId> {
+        Self::meets(&self.shape_owners, &self.faults, keys, peers)
+    }
+
+    fn meets<'a>(
+        owners: &'a HashMap<RuleKey, Vec<FaultId>>,
+        faults: &HashMap<FaultId, FaultRecord>,
+        keys: &[RuleKey],
+        peers: Option<&PeerSet>,
+    ) -> Option<&'a FaultId> {
         keys.iter().find_map(|key| {
-            self.peer_owners.get(key)?.iter().find(|owner| {
-                match (
-                    peers,
-                    self.faults.get(*owner).and_then(|f| f.peers.as_ref()),
-                ) {
+            owners.get(key)?.iter().find(|owner| {
+                match (peers, faults.get(*owner).and_then(|f| f.peers.as_ref())) {
                     (Some(new), Some(held)) => new.overlaps(held),
                     _ => true,
                 }
             })
         })
+    }
+
+    /// A fault with peers on one of `keys` whose peers may meet `peers` (every fault meets one
+    /// without peers).
+    fn peer_conflict(&self, keys: &[RuleKey], peers: Option<&PeerSet>) -> Option<&FaultId> {
+        Self::meets(&self.peer_owners, &self.faults, keys, peers)
     }
 
     /// What the peers entry `(key, cidr)` must hold for the faults with peers on `key` other
@@ -977,7 +989,12 @@ impl State {
         for key in &fault.keys {
             match (fault.shaper, &fault.peers) {
                 (Some(_), _) => {
-                    self.shape_owners.remove(key);
+                    if let Some(owners) = self.shape_owners.get_mut(key) {
+                        owners.retain(|owner| owner != id);
+                        if owners.is_empty() {
+                            self.shape_owners.remove(key);
+                        }
+                    }
                 }
                 (None, None) => {
                     self.owners.remove(key);

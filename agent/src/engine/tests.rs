@@ -676,26 +676,52 @@ async fn peers_entries_follow_the_lease_and_reset_filters_by_peer() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn delay_with_peers_is_invalid_naming_the_field() {
-    let (engine, _fake) = engine();
-    let delay = Action::delay(
-        Duration::from_millis(10),
-        Duration::ZERO,
-        0.0,
-        None,
-        "fault.delay",
-    )
-    .unwrap();
-    let err = engine
-        .inject(
-            LeaseRef::Ttl(Duration::from_secs(5)),
-            peer_spec(delay, &["10.0.0.0/8"], &[]),
+async fn delays_with_disjoint_peers_share_a_key_and_overlapping_ones_conflict() {
+    let (engine, _fake, _edt, nfqueue) = shaping_engine(Some("no fq"));
+    let ttl = || LeaseRef::Ttl(Duration::from_secs(30));
+    let delay = || {
+        Action::delay(
+            Duration::from_millis(10),
+            Duration::ZERO,
+            0.0,
+            None,
+            "fault.delay",
         )
+        .unwrap()
+    };
+    let a = engine
+        .inject(ttl(), peer_spec(delay(), &["127.0.0.2"], &[]))
+        .unwrap();
+    assert_eq!(a.mechanism, "nfqueue");
+    let b = engine
+        .inject(ttl(), peer_spec(delay(), &["127.0.0.1", "::1"], &[]))
+        .unwrap();
+    assert_eq!(nfqueue.faults().len(), 2, "disjoint peers share the key");
+    for (peers, exclude) in [
+        (&[][..], &["127.0.0.3"][..]),
+        (&["127.0.0.0/8"][..], &[][..]),
+        (&[][..], &[][..]),
+    ] {
+        match engine.inject(ttl(), peer_spec(delay(), peers, exclude)) {
+            Err(Error::Conflict(msg)) => assert!(msg.contains("overlaps fault"), "{msg}"),
+            other => {
+                panic!("peers {peers:?} except {exclude:?}: expected a conflict, got {other:?}")
+            }
+        }
+    }
+    let err = engine
+        .inject(ttl(), peer_spec(delay(), &["10.1.0.0/16"], &["10.0.0.0/8"]))
         .unwrap_err();
     let Error::Invalid(invalid) = err else {
         panic!("{err:?}")
     };
-    assert_eq!(invalid.field, "fault.target.peers");
+    assert_eq!(invalid.field, "fault.target.exclude_peers");
+    engine.remove(&a.id).unwrap();
+    engine.remove(&b.id).unwrap();
+    assert!(nfqueue.faults().is_empty());
+    engine
+        .inject(ttl(), peer_spec(delay(), &[], &[]))
+        .expect("once the faults with peers are gone the key is free");
 }
 
 #[tokio::test(start_paused = true)]

@@ -483,25 +483,6 @@ impl FaultSpec {
                 ),
             ));
         }
-        if self.action.shaping().is_some() {
-            let field = match (
-                self.target.peers.is_empty(),
-                self.target.exclude_peers.is_empty(),
-            ) {
-                (false, _) => Some("fault.target.peers"),
-                (true, false) => Some("fault.target.exclude_peers"),
-                (true, true) => None,
-            };
-            if let Some(field) = field {
-                return Err(Invalid::new(
-                    field,
-                    format!(
-                        "{} faults cannot be limited to peers yet (drop, reject and reset can)",
-                        self.action.name()
-                    ),
-                ));
-            }
-        }
         if self.action.on_connections() {
             let action = self.action.name();
             if self.target.protocol == Protocol::Udp {
