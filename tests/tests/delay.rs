@@ -277,9 +277,14 @@ async fn jitter_has_the_requested_spread() {
         "50 ms ± 20 ms: the PING round trips' standard deviation is {sd:.2} ms (want 20 ms ± 30%): {}",
         summary(&run)
     );
+    // A flow's packets keep their order, so a PING waits for the ACK the client sent 10 ms
+    // earlier if that one drew a longer delay: the PING's delay is max(own, ACK's - 10 ms).
+    // For two N(50, 20) draws that lifts the median by up to 6.5 ms (measured 54.7-56.9), so the
+    // bound is centred near 55, not 50.
     assert!(
-        (added - 50.0).abs() <= 6.0,
-        "50 ms ± 20 ms added {added:.2} ms to the median round trip (want about 50): {}",
+        (48.0..=62.0).contains(&added),
+        "50 ms ± 20 ms added {added:.2} ms to the median round trip (want 48-62 ms: 50 plus \
+         what keeping the flow's order adds): {}",
         summary(&run)
     );
 }
