@@ -1151,26 +1151,41 @@ fn workloads(
     Ok(all)
 }
 
+/// Redis and PostgreSQL (with pgbench's tables) in a fresh namespace, and a client cgroup in
+/// it: the scene of the throughput benchmarks. Fields drop in reverse order: clients first.
+struct DbScene {
+    inside: Workload,
+    cgroup: Cgroup,
+    _pg: Postgres,
+    _redis: Redis,
+    netns: NetNs,
+}
+
+impl DbScene {
+    fn start(ctx: &Ctx) -> DbScene {
+        let netns = NetNs::new();
+        let redis = Redis::start(&netns);
+        let pg = Postgres::start(&netns);
+        let cgroup = Cgroup::new();
+        let inside = Workload::inside(&ctx.probe, &cgroup, &netns);
+        let mut init = inside.command("pgbench");
+        init.args(["-i", "-q", "-s", "1", "-h", "127.0.0.1", "-U", "postgres"])
+            .arg("postgres");
+        run_ok(&mut init);
+        DbScene {
+            inside,
+            cgroup,
+            _pg: pg,
+            _redis: redis,
+            netns,
+        }
+    }
+}
+
 async fn overhead(ctx: &Ctx) -> anyhow::Result<()> {
     const B: &str = "overhead";
-    let netns = NetNs::new();
-    let _redis = Redis::start(&netns);
-    let _pg = Postgres::start(&netns);
-    let cgroup = Cgroup::new();
-    let inside = Workload::inside(&ctx.probe, &cgroup, &netns);
-    let mut init = inside.command("pgbench");
-    init.args([
-        "-i",
-        "-q",
-        "-s",
-        "1",
-        "-h",
-        "127.0.0.1",
-        "-U",
-        "postgres",
-        "postgres",
-    ]);
-    run_ok(&mut init);
+    let scene = DbScene::start(ctx);
+    let (cgroup, inside) = (&scene.cgroup, &scene.inside);
 
     let rounds = ctx.rounds(5, 2);
     // name → per round (without faultd, with faultd)
@@ -1183,13 +1198,13 @@ async fn overhead(ctx: &Ctx) -> anyhow::Result<()> {
         let mut with = None;
         for first in [round % 2 == 0, round % 2 != 0] {
             if first {
-                without = Some(workloads(ctx, &inside, DIRECT)?);
+                without = Some(workloads(ctx, inside, DIRECT)?);
             } else {
                 let bench = BenchFaultd::start().await;
                 let faults = bench.faultd.faults();
                 let ids = inject_many(
                     &faults,
-                    &cgroup,
+                    cgroup,
                     IDLE_PORTS,
                     1000,
                     Protocol::Unspecified,
@@ -1199,7 +1214,7 @@ async fn overhead(ctx: &Ctx) -> anyhow::Result<()> {
                 assert_eq!(ids.len(), 1000);
                 let pid = bench.faultd.pid();
                 let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
-                with = Some(workloads(ctx, &inside, DIRECT)?);
+                with = Some(workloads(ctx, inside, DIRECT)?);
                 faultd_cpu.push(100.0 * (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64());
             }
         }
@@ -1749,24 +1764,8 @@ async fn proxy(ctx: &Ctx) -> anyhow::Result<()> {
             bin.display()
         );
     }
-    let netns = NetNs::new();
-    let _redis = Redis::start(&netns);
-    let _pg = Postgres::start(&netns);
-    let cgroup = Cgroup::new();
-    let inside = Workload::inside(&ctx.probe, &cgroup, &netns);
-    let mut init = inside.command("pgbench");
-    init.args([
-        "-i",
-        "-q",
-        "-s",
-        "1",
-        "-h",
-        "127.0.0.1",
-        "-U",
-        "postgres",
-        "postgres",
-    ]);
-    run_ok(&mut init);
+    let scene = DbScene::start(ctx);
+    let (netns, cgroup, inside) = (&scene.netns, &scene.cgroup, &scene.inside);
     let dir = TempDir::new("faultd-bench-proxy");
 
     let rounds = ctx.rounds(3, 1);
@@ -1779,16 +1778,16 @@ async fn proxy(ctx: &Ctx) -> anyhow::Result<()> {
         for k in 0..3 {
             let which = (k + round) % 3;
             results[which] = Some(match which {
-                0 => workloads(ctx, &inside, DIRECT)?,
+                0 => workloads(ctx, inside, DIRECT)?,
                 1 => {
-                    let _proxy = start_fault_proxy(&netns, &bin, &dir)?;
-                    workloads(ctx, &inside, PROXIED)?
+                    let _proxy = start_fault_proxy(netns, &bin, &dir)?;
+                    workloads(ctx, inside, PROXIED)?
                 }
                 _ => {
                     let bench = BenchFaultd::start().await;
                     let mut faults = bench.faultd.faults();
                     let target = cgroup_target(
-                        &cgroup,
+                        cgroup,
                         &[DIRECT.0, DIRECT.1],
                         Protocol::Unspecified,
                         Direction::Unspecified,
@@ -1798,7 +1797,7 @@ async fn proxy(ctx: &Ctx) -> anyhow::Result<()> {
                         .await
                         .map_err(|s| anyhow::anyhow!("Inject of a 0% drop: {s:?}"))?
                         .into_inner();
-                    let result = workloads(ctx, &inside, DIRECT)?;
+                    let result = workloads(ctx, inside, DIRECT)?;
                     let seen = faultd_tests::api::get_fault(&mut faults, &fault.id).await;
                     matched += faultd_tests::api::counters(&seen).0;
                     result
