@@ -253,9 +253,8 @@ impl Dataplane for CgroupSkbDataplane {
         }
         let ebpf = &mut self._ebpf;
         let netns = scope.dir.clone();
-        let attached =
-            super::super::target::interface::in_netns(&netns, || attach_tc(ebpf, interface))
-                .map_err(|e| DataplaneError::Tc(format!("entering {}: {e}", netns.display())))??;
+        let attached = crate::target::namespaces::in_netns(&netns, || attach_tc(ebpf, interface))
+            .map_err(|e| DataplaneError::Tc(format!("entering {}: {e}", netns.display())))??;
         tracing::info!(netns = %netns.display(), interface, tcx = attached.added_clsact.is_none(),
             "tc programs attached");
         self.interfaces.insert(
@@ -286,7 +285,7 @@ impl Dataplane for CgroupSkbDataplane {
         let netns = attached.netns.clone();
         let interface = attached.interface.clone();
         // Netlink filters are found by ifindex in the namespace: detach from inside it.
-        super::super::target::interface::in_netns(&netns, || detach_tc(ebpf, attached))
+        crate::target::namespaces::in_netns(&netns, || detach_tc(ebpf, attached))
             .map_err(|e| DataplaneError::Tc(format!("entering {}: {e}", netns.display())))??;
         tracing::info!(netns = %netns.display(), interface, "tc programs detached");
         Ok(())

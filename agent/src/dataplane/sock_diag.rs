@@ -16,6 +16,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::fault::{PeerSet, PortRange};
+use crate::target::namespaces::in_netns;
 
 /// Which connections to tear down.
 #[derive(Clone, Debug)]
@@ -218,18 +219,7 @@ fn open_in_netns(ns_path: &Path) -> io::Result<OwnedFd> {
     if (own.dev(), own.ino()) == (target.dev(), target.ino()) {
         return netlink_socket();
     }
-    let ns = fs::File::open(ns_path)?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on this thread only; the thread ends right after.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            netlink_socket()
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("sock_diag thread panicked")))
-    })
+    in_netns(ns_path, netlink_socket)?
 }
 
 /// Dumps and destroys in one namespace; returns how many sockets were destroyed.

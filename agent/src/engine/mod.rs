@@ -757,10 +757,7 @@ impl State {
             }
             pass |= set.exclude.contains(cidr);
         }
-        pass.then_some(RuleValue {
-            action: ACTION_PASS,
-            ..RuleValue::default()
-        })
+        pass.then_some(PEER_EXCLUDED)
     }
 
     /// Writes a new fault's peers entries, then the markers of its keys that have none yet.
@@ -777,11 +774,7 @@ impl State {
             }
             for &cidr in &set.exclude {
                 if self.peer_entry_value(&rule, &cidr, "").is_none() {
-                    let pass = RuleValue {
-                        action: ACTION_PASS,
-                        ..RuleValue::default()
-                    };
-                    entries.push((PeerEntry { rule, cidr }, pass));
+                    entries.push((PeerEntry { rule, cidr }, PEER_EXCLUDED));
                 }
             }
         }
@@ -1112,6 +1105,14 @@ fn not_found(kind: &'static str, id: &str) -> Error {
 }
 
 /// The rules-map value of a key whose faults name peers: the peers map decides.
+/// The peers entry of an excluded prefix: the packet matches no fault of the key.
+const PEER_EXCLUDED: RuleValue = RuleValue {
+    expires_at_ns: 0,
+    drop_threshold: 0,
+    counter_slot: 0,
+    action: ACTION_PASS,
+};
+
 const PEERS_MARKER: RuleValue = RuleValue {
     expires_at_ns: u64::MAX,
     drop_threshold: 0,

@@ -3,13 +3,11 @@
 //! runs on a tokio worker).
 
 use std::ffi::CString;
-use std::fs::File;
-use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use faultd_common::netns_scope_id;
 
+use super::namespaces::in_netns;
 use super::{ResolveError, ResolvedScope};
 use crate::fault::Invalid;
 
@@ -43,22 +41,6 @@ fn check_interface(name: &str) -> Result<CString, Invalid> {
         ));
     }
     CString::new(name).map_err(|_| Invalid::new(field, "contains NUL"))
-}
-
-/// Runs `work` on a new thread that entered the namespace at `path`.
-pub fn in_netns<T: Send>(path: &Path, work: impl FnOnce() -> T + Send) -> io::Result<T> {
-    let ns = File::open(path)?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on this thread only; the thread ends with the scope.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(work())
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("network namespace thread panicked")))
-    })
 }
 
 pub fn resolve(path: &str, interface: &str) -> Result<ResolvedScope, ResolveError> {

@@ -55,6 +55,20 @@ impl NetNs {
     }
 }
 
+/// Runs `work` on a new OS thread that entered the namespace at `path` (setns never touches a
+/// tokio worker, and the thread ends with the call).
+pub fn in_netns<T: Send>(path: &Path, work: impl FnOnce() -> T + Send) -> io::Result<T> {
+    let ns = File::open(path)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            NetNs::enter(ns.as_fd())?;
+            Ok(work())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("network namespace thread panicked")))
+    })
+}
+
 impl AsFd for NetNs {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
