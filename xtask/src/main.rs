@@ -40,8 +40,10 @@ const PACKAGES: &[&str] = &[
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Python packages of the test clients (tests/clients), pinned: gRPC by reflection, real
-/// Redis and PostgreSQL client libraries, and the Kubernetes schema validator the deploy/
-/// manifest is checked with.
+/// Redis and PostgreSQL client libraries, the Kubernetes schema validator the deploy/
+/// manifest is checked with, and Chaos Toolkit with what the extension
+/// (integrations/chaostoolkit) is built and tested with. chaostoolkit 1.19.0 is the last
+/// release for Debian 12's Python 3.11.
 const PYTHON_PACKAGES: &[&str] = &[
     "grpcio==1.85.1",
     "grpcio-reflection==1.85.1",
@@ -49,7 +51,14 @@ const PYTHON_PACKAGES: &[&str] = &[
     "psycopg==3.2.13",
     "psycopg-binary==3.2.13",
     "kubernetes-validate==1.37.0",
+    "chaostoolkit==1.19.0",
+    "chaostoolkit-lib==1.44.0",
+    "grpcio-tools==1.85.1",
+    "setuptools==84.2.1",
+    "pytest==9.2.0",
 ];
+/// The Chaos Toolkit extension, built from this tree (its gRPC code from proto/).
+const CHAOSTOOLKIT_EXTENSION: &str = "integrations/chaostoolkit";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 #[derive(Parser)]
@@ -198,6 +207,21 @@ fn setup() -> anyhow::Result<()> {
                 .args(PYTHON_PACKAGES),
         )?;
     }
+    // Always: it follows the tree (and the proto) it is built from; a few seconds.
+    status(
+        Command::new(test_python())
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--no-build-isolation",
+                "--force-reinstall",
+            ])
+            .arg(CHAOSTOOLKIT_EXTENSION),
+    )?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
