@@ -58,6 +58,22 @@ pub struct Pki {
 }
 
 impl Pki {
+    /// faultd's arguments for a TCP listener on a free loopback port with these certificates:
+    /// its own, and the CA it checks clients against.
+    pub fn listener_args(&self) -> Vec<String> {
+        let path = |p: &PathBuf| p.to_string_lossy().into_owned();
+        vec![
+            "--listen".into(),
+            "tcp://127.0.0.1:0".into(),
+            "--tls-cert".into(),
+            path(&self.server_cert),
+            "--tls-key".into(),
+            path(&self.server_key),
+            "--tls-client-ca".into(),
+            path(&self.ca),
+        ]
+    }
+
     pub fn new() -> Pki {
         let dir = TempDir::new("faultd-test-pki");
         let write = |name: &str, pem: &str| {

@@ -517,16 +517,7 @@ async fn extension_pytest_over_mtls() {
     let pki = Pki::new();
     let path = |p: &Path| p.to_string_lossy().into_owned();
     let faultd = Faultd::start_with(FaultdOptions {
-        extra_args: vec![
-            "--listen".into(),
-            "tcp://127.0.0.1:0".into(),
-            "--tls-cert".into(),
-            path(&pki.server_cert),
-            "--tls-key".into(),
-            path(&pki.server_key),
-            "--tls-client-ca".into(),
-            path(&pki.ca),
-        ],
+        extra_args: pki.listener_args(),
         ..FaultdOptions::default()
     })
     .await;

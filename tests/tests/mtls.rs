@@ -31,18 +31,11 @@ async fn mtls_lets_in_clients_of_the_ca_and_refuses_the_rest() {
     let dir = TempDir::new("faultd-test-mtls");
     let audit = dir.join("audit.jsonl");
     let faultd = Faultd::start_with(FaultdOptions {
-        extra_args: vec![
-            "--listen".into(),
-            "tcp://127.0.0.1:0".into(),
-            "--tls-cert".into(),
-            path(&pki.server_cert),
-            "--tls-key".into(),
-            path(&pki.server_key),
-            "--tls-client-ca".into(),
-            path(&pki.ca),
-            "--audit-log".into(),
-            path(&audit),
-        ],
+        extra_args: [
+            pki.listener_args(),
+            vec!["--audit-log".into(), path(&audit)],
+        ]
+        .concat(),
         ..FaultdOptions::default()
     })
     .await;

@@ -195,31 +195,12 @@ fn setup() -> anyhow::Result<()> {
     if !python_client_installed() {
         // A venv of our own: leaves the system's Python alone (and Debian's refuses pip).
         status(Command::new("python3").args(["-m", "venv", TEST_VENV]))?;
-        status(
-            Command::new(test_python())
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                ])
-                .args(PYTHON_PACKAGES),
-        )?;
+        status(pip_install().args(PYTHON_PACKAGES))?;
     }
     // Always: it follows the tree (and the proto) it is built from; a few seconds.
     status(
-        Command::new(test_python())
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-deps",
-                "--no-build-isolation",
-                "--force-reinstall",
-            ])
+        pip_install()
+            .args(["--no-deps", "--no-build-isolation", "--force-reinstall"])
             .arg(CHAOSTOOLKIT_EXTENSION),
     )?;
     eprintln!("xtask: setup complete");
@@ -240,10 +221,29 @@ fn test_python() -> PathBuf {
     Path::new(TEST_VENV).join("bin/python3")
 }
 
+/// `pip install` into the test venv.
+fn pip_install() -> Command {
+    let mut cmd = Command::new(test_python());
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ]);
+    cmd
+}
+
 fn python_client_installed() -> bool {
-    // `pip freeze` lists name==version, as the pins are written.
+    // `pip freeze --all` lists name==version (setuptools too), as the pins are written.
     Command::new(test_python())
-        .args(["-m", "pip", "freeze", "--disable-pip-version-check"])
+        .args([
+            "-m",
+            "pip",
+            "freeze",
+            "--all",
+            "--disable-pip-version-check",
+        ])
         .output()
         .is_ok_and(|out| {
             let frozen = String::from_utf8_lossy(&out.stdout).to_lowercase();

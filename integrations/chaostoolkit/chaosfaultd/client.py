@@ -487,21 +487,22 @@ def take_injected() -> List[Tuple[Connection, str]]:
         return taken
 
 
-def forget_all() -> None:
-    """Stop renewing every lease of this process without revoking them."""
+def _take_keepers() -> List[LeaseKeeper]:
     with _lock:
         keepers = list(_keepers.values())
         _keepers.clear()
-    for keeper in keepers:
+        return keepers
+
+
+def forget_all() -> None:
+    """Stop renewing every lease of this process without revoking them."""
+    for keeper in _take_keepers():
         keeper.forget()
 
 
 def release_all() -> None:
     """Revoke every lease this process holds (at exit: nothing outlives the experiment)."""
-    with _lock:
-        keepers = list(_keepers.values())
-        _keepers.clear()
-    for keeper in keepers:
+    for keeper in _take_keepers():
         keeper.release()
 
 
