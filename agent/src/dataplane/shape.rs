@@ -43,7 +43,7 @@ use faultd_common::{
 
 use super::rtnl::{self, CLSACT_EGRESS, CLSACT_HANDLE, Rtnl, RtnlError, TC_H_ROOT};
 use super::{DataplaneError, Shaped, Shaper, edt, netem};
-use crate::fault::{Action, Direction, Mechanism, Target};
+use crate::fault::{Action, Direction, Mechanism, Scope, Target};
 
 /// First tag; an instance's tag is the major number of its root qdiscs and the priority of its
 /// netlink filters. Below 0x8000, where the kernel's automatic handles start.
@@ -796,6 +796,13 @@ impl Shaper for TcShaper {
     }
 
     fn unavailable_for(&self, action: &Action, target: &Target) -> Option<String> {
+        if let Scope::Netns { .. } = target.scope {
+            return Some(format!(
+                "{} shapes the host's interfaces, not one inside another network namespace \
+                 (fault.target.netns); the nfqueue mechanism does",
+                self.mechanism.name()
+            ));
+        }
         if target.direction != Direction::Egress {
             return Some(format!(
                 "{} shapes what the workload sends (direction egress) at the interfaces' egress; \
