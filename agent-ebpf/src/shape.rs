@@ -2,8 +2,10 @@
 //! packets — the cgroup of the skb's socket and its ancestors, protocol and port, through the
 //! same O(1) lookups as the cgroup_skb programs — and either steers them into the fault's htb
 //! class (`skb->priority`, whose netem or rate-limited leaf does the shaping) or gives them an
-//! Earliest Departure Time (`skb->tstamp`) that the fq qdisc enforces. Anything unexpected
-//! passes the packet untouched.
+//! Earliest Departure Time (`skb->tstamp`) that the fq qdisc enforces. A key whose faults name
+//! peers holds a marker (`SHAPE_PEERS`); only then is the destination address looked up in a
+//! longest-prefix-match trie under that key, to find which fault (if any) shapes the packet.
+//! Anything unexpected passes the packet untouched.
 
 use aya_ebpf::{
     bindings::bpf_hdr_start_off::BPF_HDR_START_NET,
@@ -12,12 +14,13 @@ use aya_ebpf::{
         bpf_skb_load_bytes_relative,
     },
     macros::{classifier, map},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
 use faultd_common::{
-    Counters, DIR_EGRESS, DIST_SCALE, DIST_SIZE, MAX_CGROUP_DEPTH, MAX_FAULTS, MAX_RULES,
-    MAX_SCOPES, PROTO_TCP, PROTO_UDP, RuleKey, SHAPE_CLASS, SHAPE_EDT, ScopeValue, ShapeState,
+    Counters, DIR_EGRESS, DIST_SCALE, DIST_SIZE, FAMILY_V4, FAMILY_V6, MAX_CGROUP_DEPTH,
+    MAX_FAULTS, MAX_PEERS, MAX_RULES, MAX_SCOPES, PEER_KEY_FIXED_BITS, PROTO_TCP, PROTO_UDP,
+    PeerKey, RuleKey, SHAPE_CLASS, SHAPE_EDT, SHAPE_PASS, SHAPE_PEERS, ScopeValue, ShapeState,
     ShapeValue,
 };
 
@@ -27,6 +30,9 @@ static FAULTD_SHAPES: HashMap<RuleKey, ShapeValue> =
 #[map]
 static FAULTD_SHAPE_SCOPES: HashMap<u64, ScopeValue> =
     HashMap::with_max_entries(MAX_SCOPES, BPF_F_NO_PREALLOC);
+#[map]
+static FAULTD_SHAPE_PEERS: LpmTrie<PeerKey, ShapeValue> =
+    LpmTrie::with_max_entries(MAX_PEERS, BPF_F_NO_PREALLOC);
 #[map]
 static FAULTD_SHAPE_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_FAULTS, 0);
 #[map]
@@ -68,11 +74,20 @@ fn load_net<T: Copy + Default>(ctx: &TcContext, offset: u32) -> Option<T> {
     (ret == 0).then_some(value)
 }
 
-/// (protocol, local port, remote port) of an egress IPv4/IPv6 TCP/UDP packet.
+/// An egress IPv4/IPv6 TCP/UDP packet: what the lookups need.
+struct Packet {
+    protocol: u8,
+    local: u16,
+    remote: u16,
+    family: u32,
+    /// Offset of the destination address from the network header.
+    remote_addr: u32,
+}
+
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<(u8, u16, u16)> {
+fn parse(ctx: &TcContext) -> Option<Packet> {
     let ethertype = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
-    let (protocol, l4) = match ethertype {
+    let (protocol, l4, family, remote_addr) = match ethertype {
         ETH_P_IP => {
             let vihl: u8 = load_net(ctx, 0)?;
             if vihl >> 4 != 4 {
@@ -82,9 +97,14 @@ fn parse(ctx: &TcContext) -> Option<(u8, u16, u16)> {
             if frag & 0x1fff != 0 {
                 return None;
             }
-            (load_net::<u8>(ctx, 9)?, u32::from(vihl & 0x0f) * 4)
+            (
+                load_net::<u8>(ctx, 9)?,
+                u32::from(vihl & 0x0f) * 4,
+                FAMILY_V4,
+                16,
+            )
         }
-        ETH_P_IPV6 => (load_net::<u8>(ctx, 6)?, 40),
+        ETH_P_IPV6 => (load_net::<u8>(ctx, 6)?, 40, FAMILY_V6, 24),
         _ => return None,
     };
     if protocol != PROTO_TCP && protocol != PROTO_UDP {
@@ -92,11 +112,45 @@ fn parse(ctx: &TcContext) -> Option<(u8, u16, u16)> {
     }
     let sport = u16::from_be(load_net::<u16>(ctx, l4)?);
     let dport = u16::from_be(load_net::<u16>(ctx, l4 + 2)?);
-    Some((protocol, sport, dport))
+    Some(Packet {
+        protocol,
+        local: sport,
+        remote: dport,
+        family,
+        remote_addr,
+    })
+}
+
+/// The fault a peers marker stands for, for the packet's destination: None when no fault's
+/// peers cover it (or an exclusion does, whose mechanism `SHAPE_PASS` shapes nothing).
+#[inline(always)]
+fn peer_rule(ctx: &TcContext, rule: RuleKey, packet: &Packet) -> Option<&'static ShapeValue> {
+    let mut addr = [0u8; 16];
+    let bits = if packet.family == FAMILY_V4 {
+        let v4: [u8; 4] = load_net(ctx, packet.remote_addr)?;
+        addr[..4].copy_from_slice(&v4);
+        32
+    } else {
+        addr = load_net(ctx, packet.remote_addr)?;
+        128
+    };
+    let key = Key::new(
+        PEER_KEY_FIXED_BITS + bits,
+        PeerKey {
+            rule,
+            family: packet.family,
+            addr,
+            _pad: 0,
+        },
+    );
+    FAULTD_SHAPE_PEERS
+        .get(&key)
+        .filter(|value| value.mechanism != SHAPE_PASS)
 }
 
 #[inline(always)]
-fn lookup(ctx: &TcContext, protocol: u8, local: u16, remote: u16) -> Option<&'static ShapeValue> {
+fn lookup(ctx: &TcContext, packet: &Packet) -> Option<&'static ShapeValue> {
+    let (protocol, local, remote) = (packet.protocol, packet.local, packet.remote);
     let skb = ctx.skb.skb;
     let leaf = unsafe { bpf_skb_cgroup_id(skb) };
     if leaf == 0 {
@@ -108,15 +162,20 @@ fn lookup(ctx: &TcContext, protocol: u8, local: u16, remote: u16) -> Option<&'st
             return None;
         }
         if unsafe { FAULTD_SHAPE_SCOPES.get(&scope) }.is_some() {
-            let found = unsafe {
-                FAULTD_SHAPES
-                    .get(&RuleKey::new(scope, protocol, DIR_EGRESS, remote))
-                    .or_else(|| {
-                        FAULTD_SHAPES.get(&RuleKey::new(scope, protocol, DIR_EGRESS, local))
-                    })
-            };
-            if found.is_some() {
-                return found;
+            let mut key = RuleKey::new(scope, protocol, DIR_EGRESS, remote);
+            let mut found = unsafe { FAULTD_SHAPES.get(&key) };
+            if found.is_none() {
+                key = RuleKey::new(scope, protocol, DIR_EGRESS, local);
+                found = unsafe { FAULTD_SHAPES.get(&key) };
+            }
+            if let Some(rule) = found {
+                if rule.mechanism != SHAPE_PEERS {
+                    return found;
+                }
+                // No fault of this scope is for this peer: an ancestor's may be.
+                if let Some(peer) = peer_rule(ctx, key, packet) {
+                    return Some(peer);
+                }
             }
         }
         if scope == leaf {
@@ -133,8 +192,8 @@ fn shape(ctx: &TcContext) -> Option<i32> {
     if now >= *FAULTD_SHAPE_ALIVE.get(0)? {
         return None;
     }
-    let (protocol, local, remote) = parse(ctx)?;
-    let rule = lookup(ctx, protocol, local, remote)?;
+    let packet = parse(ctx)?;
+    let rule = lookup(ctx, &packet)?;
     if now >= rule.expires_at_ns {
         return None;
     }

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use faultd_proto::v1::target::Scope;
 use faultd_proto::v1::{
-    CgroupScope, Direction, GetFaultRequest, InjectRequest, Mechanism, Protocol, RemoveRequest,
-    RenewRequest, RevokeRequest, TimeToLiveRequest,
+    CgroupScope, Direction, GetFaultRequest, InjectRequest, Mechanism, NetnsScope, Protocol,
+    RemoveRequest, RenewRequest, RevokeRequest, TimeToLiveRequest,
 };
 use faultd_tests::api::{
     bandwidth_fault, cgroup_target, delay_fault, drop_fault, list_faults, list_leases,
@@ -36,6 +36,13 @@ async fn bad_requests_name_the_field_and_change_nothing() {
     let mut unknown_cgroup = good();
     unknown_cgroup.scope = Some(Scope::Cgroup(CgroupScope {
         path: format!("/faultd-test-{}-absent", uniq()),
+    }));
+
+    // Checked before the namespace is looked at: it need not exist.
+    let mut interface = good();
+    interface.scope = Some(Scope::Netns(NetnsScope {
+        path: format!("/run/netns/faultd-test-{}-absent", uniq()),
+        interface: "r1".into(),
     }));
 
     let peers = |peers: &[&str], exclude: &[&str]| {
@@ -147,6 +154,16 @@ async fn bad_requests_name_the_field_and_change_nothing() {
                 minute,
             ),
             "fault.target.direction",
+        ),
+        (
+            "reset on an interface in a network namespace (no local sockets)",
+            with_ttl(reset_fault(interface.clone(), None), minute),
+            "fault.target.netns",
+        ),
+        (
+            "reject on an interface in a network namespace",
+            with_ttl(reject_fault(interface), minute),
+            "fault.target.netns",
         ),
         (
             "reset after 0 bytes",

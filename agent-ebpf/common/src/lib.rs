@@ -163,6 +163,10 @@ pub const SHAPE_DIST_MAP: &str = "FAULTD_SHAPE_DIST";
 /// classifier shapes nothing after it, so a killed agent's netlink-attached classifier (kernels
 /// without TCX keep it) stops within a second.
 pub const SHAPE_ALIVE_MAP: &str = "FAULTD_SHAPE_ALIVE";
+/// LPM trie `PeerKey` → `ShapeValue`: the peers of shaping faults that name them, under the
+/// `RuleKey` whose `FAULTD_SHAPES` entry is a `SHAPE_PEERS` marker. An excluded prefix holds a
+/// value whose mechanism is `SHAPE_PASS`.
+pub const SHAPE_PEERS_MAP: &str = "FAULTD_SHAPE_PEERS";
 /// The tc egress classifier.
 pub const PROG_SHAPE: &str = "faultd_shape";
 
@@ -171,6 +175,12 @@ pub const SHAPE_CLASS: u32 = 1;
 /// `ShapeValue::mechanism`: delay/pace by setting `skb->tstamp` (Earliest Departure Time), which
 /// the fq qdisc enforces.
 pub const SHAPE_EDT: u32 = 2;
+/// `ShapeValue::mechanism` of a `FAULTD_SHAPES` entry whose faults name peers: the packet's
+/// remote address, looked up in `FAULTD_SHAPE_PEERS` under the same key, says which fault (if
+/// any) shapes it.
+pub const SHAPE_PEERS: u32 = 3;
+/// `ShapeValue::mechanism` of a peers entry for an excluded prefix: nothing shapes the packet.
+pub const SHAPE_PASS: u32 = 0;
 
 /// Entries of the distribution table and its scale (netem's NETEM_DIST_SCALE).
 pub const DIST_SIZE: u32 = 4096;

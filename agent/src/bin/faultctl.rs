@@ -295,7 +295,7 @@ struct ScopeArgs {
     #[arg(long, value_name = "ID", value_parser = NonEmptyStringValueParser::new())]
     container: Option<String>,
     /// An interface in a network namespace (/run/netns/NAME or /proc/PID/ns/net), named with
-    /// --iface: what crosses it, routed traffic included (drop only).
+    /// --iface: what crosses it, routed traffic included (drop, delay, bandwidth).
     #[arg(long, value_name = "PATH", value_parser = NonEmptyStringValueParser::new(), requires = "iface")]
     netns: Option<String>,
 }

@@ -381,7 +381,7 @@ impl Dataplane for CgroupSkbDataplane {
 }
 
 /// The LPM trie key of a peers entry: the rule and the family always match in full.
-fn peer_key(entry: &PeerEntry) -> LpmKey<PeerKey> {
+pub(crate) fn peer_key(entry: &PeerEntry) -> LpmKey<PeerKey> {
     let family = if entry.cidr.is_v6() {
         FAMILY_V6
     } else {

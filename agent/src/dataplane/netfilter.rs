@@ -1,11 +1,20 @@
 //! The xtables rules of the NFQUEUE mechanism (the one place faultd executes a program).
 //!
-//! Each agent owns two chains per network namespace in the mangle table, named after its
-//! instance id: `FAULTD-<id>-OUT`, jumped to first from OUTPUT, and `FAULTD-<id>-IN`, from
-//! INPUT. A fault adds rules there and takes them out again; chains of agents that are no
-//! longer alive are swept. Changes go through `iptables-restore --noflush` (and
-//! `ip6tables-restore`) so that a fault's rules appear, or disappear, in one transaction; the
-//! input holds only values faultd produced or validated (`check_cgroup_path`).
+//! Each agent owns up to four chains per network namespace in the mangle table, named after
+//! its instance id: `FAULTD-<id>-OUT`, jumped to first from OUTPUT, and `FAULTD-<id>-IN`, from
+//! INPUT, for faults on cgroups; `FAULTD-<id>-POST` from POSTROUTING and `FAULTD-<id>-PRE` from
+//! PREROUTING for faults on an interface (`netns{path, interface}` scopes), created with the
+//! first fault that needs them. A fault adds rules there and takes them out again; chains of
+//! agents that are no longer alive are swept. Changes go through `iptables-restore --noflush`
+//! (and `ip6tables-restore`) so that a fault's rules appear, or disappear, in one transaction;
+//! the input holds only values faultd produced or validated (`check_cgroup_path`,
+//! `check_interface`).
+//!
+//! An interface scope is about traffic no local socket owns: packets a router forwards take
+//! PREROUTING, FORWARD and POSTROUTING, never OUTPUT or INPUT. So its egress (what the interface
+//! sends) is matched with `-o IFACE` in POSTROUTING, which sees forwarded and locally sent
+//! packets alike, and its ingress (what the interface receives) with `-i IFACE` in PREROUTING,
+//! which sees every arriving packet before the routing decision, forwarded or local.
 //!
 //! Egress (what the workload sends) matches the sending socket's cgroup with `-m cgroup`.
 //! Ingress cannot: on INPUT the packet has no socket yet for loopback traffic (early demux is
@@ -78,15 +87,25 @@ impl Family {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
+    /// What local sockets send (cgroup scopes).
     Output,
+    /// What local sockets receive (cgroup scopes).
     Input,
+    /// Everything leaving through an interface, forwarded or local (interface scopes).
+    Postrouting,
+    /// Everything arriving on an interface, forwarded or local (interface scopes).
+    Prerouting,
 }
 
 impl Hook {
+    const SUFFIXES: [&str; 4] = ["OUT", "IN", "POST", "PRE"];
+
     fn builtin(self) -> &'static str {
         match self {
             Self::Output => "OUTPUT",
             Self::Input => "INPUT",
+            Self::Postrouting => "POSTROUTING",
+            Self::Prerouting => "PREROUTING",
         }
     }
 
@@ -94,8 +113,21 @@ impl Hook {
         match self {
             Self::Output => "OUT",
             Self::Input => "IN",
+            Self::Postrouting => "POST",
+            Self::Prerouting => "PRE",
         }
     }
+}
+
+/// What a fault's packets are told apart by, besides protocol, ports and peers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Matcher {
+    /// The sending socket's cgroup, relative to the cgroup v2 root (checked with
+    /// `check_cgroup_path`), in OUTPUT; ingress via a conntrack mark, in INPUT.
+    Cgroup(String),
+    /// The interface a packet leaves by (POSTROUTING, `-o`) or arrives on (PREROUTING, `-i`),
+    /// checked with `check_interface`.
+    Interface(String),
 }
 
 /// The chain of `instance` for `hook`, e.g. `FAULTD-1a2b3c4d-OUT`.
@@ -104,11 +136,12 @@ pub fn chain(instance: &str, hook: Hook) -> String {
 }
 
 /// The chain of one fault of `instance` for `hook`, holding its exclusions' RETURN rules
-/// before its own, named after the fault's queue: e.g. `FAULTD-1a2b3c4d-O40000`.
+/// before its own, named after the fault's queue: e.g. `FAULTD-1a2b3c4d-O40000` (O for what
+/// leaves, I for what arrives; a queue number belongs to one fault in a namespace).
 fn fault_chain(instance: &str, hook: Hook, queue: u16) -> String {
     let letter = match hook {
-        Hook::Output => 'O',
-        Hook::Input => 'I',
+        Hook::Output | Hook::Postrouting => 'O',
+        Hook::Input | Hook::Prerouting => 'I',
     };
     format!("{CHAIN_PREFIX}{instance}-{letter}{queue}")
 }
@@ -120,7 +153,7 @@ fn chain_owner(name: &str) -> Option<&str> {
     let fault_chain = hook
         .strip_prefix(['O', 'I'])
         .is_some_and(|queue| !queue.is_empty() && queue.parse::<u16>().is_ok());
-    (Instance::is_id(id) && (hook == "OUT" || hook == "IN" || fault_chain)).then_some(id)
+    (Instance::is_id(id) && (Hook::SUFFIXES.contains(&hook) || fault_chain)).then_some(id)
 }
 
 /// Refuses cgroup paths that could not be passed safely to `-m cgroup --path`: xt_cgroup takes
@@ -136,6 +169,24 @@ pub fn check_cgroup_path(path: &str) -> Result<(), String> {
         return Err(format!(
             "cgroup path {path:?} has the character {bad:?}, which the NFQUEUE mechanism does not \
              pass to iptables (allowed: letters, digits and /._-@:+,=)"
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses interface names that iptables would read as something else: `+` is a wildcard
+/// there, `!` a negation, and the restore input is line- and quote-structured.
+pub fn check_interface(name: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "._-@:".contains(c);
+    if name.is_empty() || name.len() > 15 || name.starts_with('-') {
+        return Err(format!(
+            "interface name {name:?} must be 1 to 15 characters and not start with -"
+        ));
+    }
+    if let Some(bad) = name.chars().find(|c| !allowed(*c)) {
+        return Err(format!(
+            "interface name {name:?} has the character {bad:?}, which the NFQUEUE mechanism does \
+             not pass to iptables (allowed: letters, digits and ._-@:)"
         ));
     }
     Ok(())
@@ -254,8 +305,11 @@ impl Listing {
             .collect()
     }
 
-    pub fn has_chains(&self, instance: &str) -> bool {
-        self.owners().contains(instance)
+    /// Whether the chain `name` exists.
+    pub fn has_chain(&self, name: &str) -> bool {
+        self.lines()
+            .filter_map(|line| line.strip_prefix("-N "))
+            .any(|chain| chain.trim() == name)
     }
 
     /// Queue numbers that faultd rules of any agent send packets to.
@@ -316,20 +370,40 @@ fn value_after<'a>(line: &'a str, flag: &str) -> Option<&'a str> {
     words.next()
 }
 
-/// Restore lines that create the chains of `instance` and jump to them first.
-pub fn chain_creation(instance: &str) -> Vec<String> {
+/// Restore lines that create the chains of `instance` for `hooks` and jump to them first.
+pub fn chain_creation(instance: &str, hooks: &[Hook]) -> Vec<String> {
     let mut lines = Vec::new();
-    for hook in [Hook::Output, Hook::Input] {
-        lines.push(format!("-N {}", chain(instance, hook)));
+    for hook in hooks {
+        lines.push(format!("-N {}", chain(instance, *hook)));
     }
-    for hook in [Hook::Output, Hook::Input] {
+    for hook in hooks {
         lines.push(format!(
             "-I {} 1 -j {}",
             hook.builtin(),
-            chain(instance, hook)
+            chain(instance, *hook)
         ));
     }
     lines
+}
+
+/// Restore lines that undo `lines` (`-N`, `-I BUILTIN 1` and `-A` lines), last first: for a
+/// transaction that must be rolled back because the other family's failed.
+pub fn undo(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .rev()
+        .filter_map(|line| {
+            if let Some(rule) = line.strip_prefix("-A ") {
+                return Some(format!("-D {rule}"));
+            }
+            if let Some(chain) = line.strip_prefix("-N ") {
+                return Some(format!("-X {chain}"));
+            }
+            let rest = line.strip_prefix("-I ")?;
+            let (builtin, rule) = rest.split_once(" 1 ")?;
+            Some(format!("-D {builtin} {rule}"))
+        })
+        .collect()
 }
 
 /// The rules of one fault in one namespace.
@@ -337,13 +411,12 @@ pub fn chain_creation(instance: &str) -> Vec<String> {
 pub struct FaultRules {
     pub instance: String,
     pub fault: String,
-    /// Relative to the cgroup v2 root, checked with `check_cgroup_path`.
-    pub cgroup_path: String,
+    pub matcher: Matcher,
     pub protocol: Protocol,
     pub direction: Direction,
     pub ports: Vec<PortRange>,
     pub queue: u16,
-    /// The conntrack mark id: needed when the direction includes ingress.
+    /// The conntrack mark id: needed when the direction includes ingress on a cgroup.
     pub mark_id: Option<u8>,
     /// Unix seconds: the last second in which packets are queued (None: no end).
     pub until: Option<u64>,
@@ -354,6 +427,49 @@ pub struct FaultRules {
 impl FaultRules {
     fn ingress_marked(&self) -> bool {
         matches!(self.direction, Direction::Ingress | Direction::Both) && self.mark_id.is_some()
+    }
+
+    fn egress(&self) -> bool {
+        matches!(self.direction, Direction::Egress | Direction::Both)
+    }
+
+    /// Whether packets arriving are queued (a cgroup needs its conntrack mark for that).
+    fn ingress(&self) -> bool {
+        match self.matcher {
+            Matcher::Cgroup(_) => self.ingress_marked(),
+            Matcher::Interface(_) => matches!(self.direction, Direction::Ingress | Direction::Both),
+        }
+    }
+
+    /// Whether the fault has rules on the way out: a cgroup fault always (ingress is marked
+    /// there), an interface fault for egress.
+    fn leaving_rules(&self) -> bool {
+        match self.matcher {
+            Matcher::Cgroup(_) => true,
+            Matcher::Interface(_) => self.egress(),
+        }
+    }
+
+    /// The agent's chains the rules go in: (leaving, arriving).
+    fn hook_pair(&self) -> (Hook, Hook) {
+        match self.matcher {
+            Matcher::Cgroup(_) => (Hook::Output, Hook::Input),
+            Matcher::Interface(_) => (Hook::Postrouting, Hook::Prerouting),
+        }
+    }
+
+    /// The agent's chains these rules need. A cgroup fault always sets its marks in OUTPUT
+    /// and keeps the INPUT chain beside it; an interface fault uses only the hooks of its
+    /// directions (an unneeded PREROUTING jump would cost every arriving packet).
+    pub fn hooks(&self) -> Vec<Hook> {
+        let (leaving, arriving) = self.hook_pair();
+        match self.matcher {
+            Matcher::Cgroup(_) => vec![leaving, arriving],
+            Matcher::Interface(_) => [(self.egress(), leaving), (self.ingress(), arriving)]
+                .into_iter()
+                .filter_map(|(used, hook)| used.then_some(hook))
+                .collect(),
+        }
     }
 
     /// The peers of `family` the fault is limited to (`[None]`: every address; empty: none,
@@ -376,8 +492,11 @@ impl FaultRules {
         if include.is_empty() || exclude.is_empty() {
             return Vec::new();
         }
-        let mut chains = vec![fault_chain(&self.instance, Hook::Output, self.queue)];
-        if self.ingress_marked() {
+        let mut chains = Vec::new();
+        if self.leaving_rules() {
+            chains.push(fault_chain(&self.instance, Hook::Output, self.queue));
+        }
+        if self.ingress() {
             chains.push(fault_chain(&self.instance, Hook::Input, self.queue));
         }
         chains
@@ -408,26 +527,29 @@ impl FaultRules {
         if includes.is_empty() {
             return Vec::new();
         }
-        let mut out = chain(&self.instance, Hook::Output);
-        let mut input = chain(&self.instance, Hook::Input);
+        let (leaving, arriving) = self.hook_pair();
+        let mut out = chain(&self.instance, leaving);
+        let mut input = chain(&self.instance, arriving);
         let protocols: &[&str] = match self.protocol {
             Protocol::Tcp => &["tcp"],
             Protocol::Udp => &["udp"],
             Protocol::Both => &["tcp", "udp"],
         };
-        let egress = matches!(self.direction, Direction::Egress | Direction::Both);
-        let ingress = self.ingress_marked();
+        let egress = self.egress();
+        let ingress = self.ingress();
         let comment = format!("-m comment --comment faultd:{}", self.fault);
         let mut lines = Vec::new();
         if !excludes.is_empty() {
-            let own_out = fault_chain(&self.instance, Hook::Output, self.queue);
-            lines.push(format!("-A {out} {comment} -j {own_out}"));
-            lines.extend(
-                excludes
-                    .iter()
-                    .map(|e| format!("-A {own_out} -d {e} {comment} -j RETURN")),
-            );
-            out = own_out;
+            if self.leaving_rules() {
+                let own_out = fault_chain(&self.instance, Hook::Output, self.queue);
+                lines.push(format!("-A {out} {comment} -j {own_out}"));
+                lines.extend(
+                    excludes
+                        .iter()
+                        .map(|e| format!("-A {own_out} -d {e} {comment} -j RETURN")),
+                );
+                out = own_out;
+            }
             if ingress {
                 let own_in = fault_chain(&self.instance, Hook::Input, self.queue);
                 lines.push(format!("-A {input} {comment} -j {own_in}"));
@@ -447,7 +569,6 @@ impl FaultRules {
             "{until}{comment} -j NFQUEUE --queue-num {} --queue-bypass",
             self.queue
         );
-        let cgroup = format!("-m cgroup --path {}", self.cgroup_path);
         for peer in &includes {
             // `0.0.0.0/0` and `::/0` (only exclusions) match every address.
             let (to, from) = match peer.filter(|p| p.prefix > 0) {
@@ -457,6 +578,19 @@ impl FaultRules {
             for protocol in protocols {
                 for ports in multiport_lists(&self.ports) {
                     let matches = format!("-p {protocol} -m multiport --ports {ports}");
+                    let cgroup = match &self.matcher {
+                        Matcher::Cgroup(path) => format!("-m cgroup --path {path}"),
+                        Matcher::Interface(name) => {
+                            // Each direction has its hook: no marks needed.
+                            if egress {
+                                lines.push(format!("-A {out}{to} -o {name} {matches} {queue}"));
+                            }
+                            if ingress {
+                                lines.push(format!("-A {input}{from} -i {name} {matches} {queue}"));
+                            }
+                            continue;
+                        }
+                    };
                     if let (true, Some(id)) = (ingress, self.mark_id) {
                         let id = u32::from(id) << MARK_ID_SHIFT;
                         for (ctdir, side) in [("ORIGINAL", MARK_ORIGINAL), ("REPLY", MARK_REPLY)] {
@@ -569,7 +703,7 @@ mod tests {
         let mut rules = FaultRules {
             instance: "0badcafe".into(),
             fault: "f00d".into(),
-            cgroup_path: "/app".into(),
+            matcher: Matcher::Cgroup("/app".into()),
             protocol: Protocol::Tcp,
             direction: Direction::Egress,
             ports: ports(&[(6379, 6379)]),
@@ -603,7 +737,7 @@ mod tests {
         let rules = FaultRules {
             instance: "0badcafe".into(),
             fault: "f00d".into(),
-            cgroup_path: "/app".into(),
+            matcher: Matcher::Cgroup("/app".into()),
             protocol: Protocol::Both,
             direction: Direction::Both,
             ports: ports(&[(6379, 6379)]),
@@ -655,7 +789,7 @@ mod tests {
         let mut rules = FaultRules {
             instance: "0badcafe".into(),
             fault: "f00d".into(),
-            cgroup_path: "/app".into(),
+            matcher: Matcher::Cgroup("/app".into()),
             protocol: Protocol::Tcp,
             direction: Direction::Both,
             ports: ports(&[(6379, 6379)]),
@@ -779,7 +913,9 @@ mod tests {
             listing.owners(),
             BTreeSet::from(["0badcafe".to_string(), "12345678".to_string()])
         );
-        assert!(listing.has_chains("0badcafe"));
+        assert!(
+            listing.has_chain("FAULTD-0badcafe-OUT") && !listing.has_chain("FAULTD-0badcafe-PRE")
+        );
         assert_eq!(
             listing.queues(),
             BTreeSet::from([40001]),
@@ -808,7 +944,7 @@ mod tests {
     #[test]
     fn chains_are_created_with_a_jump_in_front() {
         assert_eq!(
-            chain_creation("0badcafe"),
+            chain_creation("0badcafe", &[Hook::Output, Hook::Input]),
             vec![
                 "-N FAULTD-0badcafe-OUT",
                 "-N FAULTD-0badcafe-IN",
@@ -819,6 +955,99 @@ mod tests {
         assert!(
             chain("0badcafe", Hook::Output).len() <= 28,
             "xtables chain names"
+        );
+    }
+
+    #[test]
+    fn interface_rules_queue_what_leaves_in_postrouting_and_what_arrives_in_prerouting() {
+        let mut rules = FaultRules {
+            instance: "0badcafe".into(),
+            fault: "f00d".into(),
+            matcher: Matcher::Interface("r1".into()),
+            protocol: Protocol::Tcp,
+            direction: Direction::Both,
+            ports: ports(&[(6379, 6379)]),
+            queue: 40000,
+            mark_id: None,
+            until: None,
+            peers: None,
+        };
+        assert_eq!(rules.hooks(), vec![Hook::Postrouting, Hook::Prerouting]);
+        let queue = "-m comment --comment faultd:f00d -j NFQUEUE --queue-num 40000 --queue-bypass";
+        assert_eq!(
+            rules.lines(Family::V4),
+            vec![
+                format!("-A FAULTD-0badcafe-POST -o r1 -p tcp -m multiport --ports 6379 {queue}"),
+                format!("-A FAULTD-0badcafe-PRE -i r1 -p tcp -m multiport --ports 6379 {queue}"),
+            ]
+        );
+        rules.direction = Direction::Ingress;
+        assert_eq!(rules.hooks(), vec![Hook::Prerouting]);
+        rules.peers = peers(&["10.77.2.0/24"], &["10.77.2.9"]);
+        let own = "FAULTD-0badcafe-I40000";
+        assert_eq!(rules.setup(Family::V4), vec![format!("-N {own}")]);
+        assert_eq!(
+            rules.lines(Family::V4),
+            vec![
+                format!("-A FAULTD-0badcafe-PRE -m comment --comment faultd:f00d -j {own}"),
+                format!("-A {own} -s 10.77.2.9/32 -m comment --comment faultd:f00d -j RETURN"),
+                format!("-A {own} -s 10.77.2.0/24 -i r1 -p tcp -m multiport --ports 6379 {queue}"),
+            ]
+        );
+        assert!(rules.lines(Family::V6).is_empty());
+
+        // The sweep knows the new chains as the agent's.
+        let listing = Listing::from_text(&format!(
+            "-N FAULTD-0badcafe-PRE\n-N {own}\n-A PREROUTING -j FAULTD-0badcafe-PRE\n\
+             -A FAULTD-0badcafe-PRE -j {own}\n"
+        ));
+        assert_eq!(listing.owners(), BTreeSet::from(["0badcafe".to_string()]));
+        assert_eq!(
+            listing.removal("0badcafe"),
+            vec![
+                "-D PREROUTING -j FAULTD-0badcafe-PRE".to_string(),
+                "-F FAULTD-0badcafe-PRE".into(),
+                format!("-F {own}"),
+                "-X FAULTD-0badcafe-PRE".into(),
+                format!("-X {own}"),
+            ]
+        );
+    }
+
+    #[test]
+    fn interface_names_are_checked_before_they_reach_iptables() {
+        for good in ["r1", "veth-a.10", "eth0@x", "br_lan:1"] {
+            assert!(check_interface(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "eth+",
+            "!eth0",
+            "-x",
+            "a b",
+            "a\"b",
+            "a\nCOMMIT",
+            "sixteen-chars-xx",
+        ] {
+            assert!(check_interface(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn undo_reverses_a_transaction() {
+        let mut lines = chain_creation("0badcafe", &[Hook::Postrouting]);
+        lines.push("-N FAULTD-0badcafe-O7".into());
+        lines.push("-A FAULTD-0badcafe-POST -j FAULTD-0badcafe-O7".into());
+        lines.push("-A FAULTD-0badcafe-O7 -o r1 -j NFQUEUE --queue-num 7".into());
+        assert_eq!(
+            undo(&lines),
+            vec![
+                "-D FAULTD-0badcafe-O7 -o r1 -j NFQUEUE --queue-num 7",
+                "-D FAULTD-0badcafe-POST -j FAULTD-0badcafe-O7",
+                "-X FAULTD-0badcafe-O7",
+                "-D POSTROUTING -j FAULTD-0badcafe-POST",
+                "-X FAULTD-0badcafe-POST",
+            ]
         );
     }
 }

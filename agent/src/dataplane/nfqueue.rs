@@ -1,9 +1,11 @@
 //! NFQUEUE: delay and bandwidth on any kernel, in user space.
 //!
-//! For each fault and each network namespace its workload uses, an iptables rule
+//! For each fault and each network namespace its workload uses (for a `netns{path, interface}`
+//! scope: that namespace, where the rules match the interface), an iptables rule
 //! (`netfilter.rs`) sends the matched packets to a queue with `--queue-bypass`, and a dedicated
 //! OS thread (a *lane*) bound to that queue holds each packet until its release time, then
-//! accepts it:
+//! accepts it. Queues are per network namespace, so the lane opens its netlink socket from
+//! inside the rules' namespace:
 //! - delay: latency plus a normally distributed part of standard deviation `jitter`, whose
 //!   successive values are correlated (a stationary AR(1) process, so the spread stays the
 //!   requested one); a later packet of a flow never leaves before an earlier one;
@@ -34,7 +36,7 @@ use std::time::Duration;
 use faultd_common::Counters;
 use nfq::{Message, Queue, Verdict};
 
-use super::netfilter::{self, Family, FaultRules, Listing};
+use super::netfilter::{self, Family, FaultRules, Hook, Listing, Matcher};
 use super::{DataplaneError, Shaped, Shaper};
 use crate::engine::monotonic_now_ns;
 use crate::fault::{Action, Direction, FaultId, Mechanism, Scope};
@@ -641,7 +643,9 @@ fn serve(mut queue: Queue, fd: RawFd, mut schedule: Schedule, shared: &LaneShare
                 release(&mut queue, msg);
                 continue;
             }
-            let inbound = msg.get_hook() == libc::NF_INET_LOCAL_IN as u8;
+            // What arrives (INPUT for a cgroup, PREROUTING for an interface) has its own bucket.
+            let inbound = [libc::NF_INET_LOCAL_IN, libc::NF_INET_PRE_ROUTING]
+                .contains(&i32::from(msg.get_hook()));
             let at = schedule.release_at(
                 now,
                 flow_of(msg.get_payload()),
@@ -819,7 +823,7 @@ fn probe_family(
     let rules = FaultRules {
         instance: instance.into(),
         fault: "probe".into(),
-        cgroup_path: "/".into(),
+        matcher: Matcher::Cgroup("/".into()),
         protocol: crate::fault::Protocol::Udp,
         direction: Direction::Both,
         ports: ports.to_vec(),
@@ -828,7 +832,7 @@ fn probe_family(
         until: Some(backstop_until(monotonic_now_ns() + 3_600_000_000_000)),
         peers: None,
     };
-    let mut lines = netfilter::chain_creation(instance);
+    let mut lines = netfilter::chain_creation(instance, &rules.hooks());
     lines.extend(rules.lines(family));
     netfilter::restore(family, Some(netns), &lines)?;
     let loopback: std::net::IpAddr = match family {
@@ -998,10 +1002,18 @@ impl NfqueueShaper {
         }
     }
 
-    /// The namespaces the fault applies in.
-    fn namespaces_of(&self, fault: &Shaped<'_>) -> Vec<Arc<NetNs>> {
-        if fault.target.scope == Scope::Host {
-            return vec![self.own_netns.clone()];
+    /// The namespaces the fault applies in: an interface scope's own (the lane's queue socket
+    /// is opened there, since NFQUEUE is per network namespace), else those of the cgroup's
+    /// processes.
+    fn namespaces_of(&self, fault: &Shaped<'_>) -> Result<Vec<Arc<NetNs>>, DataplaneError> {
+        match &fault.target.scope {
+            Scope::Host => return Ok(vec![self.own_netns.clone()]),
+            Scope::Netns { path, .. } => {
+                let netns = NetNs::open(Path::new(path))
+                    .map_err(|e| shaper_error(format!("opening {path}: {e}")))?;
+                return Ok(vec![Arc::new(netns)]);
+            }
+            _ => {}
         }
         let dir = self
             .cgroup_root
@@ -1010,14 +1022,15 @@ impl NfqueueShaper {
         if found.is_empty() {
             tracing::info!(cgroup = %fault.resolved.cgroup_path,
                 "no process in the cgroup yet: delaying in faultd's own network namespace");
-            return vec![self.own_netns.clone()];
+            return Ok(vec![self.own_netns.clone()]);
         }
-        found.into_iter().map(Arc::new).collect()
+        Ok(found.into_iter().map(Arc::new).collect())
     }
 
     fn place(
         &mut self,
         fault: &Shaped<'_>,
+        matcher: &Matcher,
         netns: Arc<NetNs>,
         families: &[Family],
     ) -> Result<Placement, DataplaneError> {
@@ -1052,8 +1065,9 @@ impl NfqueueShaper {
             taken.extend(listing.queues());
             marks.extend(listing.mark_ids());
         }
+        // Only a cgroup's ingress needs a conntrack mark (an interface's has its own hook).
         let ingress = matches!(fault.target.direction, Direction::Ingress | Direction::Both);
-        let mark_id = match ingress {
+        let mark_id = match ingress && matches!(matcher, Matcher::Cgroup(_)) {
             false => None,
             true => Some(
                 (1..=netfilter::MAX_MARK_ID)
@@ -1079,7 +1093,7 @@ impl NfqueueShaper {
         let rules = FaultRules {
             instance: self.instance.clone(),
             fault: fault.id.clone(),
-            cgroup_path: fault.resolved.cgroup_path.clone(),
+            matcher: matcher.clone(),
             protocol: fault.target.protocol,
             direction: fault.target.direction,
             ports: fault.target.ports.clone(),
@@ -1091,46 +1105,39 @@ impl NfqueueShaper {
                 .peer_set()
                 .map_err(|e| shaper_error(e.reason))?,
         };
-        // Per family: whether the agent's chains are created, and the restore lines.
-        let batches: Vec<(Family, bool, Vec<String>)> = listings
+        // Per family, the restore lines: the agent's chains this fault needs and lacks, then
+        // the fault's own chains and rules.
+        let batches: Vec<(Family, Vec<String>)> = listings
             .iter()
             .map(|(family, listing)| {
-                let create = !listing.has_chains(&self.instance);
-                let mut lines = match create {
-                    true => netfilter::chain_creation(&self.instance),
-                    false => Vec::new(),
-                };
+                let missing: Vec<Hook> = rules
+                    .hooks()
+                    .into_iter()
+                    .filter(|hook| !listing.has_chain(&netfilter::chain(&self.instance, *hook)))
+                    .collect();
+                let mut lines = netfilter::chain_creation(&self.instance, &missing);
                 lines.extend(rules.setup(*family));
                 lines.extend(rules.lines(*family));
-                (*family, create, lines)
+                (*family, lines)
             })
             .collect();
         self.record_netns(netns.inode());
         let apply_ns = netns.clone();
         let apply = batches.clone();
-        let instance = self.instance.clone();
-        let undo_rules = rules.clone();
         let applied = self
             .worker
             .call(move || {
-                let mut done: Vec<&(Family, bool, Vec<String>)> = Vec::new();
+                let mut done: Vec<&(Family, Vec<String>)> = Vec::new();
                 for batch in &apply {
-                    let (family, _, lines) = batch;
+                    let (family, lines) = batch;
                     if let Err(e) = netfilter::restore(*family, Some(&apply_ns), lines) {
                         // All or nothing: take out what the other family got.
-                        for (family, created_chains, lines) in done {
-                            let mut own = netfilter::deletion(lines);
-                            own.extend(undo_rules.teardown(*family));
-                            let undone = match created_chains {
-                                true => netfilter::list(*family, Some(&apply_ns)).and_then(|l| {
-                                    netfilter::restore(
-                                        *family,
-                                        Some(&apply_ns),
-                                        &l.removal(&instance),
-                                    )
-                                }),
-                                false => netfilter::restore(*family, Some(&apply_ns), &own),
-                            };
+                        for (family, lines) in done {
+                            let undone = netfilter::restore(
+                                *family,
+                                Some(&apply_ns),
+                                &netfilter::undo(lines),
+                            );
                             if let Err(e) = undone {
                                 tracing::warn!(error = %e, "undoing NFQUEUE rules");
                             }
@@ -1148,7 +1155,7 @@ impl NfqueueShaper {
         }
         let lines = batches
             .iter()
-            .map(|(family, _, _)| (*family, rules.lines(*family)))
+            .map(|(family, _)| (*family, rules.lines(*family)))
             .collect();
         Ok(Placement {
             netns,
@@ -1235,15 +1242,19 @@ impl Shaper for NfqueueShaper {
                 mechanism: Mechanism::Nfqueue.name(),
                 reason: e,
             })?;
-        netfilter::check_cgroup_path(&fault.resolved.cgroup_path).map_err(|reason| {
-            DataplaneError::Unsupported {
-                mechanism: Mechanism::Nfqueue.name(),
-                reason,
-            }
+        let matcher = match &fault.target.scope {
+            Scope::Netns { interface, .. } => netfilter::check_interface(interface)
+                .map(|()| Matcher::Interface(interface.clone())),
+            _ => netfilter::check_cgroup_path(&fault.resolved.cgroup_path)
+                .map(|()| Matcher::Cgroup(fault.resolved.cgroup_path.clone())),
+        }
+        .map_err(|reason| DataplaneError::Unsupported {
+            mechanism: Mechanism::Nfqueue.name(),
+            reason,
         })?;
         let mut placements = Vec::new();
-        for netns in self.namespaces_of(fault) {
-            match self.place(fault, netns.clone(), &families) {
+        for netns in self.namespaces_of(fault)? {
+            match self.place(fault, &matcher, netns.clone(), &families) {
                 Ok(placement) => {
                     *self.in_use.entry(netns.inode()).or_insert(0) += 1;
                     tracing::info!(fault = %fault.id, queue = placement.lane.queue,

@@ -6,6 +6,11 @@
 //! - `edt` (see `edt.rs`): the classifier stamps each packet's Earliest Departure Time
 //!   (`skb->tstamp`) and steers it into one shared class whose fq leaf holds it until then.
 //!
+//! Peers: a fault that names peers puts a marker (`SHAPE_PEERS`) on its keys and its
+//! prefixes in `FAULTD_SHAPE_PEERS` under each key (an exclusion is an entry that shapes
+//! nothing); faults with disjoint peers (the engine checks) share the keys and the marker, as
+//! on the drop path.
+//!
 //! Which interfaces: every interface of faultd's network namespace that is up, loopback
 //! included. A socket's packets leave by the interface its route picks, so covering every
 //! interface is the only choice that never misses a target's packets (local peers use
@@ -31,19 +36,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, TcHandle};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use faultd_common::{
-    COUNTERS_MAP, Counters, PROG_SHAPE, RULES_MAP, RuleKey, SCOPES_MAP, SHAPE_ALIVE_MAP,
-    SHAPE_COUNTERS_MAP, SHAPE_DIST_MAP, SHAPE_SCOPES_MAP, SHAPE_STATE_MAP, SHAPES_MAP, ScopeValue,
-    ShapeState, ShapeValue,
+    COUNTERS_MAP, Counters, PROG_SHAPE, PeerKey, RULES_MAP, RuleKey, SCOPES_MAP, SHAPE_ALIVE_MAP,
+    SHAPE_COUNTERS_MAP, SHAPE_DIST_MAP, SHAPE_PASS, SHAPE_PEERS, SHAPE_PEERS_MAP, SHAPE_SCOPES_MAP,
+    SHAPE_STATE_MAP, SHAPES_MAP, ScopeValue, ShapeState, ShapeValue,
 };
 
+use super::cgroup_skb::peer_key;
 use super::rtnl::{self, CLSACT_EGRESS, CLSACT_HANDLE, Rtnl, RtnlError, TC_H_ROOT};
-use super::{DataplaneError, Shaped, Shaper, edt, netem};
-use crate::fault::{Action, Direction, Mechanism, Target};
+use super::{DataplaneError, PeerEntry, Shaped, Shaper, edt, netem};
+use crate::fault::{Action, Cidr, Direction, Mechanism, PeerSet, Scope, Target};
 
 /// First tag; an instance's tag is the major number of its root qdiscs and the priority of its
 /// netlink filters. Below 0x8000, where the kernel's automatic handles start.
@@ -93,7 +100,29 @@ struct ShapeFault {
     mechanism: ShapeMechanism,
     spec: ShapeSpec,
     keys: Vec<RuleKey>,
+    /// The peers it is limited to: its keys hold markers and its value is in the peers map.
+    peers: Option<PeerSet>,
+    expires_at_ns: u64,
 }
+
+/// The `FAULTD_SHAPES` entry of a key whose faults name peers.
+const PEERS_MARKER: ShapeValue = ShapeValue {
+    expires_at_ns: u64::MAX,
+    delay_ns: 0,
+    jitter_ns: 0,
+    rate_bytes_per_sec: 0,
+    max_backlog_ns: 0,
+    classid: 0,
+    mechanism: SHAPE_PEERS,
+    correlation: 0,
+    counter_slot: 0,
+};
+
+/// The peers entry of an excluded prefix: nothing shapes the packet.
+const PEER_EXCLUDED: ShapeValue = ShapeValue {
+    mechanism: SHAPE_PASS,
+    ..PEERS_MARKER
+};
 
 /// An interface faultd shapes: its root qdisc is faultd's htb `<tag>:`.
 struct Interface {
@@ -110,6 +139,7 @@ pub struct TcShaping {
     _tag_lock: File,
     rtnl: Rtnl,
     shapes: BpfHashMap<MapData, RuleKey, ShapeValue>,
+    peers: LpmTrie<MapData, PeerKey, ShapeValue>,
     scopes: BpfHashMap<MapData, u64, ScopeValue>,
     counters: PerCpuArray<MapData, Counters>,
     state: Array<MapData, ShapeState>,
@@ -166,6 +196,7 @@ impl TcShaping {
                 .ok_or_else(|| DataplaneError::Load(format!("map {name} missing from the object")))
         };
         let shapes = BpfHashMap::try_from(take(SHAPES_MAP)?).map_err(map_err(SHAPES_MAP))?;
+        let peers = LpmTrie::try_from(take(SHAPE_PEERS_MAP)?).map_err(map_err(SHAPE_PEERS_MAP))?;
         let scopes =
             BpfHashMap::try_from(take(SHAPE_SCOPES_MAP)?).map_err(map_err(SHAPE_SCOPES_MAP))?;
         let counters = PerCpuArray::try_from(take(SHAPE_COUNTERS_MAP)?)
@@ -191,6 +222,7 @@ impl TcShaping {
             _tag_lock: tag_lock,
             rtnl,
             shapes,
+            peers,
             scopes,
             counters,
             state,
@@ -216,13 +248,15 @@ impl TcShaping {
     }
 
     /// Applies a shaping fault: qdiscs and classes on every interface, then the map entries.
-    /// All or nothing.
+    /// All or nothing. Faults with peers may share keys when their peers are disjoint (the
+    /// engine refuses overlapping ones).
     pub fn apply(
         &mut self,
         slot: u32,
         mechanism: ShapeMechanism,
         spec: ShapeSpec,
         keys: &[RuleKey],
+        peers: Option<PeerSet>,
         expires_at_ns: u64,
     ) -> Result<(), DataplaneError> {
         if mechanism == ShapeMechanism::Edt {
@@ -235,6 +269,8 @@ impl TcShaping {
                 mechanism,
                 spec,
                 keys: keys.to_vec(),
+                peers,
+                expires_at_ns,
             },
         );
         // Interfaces covered already get the new fault's class here; newly covered ones get
@@ -256,16 +292,64 @@ impl TcShaping {
 
     /// Pushes a renewed deadline into the fault's entries.
     pub fn refresh(&mut self, slot: u32, expires_at_ns: u64) -> Result<(), DataplaneError> {
+        let Some(fault) = self.faults.get_mut(&slot) else {
+            return Ok(());
+        };
+        fault.expires_at_ns = expires_at_ns;
         let Some(fault) = self.faults.get(&slot) else {
             return Ok(());
         };
         let value = self.value(slot, fault, expires_at_ns);
-        for key in &fault.keys {
-            self.shapes
-                .insert(key, value, super::BPF_EXIST)
-                .map_err(map_err(SHAPES_MAP))?;
+        match &fault.peers {
+            None => {
+                for key in &fault.keys {
+                    self.shapes
+                        .insert(key, value, super::BPF_EXIST)
+                        .map_err(map_err(SHAPES_MAP))?;
+                }
+            }
+            Some(set) => {
+                for &rule in &fault.keys {
+                    for &cidr in &set.include {
+                        self.peers
+                            .insert(
+                                &peer_key(&PeerEntry { rule, cidr }),
+                                value,
+                                super::BPF_EXIST,
+                            )
+                            .map_err(map_err(SHAPE_PEERS_MAP))?;
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    /// The other faults with peers on `key`.
+    fn peer_faults_on(
+        &self,
+        key: &RuleKey,
+        except: u32,
+    ) -> impl Iterator<Item = (u32, &ShapeFault)> {
+        self.faults.iter().filter_map(move |(&slot, fault)| {
+            (slot != except && fault.peers.is_some() && fault.keys.contains(key))
+                .then_some((slot, fault))
+        })
+    }
+
+    /// What the peers entry `(key, cidr)` must hold for the faults on `key` other than
+    /// `except`: the value of the fault whose peers include the prefix, a pass for an
+    /// exclusion, or nothing.
+    fn peer_entry_value(&self, key: &RuleKey, cidr: &Cidr, except: u32) -> Option<ShapeValue> {
+        let mut pass = false;
+        for (slot, fault) in self.peer_faults_on(key, except) {
+            let Some(set) = &fault.peers else { continue };
+            if set.include.contains(cidr) {
+                return Some(self.value(slot, fault, fault.expires_at_ns));
+            }
+            pass |= set.exclude.contains(cidr);
+        }
+        pass.then_some(PEER_EXCLUDED)
     }
 
     /// Takes a fault out: entries first (the classifier stops at once), then its classes;
@@ -275,7 +359,36 @@ impl TcShaping {
             return Ok(());
         };
         let mut first_error = None;
-        for key in &fault.keys {
+        // A key another fault with peers still holds keeps its marker; the entries of this
+        // fault's prefixes go, or return to the faults that share them.
+        let keys: Vec<RuleKey> = match &fault.peers {
+            None => fault.keys.clone(),
+            Some(set) => {
+                let keys = fault
+                    .keys
+                    .iter()
+                    .filter(|key| self.peer_faults_on(key, slot).next().is_none())
+                    .copied()
+                    .collect();
+                for &rule in &fault.keys {
+                    for &cidr in set.include.iter().chain(&set.exclude) {
+                        let key = peer_key(&PeerEntry { rule, cidr });
+                        let done = match self.peer_entry_value(&rule, &cidr, slot) {
+                            Some(value) => self.peers.insert(&key, value, 0),
+                            None => match self.peers.remove(&key) {
+                                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                                other => other,
+                            },
+                        };
+                        if let Err(e) = done {
+                            first_error.get_or_insert(map_err(SHAPE_PEERS_MAP)(e));
+                        }
+                    }
+                }
+                keys
+            }
+        };
+        for key in &keys {
             match self.shapes.remove(key) {
                 Ok(()) => {
                     if let Err(e) = self.count_scope(key.scope_id, -1) {
@@ -359,8 +472,28 @@ impl TcShaping {
         let Some(fault) = self.faults.get(&slot) else {
             return Ok(());
         };
-        let value = self.value(slot, fault, expires_at_ns);
-        let keys = fault.keys.clone();
+        let mut value = self.value(slot, fault, expires_at_ns);
+        let mut keys = fault.keys.clone();
+        if let Some(set) = fault.peers.clone() {
+            // The prefixes first, then the markers of the keys that have none yet: the
+            // classifier never consults a half-written set.
+            for &rule in &keys {
+                for &cidr in &set.include {
+                    self.peers
+                        .insert(&peer_key(&PeerEntry { rule, cidr }), value, 0)
+                        .map_err(map_err(SHAPE_PEERS_MAP))?;
+                }
+                for &cidr in &set.exclude {
+                    if self.peer_entry_value(&rule, &cidr, slot).is_none() {
+                        self.peers
+                            .insert(&peer_key(&PeerEntry { rule, cidr }), PEER_EXCLUDED, 0)
+                            .map_err(map_err(SHAPE_PEERS_MAP))?;
+                    }
+                }
+            }
+            keys.retain(|key| self.peer_faults_on(key, slot).next().is_none());
+            value = PEERS_MARKER;
+        }
         for key in keys {
             // The scope entry first, so the classifier never misses a new rule.
             self.count_scope(key.scope_id, 1)?;
@@ -796,19 +929,19 @@ impl Shaper for TcShaper {
     }
 
     fn unavailable_for(&self, action: &Action, target: &Target) -> Option<String> {
+        if let Scope::Netns { .. } = target.scope {
+            return Some(format!(
+                "{} shapes the host's interfaces, not one inside another network namespace \
+                 (fault.target.netns); the nfqueue mechanism does",
+                self.mechanism.name()
+            ));
+        }
         if target.direction != Direction::Egress {
             return Some(format!(
                 "{} shapes what the workload sends (direction egress) at the interfaces' egress; \
                  {} traffic needs the nfqueue mechanism",
                 self.mechanism.name(),
                 target.direction.name()
-            ));
-        }
-        if !target.peers.is_empty() || !target.exclude_peers.is_empty() {
-            return Some(format!(
-                "{} does not limit shaping to peers yet (fault.target.peers, \
-                 fault.target.exclude_peers); the nfqueue mechanism does",
-                self.mechanism.name()
             ));
         }
         self.unavailable(action)
@@ -829,8 +962,21 @@ impl Shaper for TcShaper {
             .copied()
             .collect();
         let mechanism = self.mechanism;
+        let peers = fault.target.peer_set().map_err(|e| {
+            self.error(DataplaneError::Unsupported {
+                mechanism: mechanism.name(),
+                reason: e.to_string(),
+            })
+        })?;
         self.tc()
-            .apply(fault.slot, mechanism, spec, &keys, fault.expires_at_ns)
+            .apply(
+                fault.slot,
+                mechanism,
+                spec,
+                &keys,
+                peers,
+                fault.expires_at_ns,
+            )
             .map_err(|e| self.error(e))?;
         self.slots.insert(fault.id.clone(), fault.slot);
         Ok(())

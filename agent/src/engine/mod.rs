@@ -480,9 +480,10 @@ impl Engine {
         let rules: Vec<_> = keys.iter().map(|k| (*k, value)).collect();
         let id = new_id(|id| state.faults.contains_key(id));
         let connections_reset = Arc::new(AtomicU64::new(0));
-        // A netns scope's interface gets the tc programs first (once for all its faults).
-        let interface = match &spec.target.scope {
-            Scope::Netns { interface, .. } => Some(interface.clone()),
+        // A netns scope's interface gets the tc programs first (once for all its faults); a
+        // delay or bandwidth there is its shaper's alone.
+        let interface = match (&spec.target.scope, shaper) {
+            (Scope::Netns { interface, .. }, None) => Some(interface.clone()),
             _ => None,
         };
         let mut attached = false;
@@ -1010,7 +1011,7 @@ impl State {
         if let Err(e) = &removed {
             tracing::error!(fault = %id, error = %e, "removing kernel entries; they lapse at the lease deadline");
         }
-        if let Scope::Netns { .. } = fault.spec.target.scope
+        if let (Scope::Netns { .. }, None) = (&fault.spec.target.scope, fault.shaper)
             && let Err(e) = self.dataplane.release_interface(fault.resolved.cgroup_id)
         {
             tracing::error!(fault = %id, error = %e, "detaching the tc programs");

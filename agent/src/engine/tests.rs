@@ -756,3 +756,46 @@ async fn netns_faults_share_the_interfaces_programs_and_release_them_with_the_la
     };
     assert_eq!(invalid.field, "fault.target.netns");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_delay_on_a_netns_scope_goes_to_its_shaper_beside_a_drop_and_attaches_no_programs() {
+    let (engine, fake, _edt, nfqueue) = shaping_engine(Some("no fq"));
+    let ttl = || LeaseRef::Ttl(Duration::from_secs(30));
+    let on_r1 = |mut spec: FaultSpec| {
+        spec.target.scope = Scope::Netns {
+            path: "/run/netns/r".into(),
+            interface: "r1".into(),
+        };
+        spec
+    };
+    let delay = engine.inject(ttl(), on_r1(delay_spec(None, 6379))).unwrap();
+    assert_eq!(delay.mechanism, "nfqueue");
+    let scope = faultd_common::netns_scope_id(3);
+    assert!(
+        nfqueue.faults()[&delay.id]
+            .keys
+            .iter()
+            .all(|k| k.scope_id == scope)
+    );
+    assert!(
+        fake.state.lock().unwrap().interfaces.is_empty(),
+        "a shaped fault needs no tc programs on the interface"
+    );
+    let drop = engine
+        .inject(ttl(), on_r1(drop_spec(100.0, "/app", 6379)))
+        .expect("a drop may overlap a delay");
+    assert_eq!(fake.state.lock().unwrap().interfaces[&scope].1, 1);
+    match engine.inject(ttl(), on_r1(delay_spec(None, 6379))) {
+        Err(Error::Conflict(msg)) => assert!(msg.contains(&delay.id), "{msg}"),
+        other => panic!("a second delay on the same key must conflict: {other:?}"),
+    }
+    engine.remove(&delay.id).unwrap();
+    assert!(nfqueue.faults().is_empty());
+    assert_eq!(
+        fake.state.lock().unwrap().interfaces[&scope].1,
+        1,
+        "removing the delay leaves the drop's programs"
+    );
+    engine.remove(&drop.id).unwrap();
+    assert!(fake.state.lock().unwrap().interfaces.is_empty());
+}

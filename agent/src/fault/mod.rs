@@ -472,13 +472,12 @@ impl FaultSpec {
     /// The target's checks, and what the action asks of the target.
     pub fn validate(&self) -> Result<(), Invalid> {
         self.target.validate()?;
-        if matches!(self.target.scope, Scope::Netns { .. })
-            && !matches!(self.action, Action::Drop { .. })
-        {
+        if matches!(self.target.scope, Scope::Netns { .. }) && self.action.on_connections() {
             return Err(Invalid::new(
                 "fault.target.netns",
                 format!(
-                    "{} faults cannot target an interface in a network namespace yet (drop can)",
+                    "{} acts on local sockets, which an interface in a network namespace does not \
+                     have (drop, delay and bandwidth can target one)",
                     self.action.name()
                 ),
             ));

@@ -32,13 +32,14 @@ fn main() {
     std::process::exit(failed.min(100) as i32);
 }
 
-/// Round trips of one byte over one connection: `rtt CGROUP_DIR PORT COUNT [PAUSE_MS]`,
-/// microseconds on stdout, one per line. Joins the cgroup before its socket exists, so the
-/// socket belongs to it.
+/// Round trips of one byte over one connection: `rtt CGROUP_DIR PORT COUNT [PAUSE_MS [HOST]]`
+/// (HOST 127.0.0.1 by default), microseconds on stdout, one per line. Joins the cgroup before
+/// its socket exists, so the socket belongs to it.
 fn rtt_client(args: &[String]) -> anyhow::Result<()> {
     let [cgroup, port, count, rest @ ..] = args else {
-        bail!("usage: rtt CGROUP_DIR PORT COUNT [PAUSE_MS]");
+        bail!("usage: rtt CGROUP_DIR PORT COUNT [PAUSE_MS [HOST]]");
     };
+    let host = rest.get(1).map_or("127.0.0.1", String::as_str);
     std::fs::write(
         Path::new(cgroup).join("cgroup.procs"),
         std::process::id().to_string(),
@@ -47,7 +48,7 @@ fn rtt_client(args: &[String]) -> anyhow::Result<()> {
     let port: u16 = port.parse()?;
     let count: usize = count.parse()?;
     let pause = Duration::from_millis(rest.first().map_or(Ok(0), |p| p.parse())?);
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    let mut stream = TcpStream::connect((host, port))?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut out = String::new();
@@ -99,9 +100,9 @@ fn upload_client(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An echo server on 127.0.0.1:`port`, one thread per connection, for the life of the guest.
-fn echo_server(port: u16) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(("127.0.0.1", port))?;
+/// An echo server on `host`:`port`, one thread per connection, for the life of the guest.
+fn echo_server(host: &str, port: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind((host, port))?;
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
@@ -190,13 +191,20 @@ impl std::fmt::Display for Stats {
     }
 }
 
-/// Runs the rtt client in `cgroup` and returns its round trips.
-fn measure(cgroup: &Path, port: u16, count: usize, pause_ms: u64) -> anyhow::Result<Vec<u64>> {
+/// Runs the rtt client in `cgroup` and returns its round trips to `host`.
+fn measure_to(
+    cgroup: &Path,
+    host: &str,
+    port: u16,
+    count: usize,
+    pause_ms: u64,
+) -> anyhow::Result<Vec<u64>> {
     let exe = std::env::current_exe()?;
     let out = Command::new(exe)
         .arg("rtt")
         .arg(cgroup)
         .args([port.to_string(), count.to_string(), pause_ms.to_string()])
+        .arg(host)
         .output()?;
     ensure!(
         out.status.success(),
@@ -207,6 +215,11 @@ fn measure(cgroup: &Path, port: u16, count: usize, pause_ms: u64) -> anyhow::Res
         .lines()
         .map(|l| l.parse::<u64>().context("rtt output"))
         .collect()
+}
+
+/// Runs the rtt client in `cgroup` and returns its round trips to 127.0.0.1.
+fn measure(cgroup: &Path, port: u16, count: usize, pause_ms: u64) -> anyhow::Result<Vec<u64>> {
+    measure_to(cgroup, "127.0.0.1", port, count, pause_ms)
 }
 
 fn cgroup_root() -> PathBuf {
@@ -222,12 +235,15 @@ mod guest {
         Bandwidth, Delay, Direction, Fault, Mechanism, Protocol, RemoveRequest,
     };
     use faultd_tests::api::{cgroup_target, drop_fault, with_ttl};
+    use faultd_tests::workload::stats::median;
     use faultd_tests::{Cgroup, Faultd};
 
     use super::*;
 
     const ECHO_PORT: u16 = 7000;
     const SINK_PORT: u16 = 7001;
+    /// The second peer of the peers tests (loopback answers all of 127.0.0.0/8).
+    const PEER_B: &str = "127.0.0.2";
     /// Emulated CPUs add 1–20 ms of noise to single round trips; medians move less.
     const MEDIAN_SLACK_MS: f64 = 15.0;
 
@@ -245,10 +261,16 @@ mod guest {
         ("bandwidth-edt", |rt| rt.block_on(bandwidth(Mechanism::Edt))),
         ("drop", |rt| rt.block_on(drop_all())),
         ("sigkill-netem", |rt| rt.block_on(sigkill(Mechanism::Netem))),
+        ("peers-netem", |rt| rt.block_on(peers(Mechanism::Netem))),
+        ("peers-edt", |rt| rt.block_on(peers(Mechanism::Edt))),
     ];
 
     pub fn run(filter: &[String]) -> usize {
-        if let Err(e) = echo_server(ECHO_PORT).and_then(|()| sink_server(SINK_PORT)) {
+        // A second echo server on the same port, as a second peer.
+        let servers = echo_server("127.0.0.1", ECHO_PORT)
+            .and_then(|()| echo_server(PEER_B, ECHO_PORT))
+            .and_then(|()| sink_server(SINK_PORT));
+        if let Err(e) = servers {
             println!("guest: starting the servers: {e:#}");
             return 1;
         }
@@ -623,5 +645,92 @@ mod guest {
             "a filter of the dead faultd is left:\n{filters}"
         );
         Ok(())
+    }
+
+    /// The median round trip (ms) from `cgroup` to 127.0.0.1 and to `PEER_B`.
+    fn medians(cgroup: &Path) -> anyhow::Result<(f64, f64)> {
+        let to = |host| -> anyhow::Result<f64> {
+            let micros = measure_to(cgroup, host, ECHO_PORT, 30, 0)?;
+            Ok(median(
+                &micros
+                    .iter()
+                    .map(|&u| u as f64 / 1000.0)
+                    .collect::<Vec<_>>(),
+            ))
+        };
+        Ok((to("127.0.0.1")?, to(PEER_B)?))
+    }
+
+    /// Peers on the classifier: a 100 ms delay for `PEER_B` only, then a 50 ms one for
+    /// 127.0.0.1 on the same key (disjoint peers share it); removing the first leaves the
+    /// second; a delay for every peer but `PEER_B` (an exclusion) spares it.
+    async fn peers(m: Mechanism) -> anyhow::Result<()> {
+        let faultd = Faultd::start().await;
+        let cgroup = Cgroup::new();
+        let inside = cgroup_dir(&cgroup);
+        let with_peers = |latency_ms, peers: &[&str], exclude: &[&str]| {
+            let mut fault = delay_fault(&cgroup, latency_ms, 0, m);
+            if let Some(target) = fault.target.as_mut() {
+                target.peers = peers.iter().map(|p| p.to_string()).collect();
+                target.exclude_peers = exclude.iter().map(|p| p.to_string()).collect();
+            }
+            fault
+        };
+        let ttl = Duration::from_secs(120);
+        let (base_a, base_b) = medians(&inside)?;
+        let b = inject(&faultd, with_peers(100, &[PEER_B], &[]), ttl, m).await?;
+        let (only_b_a, only_b_b) = medians(&inside)?;
+        let a = inject(&faultd, with_peers(50, &["127.0.0.1"], &[]), ttl, m).await?;
+        let (both_a, both_b) = medians(&inside)?;
+        remove(&faultd, &b.id).await?;
+        let (a_only_a, a_only_b) = medians(&inside)?;
+        remove(&faultd, &a.id).await?;
+        let except = inject(&faultd, with_peers(100, &[], &[PEER_B]), ttl, m).await?;
+        let (except_a, except_b) = medians(&inside)?;
+        remove(&faultd, &except.id).await?;
+        let (after_a, after_b) = medians(&inside)?;
+        let rows = [
+            (
+                "100ms for B",
+                only_b_a - base_a,
+                only_b_b - base_b,
+                0.0,
+                100.0,
+            ),
+            ("+50ms for A", both_a - base_a, both_b - base_b, 50.0, 100.0),
+            (
+                "B's removed",
+                a_only_a - base_a,
+                a_only_b - base_b,
+                50.0,
+                0.0,
+            ),
+            (
+                "100ms but B",
+                except_a - base_a,
+                except_b - base_b,
+                100.0,
+                0.0,
+            ),
+            ("all removed", after_a - base_a, after_b - base_b, 0.0, 0.0),
+        ];
+        let mut wrong = Vec::new();
+        for (step, added_a, added_b, want_a, want_b) in rows {
+            println!(
+                "guest:   REPORT {} peers {step}: added to 127.0.0.1 {added_a:+.2} ms (want \
+                 {want_a}), to {PEER_B} {added_b:+.2} ms (want {want_b})",
+                m.as_str_name()
+            );
+            if (added_a - want_a).abs() > MEDIAN_SLACK_MS
+                || (added_b - want_b).abs() > MEDIAN_SLACK_MS
+            {
+                wrong.push(step);
+            }
+        }
+        ensure!(
+            wrong.is_empty(),
+            "steps off by more than {MEDIAN_SLACK_MS} ms: {wrong:?}"
+        );
+        assert_no_tc_state()
     }
 }
