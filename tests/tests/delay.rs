@@ -277,14 +277,16 @@ async fn jitter_has_the_requested_spread() {
         "50 ms ± 20 ms: the PING round trips' standard deviation is {sd:.2} ms (want 20 ms ± 30%): {}",
         summary(&run)
     );
-    // A flow's packets keep their order, so a PING waits for the ACK the client sent 10 ms
-    // earlier if that one drew a longer delay: the PING's delay is max(own, ACK's - 10 ms).
-    // For two N(50, 20) draws that lifts the median by up to 6.5 ms (measured 54.7-56.9), so the
-    // bound is centred near 55, not 50.
+    // The median of 200 draws of N(50, 20) itself varies with a standard deviation of
+    // 1.25 * 20 / sqrt(200) = 1.8 ms: 3 of them is 44.7-55.3 ms. A flow's packets keep their
+    // order, so a PING waits for the ACK the client sent 10 ms earlier if that one drew a longer
+    // delay (the PING's delay is max(own, ACK's - 10 ms)), which lifts the median by up to
+    // 6.5 ms when the ACK goes out separately. Measured: 47.2-56.9 ms.
     assert!(
-        (48.0..=62.0).contains(&added),
-        "50 ms ± 20 ms added {added:.2} ms to the median round trip (want 48-62 ms: 50 plus \
-         what keeping the flow's order adds): {}",
+        (44.5..=62.0).contains(&added),
+        "50 ms ± 20 ms added {added:.2} ms to the median round trip (want 44.5-62 ms: 50 within \
+         three standard deviations of a 200-sample median, plus what keeping the flow's order \
+         adds): {}",
         summary(&run)
     );
 }
