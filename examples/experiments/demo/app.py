@@ -449,8 +449,12 @@ def verify_writes(args):
     client = redis_client(args.redis, 5.0)
     index = {k.decode(): v.decode() for k, v in client.hgetall(f"{args.prefix}:idx").items()}
     records = {}
-    for key in client.scan_iter(f"{args.prefix}:rec:*"):
-        records[key.decode().rsplit(":", 1)[1]] = client.get(key).decode()
+    keys = list(client.scan_iter(f"{args.prefix}:rec:*", count=1000))
+    for start in range(0, len(keys), 1000):
+        batch = keys[start : start + 1000]
+        for key, value in zip(batch, client.mget(batch)):
+            if value is not None:
+                records[key.decode().rsplit(":", 1)[1]] = value.decode()
     missing = [i for i in acked if str(i) not in records or str(i) not in index]
     partial = sorted(
         int(i)

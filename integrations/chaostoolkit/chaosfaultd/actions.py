@@ -99,7 +99,7 @@ def inject_fault(
             lease_ttl = client.parse_seconds(
                 ttl
                 if ttl is not None
-                else client._setting(configuration, secrets, "faultd_lease_ttl", client.DEFAULT_LEASE_TTL),
+                else client.setting(configuration, secrets, "faultd_lease_ttl", client.DEFAULT_LEASE_TTL),
                 "ttl",
             )
             if lease_ttl <= 0:

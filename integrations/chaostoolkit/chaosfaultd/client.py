@@ -295,7 +295,7 @@ def fault_to_dict(fault: pb.Fault) -> Dict[str, Any]:
 # Connection
 
 
-def _setting(configuration: Optional[Dict], secrets: Optional[Dict], key: str, default=None):
+def setting(configuration: Optional[Dict], secrets: Optional[Dict], key: str, default=None):
     for source in (configuration or {}, secrets or {}):
         if source.get(key) not in (None, ""):
             return source[key]
@@ -318,9 +318,9 @@ _connections: Dict[Tuple, Connection] = {}
 
 def connect(configuration: Optional[Dict] = None, secrets: Optional[Dict] = None) -> Connection:
     """The (cached) connection the experiment's configuration names."""
-    address = str(_setting(configuration, secrets, "faultd_address", DEFAULT_ADDRESS))
+    address = str(setting(configuration, secrets, "faultd_address", DEFAULT_ADDRESS))
     tls = tuple(
-        _setting(configuration, secrets, key)
+        setting(configuration, secrets, key)
         for key in ("faultd_tls_ca", "faultd_tls_cert", "faultd_tls_key", "faultd_tls_server_name")
     )
     key = (address,) + tls
@@ -478,6 +478,12 @@ def experiment_lease(connection: Connection, ttl: float) -> LeaseKeeper:
 def record_injected(connection: Connection, fault_id: str) -> None:
     with _lock:
         _injected.append((connection, fault_id))
+
+
+def injected_ids(connection: Connection) -> List[str]:
+    """Ids of the faults this process injected through `connection`, oldest first."""
+    with _lock:
+        return [fault_id for conn, fault_id in _injected if conn is connection]
 
 
 def take_injected() -> List[Tuple[Connection, str]]:

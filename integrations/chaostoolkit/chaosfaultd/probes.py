@@ -43,7 +43,7 @@ def fault_counters(
         if fault_id:
             ids = [str(fault_id)]
         else:
-            ids = [fid for conn, fid in client._injected if conn is connection]
+            ids = client.injected_ids(connection)
         result = {}
         for fid in ids:
             try:
