@@ -12,6 +12,8 @@ Modes:
   pg-connect HOST PORT         one connection attempt (took_ns: how long it took)
   redis-connect HOST PORT      one PING on a fresh connection (took_ns: how long it took)
   redis-subscribe HOST PORT CHANNEL   print every published message until the connection breaks
+  redis-loop HOST PORT INTERVAL_MS   a container's client loop: PING every INTERVAL_MS on one
+      redis-py client (0.5 s timeouts, reconnecting as redis-py does), "pong" or "error" each time
   redis-stream HOST PORT CHUNK INTERVAL_MS SECONDS
       GETs of a CHUNK-byte value every INTERVAL_MS, reconnecting when the connection breaks
   redis-writer HOST PORT PREFIX SECONDS
@@ -112,6 +114,26 @@ def redis_connect_once(host, port):
         emit("connected", took_ns=time.time_ns() - start)
     except redis.RedisError as exc:
         emit("error", took_ns=time.time_ns() - start, **error_fields(exc))
+
+
+def redis_loop(host, port, interval_ms):
+    import redis
+
+    client = redis.Redis(
+        host=host,
+        port=int(port),
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+        retry_on_timeout=False,
+    )
+    while True:
+        start = time.time_ns()
+        try:
+            client.ping()
+            emit("pong", took_ns=time.time_ns() - start)
+        except redis.RedisError as exc:
+            emit("error", took_ns=time.time_ns() - start, **error_fields(exc))
+        time.sleep(int(interval_ms) / 1000)
 
 
 def redis_stream(host, port, chunk, interval_ms, seconds):
@@ -251,6 +273,7 @@ MODES = {
     "pg-connect": pg_connect_once,
     "redis-connect": redis_connect_once,
     "redis-subscribe": redis_subscribe,
+    "redis-loop": redis_loop,
     "redis-stream": redis_stream,
     "redis-writer": redis_writer,
     "pg-writer": pg_writer,

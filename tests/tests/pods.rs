@@ -8,9 +8,12 @@ use std::time::Duration;
 use faultd_proto::v1::target::Scope;
 use faultd_proto::v1::{ContainerScope, Direction, PodScope, Protocol, RemoveRequest, Target};
 use faultd_tests::api::{drop_fault, with_ttl};
+use faultd_tests::clients::{ConnClient, at};
 use faultd_tests::kube::{Driver, KubeTree, Pod, Qos, Runtime};
+use faultd_tests::process::unix_ns;
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::{Faultd, FaultdOptions, NetNs, Redis, Workload, fd_probe};
+use serde_json::Value;
 use tonic::Code;
 
 const TTL: Duration = Duration::from_secs(60);
@@ -42,8 +45,49 @@ async fn faultd_for(tree: &KubeTree) -> Faultd {
     .await
 }
 
-/// One driver: a pod of two containers (and a sibling pod), a drop by pod uid, a container
-/// restarted into a new scope, Remove.
+/// A container's Redis client loop (PING every 100 ms on one redis-py client), started in
+/// `workload`'s cgroup directory.
+fn client_loop(workload: &Workload) -> ConnClient {
+    ConnClient::start(
+        workload,
+        "redis-loop",
+        &["127.0.0.1", &REDIS_PORT.to_string(), "100"],
+    )
+}
+
+/// Waits for the loop's next `event` ("pong" or "error") stamped after `since` (unix ns).
+fn loop_sees(client: &mut ConnClient, event: &str, since: i128, what: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Some(seen) =
+        client.next(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
+        if seen["event"] == event && at(&seen) > since {
+            return seen;
+        }
+    }
+    panic!(
+        "{what}: no {event:?} from the client loop within 10 s; it saw {:?}",
+        client.seen().iter().rev().take(5).collect::<Vec<_>>()
+    );
+}
+
+/// Events of the loop stamped after `since`, reading for `window`.
+fn loop_events(client: &mut ConnClient, since: i128, window: Duration) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + window;
+    while client
+        .next(deadline.saturating_duration_since(std::time::Instant::now()))
+        .is_some()
+    {}
+    client
+        .seen()
+        .iter()
+        .filter(|e| at(e) > since)
+        .cloned()
+        .collect()
+}
+
+/// One driver: a pod of two containers (and a sibling pod), each running a Redis client loop;
+/// a drop by pod uid; a container killed and restarted into a new scope; Remove.
 async fn pod_fault_covers_every_container(driver: Driver, qos: Qos, sibling_qos: Qos) {
     let netns = NetNs::new();
     let _redis = Redis::start(&netns);
@@ -61,15 +105,16 @@ async fn pod_fault_covers_every_container(driver: Driver, qos: Qos, sibling_qos:
     let first = in_dir(&first_dir, "first container");
     let second = in_dir(&second_dir, "second container");
     let neighbour = in_dir(&sibling_dir, "sibling pod's container");
-    for workload in [&first, &second, &neighbour] {
-        let run = workload.redis_ping();
-        assert!(
-            run.answered(),
-            "{driver:?}: before any fault, the {} should get PONG: {run}",
-            workload.label()
-        );
+    let mut loops: Vec<(ConnClient, &Workload)> = [&first, &second, &neighbour]
+        .into_iter()
+        .map(|w| (client_loop(w), w))
+        .collect();
+    for (client, workload) in &mut loops {
+        let what = format!("{driver:?}: before any fault, the {}", workload.label());
+        loop_sees(client, "pong", 0, &what);
     }
 
+    let injected = unix_ns();
     let fault = faults
         .inject(with_ttl(drop_fault(100.0, target(pod_scope(&pod))), TTL))
         .await
@@ -88,28 +133,40 @@ async fn pod_fault_covers_every_container(driver: Driver, qos: Qos, sibling_qos:
         "{driver:?}: faultd resolved pod {} elsewhere: {fault:?}",
         pod.uid
     );
-    for workload in [&first, &second] {
-        let run = workload.redis_ping();
-        assert!(
-            run.timed_out(),
-            "{driver:?}: a drop on the pod should black-hole Redis for its {}: {run}",
+    // The running loops of both containers time out on the connections they already hold.
+    for (client, workload) in loops.iter_mut().take(2) {
+        let what = format!(
+            "{driver:?}: a drop on the pod should black-hole Redis for its {}",
             workload.label()
         );
+        let error = loop_sees(client, "error", injected, &what);
+        assert!(
+            error["type"].as_str().unwrap_or("").contains("Timeout"),
+            "{what}: {error}"
+        );
     }
-    let run = neighbour.redis_ping();
+    let (neighbour_loop, _) = &mut loops[2];
+    let events = loop_events(neighbour_loop, injected, Duration::from_secs(2));
     assert!(
-        run.answered(),
-        "{driver:?}: the sibling pod is not targeted and should get PONG: {run}"
+        events.len() >= 5 && events.iter().all(|e| e["event"] == "pong"),
+        "{driver:?}: the sibling pod is not targeted and its loop should keep getting PONG: \
+         {events:?}"
     );
 
     // The first container exits; the runtime starts it again in a new scope of the same pod.
+    drop(loops.remove(0));
     tree.remove_container(&first_dir);
     let (_, restarted_dir) = tree.container(&pod, Runtime::Containerd);
     let restarted = in_dir(&restarted_dir, "restarted container");
-    let run = restarted.redis_ping();
+    let started = unix_ns();
+    let mut restarted_loop = client_loop(&restarted);
+    let what = format!(
+        "{driver:?}: a container restarted after the fault is in the pod and should be hit"
+    );
+    let error = loop_sees(&mut restarted_loop, "error", started, &what);
     assert!(
-        run.timed_out(),
-        "{driver:?}: a container restarted after the fault is in the pod and should be hit: {run}"
+        restarted_loop.seen().iter().all(|e| e["event"] != "pong"),
+        "{what}: {error}"
     );
 
     faults
@@ -118,13 +175,14 @@ async fn pod_fault_covers_every_container(driver: Driver, qos: Qos, sibling_qos:
         })
         .await
         .unwrap_or_else(|s| panic!("{driver:?}: Remove {} failed: {s:?}", fault.id));
-    for workload in [&restarted, &second, &neighbour] {
-        let run = workload.redis_ping();
-        assert!(
-            run.answered(),
-            "{driver:?}: after Remove the {} should get PONG again: {run}",
+    let removed = unix_ns();
+    loops.push((restarted_loop, &restarted));
+    for (client, workload) in &mut loops {
+        let what = format!(
+            "{driver:?}: after Remove the {} should get PONG again",
             workload.label()
         );
+        loop_sees(client, "pong", removed, &what);
     }
 }
 
