@@ -10,7 +10,7 @@ use faultd_proto::v1::target::Scope;
 use faultd_proto::v1::{
     Bandwidth, CgroupScope, Delay, Direction, Drop, Fault, GetFaultRequest, GrantRequest,
     InjectRequest, Lease, ListFaultsRequest, ListLeasesRequest, Mechanism, PortRange, Protocol,
-    Reject, Reset, Target,
+    Reject, RemoveRequest, Reset, Target,
 };
 use tonic::transport::Channel;
 
@@ -144,6 +144,16 @@ pub fn lease_deadline(lease: &Lease) -> i128 {
             .as_ref()
             .unwrap_or_else(|| panic!("lease {} has no expires_at: {lease:?}", lease.id)),
     )
+}
+
+/// Removes a fault; panics if faultd refuses. Returns the fault as Remove answered (final
+/// counters, state REVERTED).
+pub async fn remove(client: &mut FaultServiceClient<Channel>, id: &str) -> Fault {
+    client
+        .remove(RemoveRequest { id: id.to_owned() })
+        .await
+        .unwrap_or_else(|s| panic!("Remove {id} failed: {s:?}"))
+        .into_inner()
 }
 
 pub async fn list_faults(client: &mut FaultServiceClient<Channel>) -> Vec<Fault> {

@@ -21,6 +21,7 @@ pub mod pki;
 pub mod process;
 pub mod scene;
 pub mod servers;
+pub mod sys;
 pub mod tempdir;
 pub mod uniq;
 pub mod workload;

@@ -8,10 +8,10 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use faultd_proto::v1::{Direction, Fault, Protocol, RemoveRequest};
+use faultd_proto::v1::{Direction, Fault, Protocol};
 use faultd_tests::api::{
-    cgroup_target, get_fault, grant, lease_deadline, reject_fault, reset_fault, under_lease,
-    with_ttl,
+    cgroup_target, get_fault, grant, lease_deadline, reject_fault, remove, reset_fault,
+    under_lease, with_ttl,
 };
 use faultd_tests::clients::{ConnClient, at};
 use faultd_tests::process::{ChildGuard, output, poll, unix_ns, wait_timeout};
@@ -280,12 +280,7 @@ async fn reset_kills_the_postgres_connections_of_the_cgroup_only() {
         "psql inside should say \"Connection refused\": {out}"
     );
     // ...and works once the fault is removed.
-    faults
-        .remove(RemoveRequest {
-            id: fault.id.clone(),
-        })
-        .await
-        .unwrap_or_else(|s| panic!("Remove failed: {s:?}"));
+    remove(&mut faults, &fault.id).await;
     let (ok, out) = psql(&inside, "select 1");
     assert!(
         ok && out.trim() == "1",

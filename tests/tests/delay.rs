@@ -8,14 +8,12 @@
 use std::process::Command;
 use std::time::Duration;
 
-use faultd_proto::v1::{
-    CapabilitiesRequest, Capability, Direction, Mechanism, Protocol, RemoveRequest, Target,
-};
+use faultd_proto::v1::{CapabilitiesRequest, Capability, Direction, Mechanism, Protocol, Target};
 use faultd_tests::api::{
     bandwidth_fault, cgroup_target, delay_fault, get_fault, grant, lease_deadline, list_faults,
-    under_lease, with_ttl,
+    remove, under_lease, with_ttl,
 };
-use faultd_tests::process::{blocking, output, poll};
+use faultd_tests::process::{ChildGuard, blocking, output, poll};
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::workload::stats::{mean, median, quantile, stddev};
 use faultd_tests::workload::{RttRun, Workload};
@@ -55,18 +53,8 @@ fn netfilter_rules(netns: Option<&NetNs>) -> String {
 /// nice -10): the round trips then measure the delay, not how long a busy machine's run queue
 /// kept Redis from answering. Redis sleeps in epoll between the probe's requests.
 fn prioritize(pid: u32) {
-    let param = libc::sched_param { sched_priority: 1 };
-    // SAFETY: sched_setscheduler and setpriority on a process of ours.
-    if unsafe { libc::sched_setscheduler(pid as libc::pid_t, libc::SCHED_FIFO, &param) } == 0 {
-        return;
-    }
-    // SAFETY: as above.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, pid, -10) } != 0 {
-        panic!(
-            "raising the priority of pid {pid}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    faultd_tests::sys::prioritize(pid)
+        .unwrap_or_else(|e| panic!("raising the priority of pid {pid}: {e}"));
 }
 
 fn summary(run: &RttRun) -> String {
@@ -453,12 +441,22 @@ fn medians(workload: &Workload, hosts: &[&str]) -> Vec<f64> {
         .collect()
 }
 
+/// The scene (Redis on 127.0.0.1 and ::1) with a second Redis on the same port at 127.0.0.2,
+/// both at the probe's priority, and a resident process of the workload.
+async fn two_servers() -> (RedisScene, Redis, ChildGuard) {
+    let scene = RedisScene::start(fd_probe!()).await;
+    prioritize(scene.redis.pid());
+    let second = Redis::start_bound(&scene.netns, &["127.0.0.2"]);
+    prioritize(second.pid());
+    let app = scene.inside.resident();
+    (scene, second, app)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
 async fn a_delay_with_peers_holds_only_the_traffic_to_those_peers() {
     let _serial = SERIAL.lock().await;
-    let scene = RedisScene::start(fd_probe!()).await;
-    prioritize(scene.redis.pid());
+    let (scene, _second, _app) = two_servers().await;
     let RedisScene {
         cgroup,
         faultd,
@@ -466,10 +464,6 @@ async fn a_delay_with_peers_holds_only_the_traffic_to_those_peers() {
         netns,
         ..
     } = &scene;
-    // A second Redis on the same port at another address.
-    let second = Redis::start_bound(netns, &["127.0.0.2"]);
-    prioritize(second.pid());
-    let _app = inside.resident();
     let hosts = ["127.0.0.1", "127.0.0.2", "[::1]"];
     eprintln!("baseline:");
     let base = medians(inside, &hosts);
@@ -543,12 +537,7 @@ async fn a_delay_with_peers_holds_only_the_traffic_to_those_peers() {
             (v4_delayed, delayed[2]),
             "NFQUEUE rules per family (IPv4, IPv6) for peers {peers:?} except {exclude:?}:\n{rules}"
         );
-        faults
-            .remove(RemoveRequest {
-                id: fault.id.clone(),
-            })
-            .await
-            .unwrap_or_else(|s| panic!("Remove failed: {s:?}"));
+        remove(&mut faults, &fault.id).await;
         let left = poll(Duration::from_secs(5), || {
             let rules = netfilter_rules(Some(netns));
             (!rules.contains("FAULTD-")).then_some(())
@@ -565,18 +554,13 @@ async fn a_delay_with_peers_holds_only_the_traffic_to_those_peers() {
 #[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
 async fn bandwidth_with_peers_paces_only_the_matched_server() {
     let _serial = SERIAL.lock().await;
-    let scene = RedisScene::start(fd_probe!()).await;
-    prioritize(scene.redis.pid());
+    let (scene, _second, _app) = two_servers().await;
     let RedisScene {
         cgroup,
         faultd,
         inside,
-        netns,
         ..
     } = &scene;
-    let second = Redis::start_bound(netns, &["127.0.0.2"]);
-    prioritize(second.pid());
-    let _app = inside.resident();
     const VALUE: usize = 1 << 20;
     for host in ["127.0.0.1", "127.0.0.2"] {
         blocking(|| inside.redis_set_at(host, "faultd:big", VALUE));

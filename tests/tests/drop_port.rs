@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use faultd_proto::v1::{Direction, FaultState, Protocol, RemoveRequest};
-use faultd_tests::api::{cgroup_target, counters, drop_fault, get_fault_until, with_ttl};
+use faultd_proto::v1::{Direction, FaultState, Protocol};
+use faultd_tests::api::{cgroup_target, counters, drop_fault, get_fault_until, remove, with_ttl};
 use faultd_tests::servers::{POSTGRES_PORT, REDIS_PORT};
 use faultd_tests::{Cgroup, Faultd, NetNs, Postgres, Redis, Workload, fd_probe};
 
@@ -86,13 +86,7 @@ async fn full_drop_on_a_port_blackholes_that_service_for_the_cgroup_only() {
     );
     eprintln!("redis fault counters: matched={matched} dropped={dropped}");
 
-    let removed = faults
-        .remove(RemoveRequest {
-            id: redis_fault.id.clone(),
-        })
-        .await
-        .unwrap_or_else(|s| panic!("Remove {} failed: {s:?}", redis_fault.id))
-        .into_inner();
+    let removed = remove(&mut faults, &redis_fault.id).await;
     assert_eq!(
         removed.state(),
         FaultState::Reverted,

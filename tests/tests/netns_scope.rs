@@ -9,11 +9,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use faultd_proto::v1::target::Scope;
-use faultd_proto::v1::{
-    Direction, Fault, Mechanism, NetnsScope, PortRange, Protocol, RemoveRequest, Target,
-};
+use faultd_proto::v1::{Direction, Fault, Mechanism, NetnsScope, PortRange, Protocol, Target};
 use faultd_tests::api::{
-    bandwidth_fault, counters, delay_fault, drop_fault, get_fault_until, with_ttl,
+    bandwidth_fault, counters, delay_fault, drop_fault, get_fault_until, remove, with_ttl,
 };
 use faultd_tests::process::{blocking, output, poll, run_ok};
 use faultd_tests::servers::REDIS_PORT;
@@ -185,12 +183,7 @@ async fn a_drop_on_a_routers_interface_hits_the_traffic_routed_through_it() {
         "Get shows matched={matched} dropped={dropped}"
     );
 
-    faults
-        .remove(RemoveRequest {
-            id: fault.id.clone(),
-        })
-        .await
-        .unwrap_or_else(|s| panic!("Remove {} failed: {s:?}", fault.id));
+    remove(&mut faults, &fault.id).await;
     let run = outside.redis_ping_at(Routed::SERVER);
     assert!(run.answered(), "after Remove Redis answers again: {run}");
     let log = faultd.log();
@@ -312,12 +305,7 @@ async fn delay_and_bandwidth_on_a_routers_interface_shape_the_traffic_routed_thr
         counters(&seen).0 >= 100,
         "Get shows the delayed packets: {seen:?}"
     );
-    faults
-        .remove(RemoveRequest {
-            id: fault.id.clone(),
-        })
-        .await
-        .unwrap_or_else(|s| panic!("Remove {} failed: {s:?}", fault.id));
+    remove(&mut faults, &fault.id).await;
     routed.assert_router_clean("Remove of the delay");
     let after = pings(&client, 50);
     assert!(
@@ -355,12 +343,7 @@ async fn delay_and_bandwidth_on_a_routers_interface_shape_the_traffic_routed_thr
         (3.4..=4.6).contains(&paced),
         "at 256 KiB/s on the router's r1 a GET of 1 MiB took {paced:.3} s (want 4 s ± 15%)"
     );
-    faults
-        .remove(RemoveRequest {
-            id: fault.id.clone(),
-        })
-        .await
-        .unwrap_or_else(|s| panic!("Remove {} failed: {s:?}", fault.id));
+    remove(&mut faults, &fault.id).await;
     routed.assert_router_clean("Remove of the bandwidth");
     let (_, after) = blocking(|| client.redis_get_at(Routed::SERVER, "faultd:big"));
     assert!(after < 0.5, "after Remove the GET took {after:.3} s");

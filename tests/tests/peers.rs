@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use faultd_proto::v1::{Direction, Protocol, RemoveRequest, Target};
-use faultd_tests::api::{cgroup_target, drop_fault, reject_fault, with_ttl};
+use faultd_tests::api::{cgroup_target, drop_fault, reject_fault, remove, with_ttl};
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::workload::ClientRun;
 use faultd_tests::{Cgroup, Faultd, NetNs, Redis, Workload, fd_probe};
@@ -94,12 +94,7 @@ async fn a_peer_cidr_limits_a_drop_to_one_of_two_servers_on_the_same_port() {
     assert_eq!(overlap.code(), Code::AlreadyExists, "{overlap:?}");
 
     for fault in [&first, &second] {
-        faults
-            .remove(RemoveRequest {
-                id: fault.id.clone(),
-            })
-            .await
-            .unwrap_or_else(|s| panic!("Remove {} failed: {s:?}", fault.id));
+        remove(&mut faults, &fault.id).await;
     }
     for host in ["127.0.0.1", "::1", "127.0.0.2"] {
         let run = inside.redis_ping_at(host);

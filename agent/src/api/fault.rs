@@ -42,14 +42,11 @@ impl FaultApi {
         let lease = convert::lease_ref(request.lease.as_ref())?;
         let spec = convert::fault_spec(request.fault)?;
         let dry_run = request.dry_run;
-        // A reset walks cgroups and talks netlink in other namespaces: not on an async worker.
-        let engine = self.engine.clone();
-        let view = tokio::task::spawn_blocking(move || match dry_run {
+        let view = super::on_engine(&self.engine, move |engine| match dry_run {
             true => engine.dry_run(lease, spec),
             false => engine.inject(lease, spec),
         })
-        .await
-        .map_err(|e| Status::internal(format!("inject task: {e}")))??;
+        .await??;
         Ok(convert::fault(view))
     }
 }
@@ -104,10 +101,17 @@ impl pb::fault_service_server::FaultService for FaultApi {
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::Fault>, Status> {
         let peer = peer::of(&request);
-        let id = &request.get_ref().id;
-        let result = fault_id(id)
-            .and_then(|id| self.engine.remove(id).map_err(Status::from))
-            .map(convert::fault);
+        let id = request.into_inner().id;
+        let result = match fault_id(&id) {
+            Ok(valid) => {
+                let valid = valid.to_owned();
+                super::on_engine(&self.engine, move |engine| engine.remove(&valid))
+                    .await
+                    .and_then(|removed| removed.map_err(Status::from))
+                    .map(convert::fault)
+            }
+            Err(status) => Err(status),
+        };
         let what = json!({ "id": id });
         self.calls
             .mutating(SERVICE, "Remove", &peer, what, &result, fault_json);
@@ -146,7 +150,7 @@ impl pb::fault_service_server::FaultService for FaultApi {
     ) -> Result<Response<pb::AbortResponse>, Status> {
         let peer = peer::of(&request);
         let started = Instant::now();
-        let (faults, leases) = self.engine.abort();
+        let (faults, leases) = super::on_engine(&self.engine, Engine::abort).await?;
         let took = started.elapsed();
         tracing::warn!(
             faults = faults.len(),

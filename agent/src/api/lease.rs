@@ -99,10 +99,13 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
                         break;
                     }
                 };
-                let reply = convert::lease_id(&message.lease_id, "lease_id")
-                    .map_err(Status::from)
-                    .and_then(|id| engine.renew(&id).map_err(Status::from))
-                    .map(convert::lease);
+                let reply = match convert::lease_id(&message.lease_id, "lease_id") {
+                    Ok(id) => super::on_engine(&engine, move |engine| engine.renew(&id))
+                        .await
+                        .and_then(|renewed| renewed.map_err(Status::from))
+                        .map(convert::lease),
+                    Err(invalid) => Err(Status::from(invalid)),
+                };
                 match &reply {
                     Ok(lease) => {
                         renewals += 1;
@@ -132,10 +135,13 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
     ) -> Result<Response<pb::Lease>, Status> {
         let peer = peer::of(&request);
         let id = &request.get_ref().lease_id;
-        let result = convert::lease_id(id, "lease_id")
-            .map_err(Status::from)
-            .and_then(|id| self.engine.renew(&id).map_err(Status::from))
-            .map(convert::lease);
+        let result = match convert::lease_id(id, "lease_id") {
+            Ok(id) => super::on_engine(&self.engine, move |engine| engine.renew(&id))
+                .await
+                .and_then(|renewed| renewed.map_err(Status::from))
+                .map(convert::lease),
+            Err(invalid) => Err(Status::from(invalid)),
+        };
         let what = json!({ "leaseId": id });
         self.calls
             .mutating(SERVICE, "Renew", &peer, what, &result, lease_json);
@@ -148,13 +154,16 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         let peer = peer::of(&request);
         let id = &request.get_ref().lease_id;
-        let result = convert::lease_id(id, "lease_id")
-            .map_err(Status::from)
-            .and_then(|id| self.engine.revoke(&id).map_err(Status::from))
-            .map(|(lease, reverted)| pb::RevokeResponse {
-                lease: Some(convert::lease(lease)),
-                reverted_fault_ids: reverted,
-            });
+        let result = match convert::lease_id(id, "lease_id") {
+            Ok(id) => super::on_engine(&self.engine, move |engine| engine.revoke(&id))
+                .await
+                .and_then(|revoked| revoked.map_err(Status::from)),
+            Err(invalid) => Err(Status::from(invalid)),
+        }
+        .map(|(lease, reverted)| pb::RevokeResponse {
+            lease: Some(convert::lease(lease)),
+            reverted_fault_ids: reverted,
+        });
         let what = json!({ "leaseId": id });
         self.calls.mutating(
             SERVICE,

@@ -162,6 +162,20 @@ pub enum Listener {
     },
 }
 
+/// Runs a call into the engine on the blocking pool. The engine is synchronous and its calls
+/// may touch the kernel at length — iptables-restore run inside another network namespace,
+/// netlink from a thread that entered one, sock_diag dumps, reverting what expired — which must
+/// not hold an async worker.
+pub async fn on_engine<T: Send + 'static>(
+    engine: &Arc<Engine>,
+    call: impl FnOnce(&Engine) -> T + Send + 'static,
+) -> Result<T, Status> {
+    let engine = engine.clone();
+    tokio::task::spawn_blocking(move || call(&engine))
+        .await
+        .map_err(|e| Status::internal(format!("engine task: {e}")))
+}
+
 /// What every listener serves: the engine, the probe result, counting and auditing.
 #[derive(Clone)]
 pub struct Services {

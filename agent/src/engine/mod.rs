@@ -690,7 +690,17 @@ impl Engine {
         loop {
             // Registered before reading the deadline, so a change in between is not missed.
             let changed = self.deadline_changed.notified();
-            let next = self.lock().next_deadline();
+            // Locking reverts what is due, which may run iptables-restore or netlink in other
+            // namespaces: on the blocking pool, not on this async worker.
+            let engine = self.clone();
+            let next =
+                match tokio::task::spawn_blocking(move || engine.lock().next_deadline()).await {
+                    Ok(next) => next,
+                    Err(e) => {
+                        tracing::error!(error = %e, "expiry pass");
+                        Some(Instant::now() + Duration::from_millis(100))
+                    }
+                };
             let sleep = async {
                 match next {
                     Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -702,6 +712,16 @@ impl Engine {
                 _ = changed => {}
                 _ = sleep => {}
             }
+        }
+    }
+}
+
+/// Takes `id` off the faults sharing `key`, and the key out when none is left.
+fn disown(owners: &mut HashMap<RuleKey, Vec<FaultId>>, key: &RuleKey, id: &str) {
+    if let Some(held) = owners.get_mut(key) {
+        held.retain(|owner| owner != id);
+        if held.is_empty() {
+            owners.remove(key);
         }
     }
 }
@@ -982,25 +1002,11 @@ impl State {
         };
         for key in &fault.keys {
             match (fault.shaper, &fault.peers) {
-                (Some(_), _) => {
-                    if let Some(owners) = self.shape_owners.get_mut(key) {
-                        owners.retain(|owner| owner != id);
-                        if owners.is_empty() {
-                            self.shape_owners.remove(key);
-                        }
-                    }
-                }
+                (Some(_), _) => disown(&mut self.shape_owners, key, id),
                 (None, None) => {
                     self.owners.remove(key);
                 }
-                (None, Some(_)) => {
-                    if let Some(owners) = self.peer_owners.get_mut(key) {
-                        owners.retain(|owner| owner != id);
-                        if owners.is_empty() {
-                            self.peer_owners.remove(key);
-                        }
-                    }
-                }
+                (None, Some(_)) => disown(&mut self.peer_owners, key, id),
             }
         }
         let removed = match (fault.shaper, &fault.peers) {

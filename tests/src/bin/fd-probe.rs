@@ -192,17 +192,8 @@ fn unix_ns() -> u128 {
 /// about when the probe got a CPU: the lowest real-time priority (the probe sleeps between its
 /// few packets), else nice -10. Best effort: a failure is reported, not fatal.
 fn raise_priority() {
-    let param = libc::sched_param { sched_priority: 1 };
-    // SAFETY: plain syscalls on our own process.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
-        return;
-    }
-    // SAFETY: as above.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) } != 0 {
-        eprintln!(
-            "fd-probe: setpriority: {} (continuing at normal priority)",
-            io::Error::last_os_error()
-        );
+    if let Err(e) = faultd_tests::sys::prioritize(0) {
+        eprintln!("fd-probe: setpriority: {e} (continuing at normal priority)");
     }
 }
 
@@ -345,20 +336,8 @@ fn udp_recv(args: &[String]) -> Result<ExitCode, String> {
     let socket = UdpSocket::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
     // A large buffer so that a receiver descheduled for a while loses nothing: every missing
     // datagram must be the fault's doing. The overflow counter below proves it.
-    let size: libc::c_int = 64 << 20;
-    // SAFETY: setsockopt with a valid fd and a c_int option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(format!("SO_RCVBUFFORCE: {}", io::Error::last_os_error()));
-    }
+    faultd_tests::sys::force_receive_buffer(&socket, 64 << 20)
+        .map_err(|e| format!("SO_RCVBUFFORCE: {e}"))?;
     let errors_before = rcvbuf_errors()?;
     let local = socket.local_addr().map_err(|e| e.to_string())?;
     println!("ready {local}");
