@@ -1211,31 +1211,22 @@ async fn overhead(ctx: &Ctx) -> anyhow::Result<()> {
         let mut row = row.goal("≥ 0.99", met);
         row.baseline = Some(("no faultd, req/s".to_owned(), base));
         ctx.push(row);
-        let p50: Vec<f64> = runs
-            .iter()
-            .map(|(a, b)| (b.p50_ms - a.p50_ms) * 1000.0)
-            .collect();
-        let base50 = median(
-            &runs
+        // What faultd added to a latency quantile (us, per round), and the quantile without it.
+        let added = |quantile: fn(&Perf) -> f64| {
+            let added: Vec<f64> = runs
                 .iter()
-                .map(|(a, _)| a.p50_ms * 1000.0)
-                .collect::<Vec<_>>(),
-        );
+                .map(|(a, b)| (quantile(b) - quantile(a)) * 1000.0)
+                .collect();
+            let base: Vec<f64> = runs.iter().map(|(a, _)| quantile(a) * 1000.0).collect();
+            (added, median(&base))
+        };
+        let (p50, base50) = added(|run| run.p50_ms);
         let row = Row::new(B, format!("{name}: p50 added"), "us", &p50);
         let met = row.value <= 2.0;
         let mut row = row.goal("≤ 2 us", met);
         row.baseline = Some(("no faultd p50, us".to_owned(), base50));
         ctx.push(row);
-        let p99: Vec<f64> = runs
-            .iter()
-            .map(|(a, b)| (b.p99_ms - a.p99_ms) * 1000.0)
-            .collect();
-        let base99 = median(
-            &runs
-                .iter()
-                .map(|(a, _)| a.p99_ms * 1000.0)
-                .collect::<Vec<_>>(),
-        );
+        let (p99, base99) = added(|run| run.p99_ms);
         let mut row = Row::new(B, format!("{name}: p99 added"), "us", &p99);
         row.baseline = Some(("no faultd p99, us".to_owned(), base99));
         ctx.push(row);
