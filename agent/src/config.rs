@@ -54,6 +54,11 @@ pub struct Config {
     /// Longest lease a client may ask for; overrides the policy's max_ttl.
     #[arg(long, value_parser = crate::duration::parse)]
     pub max_ttl: Option<Duration>,
+    /// How long an ended fault stays readable with its final counters and end reason (Get,
+    /// List with SELECT_ENDED, `faultctl list --ended`); 0 keeps none. The totals in
+    /// /metrics count every fault regardless.
+    #[arg(long, value_parser = crate::duration::parse, default_value = "15m", env = "FAULTD_ENDED_RETENTION")]
+    pub ended_retention: Duration,
     /// Allow faults on the whole host; overrides the policy's allow_host_scope.
     #[arg(long, env = "FAULTD_ALLOW_HOST_SCOPE")]
     pub allow_host_scope: bool,

@@ -2,6 +2,12 @@
 //! force now (active faults, leases, per-fault packet counters from the per-CPU BPF maps) is read
 //! from the engine at scrape time, so a scrape never shows a fault that is gone.
 //!
+//! What faults did also outlives them: `faultd_packets_matched_total` and
+//! `faultd_packets_affected_total` add up every fault this agent ran, ended ones included, by
+//! action, mechanism, scope kind and effect — closed sets, so their series are few. The per-fault
+//! series (`faultd_fault_packets_*`, labelled by fault and lease id) exist only while the fault
+//! is in force, so their number is bounded by the policy's `max_active_faults`.
+//!
 //! Labels are the domain's names (`action="drop"`, `reason="expired"`), so actions and effects
 //! added later need no change here beyond `effects`.
 
@@ -17,7 +23,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::engine::{Engine, FaultView, RevertReason};
+use crate::engine::{Engine, RevertReason, Snapshot};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabels {
@@ -172,17 +178,6 @@ pub fn render(registry: &Registry) -> Result<String, std::fmt::Error> {
 /// The content type of `render`'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// What a fault did, by effect: from its kernel counters (packets dropped, connects refused)
-/// and from user space (connections reset).
-pub fn effects(fault: &FaultView) -> Vec<(&'static str, u64)> {
-    vec![
-        ("dropped", fault.counters.dropped),
-        ("refused", fault.counters.refused),
-        ("delayed", fault.counters.delayed),
-        ("reset", fault.connections_reset),
-    ]
-}
-
 /// Reads the engine at scrape time.
 struct EngineCollector {
     engine: Weak<Engine>,
@@ -198,6 +193,21 @@ impl std::fmt::Debug for EngineCollector {
 struct ActiveLabels {
     action: String,
     mechanism: String,
+}
+
+#[derive(Clone, Debug, EncodeLabelSet)]
+struct TotalLabels {
+    action: &'static str,
+    mechanism: &'static str,
+    scope: &'static str,
+}
+
+#[derive(Clone, Debug, EncodeLabelSet)]
+struct TotalEffectLabels {
+    action: &'static str,
+    mechanism: &'static str,
+    scope: &'static str,
+    effect: &'static str,
 }
 
 #[derive(Clone, Debug, EncodeLabelSet)]
@@ -222,7 +232,11 @@ impl Collector for EngineCollector {
         let Some(engine) = self.engine.upgrade() else {
             return Ok(());
         };
-        let (faults, leases) = engine.snapshot();
+        let Snapshot {
+            faults,
+            leases,
+            totals,
+        } = engine.snapshot();
 
         let mut active: BTreeMap<ActiveLabels, i64> = BTreeMap::new();
         for fault in &faults {
@@ -278,7 +292,7 @@ impl Collector for EngineCollector {
             counter.metric_type(),
         )?;
         for fault in &faults {
-            for (effect, value) in effects(fault) {
+            for (effect, value) in fault.effects() {
                 let labels = EffectLabels {
                     fault: fault.id.clone(),
                     lease: fault.lease_id.clone(),
@@ -288,6 +302,40 @@ impl Collector for EngineCollector {
                 };
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
             }
+        }
+
+        // Over every fault this agent ran, ended ones included: never goes backwards.
+        let mut family = encoder.encode_descriptor(
+            "packets_matched",
+            "Packets that matched a fault's target, over every fault of this agent (ended ones \
+             included), by action, mechanism and scope kind",
+            None,
+            counter.metric_type(),
+        )?;
+        for (key, value) in &totals.matched {
+            let labels = TotalLabels {
+                action: key.action,
+                mechanism: key.mechanism,
+                scope: key.scope,
+            };
+            ConstCounter::new(*value).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "packets_affected",
+            "What faults did, over every fault of this agent (ended ones included), by action, \
+             mechanism, scope kind and effect: packets dropped, connects refused, packets \
+             delayed, connections reset",
+            None,
+            counter.metric_type(),
+        )?;
+        for ((key, effect), value) in &totals.affected {
+            let labels = TotalEffectLabels {
+                action: key.action,
+                mechanism: key.mechanism,
+                scope: key.scope,
+                effect,
+            };
+            ConstCounter::new(*value).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }

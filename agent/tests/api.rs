@@ -97,7 +97,7 @@ async fn inject_list_remove_over_grpc() {
     assert_eq!(server.fake.rules().len(), 1);
 
     let listed = faults
-        .list(pb::ListFaultsRequest {})
+        .list(pb::ListFaultsRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -131,7 +131,10 @@ impl Target {
         let engine = Engine::new(
             Box::new(fake.clone()),
             Box::new(CgroupRoot::at(&dir).unwrap()),
-            EngineConfig { policy },
+            EngineConfig {
+                policy,
+                ..EngineConfig::default()
+            },
         );
         Target { engine, fake, dir }
     }
@@ -157,7 +160,7 @@ impl Target {
 
     /// The kernel holds exactly the entries of the faults in force, within the limits.
     fn check(&self) -> Result<(), TestCaseError> {
-        let faults = self.engine.faults();
+        let faults = self.engine.faults(faultd::engine::Select::Active);
         prop_assert!(faults.len() <= 64);
         let expected: usize = faults.iter().map(|f| f.rules).sum();
         let rules = self.fake.rules();
@@ -586,7 +589,7 @@ fn fuzz_the_request_path() {
         server
             .faults()
             .await
-            .list(pb::ListFaultsRequest {})
+            .list(pb::ListFaultsRequest::default())
             .await
             .expect("the server stopped answering");
         sent

@@ -227,7 +227,7 @@ async fn a_dry_run_resolves_and_checks_but_changes_nothing() {
         .unwrap()
         .into_inner();
     let rules_before = server.fake.rules();
-    let faults_before = server.engine.faults().len();
+    let faults_before = server.engine.faults(faultd::engine::Select::Active).len();
     let leases_before = server.engine.leases().len();
 
     let mut request = inject(
@@ -276,7 +276,10 @@ async fn a_dry_run_resolves_and_checks_but_changes_nothing() {
         rules_before,
         "a dry run changed the kernel map"
     );
-    assert_eq!(server.engine.faults().len(), faults_before);
+    assert_eq!(
+        server.engine.faults(faultd::engine::Select::Active).len(),
+        faults_before
+    );
     assert_eq!(server.engine.leases().len(), leases_before);
     let listed = leases
         .list(pb::ListLeasesRequest {})
@@ -346,7 +349,7 @@ async fn every_mutating_call_writes_one_audit_line_with_the_caller() {
         .unwrap();
     faults.abort(pb::AbortRequest {}).await.unwrap();
     // Read-only calls are not audited.
-    faults.list(pb::ListFaultsRequest {}).await.unwrap();
+    faults.list(pb::ListFaultsRequest::default()).await.unwrap();
     leases.list(pb::ListLeasesRequest {}).await.unwrap();
 
     // The KeepAlive line is written when its stream ends, which the server sees a moment

@@ -105,7 +105,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// What the lease table says is in force must be exactly what the kernel map holds.
 fn check(engine: &Engine, fake: &FakeDataplane) -> Result<(), TestCaseError> {
-    let faults = engine.faults();
+    let faults = engine.faults(faultd::engine::Select::Active);
     let leases: HashMap<String, _> = engine
         .leases()
         .into_iter()
@@ -163,7 +163,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         let engine: Arc<Engine> = Engine::new(
             Box::new(fake.clone()),
             Box::new(Cgroups),
-            EngineConfig { policy },
+            EngineConfig {
+                policy,
+                ..EngineConfig::default()
+            },
         );
         let mut leases: Vec<String> = Vec::new();
         let mut faults: Vec<String> = Vec::new();

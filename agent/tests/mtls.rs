@@ -103,7 +103,7 @@ async fn list(addr: SocketAddr, tls: Option<Tls>) -> Result<usize, String> {
             .await
             .map_err(|e| format!("connect: {e:?}"))?;
         FaultServiceClient::new(channel)
-            .list(pb::ListFaultsRequest {})
+            .list(pb::ListFaultsRequest::default())
             .await
             .map(|r| r.into_inner().faults.len())
             .map_err(|s| format!("call: {s:?}"))

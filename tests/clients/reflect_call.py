@@ -19,11 +19,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 def main() -> int:
     socket, verb = sys.argv[1], sys.argv[2]
-    # grpc-core sends the %-encoded socket path as :authority, which HTTP/2 servers that check
-    # RFC 9113 (faultd's among them) refuse; "localhost" is what grpc-go and grpcurl send.
-    channel = grpc.insecure_channel(
-        f"unix:{socket}", options=[("grpc.default_authority", "localhost")]
-    )
+    # A default channel, as users write it: grpc-core sends the %-encoded socket path as
+    # :authority, which faultd accepts.
+    channel = grpc.insecure_channel(f"unix:{socket}")
     database = ProtoReflectionDescriptorDatabase(channel)
     if verb == "list":
         for service in database.get_services():

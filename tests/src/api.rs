@@ -158,7 +158,7 @@ pub async fn remove(client: &mut FaultServiceClient<Channel>, id: &str) -> Fault
 
 pub async fn list_faults(client: &mut FaultServiceClient<Channel>) -> Vec<Fault> {
     client
-        .list(ListFaultsRequest {})
+        .list(ListFaultsRequest::default())
         .await
         .unwrap_or_else(|s| panic!("FaultService.List failed: {s:?}"))
         .into_inner()

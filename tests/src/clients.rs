@@ -17,6 +17,25 @@ pub fn python() -> std::ffi::OsString {
     std::env::var_os("FAULTD_TEST_PYTHON").unwrap_or_else(|| "python3".into())
 }
 
+/// The bin directory of the test venv (`FAULTD_TEST_PYTHON`'s), after checking that each of
+/// `tools` is there: `cargo xtask setup` installs them (chaos, pytest, grpcurl, ...).
+pub fn venv_bin(tools: &[&str]) -> std::path::PathBuf {
+    let python = std::path::PathBuf::from(python());
+    let bin = python
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    for tool in tools {
+        assert!(
+            bin.join(tool).is_file(),
+            "{} is missing: FAULTD_TEST_PYTHON must name the venv `cargo xtask setup` installs \
+             the test clients into (run the suite with `cargo xtask test`)",
+            bin.join(tool).display()
+        );
+    }
+    bin
+}
+
 /// A running client; killed if dropped.
 pub struct ConnClient {
     child: Option<Child>,

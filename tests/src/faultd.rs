@@ -252,7 +252,7 @@ async fn try_connect(socket: &Path) -> Option<Channel> {
     let attempt = async {
         let channel = faultd::client::connect(socket).await.ok()?;
         FaultServiceClient::new(channel.clone())
-            .list(ListFaultsRequest {})
+            .list(ListFaultsRequest::default())
             .await
             .ok()?;
         LeaseServiceClient::new(channel.clone())

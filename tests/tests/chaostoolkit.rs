@@ -28,17 +28,7 @@ fn repo() -> PathBuf {
 
 /// The venv `cargo xtask setup` installs chaostoolkit and the extension into.
 fn venv_bin() -> PathBuf {
-    let python = PathBuf::from(faultd_tests::clients::python());
-    let bin = python.parent().map(Path::to_path_buf).unwrap_or_default();
-    for tool in ["chaos", "pytest"] {
-        assert!(
-            bin.join(tool).is_file(),
-            "{} is missing: FAULTD_TEST_PYTHON must name the venv `cargo xtask setup` installs \
-             chaostoolkit, pytest and chaostoolkit-faultd into (run the suite with `cargo xtask test`)",
-            bin.join(tool).display()
-        );
-    }
-    bin
+    faultd_tests::clients::venv_bin(&["chaos", "pytest"])
 }
 
 fn with_venv_path(cmd: &mut Command, bin: &Path) {
@@ -233,7 +223,7 @@ impl Demo {
     async fn active_faults(&self) -> usize {
         self.faultd
             .faults()
-            .list(ListFaultsRequest {})
+            .list(ListFaultsRequest::default())
             .await
             .expect("List")
             .into_inner()

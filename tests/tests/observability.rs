@@ -1,6 +1,7 @@
 //! What faultd shows about its faults: Prometheus counters that rise while a drop hits a real
-//! Redis client and agree with the losses that client's TCP stack saw, /healthz, and Watch
-//! events (applied, expired) through `faultctl watch`.
+//! Redis client and agree with the losses that client's TCP stack saw, /healthz, Watch events
+//! (applied, expired) through `faultctl watch`, and what an ended fault did (cumulative totals,
+//! Get and `faultctl list --ended`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -349,4 +350,106 @@ impl FromRfc3339 for prost_types::Timestamp {
         text.parse()
             .unwrap_or_else(|e| panic!("{text:?} is not an RFC 3339 time: {e:?}"))
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn what_a_fault_did_outlives_it_in_metrics_get_and_list() {
+    let scene = RedisScene::start_with(fd_probe!(), with_metrics()).await;
+    let metrics = scene.faultd.metrics_addr();
+    let mut faults = scene.faultd.faults();
+    let target = cgroup_target(
+        &scene.cgroup,
+        &[REDIS_PORT],
+        Protocol::Tcp,
+        Direction::Egress,
+    );
+    let fault = faults
+        .inject(with_ttl(drop_fault(100.0, target), Duration::from_secs(2)))
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = faultd_tests::api::unix_ns(fault.expires_at.as_ref().unwrap());
+
+    // A client in the cgroup fails for as long as the 2 s fault lasts.
+    let ping = || {
+        let mut cmd = scene.inside.command("timeout");
+        cmd.args([
+            "1",
+            "redis-cli",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &REDIS_PORT.to_string(),
+            "PING",
+        ]);
+        String::from_utf8_lossy(&output(&mut cmd).stdout).contains("PONG")
+    };
+    assert!(!blocking(ping), "the client got an answer under the drop");
+
+    // Scraped 3 s after the fault ended, as a Prometheus scrape between two runs would be.
+    let wait_ns = deadline + 3_000_000_000 - faultd_tests::process::unix_ns();
+    tokio::time::sleep(Duration::from_nanos(wait_ns.max(0) as u64)).await;
+    assert!(blocking(ping), "Redis answers again after the fault");
+    let (status, text) = get(&metrics, "/metrics");
+    assert_eq!(status, 200, "{text}");
+    let labels = r#"action="drop",mechanism="cgroup_skb",scope="cgroup""#;
+    let matched = sample(&text, &format!("faultd_packets_matched_total{{{labels}}}"))
+        .unwrap_or_else(|| panic!("no cumulative matched total in:\n{text}"));
+    let dropped = sample(
+        &text,
+        &format!("faultd_packets_affected_total{{{labels},effect=\"dropped\"}}"),
+    )
+    .unwrap_or_else(|| panic!("no cumulative dropped total in:\n{text}"));
+    assert!(
+        dropped > 0.0 && matched >= dropped,
+        "the totals keep what the ended fault did: matched {matched}, dropped {dropped}"
+    );
+    assert!(
+        !text.contains(&format!("fault=\"{}\"", fault.id)),
+        "per-fault series end with the fault:\n{text}"
+    );
+
+    // Get answers with the final counters and the reason.
+    let ended = faultd_tests::api::get_fault(&mut faults, &fault.id).await;
+    assert_eq!(ended.state(), faultd_proto::v1::FaultState::Reverted);
+    assert_eq!(
+        ended.end_reason(),
+        faultd_proto::v1::RevertReason::Expired,
+        "{ended:?}"
+    );
+    let counters = ended.counters.unwrap_or_default();
+    assert_eq!(
+        (counters.matched as f64, counters.dropped as f64),
+        (matched, dropped),
+        "Get's final counters and the totals of this agent's only fault"
+    );
+    let ended_at = faultd_tests::api::unix_ns(ended.ended_at.as_ref().expect("ended_at"));
+    let late_ms = (ended_at - deadline) as f64 / 1e6;
+    assert!(
+        (0.0..250.0).contains(&late_ms),
+        "ended_at should be the deadline: {late_ms:.1} ms after it"
+    );
+
+    // faultctl lists it among the ended faults only.
+    let faultctl = Faultctl::new(&scene.faultd);
+    let active = faultctl.run(&["list"]);
+    assert!(
+        !active.assert_success().stdout().contains(&fault.id),
+        "{active}"
+    );
+    let listed = faultctl.run(&["list", "--ended"]);
+    let text = listed.assert_success().stdout();
+    assert!(
+        text.contains(&fault.id) && text.contains("ended: expired"),
+        "faultctl list --ended: {listed}"
+    );
+    let json = faultctl.run(&["--output", "json", "list", "--ended"]);
+    let json: serde_json::Value = serde_json::from_str(&json.assert_success().stdout()).unwrap();
+    assert_eq!(json["faults"][0]["endReason"], "EXPIRED", "{json}");
+    assert_eq!(
+        json["faults"][0]["counters"]["dropped"].as_f64(),
+        Some(dropped),
+        "{json}"
+    );
 }

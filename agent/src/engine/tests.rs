@@ -73,21 +73,91 @@ async fn inject_writes_rules_and_remove_takes_them_out() {
     assert_eq!(rules.len(), 1);
     assert_eq!(rules[&KEY].drop_threshold, DROP_ALL);
     assert_eq!(fault.resolved.cgroup_id, 42);
-    assert_eq!(engine.faults().len(), 1);
+    assert_eq!(engine.faults(Select::Active).len(), 1);
     assert_eq!(engine.leases().len(), 1, "a private lease was granted");
 
     let removed = engine.remove(&fault.id).unwrap();
     assert_eq!(removed.state, FaultState::Reverted);
     assert!(fake.rules().is_empty());
-    assert!(engine.faults().is_empty());
+    assert!(engine.faults(Select::Active).is_empty());
     assert!(
         engine.leases().is_empty(),
         "the private lease goes with its fault"
     );
     assert!(matches!(
         engine.remove(&fault.id),
+        Err(Error::Ended {
+            reason: RevertReason::Removed,
+            ..
+        })
+    ));
+    assert!(matches!(
+        engine.remove("0123456789abcdef"),
         Err(Error::NotFound { .. })
     ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ended_fault_keeps_its_final_counters_and_reason_for_the_retention_window() {
+    let (engine, fake) = engine();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(engine.clone().run_expiry(async move {
+        let _ = stopped.await;
+    }));
+    let fault = engine
+        .inject(
+            LeaseRef::Ttl(Duration::from_secs(2)),
+            drop_spec(100.0, "/app", 6379),
+        )
+        .unwrap();
+    let slot = fake.rules()[&KEY].counter_slot;
+    fake.set_counters(
+        slot,
+        Counters {
+            matched: 10,
+            dropped: 7,
+            ..Counters::default()
+        },
+    );
+    let key = TotalKey {
+        action: "drop",
+        mechanism: fault.mechanism,
+        scope: "cgroup",
+    };
+    assert_eq!(engine.snapshot().totals.matched.get(&key), Some(&10));
+
+    tokio::time::sleep(Duration::from_millis(2001)).await;
+    assert!(engine.faults(Select::Active).is_empty());
+    let ended = engine.get(&fault.id).unwrap();
+    assert_eq!(ended.state, FaultState::Reverted);
+    assert_eq!((ended.counters.matched, ended.counters.dropped), (10, 7));
+    let ending = ended.ended.expect("an ending");
+    assert_eq!(ending.reason, RevertReason::Expired);
+    assert_eq!(ending.detail, "lease expired");
+    let listed = engine.faults(Select::Ended);
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, fault.id);
+    assert_eq!(engine.faults(Select::All).len(), 1);
+    assert!(matches!(
+        engine.remove(&fault.id),
+        Err(Error::Ended {
+            reason: RevertReason::Expired,
+            ..
+        })
+    ));
+    // The slot's counters start again for the next fault; the totals never go back.
+    fake.set_counters(slot, Counters::default());
+    let snapshot = engine.snapshot();
+    assert!(snapshot.faults.is_empty());
+    assert_eq!(snapshot.totals.matched.get(&key), Some(&10));
+    assert_eq!(snapshot.totals.affected.get(&(key, "dropped")), Some(&7));
+
+    tokio::time::sleep(super::ended::DEFAULT_RETENTION).await;
+    assert!(matches!(engine.get(&fault.id), Err(Error::NotFound { .. })));
+    assert!(engine.faults(Select::All).is_empty());
+    assert_eq!(engine.snapshot().totals.matched.get(&key), Some(&10));
+    stop.send(()).unwrap();
+    task.await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
@@ -132,9 +202,13 @@ async fn renew_moves_the_kernel_deadline() {
         "renew must push the deadline into the kernel entry"
     );
     tokio::time::advance(Duration::from_millis(900)).await;
-    assert_eq!(engine.faults().len(), 1, "renewed lease expired early");
+    assert_eq!(
+        engine.faults(Select::Active).len(),
+        1,
+        "renewed lease expired early"
+    );
     tokio::time::advance(Duration::from_millis(100)).await;
-    assert!(engine.faults().is_empty());
+    assert!(engine.faults(Select::Active).is_empty());
     assert!(fake.rules().is_empty());
     assert!(matches!(
         engine.renew(&lease.id),
@@ -242,7 +316,7 @@ async fn a_dataplane_failure_rolls_everything_back() {
     assert!(matches!(result, Err(Error::Dataplane(_))));
     assert!(fake.rules().is_empty());
     assert!(engine.leases().is_empty());
-    assert!(engine.faults().is_empty());
+    assert!(engine.faults(Select::Active).is_empty());
     // The slot went back: the next inject works.
     engine
         .inject(
@@ -266,7 +340,7 @@ async fn abort_reverts_everything() {
     let (faults, leases) = engine.abort();
     assert_eq!((faults.len(), leases.len()), (10, 10));
     assert!(fake.rules().is_empty());
-    assert!(engine.faults().is_empty());
+    assert!(engine.faults(Select::Active).is_empty());
 }
 
 // Delay and bandwidth: the engine picks a shaping mechanism, refuses missing ones with
@@ -411,7 +485,7 @@ async fn a_shaper_failure_rolls_back_and_frees_the_slot() {
         delay_spec(None, 6379),
     );
     assert!(matches!(result, Err(Error::Dataplane(_))), "{result:?}");
-    assert!(engine.leases().is_empty() && engine.faults().is_empty());
+    assert!(engine.leases().is_empty() && engine.faults(Select::Active).is_empty());
     engine
         .inject(
             LeaseRef::Ttl(Duration::from_secs(5)),

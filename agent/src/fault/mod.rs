@@ -259,6 +259,20 @@ pub enum Scope {
     Netns { path: String, interface: String },
 }
 
+impl Scope {
+    /// The kind of scope, as metrics and logs name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Host => "host",
+            Self::Cgroup { .. } => "cgroup",
+            Self::Pid { .. } => "pid",
+            Self::Pod { .. } => "pod",
+            Self::Container { .. } => "container",
+            Self::Netns { .. } => "netns",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortRange {
     pub first: u16,

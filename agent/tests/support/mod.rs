@@ -50,7 +50,10 @@ impl Server {
         let engine = Engine::new(
             Box::new(fake.clone()),
             Box::new(root.clone()),
-            EngineConfig { policy },
+            EngineConfig {
+                policy,
+                ..EngineConfig::default()
+            },
         );
         let caps = Arc::new(Capabilities::probe(root.path(), Ok(&fake)));
         let audit_log = dir.join("audit.jsonl");

@@ -336,10 +336,9 @@ def _open_channel(address: str, ca, cert, key, server_name) -> grpc.Channel:
             raise FaultdError(
                 "faultd_tls_*: TLS is for tcp://HOST:PORT; the unix socket needs none"
             )
-        # grpc names unix sockets unix:///abs/path, as faultctl's --server does. grpc-core
-        # would send the %-encoded socket path as :authority, which faultd's HTTP/2 server
-        # refuses; name the host as a TCP client would.
-        return grpc.insecure_channel(address, options=[("grpc.default_authority", "localhost")])
+        # grpc names unix sockets unix:///abs/path, as faultctl's --server does; a default
+        # channel works (faultd accepts whatever :authority it sends).
+        return grpc.insecure_channel(address)
     if address.startswith("tcp://"):
         hostport = address[len("tcp://") :]
         if not (ca and cert and key):

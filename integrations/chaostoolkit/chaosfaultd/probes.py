@@ -37,7 +37,9 @@ def fault_counters(
 ) -> Dict[str, Any]:
     """Counters of one fault (``matched``, ``dropped``, ``refused``, ``reset``, ``delayed``)
     with its state; without ``fault_id``, those of every fault this experiment injected that
-    faultd still knows, keyed by id."""
+    faultd still knows, keyed by id. A fault that ended (within faultd's --ended-retention,
+    15 minutes by default) answers with its final counters, state ``REVERTED`` and
+    ``end_reason`` (``EXPIRED``, ``REMOVED``, ...)."""
     try:
         connection = client.connect(configuration, secrets)
         if fault_id:
@@ -59,6 +61,8 @@ def fault_counters(
                 for name in ("matched", "dropped", "refused", "reset", "delayed")
             }
             counters["state"] = pb.FaultState.Name(fault.state)
+            if fault.HasField("ended_at"):
+                counters["end_reason"] = pb.RevertReason.Name(fault.end_reason)
             result[fid] = counters
     except FaultdError as err:
         raise ActivityFailed(str(err)) from None

@@ -87,6 +87,10 @@ def test_a_duration_ends_the_fault_by_itself(cgroup):
     while fault["id"] in active_ids() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert fault["id"] not in active_ids()
+    # What it did stays readable after it ended.
+    counters = probes.fault_counters(fault["id"])
+    assert counters["state"] == "REVERTED"
+    assert counters["end_reason"] == "EXPIRED"
 
 
 def test_rollback_removes_what_the_experiment_injected_and_abort_everything(cgroup):
