@@ -82,6 +82,18 @@ impl<S> NormalizedAuthority<S> {
         }
     }
 
+    /// Takes bytes the client sent; what can be decided goes to the server's side at once
+    /// (`take_output`). An error means the connection must close.
+    pub fn push(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.input.extend_from_slice(bytes);
+        self.process()
+    }
+
+    /// What the server is to read next.
+    pub fn take_output(&mut self) -> BytesMut {
+        self.output.split()
+    }
+
     /// Moves what can be decided from `input` to `output`.
     fn process(&mut self) -> io::Result<()> {
         loop {
@@ -306,8 +318,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for NormalizedAuthority<S> {
                 this.eof = true;
                 continue;
             }
-            this.input.extend_from_slice(read.filled());
-            this.process()?;
+            this.push(read.filled())?;
         }
     }
 }

@@ -4,7 +4,7 @@
 //! Every call is counted by its status code (metrics); every mutating call is written to the
 //! audit log with who made it (`peer`).
 
-mod authority;
+pub mod authority;
 pub mod convert;
 mod events;
 mod fault;
