@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use tokio::sync::broadcast;
 
-use crate::engine::{FaultView, RevertReason};
+use crate::fault::view::{FaultView, RevertReason};
 
 /// Events a watcher may fall behind by before its stream ends with "lagged".
 pub const CAPACITY: usize = 8192;

@@ -23,7 +23,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::engine::{Engine, RevertReason, Snapshot};
+use crate::fault::view::{FaultView, RevertReason};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabels {
@@ -116,7 +116,7 @@ impl Metrics {
 
     /// A registry with these counters and what the engine holds at scrape time, all under the
     /// `faultd_` prefix.
-    pub fn registry(&self, engine: &Arc<Engine>) -> Registry {
+    pub fn registry(&self, source: Arc<dyn Source>) -> Registry {
         let mut registry = Registry::with_prefix("faultd");
         registry.register(
             "faults_applied",
@@ -160,11 +160,56 @@ impl Metrics {
             "Audit log lines that could not be written",
             self.audit_write_errors.clone(),
         );
-        registry.register_collector(Box::new(EngineCollector {
-            engine: Arc::downgrade(engine),
+        registry.register_collector(Box::new(SourceCollector {
+            source: Arc::downgrade(&source),
         }));
         registry
     }
+}
+
+/// What the totals are broken down by: all from closed sets, so the number of series is bounded
+/// whatever the clients do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TotalKey {
+    pub action: &'static str,
+    pub mechanism: &'static str,
+    pub scope: &'static str,
+}
+
+/// Packets matched, and what the faults did, by effect, over every fault of this agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub matched: BTreeMap<TotalKey, u64>,
+    pub affected: BTreeMap<(TotalKey, &'static str), u64>,
+}
+
+impl Totals {
+    /// Adds what `fault` did (so far, or in all, if it ended).
+    pub fn add(&mut self, fault: &FaultView) {
+        let key = TotalKey {
+            action: fault.spec.action.name(),
+            mechanism: fault.mechanism,
+            scope: fault.spec.target.scope.kind(),
+        };
+        *self.matched.entry(key).or_default() += fault.counters.matched;
+        for (effect, value) in fault.effects() {
+            *self.affected.entry((key, effect)).or_default() += value;
+        }
+    }
+}
+
+/// What the metrics read at one instant.
+pub struct Snapshot {
+    /// The faults in force, with their counters.
+    pub faults: Vec<FaultView>,
+    pub leases: usize,
+    /// Every fault this agent ran, ended and live.
+    pub totals: Totals,
+}
+
+/// Where the scrape-time metrics come from (the engine).
+pub trait Source: Send + Sync {
+    fn snapshot(&self) -> Snapshot;
 }
 
 /// Renders the registry in the text exposition format (OpenMetrics, which Prometheus reads).
@@ -178,14 +223,14 @@ pub fn render(registry: &Registry) -> Result<String, std::fmt::Error> {
 /// The content type of `render`'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Reads the engine at scrape time.
-struct EngineCollector {
-    engine: Weak<Engine>,
+/// Reads the source (the engine) at scrape time.
+struct SourceCollector {
+    source: Weak<dyn Source>,
 }
 
-impl std::fmt::Debug for EngineCollector {
+impl std::fmt::Debug for SourceCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("EngineCollector")
+        f.write_str("SourceCollector")
     }
 }
 
@@ -227,16 +272,16 @@ struct EffectLabels {
     effect: String,
 }
 
-impl Collector for EngineCollector {
+impl Collector for SourceCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(engine) = self.engine.upgrade() else {
+        let Some(source) = self.source.upgrade() else {
             return Ok(());
         };
         let Snapshot {
             faults,
             leases,
             totals,
-        } = engine.snapshot();
+        } = source.snapshot();
 
         let mut active: BTreeMap<ActiveLabels, i64> = BTreeMap::new();
         for fault in &faults {

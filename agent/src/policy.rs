@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::fault::ResolvedScope;
 use crate::fault::{PortRange, Scope, Target};
-use crate::target::ResolvedScope;
 
 /// The rule that protects faultd's own TCP ports.
 pub const SELF_RULE: &str = "faultd";

@@ -568,7 +568,7 @@ async fn metrics_show_faults_leases_codes_and_latencies() {
             },
         );
     }
-    let registry = server.engine.metrics().registry(&server.engine);
+    let registry = server.engine.metrics().registry(server.engine.clone());
     let text = faultd::metrics::render(&registry).unwrap();
     let has = |needle: &str| {
         assert!(
@@ -627,7 +627,7 @@ async fn lease_expirations_are_counted() {
             .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let registry = server.engine.metrics().registry(&server.engine);
+    let registry = server.engine.metrics().registry(server.engine.clone());
     let text = faultd::metrics::render(&registry).unwrap();
     assert!(text.contains("faultd_lease_expirations_total 2"), "{text}");
 }

@@ -182,7 +182,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     if let Some(listener) = metrics_listener {
         let endpoint = faultd::http::Endpoint {
-            registry: Arc::new(engine.metrics().registry(&engine)),
+            registry: Arc::new(engine.metrics().registry(engine.clone())),
             engine: engine.clone(),
             caps: caps.clone(),
         };

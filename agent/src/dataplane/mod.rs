@@ -3,11 +3,13 @@
 //! the engine use `fake::FakeDataplane` and `fake::FakeShaper`.
 
 pub mod cgroup_skb;
+pub mod clock;
 pub mod edt;
 pub mod fake;
 pub mod netem;
 pub mod netfilter;
 pub mod nfqueue;
+pub mod peer_marker;
 pub mod qdisc_probe;
 pub mod rtnl;
 pub mod shape;

@@ -36,9 +36,9 @@ use std::time::Duration;
 use faultd_common::Counters;
 use nfq::{Message, Queue, Verdict};
 
+use super::clock::monotonic_now_ns;
 use super::netfilter::{self, Family, FaultRules, Hook, Listing, Matcher};
 use super::{DataplaneError, Shaped, Shaper};
-use crate::engine::monotonic_now_ns;
 use crate::fault::{Action, Direction, FaultId, Mechanism, Scope};
 use crate::instance::Instance;
 use crate::target::namespaces::{self, NetNs};

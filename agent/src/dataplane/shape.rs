@@ -48,9 +48,10 @@ use faultd_common::{
 };
 
 use super::cgroup_skb::peer_key;
+use super::peer_marker::{self, PeerFault};
 use super::rtnl::{self, CLSACT_EGRESS, CLSACT_HANDLE, Rtnl, RtnlError, TC_H_ROOT};
 use super::{DataplaneError, PeerEntry, Shaped, Shaper, edt, netem};
-use crate::fault::{Action, Cidr, Direction, Mechanism, PeerSet, Scope, Target};
+use crate::fault::{Action, Direction, Mechanism, PeerSet, Scope, Target};
 
 /// First tag; an instance's tag is the major number of its root qdiscs and the priority of its
 /// netlink filters. Below 0x8000, where the kernel's automatic handles start.
@@ -325,31 +326,19 @@ impl TcShaping {
         Ok(())
     }
 
-    /// The other faults with peers on `key`.
-    fn peer_faults_on(
-        &self,
-        key: &RuleKey,
-        except: u32,
-    ) -> impl Iterator<Item = (u32, &ShapeFault)> {
-        self.faults.iter().filter_map(move |(&slot, fault)| {
-            (slot != except && fault.peers.is_some() && fault.keys.contains(key))
-                .then_some((slot, fault))
-        })
-    }
-
-    /// What the peers entry `(key, cidr)` must hold for the faults on `key` other than
-    /// `except`: the value of the fault whose peers include the prefix, a pass for an
-    /// exclusion, or nothing.
-    fn peer_entry_value(&self, key: &RuleKey, cidr: &Cidr, except: u32) -> Option<ShapeValue> {
-        let mut pass = false;
-        for (slot, fault) in self.peer_faults_on(key, except) {
-            let Some(set) = &fault.peers else { continue };
-            if set.include.contains(cidr) {
-                return Some(self.value(slot, fault, fault.expires_at_ns));
-            }
-            pass |= set.exclude.contains(cidr);
-        }
-        pass.then_some(PEER_EXCLUDED)
+    /// The other faults with peers on any of `keys`, as the trie sees them.
+    fn peer_faults(&self, keys: &[RuleKey], except: u32) -> Vec<PeerFault<'_, ShapeValue>> {
+        self.faults
+            .iter()
+            .filter(|(slot, fault)| **slot != except && fault.keys.iter().any(|k| keys.contains(k)))
+            .filter_map(|(&slot, fault)| {
+                Some(PeerFault {
+                    keys: &fault.keys,
+                    peers: fault.peers.as_ref()?,
+                    value: self.value(slot, fault, fault.expires_at_ns),
+                })
+            })
+            .collect()
     }
 
     /// Takes a fault out: entries first (the classifier stops at once), then its classes;
@@ -364,28 +353,27 @@ impl TcShaping {
         let keys: Vec<RuleKey> = match &fault.peers {
             None => fault.keys.clone(),
             Some(set) => {
-                let keys = fault
-                    .keys
-                    .iter()
-                    .filter(|key| self.peer_faults_on(key, slot).next().is_none())
-                    .copied()
-                    .collect();
-                for &rule in &fault.keys {
-                    for &cidr in set.include.iter().chain(&set.exclude) {
-                        let key = peer_key(&PeerEntry { rule, cidr });
-                        let done = match self.peer_entry_value(&rule, &cidr, slot) {
-                            Some(value) => self.peers.insert(&key, value, 0),
-                            None => match self.peers.remove(&key) {
-                                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                                other => other,
-                            },
-                        };
-                        if let Err(e) = done {
+                let gone = PeerFault {
+                    keys: &fault.keys,
+                    peers: set,
+                    value: PEER_EXCLUDED,
+                };
+                let writes =
+                    peer_marker::remove(&gone, &self.peer_faults(&fault.keys, slot), PEER_EXCLUDED);
+                for (entry, value) in &writes.set {
+                    if let Err(e) = self.peers.insert(&peer_key(entry), *value, 0) {
+                        first_error.get_or_insert(map_err(SHAPE_PEERS_MAP)(e));
+                    }
+                }
+                for entry in &writes.delete {
+                    match self.peers.remove(&peer_key(entry)) {
+                        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                        Err(e) => {
                             first_error.get_or_insert(map_err(SHAPE_PEERS_MAP)(e));
                         }
                     }
                 }
-                keys
+                writes.markers
             }
         };
         for key in &keys {
@@ -474,24 +462,21 @@ impl TcShaping {
         };
         let mut value = self.value(slot, fault, expires_at_ns);
         let mut keys = fault.keys.clone();
-        if let Some(set) = fault.peers.clone() {
+        if let Some(set) = &fault.peers {
             // The prefixes first, then the markers of the keys that have none yet: the
             // classifier never consults a half-written set.
-            for &rule in &keys {
-                for &cidr in &set.include {
-                    self.peers
-                        .insert(&peer_key(&PeerEntry { rule, cidr }), value, 0)
-                        .map_err(map_err(SHAPE_PEERS_MAP))?;
-                }
-                for &cidr in &set.exclude {
-                    if self.peer_entry_value(&rule, &cidr, slot).is_none() {
-                        self.peers
-                            .insert(&peer_key(&PeerEntry { rule, cidr }), PEER_EXCLUDED, 0)
-                            .map_err(map_err(SHAPE_PEERS_MAP))?;
-                    }
-                }
+            let new = PeerFault {
+                keys: &fault.keys,
+                peers: set,
+                value,
+            };
+            let writes = peer_marker::insert(&new, &self.peer_faults(&keys, slot), PEER_EXCLUDED);
+            for (entry, value) in &writes.set {
+                self.peers
+                    .insert(&peer_key(entry), *value, 0)
+                    .map_err(map_err(SHAPE_PEERS_MAP))?;
             }
-            keys.retain(|key| self.peer_faults_on(key, slot).next().is_none());
+            keys = writes.markers;
             value = PEERS_MARKER;
         }
         for key in keys {
@@ -714,7 +699,7 @@ fn keep_alive(
     mut alive: Array<MapData, u64>,
 ) -> Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>), DataplaneError> {
     let renew = move |alive: &mut Array<MapData, u64>| {
-        let until = crate::engine::monotonic_now_ns() + ALIVE_FOR.as_nanos() as u64;
+        let until = super::clock::monotonic_now_ns() + ALIVE_FOR.as_nanos() as u64;
         alive.set(0, until, 0)
     };
     renew(&mut alive).map_err(map_err(SHAPE_ALIVE_MAP))?;

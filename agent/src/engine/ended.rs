@@ -6,50 +6,20 @@
 //! time, what the live ones have done so far: since a live fault's counters only grow until
 //! that last read, the sum never decreases.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::FaultView;
 use crate::fault::FaultId;
+use crate::fault::view::FaultView;
+use crate::metrics::Totals;
 
 /// How long an ended fault stays readable unless configured otherwise.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(15 * 60);
 /// At most this many ended faults are kept, however short-lived (the oldest go first), so a
 /// churn of faults cannot grow memory without bound.
 pub const MAX_RETAINED: usize = 10_000;
-
-/// What the totals are broken down by: all from closed sets, so the number of series is bounded
-/// whatever the clients do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TotalKey {
-    pub action: &'static str,
-    pub mechanism: &'static str,
-    pub scope: &'static str,
-}
-
-/// Packets matched, and what the faults did, by effect, over every fault of this agent.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Totals {
-    pub matched: BTreeMap<TotalKey, u64>,
-    pub affected: BTreeMap<(TotalKey, &'static str), u64>,
-}
-
-impl Totals {
-    /// Adds what `fault` did (so far, or in all, if it ended).
-    pub fn add(&mut self, fault: &FaultView) {
-        let key = TotalKey {
-            action: fault.spec.action.name(),
-            mechanism: fault.mechanism,
-            scope: fault.spec.target.scope.kind(),
-        };
-        *self.matched.entry(key).or_default() += fault.counters.matched;
-        for (effect, value) in fault.effects() {
-            *self.affected.entry((key, effect)).or_default() += value;
-        }
-    }
-}
 
 /// Ended faults, oldest first, and the totals of every fault that ended.
 #[derive(Debug)]
@@ -113,8 +83,9 @@ impl Ended {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Ending, FaultState, RevertReason};
+    use crate::fault::view::{Ending, FaultState, RevertReason};
     use crate::fault::{Action, Direction, FaultSpec, Labels, Protocol, Scope, Target};
+    use crate::metrics::TotalKey;
     use crate::target::ResolvedScope;
     use faultd_common::Counters;
     use std::time::SystemTime;

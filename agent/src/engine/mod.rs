@@ -15,9 +15,11 @@ use faultd_common::{
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-pub use self::ended::{TotalKey, Totals};
+use crate::dataplane::clock::{kernel_deadline, monotonic_now_ns};
+use crate::dataplane::peer_marker::{self, PeerFault};
 use crate::dataplane::{Dataplane, DataplaneError, PeerEntry, Shaped, Shaper, SocketFilter};
 use crate::events::{EventKind, Events};
+pub use crate::fault::view::{Ending, FaultState, FaultView, LeaseView, RevertReason};
 use crate::fault::{
     Action, FaultId, FaultSpec, Invalid, Labels, LeaseId, Mechanism, PeerSet, Scope, Target,
 };
@@ -96,90 +98,6 @@ pub enum LeaseRef {
     Existing(LeaseId),
     /// A private lease of this ttl, granted for the fault.
     Ttl(Duration),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FaultState {
-    Active,
-    Reverted,
-    /// What a dry run would apply; nothing was.
-    DryRun,
-}
-
-/// A fault as the API shows it.
-#[derive(Clone, Debug)]
-pub struct FaultView {
-    pub id: FaultId,
-    pub lease_id: LeaseId,
-    pub spec: FaultSpec,
-    pub resolved: ResolvedScope,
-    pub rules: usize,
-    pub state: FaultState,
-    pub counters: Counters,
-    /// Connections torn down by a `reset`.
-    pub connections_reset: u64,
-    pub expires_at: SystemTime,
-    pub remaining: Duration,
-    pub mechanism: &'static str,
-    /// When, how and why the fault ended; None while it is in force.
-    pub ended: Option<Ending>,
-}
-
-/// How a fault ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Ending {
-    pub at: SystemTime,
-    pub reason: RevertReason,
-    /// e.g. "lease expired", "max_fault_duration reached".
-    pub detail: String,
-}
-
-impl FaultView {
-    /// What the fault did, by effect: from its kernel counters (packets dropped, connects
-    /// refused, packets delayed) and from user space (connections reset).
-    pub fn effects(&self) -> [(&'static str, u64); 4] {
-        [
-            ("dropped", self.counters.dropped),
-            ("refused", self.counters.refused),
-            ("delayed", self.counters.delayed),
-            ("reset", self.connections_reset),
-        ]
-    }
-}
-
-/// A lease as the API shows it.
-#[derive(Clone, Debug)]
-pub struct LeaseView {
-    pub id: LeaseId,
-    pub ttl: Duration,
-    pub expires_at: SystemTime,
-    pub remaining: Duration,
-    pub fault_ids: Vec<FaultId>,
-    pub private: bool,
-    pub labels: Labels,
-}
-
-/// Why faults were reverted (logs, events, metrics).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RevertReason {
-    Removed,
-    Expired,
-    Revoked,
-    Aborted,
-    /// faultd is stopping.
-    Shutdown,
-}
-
-impl RevertReason {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Removed => "removed",
-            Self::Expired => "expired",
-            Self::Revoked => "revoked",
-            Self::Aborted => "aborted",
-            Self::Shutdown => "shutdown",
-        }
-    }
 }
 
 struct FaultRecord {
@@ -758,7 +676,7 @@ impl Engine {
 
     /// Every fault in force with its counters, the number of leases, and the totals of every
     /// fault this agent ran (ended and live), read at one instant (for metrics).
-    pub fn snapshot(&self) -> Snapshot {
+    pub fn snapshot(&self) -> crate::metrics::Snapshot {
         let state = self.lock();
         let faults: Vec<FaultView> = state
             .faults
@@ -769,7 +687,7 @@ impl Engine {
         for fault in &faults {
             totals.add(fault);
         }
-        Snapshot {
+        crate::metrics::Snapshot {
             faults,
             leases: state.leases.len(),
             totals,
@@ -808,11 +726,10 @@ impl Engine {
     }
 }
 
-/// What the metrics read at one instant.
-pub struct Snapshot {
-    pub faults: Vec<FaultView>,
-    pub leases: usize,
-    pub totals: Totals,
+impl crate::metrics::Source for Engine {
+    fn snapshot(&self) -> crate::metrics::Snapshot {
+        Engine::snapshot(self)
+    }
 }
 
 /// Takes `id` off the faults sharing `key`, and the key out when none is left.
@@ -854,30 +771,26 @@ impl State {
         Self::meets(&self.peer_owners, &self.faults, keys, peers)
     }
 
-    /// What the peers entry `(key, cidr)` must hold for the faults with peers on `key` other
-    /// than `except`: the fault whose peers include the prefix, a pass for an exclusion, or
-    /// nothing.
-    fn peer_entry_value(
-        &self,
-        key: &RuleKey,
-        cidr: &crate::fault::Cidr,
-        except: &str,
-    ) -> Option<RuleValue> {
-        let mut pass = false;
-        for owner in self.peer_owners.get(key).into_iter().flatten() {
-            if owner == except {
-                continue;
-            }
-            let Some(fault) = self.faults.get(owner) else {
-                continue;
-            };
-            let Some(set) = &fault.peers else { continue };
-            if set.include.contains(cidr) {
-                return Some(fault.value);
-            }
-            pass |= set.exclude.contains(cidr);
-        }
-        pass.then_some(PEER_EXCLUDED)
+    /// The faults with peers on any of `keys` other than `except`, as the trie sees them.
+    fn peer_faults(&self, keys: &[RuleKey], except: &str) -> Vec<PeerFault<'_, RuleValue>> {
+        let mut ids: Vec<&FaultId> = keys
+            .iter()
+            .filter_map(|key| self.peer_owners.get(key))
+            .flatten()
+            .filter(|id| *id != except)
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.into_iter()
+            .filter_map(|id| {
+                let fault = self.faults.get(id)?;
+                Some(PeerFault {
+                    keys: &fault.keys,
+                    peers: fault.peers.as_ref()?,
+                    value: fault.value,
+                })
+            })
+            .collect()
     }
 
     /// Writes a new fault's peers entries, then the markers of its keys that have none yet.
@@ -887,23 +800,14 @@ impl State {
         set: &PeerSet,
         value: RuleValue,
     ) -> Result<(), DataplaneError> {
-        let mut entries = Vec::new();
-        for &rule in keys {
-            for &cidr in &set.include {
-                entries.push((PeerEntry { rule, cidr }, value));
-            }
-            for &cidr in &set.exclude {
-                if self.peer_entry_value(&rule, &cidr, "").is_none() {
-                    entries.push((PeerEntry { rule, cidr }, PEER_EXCLUDED));
-                }
-            }
-        }
-        self.dataplane.set_peers(&entries)?;
-        let markers: Vec<_> = keys
-            .iter()
-            .filter(|k| !self.peer_owners.contains_key(k))
-            .map(|k| (*k, PEERS_MARKER))
-            .collect();
+        let new = PeerFault {
+            keys,
+            peers: set,
+            value,
+        };
+        let writes = peer_marker::insert(&new, &self.peer_faults(keys, ""), PEER_EXCLUDED);
+        self.dataplane.set_peers(&writes.set)?;
+        let markers: Vec<_> = writes.markers.iter().map(|k| (*k, PEERS_MARKER)).collect();
         self.dataplane.insert(&markers)
     }
 
@@ -916,30 +820,16 @@ impl State {
         keys: &[RuleKey],
         set: &PeerSet,
     ) -> Result<(), DataplaneError> {
-        let markers: Vec<_> = keys
-            .iter()
-            .filter(|k| {
-                self.peer_owners
-                    .get(k)
-                    .is_none_or(|owners| owners.iter().all(|o| o == id))
-            })
-            .copied()
-            .collect();
-        let mut restore = Vec::new();
-        let mut gone = Vec::new();
-        for &rule in keys {
-            for &cidr in set.include.iter().chain(&set.exclude) {
-                let entry = PeerEntry { rule, cidr };
-                match self.peer_entry_value(&rule, &cidr, id) {
-                    Some(value) => restore.push((entry, value)),
-                    None => gone.push(entry),
-                }
-            }
-        }
+        let gone = PeerFault {
+            keys,
+            peers: set,
+            value: PEER_EXCLUDED,
+        };
+        let writes = peer_marker::remove(&gone, &self.peer_faults(keys, id), PEER_EXCLUDED);
         // Markers first: from then on no packet consults the entries.
-        let first = self.dataplane.remove(&markers);
-        let second = self.dataplane.remove_peers(&gone);
-        let third = self.dataplane.set_peers(&restore);
+        let first = self.dataplane.remove(&writes.markers);
+        let second = self.dataplane.remove_peers(&writes.delete);
+        let third = self.dataplane.set_peers(&writes.set);
         first.and(second).and(third)
     }
 
@@ -1268,22 +1158,6 @@ fn new_id(taken: impl Fn(&str) -> bool) -> String {
             return id;
         }
     }
-}
-
-/// CLOCK_MONOTONIC nanoseconds (what `bpf_ktime_get_ns` returns) at `deadline`.
-pub fn kernel_deadline(deadline: Instant) -> u64 {
-    let left = deadline.saturating_duration_since(Instant::now());
-    monotonic_now_ns().saturating_add(left.as_nanos() as u64)
-}
-
-pub fn monotonic_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Wall-clock time of `deadline`, and the time left until it.

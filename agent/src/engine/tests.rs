@@ -5,6 +5,7 @@ use faultd_common::{DIR_EGRESS, DROP_ALL, PROTO_TCP, RuleKey};
 use super::*;
 use crate::dataplane::fake::FakeDataplane;
 use crate::fault::{Direction, PortRange, Protocol, Scope, Target};
+use crate::metrics::TotalKey;
 
 struct FixedResolver;
 

@@ -5,8 +5,20 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 mod peers;
+pub mod view;
 
 pub use peers::{Cidr, PeerSet};
+
+/// A scope as the kernel sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedScope {
+    /// Path relative to the cgroup v2 root, always starting with `/`.
+    pub cgroup_path: String,
+    /// The cgroup v2 id (the directory's inode number), as `bpf_skb_cgroup_id` returns it.
+    pub cgroup_id: u64,
+    /// The cgroup's directory on this host.
+    pub dir: std::path::PathBuf,
+}
 
 use faultd_common::{DIR_CONNECT, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, PROTO_UDP, RuleKey};
 

@@ -12,16 +12,7 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::fault::{Invalid, Scope};
 
-/// A scope as the kernel sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ResolvedScope {
-    /// Path relative to the cgroup v2 root, always starting with `/`.
-    pub cgroup_path: String,
-    /// The cgroup v2 id (the directory's inode number), as `bpf_skb_cgroup_id` returns it.
-    pub cgroup_id: u64,
-    /// The cgroup's directory on this host.
-    pub dir: PathBuf,
-}
+pub use crate::fault::ResolvedScope;
 
 /// Why a scope does not resolve.
 #[derive(Debug, thiserror::Error)]
