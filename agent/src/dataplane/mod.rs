@@ -5,6 +5,7 @@
 pub mod cgroup_skb;
 pub mod clock;
 pub mod edt;
+pub mod encoding;
 pub mod fake;
 pub mod netem;
 pub mod netfilter;

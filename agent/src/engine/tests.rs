@@ -3,9 +3,11 @@ use std::time::Duration;
 use faultd_common::{DIR_EGRESS, DROP_ALL, PROTO_TCP, RuleKey};
 
 use super::*;
+use crate::dataplane::PeerEntry;
 use crate::dataplane::fake::FakeDataplane;
-use crate::fault::{Direction, PortRange, Protocol, Scope, Target};
+use crate::fault::{Action, Direction, PortRange, Protocol, Scope, Target};
 use crate::metrics::TotalKey;
+use faultd_common::{ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, Counters};
 
 struct FixedResolver;
 

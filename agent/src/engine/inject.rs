@@ -1,0 +1,360 @@
+//! Inject and its dry run: validate, check the policy, resolve the target and choose the
+//! mechanism (the plan), then put the fault in the kernel under its lease, all or nothing.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, MutexGuard};
+use std::time::Duration;
+
+use faultd_common::{Counters, MAX_FAULTS, MAX_RULES, RuleKey};
+use tokio::time::Instant;
+
+use super::placement::Placement;
+use super::{
+    Engine, Error, FaultRecord, FaultState, FaultView, LeaseRef, State, new_id, reset, wall_clock,
+};
+use crate::dataplane::SocketFilter;
+use crate::dataplane::clock::kernel_deadline;
+use crate::events::EventKind;
+use crate::fault::{
+    Action, FaultSpec, Invalid, Labels, LeaseId, Mechanism, PeerSet, ResolvedScope, Target,
+};
+use crate::policy::Policy;
+
+/// An Inject checked, resolved and planned; nothing applied yet.
+struct Plan {
+    spec: FaultSpec,
+    resolved: ResolvedScope,
+    keys: Vec<RuleKey>,
+    peers: Option<PeerSet>,
+    /// The shaping mechanism of a delay or bandwidth (index into `State::shapers`).
+    shaper: Option<usize>,
+    mechanism: &'static str,
+    /// The existing lease and its deadline, or None for a private lease of `private_ttl`.
+    lease: Option<(LeaseId, Instant)>,
+    private_ttl: Duration,
+    /// When the policy's max_fault_duration ends it.
+    ends_at: Instant,
+}
+
+impl Plan {
+    /// The fault as it would be applied (a dry run).
+    fn view(self) -> FaultView {
+        let lease_deadline = self
+            .lease
+            .as_ref()
+            .map_or(Instant::now() + self.private_ttl, |(_, deadline)| *deadline);
+        let (expires_at, remaining) = wall_clock(lease_deadline.min(self.ends_at));
+        FaultView {
+            id: String::new(),
+            lease_id: self.lease.map(|(id, _)| id).unwrap_or_default(),
+            spec: self.spec,
+            resolved: self.resolved,
+            rules: self.keys.len(),
+            state: FaultState::DryRun,
+            counters: Counters::default(),
+            connections_reset: 0,
+            expires_at,
+            remaining,
+            mechanism: self.mechanism,
+            ended: None,
+        }
+    }
+}
+
+impl Engine {
+    pub fn inject(&self, lease: LeaseRef, spec: FaultSpec) -> Result<FaultView, Error> {
+        let started = std::time::Instant::now();
+        let (mut state, plan) = self.plan(lease, spec)?;
+        let view = state.apply(plan)?;
+        state
+            .metrics
+            .applied(view.spec.action.name(), started.elapsed());
+        if state.events.watched() {
+            state.events.publish(EventKind::Applied, view.clone());
+        }
+        self.deadline_changed.notify_one();
+        Ok(view)
+    }
+
+    /// Everything `inject` checks and resolves, without applying anything: the answer is the
+    /// fault as it would be (state `DryRun`, no id). Leases, faults and the kernel stay as
+    /// they are.
+    pub fn dry_run(&self, lease: LeaseRef, spec: FaultSpec) -> Result<FaultView, Error> {
+        self.plan(lease, spec).map(|(_, plan)| plan.view())
+    }
+
+    /// Checks and resolves an Inject. The lock it returns stays held until the plan is
+    /// applied, so nothing it checked can change in between.
+    fn plan(
+        &self,
+        lease: LeaseRef,
+        spec: FaultSpec,
+    ) -> Result<(MutexGuard<'_, State>, Plan), Error> {
+        if let LeaseRef::Ttl(ttl) = &lease {
+            self.check_ttl(*ttl, "ttl")?;
+        }
+        spec.validate()?;
+        let spec = spec.normalized();
+        let policy = &self.config.policy;
+        policy.check_target(&spec.target)?;
+        let state = self.lock();
+        let (shaper, mechanism) = state.mechanism_for(&spec)?;
+        let (lease, private_ttl) = match lease {
+            LeaseRef::Existing(id) => match state.leases.get(&id) {
+                Some(found) => (Some((id, found.deadline)), Duration::ZERO),
+                None => {
+                    return Err(Invalid::new(
+                        "lease_id",
+                        format!("no lease {id:?} (grant one first, or pass a ttl)"),
+                    )
+                    .into());
+                }
+            },
+            LeaseRef::Ttl(ttl) => (None, ttl),
+        };
+        let resolved = state.resolver.resolve(&spec.target.scope)?;
+        policy.check_resolved(&resolved)?;
+        let keys = spec.rule_keys(resolved.cgroup_id);
+        let peers = spec.target.peer_set()?;
+        state.check_room(&spec, &keys, peers.as_ref(), shaper.is_some(), policy)?;
+        if lease.is_none() {
+            self.check_lease_room(&state)?;
+        }
+        let plan = Plan {
+            spec,
+            resolved,
+            keys,
+            peers,
+            shaper,
+            mechanism,
+            lease,
+            private_ttl,
+            ends_at: Instant::now() + policy.max_fault_duration,
+        };
+        Ok((state, plan))
+    }
+}
+
+impl State {
+    /// Delay and bandwidth go to a shaping mechanism, the rest to the datapath: which, and the
+    /// mechanism's name. FAILED_PRECONDITION names what the kernel lacks.
+    fn mechanism_for(&self, spec: &FaultSpec) -> Result<(Option<usize>, &'static str), Error> {
+        if let Some(forced) = spec.action.shaping() {
+            let shaper = self.choose_shaper(&spec.action, &spec.target, forced)?;
+            return Ok((Some(shaper), self.shapers[shaper].mechanism().name()));
+        }
+        let mechanism = self.dataplane.mechanism(&spec.action).map_err(|missing| {
+            Error::Unsupported(format!(
+                "{} is not available on this kernel: {missing}",
+                spec.action.name()
+            ))
+        })?;
+        Ok((None, mechanism))
+    }
+
+    /// Refuses a fault that overlaps one in force, or for which a table is full.
+    fn check_room(
+        &self,
+        spec: &FaultSpec,
+        keys: &[RuleKey],
+        peers: Option<&PeerSet>,
+        shaped: bool,
+        policy: &Policy,
+    ) -> Result<(), Error> {
+        if let Some(owner) = self.overlap(keys, peers, shaped) {
+            return Err(Error::Conflict(format!(
+                "fault.target: {} {} overlaps fault {owner} (remove it first)",
+                spec.action.name(),
+                spec.target.summary()
+            )));
+        }
+        let used = self.rules_in_use();
+        if !shaped && used + keys.len() > MAX_RULES as usize {
+            return Err(Error::Exhausted(format!(
+                "the kernel rule table holds {} entries; this fault needs {} but only {} are free",
+                MAX_RULES,
+                keys.len(),
+                MAX_RULES as usize - used
+            )));
+        }
+        if self.faults.len() >= policy.max_active_faults {
+            return Err(Error::Exhausted(format!(
+                "{} faults are active, the most the policy allows (policy max_active_faults); \
+                 remove one first",
+                policy.max_active_faults
+            )));
+        }
+        if self.free_slots.is_empty() {
+            return Err(slots_exhausted());
+        }
+        Ok(())
+    }
+
+    /// Puts the planned fault in the kernel under its lease (granting a private one), or
+    /// changes nothing.
+    fn apply(&mut self, plan: Plan) -> Result<FaultView, Error> {
+        let slot = self.free_slots.pop().ok_or_else(slots_exhausted)?;
+        let private = plan.lease.is_none();
+        let (lease_id, deadline) = match plan.lease {
+            Some(found) => found,
+            None => self.grant(plan.private_ttl, Labels::new(), true),
+        };
+        let deadline_ns = kernel_deadline(deadline.min(plan.ends_at));
+        let placement = Placement::new(
+            &plan.spec,
+            &plan.resolved,
+            plan.keys,
+            plan.shaper,
+            plan.peers,
+            slot,
+            deadline_ns,
+        );
+        let id = new_id(|id| self.faults.contains_key(id) || self.ended.get(id).is_some());
+        let connections_reset = Arc::new(AtomicU64::new(0));
+        let placed = self
+            .place(&id, &placement, &plan.spec, &plan.resolved)
+            .map_err(Error::from)
+            .and_then(|()| {
+                // New connects are refused before the old connections go, so a client cannot
+                // slip a reconnect in between.
+                let reset = self.apply_reset(
+                    &id,
+                    &plan.spec,
+                    &plan.resolved,
+                    deadline_ns,
+                    &connections_reset,
+                );
+                if reset.is_err()
+                    && let Err(undo) = self.unplace(&id, &placement)
+                {
+                    tracing::warn!(error = %undo, "rolling back a failed inject");
+                }
+                reset
+            });
+        let watcher = match placed {
+            Ok(watcher) => watcher,
+            Err(e) => {
+                self.free_slots.push(slot);
+                if private {
+                    self.leases.remove(&lease_id);
+                }
+                if self.events.watched() {
+                    let (expires_at, remaining) = wall_clock(deadline.min(plan.ends_at));
+                    let view = FaultView {
+                        id: String::new(),
+                        lease_id: if private { String::new() } else { lease_id },
+                        spec: plan.spec,
+                        resolved: plan.resolved,
+                        rules: placement.keys.len(),
+                        state: FaultState::Reverted,
+                        counters: Counters::default(),
+                        connections_reset: 0,
+                        expires_at,
+                        remaining,
+                        mechanism: plan.mechanism,
+                        ended: None,
+                    };
+                    let message = format!("applying the fault: {e}");
+                    self.events.publish(EventKind::Failed { message }, view);
+                }
+                return Err(e);
+            }
+        };
+        self.own(&id, &placement);
+        if let Some(lease) = self.leases.get_mut(&lease_id) {
+            lease.faults.push(id.clone());
+        }
+        tracing::info!(fault = %id, lease = %lease_id, action = plan.spec.action.name(),
+            mechanism = plan.mechanism, target = %plan.spec.target.summary(),
+            cgroup_id = plan.resolved.cgroup_id, rules = placement.keys.len(),
+            connections_reset = connections_reset.load(Ordering::Relaxed), "fault applied");
+        self.fault_ends.insert((plan.ends_at, id.clone()));
+        self.faults.insert(
+            id.clone(),
+            FaultRecord {
+                lease_id,
+                spec: plan.spec,
+                resolved: plan.resolved,
+                placement,
+                mechanism: plan.mechanism,
+                connections_reset,
+                watcher,
+                ends_at: plan.ends_at,
+            },
+        );
+        self.fault_view(&id, FaultState::Active)
+    }
+
+    /// The socket side of `reset`: tears down the target's connections now, or starts the
+    /// watcher of `reset{after_bytes}`.
+    fn apply_reset(
+        &self,
+        id: &str,
+        spec: &FaultSpec,
+        resolved: &ResolvedScope,
+        deadline_ns: u64,
+        count: &Arc<AtomicU64>,
+    ) -> Result<Option<reset::ResetWatcher>, Error> {
+        let Action::Reset { after_bytes } = spec.action else {
+            return Ok(None);
+        };
+        let filter = SocketFilter {
+            cgroup_dir: resolved.dir.clone(),
+            ports: spec.target.ports.clone(),
+            min_bytes: after_bytes,
+            peers: spec.target.peer_set()?,
+        };
+        let killer = self.dataplane.connection_killer();
+        if after_bytes.is_none() {
+            count.fetch_add(killer(&filter)? as u64, Ordering::Relaxed);
+            return Ok(None);
+        }
+        reset::ResetWatcher::start(id, filter, killer, deadline_ns, count.clone())
+            .map(Some)
+            .map_err(|e| Error::Exhausted(format!("starting the reset watcher thread: {e}")))
+    }
+
+    /// The shaper for a delay or bandwidth action: the one the user forced, else the first
+    /// available in order of preference. FAILED_PRECONDITION names what is missing.
+    fn choose_shaper(
+        &self,
+        action: &Action,
+        target: &Target,
+        forced: Option<Mechanism>,
+    ) -> Result<usize, Error> {
+        let find =
+            |mechanism: Mechanism| self.shapers.iter().position(|s| s.mechanism() == mechanism);
+        let why_not = |mechanism: Mechanism| match find(mechanism) {
+            Some(i) => self.shapers[i]
+                .unavailable_for(action, target)
+                .map_or(Ok(i), Err),
+            None => Err("not supported by this faultd".to_string()),
+        };
+        let action_name = action.name();
+        if let Some(mechanism) = forced {
+            return why_not(mechanism).map_err(|why| {
+                Error::Unsupported(format!(
+                    "fault.{action_name}.mechanism: {} cannot apply a {action_name} on this host: {why}",
+                    mechanism.name().to_uppercase()
+                ))
+            });
+        }
+        let mut reasons = Vec::new();
+        for mechanism in Mechanism::PREFERENCE {
+            match why_not(mechanism) {
+                Ok(i) => return Ok(i),
+                Err(why) => reasons.push(format!("{}: {why}", mechanism.name())),
+            }
+        }
+        Err(Error::Unsupported(format!(
+            "fault.{action_name}: no mechanism can apply a {action_name} on this host ({})",
+            reasons.join("; ")
+        )))
+    }
+}
+
+fn slots_exhausted() -> Error {
+    Error::Exhausted(format!(
+        "{MAX_FAULTS} faults are active, the most this agent holds"
+    ))
+}
