@@ -69,7 +69,7 @@ pub enum MechanismArg {
 }
 
 impl MechanismArg {
-    pub fn to_proto(self) -> i32 {
+    fn to_proto(self) -> i32 {
         match self {
             Self::Auto => pb::Mechanism::Unspecified,
             Self::Netem => pb::Mechanism::Netem,

@@ -19,6 +19,8 @@ use crate::output::show;
 use crate::output::text::{dry_run_text, injected_text};
 use crate::signals::Signals;
 
+/// Places the fault (or, with --dry-run, only shows what would be placed) and shows it; with
+/// --keepalive holds its lease until Ctrl-C or SIGTERM.
 pub async fn inject(
     faults: &mut FaultServiceClient<Channel>,
     leases: &mut LeaseServiceClient<Channel>,
