@@ -105,9 +105,8 @@ impl pb::fault_service_server::FaultService for FaultApi {
         let result = match fault_id(&id) {
             Ok(valid) => {
                 let valid = valid.to_owned();
-                super::on_engine(&self.engine, move |engine| engine.remove(&valid))
+                super::try_on_engine(&self.engine, move |engine| engine.remove(&valid))
                     .await
-                    .and_then(|removed| removed.map_err(Status::from))
                     .map(convert::fault)
             }
             Err(status) => Err(status),
@@ -122,9 +121,14 @@ impl pb::fault_service_server::FaultService for FaultApi {
         &self,
         request: Request<pb::GetFaultRequest>,
     ) -> Result<Response<pb::Fault>, Status> {
-        let result = fault_id(&request.get_ref().id)
-            .and_then(|id| self.engine.get(id).map_err(Status::from))
-            .map(convert::fault);
+        let result = match fault_id(&request.get_ref().id) {
+            Ok(id) => {
+                let id = id.to_owned();
+                super::try_on_engine(&self.engine, move |engine| engine.get(&id)).await
+            }
+            Err(status) => Err(status),
+        }
+        .map(convert::fault);
         self.calls.read(SERVICE, "Get", &result);
         result.map(Response::new)
     }
@@ -134,13 +138,11 @@ impl pb::fault_service_server::FaultService for FaultApi {
         request: Request<pb::ListFaultsRequest>,
     ) -> Result<Response<pb::ListFaultsResponse>, Status> {
         let select = convert::select(request.get_ref().select());
-        let faults = self
-            .engine
-            .faults(select)
-            .into_iter()
-            .map(convert::fault)
-            .collect();
-        let result = Ok(pb::ListFaultsResponse { faults });
+        let result = super::on_engine(&self.engine, move |engine| engine.faults(select))
+            .await
+            .map(|faults| pb::ListFaultsResponse {
+                faults: faults.into_iter().map(convert::fault).collect(),
+            });
         self.calls.read(SERVICE, "List", &result);
         result.map(Response::new)
     }

@@ -50,13 +50,14 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
             "ttl": request.ttl.map(|t| t.to_string()),
             "labels": request.labels,
         });
-        let result = convert::ttl(request.ttl.as_ref(), "ttl")
-            .map_err(Status::from)
-            .and_then(|ttl| {
+        let result = match convert::ttl(request.ttl.as_ref(), "ttl") {
+            Ok(ttl) => {
                 let labels = request.labels.into_iter().collect();
-                self.engine.grant(ttl, labels).map_err(Status::from)
-            })
-            .map(convert::lease);
+                super::try_on_engine(&self.engine, move |engine| engine.grant(ttl, labels)).await
+            }
+            Err(invalid) => Err(invalid.into()),
+        }
+        .map(convert::lease);
         self.calls
             .mutating(SERVICE, "Grant", &peer, what, &result, lease_json);
         result.map(Response::new)
@@ -100,9 +101,8 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
                     }
                 };
                 let reply = match convert::lease_id(&message.lease_id, "lease_id") {
-                    Ok(id) => super::on_engine(&engine, move |engine| engine.renew(&id))
+                    Ok(id) => super::try_on_engine(&engine, move |engine| engine.renew(&id))
                         .await
-                        .and_then(|renewed| renewed.map_err(Status::from))
                         .map(convert::lease),
                     Err(invalid) => Err(Status::from(invalid)),
                 };
@@ -136,9 +136,8 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
         let peer = peer::of(&request);
         let id = &request.get_ref().lease_id;
         let result = match convert::lease_id(id, "lease_id") {
-            Ok(id) => super::on_engine(&self.engine, move |engine| engine.renew(&id))
+            Ok(id) => super::try_on_engine(&self.engine, move |engine| engine.renew(&id))
                 .await
-                .and_then(|renewed| renewed.map_err(Status::from))
                 .map(convert::lease),
             Err(invalid) => Err(Status::from(invalid)),
         };
@@ -155,9 +154,7 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
         let peer = peer::of(&request);
         let id = &request.get_ref().lease_id;
         let result = match convert::lease_id(id, "lease_id") {
-            Ok(id) => super::on_engine(&self.engine, move |engine| engine.revoke(&id))
-                .await
-                .and_then(|revoked| revoked.map_err(Status::from)),
+            Ok(id) => super::try_on_engine(&self.engine, move |engine| engine.revoke(&id)).await,
             Err(invalid) => Err(Status::from(invalid)),
         }
         .map(|(lease, reverted)| pb::RevokeResponse {
@@ -180,10 +177,13 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
         &self,
         request: Request<pb::TimeToLiveRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let result = convert::lease_id(&request.get_ref().lease_id, "lease_id")
-            .map_err(Status::from)
-            .and_then(|id| self.engine.time_to_live(&id).map_err(Status::from))
-            .map(convert::lease);
+        let result = match convert::lease_id(&request.get_ref().lease_id, "lease_id") {
+            Ok(id) => {
+                super::try_on_engine(&self.engine, move |engine| engine.time_to_live(&id)).await
+            }
+            Err(invalid) => Err(invalid.into()),
+        }
+        .map(convert::lease);
         self.calls.read(SERVICE, "TimeToLive", &result);
         result.map(Response::new)
     }
@@ -192,13 +192,11 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
         &self,
         _: Request<pb::ListLeasesRequest>,
     ) -> Result<Response<pb::ListLeasesResponse>, Status> {
-        let leases = self
-            .engine
-            .leases()
-            .into_iter()
-            .map(convert::lease)
-            .collect();
-        let result = Ok(pb::ListLeasesResponse { leases });
+        let result = super::on_engine(&self.engine, Engine::leases)
+            .await
+            .map(|leases| pb::ListLeasesResponse {
+                leases: leases.into_iter().map(convert::lease).collect(),
+            });
         self.calls.read(SERVICE, "List", &result);
         result.map(Response::new)
     }

@@ -180,6 +180,14 @@ pub async fn on_engine<T: Send + 'static>(
         .map_err(|e| Status::internal(format!("engine task: {e}")))
 }
 
+/// `on_engine` for a call that may fail: the engine's error becomes the call's status.
+pub async fn try_on_engine<T: Send + 'static>(
+    engine: &Arc<Engine>,
+    call: impl FnOnce(&Engine) -> Result<T, Error> + Send + 'static,
+) -> Result<T, Status> {
+    on_engine(engine, call).await?.map_err(Status::from)
+}
+
 /// What every listener serves: the engine, the probe result, counting and auditing.
 #[derive(Clone)]
 pub struct Services {

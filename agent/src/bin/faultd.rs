@@ -161,7 +161,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
             _ = sigint.recv() => "SIGINT",
         };
         // Revert first: clients still connected must not keep faults alive past the signal.
-        let (faults, leases) = on_signal.shutdown();
+        // On the blocking pool: reverting may run netlink and iptables-restore at length.
+        let (faults, leases) = match tokio::task::spawn_blocking(move || on_signal.shutdown()).await
+        {
+            Ok(reverted) => reverted,
+            Err(e) => {
+                tracing::error!(error = %e, "reverting at {name}");
+                (Vec::new(), Vec::new())
+            }
+        };
         tracing::info!(
             faults = faults.len(),
             leases = leases.len(),
@@ -208,7 +216,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     // Anything injected while connections drained goes too, and the mechanisms finish their
     // clean-up (netfilter rules) before we exit.
-    let (faults, leases) = engine.close();
+    let closing = engine.clone();
+    let (faults, leases) = tokio::task::spawn_blocking(move || closing.close())
+        .await
+        .context("reverting everything at the end")?;
     if !faults.is_empty() || !leases.is_empty() {
         tracing::info!(
             faults = faults.len(),
