@@ -249,7 +249,7 @@ async fn shapers(
     // on the loopback device of a private namespace; a killed predecessor's qdiscs and filters
     // are swept as the classifier loads.
     let (tc_shapers, found) =
-        tokio::task::spawn_blocking(|| faultd::dataplane::shape::tc_shapers(faultd::EBPF_OBJECT))
+        tokio::task::spawn_blocking(|| faultd::dataplane::tc::tc_shapers(faultd::EBPF_OBJECT))
             .await?;
     for (name, outcome) in found {
         caps.items.push(Capability {

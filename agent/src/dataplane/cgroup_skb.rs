@@ -8,7 +8,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::path::Path;
 
-use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::links::LinkOrder;
 use aya::programs::tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions};
@@ -17,9 +17,9 @@ use aya::programs::{
 };
 use aya::{Ebpf, EbpfLoader};
 use faultd_common::{
-    COUNTERS_MAP, Counters, FAMILY_V4, FAMILY_V6, PEER_KEY_FIXED_BITS, PEERS_MAP, PROG_CONNECT4,
-    PROG_CONNECT6, PROG_EGRESS, PROG_INGRESS, PROG_TC_EGRESS, PROG_TC_INGRESS, PeerKey, RULES_MAP,
-    RuleKey, RuleValue, SCOPES_MAP, ScopeValue,
+    COUNTERS_MAP, Counters, PEERS_MAP, PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS, PROG_INGRESS,
+    PROG_TC_EGRESS, PROG_TC_INGRESS, PeerKey, RULES_MAP, RuleKey, RuleValue, SCOPES_MAP,
+    ScopeValue,
 };
 
 use super::{ConnectionKiller, Dataplane, DataplaneError, PeerEntry, SocketFilter, sock_diag};
@@ -47,6 +47,7 @@ pub struct CgroupSkbDataplane {
 }
 
 use super::BPF_EXIST;
+use super::encoding::peer_key;
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
     move |e| DataplaneError::Map {
@@ -380,24 +381,6 @@ impl Dataplane for CgroupSkbDataplane {
     }
 }
 
-/// The LPM trie key of a peers entry: the rule and the family always match in full.
-pub(crate) fn peer_key(entry: &PeerEntry) -> LpmKey<PeerKey> {
-    let family = if entry.cidr.is_v6() {
-        FAMILY_V6
-    } else {
-        FAMILY_V4
-    };
-    LpmKey::new(
-        PEER_KEY_FIXED_BITS + u32::from(entry.cidr.prefix),
-        PeerKey {
-            rule: entry.rule,
-            family,
-            addr: entry.cidr.bytes(),
-            _pad: 0,
-        },
-    )
-}
-
 /// The tc programs attached to one interface of a netns scope.
 struct Attached {
     netns: std::path::PathBuf,
@@ -447,7 +430,7 @@ fn attach_tc(ebpf: &mut Ebpf, interface: &str) -> Result<Attached, DataplaneErro
         links: Vec::new(),
         added_clsact: None,
     };
-    let tcx = tcx_available();
+    let tcx = super::tcx_available();
     if !tcx {
         let name = CString::new(interface).map_err(|e| tc_err(e.to_string()))?;
         // SAFETY: a NUL-terminated name.
@@ -503,10 +486,6 @@ fn detach_tc(ebpf: &mut Ebpf, attached: Attached) -> Result<(), DataplaneError> 
         }
     }
     first_error.map_or(Ok(()), Err)
-}
-
-fn tcx_available() -> bool {
-    super::shape::tcx_available()
 }
 
 /// Loads the connect4/connect6 programs and attaches them at the cgroup v2 root.

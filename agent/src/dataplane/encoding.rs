@@ -1,8 +1,14 @@
-//! What the cgroup datapath's maps hold for a fault (`FAULTD_RULES`, `FAULTD_PEERS`): the
-//! kernel encoding of an action, its counter slot and its deadline.
+//! What the datapath's maps hold for a fault (`FAULTD_RULES`, `FAULTD_PEERS`, and the tc
+//! classifier's peers trie): the kernel encoding of an action, its counter slot, its deadline,
+//! and the trie key of a peer prefix.
 
-use faultd_common::{ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, RuleValue};
+use aya::maps::lpm_trie::Key as LpmKey;
+use faultd_common::{
+    ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, FAMILY_V4, FAMILY_V6,
+    PEER_KEY_FIXED_BITS, PeerKey, RuleValue,
+};
 
+use super::PeerEntry;
 use crate::fault::Action;
 
 /// The rules-map value of a key whose faults name peers: the peers map decides.
@@ -34,4 +40,22 @@ pub fn rule_value(action: &Action, slot: u32, expires_at_ns: u64) -> RuleValue {
             Action::Drop { .. } | Action::Delay(_) | Action::Bandwidth(_) => ACTION_DROP,
         },
     }
+}
+
+/// The LPM trie key of a peers entry: the rule and the family always match in full.
+pub fn peer_key(entry: &PeerEntry) -> LpmKey<PeerKey> {
+    let family = if entry.cidr.is_v6() {
+        FAMILY_V6
+    } else {
+        FAMILY_V4
+    };
+    LpmKey::new(
+        PEER_KEY_FIXED_BITS + u32::from(entry.cidr.prefix),
+        PeerKey {
+            rule: entry.rule,
+            family,
+            addr: entry.cidr.bytes(),
+            _pad: 0,
+        },
+    )
 }

@@ -4,17 +4,15 @@
 
 pub mod cgroup_skb;
 pub mod clock;
-pub mod edt;
 pub mod encoding;
 pub mod fake;
-pub mod netem;
 pub mod netfilter;
 pub mod nfqueue;
 pub mod peer_marker;
 pub mod qdisc_probe;
 pub mod rtnl;
-pub mod shape;
 pub mod sock_diag;
+pub mod tc;
 
 use faultd_common::{Counters, RuleKey, RuleValue};
 
@@ -55,6 +53,11 @@ pub enum DataplaneError {
     },
     #[error("resetting connections: {0}")]
     SockDiag(#[from] sock_diag::SockDiagError),
+}
+
+/// TCX links exist from Linux 6.6 on.
+pub(crate) fn tcx_available() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
 }
 
 /// `BPF_EXIST` (uapi linux/bpf.h): update an entry only if it exists, so a refresh racing a

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use faultd_common::{SHAPE_EDT, ShapeValue};
 
-use super::DataplaneError;
-use super::rtnl::{self, Rtnl, RtnlError};
-use super::shape::ShapeSpec;
+use super::spec::ShapeSpec;
+use crate::dataplane::DataplaneError;
+use crate::dataplane::rtnl::{self, Rtnl, RtnlError};
 
 /// The fq leaf's horizon: departure times further out are capped to it.
 pub const HORIZON: Duration = Duration::from_secs(60);

@@ -7,8 +7,8 @@
 
 use faultd_common::{SHAPE_CLASS, ShapeValue};
 
-use super::rtnl::{self, Rtnl, RtnlError};
-use super::shape::ShapeSpec;
+use super::spec::ShapeSpec;
+use crate::dataplane::rtnl::{self, Rtnl, RtnlError};
 
 /// Packets a netem leaf holds (netem's default, 1000, overflows at 10 k packets/s × 100 ms).
 const NETEM_LIMIT: u32 = 100_000;
