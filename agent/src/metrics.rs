@@ -241,6 +241,21 @@ struct ActiveLabels {
 }
 
 #[derive(Clone, Debug, EncodeLabelSet)]
+struct FaultLabels {
+    fault: String,
+    lease: String,
+    action: &'static str,
+    mechanism: &'static str,
+}
+
+#[derive(Clone, Debug, EncodeLabelSet)]
+struct EffectLabels {
+    #[prometheus(flatten)]
+    fault: FaultLabels,
+    effect: &'static str,
+}
+
+#[derive(Clone, Debug, EncodeLabelSet)]
 struct TotalLabels {
     action: &'static str,
     mechanism: &'static str,
@@ -249,27 +264,9 @@ struct TotalLabels {
 
 #[derive(Clone, Debug, EncodeLabelSet)]
 struct TotalEffectLabels {
-    action: &'static str,
-    mechanism: &'static str,
-    scope: &'static str,
+    #[prometheus(flatten)]
+    total: TotalLabels,
     effect: &'static str,
-}
-
-#[derive(Clone, Debug, EncodeLabelSet)]
-struct FaultLabels {
-    fault: String,
-    lease: String,
-    action: String,
-    mechanism: String,
-}
-
-#[derive(Clone, Debug, EncodeLabelSet)]
-struct EffectLabels {
-    fault: String,
-    lease: String,
-    action: String,
-    mechanism: String,
-    effect: String,
 }
 
 impl Collector for SourceCollector {
@@ -283,7 +280,7 @@ impl Collector for SourceCollector {
             totals,
         } = source.snapshot();
 
-        let mut active: BTreeMap<ActiveLabels, i64> = BTreeMap::new();
+        let mut active: BTreeMap<ActiveLabels, u64> = BTreeMap::new();
         for fault in &faults {
             *active
                 .entry(ActiveLabels {
@@ -300,9 +297,8 @@ impl Collector for SourceCollector {
             gauge.metric_type(),
         )?;
         for (labels, count) in &active {
-            ConstGauge::new(*count).encode(family.encode_family(labels)?)?;
+            ConstGauge::new(*count as i64).encode(family.encode_family(labels)?)?;
         }
-
         let gauge = ConstGauge::new(leases as i64);
         let metric = encoder.encode_descriptor(
             "leases_active",
@@ -312,76 +308,82 @@ impl Collector for SourceCollector {
         )?;
         gauge.encode(metric)?;
 
-        let counter = ConstCounter::new(0u64);
-        let mut family = encoder.encode_descriptor(
+        counters(
+            &mut encoder,
             "fault_packets_matched",
             "Packets that matched a fault's target, per fault (per-CPU BPF counters, summed)",
-            None,
-            counter.metric_type(),
+            faults.iter().map(|f| (fault_labels(f), f.counters.matched)),
         )?;
-        for fault in &faults {
-            let labels = FaultLabels {
-                fault: fault.id.clone(),
-                lease: fault.lease_id.clone(),
-                action: fault.spec.action.name().to_string(),
-                mechanism: fault.mechanism.to_string(),
-            };
-            ConstCounter::new(fault.counters.matched).encode(family.encode_family(&labels)?)?;
-        }
-
-        let mut family = encoder.encode_descriptor(
+        counters(
+            &mut encoder,
             "fault_packets_affected",
             "What a fault did, per fault and effect: packets dropped, connects refused, \
              packets delayed, connections reset",
-            None,
-            counter.metric_type(),
+            faults.iter().flat_map(|f| {
+                f.effects()
+                    .into_iter()
+                    .map(move |(effect, value)| {
+                        let fault = fault_labels(f);
+                        (EffectLabels { fault, effect }, value)
+                    })
+            }),
         )?;
-        for fault in &faults {
-            for (effect, value) in fault.effects() {
-                let labels = EffectLabels {
-                    fault: fault.id.clone(),
-                    lease: fault.lease_id.clone(),
-                    action: fault.spec.action.name().to_string(),
-                    mechanism: fault.mechanism.to_string(),
-                    effect: effect.to_string(),
-                };
-                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
-            }
-        }
-
         // Over every fault this agent ran, ended ones included: never goes backwards.
-        let mut family = encoder.encode_descriptor(
+        counters(
+            &mut encoder,
             "packets_matched",
             "Packets that matched a fault's target, over every fault of this agent (ended ones \
              included), by action, mechanism and scope kind",
-            None,
-            counter.metric_type(),
+            totals
+                .matched
+                .iter()
+                .map(|(key, value)| (total_labels(key), *value)),
         )?;
-        for (key, value) in &totals.matched {
-            let labels = TotalLabels {
-                action: key.action,
-                mechanism: key.mechanism,
-                scope: key.scope,
-            };
-            ConstCounter::new(*value).encode(family.encode_family(&labels)?)?;
-        }
-        let mut family = encoder.encode_descriptor(
+        counters(
+            &mut encoder,
             "packets_affected",
             "What faults did, over every fault of this agent (ended ones included), by action, \
              mechanism, scope kind and effect: packets dropped, connects refused, packets \
              delayed, connections reset",
-            None,
-            counter.metric_type(),
-        )?;
-        for ((key, effect), value) in &totals.affected {
-            let labels = TotalEffectLabels {
-                action: key.action,
-                mechanism: key.mechanism,
-                scope: key.scope,
-                effect,
-            };
-            ConstCounter::new(*value).encode(family.encode_family(&labels)?)?;
-        }
-        Ok(())
+            totals
+                .affected
+                .iter()
+                .map(|((key, effect), value)| {
+                    let total = total_labels(key);
+                    (TotalEffectLabels { total, effect }, *value)
+                }),
+        )
+    }
+}
+
+/// One counter family: a sample for each (labels, value).
+fn counters<L: EncodeLabelSet + std::fmt::Debug>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl Iterator<Item = (L, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let counter = ConstCounter::new(0u64);
+    let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+    for (labels, value) in samples {
+        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn fault_labels(fault: &FaultView) -> FaultLabels {
+    FaultLabels {
+        fault: fault.id.clone(),
+        lease: fault.lease_id.clone(),
+        action: fault.spec.action.name(),
+        mechanism: fault.mechanism,
+    }
+}
+
+fn total_labels(key: &TotalKey) -> TotalLabels {
+    TotalLabels {
+        action: key.action,
+        mechanism: key.mechanism,
+        scope: key.scope,
     }
 }
