@@ -8,10 +8,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use faultd_proto::v1::{CapabilitiesRequest, Capability, Direction, Mechanism, Protocol, Target};
+use faultd_proto::v1::{CapabilitiesRequest, Capability, Direction, Mechanism, Protocol};
 use faultd_tests::api::{
     bandwidth_fault, cgroup_target, delay_fault, get_fault, grant, lease_deadline, list_faults,
-    remove, under_lease, with_ttl,
+    remove, under_lease, with_peers, with_ttl,
 };
 use faultd_tests::process::{ChildGuard, blocking, output, poll};
 use faultd_tests::servers::REDIS_PORT;
@@ -425,12 +425,6 @@ async fn the_delay_ends_at_the_lease_deadline() {
         "the expired fault's NFQUEUE rules are still in the namespace:\n{}",
         netfilter_rules(Some(netns))
     );
-}
-
-fn with_peers(mut target: Target, peers: &[&str], exclude: &[&str]) -> Target {
-    target.peers = peers.iter().map(|p| p.to_string()).collect();
-    target.exclude_peers = exclude.iter().map(|p| p.to_string()).collect();
-    target
 }
 
 /// The median PING round trip (ms) to each of `hosts`, 100 PINGs each.

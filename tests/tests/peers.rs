@@ -4,20 +4,14 @@
 
 use std::time::Duration;
 
-use faultd_proto::v1::{Direction, Protocol, RemoveRequest, Target};
-use faultd_tests::api::{cgroup_target, drop_fault, reject_fault, remove, with_ttl};
+use faultd_proto::v1::{Direction, Protocol, RemoveRequest};
+use faultd_tests::api::{cgroup_target, drop_fault, reject_fault, remove, with_peers, with_ttl};
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::workload::ClientRun;
 use faultd_tests::{Redis, RedisScene, Workload, fd_probe};
 use tonic::Code;
 
 const TTL: Duration = Duration::from_secs(60);
-
-fn with_peers(mut target: Target, peers: &[&str], exclude: &[&str]) -> Target {
-    target.peers = peers.iter().map(|p| p.to_string()).collect();
-    target.exclude_peers = exclude.iter().map(|p| p.to_string()).collect();
-    target
-}
 
 fn refused(run: &ClientRun) -> bool {
     format!("{}{}", run.stdout, run.stderr).contains("Connection refused")
