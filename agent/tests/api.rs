@@ -1,92 +1,25 @@
 //! The gRPC API in process: a real server on a temporary unix socket, a real client, and the
 //! fake dataplane standing in for the kernel. No root needed.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+mod support;
+
 use std::time::Duration;
 
-use faultd::caps::Capabilities;
-use faultd::dataplane::fake::FakeDataplane;
-use faultd::engine::{Engine, EngineConfig};
-use faultd::target::CgroupRoot;
+use faultd::policy::Policy;
 use faultd_proto::v1 as pb;
-use pb::fault_service_client::FaultServiceClient;
-use pb::lease_service_client::LeaseServiceClient;
-use tokio::sync::watch;
+use support::{Server, drop_fault, inject, with_scope};
 use tonic::Code;
 
-struct Server {
-    dir: PathBuf,
-    socket: PathBuf,
-    fake: FakeDataplane,
-    stop: watch::Sender<bool>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-async fn server(name: &str) -> Server {
-    let dir = std::env::temp_dir().join(format!("faultd-api-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    // A directory that looks like a cgroup v2 root with one cgroup "app".
-    std::fs::create_dir_all(dir.join("cgroups/app")).unwrap();
-    std::fs::write(dir.join("cgroups/cgroup.procs"), "").unwrap();
-    std::fs::write(dir.join("cgroups/app/cgroup.procs"), "").unwrap();
-    let root = CgroupRoot::at(dir.join("cgroups")).unwrap();
-    let fake = FakeDataplane::default();
-    let engine = Engine::new(
-        Box::new(fake.clone()),
-        Box::new(root.clone()),
-        EngineConfig::default(),
-    );
-    let caps = Arc::new(Capabilities::probe(root.path(), Ok(&fake)));
-    let socket = dir.join("faultd.sock");
-    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(engine.clone().run_expiry(std::future::pending()));
-    tokio::spawn(faultd::api::serve(engine, caps, listener, stopped));
-    Server {
-        dir,
-        socket,
-        fake,
-        stop,
-    }
-}
-
+/// A drop of `percent` on 6379 of cgroup `path` (tcp, egress) under a lease of `ttl`.
 fn drop_request(ttl: &str, percent: f64, path: &str) -> pb::InjectRequest {
-    pb::InjectRequest {
-        lease: Some(pb::inject_request::Lease::Ttl(faultd::duration::to_proto(
-            faultd::duration::parse(ttl).unwrap(),
-        ))),
-        fault: Some(pb::Fault {
-            action: Some(pb::fault::Action::Drop(pb::Drop { percent })),
-            target: Some(pb::Target {
-                scope: Some(pb::target::Scope::Cgroup(pb::CgroupScope {
-                    path: path.into(),
-                })),
-                ports: vec![pb::PortRange {
-                    first: 6379,
-                    last: None,
-                }],
-                protocol: pb::Protocol::Tcp.into(),
-                direction: pb::Direction::Egress.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        dry_run: false,
-    }
+    let scope = pb::target::Scope::Cgroup(pb::CgroupScope { path: path.into() });
+    inject(with_scope(drop_fault(percent, &[(6379, None)]), scope), ttl)
 }
 
 #[tokio::test]
 async fn inject_list_remove_over_grpc() {
-    let server = server("crud").await;
-    let channel = faultd::client::connect(&server.socket).await.unwrap();
-    let mut faults = FaultServiceClient::new(channel.clone());
+    let server = Server::start("crud", Policy::default()).await;
+    let mut faults = server.faults().await;
     let fault = faults
         .inject(drop_request("30s", 100.0, "/app"))
         .await
@@ -121,9 +54,8 @@ async fn inject_list_remove_over_grpc() {
 
 #[tokio::test]
 async fn bad_input_gets_invalid_argument_naming_the_field() {
-    let server = server("invalid").await;
-    let channel = faultd::client::connect(&server.socket).await.unwrap();
-    let mut faults = FaultServiceClient::new(channel);
+    let server = Server::start("invalid", Policy::default()).await;
+    let mut faults = server.faults().await;
     for (request, field) in [
         (drop_request("30s", 150.0, "/app"), "fault.drop.percent"),
         (drop_request("0s", 100.0, "/app"), "ttl"),
@@ -158,9 +90,8 @@ async fn bad_input_gets_invalid_argument_naming_the_field() {
 
 #[tokio::test]
 async fn keepalive_renews_and_reports_an_unknown_lease() {
-    let server = server("keepalive").await;
-    let channel = faultd::client::connect(&server.socket).await.unwrap();
-    let mut leases = LeaseServiceClient::new(channel);
+    let server = Server::start("keepalive", Policy::default()).await;
+    let mut leases = server.leases().await;
     let lease = leases
         .grant(pb::GrantRequest {
             ttl: Some(faultd::duration::to_proto(Duration::from_secs(5))),
@@ -192,9 +123,8 @@ async fn keepalive_renews_and_reports_an_unknown_lease() {
 
 #[tokio::test]
 async fn shutdown_ends_keepalive_streams() {
-    let server = server("shutdown").await;
-    let channel = faultd::client::connect(&server.socket).await.unwrap();
-    let mut leases = LeaseServiceClient::new(channel);
+    let server = Server::start("shutdown", Policy::default()).await;
+    let mut leases = server.leases().await;
     let lease = leases
         .grant(pb::GrantRequest {
             ttl: Some(faultd::duration::to_proto(Duration::from_secs(60))),

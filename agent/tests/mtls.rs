@@ -1,97 +1,28 @@
 //! The TCP listener with mutual TLS: a client with a certificate from the configured CA gets
 //! in and is audited by its certificate's subject; one without a certificate, with a
 //! certificate from another CA, or speaking plain HTTP/2 is refused. Certificates are made
-//! here, at test time.
+//! at test time, by the maker faultd-tests uses too.
 
+#[path = "../../tests/src/pki/certs.rs"]
+mod certs;
 mod support;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use certs::{Certs, Issued};
 use faultd::client::Tls;
 use faultd::policy::Policy;
 use faultd_proto::v1 as pb;
 use pb::fault_service_client::FaultServiceClient;
-use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
 use support::{Server, drop_fault, inject};
 use tonic::transport::{Identity, ServerTlsConfig};
 
-struct Ca {
-    cert: Certificate,
-    key: KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    /// (certificate PEM, key PEM) for `common_name`, valid for `names` (DNS names or IPs).
-    fn issue(
-        &self,
-        common_name: &str,
-        names: &[&str],
-        usage: ExtendedKeyUsagePurpose,
-    ) -> (String, String) {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "faultd tests");
-        params.extended_key_usages = vec![usage];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn pem(&self) -> String {
-        self.cert.pem()
-    }
-}
-
-struct Pki {
-    ca: Ca,
-    server: (String, String),
-    client: (String, String),
-    /// A client certificate from a CA faultd does not trust.
-    stranger: (String, String),
-}
-
-fn pki() -> Pki {
-    let ca = Ca::new("faultd test CA");
-    let server = ca.issue(
-        "faultd",
-        &["localhost", "127.0.0.1"],
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    let client = ca.issue("chaos-controller", &[], ExtendedKeyUsagePurpose::ClientAuth);
-    let other = Ca::new("some other CA");
-    let stranger = other.issue("chaos-controller", &[], ExtendedKeyUsagePurpose::ClientAuth);
-    Pki {
-        ca,
-        server,
-        client,
-        stranger,
-    }
-}
-
-async fn tls_server(name: &str, pki: &Pki) -> (Server, SocketAddr) {
+async fn tls_server(name: &str, pki: &Certs) -> (Server, SocketAddr) {
     let server = Server::start(name, Policy::default()).await;
     let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(&pki.server.0, &pki.server.1))
-        .client_ca_root(tonic::transport::Certificate::from_pem(pki.ca.pem()));
+        .identity(Identity::from_pem(&pki.server.cert, &pki.server.key))
+        .client_ca_root(tonic::transport::Certificate::from_pem(&pki.ca));
     let addr = server.listen_tcp(Some(tls)).await;
     (server, addr)
 }
@@ -113,17 +44,17 @@ async fn list(addr: SocketAddr, tls: Option<Tls>) -> Result<usize, String> {
         .unwrap_or_else(|_| Err("timed out".into()))
 }
 
-fn tls(pki: &Pki, identity: Option<&(String, String)>) -> Tls {
+fn tls(pki: &Certs, identity: Option<&Issued>) -> Tls {
     Tls {
-        ca: pki.ca.pem().into_bytes(),
-        identity: identity.map(|(cert, key)| (cert.clone().into_bytes(), key.clone().into_bytes())),
+        ca: pki.ca.clone().into_bytes(),
+        identity: identity.map(|id| (id.cert.clone().into_bytes(), id.key.clone().into_bytes())),
         server_name: Some("localhost".into()),
     }
 }
 
 #[tokio::test]
 async fn a_client_certificate_from_the_ca_gets_in_and_is_audited_by_subject() {
-    let pki = pki();
+    let pki = Certs::new();
     let (server, addr) = tls_server("mtls-accept", &pki).await;
     assert_eq!(list(addr, Some(tls(&pki, Some(&pki.client)))).await, Ok(0));
 
@@ -155,7 +86,7 @@ async fn a_client_certificate_from_the_ca_gets_in_and_is_audited_by_subject() {
 
 #[tokio::test]
 async fn clients_without_a_certificate_from_the_ca_are_refused() {
-    let pki = pki();
+    let pki = Certs::new();
     let (server, addr) = tls_server("mtls-refuse", &pki).await;
 
     let no_cert = list(addr, Some(tls(&pki, None))).await;

@@ -40,6 +40,14 @@ pub fn cgroup_target(
     }
 }
 
+/// `target` limited to the remote addresses `peers` (CIDRs or addresses; none: any), except
+/// `exclude`.
+pub fn with_peers(mut target: Target, peers: &[&str], exclude: &[&str]) -> Target {
+    target.peers = peers.iter().map(|p| p.to_string()).collect();
+    target.exclude_peers = exclude.iter().map(|p| p.to_string()).collect();
+    target
+}
+
 /// A drop fault of `percent` on `target`.
 pub fn drop_fault(percent: f64, target: Target) -> Fault {
     Fault {

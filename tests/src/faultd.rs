@@ -53,6 +53,17 @@ pub struct FaultdOptions {
     pub extra_args: Vec<String>,
 }
 
+impl FaultdOptions {
+    /// On the state directory `dir`, which outlives the faultd: a second faultd started with
+    /// the same options finds what the first left there (its instance id, its rules).
+    pub fn with_state_dir(dir: &Path) -> FaultdOptions {
+        FaultdOptions {
+            state_dir: Some(dir.to_path_buf()),
+            ..Default::default()
+        }
+    }
+}
+
 /// A running faultd on a unique socket and state directory. Drop sends SIGTERM, waits 5 s,
 /// then SIGKILLs.
 pub struct Faultd {

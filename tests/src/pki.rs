@@ -1,46 +1,14 @@
-//! Certificates made at test time for faultd's mTLS listener: a CA, a server certificate for
-//! localhost and 127.0.0.1, a client certificate, and a client certificate from another CA.
+//! Certificates made at test time for faultd's mTLS listener ([`certs`]: a CA, a server
+//! certificate for localhost and 127.0.0.1, a client certificate, and a client certificate from
+//! another CA), written to files for the faultd binary and its clients.
+
+pub mod certs;
 
 use std::path::PathBuf;
 
-use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
+use certs::{CLIENT_CN, Certs};
 
 use crate::tempdir::TempDir;
-
-struct Ca {
-    cert: Certificate,
-    key: KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().expect("CA key");
-        let cert = params.self_signed(&key).expect("CA certificate");
-        Ca { cert, key }
-    }
-
-    fn issue(&self, cn: &str, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (String, String) {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names).expect("params");
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "faultd tests");
-        params.extended_key_usages = vec![usage];
-        let key = KeyPair::generate().expect("key");
-        let cert = params
-            .signed_by(&key, &self.cert, &self.key)
-            .expect("certificate");
-        (cert.pem(), key.serialize_pem())
-    }
-}
 
 /// PEM files in a directory removed on drop.
 pub struct Pki {
@@ -82,27 +50,16 @@ impl Pki {
                 .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
             path
         };
-        let ca = Ca::new("faultd test CA");
-        let client_cn = "chaos-controller".to_string();
-        let (server_cert, server_key) = ca.issue(
-            "faultd",
-            &["localhost", "127.0.0.1"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        );
-        let (client_cert, client_key) =
-            ca.issue(&client_cn, &[], ExtendedKeyUsagePurpose::ClientAuth);
-        let other = Ca::new("another CA");
-        let (stranger_cert, stranger_key) =
-            other.issue(&client_cn, &[], ExtendedKeyUsagePurpose::ClientAuth);
+        let certs = Certs::new();
         Pki {
-            ca: write("ca.pem", &ca.cert.pem()),
-            server_cert: write("server.pem", &server_cert),
-            server_key: write("server.key", &server_key),
-            client_cert: write("client.pem", &client_cert),
-            client_key: write("client.key", &client_key),
-            stranger_cert: write("stranger.pem", &stranger_cert),
-            stranger_key: write("stranger.key", &stranger_key),
-            client_cn,
+            ca: write("ca.pem", &certs.ca),
+            server_cert: write("server.pem", &certs.server.cert),
+            server_key: write("server.key", &certs.server.key),
+            client_cert: write("client.pem", &certs.client.cert),
+            client_key: write("client.key", &certs.client.key),
+            stranger_cert: write("stranger.pem", &certs.stranger.cert),
+            stranger_key: write("stranger.key", &certs.stranger.key),
+            client_cn: CLIENT_CN.to_string(),
             _dir: dir,
         }
     }

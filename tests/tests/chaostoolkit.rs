@@ -12,7 +12,7 @@ use faultd_tests::api::{lease_deadline, list_leases};
 use faultd_tests::pki::Pki;
 use faultd_tests::process::{ChildGuard, describe, output, poll, signal, unix_ns, wait_timeout};
 use faultd_tests::{
-    Cgroup, Faultd, FaultdOptions, NetNs, Postgres, Redis, TempDir, Workload, fd_probe,
+    Cgroup, Faultd, FaultdOptions, Postgres, RedisScene, TempDir, Workload, fd_probe,
 };
 use serde_json::{Value, json};
 
@@ -37,14 +37,11 @@ fn with_venv_path(cmd: &mut Command, bin: &Path) {
 }
 
 /// Redis and PostgreSQL in a namespace of their own, the demo app inside a fresh cgroup there,
-/// and a faultd of the test's own.
+/// and a faultd of the test's own: the Redis scene with PostgreSQL added.
 struct Demo {
     app: Option<ChildGuard>,
-    faultd: Faultd,
     _postgres: Postgres,
-    _redis: Redis,
-    cgroup: Cgroup,
-    netns: NetNs,
+    scene: RedisScene,
     dir: TempDir,
     bin: PathBuf,
 }
@@ -52,24 +49,20 @@ struct Demo {
 impl Demo {
     async fn start() -> Demo {
         let bin = venv_bin();
-        let netns = NetNs::new();
-        let redis = Redis::start(&netns);
-        let postgres = Postgres::start(&netns);
-        let cgroup = Cgroup::new();
-        let faultd = Faultd::start().await;
+        let scene = RedisScene::start(fd_probe!()).await;
+        let postgres = Postgres::start(&scene.netns);
         let dir = TempDir::new("faultd-test-chaos");
         let mut demo = Demo {
             app: None,
-            faultd,
             _postgres: postgres,
-            _redis: redis,
-            cgroup,
-            netns,
+            scene,
             dir,
             bin,
         };
-        let inside = Workload::inside(fd_probe!(), &demo.cgroup, &demo.netns);
-        let mut cmd = inside.command(&demo.bin.join("python3").to_string_lossy());
+        let mut cmd = demo
+            .scene
+            .inside
+            .command(&demo.bin.join("python3").to_string_lossy());
         cmd.arg(repo().join("examples/experiments/demo/app.py"))
             .args(["serve", "--port", "8080"])
             .stdout(Stdio::null())
@@ -97,7 +90,7 @@ impl Demo {
     /// `app.py ARGS` beside the app (in the namespace, outside its cgroup); its JSON, if it
     /// printed some.
     fn app_json(&self, args: &[&str]) -> Option<Value> {
-        let outside = Workload::outside(fd_probe!(), &self.netns);
+        let outside = Workload::outside(fd_probe!(), &self.scene.netns);
         let mut cmd = outside.command(&self.bin.join("python3").to_string_lossy());
         cmd.arg(repo().join("examples/experiments/demo/app.py"))
             .args(args);
@@ -110,8 +103,8 @@ impl Demo {
     /// examples/experiments as its README says.
     fn chaos(&self, experiment: &str, vars: Value) -> (Command, PathBuf) {
         let mut configuration = json!({
-            "faultd_address": format!("unix://{}", self.faultd.socket().display()),
-            "client_cgroup": self.cgroup.path(),
+            "faultd_address": format!("unix://{}", self.scene.faultd.socket().display()),
+            "client_cgroup": self.scene.cgroup.path(),
             "writes_ledger": self.dir.join("writes.jsonl"),
             "bank_ledger": self.dir.join("bank.jsonl"),
         });
@@ -125,7 +118,7 @@ impl Demo {
         )
         .expect("write var file");
         let journal = self.dir.join(&format!("{experiment}.journal.json"));
-        let outside = Workload::outside(fd_probe!(), &self.netns);
+        let outside = Workload::outside(fd_probe!(), &self.scene.netns);
         let mut cmd = outside.command(&self.bin.join("chaos").to_string_lossy());
         cmd.arg("--no-version-check")
             .arg("--log-file")
@@ -194,7 +187,7 @@ impl Demo {
                 "chaos stderr:\n{}\ndemo app log:\n{}\nfaultd log:\n{}",
                 String::from_utf8_lossy(&out.stderr),
                 self.app_log(),
-                self.faultd.log()
+                self.scene.faultd.log()
             )
         };
         assert_eq!(
@@ -221,7 +214,8 @@ impl Demo {
     }
 
     async fn active_faults(&self) -> usize {
-        self.faultd
+        self.scene
+            .faultd
             .faults()
             .list(ListFaultsRequest::default())
             .await
@@ -458,7 +452,7 @@ async fn killed_chaos_run_reverts_within_one_ttl() {
     let killed = unix_ns();
     wait_timeout(&mut chaos.child, Duration::from_secs(5));
     // Nothing renews it any more: this is the deadline the fault dies at.
-    let leases = list_leases(&mut demo.faultd.leases()).await;
+    let leases = list_leases(&mut demo.scene.faultd.leases()).await;
     assert_eq!(leases.len(), 1, "{leases:?}");
     let deadline = lease_deadline(&leases[0]);
     assert!(

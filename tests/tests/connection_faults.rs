@@ -17,7 +17,7 @@ use faultd_tests::clients::{ConnClient, at};
 use faultd_tests::process::{ChildGuard, output, poll, unix_ns, wait_timeout};
 use faultd_tests::servers::{POSTGRES_PORT, REDIS_PORT};
 use faultd_tests::workload::timeline;
-use faultd_tests::{Cgroup, Faultd, NetNs, Postgres, Redis, RedisScene, Workload, fd_probe};
+use faultd_tests::{Cgroup, Faultd, NetNs, Postgres, RedisScene, Workload, fd_probe};
 use tonic::transport::Channel;
 
 /// How soon after the Inject ack a client must see its connection fail (issue bound).
@@ -438,20 +438,23 @@ fn payload(i: u64) -> String {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
 async fn writes_through_a_reset_are_neither_lost_nor_duplicated() {
-    let netns = NetNs::new();
-    let _redis = Redis::start(&netns);
-    let _postgres = Postgres::start(&netns);
-    let cgroup = Cgroup::new();
-    let faultd = Faultd::start().await;
-    let inside = Workload::inside(fd_probe!(), &cgroup, &netns);
-    let outside = Workload::outside(fd_probe!(), &netns);
+    let scene = RedisScene::start(fd_probe!()).await;
+    let _postgres = Postgres::start(&scene.netns);
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        netns,
+        ..
+    } = &scene;
+    let outside = Workload::outside(fd_probe!(), netns);
     let mut faults = faultd.faults();
     let table = format!("writes_{}", std::process::id());
 
     let mut redis_writer =
-        ConnClient::start(&inside, "redis-writer", &["127.0.0.1", "6379", "w", "5"]);
+        ConnClient::start(inside, "redis-writer", &["127.0.0.1", "6379", "w", "5"]);
     let mut pg_writer = ConnClient::start(
-        &inside,
+        inside,
         "pg-writer",
         &["127.0.0.1", &POSTGRES_PORT.to_string(), &table, "5"],
     );
@@ -459,7 +462,7 @@ async fn writes_through_a_reset_are_neither_lost_nor_duplicated() {
     pg_writer.expect("writing", Duration::from_secs(20));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let target = cgroup_target(
-        &cgroup,
+        cgroup,
         &[REDIS_PORT, POSTGRES_PORT],
         Protocol::Tcp,
         Direction::Unspecified,

@@ -8,10 +8,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use faultd_proto::v1::{CapabilitiesRequest, Capability, Direction, Mechanism, Protocol, Target};
+use faultd_proto::v1::{CapabilitiesRequest, Capability, Direction, Mechanism, Protocol};
 use faultd_tests::api::{
     bandwidth_fault, cgroup_target, delay_fault, get_fault, grant, lease_deadline, list_faults,
-    remove, under_lease, with_ttl,
+    remove, under_lease, with_peers, with_ttl,
 };
 use faultd_tests::process::{ChildGuard, blocking, output, poll};
 use faultd_tests::servers::REDIS_PORT;
@@ -71,12 +71,24 @@ fn summary(run: &RttRun) -> String {
     )
 }
 
+/// The scene with Redis at the probe's priority and a resident process of the workload (the
+/// guard that ends it, dropped before the scene).
+async fn start_scene() -> (RedisScene, ChildGuard) {
+    start_scene_with(FaultdOptions::default()).await
+}
+
+async fn start_scene_with(options: FaultdOptions) -> (RedisScene, ChildGuard) {
+    let scene = RedisScene::start_with(fd_probe!(), options).await;
+    prioritize(scene.redis.pid());
+    let app = scene.inside.resident();
+    (scene, app)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
 async fn a_100ms_egress_delay_adds_100ms_per_round_trip_inside_the_cgroup_only() {
     let _serial = SERIAL.lock().await;
-    let scene = RedisScene::start(fd_probe!()).await;
-    prioritize(scene.redis.pid());
+    let (scene, _app) = start_scene().await;
     let RedisScene {
         cgroup,
         faultd,
@@ -84,7 +96,6 @@ async fn a_100ms_egress_delay_adds_100ms_per_round_trip_inside_the_cgroup_only()
         netns,
         ..
     } = &scene;
-    let _app = inside.resident();
     let outside = Workload::outside(fd_probe!(), netns);
 
     let base_in = blocking(|| inside.redis_rtt(PINGS, INTERVAL));
@@ -202,15 +213,13 @@ async fn a_100ms_egress_delay_adds_100ms_per_round_trip_inside_the_cgroup_only()
 #[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
 async fn jitter_has_the_requested_spread() {
     let _serial = SERIAL.lock().await;
-    let scene = RedisScene::start(fd_probe!()).await;
-    prioritize(scene.redis.pid());
+    let (scene, _app) = start_scene().await;
     let RedisScene {
         cgroup,
         faultd,
         inside,
         ..
     } = &scene;
-    let _app = inside.resident();
     let base = blocking(|| inside.redis_rtt(50, INTERVAL));
 
     // Through the CLI, in the units a person types.
@@ -283,8 +292,7 @@ async fn jitter_has_the_requested_spread() {
 #[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
 async fn an_ingress_delay_holds_what_the_workload_receives() {
     let _serial = SERIAL.lock().await;
-    let scene = RedisScene::start(fd_probe!()).await;
-    prioritize(scene.redis.pid());
+    let (scene, _app) = start_scene().await;
     let RedisScene {
         cgroup,
         faultd,
@@ -292,7 +300,6 @@ async fn an_ingress_delay_holds_what_the_workload_receives() {
         netns,
         ..
     } = &scene;
-    let _app = inside.resident();
     let base = blocking(|| inside.redis_rtt(50, INTERVAL));
     let mut faults = faultd.faults();
     let target = cgroup_target(cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Ingress);
@@ -326,8 +333,7 @@ async fn an_ingress_delay_holds_what_the_workload_receives() {
 #[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
 async fn the_delay_ends_at_the_lease_deadline() {
     let _serial = SERIAL.lock().await;
-    let scene = RedisScene::start(fd_probe!()).await;
-    prioritize(scene.redis.pid());
+    let (scene, _app) = start_scene().await;
     let RedisScene {
         cgroup,
         faultd,
@@ -335,7 +341,6 @@ async fn the_delay_ends_at_the_lease_deadline() {
         netns,
         ..
     } = &scene;
-    let _app = inside.resident();
     let base = blocking(|| inside.redis_rtt(50, INTERVAL));
     let base_median = median(&base.rtts());
     let mut faults = faultd.faults();
@@ -422,12 +427,6 @@ async fn the_delay_ends_at_the_lease_deadline() {
     );
 }
 
-fn with_peers(mut target: Target, peers: &[&str], exclude: &[&str]) -> Target {
-    target.peers = peers.iter().map(|p| p.to_string()).collect();
-    target.exclude_peers = exclude.iter().map(|p| p.to_string()).collect();
-    target
-}
-
 /// The median PING round trip (ms) to each of `hosts`, 100 PINGs each.
 fn medians(workload: &Workload, hosts: &[&str]) -> Vec<f64> {
     hosts
@@ -444,11 +443,9 @@ fn medians(workload: &Workload, hosts: &[&str]) -> Vec<f64> {
 /// The scene (Redis on 127.0.0.1 and ::1) with a second Redis on the same port at 127.0.0.2,
 /// both at the probe's priority, and a resident process of the workload.
 async fn two_servers() -> (RedisScene, Redis, ChildGuard) {
-    let scene = RedisScene::start(fd_probe!()).await;
-    prioritize(scene.redis.pid());
+    let (scene, app) = start_scene().await;
     let second = Redis::start_bound(&scene.netns, &["127.0.0.2"]);
     prioritize(second.pid());
-    let app = scene.inside.resident();
     (scene, second, app)
 }
 
@@ -604,8 +601,7 @@ async fn bandwidth_with_peers_paces_only_the_matched_server() {
 #[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
 async fn bandwidth_paces_a_large_get_inside_the_cgroup_only() {
     let _serial = SERIAL.lock().await;
-    let scene = RedisScene::start(fd_probe!()).await;
-    prioritize(scene.redis.pid());
+    let (scene, _app) = start_scene().await;
     let RedisScene {
         cgroup,
         faultd,
@@ -613,7 +609,6 @@ async fn bandwidth_paces_a_large_get_inside_the_cgroup_only() {
         netns,
         ..
     } = &scene;
-    let _app = inside.resident();
     let outside = Workload::outside(fd_probe!(), netns);
     const VALUE: usize = 1 << 20;
     blocking(|| outside.redis_set("faultd:big", VALUE));
@@ -665,23 +660,21 @@ async fn bandwidth_paces_a_large_get_inside_the_cgroup_only() {
 #[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
 async fn sigkill_during_a_delay_lets_traffic_flow_and_a_new_faultd_sweeps_the_rules() {
     let _serial = SERIAL.lock().await;
-    let netns = NetNs::new();
-    let redis = faultd_tests::Redis::start(&netns);
-    prioritize(redis.pid());
-    let cgroup = faultd_tests::Cgroup::new();
     let state = TempDir::new("faultd-test-state");
-    let options = FaultdOptions {
-        state_dir: Some(state.path().to_path_buf()),
-        ..Default::default()
-    };
-    let mut faultd = Faultd::start_with(options.clone()).await;
-    let inside = Workload::inside(fd_probe!(), &cgroup, &netns);
-    let _app = inside.resident();
+    let options = FaultdOptions::with_state_dir(state.path());
+    let (mut scene, _app) = start_scene_with(options.clone()).await;
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        netns,
+        ..
+    } = &mut scene;
     let old = std::fs::read_to_string(state.path().join("instance"))
         .unwrap_or_else(|e| panic!("faultd wrote no instance id to its state directory: {e}"));
     let chain = format!("FAULTD-{}-", old.trim());
 
-    let target = cgroup_target(&cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
+    let target = cgroup_target(cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
     faultd
         .faults()
         .inject(with_ttl(
@@ -691,7 +684,7 @@ async fn sigkill_during_a_delay_lets_traffic_flow_and_a_new_faultd_sweeps_the_ru
         .await
         .unwrap_or_else(|s| panic!("Inject of a delay failed: {s:?}"));
     assert!(
-        netfilter_rules(Some(&netns)).contains(&chain),
+        netfilter_rules(Some(netns)).contains(&chain),
         "faultd's chain {chain}… should be in the namespace while the delay is active"
     );
 
@@ -739,13 +732,13 @@ async fn sigkill_during_a_delay_lets_traffic_flow_and_a_new_faultd_sweeps_the_ru
         "a second after the SIGKILL PINGs should be undelayed (--queue-bypass): {later:?}"
     );
     assert!(
-        netfilter_rules(Some(&netns)).contains(&chain),
+        netfilter_rules(Some(netns)).contains(&chain),
         "nothing removes a killed faultd's rules but the next faultd; they should still be here"
     );
 
     let faultd = Faultd::start_with(options).await;
     for (place, rules) in [
-        ("the workload's namespace", netfilter_rules(Some(&netns))),
+        ("the workload's namespace", netfilter_rules(Some(netns))),
         ("the host", netfilter_rules(None)),
     ] {
         assert!(
@@ -761,7 +754,7 @@ async fn sigkill_during_a_delay_lets_traffic_flow_and_a_new_faultd_sweeps_the_ru
         faultd.log()
     );
     // And it delays again.
-    let target = cgroup_target(&cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
+    let target = cgroup_target(cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
     faultd
         .faults()
         .inject(with_ttl(
@@ -791,8 +784,7 @@ impl Drop for Stopped {
 #[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
 async fn a_frozen_faultd_stops_delaying_new_traffic_within_2s_of_the_deadline() {
     let _serial = SERIAL.lock().await;
-    let scene = RedisScene::start(fd_probe!()).await;
-    prioritize(scene.redis.pid());
+    let (scene, _app) = start_scene().await;
     let RedisScene {
         cgroup,
         faultd,
@@ -800,7 +792,6 @@ async fn a_frozen_faultd_stops_delaying_new_traffic_within_2s_of_the_deadline() 
         netns,
         ..
     } = &scene;
-    let _app = inside.resident();
     let mut faults = faultd.faults();
     let mut leases = faultd.leases();
     let lease = grant(&mut leases, Duration::from_secs(2)).await;

@@ -5,19 +5,22 @@ use std::time::Duration;
 use faultd_proto::v1::{Direction, FaultState, Protocol};
 use faultd_tests::api::{cgroup_target, counters, drop_fault, get_fault_until, remove, with_ttl};
 use faultd_tests::servers::{POSTGRES_PORT, REDIS_PORT};
-use faultd_tests::{Cgroup, Faultd, NetNs, Postgres, Redis, Workload, fd_probe};
+use faultd_tests::{Postgres, RedisScene, Workload, fd_probe};
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
 async fn full_drop_on_a_port_blackholes_that_service_for_the_cgroup_only() {
-    let netns = NetNs::new();
-    let _redis = Redis::start(&netns);
-    let _postgres = Postgres::start(&netns);
-    let cgroup = Cgroup::new();
-    let mut faultd = Faultd::start().await;
+    let mut scene = RedisScene::start(fd_probe!()).await;
+    let _postgres = Postgres::start(&scene.netns);
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        netns,
+        ..
+    } = &mut scene;
     let mut faults = faultd.faults();
-    let inside = Workload::inside(fd_probe!(), &cgroup, &netns);
-    let outside = Workload::outside(fd_probe!(), &netns);
+    let outside = Workload::outside(fd_probe!(), netns);
 
     // Without a fault both services answer from inside: what fails later is the fault's doing.
     let run = inside.redis_ping();
@@ -32,7 +35,7 @@ async fn full_drop_on_a_port_blackholes_that_service_for_the_cgroup_only() {
     );
 
     // --- Redis black-holed ---
-    let target = cgroup_target(&cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
+    let target = cgroup_target(cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
     let redis_fault = faults
         .inject(with_ttl(drop_fault(100.0, target), Duration::from_secs(60)))
         .await
@@ -99,7 +102,7 @@ async fn full_drop_on_a_port_blackholes_that_service_for_the_cgroup_only() {
     );
 
     // --- The mirror: PostgreSQL black-holed, Redis untouched ---
-    let target = cgroup_target(&cgroup, &[POSTGRES_PORT], Protocol::Tcp, Direction::Egress);
+    let target = cgroup_target(cgroup, &[POSTGRES_PORT], Protocol::Tcp, Direction::Egress);
     let pg_fault = faults
         .inject(with_ttl(drop_fault(100.0, target), Duration::from_secs(60)))
         .await

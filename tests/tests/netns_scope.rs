@@ -249,10 +249,7 @@ async fn delay_and_bandwidth_on_a_routers_interface_shape_the_traffic_routed_thr
     let routed = Routed::new();
     let _redis = Redis::start_bound(&routed.server, &[Routed::SERVER]);
     let state = TempDir::new("faultd-test-state");
-    let options = FaultdOptions {
-        state_dir: Some(state.path().to_path_buf()),
-        ..Default::default()
-    };
+    let options = FaultdOptions::with_state_dir(state.path());
     let mut faultd = Faultd::start_with(options.clone()).await;
     let mut faults = faultd.faults();
     let client = Workload::outside(fd_probe!(), &routed.client);

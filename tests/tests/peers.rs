@@ -4,20 +4,14 @@
 
 use std::time::Duration;
 
-use faultd_proto::v1::{Direction, Protocol, RemoveRequest, Target};
-use faultd_tests::api::{cgroup_target, drop_fault, reject_fault, remove, with_ttl};
+use faultd_proto::v1::{Direction, Protocol, RemoveRequest};
+use faultd_tests::api::{cgroup_target, drop_fault, reject_fault, remove, with_peers, with_ttl};
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::workload::ClientRun;
-use faultd_tests::{Cgroup, Faultd, NetNs, Redis, Workload, fd_probe};
+use faultd_tests::{Redis, RedisScene, Workload, fd_probe};
 use tonic::Code;
 
 const TTL: Duration = Duration::from_secs(60);
-
-fn with_peers(mut target: Target, peers: &[&str], exclude: &[&str]) -> Target {
-    target.peers = peers.iter().map(|p| p.to_string()).collect();
-    target.exclude_peers = exclude.iter().map(|p| p.to_string()).collect();
-    target
-}
 
 fn refused(run: &ClientRun) -> bool {
     format!("{}{}", run.stdout, run.stderr).contains("Connection refused")
@@ -26,14 +20,16 @@ fn refused(run: &ClientRun) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
 async fn a_peer_cidr_limits_a_drop_to_one_of_two_servers_on_the_same_port() {
-    let netns = NetNs::new();
-    // Two Redis servers on port 6379: one on 127.0.0.1 and ::1, one on 127.0.0.2.
-    let _first = Redis::start(&netns);
-    let _second = Redis::start_bound(&netns, &["127.0.0.2"]);
-    let cgroup = Cgroup::new();
-    let faultd = Faultd::start().await;
+    // Two Redis servers on port 6379: the scene's on 127.0.0.1 and ::1, one on 127.0.0.2.
+    let scene = RedisScene::start(fd_probe!()).await;
+    let _second = Redis::start_bound(&scene.netns, &["127.0.0.2"]);
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        ..
+    } = &scene;
     let mut faults = faultd.faults();
-    let inside = Workload::inside(fd_probe!(), &cgroup, &netns);
     for host in ["127.0.0.1", "::1", "127.0.0.2"] {
         let run = inside.redis_ping_at(host);
         assert!(
@@ -41,7 +37,7 @@ async fn a_peer_cidr_limits_a_drop_to_one_of_two_servers_on_the_same_port() {
             "before any fault, {host} should answer: {run}"
         );
     }
-    let target = || cgroup_target(&cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
+    let target = || cgroup_target(cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
 
     // Only the second server is black-holed.
     let second = faults
@@ -128,14 +124,17 @@ async fn a_peer_cidr_limits_a_drop_to_one_of_two_servers_on_the_same_port() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
 async fn drop_and_reject_hit_ipv6_and_ipv4_alike_unless_peers_say_otherwise() {
-    let netns = NetNs::new();
-    let _redis = Redis::start(&netns);
-    let cgroup = Cgroup::new();
-    let faultd = Faultd::start().await;
+    let scene = RedisScene::start(fd_probe!()).await;
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        netns,
+        ..
+    } = &scene;
     let mut faults = faultd.faults();
-    let inside = Workload::inside(fd_probe!(), &cgroup, &netns);
-    let outside = Workload::outside(fd_probe!(), &netns);
-    let target = || cgroup_target(&cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
+    let outside = Workload::outside(fd_probe!(), netns);
+    let target = || cgroup_target(cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
 
     // A drop without peers: both families.
     let drop = faults

@@ -9,26 +9,25 @@ use faultd_tests::bpf::BpfObjects;
 use faultd_tests::process::poll;
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::workload::timeline;
-use faultd_tests::{Cgroup, Faultd, FaultdOptions, NetNs, Redis, TempDir, Workload, fd_probe};
+use faultd_tests::{Faultd, FaultdOptions, RedisScene, TempDir, fd_probe};
 
 const RECOVERY_BOUND_MS: f64 = 1000.0;
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
 async fn sigkill_of_faultd_restores_traffic_and_leaves_nothing() {
-    let netns = NetNs::new();
-    let _redis = Redis::start(&netns);
-    let cgroup = Cgroup::new();
     let state = TempDir::new("faultd-test-state");
-    let options = FaultdOptions {
-        state_dir: Some(state.path().to_path_buf()),
-        ..Default::default()
-    };
-    let mut faultd = Faultd::start_with(options.clone()).await;
+    let options = FaultdOptions::with_state_dir(state.path());
+    let mut scene = RedisScene::start_with(fd_probe!(), options.clone()).await;
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        ..
+    } = &mut scene;
     let mut faults = faultd.faults();
-    let inside = Workload::inside(fd_probe!(), &cgroup, &netns);
 
-    let target = cgroup_target(&cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
+    let target = cgroup_target(cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
     faults
         .inject(with_ttl(drop_fault(100.0, target), Duration::from_secs(60)))
         .await
@@ -95,7 +94,7 @@ async fn sigkill_of_faultd_restores_traffic_and_leaves_nothing() {
     // A new faultd on the same state directory starts and works.
     let faultd = Faultd::start_with(options).await;
     let mut faults = faultd.faults();
-    let target = cgroup_target(&cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
+    let target = cgroup_target(cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
     let fault = faults
         .inject(with_ttl(drop_fault(100.0, target), Duration::from_secs(60)))
         .await
