@@ -15,7 +15,8 @@ use crate::fault::{Invalid, Scope};
 /// A scope as the kernel sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResolvedScope {
-    /// Path relative to the cgroup v2 root, always starting with `/`.
+    /// Path relative to faultd's cgroup root (`--cgroup-root`), always starting with `/`.
+    /// What the kernel calls the cgroup's path may differ: see [`namespace_path`].
     pub cgroup_path: String,
     /// The cgroup v2 id (the directory's inode number), as `bpf_skb_cgroup_id` returns it.
     pub cgroup_id: u64,
@@ -148,6 +149,49 @@ impl Resolve for CgroupRoot {
     }
 }
 
+/// The path of the cgroup directory `dir` as the kernel resolves cgroup paths for this process
+/// (from the root of its cgroup namespace), which is what xt_cgroup's `--path` takes. Not the
+/// path below `--cgroup-root`: that may be any directory of the hierarchy (a kubelet's own
+/// `--cgroup-root`, a tree of the tests), or a mount of another namespace's root. It is the
+/// root of the cgroup2 mount holding `dir`, as mountinfo shows it, joined with `dir` below the
+/// mount point.
+pub fn namespace_path(dir: &Path) -> Result<String, String> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
+    namespace_path_in(&mountinfo, dir)
+}
+
+fn namespace_path_in(mountinfo: &str, dir: &Path) -> Result<String, String> {
+    let (root, below) = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            if after.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            let mut fields = before.split_whitespace().skip(3);
+            let root = unescape(fields.next()?);
+            let point = PathBuf::from(unescape(fields.next()?));
+            let below = dir.strip_prefix(&point).ok()?.to_path_buf();
+            Some((point.components().count(), root, below))
+        })
+        .max_by_key(|(depth, _, _)| *depth)
+        .map(|(_, root, below)| (root, below))
+        .ok_or_else(|| format!("{} is on no cgroup2 mount", dir.display()))?;
+    if root == "/.." || root.starts_with("/../") {
+        return Err(format!(
+            "the cgroup {} lies outside faultd's cgroup namespace (its mount's root is {root}), \
+             where paths cannot name it",
+            dir.display()
+        ));
+    }
+    let mut path = PathBuf::from(root).join(below).display().to_string();
+    if path.len() > 1 && path.ends_with('/') {
+        path.pop();
+    }
+    Ok(path)
+}
+
 /// The mount point of a mountinfo line whose file system type is cgroup2.
 fn cgroup2_mount_point(line: &str) -> Option<PathBuf> {
     let (before, after) = line.split_once(" - ")?;
@@ -192,6 +236,31 @@ mod tests {
         );
         let v1 = "36 25 0:31 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu";
         assert_eq!(cgroup2_mount_point(v1), None);
+    }
+
+    #[test]
+    fn namespace_paths_start_at_the_mounts_root() {
+        let mountinfo = "\
+35 25 0:30 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw
+36 25 0:31 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu
+40 38 0:30 /kubepods /host/cgroup rw - cgroup2 cgroup2 rw
+41 38 0:30 /../.. /outside rw - cgroup2 cgroup2 rw";
+        let path = |dir: &str| namespace_path_in(mountinfo, Path::new(dir));
+        assert_eq!(path("/sys/fs/cgroup/unified").unwrap(), "/");
+        assert_eq!(
+            path("/sys/fs/cgroup/unified/test-1/kubepods/pod1").unwrap(),
+            "/test-1/kubepods/pod1"
+        );
+        assert_eq!(
+            path("/host/cgroup/besteffort/pod2").unwrap(),
+            "/kubepods/besteffort/pod2"
+        );
+        assert!(path("/outside/kubepods").unwrap_err().contains("outside"));
+        assert!(
+            path("/sys/fs/cgroup/cpu/x")
+                .unwrap_err()
+                .contains("no cgroup2")
+        );
     }
 
     #[test]
