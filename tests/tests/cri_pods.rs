@@ -364,37 +364,28 @@ fn pong_ms(client: &mut ConnClient, since: i128, window: Duration) -> Vec<f64> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "privileged: needs root, containerd, runc, CNI plugins, umoci, BPF, cgroup v2 and NFQUEUE; `cargo xtask test` runs it as root"]
-async fn delay_on_a_pod_adds_its_latency_to_the_pods_redis_round_trips_only() {
-    const DELAY_MS: f64 = 30.0;
-    let _serial = SERIAL.lock().await;
-    let mut pods = RedisPods::start(20).await;
+/// The delay the tests add: well above the loops' own round trip (under 1 ms), short enough
+/// for 50 samples in a few seconds.
+const DELAY_MS: f64 = 30.0;
+
+/// Injects `faultctl inject delay ARGS… --latency 30ms` and asserts, from the loops' own PONG
+/// timings over 3 s before and after, that the client pod's median round trip rises by the
+/// delay (± 2 ms) and the sibling's does not move (± 2 ms).
+fn assert_delay_adds_to_the_client_only(pods: &mut RedisPods, args: &[&str], what: &str) {
     let window = Duration::from_secs(3);
     let before = unix_ns();
     let (client_before, sibling_before) = (
         pong_ms(&mut pods.client, before, window),
         pong_ms(&mut pods.sibling, before, Duration::ZERO),
     );
-    let injected = inject(
-        &pods.faultctl,
-        &[
-            "delay",
-            "--pod",
-            &pods.client_pod.uid,
-            "--port",
-            &REDIS_PORT.to_string(),
-            "--direction",
-            "egress",
-            "--latency",
-            &format!("{DELAY_MS}ms"),
-            "--ttl",
-            "60s",
-        ],
-    );
+    let latency = format!("{DELAY_MS}ms");
+    let mut all = vec!["delay"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--latency", &latency, "--ttl", "60s"]);
+    let injected = inject(&pods.faultctl, &all);
     // Samples of PINGs sent after the fault was in place.
     let settled = injected + 200_000_000;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::thread::sleep(Duration::from_millis(200));
     let (client_after, sibling_after) = (
         pong_ms(&mut pods.client, settled, window),
         pong_ms(&mut pods.sibling, settled, Duration::ZERO),
@@ -407,14 +398,14 @@ async fn delay_on_a_pod_adds_its_latency_to_the_pods_redis_round_trips_only() {
     ] {
         assert!(
             samples.len() >= 30,
-            "{name}: too few PONGs to measure ({})",
+            "{what}: {name}: too few PONGs to measure ({})",
             samples.len()
         );
     }
     let added = median(&client_after) - median(&client_before);
     let sibling_added = median(&sibling_after) - median(&sibling_before);
     eprintln!(
-        "MEASURE cri_delay_requested_ms={DELAY_MS} client_median_before_ms={:.2} \
+        "MEASURE {what}: requested_ms={DELAY_MS} client_median_before_ms={:.2} \
          client_median_after_ms={:.2} added_ms={added:.2} sibling_added_ms={sibling_added:.2} \
          samples={}/{}",
         median(&client_before),
@@ -424,20 +415,33 @@ async fn delay_on_a_pod_adds_its_latency_to_the_pods_redis_round_trips_only() {
     );
     assert!(
         (added - DELAY_MS).abs() <= 2.0,
-        "a {DELAY_MS} ms delay on the pod should add {DELAY_MS} ms ± 2 ms to its median Redis \
-         round trip, added {added:.2} ms"
+        "{what}: a {DELAY_MS} ms delay should add {DELAY_MS} ms ± 2 ms to the client pod's median \
+         Redis round trip, added {added:.2} ms"
     );
     assert!(
         sibling_added.abs() <= 2.0,
-        "the sibling pod's median round trip should not move, moved {sibling_added:.2} ms"
+        "{what}: the sibling pod's median round trip should not move, moved {sibling_added:.2} ms"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, containerd, runc, CNI plugins, umoci, BPF, cgroup v2 and NFQUEUE; `cargo xtask test` runs it as root"]
+async fn delay_on_a_pod_adds_its_latency_to_the_pods_redis_round_trips_only() {
+    let _serial = SERIAL.lock().await;
+    let mut pods = RedisPods::start(20).await;
+    let uid = pods.client_pod.uid.clone();
+    assert_delay_adds_to_the_client_only(
+        &mut pods,
+        &["--pod", &uid, "--port", "6379", "--direction", "egress"],
+        "delay --pod",
     );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, containerd, runc, CNI plugins, umoci, BPF and cgroup v2; `cargo xtask test` runs it as root"]
-async fn drop_on_a_pods_interface_by_netns_black_holes_its_redis_calls() {
+async fn drop_and_delay_on_a_pods_interface_by_netns() {
     let _serial = SERIAL.lock().await;
-    let mut pods = RedisPods::start(100).await;
+    let mut pods = RedisPods::start(20).await;
     let netns = format!("/proc/{}/ns/net", pods.app.pid);
     let injected = inject(
         &pods.faultctl,
@@ -457,4 +461,19 @@ async fn drop_on_a_pods_interface_by_netns_black_holes_its_redis_calls() {
     let removed = remove_only_fault(&pods.faultd).await;
     pods.client
         .sees("pong", removed, "after Remove the client pod");
+
+    assert_delay_adds_to_the_client_only(
+        &mut pods,
+        &[
+            "--netns",
+            &netns,
+            "--iface",
+            "eth0",
+            "--port",
+            "6379",
+            "--direction",
+            "egress",
+        ],
+        "delay --netns --iface eth0",
+    );
 }
