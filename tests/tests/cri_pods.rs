@@ -3,16 +3,17 @@
 //! faultctl as a user runs it. Real clients in the pods feel each fault; a sibling pod on the
 //! node does not.
 
+use std::path::Path;
 use std::time::Duration;
 
 use faultd_tests::api::{list_faults, remove};
 use faultd_tests::clients::{ConnClient, at};
 use faultd_tests::cri::{Container, Node, Pod};
 use faultd_tests::kube::Qos;
-use faultd_tests::process::unix_ns;
+use faultd_tests::process::{blocking, unix_ns};
 use faultd_tests::servers::{POSTGRES_PORT, REDIS_PORT};
 use faultd_tests::workload::stats::median;
-use faultd_tests::{Faultctl, Faultd, FaultdOptions};
+use faultd_tests::{Faultctl, Faultd, FaultdOptions, Workload, fd_probe};
 use serde_json::Value;
 
 /// One rig at a time: each starts its own containerd, and the delay test measures time.
@@ -70,6 +71,8 @@ struct RedisPods {
     client_pod: Pod,
     /// The client pod's container.
     app: Container,
+    /// The sibling pod's container.
+    sibling_app: Container,
     redis: Pod,
     node: Node,
 }
@@ -81,7 +84,8 @@ impl RedisPods {
         let client_pod = node.pod("client", Qos::BestEffort);
         let sibling_pod = node.pod("sibling", Qos::BestEffort);
         let (app, mut client) = redis_loop(&mut node, &client_pod, "loop", 0, &redis, interval_ms);
-        let (_, mut sibling) = redis_loop(&mut node, &sibling_pod, "loop", 0, &redis, interval_ms);
+        let (sibling_app, mut sibling) =
+            redis_loop(&mut node, &sibling_pod, "loop", 0, &redis, interval_ms);
         let faultd = faultd_on(&node).await;
         client.sees("pong", 0, "before any fault, the client pod");
         sibling.sees("pong", 0, "before any fault, the sibling pod");
@@ -92,6 +96,7 @@ impl RedisPods {
             faultd,
             client_pod,
             app,
+            sibling_app,
             redis,
             node,
         }
@@ -475,5 +480,60 @@ async fn drop_and_delay_on_a_pods_interface_by_netns() {
             "egress",
         ],
         "delay --netns --iface eth0",
+    );
+}
+
+/// A command run in `container`'s cgroup and network namespace, as `kubectl exec` runs one.
+fn exec_in(container: &Container, label: &str) -> Workload {
+    let netns = format!("/proc/{}/ns/net", container.pid);
+    Workload::in_namespace_path(fd_probe!(), &container.cgroup_dir, Path::new(&netns), label)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, containerd, runc, CNI plugins, umoci, BPF, cgroup v2 and NFQUEUE; `cargo xtask test` runs it as root"]
+async fn bandwidth_on_a_pod_paces_its_large_get_only() {
+    const VALUE: usize = 1 << 20;
+    const KEY: &str = "faultd:big";
+    let _serial = SERIAL.lock().await;
+    let pods = RedisPods::start(100).await;
+    let inside = exec_in(&pods.app, "exec in the client pod");
+    let neighbour = exec_in(&pods.sibling_app, "exec in the sibling pod");
+    let redis = pods.redis.ip.clone();
+    blocking(|| neighbour.redis_set_at(&redis, KEY, VALUE));
+    let (bytes, base) = blocking(|| inside.redis_get_at(&redis, KEY));
+    assert!(
+        bytes >= VALUE as u64 && base < 0.5,
+        "baseline GET: {bytes} bytes in {base:.3} s"
+    );
+
+    inject(
+        &pods.faultctl,
+        &[
+            "bandwidth",
+            "--pod",
+            &pods.client_pod.uid,
+            "--port",
+            "6379",
+            "--rate",
+            "256KiB/s",
+            "--ttl",
+            "60s",
+        ],
+    );
+    let (bytes, paced) = blocking(|| inside.redis_get_at(&redis, KEY));
+    let (_, sibling) = blocking(|| neighbour.redis_get_at(&redis, KEY));
+    eprintln!(
+        "MEASURE bandwidth --pod 256KiB/s: 1 MiB GET in the pod {paced:.3} s (error {:+.1} %), \
+         in the sibling {sibling:.4} s, baseline {base:.4} s",
+        (paced - 4.0) / 4.0 * 100.0
+    );
+    assert!(bytes >= VALUE as u64, "the paced GET carried {bytes} bytes");
+    assert!(
+        (3.6..=4.4).contains(&paced),
+        "at 256 KiB/s a GET of 1 MiB in the client pod took {paced:.3} s (want 4 s ± 10%)"
+    );
+    assert!(
+        sibling < 0.5,
+        "in the sibling pod the same GET took {sibling:.3} s: it must not be paced"
     );
 }

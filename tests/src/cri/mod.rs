@@ -58,6 +58,8 @@ pub struct Container {
     pub pid: u32,
     /// Its CRI log file.
     pub log: PathBuf,
+    /// Its cgroup in the cgroup v2 hierarchy (cgroupfs driver: its id in the pod's).
+    pub cgroup_dir: PathBuf,
 }
 
 /// What a container runs.
@@ -388,10 +390,18 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             .and_then(|info| info["pid"].as_u64())
             .and_then(|pid| u32::try_from(pid).ok())
             .unwrap_or_else(|| panic!("no pid in the status of container {id}: {status:?}"));
+        let cgroup_dir = pod.cgroup_dir.join(&id);
+        assert!(
+            cgroup_dir.is_dir(),
+            "container {}: runc should have made its cgroup {}",
+            spec.name,
+            cgroup_dir.display()
+        );
         Container {
             id,
             name: spec.name.into(),
             pid,
+            cgroup_dir,
             log: Path::new(&pod.config.log_directory).join(log_path),
         }
     }
