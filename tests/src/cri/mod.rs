@@ -108,7 +108,6 @@ impl Node {
         let image = image::pod_image();
         let dir = TempDir::new("faultd-test-cri");
         let id = uniq();
-        let suffix = id.rsplit('-').next().expect("uniq has parts").to_owned();
         let cgroup_name = format!("faultd-test-{id}");
         let mut node = Node {
             client: None,
@@ -116,7 +115,7 @@ impl Node {
             sandboxes: Vec::new(),
             containerd: None,
             address: dir.join("containerd.sock"),
-            bridge: format!("fdc{suffix}"),
+            bridge: free_bridge_name(),
             network: format!("faultd-test-{id}"),
             cgroup_name,
             python_dirs: python_dirs(&python),
@@ -650,6 +649,22 @@ fn python_dirs(python: &Path) -> Vec<PathBuf> {
         dirs.push(prefix);
     }
     dirs
+}
+
+/// `fdc<6 hex digits>`, a name no link has: the bridge plugin would join an existing bridge,
+/// and teardown deletes this one.
+fn free_bridge_name() -> String {
+    (0..16)
+        .map(|_| {
+            let id = uniq();
+            format!("fdc{}", id.rsplit('-').next().expect("uniq has parts"))
+        })
+        .find(|name| {
+            !output(Command::new("ip").args(["link", "show", "dev", name]))
+                .status
+                .success()
+        })
+        .expect("a free bridge name")
 }
 
 /// A /24 in 10.213.0.0/16 that no route and no address of the host uses.
