@@ -59,12 +59,23 @@ impl CgroupRoot {
             .ok_or_else(|| "no cgroup2 file system is mounted (cgroup v2 is required)".to_string())
     }
 
+    /// A cgroup v2 directory, or the `/sys/fs/cgroup` of a hybrid layout (cgroup v1
+    /// controllers, v2 in its `unified`): the node's `/sys/fs/cgroup` that the DaemonSet
+    /// mounts at `/host/sys/fs/cgroup` is either.
     pub fn at(path: impl Into<PathBuf>) -> Result<Self, String> {
         let path = path.into();
-        if !path.join("cgroup.procs").is_file() {
-            return Err(format!("{} is not a cgroup v2 directory", path.display()));
+        if path.join("cgroup.procs").is_file() {
+            return Ok(Self { path });
         }
-        Ok(Self { path })
+        let unified = path.join("unified");
+        if unified.join("cgroup.procs").is_file() {
+            return Ok(Self { path: unified });
+        }
+        Err(format!(
+            "{} is not a cgroup v2 directory, nor a hybrid layout's /sys/fs/cgroup (with a cgroup \
+             v2 `unified` in it)",
+            path.display()
+        ))
     }
 
     pub fn path(&self) -> &Path {
@@ -261,6 +272,19 @@ mod tests {
                 .unwrap_err()
                 .contains("no cgroup2")
         );
+    }
+
+    #[test]
+    fn a_hybrid_layouts_root_means_its_unified_hierarchy() {
+        let dir = std::env::temp_dir().join(format!("faultd-unit-hybrid-{}", std::process::id()));
+        fs::create_dir_all(dir.join("unified")).unwrap();
+        fs::create_dir_all(dir.join("cpu")).unwrap();
+        assert!(CgroupRoot::at(&dir).unwrap_err().contains("hybrid"));
+        fs::write(dir.join("unified/cgroup.procs"), "").unwrap();
+        assert_eq!(CgroupRoot::at(&dir).unwrap().path(), dir.join("unified"));
+        fs::write(dir.join("cgroup.procs"), "").unwrap();
+        assert_eq!(CgroupRoot::at(&dir).unwrap().path(), dir);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
