@@ -65,7 +65,8 @@ pub struct Config {
     /// Directory this instance owns and locks; two agents cannot share one.
     #[arg(long, default_value = "/run/faultd")]
     pub state_dir: PathBuf,
-    /// The cgroup v2 root (default: where cgroup2 is mounted).
+    /// The cgroup v2 root (default: where cgroup2 is mounted); a hybrid layout's
+    /// /sys/fs/cgroup means its `unified`.
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "text")]

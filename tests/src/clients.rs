@@ -2,8 +2,11 @@
 //! `tests/clients/conn_client.py`, reporting what they see as timestamped JSON events.
 
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -36,9 +39,12 @@ pub fn venv_bin(tools: &[&str]) -> std::path::PathBuf {
     bin
 }
 
-/// A running client; killed if dropped.
+/// A running client; killed if dropped. Or the client a container runs, whose events are read
+/// from the container's log ([`ConnClient::follow_log`]).
 pub struct ConnClient {
     child: Option<Child>,
+    /// Set on drop: stops the thread that follows a container's log.
+    stop: Arc<AtomicBool>,
     events: Receiver<Value>,
     stderr: std::sync::mpsc::Receiver<String>,
     command: String,
@@ -85,11 +91,62 @@ impl ConnClient {
         });
         ConnClient {
             child: Some(child),
+            stop: Arc::new(AtomicBool::new(false)),
             events,
             stderr,
             command: describe(&cmd),
             seen: Vec::new(),
         }
+    }
+
+    /// The events a container's client prints, read from its CRI log file `log` (lines
+    /// `<time> stdout F <text>`, as the kubelet's log readers parse them); `label` names it in
+    /// messages. The file need not exist yet.
+    pub fn follow_log(log: &Path, label: &str) -> ConnClient {
+        let (tx, events) = channel();
+        let (_, stderr) = channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let path = log.to_path_buf();
+        let stopped = stop.clone();
+        std::thread::spawn(move || follow(&path, &tx, &stopped));
+        ConnClient {
+            child: None,
+            stop,
+            events,
+            stderr,
+            command: format!("{label} (log {})", log.display()),
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits up to 10 s for the next `event` ("pong", "error", ...) stamped after `since`
+    /// (unix ns); panics saying `what` and the last events seen otherwise.
+    pub fn sees(&mut self, event: &str, since: i128, what: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Some(seen) = self.next(deadline.saturating_duration_since(Instant::now())) {
+            if seen["event"] == event && at(&seen) > since {
+                return seen;
+            }
+        }
+        panic!(
+            "{what}: no {event:?} from `{}` within 10 s; it saw {:?}",
+            self.command,
+            self.seen.iter().rev().take(5).collect::<Vec<_>>()
+        );
+    }
+
+    /// The events stamped after `since`, reading for `window`.
+    pub fn events_after(&mut self, since: i128, window: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + window;
+        while self
+            .next(deadline.saturating_duration_since(Instant::now()))
+            .is_some()
+        {}
+        self.seen
+            .iter()
+            .filter(|e| at(e) > since)
+            .cloned()
+            .collect()
     }
 
     /// The next event within `timeout`, or None.
@@ -137,15 +194,59 @@ impl ConnClient {
                 .recv_timeout(Duration::from_secs(1))
                 .unwrap_or_default();
         }
-        "(still running)".into()
+        "(still running, or not a process of ours)".into()
     }
 }
 
 impl Drop for ConnClient {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
         if let Some(mut child) = self.child.take() {
             stop(&mut child, libc::SIGKILL, Duration::from_secs(2));
         }
+    }
+}
+
+/// Follows a CRI log file until `stop`, sending each JSON line of stdout; other lines (stderr,
+/// tracebacks) go to the test's stderr.
+fn follow(path: &PathBuf, tx: &Sender<Value>, stop: &AtomicBool) {
+    let idle = Duration::from_millis(20);
+    let file = loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        match std::fs::File::open(path) {
+            Ok(file) => break file,
+            Err(_) => std::thread::sleep(idle),
+        }
+    };
+    let mut reader = BufReader::new(file);
+    let (mut line, mut partial) = (String::new(), String::new());
+    while !stop.load(Ordering::Relaxed) {
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => {
+                std::thread::sleep(idle);
+                continue;
+            }
+            Ok(_) if !line.ends_with('\n') => continue, // the rest is still being written
+            Ok(_) => {}
+        }
+        // `<RFC 3339 time> <stream> <P|F> <text>`: P is a part of a longer line.
+        let mut parts = line.trim_end_matches('\n').splitn(4, ' ');
+        let (_, stream, tag, text) = (parts.next(), parts.next(), parts.next(), parts.next());
+        partial.push_str(text.unwrap_or(""));
+        if tag != Some("P") {
+            let text = std::mem::take(&mut partial);
+            match (stream, serde_json::from_str::<Value>(&text)) {
+                (Some("stdout"), Ok(value)) => {
+                    if tx.send(value).is_err() {
+                        return;
+                    }
+                }
+                _ => eprintln!("{}: {text}", path.display()),
+            }
+        }
+        line.clear();
     }
 }
 

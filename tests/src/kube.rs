@@ -74,26 +74,8 @@ impl KubeTree {
 
     /// A pod with a fresh uid.
     pub fn pod(&mut self, driver: Driver, qos: Qos) -> Pod {
-        let n = uniq().replace('-', "");
-        let n = format!("{n:0>12}");
-        let uid = format!(
-            "{}-4e5f-4a9b-8c1d-{}",
-            &n[n.len() - 8..],
-            &n[n.len() - 12..]
-        );
-        let u = uid.replace('-', "_");
-        let relative = match (driver, qos) {
-            (Driver::Systemd, Qos::Guaranteed) => format!("kubepods.slice/kubepods-pod{u}.slice"),
-            (Driver::Systemd, Qos::Burstable) => {
-                format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice")
-            }
-            (Driver::Systemd, Qos::BestEffort) => {
-                format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice")
-            }
-            (Driver::Cgroupfs, Qos::Guaranteed) => format!("kubepods/pod{uid}"),
-            (Driver::Cgroupfs, Qos::Burstable) => format!("kubepods/burstable/pod{uid}"),
-            (Driver::Cgroupfs, Qos::BestEffort) => format!("kubepods/besteffort/pod{uid}"),
-        };
+        let uid = pod_uid();
+        let relative = pod_cgroup(driver, qos, &uid);
         let dir = self.mkdir(Path::new(&relative));
         Pod { uid, dir, driver }
     }
@@ -121,6 +103,34 @@ impl KubeTree {
     pub fn remove_container(&mut self, dir: &Path) {
         empty_and_remove(dir);
         self.created.retain(|d| d != dir);
+    }
+}
+
+/// A fresh pod uid, shaped as Kubernetes makes them (a version-4 UUID).
+pub fn pod_uid() -> String {
+    let n = uniq().replace('-', "");
+    let n = format!("{n:0>12}");
+    format!(
+        "{}-4e5f-4a9b-8c1d-{}",
+        &n[n.len() - 8..],
+        &n[n.len() - 12..]
+    )
+}
+
+/// Where the kubelet puts a pod's cgroup, relative to its cgroup root.
+pub fn pod_cgroup(driver: Driver, qos: Qos, uid: &str) -> String {
+    let u = uid.replace('-', "_");
+    match (driver, qos) {
+        (Driver::Systemd, Qos::Guaranteed) => format!("kubepods.slice/kubepods-pod{u}.slice"),
+        (Driver::Systemd, Qos::Burstable) => {
+            format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice")
+        }
+        (Driver::Systemd, Qos::BestEffort) => {
+            format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice")
+        }
+        (Driver::Cgroupfs, Qos::Guaranteed) => format!("kubepods/pod{uid}"),
+        (Driver::Cgroupfs, Qos::Burstable) => format!("kubepods/burstable/pod{uid}"),
+        (Driver::Cgroupfs, Qos::BestEffort) => format!("kubepods/besteffort/pod{uid}"),
     }
 }
 

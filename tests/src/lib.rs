@@ -6,13 +6,15 @@
 //! ([`faultd`]). [`workload`] runs real clients and measurements inside a cgroup and a
 //! namespace through the `fd-probe` helper binary; [`api`] builds requests; [`bpf`] reads what
 //! the kernel holds; [`pki`] makes certificates for mTLS; [`http`] scrapes faultd's metrics
-//! endpoint. Nothing here skips: a missing tool or privilege is a panic that says what
+//! endpoint; [`cri`] is a node of the test's own, a real containerd running pods through the
+//! CRI. Nothing here skips: a missing tool or privilege is a panic that says what
 //! is missing.
 
 pub mod api;
 pub mod bpf;
 pub mod cgroup;
 pub mod clients;
+pub mod cri;
 pub mod faultd;
 pub mod http;
 pub mod kube;

@@ -201,7 +201,8 @@ impl Drop for Postgres {
     }
 }
 
-fn postgres_user() -> (libc::uid_t, libc::gid_t) {
+/// The host's postgres user: (uid, gid).
+pub fn postgres_user() -> (libc::uid_t, libc::gid_t) {
     let out = run_ok(Command::new("id").args(["-u", "postgres"]));
     let uid = String::from_utf8_lossy(&out.stdout)
         .trim()

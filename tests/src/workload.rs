@@ -16,6 +16,7 @@ use crate::servers::{POSTGRES_PORT, REDIS_PORT};
 pub struct Workload {
     probe: PathBuf,
     cgroup: Option<PathBuf>,
+    /// An `ip netns` name, or a namespace's path.
     netns: String,
     label: String,
 }
@@ -38,6 +39,17 @@ impl Workload {
             probe: probe.to_path_buf(),
             cgroup: Some(dir.to_path_buf()),
             netns: netns.name().to_owned(),
+            label: label.to_owned(),
+        }
+    }
+
+    /// In the cgroup directory `dir` and the network namespace at `netns_path` (e.g.
+    /// `/proc/PID/ns/net` of a pod's container): where `kubectl exec` runs a command.
+    pub fn in_namespace_path(probe: &Path, dir: &Path, netns_path: &Path, label: &str) -> Workload {
+        Workload {
+            probe: probe.to_path_buf(),
+            cgroup: Some(dir.to_path_buf()),
+            netns: netns_path.display().to_string(),
             label: label.to_owned(),
         }
     }

@@ -8,12 +8,11 @@ use std::time::Duration;
 use faultd_proto::v1::target::Scope;
 use faultd_proto::v1::{ContainerScope, Direction, PodScope, Protocol, RemoveRequest, Target};
 use faultd_tests::api::{drop_fault, with_ttl};
-use faultd_tests::clients::{ConnClient, at};
+use faultd_tests::clients::ConnClient;
 use faultd_tests::kube::{Driver, KubeTree, Pod, Qos, Runtime};
 use faultd_tests::process::unix_ns;
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::{Faultd, FaultdOptions, NetNs, Redis, Workload, fd_probe};
-use serde_json::Value;
 use tonic::Code;
 
 const TTL: Duration = Duration::from_secs(60);
@@ -55,37 +54,6 @@ fn client_loop(workload: &Workload) -> ConnClient {
     )
 }
 
-/// Waits for the loop's next `event` ("pong" or "error") stamped after `since` (unix ns).
-fn loop_sees(client: &mut ConnClient, event: &str, since: i128, what: &str) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while let Some(seen) =
-        client.next(deadline.saturating_duration_since(std::time::Instant::now()))
-    {
-        if seen["event"] == event && at(&seen) > since {
-            return seen;
-        }
-    }
-    panic!(
-        "{what}: no {event:?} from the client loop within 10 s; it saw {:?}",
-        client.seen().iter().rev().take(5).collect::<Vec<_>>()
-    );
-}
-
-/// Events of the loop stamped after `since`, reading for `window`.
-fn loop_events(client: &mut ConnClient, since: i128, window: Duration) -> Vec<Value> {
-    let deadline = std::time::Instant::now() + window;
-    while client
-        .next(deadline.saturating_duration_since(std::time::Instant::now()))
-        .is_some()
-    {}
-    client
-        .seen()
-        .iter()
-        .filter(|e| at(e) > since)
-        .cloned()
-        .collect()
-}
-
 /// One driver: a pod of two containers (and a sibling pod), each running a Redis client loop;
 /// a drop by pod uid; a container killed and restarted into a new scope; Remove.
 async fn pod_fault_covers_every_container(driver: Driver, qos: Qos, sibling_qos: Qos) {
@@ -111,7 +79,7 @@ async fn pod_fault_covers_every_container(driver: Driver, qos: Qos, sibling_qos:
         .collect();
     for (client, workload) in &mut loops {
         let what = format!("{driver:?}: before any fault, the {}", workload.label());
-        loop_sees(client, "pong", 0, &what);
+        client.sees("pong", 0, &what);
     }
 
     let injected = unix_ns();
@@ -139,14 +107,14 @@ async fn pod_fault_covers_every_container(driver: Driver, qos: Qos, sibling_qos:
             "{driver:?}: a drop on the pod should black-hole Redis for its {}",
             workload.label()
         );
-        let error = loop_sees(client, "error", injected, &what);
+        let error = client.sees("error", injected, &what);
         assert!(
             error["type"].as_str().unwrap_or("").contains("Timeout"),
             "{what}: {error}"
         );
     }
     let (neighbour_loop, _) = &mut loops[2];
-    let events = loop_events(neighbour_loop, injected, Duration::from_secs(2));
+    let events = neighbour_loop.events_after(injected, Duration::from_secs(2));
     assert!(
         events.len() >= 5 && events.iter().all(|e| e["event"] == "pong"),
         "{driver:?}: the sibling pod is not targeted and its loop should keep getting PONG: \
@@ -163,7 +131,7 @@ async fn pod_fault_covers_every_container(driver: Driver, qos: Qos, sibling_qos:
     let what = format!(
         "{driver:?}: a container restarted after the fault is in the pod and should be hit"
     );
-    let error = loop_sees(&mut restarted_loop, "error", started, &what);
+    let error = restarted_loop.sees("error", started, &what);
     assert!(
         restarted_loop.seen().iter().all(|e| e["event"] != "pong"),
         "{what}: {error}"
@@ -182,7 +150,7 @@ async fn pod_fault_covers_every_container(driver: Driver, qos: Qos, sibling_qos:
             "{driver:?}: after Remove the {} should get PONG again",
             workload.label()
         );
-        loop_sees(client, "pong", removed, &what);
+        client.sees("pong", removed, &what);
     }
 }
 

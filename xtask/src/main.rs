@@ -37,6 +37,12 @@ const PACKAGES: &[&str] = &[
     "postgresql-client",
     "procps",
     "python3-venv",
+    // The pod tests' node (tests/src/cri): containerd driven through the CRI, runc, CNI
+    // bridge networking, and umoci to build the pods' image without a registry.
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "umoci",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Python packages of the test clients (tests/clients), pinned: gRPC by reflection, real

@@ -1245,8 +1245,11 @@ impl Shaper for NfqueueShaper {
         let matcher = match &fault.target.scope {
             Scope::Netns { interface, .. } => netfilter::check_interface(interface)
                 .map(|()| Matcher::Interface(interface.clone())),
-            _ => netfilter::check_cgroup_path(&fault.resolved.cgroup_path)
-                .map(|()| Matcher::Cgroup(fault.resolved.cgroup_path.clone())),
+            // xt_cgroup resolves the path from iptables' cgroup namespace root, which need not
+            // be `--cgroup-root`.
+            _ => crate::target::namespace_path(&fault.resolved.dir).and_then(|path| {
+                netfilter::check_cgroup_path(&path).map(|()| Matcher::Cgroup(path))
+            }),
         }
         .map_err(|reason| DataplaneError::Unsupported {
             mechanism: Mechanism::Nfqueue.name(),

@@ -12,7 +12,8 @@ pub use peers::{Cidr, PeerSet};
 /// A scope as the kernel sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResolvedScope {
-    /// Path relative to the cgroup v2 root, always starting with `/`.
+    /// Path relative to faultd's cgroup root (`--cgroup-root`), always starting with `/`.
+    /// What the kernel calls the cgroup's path may differ: see `target::namespace_path`.
     pub cgroup_path: String,
     /// The cgroup v2 id (the directory's inode number), as `bpf_skb_cgroup_id` returns it.
     pub cgroup_id: u64,

@@ -49,12 +49,23 @@ impl CgroupRoot {
             .ok_or_else(|| "no cgroup2 file system is mounted (cgroup v2 is required)".to_string())
     }
 
+    /// A cgroup v2 directory, or the `/sys/fs/cgroup` of a hybrid layout (cgroup v1
+    /// controllers, v2 in its `unified`): the node's `/sys/fs/cgroup` that the DaemonSet
+    /// mounts at `/host/sys/fs/cgroup` is either.
     pub fn at(path: impl Into<PathBuf>) -> Result<Self, String> {
         let path = path.into();
-        if !path.join("cgroup.procs").is_file() {
-            return Err(format!("{} is not a cgroup v2 directory", path.display()));
+        if path.join("cgroup.procs").is_file() {
+            return Ok(Self { path });
         }
-        Ok(Self { path })
+        let unified = path.join("unified");
+        if unified.join("cgroup.procs").is_file() {
+            return Ok(Self { path: unified });
+        }
+        Err(format!(
+            "{} is not a cgroup v2 directory, nor a hybrid layout's /sys/fs/cgroup (with a cgroup \
+             v2 `unified` in it)",
+            path.display()
+        ))
     }
 
     pub fn path(&self) -> &Path {
@@ -139,6 +150,49 @@ impl Resolve for CgroupRoot {
     }
 }
 
+/// The path of the cgroup directory `dir` as the kernel resolves cgroup paths for this process
+/// (from the root of its cgroup namespace), which is what xt_cgroup's `--path` takes. Not the
+/// path below `--cgroup-root`: that may be any directory of the hierarchy (a kubelet's own
+/// `--cgroup-root`, a tree of the tests), or a mount of another namespace's root. It is the
+/// root of the cgroup2 mount holding `dir`, as mountinfo shows it, joined with `dir` below the
+/// mount point.
+pub fn namespace_path(dir: &Path) -> Result<String, String> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
+    namespace_path_in(&mountinfo, dir)
+}
+
+fn namespace_path_in(mountinfo: &str, dir: &Path) -> Result<String, String> {
+    let (root, below) = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            if after.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            let mut fields = before.split_whitespace().skip(3);
+            let root = unescape(fields.next()?);
+            let point = PathBuf::from(unescape(fields.next()?));
+            let below = dir.strip_prefix(&point).ok()?.to_path_buf();
+            Some((point.components().count(), root, below))
+        })
+        .max_by_key(|(depth, _, _)| *depth)
+        .map(|(_, root, below)| (root, below))
+        .ok_or_else(|| format!("{} is on no cgroup2 mount", dir.display()))?;
+    if root == "/.." || root.starts_with("/../") {
+        return Err(format!(
+            "the cgroup {} lies outside faultd's cgroup namespace (its mount's root is {root}), \
+             where paths cannot name it",
+            dir.display()
+        ));
+    }
+    let mut path = PathBuf::from(root).join(below).display().to_string();
+    if path.len() > 1 && path.ends_with('/') {
+        path.pop();
+    }
+    Ok(path)
+}
+
 /// The mount point of a mountinfo line whose file system type is cgroup2.
 fn cgroup2_mount_point(line: &str) -> Option<PathBuf> {
     let (before, after) = line.split_once(" - ")?;
@@ -183,6 +237,44 @@ mod tests {
         );
         let v1 = "36 25 0:31 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu";
         assert_eq!(cgroup2_mount_point(v1), None);
+    }
+
+    #[test]
+    fn namespace_paths_start_at_the_mounts_root() {
+        let mountinfo = "\
+35 25 0:30 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw
+36 25 0:31 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu
+40 38 0:30 /kubepods /host/cgroup rw - cgroup2 cgroup2 rw
+41 38 0:30 /../.. /outside rw - cgroup2 cgroup2 rw";
+        let path = |dir: &str| namespace_path_in(mountinfo, Path::new(dir));
+        assert_eq!(path("/sys/fs/cgroup/unified").unwrap(), "/");
+        assert_eq!(
+            path("/sys/fs/cgroup/unified/test-1/kubepods/pod1").unwrap(),
+            "/test-1/kubepods/pod1"
+        );
+        assert_eq!(
+            path("/host/cgroup/besteffort/pod2").unwrap(),
+            "/kubepods/besteffort/pod2"
+        );
+        assert!(path("/outside/kubepods").unwrap_err().contains("outside"));
+        assert!(
+            path("/sys/fs/cgroup/cpu/x")
+                .unwrap_err()
+                .contains("no cgroup2")
+        );
+    }
+
+    #[test]
+    fn a_hybrid_layouts_root_means_its_unified_hierarchy() {
+        let dir = std::env::temp_dir().join(format!("faultd-unit-hybrid-{}", std::process::id()));
+        fs::create_dir_all(dir.join("unified")).unwrap();
+        fs::create_dir_all(dir.join("cpu")).unwrap();
+        assert!(CgroupRoot::at(&dir).unwrap_err().contains("hybrid"));
+        fs::write(dir.join("unified/cgroup.procs"), "").unwrap();
+        assert_eq!(CgroupRoot::at(&dir).unwrap().path(), dir.join("unified"));
+        fs::write(dir.join("cgroup.procs"), "").unwrap();
+        assert_eq!(CgroupRoot::at(&dir).unwrap().path(), dir);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

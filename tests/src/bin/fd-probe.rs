@@ -12,7 +12,8 @@
 //! ```
 //!
 //! It joins the cgroup first (its own pid into DIR/cgroup.procs), then the network namespace
-//! (setns on /run/netns/NAME) while still single-threaded, so everything it runs or sends after
+//! (setns on /run/netns/NAME, or on NAME if it is a path such as /proc/PID/ns/net) while still
+//! single-threaded, so everything it runs or sends after
 //! that belongs to the workload. The cgroup comes first because `ip netns exec` style entry
 //! hides the cgroup v2 mount. Only std and libc: it must start fast and stay predictable.
 
@@ -103,8 +104,13 @@ fn take(args: &mut Vec<OsString>, what: &str) -> Result<OsString, String> {
     Ok(args.remove(0))
 }
 
+/// NAME is `ip netns`' (`/run/netns/NAME`), or a path such as `/proc/PID/ns/net` (a pod's).
 fn enter_netns(name: &str) -> Result<(), String> {
-    let path = format!("/run/netns/{name}");
+    let path = if name.contains('/') {
+        name.to_owned()
+    } else {
+        format!("/run/netns/{name}")
+    };
     let file = fs::File::open(&path).map_err(|e| format!("opening {path}: {e}"))?;
     // SAFETY: setns on a valid, open namespace fd; the process is single-threaded here.
     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };

@@ -1,0 +1,783 @@
+//! A node of the test's own: a real containerd (Debian's 1.6, its own root, state and socket
+//! in a temporary directory, runc with the cgroupfs driver, CNI bridge networking on a bridge
+//! and a /24 of its own) driven through the CRI as the kubelet drives it. Pods get their cgroup
+//! in their QoS class below a cgroup root of the test's own (`faultd-test-<uniq>`, as the
+//! kubelet's `--cgroup-root` places `kubepods`), their own network namespace and an IP.
+//!
+//! Dropping the [`Node`] stops and removes every container and sandbox, stops containerd and
+//! its shims, and removes what they leave: images and snapshots (the root directory), CNI
+//! state, the bridge, the cgroups in every hierarchy.
+
+mod image;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tonic::transport::Channel;
+
+use crate::cgroup::cgroup2_root;
+use crate::clients::ConnClient;
+use crate::kube::{Driver, Qos, pod_cgroup, pod_uid};
+use crate::process::{ChildGuard, describe, output, poll, run_ok, signal, stop};
+use crate::servers::{POSTGRES_BIN, POSTGRES_PORT, REDIS_PORT, postgres_user};
+use crate::tempdir::TempDir;
+use crate::uniq::uniq;
+
+/// The CRI subset of `proto/cri.proto` (package `runtime.v1`).
+pub mod api {
+    tonic::include_proto!("runtime.v1");
+}
+
+use api::runtime_service_client::RuntimeServiceClient;
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// Where the test clients (`tests/clients`) appear in a container.
+const CLIENTS_IN_CONTAINER: &str = "/faultd-clients";
+
+/// A running pod sandbox.
+pub struct Pod {
+    pub uid: String,
+    pub name: String,
+    pub sandbox_id: String,
+    /// Its address on the node's bridge.
+    pub ip: String,
+    /// Its cgroup in the cgroup v2 hierarchy.
+    pub cgroup_dir: PathBuf,
+    config: api::PodSandboxConfig,
+}
+
+/// A running container.
+pub struct Container {
+    pub id: String,
+    pub name: String,
+    /// Its main process (host pid).
+    pub pid: u32,
+    /// Its CRI log file.
+    pub log: PathBuf,
+    /// Its cgroup in the cgroup v2 hierarchy (cgroupfs driver: its id in the pod's).
+    pub cgroup_dir: PathBuf,
+}
+
+/// What a container runs.
+pub struct Spec<'a> {
+    pub name: &'a str,
+    /// The kubelet's restart count: a restarted container is the same name, attempt + 1.
+    pub attempt: u32,
+    pub command: Vec<String>,
+    /// (uid, gid); root if None.
+    pub user: Option<(u32, u32)>,
+}
+
+pub struct Node {
+    // Drop tears everything down in order; then the directory goes.
+    client: Option<RuntimeServiceClient<Channel>>,
+    containers: Vec<String>,
+    sandboxes: Vec<String>,
+    containerd: Option<ChildGuard>,
+    address: PathBuf,
+    bridge: String,
+    network: String,
+    /// `faultd-test-<uniq>`: the name of the cgroup root in every hierarchy.
+    cgroup_name: String,
+    /// Host directories the Python clients need (the venv, its base Python when that is not
+    /// under /usr), mounted read-only at the same paths.
+    python_dirs: Vec<PathBuf>,
+    python: PathBuf,
+    /// Host directories containerd and libcni make on first use that did not exist before.
+    created_host_dirs: Vec<&'static str>,
+    dir: TempDir,
+}
+
+/// Made by containerd (shim sockets) and libcni (result cache) on first use; children first.
+const HOST_DIRS: &[&str] = &[
+    "/run/containerd/s",
+    "/run/containerd",
+    "/var/lib/cni/results",
+    "/var/lib/cni",
+];
+
+impl Node {
+    /// Builds (or reuses) the image, starts containerd and imports the image.
+    pub fn start() -> Node {
+        crate::require_root();
+        let python = test_python();
+        let image = image::pod_image();
+        let dir = TempDir::new("faultd-test-cri");
+        let id = uniq();
+        let cgroup_name = format!("faultd-test-{id}");
+        let mut node = Node {
+            client: None,
+            containers: Vec::new(),
+            sandboxes: Vec::new(),
+            containerd: None,
+            address: dir.join("containerd.sock"),
+            bridge: free_bridge_name(),
+            network: format!("faultd-test-{id}"),
+            cgroup_name,
+            python_dirs: python_dirs(&python),
+            python,
+            created_host_dirs: HOST_DIRS
+                .iter()
+                .copied()
+                .filter(|d| !Path::new(d).exists())
+                .collect(),
+            dir,
+        };
+        let cgroup_root = node.cgroup_root();
+        std::fs::create_dir(&cgroup_root)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", cgroup_root.display()));
+        let subnet = free_subnet();
+        node.write_config(&subnet);
+
+        let log = node.dir.join("containerd.log");
+        let file = std::fs::File::create(&log).expect("containerd log");
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
+            .arg(node.dir.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("dup log"))
+            .stderr(file);
+        node.containerd = Some(ChildGuard::spawn("containerd", &mut cmd));
+        let address = node.address.clone();
+        let client = poll(START_TIMEOUT, || {
+            if let Some(containerd) = node.containerd.as_mut() {
+                containerd.assert_running(|| read(&log));
+            }
+            if !address.exists() {
+                return None;
+            }
+            block_on(async {
+                let channel = faultd::client::connect(&address).await.ok()?;
+                let mut client = RuntimeServiceClient::new(channel);
+                client
+                    .version(api::VersionRequest::default())
+                    .await
+                    .ok()
+                    .map(|_| client)
+            })
+        });
+        node.client = Some(client.unwrap_or_else(|| {
+            panic!(
+                "containerd did not answer the CRI Version call on {} within {START_TIMEOUT:?}; its log:\n{}",
+                address.display(),
+                read(&log)
+            )
+        }));
+        run_ok(
+            node.ctr()
+                .args(["images", "import", "--base-name", image::IMAGE])
+                .arg(&image),
+        );
+        node
+    }
+
+    /// Where faultd finds the pods: `--cgroup-root` (the kubelet's cgroup root in cgroup v2).
+    pub fn cgroup_root(&self) -> PathBuf {
+        cgroup2_root().join(&self.cgroup_name)
+    }
+
+    fn ctr(&self) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("-a").arg(&self.address).args(["-n", "k8s.io"]);
+        cmd
+    }
+
+    fn write_config(&self, subnet: &str) {
+        let d = self.dir.path().display();
+        let image = format!("{}:{}", image::IMAGE, image::TAG);
+        let config = format!(
+            r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{image}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  netns_mounts_under_state_dir = true
+  # Sandboxes ask for oom_score_adj -998, which needs CAP_SYS_RESOURCE: a machine running these
+  # tests (itself a container, say) may not grant it. Clamp to our own instead.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = "{d}/runc"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{d}/cni"
+    max_conf_num = 1
+"#
+        );
+        write(&self.dir.join("config.toml"), &config);
+        // No ipMasq: the pods talk on the bridge only, and the plugin adds no iptables rules.
+        let cni = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": self.network,
+            "plugins": [{
+                "type": "bridge",
+                "bridge": self.bridge,
+                "isGateway": true,
+                "ipMasq": false,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": subnet}]],
+                    "dataDir": self.dir.join("ipam"),
+                },
+            }],
+        });
+        let cni_dir = self.dir.join("cni");
+        std::fs::create_dir(&cni_dir).expect("cni conf dir");
+        write(&cni_dir.join("10-faultd-test.conflist"), &cni.to_string());
+    }
+
+    fn client(&self) -> RuntimeServiceClient<Channel> {
+        self.client.clone().expect("containerd is up")
+    }
+
+    /// RunPodSandbox for a pod `name` of a fresh uid in `qos` (cgroupfs driver).
+    pub fn pod(&mut self, name: &str, qos: Qos) -> Pod {
+        let uid = pod_uid();
+        let relative = pod_cgroup(Driver::Cgroupfs, qos, &uid);
+        let log_directory = self.dir.join(&format!("logs/{name}_{uid}"));
+        std::fs::create_dir_all(&log_directory).expect("pod log directory");
+        let config = api::PodSandboxConfig {
+            metadata: Some(api::PodSandboxMetadata {
+                name: name.into(),
+                uid: uid.clone(),
+                namespace: "faultd-test".into(),
+                attempt: 0,
+            }),
+            hostname: name.into(),
+            log_directory: log_directory.display().to_string(),
+            linux: Some(api::LinuxPodSandboxConfig {
+                cgroup_parent: format!("/{}/{relative}", self.cgroup_name),
+                security_context: Some(api::LinuxSandboxSecurityContext {
+                    namespace_options: Some(api::NamespaceOption {
+                        network: api::NamespaceMode::Pod.into(),
+                        pid: api::NamespaceMode::Container.into(),
+                        ipc: api::NamespaceMode::Pod.into(),
+                    }),
+                }),
+            }),
+            ..Default::default()
+        };
+        let mut client = self.client();
+        let sandbox_id = call(
+            "RunPodSandbox",
+            client.run_pod_sandbox(api::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: String::new(),
+            }),
+        )
+        .pod_sandbox_id;
+        self.sandboxes.push(sandbox_id.clone());
+        let status = call(
+            "PodSandboxStatus",
+            client.pod_sandbox_status(api::PodSandboxStatusRequest {
+                pod_sandbox_id: sandbox_id.clone(),
+                verbose: false,
+            }),
+        );
+        let ip = status
+            .status
+            .and_then(|s| s.network)
+            .map(|n| n.ip)
+            .filter(|ip| !ip.is_empty())
+            .unwrap_or_else(|| panic!("pod {name} ({sandbox_id}) got no IP from CNI"));
+        let cgroup_dir = self.cgroup_root().join(&relative);
+        assert!(
+            cgroup_dir.is_dir(),
+            "pod {name}: runc should have made its cgroup {} in cgroup v2",
+            cgroup_dir.display()
+        );
+        Pod {
+            uid,
+            name: name.into(),
+            sandbox_id,
+            ip,
+            cgroup_dir,
+            config,
+        }
+    }
+
+    /// CreateContainer + StartContainer in `pod`, with the host's `/usr`, the test venv and
+    /// `tests/clients` mounted read-only.
+    pub fn container(&mut self, pod: &Pod, spec: Spec) -> Container {
+        let log_path = format!("{}/{}.log", spec.name, spec.attempt);
+        let clients = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients");
+        let mut mounts = vec![
+            (PathBuf::from("/usr"), PathBuf::from("/usr")),
+            (PathBuf::from(CLIENTS_IN_CONTAINER), clients),
+        ];
+        mounts.extend(self.python_dirs.iter().map(|d| (d.clone(), d.clone())));
+        let mounts = mounts
+            .into_iter()
+            .map(|(inside, host)| api::Mount {
+                container_path: inside.display().to_string(),
+                host_path: host.display().to_string(),
+                readonly: true,
+            })
+            .collect();
+        let security_context = spec
+            .user
+            .map(|(uid, gid)| api::LinuxContainerSecurityContext {
+                run_as_user: Some(api::Int64Value { value: uid.into() }),
+                run_as_group: Some(api::Int64Value { value: gid.into() }),
+                ..Default::default()
+            });
+        let config = api::ContainerConfig {
+            metadata: Some(api::ContainerMetadata {
+                name: spec.name.into(),
+                attempt: spec.attempt,
+            }),
+            image: Some(api::ImageSpec {
+                image: format!("{}:{}", image::IMAGE, image::TAG),
+            }),
+            command: spec.command.clone(),
+            mounts,
+            log_path: log_path.clone(),
+            linux: Some(api::LinuxContainerConfig { security_context }),
+            ..Default::default()
+        };
+        let mut client = self.client();
+        let id = call(
+            "CreateContainer",
+            client.create_container(api::CreateContainerRequest {
+                pod_sandbox_id: pod.sandbox_id.clone(),
+                config: Some(config),
+                sandbox_config: Some(pod.config.clone()),
+            }),
+        )
+        .container_id;
+        self.containers.push(id.clone());
+        call(
+            "StartContainer",
+            client.start_container(api::StartContainerRequest {
+                container_id: id.clone(),
+            }),
+        );
+        let status = call(
+            "ContainerStatus",
+            client.container_status(api::ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: true,
+            }),
+        );
+        let pid = status
+            .info
+            .get("info")
+            .and_then(|info| serde_json::from_str::<Value>(info).ok())
+            .and_then(|info| info["pid"].as_u64())
+            .and_then(|pid| u32::try_from(pid).ok())
+            .unwrap_or_else(|| panic!("no pid in the status of container {id}: {status:?}"));
+        let cgroup_dir = pod.cgroup_dir.join(&id);
+        assert!(
+            cgroup_dir.is_dir(),
+            "container {}: runc should have made its cgroup {}",
+            spec.name,
+            cgroup_dir.display()
+        );
+        Container {
+            id,
+            name: spec.name.into(),
+            pid,
+            cgroup_dir,
+            log: Path::new(&pod.config.log_directory).join(log_path),
+        }
+    }
+
+    /// StopContainer (SIGTERM, then SIGKILL after `grace`) and RemoveContainer, as the kubelet
+    /// does before it starts the container again.
+    pub fn remove_container(&mut self, container: &Container, grace: Duration) {
+        let mut client = self.client();
+        call(
+            "StopContainer",
+            client.stop_container(api::StopContainerRequest {
+                container_id: container.id.clone(),
+                timeout: grace.as_secs() as i64,
+            }),
+        );
+        call(
+            "RemoveContainer",
+            client.remove_container(api::RemoveContainerRequest {
+                container_id: container.id.clone(),
+            }),
+        );
+        self.containers.retain(|id| *id != container.id);
+    }
+
+    /// A container running `conn_client.py MODE ARGS…` and its events, read from its log.
+    pub fn client_container(
+        &mut self,
+        pod: &Pod,
+        name: &str,
+        attempt: u32,
+        mode: &str,
+        args: &[&str],
+    ) -> (Container, ConnClient) {
+        let mut command = vec![
+            self.python.display().to_string(),
+            format!("{CLIENTS_IN_CONTAINER}/conn_client.py"),
+            mode.to_owned(),
+        ];
+        command.extend(args.iter().map(|a| a.to_string()));
+        let container = self.container(
+            pod,
+            Spec {
+                name,
+                attempt,
+                command,
+                user: None,
+            },
+        );
+        let label = format!("container {name} of pod {}", pod.name);
+        let events = ConnClient::follow_log(&container.log, &label);
+        (container, events)
+    }
+
+    /// A pod running `redis-server` on its IP, port 6379, once it answers PING.
+    pub fn redis_pod(&mut self) -> Pod {
+        let pod = self.pod("redis", Qos::Burstable);
+        let command = [
+            "/usr/bin/redis-server",
+            "--bind",
+            "0.0.0.0",
+            "--port",
+            &REDIS_PORT.to_string(),
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            "/tmp",
+        ];
+        let server = self.server(&pod, "redis-server", &command, None);
+        let mut ping = Command::new("redis-cli");
+        ping.args(["-h", &pod.ip, "-p", &REDIS_PORT.to_string(), "ping"]);
+        self.wait_ready(&server, &mut ping, "PONG");
+        pod
+    }
+
+    /// A pod running PostgreSQL 15 (trust auth, fsync off) on its IP, port 5432, once it
+    /// answers `select 1`.
+    pub fn postgres_pod(&mut self) -> Pod {
+        let pod = self.pod("postgres", Qos::Guaranteed);
+        let script = format!(
+            "set -e; {POSTGRES_BIN}/initdb -D /tmp/pg --auth=trust -U postgres --no-sync \
+             --no-instructions -E UTF8 --locale=C >/dev/null; \
+             echo 'host all all 0.0.0.0/0 trust' >> /tmp/pg/pg_hba.conf; \
+             exec {POSTGRES_BIN}/postgres -D /tmp/pg -c listen_addresses='*' -p {POSTGRES_PORT} \
+             -k /tmp -c fsync=off"
+        );
+        let server = self.server(
+            &pod,
+            "postgres",
+            &["/bin/sh", "-c", &script],
+            Some(postgres_user()),
+        );
+        let mut select = Command::new("psql");
+        select
+            .args(["-h", &pod.ip, "-p", &POSTGRES_PORT.to_string()])
+            .args(["-U", "postgres", "-Atc", "select 1"])
+            .env("PGCONNECT_TIMEOUT", "2");
+        self.wait_ready(&server, &mut select, "1");
+        pod
+    }
+
+    fn server(
+        &mut self,
+        pod: &Pod,
+        name: &str,
+        command: &[&str],
+        user: Option<(u32, u32)>,
+    ) -> Container {
+        self.container(
+            pod,
+            Spec {
+                name,
+                attempt: 0,
+                command: command.iter().map(|c| c.to_string()).collect(),
+                user,
+            },
+        )
+    }
+
+    fn wait_ready(&self, server: &Container, probe: &mut Command, answer: &str) {
+        let ready = poll(START_TIMEOUT, || {
+            let out = output(probe);
+            (String::from_utf8_lossy(&out.stdout).trim() == answer).then_some(())
+        });
+        assert!(
+            ready.is_some(),
+            "container {} did not answer `{}` within {START_TIMEOUT:?}; its log:\n{}",
+            server.name,
+            describe(probe),
+            read(&server.log)
+        );
+    }
+
+    fn teardown(&mut self) {
+        if let Some(mut client) = self.client.take() {
+            for id in self.containers.drain(..).rev() {
+                let stopped = try_call(client.stop_container(api::StopContainerRequest {
+                    container_id: id.clone(),
+                    timeout: 0,
+                }));
+                let removed = try_call(client.remove_container(api::RemoveContainerRequest {
+                    container_id: id.clone(),
+                }));
+                if let Err(e) = stopped.and(removed) {
+                    eprintln!("warning: removing container {id}: {e}");
+                }
+            }
+            for id in self.sandboxes.drain(..).rev() {
+                let stopped = try_call(client.stop_pod_sandbox(api::StopPodSandboxRequest {
+                    pod_sandbox_id: id.clone(),
+                }));
+                let removed = try_call(client.remove_pod_sandbox(api::RemovePodSandboxRequest {
+                    pod_sandbox_id: id.clone(),
+                }));
+                if let Err(e) = stopped.and(removed) {
+                    eprintln!("warning: removing pod sandbox {id}: {e}");
+                }
+            }
+        }
+        if let Some(mut containerd) = self.containerd.take() {
+            stop(&mut containerd.child, libc::SIGTERM, Duration::from_secs(5));
+            if std::thread::panicking() {
+                let log = read(&self.dir.join("containerd.log"));
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("containerd's log, last lines first:\n{}", tail.join("\n"));
+            }
+        }
+        // Shims outlive containerd by design; ours name its socket.
+        for pid in processes_naming(&self.address.display().to_string()) {
+            eprintln!("warning: killing containerd shim {pid} left behind");
+            signal(pid, libc::SIGKILL);
+        }
+        unmount_below(self.dir.path());
+        remove_cgroups(&self.cgroup_name);
+        let link = output(Command::new("ip").args(["link", "show", "dev", &self.bridge]));
+        if link.status.success() {
+            let out = output(Command::new("ip").args(["link", "del", "dev", &self.bridge]));
+            if !out.status.success() {
+                eprintln!("warning: ip link del {}: {:?}", self.bridge, out);
+            }
+        }
+        // libcni caches each ADD's result until its DEL.
+        let results = Path::new("/var/lib/cni/results");
+        for entry in std::fs::read_dir(results).into_iter().flatten().flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{}-", self.network))
+            {
+                eprintln!("warning: removing CNI cache {}", entry.path().display());
+                if let Err(e) = std::fs::remove_file(entry.path()) {
+                    eprintln!("warning: {e}");
+                }
+            }
+        }
+        for dir in &self.created_host_dirs {
+            if let Err(e) = std::fs::remove_dir(dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                eprintln!("warning: removing {dir}, which this node's containerd made: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// The Python of the test venv (`FAULTD_TEST_PYTHON`, set by `cargo xtask test`): containers
+/// run it from the host, mounted read-only.
+fn test_python() -> PathBuf {
+    let python = PathBuf::from(std::env::var_os("FAULTD_TEST_PYTHON").unwrap_or_else(|| {
+        panic!("set FAULTD_TEST_PYTHON to the test venv's python (cargo xtask test does)")
+    }));
+    assert!(
+        python.is_absolute() && python.exists(),
+        "FAULTD_TEST_PYTHON={} should be the absolute path of the test venv's python",
+        python.display()
+    );
+    python
+}
+
+/// The venv of `python` (`<venv>/bin/python3`) and, unless it is under /usr, the installation
+/// its `pyvenv.cfg` names as `home` (`<prefix>/bin`).
+fn python_dirs(python: &Path) -> Vec<PathBuf> {
+    let venv = python
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("{} is not in a venv's bin/", python.display()))
+        .to_path_buf();
+    let cfg = venv.join("pyvenv.cfg");
+    let home = read(&cfg)
+        .lines()
+        .find_map(|line| Some(line.split_once('=')?).filter(|(k, _)| k.trim() == "home"))
+        .map(|(_, v)| PathBuf::from(v.trim()))
+        .unwrap_or_else(|| panic!("no home in {}", cfg.display()));
+    let prefix = home.parent().unwrap_or(&home).to_path_buf();
+    let mut dirs = vec![venv];
+    if !prefix.starts_with("/usr") {
+        dirs.push(prefix);
+    }
+    dirs
+}
+
+/// `fdc<6 hex digits>`, a name no link has: the bridge plugin would join an existing bridge,
+/// and teardown deletes this one.
+fn free_bridge_name() -> String {
+    (0..16)
+        .map(|_| {
+            let id = uniq();
+            format!("fdc{}", id.rsplit('-').next().expect("uniq has parts"))
+        })
+        .find(|name| {
+            !output(Command::new("ip").args(["link", "show", "dev", name]))
+                .status
+                .success()
+        })
+        .expect("a free bridge name")
+}
+
+/// A /24 in 10.213.0.0/16 that no route and no address of the host uses.
+fn free_subnet() -> String {
+    let routes = String::from_utf8_lossy(&output(Command::new("ip").args(["-4", "route"])).stdout)
+        .into_owned()
+        + &String::from_utf8_lossy(&output(Command::new("ip").args(["-4", "addr"])).stdout);
+    let start = std::process::id() as usize;
+    (0..256)
+        .map(|i| 16 + (start + i * 7) % 224)
+        .map(|n| format!("10.213.{n}."))
+        .find(|prefix| !routes.contains(prefix.as_str()))
+        .map(|prefix| format!("{prefix}0/24"))
+        .expect("a free /24 in 10.213.0.0/16")
+}
+
+/// Runs `fut` to completion on the test's multi-thread runtime, from sync code.
+fn block_on<F: Future>(fut: F) -> F::Output {
+    let handle = tokio::runtime::Handle::try_current()
+        .expect("the CRI node is driven from a #[tokio::test(flavor = \"multi_thread\")]");
+    tokio::task::block_in_place(|| handle.block_on(fut))
+}
+
+fn try_call<T>(
+    fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, String> {
+    match block_on(tokio::time::timeout(CALL_TIMEOUT, fut)) {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(format!("{status:?}")),
+        Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
+    }
+}
+
+fn call<T>(what: &str, fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> T {
+    try_call(fut).unwrap_or_else(|e| panic!("CRI {what} failed: {e}"))
+}
+
+/// Pids whose command line contains `needle`.
+fn processes_naming(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (cmdline.contains("containerd-shim") && cmdline.contains(needle)).then_some(pid)
+        })
+        .collect()
+}
+
+/// Lazily unmounts whatever is still mounted below `dir` (overlay roots, netns bind mounts,
+/// shm) if containerd could not.
+fn unmount_below(dir: &Path) {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .filter(|point| Path::new(point).starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        eprintln!("warning: unmounting {point} left behind");
+        let c = std::ffi::CString::new(point).expect("no NUL in a mount point");
+        // SAFETY: umount2 with a NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            eprintln!(
+                "warning: umount {point}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Removes the tree `name` (children first) in every cgroup hierarchy: runc makes the pods'
+/// cgroups in the v1 hierarchies of a hybrid layout too, and nobody but the kubelet removes a
+/// pod's.
+fn remove_cgroups(name: &str) {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for line in mounts.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields.len() < 3 || !fields[2].starts_with("cgroup") {
+            continue;
+        }
+        let root = Path::new(fields[1]).join(name);
+        if root.is_dir() {
+            remove_tree(&root);
+        }
+    }
+}
+
+fn remove_tree(dir: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&entry.path());
+        }
+    }
+    let removed = poll(Duration::from_secs(5), || std::fs::remove_dir(dir).ok());
+    if removed.is_none() {
+        eprintln!(
+            "warning: could not remove cgroup {}: {}",
+            dir.display(),
+            std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default()
+        );
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()))
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
