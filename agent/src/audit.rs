@@ -73,7 +73,8 @@ pub struct Entry<'a> {
 impl Entry<'_> {
     pub fn to_json(&self, time: SystemTime) -> Value {
         json!({
-            "time": crate::api::convert::timestamp(time).to_string(),
+            // RFC 3339, as the API's timestamps read.
+            "time": prost_types::Timestamp::from(time).to_string(),
             "call": self.call,
             "peer": self.peer.to_json(),
             "request": self.request,
