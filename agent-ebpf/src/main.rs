@@ -19,7 +19,10 @@
 #![no_std]
 #![no_main]
 
+mod ancestry;
 mod shape;
+
+use ancestry::Step;
 
 use aya_ebpf::{
     helpers::{
@@ -35,7 +38,7 @@ use aya_ebpf::{
 };
 use faultd_common::{
     ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, Counters, DIR_CONNECT, DIR_EGRESS,
-    DIR_INGRESS, ECONNREFUSED, FAMILY_V4, FAMILY_V6, MAX_CGROUP_DEPTH, MAX_FAULTS, MAX_PEERS,
+    DIR_INGRESS, ECONNREFUSED, FAMILY_V4, FAMILY_V6, MAX_FAULTS, MAX_PEERS,
     MAX_RULES, MAX_SCOPES, PEER_KEY_FIXED_BITS, PROTO_TCP, PROTO_UDP, PeerKey, RuleKey, RuleValue,
     ScopeValue, netns_scope_id,
 };
@@ -173,25 +176,16 @@ fn remote_addr(ctx: &SkBuff, packet: &Packet) -> Option<[u8; 16]> {
 fn should_drop(ctx: &SkBuffContext, direction: u8) -> Option<bool> {
     let packet = parse(&ctx.skb, 0, direction)?;
     let skb = ctx.skb.skb;
-    let leaf = unsafe { bpf_skb_cgroup_id(skb) };
-    if leaf == 0 {
-        return None;
-    }
-    for level in 0..MAX_CGROUP_DEPTH {
-        let scope = unsafe { bpf_skb_ancestor_cgroup_id(skb, level as i32) };
-        if scope == 0 {
-            return None;
-        }
-        if unsafe { FAULTD_SCOPES.get(&scope) }.is_some()
-            && scope_drops(&ctx.skb, scope, direction, &packet)?
-        {
-            return Some(true);
-        }
-        if scope == leaf {
-            return None;
-        }
-    }
-    None
+    ancestry::walk(
+        unsafe { bpf_skb_cgroup_id(skb) },
+        |level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) },
+        |scope| unsafe { FAULTD_SCOPES.get(&scope) }.is_some(),
+        |scope| match scope_drops(&ctx.skb, scope, direction, &packet) {
+            Some(true) => Step::Found(true),
+            Some(false) => Step::Next,
+            None => Step::Stop,
+        },
+    )
 }
 
 /// Looks the packet up among the rules of one scope: counts it against the rule it matches and
@@ -298,34 +292,30 @@ fn should_refuse<const V6: bool>(ctx: &SockAddrContext) -> bool {
     }
     // The port is in network byte order in the low 16 bits.
     let port = u16::from_be(unsafe { (*addr).user_port } as u16);
-    let leaf = unsafe { bpf_get_current_cgroup_id() };
-    if leaf == 0 {
-        return false;
-    }
-    for level in 0..MAX_CGROUP_DEPTH {
-        let scope = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
-        if scope == 0 {
-            return false;
-        }
-        if unsafe { FAULTD_SCOPES.get(&scope) }.is_some()
-            && let Some(rule) =
-                connect_rule::<V6>(ctx, RuleKey::new(scope, PROTO_TCP, DIR_CONNECT, port))
-            && rule.action == ACTION_REJECT
-            && unsafe { bpf_ktime_get_ns() } < rule.expires_at_ns
-        {
-            if let Some(c) = FAULTD_COUNTERS.get_ptr_mut(rule.counter_slot) {
-                unsafe {
-                    (*c).matched += 1;
-                    (*c).refused += 1;
-                }
+    let refusing = ancestry::walk(
+        unsafe { bpf_get_current_cgroup_id() },
+        |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) },
+        |scope| unsafe { FAULTD_SCOPES.get(&scope) }.is_some(),
+        |scope| match connect_rule::<V6>(ctx, RuleKey::new(scope, PROTO_TCP, DIR_CONNECT, port)) {
+            Some(rule)
+                if rule.action == ACTION_REJECT
+                    && unsafe { bpf_ktime_get_ns() } < rule.expires_at_ns =>
+            {
+                Step::Found(rule)
             }
-            return true;
-        }
-        if scope == leaf {
-            return false;
+            _ => Step::Next,
+        },
+    );
+    let Some(rule) = refusing else {
+        return false;
+    };
+    if let Some(c) = FAULTD_COUNTERS.get_ptr_mut(rule.counter_slot) {
+        unsafe {
+            (*c).matched += 1;
+            (*c).refused += 1;
         }
     }
-    false
+    true
 }
 
 /// The rule of a connect's key, through the peers map when its faults name peers. `V6`: the

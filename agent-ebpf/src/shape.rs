@@ -17,8 +17,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
+use crate::ancestry::Step;
 use faultd_common::{
-    Counters, DIR_EGRESS, DIST_SCALE, DIST_SIZE, FAMILY_V4, FAMILY_V6, MAX_CGROUP_DEPTH,
+    Counters, DIR_EGRESS, DIST_SCALE, DIST_SIZE, FAMILY_V4, FAMILY_V6,
     MAX_FAULTS, MAX_PEERS, MAX_RULES, MAX_SCOPES, PEER_KEY_FIXED_BITS, PROTO_TCP, PROTO_UDP,
     PeerKey, RuleKey, SHAPE_CLASS, SHAPE_EDT, SHAPE_PASS, SHAPE_PEERS, ScopeValue, ShapeState,
     ShapeValue,
@@ -152,37 +153,25 @@ fn peer_rule(ctx: &TcContext, rule: RuleKey, packet: &Packet) -> Option<&'static
 fn lookup(ctx: &TcContext, packet: &Packet) -> Option<&'static ShapeValue> {
     let (protocol, local, remote) = (packet.protocol, packet.local, packet.remote);
     let skb = ctx.skb.skb;
-    let leaf = unsafe { bpf_skb_cgroup_id(skb) };
-    if leaf == 0 {
-        return None;
-    }
-    for level in 0..MAX_CGROUP_DEPTH {
-        let scope = unsafe { bpf_skb_ancestor_cgroup_id(skb, level as i32) };
-        if scope == 0 {
-            return None;
-        }
-        if unsafe { FAULTD_SHAPE_SCOPES.get(&scope) }.is_some() {
+    crate::ancestry::walk(
+        unsafe { bpf_skb_cgroup_id(skb) },
+        |level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) },
+        |scope| unsafe { FAULTD_SHAPE_SCOPES.get(&scope) }.is_some(),
+        |scope| {
             let mut key = RuleKey::new(scope, protocol, DIR_EGRESS, remote);
             let mut found = unsafe { FAULTD_SHAPES.get(&key) };
             if found.is_none() {
                 key = RuleKey::new(scope, protocol, DIR_EGRESS, local);
                 found = unsafe { FAULTD_SHAPES.get(&key) };
             }
-            if let Some(rule) = found {
-                if rule.mechanism != SHAPE_PEERS {
-                    return found;
-                }
+            match found {
+                Some(rule) if rule.mechanism != SHAPE_PEERS => Step::Found(rule),
                 // No fault of this scope is for this peer: an ancestor's may be.
-                if let Some(peer) = peer_rule(ctx, key, packet) {
-                    return Some(peer);
-                }
+                Some(_) => peer_rule(ctx, key, packet).map_or(Step::Next, Step::Found),
+                None => Step::Next,
             }
-        }
-        if scope == leaf {
-            return None;
-        }
-    }
-    None
+        },
+    )
 }
 
 #[inline(always)]
