@@ -50,7 +50,8 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
             "ttl": request.ttl.map(|t| t.to_string()),
             "labels": request.labels,
         });
-        let result = convert::ttl(request.ttl.as_ref(), "ttl")
+        let result = convert::check_labels(&request.labels, "labels")
+            .and_then(|()| convert::ttl(request.ttl.as_ref(), "ttl"))
             .map_err(Status::from)
             .and_then(|ttl| {
                 let labels = request.labels.into_iter().collect();

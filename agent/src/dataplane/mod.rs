@@ -44,6 +44,13 @@ pub enum DataplaneError {
         mechanism: &'static str,
         reason: String,
     },
+    /// A mechanism ran out of something it hands out (RESOURCE_EXHAUSTED), e.g. the conntrack
+    /// mark ids of NFQUEUE ingress faults.
+    #[error("{mechanism}: {reason}")]
+    Exhausted {
+        mechanism: &'static str,
+        reason: String,
+    },
     /// A shaping mechanism could not apply or revert a fault.
     #[error("{mechanism}: {reason}")]
     Shaper {

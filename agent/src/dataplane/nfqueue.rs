@@ -1072,12 +1072,13 @@ impl NfqueueShaper {
             true => Some(
                 (1..=netfilter::MAX_MARK_ID)
                     .find(|id| !marks.contains(id))
-                    .ok_or_else(|| {
-                        shaper_error(format!(
+                    .ok_or_else(|| DataplaneError::Exhausted {
+                        mechanism: Mechanism::Nfqueue.name(),
+                        reason: format!(
                             "all {} connection-mark ids for ingress faults are in use in this \
                              network namespace",
                             netfilter::MAX_MARK_ID
-                        ))
+                        ),
                     })?,
             ),
         };
