@@ -1,0 +1,163 @@
+//! What a local user without privileges can do to faultd, and how faultd protects itself: the
+//! metrics port cannot starve the API of descriptors, and idle or slow HTTP connections go.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use faultd_proto::v1::{Direction, Protocol};
+use faultd_tests::api::{cgroup_target, drop_fault, remove, with_ttl};
+use faultd_tests::process::{blocking, wait_timeout};
+use faultd_tests::{Cgroup, Faultctl, Faultd, FaultdOptions};
+
+/// The uid and gid of `nobody` on Debian.
+const NOBODY: u32 = 65534;
+/// What a gRPC call may take while the metrics port is flooded.
+const API_BOUND: Duration = Duration::from_secs(2);
+/// faultd's header timeout (agent/src/http.rs HEADER_TIMEOUT) plus scheduling slack.
+const IDLE_CLOSED_WITHIN: Duration = Duration::from_secs(12);
+
+/// Opens `count` TCP connections to `addr` as `nobody`, says how many opened, then reports
+/// how many faultd closed (EOF or reset) and when, as `open N` and `closed K of N after S s`.
+const HOLDER: &str = r#"
+import select, socket, sys, time
+host, port, count, wait = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+conns = []
+for _ in range(count):
+    s = socket.socket()
+    s.connect((host, port))
+    conns.append(s)
+print("open", len(conns), flush=True)
+started = time.monotonic()
+open_ = set(conns)
+last = 0.0
+while open_ and time.monotonic() - started < wait:
+    ready, _, _ = select.select(list(open_), [], [], 0.5)
+    for s in ready:
+        try:
+            data = s.recv(1)
+        except OSError:
+            data = b""
+        if not data:
+            open_.discard(s)
+            last = time.monotonic() - started
+print("closed", len(conns) - len(open_), "of", len(conns), "after", round(last, 2), flush=True)
+"#;
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn idle_metrics_connections_of_a_user_neither_starve_the_api_nor_stay() {
+    let cgroup = Cgroup::new();
+    let faultd = Faultd::start_with(FaultdOptions {
+        extra_args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
+        nofile: Some(256),
+        ..Default::default()
+    })
+    .await;
+    let metrics = faultd.metrics_addr();
+    let (host, port) = metrics.rsplit_once(':').expect("HOST:PORT");
+
+    let mut holder = Command::new("python3");
+    holder
+        .args(["-c", HOLDER, host, port, "400", "30"])
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    // SAFETY: between fork and exec only setgroups/setgid/setuid run (async-signal-safe).
+    unsafe {
+        holder.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(NOBODY) != 0
+                || libc::setuid(NOBODY) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut holder = holder.spawn().expect("python3 runs as nobody");
+    let mut lines = BufReader::new(holder.stdout.take().expect("piped")).lines();
+    let opened = blocking(|| lines.next())
+        .expect("the holder reports")
+        .expect("readable");
+    let opened_at = Instant::now();
+    assert_eq!(opened, "open 400", "nobody opened its connections");
+    let fds = open_fds(faultd.pid());
+
+    // The API answers at once: faultctl list, an Inject and a Remove.
+    let cli = Faultctl::new(&faultd);
+    let started = Instant::now();
+    let mut list = cli.command();
+    list.arg("list")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut list = list.spawn().expect("faultctl runs");
+    let status = blocking(|| wait_timeout(&mut list, Duration::from_secs(10)));
+    let listed = started.elapsed();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "faultctl list failed or hung ({status:?}) with 400 idle metrics connections; faultd holds \
+         {fds} descriptors; its log:\n{}",
+        faultd.log()
+    );
+    let mut faults = faultd.faults();
+    let started = Instant::now();
+    let injected = tokio::time::timeout(
+        Duration::from_secs(10),
+        faults.inject(with_ttl(
+            drop_fault(
+                100.0,
+                cgroup_target(&cgroup, &[6379], Protocol::Tcp, Direction::Egress),
+            ),
+            Duration::from_secs(60),
+        )),
+    )
+    .await
+    .expect("Inject answers")
+    .expect("Inject succeeds")
+    .into_inner();
+    let inject_took = started.elapsed();
+    remove(&mut faults, &injected.id).await;
+    eprintln!(
+        "with 400 idle metrics connections (faultd at {fds} of 256 descriptors): faultctl list \
+         {listed:?}, Inject {inject_took:?}"
+    );
+    assert!(listed < API_BOUND, "faultctl list took {listed:?}");
+    assert!(inject_took < API_BOUND, "Inject took {inject_took:?}");
+    assert!(
+        fds < 256 - 32,
+        "faultd kept no descriptors in reserve: {fds} of 256 open"
+    );
+
+    // Every idle connection is closed by faultd: at once beyond the cap, the rest after the
+    // header timeout.
+    let closed = blocking(|| lines.next())
+        .expect("the holder reports")
+        .expect("readable");
+    let waited = opened_at.elapsed();
+    let _exited = blocking(|| wait_timeout(&mut holder, Duration::from_secs(5)));
+    eprintln!("{closed} ({waited:?} after they opened)");
+    assert!(
+        closed.starts_with("closed 400 of 400"),
+        "faultd left idle connections open: {closed}"
+    );
+    let after: f64 = closed
+        .rsplit(' ')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("seconds");
+    assert!(
+        Duration::from_secs_f64(after) < IDLE_CLOSED_WITHIN,
+        "the last idle connection went after {after} s"
+    );
+
+    // And the endpoint serves again.
+    let (status, _) = faultd_tests::http::get(&metrics, "/healthz");
+    assert_eq!(status, 200, "/healthz after the flood");
+}
