@@ -2,13 +2,14 @@
 //! metrics port cannot starve the API of descriptors, and idle or slow HTTP connections go.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use faultd_proto::v1::{Direction, Protocol};
 use faultd_tests::api::{cgroup_target, drop_fault, remove, with_ttl};
-use faultd_tests::process::{blocking, wait_timeout};
+use faultd_tests::process::{blocking, stop, wait_timeout};
 use faultd_tests::{Cgroup, Faultctl, Faultd, FaultdOptions};
 
 /// The uid and gid of `nobody` on Debian.
@@ -160,4 +161,94 @@ async fn idle_metrics_connections_of_a_user_neither_starve_the_api_nor_stay() {
     // And the endpoint serves again.
     let (status, _) = faultd_tests::http::get(&metrics, "/healthz");
     assert_eq!(status, 200, "/healthz after the flood");
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn under_umask_000_the_socket_and_the_state_stay_private() {
+    let faultd = Faultd::start_with(FaultdOptions {
+        umask: Some(0o000),
+        ..Default::default()
+    })
+    .await;
+    let mut wrong = Vec::new();
+    let socket = faultd.socket();
+    if mode(socket) != 0o660 {
+        wrong.push(format!("socket {} is {:o}", socket.display(), mode(socket)));
+    }
+    let state = faultd.state_dir();
+    if mode(state) != 0o700 {
+        wrong.push(format!(
+            "state directory {} is {:o}",
+            state.display(),
+            mode(state)
+        ));
+    }
+    for entry in std::fs::read_dir(state).expect("state directory") {
+        let path = entry.expect("entry").path();
+        if mode(&path) != 0o600 {
+            wrong.push(format!("{} is {:o}", path.display(), mode(&path)));
+        }
+    }
+    let parent = socket.parent().expect("the socket has a directory");
+    for entry in std::fs::read_dir(parent).expect("socket directory") {
+        let name = entry.expect("entry").file_name();
+        if name.to_string_lossy().starts_with(".faultd-bind-") {
+            wrong.push(format!("left behind: {name:?}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "under umask 000:\n  {}",
+        wrong.join("\n  ")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn a_start_that_fails_exits_non_zero_and_leaves_no_socket() {
+    faultd_tests::require_root();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let port = taken.local_addr().expect("bound").port();
+    let dir = faultd_tests::TempDir::new("faultd-test-failed-start");
+    let socket = dir.join("faultd.sock");
+    let log = dir.join("faultd.log");
+    let mut child = Command::new(faultd_tests::faultd::binary("FAULTD_BIN", "faultd"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("faultd starts");
+    let status = blocking(|| wait_timeout(&mut child, Duration::from_secs(30)));
+    if status.is_none() {
+        stop(&mut child, libc::SIGKILL, Duration::from_secs(5));
+    }
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "faultd with a taken --metrics-addr: {status:?}; its log:\n{output}"
+    );
+    assert!(
+        output.contains("--metrics-addr"),
+        "the error names the flag:\n{output}"
+    );
+    assert!(
+        !socket.exists(),
+        "the failed start left its socket {}",
+        socket.display()
+    );
+    drop(taken);
 }
