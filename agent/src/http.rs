@@ -1,9 +1,10 @@
 //! The HTTP endpoint on `--metrics-addr`: `GET /metrics` (Prometheus) and `GET /healthz` (the
 //! kernel probe, whether the datapath is loaded, and whether the engine answers).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use http_body_util::Full;
@@ -15,7 +16,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{oneshot, watch};
 
 use crate::caps::Capabilities;
 use crate::engine::Engine;
@@ -31,8 +32,8 @@ pub struct Endpoint {
     pub caps: Arc<Capabilities>,
 }
 
-/// Most connections served at once (fewer when faultd has few descriptors, see `Budget`);
-/// more are closed as they arrive. A Prometheus server and a few probes need a handful.
+/// Most connections served at once (fewer when faultd has few descriptors, see `Budget`); a
+/// newer one closes the oldest. A Prometheus server and a few probes need a handful.
 const MAX_CONNECTIONS: usize = 32;
 
 /// A request's head must arrive whole within this, and a kept-alive connection gets no longer
@@ -43,7 +44,7 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// that reads its response slowly).
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
-/// Warnings about refused connections come at most this often.
+/// Warnings about connections closed early come at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// What the endpoint may use of faultd's descriptors, from RLIMIT_NOFILE: the API, leases,
@@ -86,14 +87,27 @@ impl Budget {
     }
 }
 
-/// Serves until `shutdown` turns true.
+/// The connections being served, oldest first, each with the means to close it.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    oldest_first: VecDeque<(u64, oneshot::Sender<()>)>,
+}
+
+fn lock(open: &Mutex<Open>) -> MutexGuard<'_, Open> {
+    open.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Serves until `shutdown` turns true. When `budget.connections` are open, a new connection
+/// closes the oldest: idle connections cannot keep a probe or a scrape out, since these send
+/// their request at once. When descriptors run low, new connections are closed at once.
 pub async fn serve(listener: TcpListener, endpoint: Endpoint, shutdown: watch::Receiver<bool>) {
     let budget = Budget::of_process();
     tracing::debug!(?budget, "metrics endpoint");
-    let slots = Arc::new(Semaphore::new(budget.connections));
+    let open = Arc::new(Mutex::new(Open::default()));
     let stopped = crate::api::stopped(shutdown);
     tokio::pin!(stopped);
-    let mut refused = 0u64;
+    let (mut closed_early, mut refused) = (0u64, 0u64);
     let mut warned: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
@@ -110,38 +124,57 @@ pub async fn serve(listener: TcpListener, endpoint: Endpoint, shutdown: watch::R
             }
         };
         let low_on_fds = u64::try_from(stream.as_raw_fd()).unwrap_or(0) >= budget.fd_ceiling;
-        let slot = match low_on_fds {
-            true => None,
-            false => slots.clone().try_acquire_owned().ok(),
-        };
-        let Some(slot) = slot else {
+        let (admitted, crowded) = match low_on_fds {
             // Closed at once: the client sees EOF, and the descriptor is free again.
-            drop(stream);
-            refused += 1;
-            if warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
-                warned = Some(Instant::now());
-                tracing::warn!(
-                    refused,
-                    max_connections = budget.connections,
-                    low_on_fds,
-                    "metrics endpoint: too many connections; closing new ones"
-                );
+            true => {
+                drop(stream);
+                refused += 1;
+                (None, true)
             }
+            false => {
+                let mut open = lock(&open);
+                let full = open.oldest_first.len() >= budget.connections;
+                if full && let Some((_, oldest)) = open.oldest_first.pop_front() {
+                    // An error means it has just ended by itself.
+                    let _ended = oldest.send(());
+                    closed_early += 1;
+                }
+                let id = open.next;
+                open.next += 1;
+                let (close, closed) = oneshot::channel();
+                open.oldest_first.push_back((id, close));
+                (Some((stream, id, closed)), full)
+            }
+        };
+        if crowded && warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+            warned = Some(Instant::now());
+            tracing::warn!(
+                max_connections = budget.connections,
+                closed_oldest = closed_early,
+                refused_low_on_descriptors = refused,
+                "metrics endpoint: too many connections"
+            );
+        }
+        let Some((stream, id, closed)) = admitted else {
             continue;
         };
-        let endpoint = endpoint.clone();
+        let (endpoint, open) = (endpoint.clone(), open.clone());
         tokio::spawn(async move {
-            let _slot = slot;
             let service = service_fn(move |request| handle(endpoint.clone(), request));
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(error = %e, "metrics endpoint: connection"),
-                Err(_) => tracing::debug!("metrics endpoint: connection lived too long; closed"),
+            tokio::select! {
+                served = tokio::time::timeout(CONNECTION_LIFETIME, connection) => match served {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "metrics endpoint: connection"),
+                    Err(_) => tracing::debug!("metrics endpoint: connection lived too long; closed"),
+                },
+                // Told to make room, or the endpoint stopped.
+                _ = closed => tracing::debug!("metrics endpoint: closed for a newer connection"),
             }
+            lock(&open).oldest_first.retain(|(other, _)| *other != id);
         });
     }
 }
