@@ -52,8 +52,8 @@ pub struct FaultdOptions {
     /// `--max-ttl`, e.g. "1h"; faultd's default if None.
     pub max_ttl: Option<String>,
     pub extra_args: Vec<String>,
-    /// RLIMIT_NOFILE (soft and hard) faultd starts with; the test's own if None.
-    pub nofile: Option<u64>,
+    /// RLIMIT_NOFILE (soft, hard) faultd starts with; the test's own if None.
+    pub nofile: Option<(u64, u64)>,
     /// The umask faultd starts with; the test's own if None.
     pub umask: Option<u32>,
 }
@@ -111,10 +111,10 @@ impl Faultd {
             // async-signal-safe, on values copied in before the fork.
             unsafe {
                 cmd.pre_exec(move || {
-                    if let Some(n) = nofile {
+                    if let Some((soft, hard)) = nofile {
                         let limit = libc::rlimit {
-                            rlim_cur: n,
-                            rlim_max: n,
+                            rlim_cur: soft,
+                            rlim_max: hard,
                         };
                         if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
                             return Err(std::io::Error::last_os_error());

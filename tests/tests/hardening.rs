@@ -56,7 +56,7 @@ async fn idle_metrics_connections_of_a_user_neither_starve_the_api_nor_stay() {
     let cgroup = Cgroup::new();
     let faultd = Faultd::start_with(FaultdOptions {
         extra_args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
-        nofile: Some(256),
+        nofile: Some((256, 256)),
         ..Default::default()
     })
     .await;
@@ -177,9 +177,10 @@ fn mode(path: &std::path::Path) -> u32 {
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
-async fn under_umask_000_the_socket_and_the_state_stay_private() {
+async fn under_umask_000_the_socket_and_the_state_stay_private_and_descriptors_are_raised() {
     let faultd = Faultd::start_with(FaultdOptions {
         umask: Some(0o000),
+        nofile: Some((512, 1024)),
         ..Default::default()
     })
     .await;
@@ -208,6 +209,18 @@ async fn under_umask_000_the_socket_and_the_state_stay_private() {
         if name.to_string_lossy().starts_with(".faultd-bind-") {
             wrong.push(format!("left behind: {name:?}"));
         }
+    }
+    // And it took every descriptor it may have: its soft limit is raised to the hard one.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", faultd.pid())).expect("limits");
+    let nofile: Vec<&str> = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .map(|line| line.split_whitespace().skip(3).take(2).collect())
+        .unwrap_or_default();
+    if nofile != ["1024", "1024"] {
+        wrong.push(format!(
+            "RLIMIT_NOFILE soft and hard: {nofile:?}, want the soft one raised to 1024"
+        ));
     }
     assert!(
         wrong.is_empty(),

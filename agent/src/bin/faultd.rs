@@ -45,6 +45,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // socket to others, not even for a moment.
     // SAFETY: umask(2) only sets this process's file mode creation mask.
     unsafe { libc::umask(0o077) };
+    raise_nofile();
     let mut policy = match &config.policy {
         Some(path) => Policy::load(path)?,
         None => Policy::default(),
@@ -224,6 +225,34 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "expiry task");
     }
     served.map_err(|e| anyhow::anyhow!("serving the API: {e}"))
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard one (systemd gives 1024 and 524288): every lease
+/// stream, NFQUEUE lane, netlink socket and iptables pipe needs a descriptor, and nothing here
+/// uses select(2). A failure is logged: faultd still runs within the soft limit.
+fn raise_nofile() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one rlimit struct we own.
+    let raised = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            Err(std::io::Error::last_os_error())
+        } else if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        } else {
+            Ok(())
+        }
+    };
+    match raised {
+        Ok(()) => tracing::debug!(nofile = limit.rlim_cur, "descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "raising RLIMIT_NOFILE to its hard limit"),
+    }
 }
 
 /// The delay and bandwidth mechanisms, in the engine's order of preference, after probing the
