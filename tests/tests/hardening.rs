@@ -7,10 +7,15 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use faultd_proto::v1::{Direction, Protocol};
-use faultd_tests::api::{cgroup_target, drop_fault, remove, with_ttl};
-use faultd_tests::process::{blocking, stop, wait_timeout};
-use faultd_tests::{Cgroup, Faultctl, Faultd, FaultdOptions};
+use faultd_proto::v1::{Direction, Mechanism, Protocol};
+use faultd_tests::api::{cgroup_target, delay_fault, drop_fault, remove, with_ttl};
+use faultd_tests::process::{Stopped, blocking, stop, unix_ns, wait_timeout};
+use faultd_tests::servers::REDIS_PORT;
+use faultd_tests::workload::stats::{median, quantile};
+use faultd_tests::{Cgroup, Faultctl, Faultd, FaultdOptions, RedisScene, fd_probe};
+
+/// Tests that measure time or load the machine run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The uid and gid of `nobody` on Debian.
 const NOBODY: u32 = 65534;
@@ -53,6 +58,7 @@ fn open_fds(pid: u32) -> usize {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
 async fn idle_metrics_connections_of_a_user_neither_starve_the_api_nor_stay() {
+    let _serial = SERIAL.lock().await;
     let cgroup = Cgroup::new();
     let faultd = Faultd::start_with(FaultdOptions {
         extra_args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
@@ -268,4 +274,117 @@ async fn a_start_that_fails_exits_non_zero_and_leaves_no_socket() {
         socket.display()
     );
     drop(taken);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
+async fn a_stopped_faultd_turns_an_nfqueue_delay_into_no_delay_not_an_outage() {
+    let _serial = SERIAL.lock().await;
+    let scene = RedisScene::start(fd_probe!()).await;
+    let RedisScene {
+        cgroup,
+        faultd,
+        inside,
+        ..
+    } = &scene;
+    // The cgroup has a process in its namespace when the fault is injected (README: NFQUEUE
+    // applies the fault in the namespaces of the cgroup's processes).
+    let _app = inside.resident();
+    let target = cgroup_target(cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
+    let fault = faultd
+        .faults()
+        .inject(with_ttl(
+            delay_fault(
+                Duration::from_millis(10),
+                Duration::ZERO,
+                0.0,
+                Mechanism::Nfqueue,
+                target,
+            ),
+            Duration::from_secs(60),
+        ))
+        .await
+        .unwrap_or_else(|s| panic!("Inject of a 10 ms delay failed: {s:?}\n{}", faultd.log()))
+        .into_inner();
+    assert_eq!(fault.mechanism, "nfqueue");
+
+    let probe = inside.redis_rtt_spawn(400, Duration::from_millis(10));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopped = unix_ns();
+    let frozen = Stopped::stop(faultd.pid());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let resumed = unix_ns();
+    drop(frozen);
+    let run = probe.finish();
+
+    let rtts = |from: i128, to: i128| -> Vec<f64> {
+        run.pings
+            .iter()
+            .filter(|p| p.at >= from && p.at < to)
+            .filter_map(|p| p.rtt_ms)
+            .collect()
+    };
+    let before = rtts(0, stopped);
+    let during = rtts(stopped, resumed);
+    // From 100 ms after SIGCONT: faultd is back at work.
+    let after = rtts(resumed + 100_000_000, i128::MAX);
+    let show = |v: &[f64]| {
+        if v.is_empty() {
+            return "none".to_string();
+        }
+        format!(
+            "n={} median={:.2}ms max={:.2}ms",
+            v.len(),
+            median(v),
+            quantile(v, 1.0)
+        )
+    };
+    eprintln!(
+        "10 ms egress delay; PING round trips before the stop: {}; while faultd is stopped: {}; \
+         after SIGCONT: {}",
+        show(&before),
+        show(&during),
+        show(&after)
+    );
+    assert_eq!(run.failures(), 0, "PINGs failed: {run:?}");
+    assert!(
+        !before.is_empty() && !during.is_empty() && !after.is_empty(),
+        "PINGs in each phase: before {}, stopped {}, after {}",
+        show(&before),
+        show(&during),
+        show(&after)
+    );
+    assert!(
+        median(&before) >= 9.5,
+        "the delay was not in effect before the stop: {}",
+        show(&before)
+    );
+    // The guard sees faultd stopped within 5 ms and from then on accepts each packet as it
+    // arrives: no PING waits long (100 ms leaves room for a busy two-core machine), and most go
+    // through undelayed.
+    assert!(
+        during.len() >= 50,
+        "PINGs stalled while faultd was stopped: {}",
+        show(&during)
+    );
+    assert!(
+        quantile(&during, 1.0) < 100.0,
+        "a PING waited while faultd was stopped: {}",
+        show(&during)
+    );
+    assert!(
+        median(&during) < 5.0,
+        "the delay went on while faultd was stopped: {}",
+        show(&during)
+    );
+    assert!(
+        median(&after) >= 9.5,
+        "the delay did not come back after SIGCONT: {}",
+        show(&after)
+    );
+    faultd
+        .faults()
+        .remove(faultd_proto::v1::RemoveRequest { id: fault.id })
+        .await
+        .expect("Remove after SIGCONT");
 }

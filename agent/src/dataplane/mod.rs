@@ -8,6 +8,7 @@ pub mod fake;
 pub mod netem;
 pub mod netfilter;
 pub mod nfqueue;
+mod nfqueue_guard;
 pub mod qdisc_probe;
 pub mod rtnl;
 pub mod shape;

@@ -37,7 +37,7 @@ use faultd_common::Counters;
 use nfq::{Message, Queue, Verdict};
 
 use super::netfilter::{self, Family, FaultRules, Hook, Listing, Matcher};
-use super::{DataplaneError, Shaped, Shaper};
+use super::{DataplaneError, Shaped, Shaper, nfqueue_guard};
 use crate::engine::monotonic_now_ns;
 use crate::fault::{Action, Direction, FaultId, Mechanism, Scope};
 use crate::instance::Instance;
@@ -480,6 +480,13 @@ impl Lane {
                 })();
                 match opened {
                     Ok((queue, fd, num)) => {
+                        // Releases the queue while faultd is stopped; without it the delay
+                        // still works, a stopped faultd just holds traffic.
+                        let _guard = nfqueue_guard::Guard::start(fd, num)
+                            .map_err(|e| {
+                                tracing::warn!(queue = num, error = %e, "NFQUEUE guard");
+                            })
+                            .ok();
                         // The owner waits for this; if it is gone, there is nothing to serve.
                         if ready_tx.send(Ok(num)).is_ok() {
                             serve(queue, fd, schedule, &lane_shared);
@@ -616,6 +623,8 @@ fn serve(mut queue: Queue, fd: RawFd, mut schedule: Schedule, shared: &LaneShare
                 Ok(msg) => msg,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                // A verdict for a packet the guard accepted while faultd was stopped.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
                 Err(e) => {
                     errors += 1;
                     if errors > 1000 {
