@@ -4,12 +4,15 @@
 //! a quiet flow never fills.
 //!
 //! So each lane forks a small process that shares the lane's netlink socket (a verdict is
-//! accepted from any holder of the socket bound to the queue). Every `CHECK_EVERY_NS` it looks
-//! at faultd's state in `/proc`; while faultd is stopped it drains the socket as packets come
-//! and accepts, with one batch verdict, every packet queued — those faultd had read and was
-//! holding too. A stopped faultd thus degrades to "no delay" within about `CHECK_EVERY_NS`;
-//! when it resumes, its own verdicts for the packets already accepted fail with ENOENT, which
-//! the lane ignores. While faultd runs, the guard only peeks at the queue's next message.
+//! accepted from any holder of the socket bound to the queue). Every `LOOK_EVERY_MS` it peeks at
+//! the first message in the socket; when the same message is still first a look later, nobody
+//! read it for that long, and the guard reads faultd's state in `/proc`. While faultd is
+//! stopped the guard takes over: it drains the socket as packets come and accepts, with one
+//! batch verdict, every packet queued — those faultd had read and was holding too. A stopped
+//! faultd thus degrades to "no delay" within two looks of the first packet that waits (a packet
+//! faultd held when it stopped goes with the next one, e.g. the flow's TCP retransmission);
+//! when faultd resumes, its own verdicts for the packets already accepted fail with ENOENT,
+//! which the lane ignores. While faultd runs, the guard costs one peek per look.
 //!
 //! The guard dies with the lane thread that forked it (PR_SET_PDEATHSIG), so with faultd, and
 //! is killed and reaped when the lane ends. Between fork and exit it only makes async-signal-
@@ -18,8 +21,8 @@
 use std::io;
 use std::os::fd::RawFd;
 
-/// How often the guard looks at faultd's state.
-const CHECK_EVERY_NS: i64 = 5_000_000;
+/// How often the guard looks at the queue (and, while it takes over, at faultd's state).
+const LOOK_EVERY_MS: libc::c_int = 20;
 
 /// nfnetlink subsystem and message of a batch verdict (linux/netfilter/nfnetlink*.h).
 const NFNL_SUBSYS_QUEUE: u16 = 3;
@@ -95,44 +98,64 @@ fn watch(fd: RawFd, num: u16, parent: libc::pid_t, stat: &[u8; 40]) -> ! {
         // The highest packet id seen: a batch verdict up to it plus half the id space covers
         // every packet queued now, whoever read it.
         let mut last_id: u32 = 0;
-        let mut was_stopped = false;
+        // The id of the message first in the socket at the previous look.
+        let mut head: Option<u32> = None;
+        let mut taking_over = false;
         loop {
-            if was_stopped {
-                // Stopped: each packet is accepted as it comes.
+            if taking_over {
+                // Each packet is accepted as it comes.
                 let mut ready = libc::pollfd {
                     fd,
                     events: libc::POLLIN,
                     revents: 0,
                 };
-                libc::poll(&mut ready, 1, (CHECK_EVERY_NS / 1_000_000) as libc::c_int);
+                libc::poll(&mut ready, 1, LOOK_EVERY_MS);
             } else {
                 let pause = libc::timespec {
                     tv_sec: 0,
-                    tv_nsec: CHECK_EVERY_NS,
+                    tv_nsec: libc::c_long::from(LOOK_EVERY_MS) * 1_000_000,
                 };
                 libc::nanosleep(&pause, std::ptr::null_mut());
             }
             if libc::getppid() != parent {
                 libc::_exit(0);
             }
-            let stopped = is_stopped(stat);
-            let mut read_any = false;
-            if stopped {
-                while let Some(id) = next_packet(fd, &mut buffer, 0) {
-                    read_any = true;
-                    if let Some(id) = id {
-                        last_id = later(last_id, id);
-                    }
+            if taking_over {
+                taking_over = is_stopped(stat);
+                if taking_over {
+                    drain_and_accept(fd, num, &mut buffer, &mut last_id);
+                } else {
+                    head = None;
                 }
-            } else if let Some(Some(id)) = next_packet(fd, &mut buffer, libc::MSG_PEEK) {
+                continue;
+            }
+            // Cheap while faultd runs: one peek. A message still first a look later was not
+            // read for that long; only then is faultd's state read.
+            let now = match next_packet(fd, &mut buffer, libc::MSG_PEEK) {
+                Some(Some(id)) => Some(id),
+                Some(None) | None => None,
+            };
+            if let Some(id) = now {
                 last_id = later(last_id, id);
+                if head == Some(id) && is_stopped(stat) {
+                    taking_over = true;
+                    drain_and_accept(fd, num, &mut buffer, &mut last_id);
+                }
             }
-            if stopped && (read_any || !was_stopped) {
-                accept_all(fd, num, last_id.wrapping_add(1 << 30));
-            }
-            was_stopped = stopped;
+            head = now;
         }
     }
+}
+
+/// Reads every message in the socket, then accepts every packet queued (those faultd holds
+/// included) with one batch verdict.
+fn drain_and_accept(fd: RawFd, num: u16, buffer: &mut [u8], last_id: &mut u32) {
+    while let Some(id) = next_packet(fd, buffer, 0) {
+        if let Some(id) = id {
+            *last_id = later(*last_id, id);
+        }
+    }
+    accept_all(fd, num, last_id.wrapping_add(1 << 30));
 }
 
 /// The later of two packet ids (they wrap).
