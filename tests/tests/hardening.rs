@@ -235,21 +235,20 @@ async fn under_umask_000_the_socket_and_the_state_stay_private_and_descriptors_a
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
-async fn a_start_that_fails_exits_non_zero_and_leaves_no_socket() {
-    faultd_tests::require_root();
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-    let port = taken.local_addr().expect("bound").port();
-    let dir = faultd_tests::TempDir::new("faultd-test-failed-start");
-    let socket = dir.join("faultd.sock");
+/// Runs faultd with `args` in `dir` (socket `dir/faultd.sock`) until it exits (30 s at most);
+/// returns whether it failed, and its log.
+fn failed_start(
+    dir: &faultd_tests::TempDir,
+    state: &std::path::Path,
+    args: &[&str],
+) -> (bool, String) {
     let log = dir.join("faultd.log");
     let mut child = Command::new(faultd_tests::faultd::binary("FAULTD_BIN", "faultd"))
         .arg("--socket")
-        .arg(&socket)
+        .arg(dir.join("faultd.sock"))
         .arg("--state-dir")
-        .arg(dir.join("state"))
-        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .arg(state)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log file"))
@@ -260,20 +259,48 @@ async fn a_start_that_fails_exits_non_zero_and_leaves_no_socket() {
         stop(&mut child, libc::SIGKILL, Duration::from_secs(5));
     }
     let output = std::fs::read_to_string(&log).unwrap_or_default();
+    (status.is_some_and(|s| !s.success()), output)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn a_start_that_fails_exits_non_zero_and_leaves_no_socket() {
+    faultd_tests::require_root();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let port = taken.local_addr().expect("bound").port();
+    let dir = faultd_tests::TempDir::new("faultd-test-failed-start");
+    let metrics = format!("127.0.0.1:{port}");
+    let (failed, output) = failed_start(&dir, &dir.join("state"), &["--metrics-addr", &metrics]);
     assert!(
-        status.is_some_and(|s| !s.success()),
-        "faultd with a taken --metrics-addr: {status:?}; its log:\n{output}"
+        failed,
+        "faultd with a taken --metrics-addr did not fail; its log:\n{output}"
     );
     assert!(
         output.contains("--metrics-addr"),
         "the error names the flag:\n{output}"
     );
+    let socket = dir.join("faultd.sock");
     assert!(
         !socket.exists(),
         "the failed start left its socket {}",
         socket.display()
     );
     drop(taken);
+
+    // A shared directory (sticky, like /tmp) is never made faultd's private state.
+    let shared = dir.join("shared");
+    std::fs::create_dir(&shared).expect("mkdir");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let (failed, output) = failed_start(&dir, &shared, &[]);
+    assert!(
+        failed,
+        "faultd took a sticky directory as its state; its log:\n{output}"
+    );
+    assert!(
+        output.contains("--state-dir"),
+        "the error says what to do:\n{output}"
+    );
+    assert_eq!(mode(&shared), 0o1777, "the shared directory kept its mode");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -395,4 +422,96 @@ async fn a_stopped_faultd_turns_an_nfqueue_delay_into_no_delay_not_an_outage() {
         .remove(faultd_proto::v1::RemoveRequest { id: fault.id })
         .await
         .expect("Remove after SIGCONT");
+}
+
+/// Whether `python3` running as nobody (with `groups` as its supplementary groups) can connect
+/// to the unix socket `path`.
+fn nobody_connects(path: &std::path::Path, groups: &[libc::gid_t]) -> bool {
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-c",
+        "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])",
+    ])
+    .arg(path)
+    .current_dir("/")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let groups = groups.to_vec();
+    // SAFETY: between fork and exec only setgroups/setgid/setuid run, on memory allocated
+    // before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(NOBODY) != 0
+                || libc::setuid(NOBODY) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.status().expect("python3 runs").success()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn in_the_default_layout_only_the_sockets_group_reaches_the_socket() {
+    use std::os::unix::fs::MetadataExt;
+    faultd_tests::require_root();
+    // As deploy/faultd.service: the socket in the state directory.
+    let dir = faultd_tests::TempDir::new("faultd-test-layout");
+    let run = dir.join("run");
+    let socket = run.join("faultd.sock");
+    let log = dir.join("faultd.log");
+    let mut child = Command::new(faultd_tests::faultd::binary("FAULTD_BIN", "faultd"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(&run)
+        .args(["--socket-group", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("faultd starts");
+    let ready = faultd_tests::process::poll(Duration::from_secs(15), || {
+        std::os::unix::net::UnixStream::connect(&socket)
+            .ok()
+            .map(drop)
+    });
+    let mut wrong = Vec::new();
+    if ready.is_none() {
+        wrong.push("faultd did not serve".to_string());
+    } else {
+        let meta = |path: &std::path::Path| std::fs::metadata(path).expect("metadata");
+        if (mode(&run), meta(&run).gid()) != (0o710, 1) {
+            wrong.push(format!(
+                "state directory {:o} group {}, want 0710 group 1",
+                mode(&run),
+                meta(&run).gid()
+            ));
+        }
+        if (mode(&socket), meta(&socket).gid()) != (0o660, 1) {
+            wrong.push(format!(
+                "socket {:o} group {}, want 0660 group 1",
+                mode(&socket),
+                meta(&socket).gid()
+            ));
+        }
+        if !nobody_connects(&socket, &[1]) {
+            wrong.push("a member of the socket's group cannot connect".into());
+        }
+        if nobody_connects(&socket, &[]) {
+            wrong.push("a user outside the socket's group can connect".into());
+        }
+    }
+    stop(&mut child, libc::SIGTERM, Duration::from_secs(10));
+    assert!(
+        wrong.is_empty(),
+        "{}; faultd's log:\n{}",
+        wrong.join("; "),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(!socket.exists(), "the socket outlived faultd");
 }

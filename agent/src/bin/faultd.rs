@@ -105,6 +105,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     // Removed when `run` returns, whether faultd stops or fails to start.
     let (listener, _socket) = bind(&config.socket, config.socket_group.as_deref()).await?;
+    share_state_dir_with_socket_group(&config)?;
     let mut own_ports = Vec::new();
     let tcp = match config.listen {
         Some(addr) => {
@@ -307,6 +308,18 @@ async fn shapers(
 fn lock_state_dir(dir: &Path) -> anyhow::Result<File> {
     fs::create_dir_all(dir)
         .with_context(|| format!("creating the state directory {}", dir.display()))?;
+    // Made private below: never a shared directory such as /tmp, nor someone else's.
+    let meta = fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if meta.mode() & 0o1000 != 0 || meta.uid() != euid {
+        bail!(
+            "the state directory {} is shared (sticky bit) or belongs to uid {}: give faultd a \
+             directory of its own with --state-dir",
+            dir.display(),
+            meta.uid()
+        );
+    }
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
         .with_context(|| format!("making {} private", dir.display()))?;
     let path = dir.join("faultd.lock");
@@ -394,6 +407,28 @@ fn group_id(group: &str) -> anyhow::Result<u32> {
         bail!("--socket-group {group}: no such group");
     }
     Ok(entry.gr_gid)
+}
+
+/// The default layout keeps the socket in the state directory (`/run/faultd`): then the
+/// socket's group may traverse the directory to reach the socket (0710, that group), and do
+/// nothing else there; without a socket group it stays 0700.
+fn share_state_dir_with_socket_group(config: &Config) -> anyhow::Result<()> {
+    let (Some(group), Some(parent)) = (config.socket_group.as_deref(), config.socket.parent())
+    else {
+        return Ok(());
+    };
+    let (Ok(socket_dir), Ok(state_dir)) = (fs::metadata(parent), fs::metadata(&config.state_dir))
+    else {
+        return Ok(());
+    };
+    if (socket_dir.dev(), socket_dir.ino()) != (state_dir.dev(), state_dir.ino()) {
+        return Ok(());
+    }
+    let dir = &config.state_dir;
+    std::os::unix::fs::chown(dir, None, Some(group_id(group)?))
+        .with_context(|| format!("giving {} to group {group}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o710))
+        .with_context(|| format!("setting the mode of {}", dir.display()))
 }
 
 /// The API socket's file, removed when dropped if it is still the one this faultd bound (a
