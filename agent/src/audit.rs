@@ -70,6 +70,47 @@ pub struct Entry<'a> {
     pub result: Value,
 }
 
+/// Longest string the log keeps of a request; longer ones keep their start and size.
+const MAX_STRING: usize = 256;
+/// Most entries the log keeps of a request's list or map.
+const MAX_ENTRIES: usize = 64;
+
+/// `value` with long strings, lists and maps cut short: a rejected request of megabytes (a
+/// 3 MB id, 100 000 labels) makes a line of a few kilobytes, not of megabytes.
+fn clipped(value: &Value) -> Value {
+    match value {
+        Value::String(text) if text.len() > MAX_STRING => {
+            let mut end = MAX_STRING;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            Value::String(format!("{}… ({} bytes)", &text[..end], text.len()))
+        }
+        Value::Array(items) => {
+            let mut kept: Vec<Value> = items.iter().take(MAX_ENTRIES).map(clipped).collect();
+            if items.len() > MAX_ENTRIES {
+                kept.push(Value::String(format!("… ({} entries)", items.len())));
+            }
+            Value::Array(kept)
+        }
+        Value::Object(map) => {
+            let mut kept: serde_json::Map<String, Value> = map
+                .iter()
+                .take(MAX_ENTRIES)
+                .map(|(key, value)| match clipped(&Value::String(key.clone())) {
+                    Value::String(key) => (key, clipped(value)),
+                    _ => (key.clone(), clipped(value)),
+                })
+                .collect();
+            if map.len() > MAX_ENTRIES {
+                kept.insert("…".into(), json!(format!("{} entries", map.len())));
+            }
+            Value::Object(kept)
+        }
+        other => other.clone(),
+    }
+}
+
 impl Entry<'_> {
     pub fn to_json(&self, time: SystemTime) -> Value {
         json!({
@@ -77,9 +118,9 @@ impl Entry<'_> {
             "time": prost_types::Timestamp::from(time).to_string(),
             "call": self.call,
             "peer": self.peer.to_json(),
-            "request": self.request,
+            "request": clipped(&self.request),
             "code": self.code,
-            "message": self.message,
+            "message": clipped(&json!(self.message)),
             "result": self.result,
         })
     }
@@ -109,5 +150,30 @@ impl AuditLog {
         line.push('\n');
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         file.write_all(line.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_requests_make_short_lines() {
+        let labels: serde_json::Map<String, Value> =
+            (0..100_000).map(|i| (i.to_string(), json!(""))).collect();
+        let entry = Entry {
+            call: "faultd.v1.FaultService/Remove",
+            peer: &Peer::Unknown,
+            request: json!({ "id": "x".repeat(3 << 20), "labels": labels }),
+            code: "RESOURCE_EXHAUSTED",
+            message: &"y".repeat(1 << 20),
+            result: Value::Null,
+        };
+        let line = entry.to_json(SystemTime::now()).to_string();
+        assert!(line.len() < 4096, "{} bytes", line.len());
+        assert!(line.contains("(3145728 bytes)"), "{line}");
+        assert!(line.contains("100000 entries"), "{line}");
+        let small = json!({ "id": "0123456789abcdef", "ports": [6379] });
+        assert_eq!(clipped(&small), small);
     }
 }

@@ -1,20 +1,22 @@
 //! The HTTP endpoint on `--metrics-addr`: `GET /metrics` (Prometheus) and `GET /healthz` (the
 //! kernel probe, whether the datapath is loaded, and whether the engine answers).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::Duration;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, header};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::caps::Capabilities;
 use crate::engine::Engine;
@@ -30,10 +32,83 @@ pub struct Endpoint {
     pub caps: Arc<Capabilities>,
 }
 
-/// Serves until `shutdown` turns true.
+/// Most connections served at once (fewer when faultd has few descriptors, see `Budget`); a
+/// newer one closes the oldest. A Prometheus server and a few probes need a handful.
+const MAX_CONNECTIONS: usize = 32;
+
+/// A request's head must arrive whole within this, and a kept-alive connection gets no longer
+/// before its next request: idle and slow-header connections go.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest one connection lives, whatever it does (a request answered slowly, a client
+/// that reads its response slowly).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Warnings about connections closed early come at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// What the endpoint may use of faultd's descriptors, from RLIMIT_NOFILE: the API, leases,
+/// netlink, NFQUEUE and iptables need theirs whatever comes to the metrics port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// Connections served at once.
+    pub connections: usize,
+    /// A connection whose descriptor is this number or higher is closed at once: descriptors
+    /// are handed out lowest first, so at least this many are open.
+    pub fd_ceiling: u64,
+}
+
+impl Budget {
+    /// A quarter of the descriptors (at least 64) stays in reserve for faultd's own work, and
+    /// the endpoint serves at most an eighth of them at once.
+    pub fn for_limit(nofile: u64) -> Self {
+        let reserve = (nofile / 4).max(64);
+        Self {
+            connections: usize::try_from(nofile / 8)
+                .unwrap_or(MAX_CONNECTIONS)
+                .clamp(1, MAX_CONNECTIONS),
+            fd_ceiling: nofile.saturating_sub(reserve),
+        }
+    }
+
+    /// From this process's soft RLIMIT_NOFILE.
+    pub fn of_process() -> Self {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into the struct we pass.
+        let nofile = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+            0 if limit.rlim_cur != libc::RLIM_INFINITY => limit.rlim_cur,
+            // Unknown or unlimited: take the usual default.
+            _ => 1024,
+        };
+        Self::for_limit(nofile)
+    }
+}
+
+/// The connections being served, oldest first, each with the means to close it.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    oldest_first: VecDeque<(u64, oneshot::Sender<()>)>,
+}
+
+fn lock(open: &Mutex<Open>) -> MutexGuard<'_, Open> {
+    open.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Serves until `shutdown` turns true. When `budget.connections` are open, a new connection
+/// closes the oldest: idle connections cannot keep a probe or a scrape out, since these send
+/// their request at once. When descriptors run low, new connections are closed at once.
 pub async fn serve(listener: TcpListener, endpoint: Endpoint, shutdown: watch::Receiver<bool>) {
+    let budget = Budget::of_process();
+    tracing::debug!(?budget, "metrics endpoint");
+    let open = Arc::new(Mutex::new(Open::default()));
     let stopped = crate::api::stopped(shutdown);
     tokio::pin!(stopped);
+    let (mut closed_early, mut refused) = (0u64, 0u64);
+    let mut warned: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -48,15 +123,58 @@ pub async fn serve(listener: TcpListener, endpoint: Endpoint, shutdown: watch::R
                 continue;
             }
         };
-        let endpoint = endpoint.clone();
+        let low_on_fds = u64::try_from(stream.as_raw_fd()).unwrap_or(0) >= budget.fd_ceiling;
+        let (admitted, crowded) = match low_on_fds {
+            // Closed at once: the client sees EOF, and the descriptor is free again.
+            true => {
+                drop(stream);
+                refused += 1;
+                (None, true)
+            }
+            false => {
+                let mut open = lock(&open);
+                let full = open.oldest_first.len() >= budget.connections;
+                if full && let Some((_, oldest)) = open.oldest_first.pop_front() {
+                    // An error means it has just ended by itself.
+                    let _ended = oldest.send(());
+                    closed_early += 1;
+                }
+                let id = open.next;
+                open.next += 1;
+                let (close, closed) = oneshot::channel();
+                open.oldest_first.push_back((id, close));
+                (Some((stream, id, closed)), full)
+            }
+        };
+        if crowded && warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+            warned = Some(Instant::now());
+            tracing::warn!(
+                max_connections = budget.connections,
+                closed_oldest = closed_early,
+                refused_low_on_descriptors = refused,
+                "metrics endpoint: too many connections"
+            );
+        }
+        let Some((stream, id, closed)) = admitted else {
+            continue;
+        };
+        let (endpoint, open) = (endpoint.clone(), open.clone());
         tokio::spawn(async move {
             let service = service_fn(move |request| handle(endpoint.clone(), request));
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "metrics endpoint: connection");
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                served = tokio::time::timeout(CONNECTION_LIFETIME, connection) => match served {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "metrics endpoint: connection"),
+                    Err(_) => tracing::debug!("metrics endpoint: connection lived too long; closed"),
+                },
+                // Told to make room, or the endpoint stopped.
+                _ = closed => tracing::debug!("metrics endpoint: closed for a newer connection"),
             }
+            lock(&open).oldest_first.retain(|(other, _)| *other != id);
         });
     }
 }
@@ -156,4 +274,34 @@ async fn health(endpoint: Endpoint) -> Reply {
         false => StatusCode::SERVICE_UNAVAILABLE,
     };
     reply(status, "application/json", format!("{body}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_keeps_descriptors_in_reserve() {
+        assert_eq!(
+            Budget::for_limit(256),
+            Budget {
+                connections: 32,
+                fd_ceiling: 192
+            }
+        );
+        assert_eq!(
+            Budget::for_limit(1024),
+            Budget {
+                connections: 32,
+                fd_ceiling: 768
+            }
+        );
+        let tiny = Budget::for_limit(40);
+        assert_eq!(tiny.connections, 5);
+        assert_eq!(
+            tiny.fd_ceiling, 0,
+            "nothing to spare: every connection is closed"
+        );
+        assert!(Budget::of_process().connections >= 1);
+    }
 }

@@ -1,5 +1,7 @@
 //! The `faultd.v1` API, generated from `faultd/v1/faultd.proto`.
 
+pub mod codec;
+
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic)]
     tonic::include_proto!("faultd.v1");

@@ -1,6 +1,7 @@
 //! The faultd daemon under test, as a process guard, and the faultctl CLI.
 
 use std::fs::File;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -51,6 +52,10 @@ pub struct FaultdOptions {
     /// `--max-ttl`, e.g. "1h"; faultd's default if None.
     pub max_ttl: Option<String>,
     pub extra_args: Vec<String>,
+    /// RLIMIT_NOFILE (soft, hard) faultd starts with; the test's own if None.
+    pub nofile: Option<(u64, u64)>,
+    /// The umask faultd starts with; the test's own if None.
+    pub umask: Option<u32>,
 }
 
 impl FaultdOptions {
@@ -111,6 +116,28 @@ impl Faultd {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
+        let (nofile, umask) = (options.nofile, options.umask);
+        if nofile.is_some() || umask.is_some() {
+            // SAFETY: between fork and exec only setrlimit(2) and umask(2) run, both
+            // async-signal-safe, on values copied in before the fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if let Some((soft, hard)) = nofile {
+                        let limit = libc::rlimit {
+                            rlim_cur: soft,
+                            rlim_max: hard,
+                        };
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    if let Some(mask) = umask {
+                        libc::umask(mask as libc::mode_t);
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start faultd (`{}`): {e}", describe(&cmd)));

@@ -169,3 +169,19 @@ pub fn unix_ns() -> i128 {
         .expect("clock after 1970")
         .as_nanos() as i128
 }
+
+/// A process stopped with SIGSTOP; SIGCONT when dropped, also when the test fails.
+pub struct Stopped(u32);
+
+impl Stopped {
+    pub fn stop(pid: u32) -> Stopped {
+        signal(pid, libc::SIGSTOP);
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal(self.0, libc::SIGCONT);
+    }
+}

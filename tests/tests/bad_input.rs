@@ -1,11 +1,11 @@
 //! Bad requests get the right code and name the field; a failed request changes nothing.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use faultd_proto::v1::target::Scope;
 use faultd_proto::v1::{
-    CgroupScope, Direction, GetFaultRequest, InjectRequest, Mechanism, NetnsScope, Protocol,
-    RemoveRequest, RenewRequest, RevokeRequest, TimeToLiveRequest,
+    CgroupScope, Direction, Fault, GetFaultRequest, GrantRequest, InjectRequest, Mechanism,
+    NetnsScope, Protocol, RemoveRequest, RenewRequest, RevokeRequest, TimeToLiveRequest,
 };
 use faultd_tests::api::{
     bandwidth_fault, cgroup_target, delay_fault, drop_fault, list_faults, list_leases,
@@ -293,5 +293,178 @@ async fn bad_requests_name_the_field_and_change_nothing() {
     assert!(
         accepted.is_ok(),
         "the valid control request was rejected: {accepted:?}"
+    );
+}
+
+/// A RemoveRequest whose `id` (field 1, a string) can carry any bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawRemoveRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    id: Vec<u8>,
+}
+
+/// The longest error message a user should read.
+const SHORT: usize = 512;
+
+/// How a call ended, and how long it took.
+async fn timed<T>(
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> (Result<(), tonic::Status>, Duration) {
+    let started = Instant::now();
+    let result = call.await.map(drop);
+    (result, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn oversized_and_undecodable_requests_are_refused_at_once_with_short_messages() {
+    let cgroup = Cgroup::new();
+    let dir = faultd_tests::TempDir::new("faultd-test-oversized");
+    let audit = dir.join("audit.jsonl");
+    let faultd = Faultd::start_with(FaultdOptions {
+        extra_args: vec!["--audit-log".into(), audit.display().to_string()],
+        ..Default::default()
+    })
+    .await;
+    let mut faults = faultd.faults();
+    let mut leases = faultd.leases();
+    let good = || cgroup_target(&cgroup, &[6379], Protocol::Tcp, Direction::Egress);
+    let minute = Duration::from_secs(60);
+    let faults_before = list_faults(&mut faults).await;
+    let leases_before = list_leases(&mut leases).await;
+
+    // 40 000 peers: refused before any per-peer work.
+    let mut many_peers = good();
+    many_peers.peers = (0..40_000u32)
+        .map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255))
+        .collect();
+    let mut labelled = drop_fault(100.0, good());
+    labelled
+        .labels
+        .insert("experiment".into(), "x".repeat(3 << 20));
+    let mut bad_nanos = with_ttl(drop_fault(100.0, good()), minute);
+    bad_nanos.lease = Some(faultd_proto::v1::inject_request::Lease::Ttl(
+        prost_types::Duration {
+            seconds: 1,
+            nanos: 2_000_000_000,
+        },
+    ));
+    let mut grpc = tonic::client::Grpc::new(faultd.channel());
+    grpc.ready().await.expect("channel ready");
+    let not_utf8 = grpc.unary::<_, Fault, _>(
+        tonic::Request::new(RawRemoveRequest {
+            id: vec![0xc3, 0x28],
+        }),
+        tonic::codegen::http::uri::PathAndQuery::from_static("/faultd.v1.FaultService/Remove"),
+        faultd_proto::codec::ProstCodec::<RawRemoveRequest, Fault>::default(),
+    );
+
+    let resource_exhausted = Code::ResourceExhausted;
+    let cases = vec![
+        (
+            "40 000 peers",
+            timed(faults.inject(with_ttl(drop_fault(100.0, many_peers), minute))).await,
+            resource_exhausted,
+            "fault.target.peers",
+        ),
+        (
+            "a 3 MB label",
+            timed(faults.inject(with_ttl(labelled, minute))).await,
+            resource_exhausted,
+            "fault.labels",
+        ),
+        (
+            "100 000 lease labels",
+            timed(
+                leases.grant(GrantRequest {
+                    ttl: Some(faultd::duration::to_proto(minute)),
+                    labels: (0..100_000)
+                        .map(|i| (i.to_string(), String::new()))
+                        .collect(),
+                }),
+            )
+            .await,
+            resource_exhausted,
+            "labels",
+        ),
+        (
+            "Remove with a 3 MB id",
+            timed(faults.remove(RemoveRequest {
+                id: "f".repeat(3 << 20),
+            }))
+            .await,
+            resource_exhausted,
+            "id",
+        ),
+        (
+            "Renew with a 3 MB lease id",
+            timed(leases.renew(RenewRequest {
+                lease_id: "l".repeat(3 << 20),
+            }))
+            .await,
+            resource_exhausted,
+            "lease_id",
+        ),
+        (
+            "ttl nanos 2e9",
+            timed(faults.inject(bad_nanos)).await,
+            Code::InvalidArgument,
+            "ttl: nanos out of range",
+        ),
+        (
+            "an id that is not UTF-8",
+            timed(not_utf8).await,
+            Code::InvalidArgument,
+            "RemoveRequest.id",
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (case, (result, took), code, field) in cases {
+        eprintln!("{case}: answered in {took:?}");
+        // Peers are checked before any per-peer work: 40 000 take what their transfer takes.
+        // 100 000 labels cost prost and the test's debug-built client a few hundred ms to
+        // encode and decode on a busy machine, before faultd can look at them.
+        let bound = match case {
+            "100 000 lease labels" => Duration::from_secs(3),
+            _ => Duration::from_secs(1),
+        };
+        if took > bound {
+            wrong.push(format!("{case}: took {took:?}"));
+        }
+        match result {
+            Ok(()) => wrong.push(format!("{case}: accepted")),
+            Err(status) => {
+                let message = status.message();
+                if status.code() != code || !message.contains(field) || message.len() > SHORT {
+                    wrong.push(format!(
+                        "{case}: expected {code:?} naming `{field}` in at most {SHORT} bytes, got \
+                         {:?}: {} bytes: {:?}",
+                        status.code(),
+                        message.len(),
+                        message.chars().take(200).collect::<String>()
+                    ));
+                }
+            }
+        }
+    }
+
+    let faults_now = list_faults(&mut faults).await;
+    let leases_now = list_leases(&mut leases).await;
+    if faults_now != faults_before || leases_now.len() != leases_before.len() {
+        wrong.push(format!(
+            "the refused requests changed state: faults {faults_now:?}, leases {}",
+            leases_now.len()
+        ));
+    }
+    // The audit log records each refusal in a line of kilobytes, not megabytes.
+    let log = std::fs::read_to_string(&audit).expect("the audit log exists");
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    if longest > 16 * 1024 {
+        wrong.push(format!("an audit line of {longest} bytes"));
+    }
+    assert!(
+        wrong.is_empty(),
+        "faultd mishandled oversized requests:\n  {}",
+        wrong.join("\n  ")
     );
 }

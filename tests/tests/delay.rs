@@ -13,7 +13,7 @@ use faultd_tests::api::{
     bandwidth_fault, cgroup_target, delay_fault, get_fault, grant, lease_deadline, list_faults,
     remove, under_lease, with_peers, with_ttl,
 };
-use faultd_tests::process::{ChildGuard, blocking, output, poll};
+use faultd_tests::process::{ChildGuard, Stopped, blocking, output, poll};
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::workload::stats::{mean, median, quantile, stddev};
 use faultd_tests::workload::{RttRun, Workload};
@@ -771,15 +771,6 @@ async fn sigkill_during_a_delay_lets_traffic_flow_and_a_new_faultd_sweeps_the_ru
     );
 }
 
-/// SIGCONTs a stopped process when dropped, also when the test fails.
-struct Stopped(u32);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        faultd_tests::process::signal(self.0, libc::SIGCONT);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
 async fn a_frozen_faultd_stops_delaying_new_traffic_within_2s_of_the_deadline() {
@@ -812,8 +803,7 @@ async fn a_frozen_faultd_stops_delaying_new_traffic_within_2s_of_the_deadline() 
     );
 
     // Frozen: neither its expiry task nor its NFQUEUE threads run. Only the kernel can end it.
-    faultd_tests::process::signal(faultd.pid(), libc::SIGSTOP);
-    let frozen = Stopped(faultd.pid());
+    let frozen = Stopped::stop(faultd.pid());
     let wake = deadline + 2_050_000_000;
     let wait = Duration::from_nanos((wake - faultd_tests::process::unix_ns()).max(0) as u64);
     blocking(|| std::thread::sleep(wait));

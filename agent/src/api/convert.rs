@@ -9,19 +9,45 @@ use crate::engine::{FaultState, FaultView, LeaseRef, LeaseView, RevertReason, Se
 use crate::events::{EventKind, FaultEvent};
 use crate::fault::{
     Action, Cidr, Direction, FaultSpec, Invalid, Labels, Mechanism, PortRange, Protocol, Scope,
-    Target,
+    Target, limits,
 };
 
 pub fn ttl(value: Option<&prost_types::Duration>, field: &str) -> Result<Duration, Invalid> {
     let value = value.ok_or_else(|| Invalid::new(field, "required (e.g. \"30s\")"))?;
+    // What google.protobuf.Duration allows: |nanos| below one second, with the sign of seconds.
+    if !(-999_999_999..=999_999_999).contains(&value.nanos) {
+        return Err(Invalid::new(
+            field,
+            format!(
+                "nanos out of range: {} (a Duration's nanos lie within ±999999999)",
+                value.nanos
+            ),
+        ));
+    }
+    if (value.seconds > 0 && value.nanos < 0) || (value.seconds < 0 && value.nanos > 0) {
+        return Err(Invalid::new(
+            field,
+            format!(
+                "seconds ({}) and nanos ({}) have different signs",
+                value.seconds, value.nanos
+            ),
+        ));
+    }
     duration::from_proto(value).ok_or_else(|| Invalid::new(field, "must not be negative"))
 }
 
+/// A lease id: required, and no longer than an id can be.
 pub fn lease_id(id: &str, field: &str) -> Result<String, Invalid> {
-    if id.is_empty() {
-        return Err(Invalid::new(field, "required"));
-    }
+    limits::id(id, field)?;
     Ok(id.to_string())
+}
+
+/// Labels of a fault or lease, bounded before anything copies them.
+pub fn check_labels(
+    labels: &std::collections::HashMap<String, String>,
+    field: &str,
+) -> Result<(), Invalid> {
+    limits::labels(labels, field)
 }
 
 pub fn lease_ref(lease: Option<&pb::inject_request::Lease>) -> Result<LeaseRef, Invalid> {
@@ -39,6 +65,11 @@ pub fn lease_ref(lease: Option<&pb::inject_request::Lease>) -> Result<LeaseRef, 
 
 pub fn fault_spec(fault: Option<pb::Fault>) -> Result<FaultSpec, Invalid> {
     let fault = fault.ok_or_else(|| Invalid::new("fault", "required"))?;
+    // Every variable-size field is bounded before any work that grows with it.
+    check_labels(&fault.labels, "fault.labels")?;
+    if let Some(target) = &fault.target {
+        bounded_target(target)?;
+    }
     let action = match fault.action {
         Some(pb::fault::Action::Drop(drop)) => Action::drop(drop.percent, "fault.drop.percent")?,
         Some(pb::fault::Action::Delay(delay)) => Action::delay(
@@ -133,6 +164,29 @@ pub fn fault_spec(fault: Option<pb::Fault>) -> Result<FaultSpec, Invalid> {
         },
         labels: fault.labels.into_iter().collect(),
     })
+}
+
+/// The sizes of a target's repeated and string fields.
+fn bounded_target(target: &pb::Target) -> Result<(), Invalid> {
+    limits::target_counts(
+        target.ports.len(),
+        target.peers.len() + target.exclude_peers.len(),
+    )?;
+    let (path, name) = (limits::MAX_PATH_BYTES, limits::MAX_NAME_BYTES);
+    match &target.scope {
+        Some(pb::target::Scope::Cgroup(cgroup)) => {
+            limits::text(&cgroup.path, path, "fault.target.cgroup.path")
+        }
+        Some(pb::target::Scope::Pod(pod)) => limits::text(&pod.uid, name, "fault.target.pod.uid"),
+        Some(pb::target::Scope::Container(container)) => {
+            limits::text(&container.id, name, "fault.target.container.id")
+        }
+        Some(pb::target::Scope::Netns(netns)) => {
+            limits::text(&netns.path, path, "fault.target.netns.path")?;
+            limits::text(&netns.interface, name, "fault.target.netns.interface")
+        }
+        Some(pb::target::Scope::Host(_) | pb::target::Scope::Pid(_)) | None => Ok(()),
+    }
 }
 
 /// An unset duration is zero.
@@ -451,5 +505,65 @@ mod tests {
             nanos: 0,
         });
         assert_eq!(lease_ref(Some(&negative)).unwrap_err().field, "ttl");
+    }
+
+    #[test]
+    fn durations_out_of_range_name_the_field() {
+        let bad = |seconds, nanos| {
+            ttl(
+                Some(&prost_types::Duration { seconds, nanos }),
+                "fault.delay.latency",
+            )
+            .unwrap_err()
+        };
+        let err = bad(1, 1_000_000_000);
+        assert_eq!(err.field, "fault.delay.latency");
+        assert!(err.reason.contains("nanos out of range"), "{err}");
+        assert!(bad(0, i32::MIN).reason.contains("nanos out of range"));
+        assert!(bad(1, -5).reason.contains("different signs"));
+        assert!(bad(-1, 0).reason.contains("negative"));
+        let fine = prost_types::Duration {
+            seconds: 1,
+            nanos: 500_000_000,
+        };
+        assert_eq!(ttl(Some(&fine), "ttl"), Ok(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn sizes_are_bounded_before_conversion() {
+        let exceeded = |f: pb::Fault| {
+            let err = fault_spec(Some(f)).unwrap_err();
+            assert!(err.over_limit, "{err}");
+            assert!(err.to_string().len() < 200, "echoes the input: {err}");
+            err.field
+        };
+        let mut f = drop_fault(1.0);
+        f.target.as_mut().unwrap().peers = vec!["10.0.0.1".into(); 40_000];
+        assert_eq!(exceeded(f), "fault.target.peers");
+        let mut f = drop_fault(1.0);
+        f.target.as_mut().unwrap().ports = vec![
+            pb::PortRange {
+                first: 1,
+                last: None
+            };
+            100_000
+        ];
+        assert_eq!(exceeded(f), "fault.target.ports");
+        let mut f = drop_fault(1.0);
+        f.labels.insert("experiment".into(), "x".repeat(3 << 20));
+        assert!(exceeded(f).starts_with("fault.labels"));
+        let mut f = drop_fault(1.0);
+        f.labels = (0..100_000)
+            .map(|i| (i.to_string(), String::new()))
+            .collect();
+        assert_eq!(exceeded(f), "fault.labels");
+        let mut f = drop_fault(1.0);
+        f.target.as_mut().unwrap().scope = Some(pb::target::Scope::Cgroup(pb::CgroupScope {
+            path: "/".repeat(1 << 20),
+        }));
+        assert_eq!(exceeded(f), "fault.target.cgroup.path");
+        let err = lease_id(&"x".repeat(3 << 20), "lease_id").unwrap_err();
+        assert!(err.over_limit);
+        assert_eq!(lease_id("", "lease_id").unwrap_err().field, "lease_id");
     }
 }

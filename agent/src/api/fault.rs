@@ -11,7 +11,6 @@ use tonic::{Request, Response, Status};
 use super::{Calls, convert, peer};
 use crate::caps::Capabilities;
 use crate::engine::Engine;
-use crate::fault::Invalid;
 
 const SERVICE: &str = "faultd.v1.FaultService";
 
@@ -52,9 +51,7 @@ impl FaultApi {
 }
 
 fn fault_id(id: &str) -> Result<&str, Status> {
-    if id.is_empty() {
-        return Err(Invalid::new("id", "required").into());
-    }
+    crate::fault::limits::id(id, "id")?;
     Ok(id)
 }
 

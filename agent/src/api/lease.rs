@@ -50,7 +50,9 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
             "ttl": request.ttl.map(|t| t.to_string()),
             "labels": request.labels,
         });
-        let result = match convert::ttl(request.ttl.as_ref(), "ttl") {
+        let result = match convert::check_labels(&request.labels, "labels")
+            .and_then(|()| convert::ttl(request.ttl.as_ref(), "ttl"))
+        {
             Ok(ttl) => {
                 let labels = request.labels.into_iter().collect();
                 super::try_on_engine(&self.engine, move |engine| engine.grant(ttl, labels)).await

@@ -39,13 +39,15 @@ impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let message = error.to_string();
         match error {
-            Error::Invalid(_) => Status::invalid_argument(message),
+            Error::Invalid(invalid) => Status::from(invalid),
             Error::Denied(_) => Status::permission_denied(message),
             Error::NotFound { .. } | Error::Ended { .. } | Error::ScopeNotFound(_) => {
                 Status::not_found(message)
             }
             Error::Conflict(_) => Status::already_exists(message),
-            Error::Exhausted(_) => Status::resource_exhausted(message),
+            Error::Exhausted(_) | Error::Dataplane(DataplaneError::Exhausted { .. }) => {
+                Status::resource_exhausted(message)
+            }
             Error::Unsupported(_) | Error::Dataplane(DataplaneError::Unsupported { .. }) => {
                 Status::failed_precondition(message)
             }
@@ -56,7 +58,10 @@ impl From<Error> for Status {
 
 impl From<Invalid> for Status {
     fn from(invalid: Invalid) -> Self {
-        Status::invalid_argument(invalid.to_string())
+        match invalid.over_limit {
+            true => Status::resource_exhausted(invalid.to_string()),
+            false => Status::invalid_argument(invalid.to_string()),
+        }
     }
 }
 

@@ -5,8 +5,8 @@
 use std::fs::{self, File};
 use std::io::IsTerminal;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -40,6 +40,12 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // Whatever faultd creates is its own unless it says otherwise (the socket's mode is set
+    // explicitly): a permissive umask must not open the state directory, its files or the
+    // socket to others, not even for a moment.
+    // SAFETY: umask(2) only sets this process's file mode creation mask.
+    unsafe { libc::umask(0o077) };
+    raise_nofile();
     let mut policy = match &config.policy {
         Some(path) => Policy::load(path)?,
         None => Policy::default(),
@@ -97,7 +103,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let listener = bind(&config.socket, config.socket_group.as_deref()).await?;
+    // Removed when `run` returns, whether faultd stops or fails to start.
+    let (listener, _socket) = bind(&config.socket, config.socket_group.as_deref()).await?;
+    share_state_dir_with_socket_group(&config)?;
     let mut own_ports = Vec::new();
     let tcp = match config.listen {
         Some(addr) => {
@@ -231,10 +239,35 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Err(e) = expiry.await {
         tracing::warn!(error = %e, "expiry task");
     }
-    if let Err(e) = fs::remove_file(&config.socket) {
-        tracing::warn!(error = %e, "removing the socket");
-    }
     served.map_err(|e| anyhow::anyhow!("serving the API: {e}"))
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard one (systemd gives 1024 and 524288): every lease
+/// stream, NFQUEUE lane, netlink socket and iptables pipe needs a descriptor, and nothing here
+/// uses select(2). A failure is logged: faultd still runs within the soft limit.
+fn raise_nofile() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one rlimit struct we own.
+    let raised = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            Err(std::io::Error::last_os_error())
+        } else if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        } else {
+            Ok(())
+        }
+    };
+    match raised {
+        Ok(()) => tracing::debug!(nofile = limit.rlim_cur, "descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "raising RLIMIT_NOFILE to its hard limit"),
+    }
 }
 
 /// The delay and bandwidth mechanisms, in the engine's order of preference, after probing the
@@ -283,10 +316,26 @@ async fn shapers(
     Ok(shapers)
 }
 
-/// Takes the state directory's lock, held for the life of the process.
+/// Takes the state directory's lock, held for the life of the process. The directory is 0700
+/// and its files 0600, also those an earlier faultd left under a permissive umask: a later
+/// faultd trusts what it reads there (`nfqueue-netns`).
 fn lock_state_dir(dir: &Path) -> anyhow::Result<File> {
     fs::create_dir_all(dir)
         .with_context(|| format!("creating the state directory {}", dir.display()))?;
+    // Made private below: never a shared directory such as /tmp, nor someone else's.
+    let meta = fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if meta.mode() & 0o1000 != 0 || meta.uid() != euid {
+        bail!(
+            "the state directory {} is shared (sticky bit) or belongs to uid {}: give faultd a \
+             directory of its own with --state-dir",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private", dir.display()))?;
     let path = dir.join("faultd.lock");
     let file = File::create(&path).with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: flock on an fd we own.
@@ -295,6 +344,13 @@ fn lock_state_dir(dir: &Path) -> anyhow::Result<File> {
             "another faultd uses the state directory {} (give this one its own --state-dir)",
             dir.display()
         );
+    }
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("making {} private", entry.path().display()))?;
+        }
     }
     fs::write(dir.join("faultd.pid"), std::process::id().to_string())?;
     Ok(file)
@@ -367,31 +423,128 @@ fn group_id(group: &str) -> anyhow::Result<u32> {
     Ok(entry.gr_gid)
 }
 
-/// Binds the API socket (mode 0660, owned by `group` if given), replacing a stale one but never
-/// a live agent's.
-async fn bind(socket: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
-    if let Some(parent) = socket.parent() {
-        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+/// The default layout keeps the socket in the state directory (`/run/faultd`): then the
+/// socket's group may traverse the directory to reach the socket (0710, that group), and do
+/// nothing else there; without a socket group it stays 0700.
+fn share_state_dir_with_socket_group(config: &Config) -> anyhow::Result<()> {
+    let (Some(group), Some(parent)) = (config.socket_group.as_deref(), config.socket.parent())
+    else {
+        return Ok(());
+    };
+    let (Ok(socket_dir), Ok(state_dir)) = (fs::metadata(parent), fs::metadata(&config.state_dir))
+    else {
+        return Ok(());
+    };
+    if (socket_dir.dev(), socket_dir.ino()) != (state_dir.dev(), state_dir.ino()) {
+        return Ok(());
     }
-    if socket.exists() {
-        if tokio::net::UnixStream::connect(socket).await.is_ok() {
-            bail!(
-                "another faultd is serving on {} (stop it or pass --socket)",
-                socket.display()
-            );
+    let dir = &config.state_dir;
+    std::os::unix::fs::chown(dir, None, Some(group_id(group)?))
+        .with_context(|| format!("giving {} to group {group}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o710))
+        .with_context(|| format!("setting the mode of {}", dir.display()))
+}
+
+/// The API socket's file, removed when dropped if it is still the one this faultd bound (a
+/// failed start leaves no socket behind; a successor's socket is never touched).
+struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        match fs::symlink_metadata(&self.path) {
+            Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => {
+                if let Err(e) = fs::remove_file(&self.path) {
+                    tracing::warn!(error = %e, "removing the socket");
+                }
+            }
+            Ok(_) | Err(_) => {}
         }
-        fs::remove_file(socket)
-            .with_context(|| format!("removing the stale socket {}", socket.display()))?;
     }
-    let listener =
-        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
-    if let Some(group) = group {
-        let gid = group_id(group)?;
-        std::os::unix::fs::chown(socket, None, Some(gid))
-            .with_context(|| format!("giving {} to group {group}", socket.display()))?;
+}
+
+/// Creates the socket's directory and any missing parents, 0755 each (the socket's group must
+/// reach it; the umask is 077), leaving existing ones as they are.
+fn create_socket_dir(dir: &Path) -> anyhow::Result<()> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    for d in missing.into_iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => fs::set_permissions(d, fs::Permissions::from_mode(0o755))
+                .with_context(|| format!("setting the mode of {}", d.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("creating {}", d.display())),
+        }
     }
-    fs::set_permissions(socket, fs::Permissions::from_mode(0o660))?;
-    Ok(listener)
+    Ok(())
+}
+
+/// A directory only this process can reach, next to `socket` (so the socket can be renamed out
+/// of it), with a name nobody else holds.
+fn private_dir(socket: &Path) -> anyhow::Result<PathBuf> {
+    let parent = socket.parent().unwrap_or(Path::new("."));
+    let mut last = None;
+    for attempt in 0..16u32 {
+        let dir = parent.join(format!(".faultd-bind-{}-{attempt}", std::process::id()));
+        // mkdir never follows a symlink in the last component: an existing name is skipped.
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+        }
+    }
+    Err(last.map_or_else(|| anyhow::anyhow!("no free name"), anyhow::Error::from))
+        .with_context(|| format!("creating a private directory in {}", parent.display()))
+}
+
+/// Binds the API socket (mode 0660, owned by `group` if given), replacing a stale one but never
+/// a live agent's. The socket is bound inside a private 0700 directory, given its owner and
+/// mode there, and only then renamed into place: it is never reachable with another mode.
+async fn bind(socket: &Path, group: Option<&str>) -> anyhow::Result<(UnixListener, SocketFile)> {
+    if let Some(parent) = socket.parent() {
+        create_socket_dir(parent)?;
+    }
+    if socket.exists() && tokio::net::UnixStream::connect(socket).await.is_ok() {
+        bail!(
+            "another faultd is serving on {} (stop it or pass --socket)",
+            socket.display()
+        );
+    }
+    let gid = group.map(group_id).transpose()?;
+    let private = private_dir(socket)?;
+    let staged = private.join("faultd.sock");
+    let bound = (|| {
+        let listener =
+            UnixListener::bind(&staged).with_context(|| format!("binding {}", staged.display()))?;
+        if let (Some(gid), Some(group)) = (gid, group) {
+            std::os::unix::fs::chown(&staged, None, Some(gid))
+                .with_context(|| format!("giving {} to group {group}", socket.display()))?;
+        }
+        fs::set_permissions(&staged, fs::Permissions::from_mode(0o660))?;
+        // Replaces a stale socket in one step.
+        fs::rename(&staged, socket).with_context(|| format!("placing {}", socket.display()))?;
+        let meta = fs::symlink_metadata(socket)?;
+        anyhow::Ok((
+            listener,
+            SocketFile {
+                path: socket.to_path_buf(),
+                dev: meta.dev(),
+                ino: meta.ino(),
+            },
+        ))
+    })();
+    if bound.is_err() {
+        // Whatever was staged goes with the directory.
+        if let Err(e) = fs::remove_file(&staged)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(error = %e, "removing {}", staged.display());
+        }
+    }
+    fs::remove_dir(&private).with_context(|| format!("removing {}", private.display()))?;
+    bound
 }
 
 fn init_logging(format: LogFormat) {

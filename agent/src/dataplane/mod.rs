@@ -8,6 +8,7 @@ pub mod encoding;
 pub mod fake;
 pub mod netfilter;
 pub mod nfqueue;
+mod nfqueue_guard;
 pub mod peer_marker;
 pub mod qdisc_probe;
 pub mod rtnl;
@@ -42,6 +43,13 @@ pub enum DataplaneError {
     /// mechanism), e.g. a cgroup path NFQUEUE cannot express.
     #[error("{mechanism}: {reason}")]
     Unsupported {
+        mechanism: &'static str,
+        reason: String,
+    },
+    /// A mechanism ran out of something it hands out (RESOURCE_EXHAUSTED), e.g. the conntrack
+    /// mark ids of NFQUEUE ingress faults.
+    #[error("{mechanism}: {reason}")]
+    Exhausted {
         mechanism: &'static str,
         reason: String,
     },

@@ -192,6 +192,22 @@ pub fn check_interface(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Why `described` could not start: only a missing program means iptables is not installed;
+/// running out of descriptors or processes says so.
+fn spawn_error(described: &str, error: &std::io::Error) -> String {
+    match error.raw_os_error() {
+        Some(libc::ENOENT) => format!("cannot run `{described}`: {error} (is iptables installed?)"),
+        Some(libc::EMFILE | libc::ENFILE) => format!(
+            "cannot run `{described}`: {error} (faultd is out of file descriptors: raise its \
+             RLIMIT_NOFILE, LimitNOFILE= in systemd)"
+        ),
+        Some(libc::EAGAIN | libc::ENOMEM) => {
+            format!("cannot run `{described}`: {error} (out of processes or memory)")
+        }
+        _ => format!("cannot run `{described}`: {error}"),
+    }
+}
+
 /// Runs `program args` (in `netns` if given), feeding `stdin`; returns stdout. An argument
 /// vector, never a shell.
 fn run(
@@ -226,9 +242,7 @@ fn run(
             });
         }
     }
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot run `{described}`: {e} (is iptables installed?)"))?;
+    let mut child = command.spawn().map_err(|e| spawn_error(&described, &e))?;
     if let Some(text) = stdin
         && let Some(mut pipe) = child.stdin.take()
     {
@@ -1049,5 +1063,15 @@ mod tests {
                 "-X FAULTD-0badcafe-POST",
             ]
         );
+    }
+
+    #[test]
+    fn spawn_errors_say_what_ran_out() {
+        let enoent = std::io::Error::from_raw_os_error(libc::ENOENT);
+        assert!(spawn_error("iptables -S", &enoent).contains("is iptables installed?"));
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let message = spawn_error("iptables -S", &emfile);
+        assert!(message.contains("out of file descriptors"), "{message}");
+        assert!(!message.contains("installed"), "{message}");
     }
 }

@@ -38,7 +38,7 @@ use nfq::{Message, Queue, Verdict};
 
 use super::clock::monotonic_now_ns;
 use super::netfilter::{self, Family, FaultRules, Hook, Listing, Matcher};
-use super::{DataplaneError, Shaped, Shaper};
+use super::{DataplaneError, Shaped, Shaper, nfqueue_guard};
 use crate::fault::{Action, Direction, FaultId, Mechanism, Scope};
 use crate::instance::Instance;
 use crate::target::namespaces::{self, NetNs};
@@ -480,6 +480,13 @@ impl Lane {
                 })();
                 match opened {
                     Ok((queue, fd, num)) => {
+                        // Releases the queue while faultd is stopped; without it the delay
+                        // still works, a stopped faultd just holds traffic.
+                        let _guard = nfqueue_guard::Guard::start(fd, num)
+                            .map_err(|e| {
+                                tracing::warn!(queue = num, error = %e, "NFQUEUE guard");
+                            })
+                            .ok();
                         // The owner waits for this; if it is gone, there is nothing to serve.
                         if ready_tx.send(Ok(num)).is_ok() {
                             serve(queue, fd, schedule, &lane_shared);
@@ -616,6 +623,8 @@ fn serve(mut queue: Queue, fd: RawFd, mut schedule: Schedule, shared: &LaneShare
                 Ok(msg) => msg,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                // A verdict for a packet the guard accepted while faultd was stopped.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
                 Err(e) => {
                     errors += 1;
                     if errors > 1000 {
@@ -1072,12 +1081,13 @@ impl NfqueueShaper {
             true => Some(
                 (1..=netfilter::MAX_MARK_ID)
                     .find(|id| !marks.contains(id))
-                    .ok_or_else(|| {
-                        shaper_error(format!(
+                    .ok_or_else(|| DataplaneError::Exhausted {
+                        mechanism: Mechanism::Nfqueue.name(),
+                        reason: format!(
                             "all {} connection-mark ids for ingress faults are in use in this \
                              network namespace",
                             netfilter::MAX_MARK_ID
-                        ))
+                        ),
                     })?,
             ),
         };

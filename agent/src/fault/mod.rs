@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+pub mod limits;
 mod peers;
 pub mod view;
 
@@ -40,6 +41,9 @@ pub const MAX_PEER_ENTRIES_PER_FAULT: usize = 8192;
 pub struct Invalid {
     pub field: String,
     pub reason: String,
+    /// The field is well-formed but larger than faultd accepts (RESOURCE_EXHAUSTED rather than
+    /// INVALID_ARGUMENT): see `limits`.
+    pub over_limit: bool,
 }
 
 impl Invalid {
@@ -47,6 +51,15 @@ impl Invalid {
         Self {
             field: field.into(),
             reason: reason.into(),
+            over_limit: false,
+        }
+    }
+
+    /// A field over one of faultd's bounds.
+    pub fn over_limit(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            over_limit: true,
+            ..Self::new(field, reason)
         }
     }
 }
@@ -394,6 +407,11 @@ impl Target {
 
     /// Checks what no single field can: at least one port, and a bounded number of entries.
     pub fn validate(&self) -> Result<(), Invalid> {
+        // The counts first: what follows grows with them.
+        limits::target_counts(
+            self.ports.len(),
+            self.peers.len() + self.exclude_peers.len(),
+        )?;
         if self.ports.is_empty() {
             return Err(Invalid::new(
                 "fault.target.ports",
@@ -402,7 +420,7 @@ impl Target {
         }
         let rules = self.rule_count();
         if rules > MAX_RULES_PER_FAULT {
-            return Err(Invalid::new(
+            return Err(Invalid::over_limit(
                 "fault.target.ports",
                 format!(
                     "needs {rules} kernel entries (ports x protocols x directions); at most \
@@ -414,7 +432,7 @@ impl Target {
             .peer_set()?
             .map_or(0, |s| s.include.len() + s.exclude.len());
         if peers * rules > MAX_PEER_ENTRIES_PER_FAULT {
-            return Err(Invalid::new(
+            return Err(Invalid::over_limit(
                 "fault.target.peers",
                 format!(
                     "needs {} kernel entries (peer prefixes x ports x protocols x directions); at \
@@ -498,6 +516,7 @@ pub struct FaultSpec {
 impl FaultSpec {
     /// The target's checks, and what the action asks of the target.
     pub fn validate(&self) -> Result<(), Invalid> {
+        limits::labels(&self.labels, "fault.labels")?;
         self.target.validate()?;
         if matches!(self.target.scope, Scope::Netns { .. }) && self.action.on_connections() {
             return Err(Invalid::new(
