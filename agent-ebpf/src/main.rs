@@ -38,9 +38,9 @@ use aya_ebpf::{
 };
 use faultd_common::{
     ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, Counters, DIR_CONNECT, DIR_EGRESS,
-    DIR_INGRESS, ECONNREFUSED, FAMILY_V4, FAMILY_V6, MAX_FAULTS, MAX_PEERS,
-    MAX_RULES, MAX_SCOPES, PEER_KEY_FIXED_BITS, PROTO_TCP, PROTO_UDP, PeerKey, RuleKey, RuleValue,
-    ScopeValue, netns_scope_id,
+    DIR_INGRESS, ECONNREFUSED, FAMILY_V4, FAMILY_V6, MAX_FAULTS, MAX_PEERS, MAX_RULES, MAX_SCOPES,
+    PEER_KEY_FIXED_BITS, PROTO_TCP, PROTO_UDP, PeerKey, RuleKey, RuleValue, ScopeValue,
+    netns_scope_id,
 };
 
 #[map]

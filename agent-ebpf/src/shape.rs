@@ -7,6 +7,7 @@
 //! longest-prefix-match trie under that key, to find which fault (if any) shapes the packet.
 //! Anything unexpected passes the packet untouched.
 
+use crate::ancestry::Step;
 use aya_ebpf::{
     bindings::bpf_hdr_start_off::BPF_HDR_START_NET,
     helpers::{
@@ -17,12 +18,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
-use crate::ancestry::Step;
 use faultd_common::{
-    Counters, DIR_EGRESS, DIST_SCALE, DIST_SIZE, FAMILY_V4, FAMILY_V6,
-    MAX_FAULTS, MAX_PEERS, MAX_RULES, MAX_SCOPES, PEER_KEY_FIXED_BITS, PROTO_TCP, PROTO_UDP,
-    PeerKey, RuleKey, SHAPE_CLASS, SHAPE_EDT, SHAPE_PASS, SHAPE_PEERS, ScopeValue, ShapeState,
-    ShapeValue,
+    Counters, DIR_EGRESS, DIST_SCALE, DIST_SIZE, FAMILY_V4, FAMILY_V6, MAX_FAULTS, MAX_PEERS,
+    MAX_RULES, MAX_SCOPES, PEER_KEY_FIXED_BITS, PROTO_TCP, PROTO_UDP, PeerKey, RuleKey,
+    SHAPE_CLASS, SHAPE_EDT, SHAPE_PASS, SHAPE_PEERS, ScopeValue, ShapeState, ShapeValue,
 };
 
 #[map]

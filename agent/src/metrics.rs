@@ -320,12 +320,10 @@ impl Collector for SourceCollector {
             "What a fault did, per fault and effect: packets dropped, connects refused, \
              packets delayed, connections reset",
             faults.iter().flat_map(|f| {
-                f.effects()
-                    .into_iter()
-                    .map(move |(effect, value)| {
-                        let fault = fault_labels(f);
-                        (EffectLabels { fault, effect }, value)
-                    })
+                f.effects().into_iter().map(move |(effect, value)| {
+                    let fault = fault_labels(f);
+                    (EffectLabels { fault, effect }, value)
+                })
             }),
         )?;
         // Over every fault this agent ran, ended ones included: never goes backwards.
@@ -345,13 +343,10 @@ impl Collector for SourceCollector {
             "What faults did, over every fault of this agent (ended ones included), by action, \
              mechanism, scope kind and effect: packets dropped, connects refused, packets \
              delayed, connections reset",
-            totals
-                .affected
-                .iter()
-                .map(|((key, effect), value)| {
-                    let total = total_labels(key);
-                    (TotalEffectLabels { total, effect }, *value)
-                }),
+            totals.affected.iter().map(|((key, effect), value)| {
+                let total = total_labels(key);
+                (TotalEffectLabels { total, effect }, *value)
+            }),
         )
     }
 }
