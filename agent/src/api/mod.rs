@@ -5,6 +5,7 @@
 //! audit log with who made it (`peer`).
 
 pub mod authority;
+pub mod caps;
 pub mod convert;
 mod events;
 mod fault;

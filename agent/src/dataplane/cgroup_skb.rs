@@ -23,7 +23,7 @@ use faultd_common::{
 };
 
 use super::{ConnectionKiller, Dataplane, DataplaneError, PeerEntry, SocketFilter, sock_diag};
-use crate::caps::Capability;
+use crate::capability::Capability;
 use crate::fault::Action;
 
 pub struct CgroupSkbDataplane {

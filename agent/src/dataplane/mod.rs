@@ -106,7 +106,7 @@ pub trait Dataplane: Send {
     /// how many connections it destroyed. Shared, so a watcher thread can call it too.
     fn connection_killer(&self) -> ConnectionKiller;
     /// What this datapath probed beyond loading, for the capability report.
-    fn capabilities(&self) -> Vec<crate::caps::Capability> {
+    fn capabilities(&self) -> Vec<crate::capability::Capability> {
         Vec::new()
     }
 }
