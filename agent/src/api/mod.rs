@@ -45,7 +45,7 @@ impl From<Error> for Status {
             Error::NotFound { .. } | Error::Ended { .. } | Error::ScopeNotFound(_) => {
                 Status::not_found(message)
             }
-            Error::Conflict(_) => Status::already_exists(message),
+            Error::Conflict { .. } => Status::already_exists(message),
             Error::Exhausted(_) => Status::resource_exhausted(message),
             Error::Unsupported(_) | Error::Dataplane(DataplaneError::Unsupported { .. }) => {
                 Status::failed_precondition(message)
