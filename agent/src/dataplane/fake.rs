@@ -61,7 +61,7 @@ impl Dataplane for FakeDataplane {
                 state.rules = before;
                 return Err(DataplaneError::Map {
                     map: "fake",
-                    reason: "injected failure".into(),
+                    source: aya::maps::MapError::IoError(std::io::Error::other("injected failure")),
                 });
             }
             state.rules.insert(*key, *value);
