@@ -53,7 +53,10 @@ impl Capabilities {
                 items.extend(datapath.capabilities());
                 ACTIONS
                     .iter()
-                    .map(|(name, action)| (*name, datapath.mechanism(action)))
+                    .map(|(name, action)| {
+                        let mechanism = datapath.mechanism(action).map_err(|e| e.to_string());
+                        (*name, mechanism)
+                    })
                     .collect()
             }
             Err(reason) => {

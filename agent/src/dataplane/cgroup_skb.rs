@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
 use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
@@ -24,7 +25,7 @@ use faultd_common::{
 
 use super::{
     AttachFailure, ConnectionKiller, Dataplane, DataplaneError, LoadError, PeerEntry, SocketFilter,
-    TcError, sock_diag,
+    TcError, Unavailable, sock_diag,
 };
 use crate::capability::Capability;
 use crate::fault::Action;
@@ -38,11 +39,11 @@ pub struct CgroupSkbDataplane {
     scope_rules: HashMap<u64, u32>,
     nr_cpus: usize,
     /// Whether the connect programs loaded and attached (reject, reset), or why not.
-    connect: Result<(), String>,
+    connect: Result<(), Arc<DataplaneError>>,
     /// Whether SOCK_DESTROY works here (reset), or why not.
-    sock_destroy: Result<(), String>,
+    sock_destroy: Result<(), Arc<sock_diag::SockDestroyUnavailable>>,
     /// Whether the tc programs of netns scopes loaded, or why not.
-    tc: Result<(), String>,
+    tc: Result<(), Arc<DataplaneError>>,
     /// The interfaces of netns scopes the tc programs are attached to, by scope id.
     interfaces: HashMap<u64, Attached>,
     /// Owns the programs and their links: dropping it detaches them.
@@ -53,7 +54,10 @@ use super::BPF_EXIST;
 use super::encoding::peer_key;
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { map, source }
+    move |e| DataplaneError::Map {
+        map,
+        source: Box::new(e),
+    }
 }
 
 impl CgroupSkbDataplane {
@@ -63,7 +67,7 @@ impl CgroupSkbDataplane {
         if object.is_empty() {
             return Err(DataplaneError::StubObject);
         }
-        let mut ebpf = EbpfLoader::new().load(object).map_err(LoadError::Object)?;
+        let mut ebpf = EbpfLoader::new().load(object).map_err(LoadError::object)?;
         let root = File::open(cgroup_root).map_err(|source| DataplaneError::OpenCgroup {
             program: PROG_EGRESS,
             cgroup: cgroup_root.display().to_string(),
@@ -77,28 +81,25 @@ impl CgroupSkbDataplane {
                 .program_mut(name)
                 .ok_or(LoadError::MissingProgram(name))?
                 .try_into()
-                .map_err(LoadError::ProgramType)?;
-            program.load().map_err(|source| LoadError::Verify {
-                program: name,
-                source,
-            })?;
+                .map_err(LoadError::program_type)?;
+            program.load().map_err(LoadError::verify(name))?;
             // Links stack regardless of the mode (TOOLCHAIN.md: AllowMultiple is EINVAL here).
             program
                 .attach(&root, attach_type, CgroupAttachMode::Single)
                 .map_err(|source| DataplaneError::Attach {
                     program: name,
                     cgroup: cgroup_root.display().to_string(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         // The connect programs need newer kernels than the packet programs (bpf_set_retval in
         // cgroup hooks, 5.18): without them drop still works and reject/reset say what is missing.
-        let connect = attach_connect(&mut ebpf, &root).map_err(|e| e.to_string());
+        let connect = attach_connect(&mut ebpf, &root).map_err(Arc::new);
         if let Err(e) = &connect {
             tracing::warn!(error = %e, "reject and reset are unavailable");
         }
-        let sock_destroy = sock_diag::probe().map_err(|e| e.to_string());
-        let tc = load_tc(&mut ebpf).map_err(|e| e.to_string());
+        let sock_destroy = sock_diag::probe().map_err(Arc::new);
+        let tc = load_tc(&mut ebpf).map_err(Arc::new);
         if let Err(e) = &tc {
             tracing::warn!(error = %e, "faults on interfaces in network namespaces are unavailable");
         }
@@ -330,27 +331,27 @@ impl Dataplane for CgroupSkbDataplane {
             .map_err(map_err(COUNTERS_MAP))
     }
 
-    fn mechanism(&self, action: &Action) -> Result<&'static str, String> {
+    fn mechanism(&self, action: &Action) -> Result<&'static str, Unavailable> {
         match action {
             Action::Drop { .. } => Ok("cgroup_skb"),
             Action::Reject => self
                 .connect
                 .clone()
                 .map(|()| "cgroup_connect")
-                .map_err(|e| format!("cgroup/connect programs: {e}")),
+                .map_err(Unavailable::ConnectPrograms),
             Action::Reset { after_bytes } => {
-                self.sock_destroy.clone()?;
+                self.sock_destroy
+                    .clone()
+                    .map_err(Unavailable::SockDestroy)?;
                 if after_bytes.is_some() {
                     return Ok("sock_diag");
                 }
                 self.connect
                     .clone()
                     .map(|()| "sock_diag+cgroup_connect")
-                    .map_err(|e| format!("cgroup/connect programs: {e}"))
+                    .map_err(Unavailable::ConnectPrograms)
             }
-            Action::Delay(_) | Action::Bandwidth(_) => {
-                Err("delay and bandwidth are applied by a shaping mechanism".into())
-            }
+            Action::Delay(_) | Action::Bandwidth(_) => Err(Unavailable::Shaping),
         }
     }
 
@@ -409,7 +410,7 @@ fn tc_program<'a>(
         .program_mut(name)
         .ok_or(LoadError::MissingProgram(name))?
         .try_into()
-        .map_err(LoadError::ProgramType)?;
+        .map_err(LoadError::program_type)?;
     Ok(program)
 }
 
@@ -417,10 +418,7 @@ fn load_tc(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
     for (name, _) in TC_PROGRAMS {
         tc_program(ebpf, name)?
             .load()
-            .map_err(|source| LoadError::Verify {
-                program: name,
-                source,
-            })?;
+            .map_err(LoadError::verify(name))?;
     }
     Ok(())
 }
@@ -430,7 +428,7 @@ fn load_tc(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
 fn attach_tc(ebpf: &mut Ebpf, interface: &str) -> Result<Attached, DataplaneError> {
     let tc_err = |source: AttachFailure| TcError::Attach {
         interface: interface.to_string(),
-        source,
+        source: Box::new(source),
     };
     let mut attached = Attached {
         netns: Default::default(),
@@ -481,7 +479,7 @@ fn detach_tc(ebpf: &mut Ebpf, attached: Attached) -> Result<(), DataplaneError> 
             p.detach(link).map_err(|source| {
                 TcError::Detach {
                     program: name,
-                    source,
+                    source: Box::new(source),
                 }
                 .into()
             })
@@ -513,17 +511,14 @@ fn attach_connect(ebpf: &mut Ebpf, root: &File) -> Result<(), DataplaneError> {
             .program_mut(name)
             .ok_or(LoadError::MissingProgram(name))?
             .try_into()
-            .map_err(LoadError::ProgramType)?;
-        program.load().map_err(|source| LoadError::Verify {
-            program: name,
-            source,
-        })?;
+            .map_err(LoadError::program_type)?;
+        program.load().map_err(LoadError::verify(name))?;
         program
             .attach(root, CgroupAttachMode::Single)
             .map_err(|source| DataplaneError::Attach {
                 program: name,
                 cgroup: "the cgroup v2 root".into(),
-                source,
+                source: Box::new(source),
             })?;
     }
     Ok(())

@@ -2,6 +2,7 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use aya::maps::MapError;
 use aya::programs::ProgramError;
@@ -22,7 +23,7 @@ pub enum DataplaneError {
         program: &'static str,
         cgroup: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// The cgroup directory to attach `program` to did not open.
     #[error("attaching {program} to {cgroup}: {source}")]
@@ -36,7 +37,7 @@ pub enum DataplaneError {
     Map {
         map: &'static str,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     /// A per-CPU value of `map` could not be built (the number of CPUs did not match).
     #[error("updating BPF map {map}: {source}")]
@@ -64,24 +65,40 @@ pub enum DataplaneError {
     SockDiag(#[from] sock_diag::SockDiagError),
 }
 
+/// Why the datapath cannot apply an action on this host: what its probes found missing.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum Unavailable {
+    /// The connect programs (reject, reset) did not load or attach.
+    #[error("cgroup/connect programs: {0}")]
+    ConnectPrograms(#[source] Arc<DataplaneError>),
+    /// This kernel does not let faultd destroy sockets (reset).
+    #[error(transparent)]
+    SockDestroy(Arc<sock_diag::SockDestroyUnavailable>),
+    #[error("delay and bandwidth are applied by a shaping mechanism")]
+    Shaping,
+    /// What a stand-in datapath (tests) says is missing.
+    #[error("{0}")]
+    Missing(String),
+}
+
 /// What failed while loading the eBPF object, its programs or its maps.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(transparent)]
-    Object(#[from] aya::EbpfError),
+    Object(Box<aya::EbpfError>),
     #[error("program {0} missing from the object")]
     MissingProgram(&'static str),
     #[error("map {0} missing from the object")]
     MissingMap(&'static str),
     /// The program is not of the type faultd expects.
     #[error(transparent)]
-    ProgramType(ProgramError),
+    ProgramType(Box<ProgramError>),
     /// The verifier (or the kernel) refused the program; the message carries its log.
     #[error("{program}: {}", verifier_detail(source))]
     Verify {
         program: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("{what}: {source}")]
     Cpus {
@@ -94,6 +111,21 @@ pub enum LoadError {
 }
 
 impl LoadError {
+    pub fn object(e: aya::EbpfError) -> Self {
+        Self::Object(Box::new(e))
+    }
+
+    pub fn program_type(e: ProgramError) -> Self {
+        Self::ProgramType(Box::new(e))
+    }
+
+    pub fn verify(program: &'static str) -> impl FnOnce(ProgramError) -> Self {
+        move |e| Self::Verify {
+            program,
+            source: Box::new(e),
+        }
+    }
+
     /// For `aya::util::nr_cpus`, which fails with what it read and why.
     pub fn cpus((what, source): (&'static str, io::Error)) -> Self {
         Self::Cpus { what, source }
@@ -133,27 +165,27 @@ pub enum TcError {
     Attach {
         interface: String,
         #[source]
-        source: AttachFailure,
+        source: Box<AttachFailure>,
     },
     #[error("attaching {program} to {interface} egress: {source}")]
     AttachEgress {
         program: &'static str,
         interface: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("detaching {program}: {source}")]
     Detach {
         program: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("detaching {program} from {interface}: {source}")]
     DetachFrom {
         program: &'static str,
         interface: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("removing the clsact qdisc of {interface}: {source}")]
     RemoveClsact {

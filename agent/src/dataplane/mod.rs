@@ -19,7 +19,7 @@ use faultd_common::{Counters, RuleKey, RuleValue};
 
 use crate::fault::{Action, Cidr, FaultId, Mechanism, Target};
 use crate::target::ResolvedScope;
-pub use error::{AttachFailure, DataplaneError, LoadError, TcError};
+pub use error::{AttachFailure, DataplaneError, LoadError, TcError, Unavailable};
 pub use sock_diag::SocketFilter;
 
 /// TCX links exist from Linux 6.6 on.
@@ -68,7 +68,7 @@ pub trait Dataplane: Send {
     fn counters(&self, slot: u32) -> Result<Counters, DataplaneError>;
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataplaneError>;
     /// The mechanism that applies `action` (shown to users), or what this kernel lacks for it.
-    fn mechanism(&self, action: &Action) -> Result<&'static str, String>;
+    fn mechanism(&self, action: &Action) -> Result<&'static str, Unavailable>;
     /// What tears down established TCP connections (`reset`): called with a filter, it returns
     /// how many connections it destroyed. Shared, so a watcher thread can call it too.
     fn connection_killer(&self) -> ConnectionKiller;

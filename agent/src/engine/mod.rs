@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use self::placement::Placement;
 use crate::dataplane::clock::{kernel_deadline, monotonic_now_ns};
-use crate::dataplane::{Dataplane, DataplaneError, Shaper};
+use crate::dataplane::{Dataplane, DataplaneError, Shaper, Unavailable};
 use crate::events::{EventKind, Events};
 pub use crate::fault::view::{Ending, FaultState, FaultView, LeaseView, RevertReason};
 use crate::fault::{FaultId, FaultSpec, Invalid, Labels, LeaseId, Mechanism};
@@ -96,7 +96,8 @@ pub enum Unsupported {
     #[error("{action} is not available on this kernel: {missing}")]
     Action {
         action: &'static str,
-        missing: String,
+        #[source]
+        missing: Unavailable,
     },
     /// The user forced a mechanism that cannot apply the action.
     #[error(

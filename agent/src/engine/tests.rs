@@ -437,7 +437,7 @@ async fn a_forced_mechanism_that_is_missing_is_a_failed_precondition() {
     assert!(edt.faults().is_empty() && nfqueue.faults().is_empty());
     let status = tonic::Status::from(Error::Unsupported(Unsupported::Action {
         action: "drop",
-        missing: "x".into(),
+        missing: crate::dataplane::Unavailable::Missing("x".into()),
     }));
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
 

@@ -81,7 +81,7 @@ impl TcShaping {
             .program_mut(PROG_SHAPE)
             .ok_or(LoadError::MissingProgram(PROG_SHAPE))?
             .try_into()
-            .map_err(LoadError::ProgramType)?;
+            .map_err(LoadError::program_type)?;
         if tcx_available() {
             match program.attach_with_options(
                 name,
@@ -111,7 +111,7 @@ impl TcShaping {
             .map_err(|source| TcError::AttachEgress {
                 program: PROG_SHAPE,
                 interface: name.to_string(),
-                source,
+                source: Box::new(source),
             })?;
         interface.link = Some(link);
         Ok(())
@@ -161,7 +161,7 @@ impl TcShaping {
                     TcError::DetachFrom {
                         program: PROG_SHAPE,
                         interface: interface.name.clone(),
-                        source: e,
+                        source: Box::new(e),
                     }
                     .into(),
                 );

@@ -96,7 +96,10 @@ pub struct TcShaping {
 }
 
 pub(super) fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { map, source }
+    move |e| DataplaneError::Map {
+        map,
+        source: Box::new(e),
+    }
 }
 
 pub(super) fn tc_err(e: RtnlError) -> DataplaneError {
@@ -117,16 +120,13 @@ impl TcShaping {
             .map_max_entries(SCOPES_MAP, 1)
             .map_max_entries(COUNTERS_MAP, 1)
             .load(object)
-            .map_err(LoadError::Object)?;
+            .map_err(LoadError::object)?;
         let program: &mut SchedClassifier = ebpf
             .program_mut(PROG_SHAPE)
             .ok_or(LoadError::MissingProgram(PROG_SHAPE))?
             .try_into()
-            .map_err(LoadError::ProgramType)?;
-        program.load().map_err(|source| LoadError::Verify {
-            program: PROG_SHAPE,
-            source,
-        })?;
+            .map_err(LoadError::program_type)?;
+        program.load().map_err(LoadError::verify(PROG_SHAPE))?;
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(LoadError::MissingMap(name));
         let shapes = BpfHashMap::try_from(take(SHAPES_MAP)?).map_err(map_err(SHAPES_MAP))?;
         let peers = LpmTrie::try_from(take(SHAPE_PEERS_MAP)?).map_err(map_err(SHAPE_PEERS_MAP))?;
