@@ -61,6 +61,13 @@ pub enum DataplaneError {
         mechanism: &'static str,
         reason: String,
     },
+    /// A shaping mechanism could not apply or revert a fault, for the reason in `source`.
+    #[error("{mechanism}: {source}")]
+    ShaperFailed {
+        mechanism: &'static str,
+        #[source]
+        source: Box<DataplaneError>,
+    },
     #[error("resetting connections: {0}")]
     SockDiag(#[from] sock_diag::SockDiagError),
 }

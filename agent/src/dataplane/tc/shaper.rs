@@ -41,9 +41,9 @@ impl TcShaper {
     }
 
     fn error(&self, e: DataplaneError) -> DataplaneError {
-        DataplaneError::Shaper {
+        DataplaneError::ShaperFailed {
             mechanism: self.mechanism.name(),
-            reason: e.to_string(),
+            source: Box::new(e),
         }
     }
 }
