@@ -7,6 +7,7 @@ use crate::dataplane::PeerEntry;
 use crate::dataplane::fake::FakeDataplane;
 use crate::fault::{Action, Direction, PortRange, Protocol, Scope, Target};
 use crate::metrics::TotalKey;
+use crate::target::ResolveError;
 use faultd_common::{ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, Counters};
 
 struct FixedResolver;
