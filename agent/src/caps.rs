@@ -3,17 +3,9 @@
 
 use std::path::Path;
 
-use faultd_proto::v1 as pb;
-
+pub use crate::capability::Capability;
 use crate::dataplane::{Dataplane, Shaper};
 use crate::fault::{Action, Mechanism};
-
-#[derive(Clone, Debug)]
-pub struct Capability {
-    pub name: &'static str,
-    pub available: bool,
-    pub detail: String,
-}
 
 #[derive(Clone, Debug)]
 pub struct Capabilities {
@@ -61,7 +53,10 @@ impl Capabilities {
                 items.extend(datapath.capabilities());
                 ACTIONS
                     .iter()
-                    .map(|(name, action)| (*name, datapath.mechanism(action)))
+                    .map(|(name, action)| {
+                        let mechanism = datapath.mechanism(action).map_err(|e| e.to_string());
+                        (*name, mechanism)
+                    })
                     .collect()
             }
             Err(reason) => {
@@ -126,53 +121,6 @@ impl Capabilities {
             ));
         }
     }
-
-    pub fn to_proto(&self) -> pb::CapabilitiesResponse {
-        let not_yet = |action: &str| pb::ActionSupport {
-            action: action.into(),
-            available: false,
-            mechanism: String::new(),
-            detail: "not implemented in this version".into(),
-        };
-        let mut actions: Vec<_> = self
-            .actions
-            .iter()
-            .map(|(name, outcome)| match outcome {
-                Ok(mechanism) => pb::ActionSupport {
-                    action: (*name).into(),
-                    available: true,
-                    mechanism: (*mechanism).into(),
-                    detail: String::new(),
-                },
-                Err(missing) => pb::ActionSupport {
-                    action: (*name).into(),
-                    available: false,
-                    mechanism: String::new(),
-                    detail: missing.clone(),
-                },
-            })
-            .collect();
-        for name in ["delay", "bandwidth"] {
-            if !self.actions.iter().any(|(listed, _)| *listed == name) {
-                actions.push(not_yet(name));
-            }
-        }
-        pb::CapabilitiesResponse {
-            kernel_release: self.kernel_release.clone(),
-            cgroup_root: self.cgroup_root.clone(),
-            capabilities: self
-                .items
-                .iter()
-                .map(|c| pb::Capability {
-                    name: c.name.into(),
-                    available: c.available,
-                    detail: c.detail.clone(),
-                })
-                .collect(),
-            actions,
-            agent_version: env!("CARGO_PKG_VERSION").into(),
-        }
-    }
 }
 
 /// The actions the capability report lists, with a representative of each.
@@ -181,24 +129,6 @@ const ACTIONS: &[(&str, Action)] = &[
     ("reject", Action::Reject),
     ("reset", Action::Reset { after_bytes: None }),
 ];
-
-impl Capability {
-    /// A probe's outcome: `what` it is when available, else what is missing.
-    pub fn outcome(name: &'static str, result: Result<(), String>, what: &str) -> Self {
-        match result {
-            Ok(()) => Self {
-                name,
-                available: true,
-                detail: what.into(),
-            },
-            Err(missing) => Self {
-                name,
-                available: false,
-                detail: missing,
-            },
-        }
-    }
-}
 
 fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")

@@ -2,12 +2,14 @@
 //!
 //! Rooms: `fault` (domain model and validation), `lease` (lease table), `engine` (applies and
 //! reverts faults, owns the kernel resources), `dataplane` (kernel mechanisms), `target`
-//! (scope resolution), `api` (gRPC: conversion and status mapping only), `caps` (kernel probe),
+//! (scope resolution), `api` (gRPC: conversion and status mapping only), `caps` (kernel probe;
+//! `capability` is its line, a leaf the dataplane reports with),
 //! `policy` (guardrails), `events` (what happens to faults, for Watch), `metrics` and `http`
 //! (Prometheus and /healthz), `audit` (who did what).
 
 pub mod api;
 pub mod audit;
+pub mod capability;
 pub mod caps;
 pub mod client;
 pub mod config;

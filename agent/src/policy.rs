@@ -26,7 +26,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::fault::ResolvedScope;
-use crate::fault::{PortRange, Scope, Target};
+use crate::fault::{Invalid, PortRange, Scope, Target};
 
 /// The rule that protects faultd's own TCP ports.
 pub const SELF_RULE: &str = "faultd";
@@ -34,10 +34,49 @@ pub const SELF_RULE: &str = "faultd";
 /// A policy file that cannot be used: faultd refuses to start with it.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("reading the policy file {path}: {reason}")]
-    Read { path: String, reason: String },
-    #[error("policy file {path}: {reason}")]
-    Invalid { path: String, reason: String },
+    #[error("reading the policy file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("policy file {path}: {source}")]
+    Invalid {
+        path: String,
+        #[source]
+        source: InvalidPolicy,
+    },
+}
+
+/// What is wrong in a policy's text.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidPolicy {
+    #[error(transparent)]
+    Toml(#[from] toml::de::Error),
+    #[error("{key}: must be longer than zero")]
+    ZeroDuration { key: &'static str },
+    /// `reason`: why the duration text does not parse.
+    #[error("{key}: {reason}")]
+    Duration { key: &'static str, reason: String },
+    #[error(
+        "protected_ports.{name}: not a built-in rule; give it a list of ports, e.g. {name} = \
+         [2379, \"8000-8010\"]"
+    )]
+    NotBuiltIn { name: String },
+    #[error(
+        "protected_ports.{SELF_RULE}: faultd's own ports come from --listen and --metrics-addr; \
+         write {SELF_RULE} = false to allow faults on them"
+    )]
+    SelfPorts,
+    #[error(
+        "protected_ports.{name}: an empty list protects nothing; write {name} = false to remove \
+         a built-in rule"
+    )]
+    EmptyList { name: String },
+    #[error("{field}: {text} is not a port or range (e.g. 2379 or \"8000-8010\")")]
+    NotAPort { field: String, text: String },
+    #[error(transparent)]
+    Port(#[from] Invalid),
 }
 
 /// A request the policy forbids: `rule` is the policy's name for what forbids it.
@@ -135,26 +174,26 @@ enum PortSpec {
 impl Policy {
     /// Reads and checks a policy file.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
-        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::Read {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
             path: path.display().to_string(),
-            reason: e.to_string(),
+            source,
         })?;
-        Self::from_toml(&text).map_err(|reason| PolicyError::Invalid {
+        Self::from_toml(&text).map_err(|source| PolicyError::Invalid {
             path: path.display().to_string(),
-            reason,
+            source,
         })
     }
 
     /// Parses a policy; what the text leaves out keeps its default.
-    pub fn from_toml(text: &str) -> Result<Self, String> {
-        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn from_toml(text: &str) -> Result<Self, InvalidPolicy> {
+        let file: File = toml::from_str(text)?;
         let mut policy = Self::default();
-        let duration = |value: &Option<String>, key: &str, default: Duration| match value {
+        let duration = |value: &Option<String>, key: &'static str, default: Duration| match value {
             None => Ok(default),
             Some(text) => match crate::duration::parse(text) {
                 Ok(d) if !d.is_zero() => Ok(d),
-                Ok(_) => Err(format!("{key}: must be longer than zero")),
-                Err(why) => Err(format!("{key}: {why}")),
+                Ok(_) => Err(InvalidPolicy::ZeroDuration { key }),
+                Err(reason) => Err(InvalidPolicy::Duration { key, reason }),
             },
         };
         policy.max_ttl = duration(&file.max_ttl, "max_ttl", policy.max_ttl)?;
@@ -183,16 +222,10 @@ impl Policy {
                     policy.protected.retain(|p| p.rule != name);
                 }
                 Rule::Keep(_) => {
-                    return Err(format!(
-                        "protected_ports.{name}: not a built-in rule; give it a list of ports, \
-                         e.g. {name} = [2379, \"8000-8010\"]"
-                    ));
+                    return Err(InvalidPolicy::NotBuiltIn { name });
                 }
                 Rule::Ports(_) if name == SELF_RULE => {
-                    return Err(format!(
-                        "protected_ports.{SELF_RULE}: faultd's own ports come from --listen and \
-                         --metrics-addr; write {SELF_RULE} = false to allow faults on them"
-                    ));
+                    return Err(InvalidPolicy::SelfPorts);
                 }
                 Rule::Ports(specs) => {
                     let field = format!("protected_ports.{name}");
@@ -201,10 +234,7 @@ impl Policy {
                         .map(|spec| port_spec(spec, &field))
                         .collect::<Result<Vec<_>, _>>()?;
                     if ports.is_empty() {
-                        return Err(format!(
-                            "{field}: an empty list protects nothing; write {name} = false to \
-                             remove a built-in rule"
-                        ));
+                        return Err(InvalidPolicy::EmptyList { name });
                     }
                     policy.protected.retain(|p| p.rule != name);
                     policy.protected.push(ProtectedPorts { rule: name, ports });
@@ -324,14 +354,15 @@ fn range_text(range: &PortRange) -> String {
     }
 }
 
-fn port_spec(spec: &PortSpec, field: &str) -> Result<PortRange, String> {
-    let bad = |what: &dyn std::fmt::Display| {
-        format!("{field}: {what} is not a port or range (e.g. 2379 or \"8000-8010\")")
+fn port_spec(spec: &PortSpec, field: &str) -> Result<PortRange, InvalidPolicy> {
+    let bad = |what: &dyn std::fmt::Display| InvalidPolicy::NotAPort {
+        field: field.to_string(),
+        text: what.to_string(),
     };
     match spec {
         PortSpec::Port(port) => {
             let port = u32::try_from(*port).map_err(|_| bad(port))?;
-            PortRange::new(port, None, field).map_err(|e| e.to_string())
+            Ok(PortRange::new(port, None, field)?)
         }
         PortSpec::Text(text) => {
             let (first, last) = match text.split_once('-') {
@@ -340,7 +371,7 @@ fn port_spec(spec: &PortSpec, field: &str) -> Result<PortRange, String> {
             };
             let number = |s: &str| s.trim().parse::<u32>().map_err(|_| bad(text));
             let last = last.map(number).transpose()?;
-            PortRange::new(number(first)?, last, field).map_err(|e| e.to_string())
+            Ok(PortRange::new(number(first)?, last, field)?)
         }
     }
 }
@@ -462,7 +493,7 @@ mod tests {
             ("[protected_ports]\nfaultd = [1]", "protected_ports.faultd"),
             ("max_active_faults = -1", "max_active_faults"),
         ] {
-            let err = Policy::from_toml(text).unwrap_err();
+            let err = Policy::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(says), "{text:?}: {err}");
         }
     }

@@ -178,7 +178,7 @@ impl pb::fault_service_server::FaultService for FaultApi {
         &self,
         _: Request<pb::CapabilitiesRequest>,
     ) -> Result<Response<pb::CapabilitiesResponse>, Status> {
-        let result = Ok(self.caps.to_proto());
+        let result = Ok(super::caps::to_proto(&self.caps));
         self.calls.read(SERVICE, "Capabilities", &result);
         result.map(Response::new)
     }

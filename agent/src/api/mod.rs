@@ -5,6 +5,7 @@
 //! audit log with who made it (`peer`).
 
 pub mod authority;
+pub mod caps;
 pub mod convert;
 mod events;
 mod fault;
@@ -44,7 +45,7 @@ impl From<Error> for Status {
             Error::NotFound { .. } | Error::Ended { .. } | Error::ScopeNotFound(_) => {
                 Status::not_found(message)
             }
-            Error::Conflict(_) => Status::already_exists(message),
+            Error::Conflict { .. } => Status::already_exists(message),
             Error::Exhausted(_) | Error::Dataplane(DataplaneError::Exhausted { .. }) => {
                 Status::resource_exhausted(message)
             }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
 use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
@@ -22,8 +23,11 @@ use faultd_common::{
     ScopeValue,
 };
 
-use super::{ConnectionKiller, Dataplane, DataplaneError, PeerEntry, SocketFilter, sock_diag};
-use crate::caps::Capability;
+use super::{
+    AttachFailure, ConnectionKiller, Dataplane, DataplaneError, LoadError, PeerEntry, SocketFilter,
+    TcError, Unavailable, sock_diag,
+};
+use crate::capability::Capability;
 use crate::fault::Action;
 
 pub struct CgroupSkbDataplane {
@@ -35,11 +39,11 @@ pub struct CgroupSkbDataplane {
     scope_rules: HashMap<u64, u32>,
     nr_cpus: usize,
     /// Whether the connect programs loaded and attached (reject, reset), or why not.
-    connect: Result<(), String>,
+    connect: Result<(), Arc<DataplaneError>>,
     /// Whether SOCK_DESTROY works here (reset), or why not.
-    sock_destroy: Result<(), String>,
+    sock_destroy: Result<(), Arc<sock_diag::SockDestroyUnavailable>>,
     /// Whether the tc programs of netns scopes loaded, or why not.
-    tc: Result<(), String>,
+    tc: Result<(), Arc<DataplaneError>>,
     /// The interfaces of netns scopes the tc programs are attached to, by scope id.
     interfaces: HashMap<u64, Attached>,
     /// Owns the programs and their links: dropping it detaches them.
@@ -52,7 +56,7 @@ use super::encoding::peer_key;
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
     move |e| DataplaneError::Map {
         map,
-        reason: e.to_string(),
+        source: Box::new(e),
     }
 }
 
@@ -63,59 +67,48 @@ impl CgroupSkbDataplane {
         if object.is_empty() {
             return Err(DataplaneError::StubObject);
         }
-        let mut ebpf = EbpfLoader::new()
-            .load(object)
-            .map_err(|e| DataplaneError::Load(e.to_string()))?;
-        let root = File::open(cgroup_root).map_err(|e| DataplaneError::Attach {
+        let mut ebpf = EbpfLoader::new().load(object).map_err(LoadError::object)?;
+        let root = File::open(cgroup_root).map_err(|source| DataplaneError::OpenCgroup {
             program: PROG_EGRESS,
             cgroup: cgroup_root.display().to_string(),
-            reason: e.to_string(),
+            source,
         })?;
         for (name, attach_type) in [
             (PROG_EGRESS, CgroupSkbAttachType::Egress),
             (PROG_INGRESS, CgroupSkbAttachType::Ingress),
         ] {
-            let attach_err = |reason: String| DataplaneError::Attach {
-                program: name,
-                cgroup: cgroup_root.display().to_string(),
-                reason,
-            };
             let program: &mut CgroupSkb = ebpf
                 .program_mut(name)
-                .ok_or_else(|| {
-                    DataplaneError::Load(format!("program {name} missing from the object"))
-                })?
+                .ok_or(LoadError::MissingProgram(name))?
                 .try_into()
-                .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
-            program
-                .load()
-                .map_err(|e| DataplaneError::Load(format!("{name}: {}", verifier_detail(&e))))?;
+                .map_err(LoadError::program_type)?;
+            program.load().map_err(LoadError::verify(name))?;
             // Links stack regardless of the mode (TOOLCHAIN.md: AllowMultiple is EINVAL here).
             program
                 .attach(&root, attach_type, CgroupAttachMode::Single)
-                .map_err(|e| attach_err(e.to_string()))?;
+                .map_err(|source| DataplaneError::Attach {
+                    program: name,
+                    cgroup: cgroup_root.display().to_string(),
+                    source: Box::new(source),
+                })?;
         }
         // The connect programs need newer kernels than the packet programs (bpf_set_retval in
         // cgroup hooks, 5.18): without them drop still works and reject/reset say what is missing.
-        let connect = attach_connect(&mut ebpf, &root).map_err(|e| e.to_string());
+        let connect = attach_connect(&mut ebpf, &root).map_err(Arc::new);
         if let Err(e) = &connect {
             tracing::warn!(error = %e, "reject and reset are unavailable");
         }
-        let sock_destroy = sock_diag::probe();
-        let tc = load_tc(&mut ebpf).map_err(|e| e.to_string());
+        let sock_destroy = sock_diag::probe().map_err(Arc::new);
+        let tc = load_tc(&mut ebpf).map_err(Arc::new);
         if let Err(e) = &tc {
             tracing::warn!(error = %e, "faults on interfaces in network namespaces are unavailable");
         }
-        let mut take = |name: &'static str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| DataplaneError::Load(format!("map {name} missing from the object")))
-        };
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(LoadError::MissingMap(name));
         let rules = BpfHashMap::try_from(take(RULES_MAP)?).map_err(map_err(RULES_MAP))?;
         let scopes = BpfHashMap::try_from(take(SCOPES_MAP)?).map_err(map_err(SCOPES_MAP))?;
         let peers = LpmTrie::try_from(take(PEERS_MAP)?).map_err(map_err(PEERS_MAP))?;
         let counters = PerCpuArray::try_from(take(COUNTERS_MAP)?).map_err(map_err(COUNTERS_MAP))?;
-        let nr_cpus = aya::util::nr_cpus()
-            .map_err(|(what, e)| DataplaneError::Load(format!("{what}: {e}")))?;
+        let nr_cpus = aya::util::nr_cpus().map_err(LoadError::cpus)?;
         Ok(Self {
             rules,
             scopes,
@@ -228,7 +221,10 @@ impl Dataplane for CgroupSkbDataplane {
                 use std::os::unix::fs::MetadataExt;
                 (m.dev(), m.ino())
             })
-            .map_err(|e| DataplaneError::Tc(format!("{}: {e}", scope.dir.display())))?;
+            .map_err(|source| TcError::Path {
+                path: scope.dir.clone(),
+                source,
+            })?;
         if let Some(attached) = self.interfaces.get_mut(&scope.cgroup_id) {
             if attached.netns_id != netns_id || attached.interface != interface {
                 return Err(DataplaneError::Unsupported {
@@ -255,7 +251,10 @@ impl Dataplane for CgroupSkbDataplane {
         let ebpf = &mut self._ebpf;
         let netns = scope.dir.clone();
         let attached = crate::target::namespaces::in_netns(&netns, || attach_tc(ebpf, interface))
-            .map_err(|e| DataplaneError::Tc(format!("entering {}: {e}", netns.display())))??;
+            .map_err(|source| TcError::EnterNetns {
+                netns: netns.clone(),
+                source,
+            })??;
         tracing::info!(netns = %netns.display(), interface, tcx = attached.added_clsact.is_none(),
             "tc programs attached");
         self.interfaces.insert(
@@ -286,8 +285,12 @@ impl Dataplane for CgroupSkbDataplane {
         let netns = attached.netns.clone();
         let interface = attached.interface.clone();
         // Netlink filters are found by ifindex in the namespace: detach from inside it.
-        crate::target::namespaces::in_netns(&netns, || detach_tc(ebpf, attached))
-            .map_err(|e| DataplaneError::Tc(format!("entering {}: {e}", netns.display())))??;
+        crate::target::namespaces::in_netns(&netns, || detach_tc(ebpf, attached)).map_err(
+            |source| TcError::EnterNetns {
+                netns: netns.clone(),
+                source,
+            },
+        )??;
         tracing::info!(netns = %netns.display(), interface, "tc programs detached");
         Ok(())
     }
@@ -317,10 +320,10 @@ impl Dataplane for CgroupSkbDataplane {
 
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataplaneError> {
         let zeros =
-            PerCpuValues::try_from(vec![Counters::default(); self.nr_cpus]).map_err(|e| {
-                DataplaneError::Map {
+            PerCpuValues::try_from(vec![Counters::default(); self.nr_cpus]).map_err(|source| {
+                DataplaneError::PerCpuValues {
                     map: COUNTERS_MAP,
-                    reason: e.to_string(),
+                    source,
                 }
             })?;
         self.counters
@@ -328,27 +331,27 @@ impl Dataplane for CgroupSkbDataplane {
             .map_err(map_err(COUNTERS_MAP))
     }
 
-    fn mechanism(&self, action: &Action) -> Result<&'static str, String> {
+    fn mechanism(&self, action: &Action) -> Result<&'static str, Unavailable> {
         match action {
             Action::Drop { .. } => Ok("cgroup_skb"),
             Action::Reject => self
                 .connect
                 .clone()
                 .map(|()| "cgroup_connect")
-                .map_err(|e| format!("cgroup/connect programs: {e}")),
+                .map_err(Unavailable::ConnectPrograms),
             Action::Reset { after_bytes } => {
-                self.sock_destroy.clone()?;
+                self.sock_destroy
+                    .clone()
+                    .map_err(Unavailable::SockDestroy)?;
                 if after_bytes.is_some() {
                     return Ok("sock_diag");
                 }
                 self.connect
                     .clone()
                     .map(|()| "sock_diag+cgroup_connect")
-                    .map_err(|e| format!("cgroup/connect programs: {e}"))
+                    .map_err(Unavailable::ConnectPrograms)
             }
-            Action::Delay(_) | Action::Bandwidth(_) => {
-                Err("delay and bandwidth are applied by a shaping mechanism".into())
-            }
+            Action::Delay(_) | Action::Bandwidth(_) => Err(Unavailable::Shaping),
         }
     }
 
@@ -403,17 +406,19 @@ fn tc_program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, DataplaneError> {
-    ebpf.program_mut(name)
-        .ok_or_else(|| DataplaneError::Load(format!("program {name} missing from the object")))?
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
         .try_into()
-        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))
+        .map_err(LoadError::program_type)?;
+    Ok(program)
 }
 
 fn load_tc(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
     for (name, _) in TC_PROGRAMS {
         tc_program(ebpf, name)?
             .load()
-            .map_err(|e| DataplaneError::Load(format!("{name}: {}", verifier_detail(&e))))?;
+            .map_err(LoadError::verify(name))?;
     }
     Ok(())
 }
@@ -421,7 +426,10 @@ fn load_tc(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
 /// On a thread inside the namespace: TCX links where the kernel has TCX, else cls_bpf filters
 /// on a clsact qdisc (added if missing, and then removed with them).
 fn attach_tc(ebpf: &mut Ebpf, interface: &str) -> Result<Attached, DataplaneError> {
-    let tc_err = |e: String| DataplaneError::Tc(format!("attaching to {interface}: {e}"));
+    let tc_err = |source: AttachFailure| TcError::Attach {
+        interface: interface.to_string(),
+        source: Box::new(source),
+    };
     let mut attached = Attached {
         netns: Default::default(),
         netns_id: (0, 0),
@@ -432,12 +440,12 @@ fn attach_tc(ebpf: &mut Ebpf, interface: &str) -> Result<Attached, DataplaneErro
     };
     let tcx = super::tcx_available();
     if !tcx {
-        let name = CString::new(interface).map_err(|e| tc_err(e.to_string()))?;
+        let name = CString::new(interface).map_err(|e| tc_err(e.into()))?;
         // SAFETY: a NUL-terminated name.
         let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
         let added = super::rtnl::Rtnl::open()
             .and_then(|mut rtnl| rtnl.add_clsact(ifindex))
-            .map_err(|e| tc_err(e.to_string()))?;
+            .map_err(|e| tc_err(e.into()))?;
         attached.added_clsact = Some((added, ifindex));
     }
     for (name, attach_type) in TC_PROGRAMS {
@@ -448,7 +456,7 @@ fn attach_tc(ebpf: &mut Ebpf, interface: &str) -> Result<Attached, DataplaneErro
         };
         match tc_program(ebpf, name).and_then(|p| {
             p.attach_with_options(interface, attach_type, options)
-                .map_err(|e| tc_err(e.to_string()))
+                .map_err(|e| tc_err(e.into()).into())
         }) {
             Ok(link) => attached.links.push((name, link)),
             Err(e) => {
@@ -468,8 +476,13 @@ fn detach_tc(ebpf: &mut Ebpf, attached: Attached) -> Result<(), DataplaneError> 
     let mut first_error = None;
     for (name, link) in attached.links {
         if let Err(e) = tc_program(ebpf, name).and_then(|p| {
-            p.detach(link)
-                .map_err(|e| DataplaneError::Tc(format!("detaching {name}: {e}")))
+            p.detach(link).map_err(|source| {
+                TcError::Detach {
+                    program: name,
+                    source: Box::new(source),
+                }
+                .into()
+            })
         }) {
             first_error.get_or_insert(e);
         }
@@ -479,10 +492,13 @@ fn detach_tc(ebpf: &mut Ebpf, attached: Attached) -> Result<(), DataplaneError> 
             rtnl.delete_qdisc(ifindex, super::rtnl::CLSACT_HANDLE, 0xFFFF_FFF1)
         });
         if let Err(e) = removed {
-            first_error.get_or_insert(DataplaneError::Tc(format!(
-                "removing the clsact qdisc of {}: {e}",
-                attached.interface
-            )));
+            first_error.get_or_insert(
+                TcError::RemoveClsact {
+                    interface: attached.interface.clone(),
+                    source: e,
+                }
+                .into(),
+            );
         }
     }
     first_error.map_or(Ok(()), Err)
@@ -493,34 +509,19 @@ fn attach_connect(ebpf: &mut Ebpf, root: &File) -> Result<(), DataplaneError> {
     for name in [PROG_CONNECT4, PROG_CONNECT6] {
         let program: &mut CgroupSockAddr = ebpf
             .program_mut(name)
-            .ok_or_else(|| DataplaneError::Load(format!("program {name} missing from the object")))?
+            .ok_or(LoadError::MissingProgram(name))?
             .try_into()
-            .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
-        program
-            .load()
-            .map_err(|e| DataplaneError::Load(format!("{name}: {}", verifier_detail(&e))))?;
+            .map_err(LoadError::program_type)?;
+        program.load().map_err(LoadError::verify(name))?;
         program
             .attach(root, CgroupAttachMode::Single)
-            .map_err(|e| DataplaneError::Attach {
+            .map_err(|source| DataplaneError::Attach {
                 program: name,
                 cgroup: "the cgroup v2 root".into(),
-                reason: e.to_string(),
+                source: Box::new(source),
             })?;
     }
     Ok(())
-}
-
-/// The verifier log is the useful part of a load failure.
-pub(crate) fn verifier_detail(e: &aya::programs::ProgramError) -> String {
-    match e {
-        aya::programs::ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => {
-            format!("{io_error}\n{verifier_log}")
-        }
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]

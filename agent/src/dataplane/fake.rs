@@ -5,7 +5,10 @@ use std::sync::{Arc, Mutex};
 
 use faultd_common::{Counters, RuleKey, RuleValue};
 
-use super::{ConnectionKiller, Dataplane, DataplaneError, PeerEntry, Shaped, Shaper, SocketFilter};
+use super::{
+    ConnectionKiller, Dataplane, DataplaneError, PeerEntry, Shaped, Shaper, SocketFilter,
+    Unavailable,
+};
 use crate::fault::{Action, FaultId, Mechanism};
 
 #[derive(Default)]
@@ -61,7 +64,9 @@ impl Dataplane for FakeDataplane {
                 state.rules = before;
                 return Err(DataplaneError::Map {
                     map: "fake",
-                    reason: "injected failure".into(),
+                    source: Box::new(aya::maps::MapError::IoError(std::io::Error::other(
+                        "injected failure",
+                    ))),
                 });
             }
             state.rules.insert(*key, *value);
@@ -137,10 +142,10 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
 
-    fn mechanism(&self, action: &Action) -> Result<&'static str, String> {
+    fn mechanism(&self, action: &Action) -> Result<&'static str, Unavailable> {
         match (action, &self.lock().connect_missing) {
             (Action::Drop { .. }, _) => Ok("fake"),
-            (_, Some(missing)) => Err(missing.clone()),
+            (_, Some(missing)) => Err(Unavailable::Missing(missing.clone())),
             (_, None) => Ok("fake-connect"),
         }
     }

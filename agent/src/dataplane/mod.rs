@@ -5,6 +5,7 @@
 pub mod cgroup_skb;
 pub mod clock;
 pub mod encoding;
+mod error;
 pub mod fake;
 pub mod netfilter;
 pub mod nfqueue;
@@ -19,49 +20,8 @@ use faultd_common::{Counters, RuleKey, RuleValue};
 
 use crate::fault::{Action, Cidr, FaultId, Mechanism, Target};
 use crate::target::ResolvedScope;
+pub use error::{AttachFailure, DataplaneError, LoadError, TcError, Unavailable};
 pub use sock_diag::SocketFilter;
-
-#[derive(Debug, thiserror::Error)]
-pub enum DataplaneError {
-    #[error(
-        "faultd was built without the eBPF toolchain (empty stub object); run `cargo xtask setup` and rebuild"
-    )]
-    StubObject,
-    #[error("loading the eBPF programs: {0}")]
-    Load(String),
-    #[error("attaching {program} to {cgroup}: {reason}")]
-    Attach {
-        program: &'static str,
-        cgroup: String,
-        reason: String,
-    },
-    #[error("updating BPF map {map}: {reason}")]
-    Map { map: &'static str, reason: String },
-    #[error("traffic control: {0}")]
-    Tc(String),
-    /// The mechanism cannot apply this fault here (FAILED_PRECONDITION, like a missing
-    /// mechanism), e.g. a cgroup path NFQUEUE cannot express.
-    #[error("{mechanism}: {reason}")]
-    Unsupported {
-        mechanism: &'static str,
-        reason: String,
-    },
-    /// A mechanism ran out of something it hands out (RESOURCE_EXHAUSTED), e.g. the conntrack
-    /// mark ids of NFQUEUE ingress faults.
-    #[error("{mechanism}: {reason}")]
-    Exhausted {
-        mechanism: &'static str,
-        reason: String,
-    },
-    /// A shaping mechanism could not apply or revert a fault.
-    #[error("{mechanism}: {reason}")]
-    Shaper {
-        mechanism: &'static str,
-        reason: String,
-    },
-    #[error("resetting connections: {0}")]
-    SockDiag(#[from] sock_diag::SockDiagError),
-}
 
 /// TCX links exist from Linux 6.6 on.
 pub(crate) fn tcx_available() -> bool {
@@ -109,12 +69,12 @@ pub trait Dataplane: Send {
     fn counters(&self, slot: u32) -> Result<Counters, DataplaneError>;
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataplaneError>;
     /// The mechanism that applies `action` (shown to users), or what this kernel lacks for it.
-    fn mechanism(&self, action: &Action) -> Result<&'static str, String>;
+    fn mechanism(&self, action: &Action) -> Result<&'static str, Unavailable>;
     /// What tears down established TCP connections (`reset`): called with a filter, it returns
     /// how many connections it destroyed. Shared, so a watcher thread can call it too.
     fn connection_killer(&self) -> ConnectionKiller;
     /// What this datapath probed beyond loading, for the capability report.
-    fn capabilities(&self) -> Vec<crate::caps::Capability> {
+    fn capabilities(&self) -> Vec<crate::capability::Capability> {
         Vec::new()
     }
 }

@@ -125,9 +125,14 @@ pub fn destroy(filter: &SocketFilter, sockets: &mut Sockets) -> Result<Destroyed
     }
 }
 
+/// This kernel does not let faultd destroy sockets.
+#[derive(Debug, thiserror::Error)]
+#[error("SOCK_DESTROY over sock_diag: {0}")]
+pub struct SockDestroyUnavailable(#[source] pub io::Error);
+
 /// Checks that this kernel lets us destroy sockets: opens a loopback connection in our own
 /// namespace and destroys the client end.
-pub fn probe() -> Result<(), String> {
+pub fn probe() -> Result<(), SockDestroyUnavailable> {
     let run = || -> io::Result<()> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
@@ -146,7 +151,7 @@ pub fn probe() -> Result<(), String> {
         destroy_one(&socket, &msg)?;
         Ok(())
     };
-    run().map_err(|e| format!("SOCK_DESTROY over sock_diag: {e}"))
+    run().map_err(SockDestroyUnavailable)
 }
 
 /// The cgroup ids (directory inodes) of `dir` and every cgroup below it, and their processes.

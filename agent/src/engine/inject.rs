@@ -5,12 +5,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
-use faultd_common::{Counters, MAX_FAULTS, MAX_RULES, RuleKey};
+use faultd_common::{Counters, MAX_RULES, RuleKey};
 use tokio::time::Instant;
 
 use super::placement::Placement;
 use super::{
-    Engine, Error, FaultRecord, FaultState, FaultView, LeaseRef, State, new_id, reset, wall_clock,
+    Engine, Error, FaultRecord, FaultState, FaultView, LeaseRef, Limit, State, Unsupported, new_id,
+    reset, wall_clock,
 };
 use crate::dataplane::SocketFilter;
 use crate::dataplane::clock::kernel_deadline;
@@ -143,12 +144,13 @@ impl State {
             let shaper = self.choose_shaper(&spec.action, &spec.target, forced)?;
             return Ok((Some(shaper), self.shapers[shaper].mechanism().name()));
         }
-        let mechanism = self.dataplane.mechanism(&spec.action).map_err(|missing| {
-            Error::Unsupported(format!(
-                "{} is not available on this kernel: {missing}",
-                spec.action.name()
-            ))
-        })?;
+        let mechanism =
+            self.dataplane
+                .mechanism(&spec.action)
+                .map_err(|missing| Unsupported::Action {
+                    action: spec.action.name(),
+                    missing,
+                })?;
         Ok((None, mechanism))
     }
 
@@ -162,30 +164,28 @@ impl State {
         policy: &Policy,
     ) -> Result<(), Error> {
         if let Some(owner) = self.overlap(keys, peers, shaped) {
-            return Err(Error::Conflict(format!(
-                "fault.target: {} {} overlaps fault {owner} (remove it first)",
-                spec.action.name(),
-                spec.target.summary()
-            )));
+            return Err(Error::Conflict {
+                fault: format!("{} {}", spec.action.name(), spec.target.summary()),
+                holder: owner.clone(),
+            });
         }
         let used = self.rules_in_use();
         if !shaped && used + keys.len() > MAX_RULES as usize {
-            return Err(Error::Exhausted(format!(
-                "the kernel rule table holds {} entries; this fault needs {} but only {} are free",
-                MAX_RULES,
-                keys.len(),
-                MAX_RULES as usize - used
-            )));
+            return Err(Limit::RuleTable {
+                capacity: MAX_RULES,
+                needed: keys.len(),
+                free: MAX_RULES as usize - used,
+            }
+            .into());
         }
         if self.faults.len() >= policy.max_active_faults {
-            return Err(Error::Exhausted(format!(
-                "{} faults are active, the most the policy allows (policy max_active_faults); \
-                 remove one first",
-                policy.max_active_faults
-            )));
+            return Err(Limit::PolicyFaults {
+                max: policy.max_active_faults,
+            }
+            .into());
         }
         if self.free_slots.is_empty() {
-            return Err(slots_exhausted());
+            return Err(Limit::FaultSlots.into());
         }
         Ok(())
     }
@@ -193,7 +193,7 @@ impl State {
     /// Puts the planned fault in the kernel under its lease (granting a private one), or
     /// changes nothing.
     fn apply(&mut self, plan: Plan) -> Result<FaultView, Error> {
-        let slot = self.free_slots.pop().ok_or_else(slots_exhausted)?;
+        let slot = self.free_slots.pop().ok_or(Limit::FaultSlots)?;
         let private = plan.lease.is_none();
         let (lease_id, deadline) = match plan.lease {
             Some(found) => found,
@@ -311,7 +311,7 @@ impl State {
         }
         reset::ResetWatcher::start(id, filter, killer, deadline_ns, count.clone())
             .map(Some)
-            .map_err(|e| Error::Exhausted(format!("starting the reset watcher thread: {e}")))
+            .map_err(|e| Limit::WatcherThread(e).into())
     }
 
     /// The shaper for a delay or bandwidth action: the one the user forced, else the first
@@ -333,28 +333,25 @@ impl State {
         let action_name = action.name();
         if let Some(mechanism) = forced {
             return why_not(mechanism).map_err(|why| {
-                Error::Unsupported(format!(
-                    "fault.{action_name}.mechanism: {} cannot apply a {action_name} on this host: {why}",
-                    mechanism.name().to_uppercase()
-                ))
+                Unsupported::Forced {
+                    action: action_name,
+                    mechanism,
+                    why,
+                }
+                .into()
             });
         }
         let mut reasons = Vec::new();
         for mechanism in Mechanism::PREFERENCE {
             match why_not(mechanism) {
                 Ok(i) => return Ok(i),
-                Err(why) => reasons.push(format!("{}: {why}", mechanism.name())),
+                Err(why) => reasons.push((mechanism, why)),
             }
         }
-        Err(Error::Unsupported(format!(
-            "fault.{action_name}: no mechanism can apply a {action_name} on this host ({})",
-            reasons.join("; ")
-        )))
+        Err(Unsupported::NoMechanism {
+            action: action_name,
+            reasons,
+        }
+        .into())
     }
-}
-
-fn slots_exhausted() -> Error {
-    Error::Exhausted(format!(
-        "{MAX_FAULTS} faults are active, the most this agent holds"
-    ))
 }

@@ -12,51 +12,17 @@ use faultd_common::{Counters, MAX_FAULTS, RuleKey};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+pub use self::error::{Error, Limit, Unsupported};
 use self::placement::Placement;
 use crate::dataplane::clock::{kernel_deadline, monotonic_now_ns};
-use crate::dataplane::{Dataplane, DataplaneError, Shaper};
+use crate::dataplane::{Dataplane, Shaper};
 use crate::events::{EventKind, Events};
 pub use crate::fault::view::{Ending, FaultState, FaultView, LeaseView, RevertReason};
 use crate::fault::{FaultId, FaultSpec, Invalid, Labels, LeaseId};
 use crate::lease::{Lease, LeaseTable};
 use crate::metrics::Metrics;
-use crate::policy::{Denied, Policy};
-use crate::target::{Resolve, ResolveError, ResolvedScope};
-
-impl From<ResolveError> for Error {
-    fn from(error: ResolveError) -> Self {
-        match error {
-            ResolveError::Invalid(invalid) => Error::Invalid(invalid),
-            ResolveError::NotFound(message) => Error::ScopeNotFound(message),
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Invalid(#[from] Invalid),
-    /// The policy forbids the request.
-    #[error(transparent)]
-    Denied(#[from] Denied),
-    #[error("no {kind} {id:?}")]
-    NotFound { kind: &'static str, id: String },
-    /// A pod or container this node does not run, with where faultd looked.
-    #[error("{0}")]
-    ScopeNotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    Exhausted(String),
-    /// The kernel lacks what the action needs (a mechanism, a qdisc, a netfilter target).
-    #[error("{0}")]
-    Unsupported(String),
-    /// The fault already ended (it is still readable with Get).
-    #[error("fault {id:?} already ended ({}); Get shows its final counters", reason.name())]
-    Ended { id: String, reason: RevertReason },
-    #[error(transparent)]
-    Dataplane(#[from] DataplaneError),
-}
+use crate::policy::Policy;
+use crate::target::{Resolve, ResolvedScope};
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -229,10 +195,7 @@ impl Engine {
     fn check_lease_room(&self, state: &State) -> Result<(), Error> {
         let max = self.config.policy.max_leases;
         if state.leases.len() >= max {
-            return Err(Error::Exhausted(format!(
-                "{max} leases are held, the most the policy allows (policy max_leases); revoke \
-                 one first"
-            )));
+            return Err(Limit::PolicyLeases { max }.into());
         }
         Ok(())
     }
@@ -653,6 +616,7 @@ fn wall_clock(deadline: Instant) -> (SystemTime, Duration) {
 }
 
 mod ended;
+mod error;
 mod inject;
 mod placement;
 mod reset;

@@ -7,6 +7,7 @@ use crate::dataplane::PeerEntry;
 use crate::dataplane::fake::FakeDataplane;
 use crate::fault::{Action, Direction, PortRange, Protocol, Scope, Target};
 use crate::metrics::TotalKey;
+use crate::target::ResolveError;
 use faultd_common::{ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, Counters};
 
 struct FixedResolver;
@@ -297,7 +298,7 @@ async fn overlapping_faults_are_refused() {
         LeaseRef::Ttl(Duration::from_secs(5)),
         drop_spec(10.0, "/app", 6379),
     ) {
-        Err(Error::Conflict(msg)) => assert!(msg.contains(&first.id), "{msg}"),
+        Err(Error::Conflict { holder, .. }) => assert_eq!(holder, first.id),
         other => panic!("expected a conflict, got {other:?}"),
     }
     assert_eq!(
@@ -423,6 +424,7 @@ async fn a_forced_mechanism_that_is_missing_is_a_failed_precondition() {
             delay_spec(Some(mechanism), 6379),
         ) {
             Err(Error::Unsupported(why)) => {
+                let why = why.to_string();
                 assert!(why.starts_with("fault.delay.mechanism: "), "{why}");
                 assert!(why.contains(missing), "{why}");
             }
@@ -434,7 +436,10 @@ async fn a_forced_mechanism_that_is_missing_is_a_failed_precondition() {
         "nothing is left of the refused injects"
     );
     assert!(edt.faults().is_empty() && nfqueue.faults().is_empty());
-    let status = tonic::Status::from(Error::Unsupported("x".into()));
+    let status = tonic::Status::from(Error::Unsupported(Unsupported::Action {
+        action: "drop",
+        missing: crate::dataplane::Unavailable::Missing("x".into()),
+    }));
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
 
     let forced = engine
@@ -451,6 +456,7 @@ async fn without_any_mechanism_the_error_lists_what_is_missing() {
     let (engine, _) = engine();
     match engine.inject(LeaseRef::Ttl(Duration::from_secs(30)), delay_spec(None, 1)) {
         Err(Error::Unsupported(why)) => {
+            let why = why.to_string();
             for name in ["netem", "edt", "nfqueue"] {
                 assert!(why.contains(name), "{why}");
             }
@@ -474,7 +480,7 @@ async fn delays_may_overlap_drops_but_not_each_other() {
         ..drop_spec(0.0, "/app", 6379)
     };
     match engine.inject(ttl, bandwidth) {
-        Err(Error::Conflict(msg)) => assert!(msg.contains(&delay.id), "{msg}"),
+        Err(Error::Conflict { holder, .. }) => assert_eq!(holder, delay.id),
         other => panic!("expected a conflict, got {other:?}"),
     }
 }
@@ -589,7 +595,7 @@ async fn reject_refuses_connects_to_the_ports_and_leaves_packets_alone() {
             connection_spec(Action::Reset { after_bytes: None }, 6379),
         )
         .unwrap_err();
-    assert!(matches!(err, Error::Conflict(_)), "{err}");
+    assert!(matches!(err, Error::Conflict { .. }), "{err}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -685,7 +691,7 @@ async fn faults_with_disjoint_peers_share_a_key_and_leave_it_clean() {
             .inject(ttl(), peer_spec(drop(), peers, exclude))
             .unwrap_err();
         assert!(
-            matches!(err, Error::Conflict(_)),
+            matches!(err, Error::Conflict { .. }),
             "{peers:?} {exclude:?}: {err:?}"
         );
     }
@@ -696,7 +702,7 @@ async fn faults_with_disjoint_peers_share_a_key_and_leave_it_clean() {
     on_6380.target.ports = vec![PortRange::new(6380, None, "p").unwrap()];
     assert!(matches!(
         engine.inject(ttl(), on_6380).unwrap_err(),
-        Error::Conflict(_)
+        Error::Conflict { .. }
     ));
     engine.remove(&plain.id).unwrap();
 
@@ -780,7 +786,9 @@ async fn delays_with_disjoint_peers_share_a_key_and_overlapping_ones_conflict() 
         (&[][..], &[][..]),
     ] {
         match engine.inject(ttl(), peer_spec(delay(), peers, exclude)) {
-            Err(Error::Conflict(msg)) => assert!(msg.contains("overlaps fault"), "{msg}"),
+            Err(err @ Error::Conflict { .. }) => {
+                assert!(err.to_string().contains("overlaps fault"), "{err}")
+            }
             other => {
                 panic!("peers {peers:?} except {exclude:?}: expected a conflict, got {other:?}")
             }
@@ -863,7 +871,7 @@ async fn a_delay_on_a_netns_scope_goes_to_its_shaper_beside_a_drop_and_attaches_
         .expect("a drop may overlap a delay");
     assert_eq!(fake.state.lock().unwrap().interfaces[&scope].1, 1);
     match engine.inject(ttl(), on_r1(delay_spec(None, 6379))) {
-        Err(Error::Conflict(msg)) => assert!(msg.contains(&delay.id), "{msg}"),
+        Err(Error::Conflict { holder, .. }) => assert_eq!(holder, delay.id),
         other => panic!("a second delay on the same key must conflict: {other:?}"),
     }
     engine.remove(&delay.id).unwrap();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use faultd_common::netns_scope_id;
 
 use super::namespaces::in_netns;
-use super::{ResolveError, ResolvedScope};
+use super::{ResolveError, ResolvedScope, ScopeNotFound};
 use crate::fault::Invalid;
 
 /// Where network namespaces are named: `ip netns` mounts, or a process's.
@@ -57,10 +57,11 @@ pub fn resolve(path: &str, interface: &str) -> Result<ResolvedScope, ResolveErro
         )
     })?;
     if ifindex == 0 {
-        return Err(ResolveError::NotFound(format!(
-            "fault.target.netns.interface: no interface {interface:?} in the network namespace \
-             {path}"
-        )));
+        return Err(ScopeNotFound::Interface {
+            netns: path.to_string(),
+            interface: interface.to_string(),
+        }
+        .into());
     }
     Ok(ResolvedScope {
         cgroup_path: format!("netns {path} interface {interface}"),

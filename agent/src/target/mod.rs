@@ -21,8 +21,59 @@ pub enum ResolveError {
     #[error(transparent)]
     Invalid(#[from] Invalid),
     /// A pod or container this node does not run (NOT_FOUND), with where faultd looked.
-    #[error("{0}")]
-    NotFound(String),
+    #[error(transparent)]
+    NotFound(#[from] ScopeNotFound),
+}
+
+/// A scope this node does not have, with where faultd looked.
+#[derive(Debug, thiserror::Error)]
+pub enum ScopeNotFound {
+    #[error(
+        "fault.target.netns.interface: no interface {interface:?} in the network namespace \
+         {netns}"
+    )]
+    Interface { netns: String, interface: String },
+    /// `paths`: the cgroups a pod of this uid would have, below `root`.
+    #[error(
+        "fault.target.pod.uid: no pod {uid} on this node; looked for {} under {}",
+        paths.join(", "),
+        root.display()
+    )]
+    Pod {
+        uid: String,
+        paths: Vec<String>,
+        root: PathBuf,
+    },
+    /// `names`: the cgroup names a container of this id would have, looked for below each
+    /// directory of `searched`.
+    #[error(
+        "fault.target.container.id: no container {id} on this node; looked for {} (or {id} in \
+         a pod's cgroup) below {}",
+        names.join(", "),
+        searched.join(" and ")
+    )]
+    Container {
+        id: String,
+        names: Vec<String>,
+        searched: Vec<String>,
+    },
+    #[error("fault.target.container.id: {id} is outside the cgroup root")]
+    OutsideRoot { id: String },
+}
+
+/// Why this host's cgroup v2 hierarchy cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupRootError {
+    #[error("reading /proc/self/mountinfo: {0}")]
+    Mountinfo(#[source] std::io::Error),
+    #[error("no cgroup2 file system is mounted (cgroup v2 is required)")]
+    NotMounted,
+    #[error(
+        "{} is not a cgroup v2 directory, nor a hybrid layout's /sys/fs/cgroup (with a cgroup v2 \
+         `unified` in it)",
+        .0.display()
+    )]
+    NotCgroup2(PathBuf),
 }
 
 /// Resolves scopes; a trait so engine tests can run without cgroups.
@@ -39,20 +90,20 @@ pub struct CgroupRoot {
 impl CgroupRoot {
     /// The cgroup2 mount from /proc/self/mountinfo (`/sys/fs/cgroup` on unified hosts,
     /// `/sys/fs/cgroup/unified` on hybrid ones).
-    pub fn detect() -> Result<Self, String> {
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-            .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
+    pub fn detect() -> Result<Self, CgroupRootError> {
+        let mountinfo =
+            fs::read_to_string("/proc/self/mountinfo").map_err(CgroupRootError::Mountinfo)?;
         mountinfo
             .lines()
             .find_map(cgroup2_mount_point)
             .map(|path| Self { path })
-            .ok_or_else(|| "no cgroup2 file system is mounted (cgroup v2 is required)".to_string())
+            .ok_or(CgroupRootError::NotMounted)
     }
 
     /// A cgroup v2 directory, or the `/sys/fs/cgroup` of a hybrid layout (cgroup v1
     /// controllers, v2 in its `unified`): the node's `/sys/fs/cgroup` that the DaemonSet
     /// mounts at `/host/sys/fs/cgroup` is either.
-    pub fn at(path: impl Into<PathBuf>) -> Result<Self, String> {
+    pub fn at(path: impl Into<PathBuf>) -> Result<Self, CgroupRootError> {
         let path = path.into();
         if path.join("cgroup.procs").is_file() {
             return Ok(Self { path });
@@ -61,11 +112,7 @@ impl CgroupRoot {
         if unified.join("cgroup.procs").is_file() {
             return Ok(Self { path: unified });
         }
-        Err(format!(
-            "{} is not a cgroup v2 directory, nor a hybrid layout's /sys/fs/cgroup (with a cgroup \
-             v2 `unified` in it)",
-            path.display()
-        ))
+        Err(CgroupRootError::NotCgroup2(path))
     }
 
     pub fn path(&self) -> &Path {
@@ -269,7 +316,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("faultd-unit-hybrid-{}", std::process::id()));
         fs::create_dir_all(dir.join("unified")).unwrap();
         fs::create_dir_all(dir.join("cpu")).unwrap();
-        assert!(CgroupRoot::at(&dir).unwrap_err().contains("hybrid"));
+        assert!(
+            CgroupRoot::at(&dir)
+                .unwrap_err()
+                .to_string()
+                .contains("hybrid")
+        );
         fs::write(dir.join("unified/cgroup.procs"), "").unwrap();
         assert_eq!(CgroupRoot::at(&dir).unwrap().path(), dir.join("unified"));
         fs::write(dir.join("cgroup.procs"), "").unwrap();

@@ -11,7 +11,7 @@
 use std::fs;
 use std::path::Path;
 
-use super::{CgroupRoot, ResolveError, ResolvedScope};
+use super::{CgroupRoot, ResolveError, ResolvedScope, ScopeNotFound};
 use crate::fault::Invalid;
 
 /// QoS classes as they appear in the tree; guaranteed pods sit directly under kubepods.
@@ -74,11 +74,12 @@ pub fn pod(root: &CgroupRoot, uid: &str) -> Result<ResolvedScope, ResolveError> 
             return Ok(root.cgroup(path, field)?);
         }
     }
-    Err(ResolveError::NotFound(format!(
-        "{field}: no pod {uid} on this node; looked for {} under {}",
-        paths.join(", "),
-        root.path().display()
-    )))
+    Err(ScopeNotFound::Pod {
+        uid,
+        paths,
+        root: root.path().to_path_buf(),
+    }
+    .into())
 }
 
 pub fn container(root: &CgroupRoot, id: &str) -> Result<ResolvedScope, ResolveError> {
@@ -99,18 +100,18 @@ pub fn container(root: &CgroupRoot, id: &str) -> Result<ResolvedScope, ResolveEr
         let dir = root.path().join(top);
         searched.push(dir.display().to_string());
         if let Some(found) = find_container(&dir, id, &names, CONTAINER_DEPTH) {
-            let relative = found.strip_prefix(root.path()).map_err(|_| {
-                ResolveError::NotFound(format!("{field}: {id} is outside the cgroup root"))
-            })?;
+            let relative = found
+                .strip_prefix(root.path())
+                .map_err(|_| ScopeNotFound::OutsideRoot { id: id.to_string() })?;
             return Ok(root.cgroup(&relative.to_string_lossy(), field)?);
         }
     }
-    Err(ResolveError::NotFound(format!(
-        "{field}: no container {id} on this node; looked for {} (or {id} in a pod's cgroup) \
-         below {}",
-        names.join(", "),
-        searched.join(" and ")
-    )))
+    Err(ScopeNotFound::Container {
+        id: id.to_string(),
+        names: names.to_vec(),
+        searched,
+    }
+    .into())
 }
 
 /// A directory below `dir` named like the container (depth-first, at most `depth` levels).
@@ -204,9 +205,10 @@ mod tests {
         let err = cgroups
             .resolve(&crate::fault::Scope::Pod { uid: UID.into() })
             .unwrap_err();
-        let ResolveError::NotFound(message) = err else {
+        let ResolveError::NotFound(missing) = err else {
             panic!("{err:?}")
         };
+        let message = missing.to_string();
         assert!(message.contains("kubepods/besteffort/pod"), "{message}");
         assert!(
             message.contains("kubepods-burstable-pod6f1c2a52_3b4d"),

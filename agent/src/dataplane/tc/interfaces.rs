@@ -11,7 +11,7 @@ use super::shaping::{DIRECT_QLEN, Interface, TcShaping, tc_err};
 use super::spec::ShapeMechanism;
 use super::{edt, netem};
 use crate::dataplane::rtnl::{self, CLSACT_HANDLE, TC_H_ROOT};
-use crate::dataplane::{DataplaneError, tcx_available};
+use crate::dataplane::{DataplaneError, LoadError, TcError, tcx_available};
 
 impl TcShaping {
     /// Installs the root qdisc and classifier on every up interface not covered yet, with the
@@ -79,9 +79,9 @@ impl TcShaping {
         let program: &mut SchedClassifier = self
             .ebpf
             .program_mut(PROG_SHAPE)
-            .ok_or_else(|| DataplaneError::Load(format!("program {PROG_SHAPE} missing")))?
+            .ok_or(LoadError::MissingProgram(PROG_SHAPE))?
             .try_into()
-            .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
+            .map_err(LoadError::program_type)?;
         if tcx_available() {
             match program.attach_with_options(
                 name,
@@ -108,8 +108,10 @@ impl TcShaping {
                     classid: None,
                 }),
             )
-            .map_err(|e| {
-                DataplaneError::Tc(format!("attaching {PROG_SHAPE} to {name} egress: {e}"))
+            .map_err(|source| TcError::AttachEgress {
+                program: PROG_SHAPE,
+                interface: name.to_string(),
+                source: Box::new(source),
             })?;
         interface.link = Some(link);
         Ok(())
@@ -151,14 +153,18 @@ impl TcShaping {
                 && let Ok(program) = <&mut SchedClassifier>::try_from(
                     self.ebpf
                         .program_mut(PROG_SHAPE)
-                        .ok_or_else(|| DataplaneError::Load(PROG_SHAPE.into()))?,
+                        .ok_or(LoadError::MissingProgram(PROG_SHAPE))?,
                 )
                 && let Err(e) = program.detach(link)
             {
-                first_error.get_or_insert(DataplaneError::Tc(format!(
-                    "detaching {PROG_SHAPE} from {}: {e}",
-                    interface.name
-                )));
+                first_error.get_or_insert(
+                    TcError::DetachFrom {
+                        program: PROG_SHAPE,
+                        interface: interface.name.clone(),
+                        source: Box::new(e),
+                    }
+                    .into(),
+                );
             }
             if interface.added_clsact
                 && let Err(e) = self.rtnl.delete_qdisc(ifindex, CLSACT_HANDLE, 0xFFFF_FFF1)

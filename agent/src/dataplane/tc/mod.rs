@@ -41,7 +41,7 @@ mod shaping;
 mod spec;
 mod tags;
 
-pub use shaper::{TcShaper, probe, tc_shapers};
+pub use shaper::{ProbeError, TcShaper, probe, tc_shapers};
 pub use shaping::TcShaping;
 pub use spec::{ShapeMechanism, ShapeSpec};
 pub use tags::{TAG_BASE, TAG_COUNT, TAG_LOCK_DIR};

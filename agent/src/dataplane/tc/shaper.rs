@@ -41,9 +41,9 @@ impl TcShaper {
     }
 
     fn error(&self, e: DataplaneError) -> DataplaneError {
-        DataplaneError::Shaper {
+        DataplaneError::ShaperFailed {
             mechanism: self.mechanism.name(),
-            reason: e.to_string(),
+            source: Box::new(e),
         }
     }
 }
@@ -169,27 +169,44 @@ impl Shaper for TcShaper {
     }
 }
 
+/// Why the kernel cannot run a tc shaping mechanism, as `probe` found.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("creating a private network namespace: {0}")]
+    Namespace(#[source] std::io::Error),
+    /// The kernel refused a qdisc kind it does not have.
+    #[error("the kernel has no sch_{kind} ({source})")]
+    NoQdisc {
+        kind: &'static str,
+        #[source]
+        source: RtnlError,
+    },
+    #[error(transparent)]
+    Rtnl(#[from] RtnlError),
+    #[error("starting the probe thread: {0}")]
+    Thread(#[source] std::io::Error),
+    #[error("the probe thread panicked")]
+    Panicked,
+}
+
 /// Whether this kernel can run `mechanism`, found by building what it needs — an htb root, a
 /// class and its netem or fq leaf — on the loopback device of a private network namespace
 /// that a short-lived thread creates and takes with it. Names what is missing.
-pub fn probe(mechanism: ShapeMechanism) -> Result<(), String> {
+pub fn probe(mechanism: ShapeMechanism) -> Result<(), ProbeError> {
     let thread = std::thread::Builder::new()
         .name("faultd-probe-tc".into())
-        .spawn(move || -> Result<(), String> {
+        .spawn(move || -> Result<(), ProbeError> {
             // SAFETY: unshare on this thread only (network namespaces are per thread).
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(format!(
-                    "creating a private network namespace: {}",
-                    std::io::Error::last_os_error()
-                ));
+                return Err(ProbeError::Namespace(std::io::Error::last_os_error()));
             }
-            let mut rtnl = Rtnl::open().map_err(|e| e.to_string())?;
+            let mut rtnl = Rtnl::open()?;
             let missing = |kind: &'static str| {
-                move |e: RtnlError| match e.errno() {
+                move |source: RtnlError| match source.errno() {
                     Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) => {
-                        format!("the kernel has no sch_{kind} ({e})")
+                        ProbeError::NoQdisc { kind, source }
                     }
-                    _ => e.to_string(),
+                    _ => ProbeError::Rtnl(source),
                 }
             };
             let lo = 1;
@@ -209,10 +226,8 @@ pub fn probe(mechanism: ShapeMechanism) -> Result<(), String> {
                 ShapeMechanism::Edt => edt::install(&mut rtnl, lo, TAG_BASE).map_err(missing("fq")),
             }
         })
-        .map_err(|e| format!("starting the probe thread: {e}"))?;
-    thread
-        .join()
-        .map_err(|_| "the probe thread panicked".to_string())?
+        .map_err(ProbeError::Thread)?;
+    thread.join().map_err(|_| ProbeError::Panicked)?
 }
 
 /// A capability as probed: its name, and what was found or why it is missing.
@@ -222,8 +237,9 @@ pub type Found = (&'static str, Result<String, String>);
 /// what they need and the classifier loads, else stand-ins that name what is missing. Also
 /// what was found, as (capability, Ok(detail) or Err(why)) for `Capabilities`. Blocking.
 pub fn tc_shapers(object: &[u8]) -> (Vec<Box<dyn Shaper>>, Vec<Found>) {
-    let netem = probe(ShapeMechanism::Netem);
-    let edt = probe(ShapeMechanism::Edt);
+    // The report and the stand-in shapers keep what is missing as text.
+    let netem = probe(ShapeMechanism::Netem).map_err(|e| e.to_string());
+    let edt = probe(ShapeMechanism::Edt).map_err(|e| e.to_string());
     let mut found = vec![
         (
             "netem",

@@ -26,7 +26,7 @@ use super::{edt, netem};
 use crate::dataplane::encoding::peer_key;
 use crate::dataplane::peer_marker::{self, PeerFault};
 use crate::dataplane::rtnl::{self, Rtnl, RtnlError};
-use crate::dataplane::{DataplaneError, PeerEntry};
+use crate::dataplane::{DataplaneError, LoadError, PeerEntry};
 use crate::fault::PeerSet;
 
 /// How long the classifier keeps shaping after the agent's last sign of life, and how often
@@ -98,12 +98,12 @@ pub struct TcShaping {
 pub(super) fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
     move |e| DataplaneError::Map {
         map,
-        reason: e.to_string(),
+        source: Box::new(e),
     }
 }
 
 pub(super) fn tc_err(e: RtnlError) -> DataplaneError {
-    DataplaneError::Tc(e.to_string())
+    DataplaneError::Tc(e.into())
 }
 
 impl TcShaping {
@@ -120,22 +120,14 @@ impl TcShaping {
             .map_max_entries(SCOPES_MAP, 1)
             .map_max_entries(COUNTERS_MAP, 1)
             .load(object)
-            .map_err(|e| DataplaneError::Load(e.to_string()))?;
+            .map_err(LoadError::object)?;
         let program: &mut SchedClassifier = ebpf
             .program_mut(PROG_SHAPE)
-            .ok_or_else(|| DataplaneError::Load(format!("program {PROG_SHAPE} missing")))?
+            .ok_or(LoadError::MissingProgram(PROG_SHAPE))?
             .try_into()
-            .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
-        program.load().map_err(|e| {
-            DataplaneError::Load(format!(
-                "{PROG_SHAPE}: {}",
-                crate::dataplane::cgroup_skb::verifier_detail(&e)
-            ))
-        })?;
-        let mut take = |name: &'static str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| DataplaneError::Load(format!("map {name} missing from the object")))
-        };
+            .map_err(LoadError::program_type)?;
+        program.load().map_err(LoadError::verify(PROG_SHAPE))?;
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(LoadError::MissingMap(name));
         let shapes = BpfHashMap::try_from(take(SHAPES_MAP)?).map_err(map_err(SHAPES_MAP))?;
         let peers = LpmTrie::try_from(take(SHAPE_PEERS_MAP)?).map_err(map_err(SHAPE_PEERS_MAP))?;
         let scopes =
@@ -152,8 +144,7 @@ impl TcShaping {
         }
         let alive: Array<MapData, u64> =
             Array::try_from(take(SHAPE_ALIVE_MAP)?).map_err(map_err(SHAPE_ALIVE_MAP))?;
-        let nr_cpus = aya::util::nr_cpus()
-            .map_err(|(what, e)| DataplaneError::Load(format!("{what}: {e}")))?;
+        let nr_cpus = aya::util::nr_cpus().map_err(LoadError::cpus)?;
         let mut rtnl = Rtnl::open().map_err(tc_err)?;
         sweep(&mut rtnl, tag);
         let (alive_stop, alive_thread) = keep_alive(alive)?;
@@ -382,10 +373,10 @@ impl TcShaping {
 
     fn reset_slot(&mut self, slot: u32) -> Result<(), DataplaneError> {
         let zeros =
-            PerCpuValues::try_from(vec![Counters::default(); self.nr_cpus]).map_err(|e| {
-                DataplaneError::Map {
+            PerCpuValues::try_from(vec![Counters::default(); self.nr_cpus]).map_err(|source| {
+                DataplaneError::PerCpuValues {
                     map: SHAPE_COUNTERS_MAP,
-                    reason: e.to_string(),
+                    source,
                 }
             })?;
         self.counters
@@ -492,6 +483,6 @@ fn keep_alive(
                 tracing::warn!(error = %e, "clearing the classifier's liveness deadline");
             }
         })
-        .map_err(|e| DataplaneError::Load(format!("starting the liveness thread: {e}")))?;
+        .map_err(LoadError::LivenessThread)?;
     Ok((stop, thread))
 }

@@ -8,8 +8,8 @@ use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use crate::dataplane::DataplaneError;
 use crate::dataplane::rtnl::{self, CLSACT_EGRESS, CLSACT_HANDLE, Rtnl, TC_H_ROOT};
+use crate::dataplane::{DataplaneError, TcError};
 
 /// First tag; an instance's tag is the major number of its root qdiscs and the priority of its
 /// netlink filters. Below 0x8000, where the kernel's automatic handles start.
@@ -44,17 +44,21 @@ pub(super) fn try_lock(path: &Path) -> std::io::Result<Option<File>> {
 
 /// Claims the first free tag.
 pub(super) fn claim_tag(dir: &Path) -> Result<(u16, File), DataplaneError> {
-    let fail = |e: std::io::Error| DataplaneError::Tc(format!("{}: {e}", dir.display()));
+    let fail = |source: std::io::Error| TcError::Path {
+        path: dir.to_path_buf(),
+        source,
+    };
     fs::create_dir_all(dir).map_err(fail)?;
     for tag in TAG_BASE..TAG_BASE + TAG_COUNT {
         if let Some(lock) = try_lock(&lock_path(dir, tag)).map_err(fail)? {
             return Ok((tag, lock));
         }
     }
-    Err(DataplaneError::Tc(format!(
-        "all {TAG_COUNT} tc tags in {} are held by running faultd instances",
-        dir.display()
-    )))
+    Err(TcError::TagsHeld {
+        count: TAG_COUNT,
+        dir: dir.to_path_buf(),
+    }
+    .into())
 }
 
 /// Whether `priority`/`major` is a faultd tag.
