@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use faultd_tests::api::{list_faults, remove};
 use faultd_tests::clients::{ConnClient, at};
+use faultd_tests::cri::loops::{
+    assert_delay_adds_to_the_client_only, assert_untouched, is_timeout, redis_loop,
+};
 use faultd_tests::cri::{Container, Node, Pod};
 use faultd_tests::kube::Qos;
 use faultd_tests::process::{blocking, unix_ns};
-use faultd_tests::servers::{POSTGRES_PORT, REDIS_PORT};
-use faultd_tests::workload::stats::median;
+use faultd_tests::servers::POSTGRES_PORT;
 use faultd_tests::{Faultctl, Faultd, FaultdOptions, Workload, fd_probe};
 use serde_json::Value;
 
@@ -38,26 +40,6 @@ fn inject(faultctl: &Faultctl, args: &[&str]) -> i128 {
     let started = unix_ns();
     faultctl.run(&all).assert_success();
     started
-}
-
-/// A container's Redis client loop: PING every `interval_ms` on one redis-py client.
-fn redis_loop(
-    node: &mut Node,
-    pod: &Pod,
-    name: &str,
-    attempt: u32,
-    redis: &Pod,
-    interval_ms: u32,
-) -> (Container, ConnClient) {
-    let port = REDIS_PORT.to_string();
-    let interval = interval_ms.to_string();
-    node.client_container(
-        pod,
-        name,
-        attempt,
-        "redis-loop",
-        &[&redis.ip, &port, &interval],
-    )
 }
 
 /// A Redis pod, a client pod and a sibling pod whose containers run a Redis client loop
@@ -101,19 +83,6 @@ impl RedisPods {
             node,
         }
     }
-}
-
-fn is_timeout(event: &Value) -> bool {
-    event["type"].as_str().unwrap_or("").contains("Timeout")
-}
-
-/// The sibling's loop keeps answering over `window` after `since`.
-fn assert_untouched(sibling: &mut ConnClient, since: i128, window: Duration, what: &str) {
-    let events = sibling.events_after(since, window);
-    assert!(
-        events.len() >= 5 && events.iter().all(|e| e["event"] == "pong"),
-        "{what}: the sibling pod is not targeted and its loop should keep getting PONG: {events:?}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -358,85 +327,22 @@ async fn a_container_restarted_in_a_faulted_pod_is_faulted_without_a_new_inject(
     restarted_loop.sees("pong", removed, "after Remove the restarted container");
 }
 
-/// PONG round trips (ms) a loop reports over `window` after `since`.
-fn pong_ms(client: &mut ConnClient, since: i128, window: Duration) -> Vec<f64> {
-    client
-        .events_after(since, window)
-        .iter()
-        .filter(|e| e["event"] == "pong")
-        .filter_map(|e| e["took_ns"].as_f64())
-        .map(|ns| ns / 1e6)
-        .collect()
-}
-
-/// The delay the tests add: well above the loops' own round trip (under 1 ms), short enough
-/// for 50 samples in a few seconds.
-const DELAY_MS: f64 = 30.0;
-
-/// Injects `faultctl inject delay ARGS… --latency 30ms` and asserts, from the loops' own PONG
-/// timings over 3 s before and after, that the client pod's median round trip rises by the
-/// delay (± 2 ms) and the sibling's does not move (± 2 ms).
-fn assert_delay_adds_to_the_client_only(pods: &mut RedisPods, args: &[&str], what: &str) {
-    let window = Duration::from_secs(3);
-    let before = unix_ns();
-    let (client_before, sibling_before) = (
-        pong_ms(&mut pods.client, before, window),
-        pong_ms(&mut pods.sibling, before, Duration::ZERO),
-    );
-    let latency = format!("{DELAY_MS}ms");
-    let mut all = vec!["delay"];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--latency", &latency, "--ttl", "60s"]);
-    let injected = inject(&pods.faultctl, &all);
-    // Samples of PINGs sent after the fault was in place.
-    let settled = injected + 200_000_000;
-    std::thread::sleep(Duration::from_millis(200));
-    let (client_after, sibling_after) = (
-        pong_ms(&mut pods.client, settled, window),
-        pong_ms(&mut pods.sibling, settled, Duration::ZERO),
-    );
-    for (name, samples) in [
-        ("client before", &client_before),
-        ("client after", &client_after),
-        ("sibling before", &sibling_before),
-        ("sibling after", &sibling_after),
-    ] {
-        assert!(
-            samples.len() >= 30,
-            "{what}: {name}: too few PONGs to measure ({})",
-            samples.len()
-        );
-    }
-    let added = median(&client_after) - median(&client_before);
-    let sibling_added = median(&sibling_after) - median(&sibling_before);
-    eprintln!(
-        "MEASURE {what}: requested_ms={DELAY_MS} client_median_before_ms={:.2} \
-         client_median_after_ms={:.2} added_ms={added:.2} sibling_added_ms={sibling_added:.2} \
-         samples={}/{}",
-        median(&client_before),
-        median(&client_after),
-        client_before.len(),
-        client_after.len()
-    );
-    assert!(
-        (added - DELAY_MS).abs() <= 2.0,
-        "{what}: a {DELAY_MS} ms delay should add {DELAY_MS} ms ± 2 ms to the client pod's median \
-         Redis round trip, added {added:.2} ms"
-    );
-    assert!(
-        sibling_added.abs() <= 2.0,
-        "{what}: the sibling pod's median round trip should not move, moved {sibling_added:.2} ms"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, containerd, runc, CNI plugins, umoci, BPF, cgroup v2 and NFQUEUE; `cargo xtask test` runs it as root"]
 async fn delay_on_a_pod_adds_its_latency_to_the_pods_redis_round_trips_only() {
     let _serial = SERIAL.lock().await;
     let mut pods = RedisPods::start(20).await;
     let uid = pods.client_pod.uid.clone();
+    let RedisPods {
+        client,
+        sibling,
+        faultctl,
+        ..
+    } = &mut pods;
     assert_delay_adds_to_the_client_only(
-        &mut pods,
+        client,
+        sibling,
+        |args| inject(faultctl, args),
         &["--pod", &uid, "--port", "6379", "--direction", "egress"],
         "delay --pod",
     );
@@ -467,8 +373,16 @@ async fn drop_and_delay_on_a_pods_interface_by_netns() {
     pods.client
         .sees("pong", removed, "after Remove the client pod");
 
+    let RedisPods {
+        client,
+        sibling,
+        faultctl,
+        ..
+    } = &mut pods;
     assert_delay_adds_to_the_client_only(
-        &mut pods,
+        client,
+        sibling,
+        |args| inject(faultctl, args),
         &[
             "--netns",
             &netns,

@@ -43,6 +43,9 @@ const PACKAGES: &[&str] = &[
     "runc",
     "containernetworking-plugins",
     "umoci",
+    // strip: the debug info off faultd's image's binaries; nsenter: the pods' iptables.
+    "binutils",
+    "util-linux",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Python packages of the test clients (tests/clients), pinned: gRPC by reflection, real
@@ -57,6 +60,8 @@ const PYTHON_PACKAGES: &[&str] = &[
     "psycopg==3.2.13",
     "psycopg-binary==3.2.13",
     "kubernetes-validate==1.37.0",
+    // The faultd pod tests read deploy/faultd.yaml with it (kubernetes-validate needs it too).
+    "PyYAML==6.0.4",
     "chaostoolkit==1.19.0",
     "chaostoolkit-lib==1.44.0",
     "grpcio-tools==1.85.1",

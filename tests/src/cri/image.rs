@@ -23,18 +23,125 @@ const BINARIES: &[&str] = &["/usr/bin/sleep"];
 /// The OCI layout tarball under `target/cri-images/`, built unless one for the same inputs
 /// (the binaries and libraries, the passwd lines, this file's layout) exists.
 pub fn pod_image() -> PathBuf {
-    let files = image_files();
     let (passwd, group) = (host_entries("/etc/passwd"), host_entries("/etc/group"));
+    build(&Recipe {
+        name: "pod",
+        files: image_files(BINARIES),
+        links: Vec::new(),
+        texts: vec![("etc/passwd".into(), passwd), ("etc/group".into(), group)],
+        config: vec![
+            "--config.cmd".into(),
+            "/usr/bin/sleep".into(),
+            "--config.cmd".into(),
+            "infinity".into(),
+        ],
+    })
+}
+
+/// The name faultd's image is imported under (`FAULTD_IMAGE:TAG`).
+pub const FAULTD_IMAGE: &str = "faultd-test.local/faultd";
+
+/// The host's iptables (nft backend), as Debian's `iptables` package installs it: the multi
+/// binary, the names faultd and a user call it by, and every xtables extension.
+const XTABLES_MULTI: &str = "/usr/sbin/xtables-nft-multi";
+const XTABLES_NAMES: &[&str] = &[
+    "iptables",
+    "iptables-restore",
+    "iptables-save",
+    "ip6tables",
+    "ip6tables-restore",
+    "ip6tables-save",
+];
+const XTABLES_EXTENSIONS: &str = "/usr/lib/x86_64-linux-gnu/xtables";
+
+/// faultd's image as `deploy/Dockerfile`'s runtime stage makes it, from what this offline
+/// machine has: `faultd` and `faultctl` (the built ones, debug info stripped) in
+/// `/usr/local/bin`, iptables from the host with its libraries and extensions, `faultd` as the
+/// entrypoint and the Dockerfile's CMD. No Debian base: no shell, no apt, no coreutils.
+pub fn faultd_image(faultd: &Path, faultctl: &Path) -> PathBuf {
+    let stripped = TempDir::new("faultd-test-faultd-image");
+    let mut files = Vec::new();
+    for binary in [faultd, faultctl] {
+        let name = binary.file_name().expect("a binary has a name");
+        let copy = stripped.join(&name.to_string_lossy());
+        run_ok(
+            Command::new("strip")
+                .arg("--strip-debug")
+                .arg("-o")
+                .arg(&copy)
+                .arg(binary),
+        );
+        add_libraries(&mut files, &copy);
+        files.push((copy, Path::new("/usr/local/bin").join(name)));
+    }
+    files.push((XTABLES_MULTI.into(), XTABLES_MULTI.into()));
+    add_libraries(&mut files, Path::new(XTABLES_MULTI));
+    let mut extensions: Vec<PathBuf> = std::fs::read_dir(XTABLES_EXTENSIONS)
+        .unwrap_or_else(|e| panic!("reading {XTABLES_EXTENSIONS} (the iptables package): {e}"))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "so"))
+        .collect();
+    extensions.sort();
+    for extension in extensions {
+        files.push((extension.clone(), extension));
+    }
+    let links = XTABLES_NAMES
+        .iter()
+        .map(|name| {
+            (
+                Path::new("/usr/sbin").join(name),
+                "xtables-nft-multi".to_string(),
+            )
+        })
+        .collect();
+    let passwd = "root:x:0:0:root:/root:/usr/sbin/nologin\n".to_string();
+    let group = "root:x:0:\n".to_string();
+    build(&Recipe {
+        name: "faultd",
+        files,
+        links,
+        texts: vec![("etc/passwd".into(), passwd), ("etc/group".into(), group)],
+        config: [
+            "--config.env",
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "--config.entrypoint",
+            "/usr/local/bin/faultd",
+            "--config.cmd",
+            "--socket",
+            "--config.cmd",
+            "/run/faultd/faultd.sock",
+        ]
+        .map(String::from)
+        .to_vec(),
+    })
+}
+
+/// What an image holds and how it starts.
+struct Recipe {
+    /// The tarball's name prefix in the cache.
+    name: &'static str,
+    /// (host file, path in the image).
+    files: Vec<(PathBuf, PathBuf)>,
+    /// (path in the image, what the symlink points to).
+    links: Vec<(PathBuf, String)>,
+    /// (path in the image, relative; content).
+    texts: Vec<(PathBuf, String)>,
+    /// `umoci config` arguments.
+    config: Vec<String>,
+}
+
+fn build(recipe: &Recipe) -> PathBuf {
     let mut hasher = DefaultHasher::new();
-    (TAG, &passwd, &group).hash(&mut hasher);
-    for (source, dest) in &files {
+    (TAG, &recipe.links, &recipe.texts, &recipe.config).hash(&mut hasher);
+    for (source, dest) in &recipe.files {
         dest.hash(&mut hasher);
         std::fs::read(source)
             .unwrap_or_else(|e| panic!("reading {}: {e}", source.display()))
             .hash(&mut hasher);
     }
     let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/cri-images");
-    let tarball = cache.join(format!("pod-{:016x}.tar", hasher.finish()));
+    let tarball = cache.join(format!("{}-{:016x}.tar", recipe.name, hasher.finish()));
     if tarball.is_file() {
         return tarball;
     }
@@ -76,29 +183,36 @@ pub fn pod_image() -> PathBuf {
         std::os::unix::fs::symlink(format!("usr/{link}"), &at)
             .unwrap_or_else(|e| panic!("symlink {}: {e}", at.display()));
     }
-    for (source, dest) in &files {
+    for (source, dest) in &recipe.files {
         let at = root.join(dest.strip_prefix("/").expect("absolute"));
         mkdir(at.parent().expect("a file has a parent"));
         std::fs::copy(source, &at)
             .unwrap_or_else(|e| panic!("copying {} to {}: {e}", source.display(), at.display()));
     }
-    write(&root.join("etc/passwd"), &passwd);
-    write(&root.join("etc/group"), &group);
+    for (dest, target) in &recipe.links {
+        let at = root.join(dest.strip_prefix("/").expect("absolute"));
+        mkdir(at.parent().expect("a link has a parent"));
+        std::os::unix::fs::symlink(target, &at)
+            .unwrap_or_else(|e| panic!("symlink {}: {e}", at.display()));
+    }
+    for (dest, text) in &recipe.texts {
+        write(&root.join(dest), text);
+    }
     run_ok(
         Command::new("umoci")
             .args(["repack", "--image", &image])
             .arg(&bundle),
     );
-    run_ok(Command::new("umoci").args([
-        "config",
-        "--image",
-        &image,
-        "--config.cmd",
-        "/usr/bin/sleep",
-        "--config.cmd",
-        "infinity",
-    ]));
-    let partial = cache.join(format!("pod-{}.tar.partial", crate::uniq::uniq()));
+    run_ok(
+        Command::new("umoci")
+            .args(["config", "--image", &image])
+            .args(&recipe.config),
+    );
+    let partial = cache.join(format!(
+        "{}-{}.tar.partial",
+        recipe.name,
+        crate::uniq::uniq()
+    ));
     run_ok(
         Command::new("tar")
             .arg("-C")
@@ -114,32 +228,49 @@ pub fn pod_image() -> PathBuf {
             tarball.display()
         )
     });
+    // Older builds of the same image (faultd's changes with every build of the binaries).
+    let prefix = format!("{}-", recipe.name);
+    for entry in std::fs::read_dir(&cache).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&prefix)
+            && name.ends_with(".tar")
+            && entry.path() != tarball
+            && let Err(e) = std::fs::remove_file(entry.path())
+        {
+            eprintln!("warning: removing {}: {e}", entry.path().display());
+        }
+    }
     tarball
 }
 
 /// (host file, path in the image): each binary and every library `ldd` lists for it, placed
 /// where the loader looks once `/lib`, `/lib64` are symlinks into `/usr`.
-fn image_files() -> Vec<(PathBuf, PathBuf)> {
+fn image_files(binaries: &[&str]) -> Vec<(PathBuf, PathBuf)> {
     let mut files = Vec::new();
-    for binary in BINARIES {
+    for binary in binaries {
         files.push((PathBuf::from(binary), PathBuf::from(binary)));
-        let out = run_ok(Command::new("ldd").arg(binary));
-        for word in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            if !word.starts_with('/') {
-                continue;
-            }
-            let path = Path::new(word);
-            let dir = path
-                .parent()
-                .and_then(|d| std::fs::canonicalize(d).ok())
-                .unwrap_or_else(|| panic!("resolving the directory of {word}"));
-            let dest = dir.join(path.file_name().expect("a library has a name"));
-            if !files.iter().any(|(_, d)| *d == dest) {
-                files.push((path.to_path_buf(), dest));
-            }
-        }
+        add_libraries(&mut files, Path::new(binary));
     }
     files
+}
+
+/// Adds every library `ldd` lists for `binary` to `files`, once.
+fn add_libraries(files: &mut Vec<(PathBuf, PathBuf)>, binary: &Path) {
+    let out = run_ok(Command::new("ldd").arg(binary));
+    for word in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        if !word.starts_with('/') {
+            continue;
+        }
+        let path = Path::new(word);
+        let dir = path
+            .parent()
+            .and_then(|d| std::fs::canonicalize(d).ok())
+            .unwrap_or_else(|| panic!("resolving the directory of {word}"));
+        let dest = dir.join(path.file_name().expect("a library has a name"));
+        if !files.iter().any(|(_, d)| *d == dest) {
+            files.push((path.to_path_buf(), dest));
+        }
+    }
 }
 
 /// The root and postgres lines of a host database (`/etc/passwd`), so ids match the host's.

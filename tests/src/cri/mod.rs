@@ -8,7 +8,14 @@
 //! its shims, and removes what they leave: images and snapshots (the root directory), CNI
 //! state, the bridge, the cgroups in every hierarchy.
 
+mod agent;
+mod daemonset;
+mod host;
 mod image;
+pub mod loops;
+
+pub use agent::{Exec, FaultdPod};
+pub use daemonset::{Faultd as FaultdManifest, Source, VolumeMount, manifest_path};
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -25,6 +32,10 @@ use crate::process::{ChildGuard, describe, output, poll, run_ok, signal, stop};
 use crate::servers::{POSTGRES_BIN, POSTGRES_PORT, REDIS_PORT, postgres_user};
 use crate::tempdir::TempDir;
 use crate::uniq::uniq;
+use host::{
+    free_bridge_name, free_subnet, processes_naming, python_dirs, remove_cgroups, test_python,
+    unmount_below,
+};
 
 /// The CRI subset of `proto/cri.proto` (package `runtime.v1`).
 pub mod api {
@@ -76,7 +87,12 @@ pub struct Node {
     // Drop tears everything down in order; then the directory goes.
     client: Option<RuntimeServiceClient<Channel>>,
     containers: Vec<String>,
+    /// Containers stopped with SIGTERM and a grace period at teardown (faultd: it reverts).
+    graceful: Vec<String>,
     sandboxes: Vec<String>,
+    faultd_image_imported: bool,
+    /// Host files and directories outside `dir` that a hostPath volume made.
+    created_host_files: Vec<PathBuf>,
     containerd: Option<ChildGuard>,
     address: PathBuf,
     bridge: String,
@@ -112,7 +128,10 @@ impl Node {
         let mut node = Node {
             client: None,
             containers: Vec::new(),
+            graceful: Vec::new(),
             sandboxes: Vec::new(),
+            faultd_image_imported: false,
+            created_host_files: Vec::new(),
             containerd: None,
             address: dir.join("containerd.sock"),
             bridge: free_bridge_name(),
@@ -255,6 +274,24 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     /// RunPodSandbox for a pod `name` of a fresh uid in `qos` (cgroupfs driver).
     pub fn pod(&mut self, name: &str, qos: Qos) -> Pod {
+        let namespaces = api::NamespaceOption {
+            network: api::NamespaceMode::Pod.into(),
+            pid: api::NamespaceMode::Container.into(),
+            ipc: api::NamespaceMode::Pod.into(),
+        };
+        self.pod_with(name, qos, namespaces, false)
+    }
+
+    /// RunPodSandbox with these namespaces (NODE for hostNetwork and hostPID) and, as the
+    /// kubelet asks when a container of the pod is privileged, a privileged sandbox.
+    pub fn pod_with(
+        &mut self,
+        name: &str,
+        qos: Qos,
+        namespaces: api::NamespaceOption,
+        privileged: bool,
+    ) -> Pod {
+        let host_network = namespaces.network == i32::from(api::NamespaceMode::Node);
         let uid = pod_uid();
         let relative = pod_cgroup(Driver::Cgroupfs, qos, &uid);
         let log_directory = self.dir.join(&format!("logs/{name}_{uid}"));
@@ -266,16 +303,18 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 namespace: "faultd-test".into(),
                 attempt: 0,
             }),
-            hostname: name.into(),
+            // The node's UTS namespace has the node's name: runc may not set one there.
+            hostname: if host_network {
+                String::new()
+            } else {
+                name.into()
+            },
             log_directory: log_directory.display().to_string(),
             linux: Some(api::LinuxPodSandboxConfig {
                 cgroup_parent: format!("/{}/{relative}", self.cgroup_name),
                 security_context: Some(api::LinuxSandboxSecurityContext {
-                    namespace_options: Some(api::NamespaceOption {
-                        network: api::NamespaceMode::Pod.into(),
-                        pid: api::NamespaceMode::Container.into(),
-                        ipc: api::NamespaceMode::Pod.into(),
-                    }),
+                    namespace_options: Some(namespaces),
+                    privileged,
                 }),
             }),
             ..Default::default()
@@ -301,7 +340,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             .status
             .and_then(|s| s.network)
             .map(|n| n.ip)
-            .filter(|ip| !ip.is_empty())
+            .filter(|ip| !ip.is_empty() || host_network)
             .unwrap_or_else(|| panic!("pod {name} ({sandbox_id}) got no IP from CNI"));
         let cgroup_dir = self.cgroup_root().join(&relative);
         assert!(
@@ -354,10 +393,21 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             }),
             command: spec.command.clone(),
             mounts,
-            log_path: log_path.clone(),
+            log_path,
             linux: Some(api::LinuxContainerConfig { security_context }),
             ..Default::default()
         };
+        self.create_and_start(pod, config)
+    }
+
+    /// CreateContainer + StartContainer of `config` in `pod`.
+    pub fn create_and_start(&mut self, pod: &Pod, config: api::ContainerConfig) -> Container {
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        let log_path = config.log_path.clone();
         let mut client = self.client();
         let id = call(
             "CreateContainer",
@@ -392,13 +442,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         let cgroup_dir = pod.cgroup_dir.join(&id);
         assert!(
             cgroup_dir.is_dir(),
-            "container {}: runc should have made its cgroup {}",
-            spec.name,
+            "container {name}: runc should have made its cgroup {}",
             cgroup_dir.display()
         );
         Container {
             id,
-            name: spec.name.into(),
+            name,
             pid,
             cgroup_dir,
             log: Path::new(&pod.config.log_directory).join(log_path),
@@ -423,6 +472,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             }),
         );
         self.containers.retain(|id| *id != container.id);
+        self.graceful.retain(|id| *id != container.id);
     }
 
     /// A container running `conn_client.py MODE ARGS…` and its events, read from its log.
@@ -540,9 +590,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     fn teardown(&mut self) {
         if let Some(mut client) = self.client.take() {
             for id in self.containers.drain(..).rev() {
+                let timeout = if self.graceful.contains(&id) { 10 } else { 0 };
                 let stopped = try_call(client.stop_container(api::StopContainerRequest {
                     container_id: id.clone(),
-                    timeout: 0,
+                    timeout,
                 }));
                 let removed = try_call(client.remove_container(api::RemoveContainerRequest {
                     container_id: id.clone(),
@@ -599,6 +650,19 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 }
             }
         }
+        for path in self.created_host_files.drain(..) {
+            let removed = if path.is_dir() {
+                std::fs::remove_dir(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            if let Err(e) = removed {
+                eprintln!(
+                    "warning: removing {}, which a hostPath volume made: {e}",
+                    path.display()
+                );
+            }
+        }
         for dir in &self.created_host_dirs {
             if let Err(e) = std::fs::remove_dir(dir)
                 && e.kind() != std::io::ErrorKind::NotFound
@@ -613,72 +677,6 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.teardown();
     }
-}
-
-/// The Python of the test venv (`FAULTD_TEST_PYTHON`, set by `cargo xtask test`): containers
-/// run it from the host, mounted read-only.
-fn test_python() -> PathBuf {
-    let python = PathBuf::from(std::env::var_os("FAULTD_TEST_PYTHON").unwrap_or_else(|| {
-        panic!("set FAULTD_TEST_PYTHON to the test venv's python (cargo xtask test does)")
-    }));
-    assert!(
-        python.is_absolute() && python.exists(),
-        "FAULTD_TEST_PYTHON={} should be the absolute path of the test venv's python",
-        python.display()
-    );
-    python
-}
-
-/// The venv of `python` (`<venv>/bin/python3`) and, unless it is under /usr, the installation
-/// its `pyvenv.cfg` names as `home` (`<prefix>/bin`).
-fn python_dirs(python: &Path) -> Vec<PathBuf> {
-    let venv = python
-        .parent()
-        .and_then(Path::parent)
-        .unwrap_or_else(|| panic!("{} is not in a venv's bin/", python.display()))
-        .to_path_buf();
-    let cfg = venv.join("pyvenv.cfg");
-    let home = read(&cfg)
-        .lines()
-        .find_map(|line| Some(line.split_once('=')?).filter(|(k, _)| k.trim() == "home"))
-        .map(|(_, v)| PathBuf::from(v.trim()))
-        .unwrap_or_else(|| panic!("no home in {}", cfg.display()));
-    let prefix = home.parent().unwrap_or(&home).to_path_buf();
-    let mut dirs = vec![venv];
-    if !prefix.starts_with("/usr") {
-        dirs.push(prefix);
-    }
-    dirs
-}
-
-/// `fdc<6 hex digits>`, a name no link has: the bridge plugin would join an existing bridge,
-/// and teardown deletes this one.
-fn free_bridge_name() -> String {
-    (0..16)
-        .map(|_| {
-            let id = uniq();
-            format!("fdc{}", id.rsplit('-').next().expect("uniq has parts"))
-        })
-        .find(|name| {
-            !output(Command::new("ip").args(["link", "show", "dev", name]))
-                .status
-                .success()
-        })
-        .expect("a free bridge name")
-}
-
-/// A /24 in 10.213.0.0/16 that no route and no address of the host uses.
-fn free_subnet() -> String {
-    let routes = String::from_utf8_lossy(&output(Command::new("ip").args(["-4", "route"])).stdout)
-        .into_owned()
-        + &String::from_utf8_lossy(&output(Command::new("ip").args(["-4", "addr"])).stdout);
-    let start = std::process::id() as usize;
-    (0..256)
-        .map(|i| 16 + (start + i * 7) % 224)
-        .map(|n| format!("10.213.{n}."))
-        .find(|prefix| !routes.contains(prefix.as_str()))
-        .map(|prefix| format!("{prefix}0/24"))
-        .expect("a free /24 in 10.213.0.0/16")
 }
 
 /// Runs `fut` to completion on the test's multi-thread runtime, from sync code.
@@ -700,77 +698,6 @@ fn try_call<T>(
 
 fn call<T>(what: &str, fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> T {
     try_call(fut).unwrap_or_else(|e| panic!("CRI {what} failed: {e}"))
-}
-
-/// Pids whose command line contains `needle`.
-fn processes_naming(needle: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            (cmdline.contains("containerd-shim") && cmdline.contains(needle)).then_some(pid)
-        })
-        .collect()
-}
-
-/// Lazily unmounts whatever is still mounted below `dir` (overlay roots, netns bind mounts,
-/// shm) if containerd could not.
-fn unmount_below(dir: &Path) {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<&str> = mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .filter(|point| Path::new(point).starts_with(dir))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for point in points {
-        eprintln!("warning: unmounting {point} left behind");
-        let c = std::ffi::CString::new(point).expect("no NUL in a mount point");
-        // SAFETY: umount2 with a NUL-terminated path.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-            eprintln!(
-                "warning: umount {point}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-}
-
-/// Removes the tree `name` (children first) in every cgroup hierarchy: runc makes the pods'
-/// cgroups in the v1 hierarchies of a hybrid layout too, and nobody but the kubelet removes a
-/// pod's.
-fn remove_cgroups(name: &str) {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    for line in mounts.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        if fields.len() < 3 || !fields[2].starts_with("cgroup") {
-            continue;
-        }
-        let root = Path::new(fields[1]).join(name);
-        if root.is_dir() {
-            remove_tree(&root);
-        }
-    }
-}
-
-fn remove_tree(dir: &Path) {
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            remove_tree(&entry.path());
-        }
-    }
-    let removed = poll(Duration::from_secs(5), || std::fs::remove_dir(dir).ok());
-    if removed.is_none() {
-        eprintln!(
-            "warning: could not remove cgroup {}: {}",
-            dir.display(),
-            std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default()
-        );
-    }
 }
 
 fn read(path: &Path) -> String {
