@@ -1,0 +1,209 @@
+//! What a fault does: drop, reject, reset, delay, bandwidth, with their parameters and
+//! their validation, and how a delay or bandwidth is applied (`Mechanism`).
+
+use std::time::Duration;
+
+use super::Invalid;
+
+/// Longest latency, and largest jitter, a delay fault may ask for.
+pub const MAX_DELAY: Duration = Duration::from_secs(60);
+
+/// How a delay or bandwidth fault is applied (DESIGN.md, Mechanisms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mechanism {
+    /// A netem (or tbf/htb) class selected by a BPF classifier.
+    Netem,
+    /// Departure times set by a BPF program, enforced by the fq qdisc.
+    Edt,
+    /// Packets held in user space through an NFQUEUE rule with `--queue-bypass`.
+    Nfqueue,
+}
+
+impl Mechanism {
+    /// In the order the agent prefers them when the user leaves the choice to it.
+    pub const PREFERENCE: [Mechanism; 3] = [Mechanism::Netem, Mechanism::Edt, Mechanism::Nfqueue];
+
+    /// The name shown to users (`Fault.mechanism`, `faultctl caps`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Netem => "netem",
+            Self::Edt => "edt",
+            Self::Nfqueue => "nfqueue",
+        }
+    }
+}
+
+/// `delay`: hold each matched packet for `latency` plus a normally distributed random part of
+/// standard deviation `jitter`, whose successive values are correlated by `correlation` %.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Delay {
+    pub latency: Duration,
+    pub jitter: Duration,
+    /// 0 to 100.
+    pub correlation: f64,
+    /// None: the agent chooses.
+    pub mechanism: Option<Mechanism>,
+}
+
+/// `bandwidth`: pace the matched packets to `rate_bytes_per_sec` through a token bucket of
+/// `burst` bytes (one bucket per direction).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Bandwidth {
+    pub rate_bytes_per_sec: u64,
+    pub burst: u64,
+    /// None: the agent chooses.
+    pub mechanism: Option<Mechanism>,
+}
+
+impl Bandwidth {
+    /// The bucket when the user gives none: 10 ms at the rate, and at least one full-size
+    /// Ethernet frame so that a packet never waits for more tokens than the bucket holds.
+    pub fn default_burst(rate_bytes_per_sec: u64) -> u64 {
+        (rate_bytes_per_sec / 100).max(1514)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Drop `percent` (0–100) of the matched packets.
+    Drop {
+        percent: f64,
+    },
+    /// New TCP connects of the target fail with ECONNREFUSED; existing connections live on.
+    Reject,
+    /// Established TCP connections of the target are torn down at once, and new connects are
+    /// refused for as long as the fault lasts. With `after_bytes`, each connection is instead
+    /// torn down once it has carried that many bytes, and new connects are allowed.
+    Reset {
+        after_bytes: Option<u64>,
+    },
+    Delay(Delay),
+    Bandwidth(Bandwidth),
+}
+
+impl Action {
+    pub fn drop(percent: f64, field: &str) -> Result<Self, Invalid> {
+        if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
+            return Err(Invalid::new(
+                field,
+                format!("{percent} is outside 0 to 100"),
+            ));
+        }
+        Ok(Self::Drop { percent })
+    }
+
+    /// `field` is the action's path, e.g. `fault.delay`.
+    pub fn delay(
+        latency: Duration,
+        jitter: Duration,
+        correlation: f64,
+        mechanism: Option<Mechanism>,
+        field: &str,
+    ) -> Result<Self, Invalid> {
+        if latency.is_zero() {
+            return Err(Invalid::new(
+                format!("{field}.latency"),
+                "must be greater than 0 (e.g. \"100ms\")",
+            ));
+        }
+        for (name, value) in [("latency", latency), ("jitter", jitter)] {
+            if value > MAX_DELAY {
+                return Err(Invalid::new(
+                    format!("{field}.{name}"),
+                    format!(
+                        "{} exceeds the maximum {}",
+                        crate::duration::format(value),
+                        crate::duration::format(MAX_DELAY)
+                    ),
+                ));
+            }
+        }
+        if !correlation.is_finite() || !(0.0..=100.0).contains(&correlation) {
+            return Err(Invalid::new(
+                format!("{field}.correlation"),
+                format!("{correlation} is outside 0 to 100"),
+            ));
+        }
+        Ok(Self::Delay(Delay {
+            latency,
+            jitter,
+            correlation,
+            mechanism,
+        }))
+    }
+
+    /// `burst` 0 takes `Bandwidth::default_burst`.
+    pub fn bandwidth(
+        rate_bytes_per_sec: u64,
+        burst: u64,
+        mechanism: Option<Mechanism>,
+        field: &str,
+    ) -> Result<Self, Invalid> {
+        if rate_bytes_per_sec == 0 {
+            return Err(Invalid::new(
+                format!("{field}.rate_bytes_per_sec"),
+                "must be greater than 0 (e.g. 262144 for 256 KiB/s); use drop to cut traffic off",
+            ));
+        }
+        let burst = match burst {
+            0 => Bandwidth::default_burst(rate_bytes_per_sec),
+            burst => burst,
+        };
+        Ok(Self::Bandwidth(Bandwidth {
+            rate_bytes_per_sec,
+            burst,
+            mechanism,
+        }))
+    }
+
+    pub fn reset(after_bytes: Option<u64>, field: &str) -> Result<Self, Invalid> {
+        if after_bytes == Some(0) {
+            return Err(Invalid::new(
+                field,
+                "must be at least 1 (leave it out to reset every connection now)",
+            ));
+        }
+        Ok(Self::Reset { after_bytes })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Drop { .. } => "drop",
+            Self::Delay(_) => "delay",
+            Self::Bandwidth(_) => "bandwidth",
+            Self::Reject => "reject",
+            Self::Reset { .. } => "reset",
+        }
+    }
+
+    /// For actions applied by a shaping mechanism (delay, bandwidth): the mechanism the user
+    /// forced, if any. None for actions of the cgroup_skb datapath.
+    pub fn shaping(&self) -> Option<Option<Mechanism>> {
+        match self {
+            Self::Drop { .. } | Self::Reject | Self::Reset { .. } => None,
+            Self::Delay(delay) => Some(delay.mechanism),
+            Self::Bandwidth(bandwidth) => Some(bandwidth.mechanism),
+        }
+    }
+
+    /// `percent` as the threshold the program compares `bpf_get_prandom_u32()` with (0 for
+    /// actions that drop nothing).
+    pub fn drop_threshold(&self) -> u64 {
+        match self {
+            Self::Drop { percent } => {
+                ((percent / 100.0) * faultd_common::DROP_ALL as f64).round() as u64
+            }
+            Self::Reject | Self::Reset { .. } | Self::Delay(_) | Self::Bandwidth(_) => 0,
+        }
+    }
+
+    /// Whether new connects of the target are refused while the fault lasts.
+    pub fn refuses_connects(&self) -> bool {
+        matches!(self, Self::Reject | Self::Reset { after_bytes: None })
+    }
+
+    /// Whether the fault acts on connections rather than packets.
+    pub(super) fn on_connections(&self) -> bool {
+        matches!(self, Self::Reject | Self::Reset { .. })
+    }
+}
