@@ -46,111 +46,40 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // SAFETY: umask(2) only sets this process's file mode creation mask.
     unsafe { libc::umask(0o077) };
     raise_nofile();
-    let mut policy = match &config.policy {
-        Some(path) => Policy::load(path)?,
-        None => Policy::default(),
-    };
-    if let Some(max_ttl) = config.max_ttl {
-        policy.max_ttl = max_ttl;
-    }
-    if config.allow_host_scope {
-        policy.allow_host_scope = true;
-    }
+    let mut policy = policy(&config)?;
     let tls = tls_config(&config)?;
-    let audit = match &config.audit_log {
-        Some(path) => {
-            Some(Arc::new(AuditLog::open(path).with_context(|| {
-                format!("opening the audit log {}", path.display())
-            })?))
-        }
-        None => None,
-    };
+    let audit = audit_log(&config)?;
     let _lock = lock_state_dir(&config.state_dir)?;
-    let cgroup_root = match &config.cgroup_root {
-        Some(path) => CgroupRoot::at(path),
-        None => CgroupRoot::detect(),
-    }
-    .map_err(anyhow::Error::msg)?;
-
-    // Nothing to sweep from a killed predecessor: links are fd-owned and nothing is pinned, so
-    // the kernel detached its programs when its process died.
-    let root = cgroup_root.path().to_path_buf();
-    let dataplane =
-        tokio::task::spawn_blocking(move || CgroupSkbDataplane::load(faultd::EBPF_OBJECT, &root))
-            .await
-            .context("loading the datapath")?;
-    let mut caps = Capabilities::probe(
-        cgroup_root.path(),
-        dataplane
-            .as_ref()
-            .map(|d| d as &dyn faultd::dataplane::Dataplane)
-            .map_err(|e| e.to_string()),
-    );
-    let dataplane = dataplane.context("faultd cannot apply faults without its datapath")?;
-
-    // What it leaves outside its process (netfilter chains) carries this id.
-    let instance = Instance::register().context("registering this agent's instance id")?;
-    fs::write(config.state_dir.join("instance"), instance.id())?;
-    let shapers = shapers(&instance, &cgroup_root, &config.state_dir, &mut caps).await?;
-    caps.add_shaping(&shapers);
-    for c in &caps.items {
-        tracing::info!(capability = c.name, available = c.available, detail = %c.detail, "probe");
-    }
-    for (action, mechanism) in &caps.actions {
-        match mechanism {
-            Ok(mechanism) => tracing::info!(action, mechanism, "action available"),
-            Err(why) => tracing::warn!(action, %why, "action unavailable"),
-        }
-    }
+    let kernel = Kernel::load(&config).await?;
 
     // Removed when `run` returns, whether faultd stops or fails to start.
     let (listener, _socket) = bind(&config.socket, config.socket_group.as_deref()).await?;
     share_state_dir_with_socket_group(&config)?;
-    let mut own_ports = Vec::new();
     let tcp = match config.listen {
-        Some(addr) => {
-            let tcp = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding --listen tcp://{addr}"))?;
-            let bound = tcp.local_addr()?;
-            own_ports.push(bound.port());
-            match &tls {
-                Some(_) => {
-                    tracing::info!(listen = %format!("tcp://{bound}"), "serving the API over mTLS")
-                }
-                None => tracing::warn!(
-                    listen = %format!("tcp://{bound}"),
-                    "serving the API over plain TCP without authentication (--insecure): anyone who reaches this port can cut any connection on this node"
-                ),
-            }
-            Some(tcp)
-        }
+        Some(addr) => Some(listen_tcp(addr, tls.is_some()).await?),
         None => None,
     };
     let metrics_listener = match config.metrics_addr {
-        Some(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding --metrics-addr {addr}"))?;
-            let bound = listener.local_addr()?;
-            own_ports.push(bound.port());
-            tracing::info!(metrics = %format!("http://{bound}/metrics"), health = %format!("http://{bound}/healthz"), "serving metrics");
-            Some(listener)
-        }
+        Some(addr) => Some(listen_metrics(addr).await?),
         None => None,
     };
+    let own_ports: Vec<u16> = tcp
+        .iter()
+        .chain(&metrics_listener)
+        .filter_map(|l| l.local_addr().ok().map(|a| a.port()))
+        .collect();
     policy.protect_own_ports(&own_ports);
     tracing::info!(policy = %policy.summary(), "policy");
     let engine = Engine::with_shapers(
-        Box::new(dataplane),
-        shapers,
-        Box::new(cgroup_root),
+        Box::new(kernel.dataplane),
+        kernel.shapers,
+        Box::new(kernel.cgroup_root),
         EngineConfig {
             policy,
             ended_retention: config.ended_retention,
         },
     );
-    let caps = Arc::new(caps);
+    let caps = Arc::new(kernel.caps);
     let services = Services::new(engine.clone(), caps.clone()).with_audit(audit);
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -159,43 +88,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .clone()
             .run_expiry(faultd::api::stopped(stop_rx.clone())),
     );
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let on_signal = engine.clone();
-    let calls = services.calls.clone();
-    tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = sigterm.recv() => "SIGTERM",
-            _ = sigint.recv() => "SIGINT",
-        };
-        // Revert first: clients still connected must not keep faults alive past the signal.
-        // On the blocking pool: reverting may run netlink and iptables-restore at length.
-        let (faults, leases) = match tokio::task::spawn_blocking(move || on_signal.shutdown()).await
-        {
-            Ok(reverted) => reverted,
-            Err(e) => {
-                tracing::error!(error = %e, "reverting at {name}");
-                (Vec::new(), Vec::new())
-            }
-        };
-        tracing::info!(
-            faults = faults.len(),
-            leases = leases.len(),
-            "{name}: reverted everything; stopping"
-        );
-        calls.audit(&Entry {
-            call: "shutdown",
-            peer: &Peer::Agent {
-                cause: name.to_string(),
-            },
-            request: json!({}),
-            code: "OK",
-            message: "",
-            result: json!({ "revertedFaultIds": faults, "revokedLeaseIds": leases }),
-        });
-        let _receivers_gone = stop_tx.send(true);
-    });
-
+    revert_on_signal(engine.clone(), services.calls.clone(), stop_tx)?;
     if let Some(listener) = metrics_listener {
         let endpoint = faultd::http::Endpoint {
             registry: Arc::new(engine.metrics().registry(engine.clone())),
@@ -221,9 +114,162 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Ok(Ok(())) => {}
         }
     }
+    close(&engine).await?;
+    if let Err(e) = expiry.await {
+        tracing::warn!(error = %e, "expiry task");
+    }
+    served.map_err(|e| anyhow::anyhow!("serving the API: {e}"))
+}
 
-    // Anything injected while connections drained goes too, and the mechanisms finish their
-    // clean-up (netfilter rules) before we exit.
+/// The policy file (or the defaults) with the flags that override it.
+fn policy(config: &Config) -> anyhow::Result<Policy> {
+    let mut policy = match &config.policy {
+        Some(path) => Policy::load(path)?,
+        None => Policy::default(),
+    };
+    if let Some(max_ttl) = config.max_ttl {
+        policy.max_ttl = max_ttl;
+    }
+    if config.allow_host_scope {
+        policy.allow_host_scope = true;
+    }
+    Ok(policy)
+}
+
+fn audit_log(config: &Config) -> anyhow::Result<Option<Arc<AuditLog>>> {
+    let Some(path) = &config.audit_log else {
+        return Ok(None);
+    };
+    let log = AuditLog::open(path)
+        .with_context(|| format!("opening the audit log {}", path.display()))?;
+    Ok(Some(Arc::new(log)))
+}
+
+/// What faultd holds of the kernel: the datapath, the shaping mechanisms, the cgroup root, and
+/// what the probe found.
+struct Kernel {
+    dataplane: CgroupSkbDataplane,
+    shapers: Vec<Box<dyn faultd::dataplane::Shaper>>,
+    cgroup_root: CgroupRoot,
+    caps: Capabilities,
+}
+
+impl Kernel {
+    async fn load(config: &Config) -> anyhow::Result<Kernel> {
+        let cgroup_root = match &config.cgroup_root {
+            Some(path) => CgroupRoot::at(path),
+            None => CgroupRoot::detect(),
+        }
+        .map_err(anyhow::Error::msg)?;
+        // Nothing to sweep from a killed predecessor: links are fd-owned and nothing is pinned,
+        // so the kernel detached its programs when its process died.
+        let root = cgroup_root.path().to_path_buf();
+        let dataplane = tokio::task::spawn_blocking(move || {
+            CgroupSkbDataplane::load(faultd::EBPF_OBJECT, &root)
+        })
+        .await
+        .context("loading the datapath")?;
+        let mut caps = Capabilities::probe(
+            cgroup_root.path(),
+            dataplane
+                .as_ref()
+                .map(|d| d as &dyn faultd::dataplane::Dataplane)
+                .map_err(|e| e.to_string()),
+        );
+        let dataplane = dataplane.context("faultd cannot apply faults without its datapath")?;
+        // What it leaves outside its process (netfilter chains) carries this id.
+        let instance = Instance::register().context("registering this agent's instance id")?;
+        fs::write(config.state_dir.join("instance"), instance.id())?;
+        let shapers = shapers(&instance, &cgroup_root, &config.state_dir, &mut caps).await?;
+        caps.add_shaping(&shapers);
+        for c in &caps.items {
+            tracing::info!(capability = c.name, available = c.available, detail = %c.detail, "probe");
+        }
+        for (action, mechanism) in &caps.actions {
+            match mechanism {
+                Ok(mechanism) => tracing::info!(action, mechanism, "action available"),
+                Err(why) => tracing::warn!(action, %why, "action unavailable"),
+            }
+        }
+        Ok(Kernel {
+            dataplane,
+            shapers,
+            cgroup_root,
+            caps,
+        })
+    }
+}
+
+async fn listen_tcp(addr: std::net::SocketAddr, tls: bool) -> anyhow::Result<TcpListener> {
+    let tcp = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding --listen tcp://{addr}"))?;
+    let bound = tcp.local_addr()?;
+    if tls {
+        tracing::info!(listen = %format!("tcp://{bound}"), "serving the API over mTLS");
+    } else {
+        tracing::warn!(
+            listen = %format!("tcp://{bound}"),
+            "serving the API over plain TCP without authentication (--insecure): anyone who reaches this port can cut any connection on this node"
+        );
+    }
+    Ok(tcp)
+}
+
+async fn listen_metrics(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding --metrics-addr {addr}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(metrics = %format!("http://{bound}/metrics"), health = %format!("http://{bound}/healthz"), "serving metrics");
+    Ok(listener)
+}
+
+/// On SIGTERM or SIGINT: revert everything first (clients still connected must not keep
+/// faults alive past the signal), write it to the audit log, then tell the servers to stop.
+fn revert_on_signal(
+    engine: Arc<Engine>,
+    calls: faultd::api::Calls,
+    stop: watch::Sender<bool>,
+) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = sigterm.recv() => "SIGTERM",
+            _ = sigint.recv() => "SIGINT",
+        };
+        // On the blocking pool: reverting may run netlink and iptables-restore at length.
+        let (faults, leases) = match tokio::task::spawn_blocking(move || engine.shutdown()).await {
+            Ok(reverted) => reverted,
+            Err(e) => {
+                tracing::error!(error = %e, "reverting at {name}");
+                (Vec::new(), Vec::new())
+            }
+        };
+        tracing::info!(
+            faults = faults.len(),
+            leases = leases.len(),
+            "{name}: reverted everything; stopping"
+        );
+        calls.audit(&Entry {
+            call: "shutdown",
+            peer: &Peer::Agent {
+                cause: name.to_string(),
+            },
+            request: json!({}),
+            code: "OK",
+            message: "",
+            result: json!({ "revertedFaultIds": faults, "revokedLeaseIds": leases }),
+        });
+        let _receivers_gone = stop.send(true);
+    });
+    Ok(())
+}
+
+/// Anything injected while connections drained goes too, and the mechanisms finish their
+/// clean-up (netfilter rules) before faultd exits.
+async fn close(engine: &Arc<Engine>) -> anyhow::Result<()> {
     let closing = engine.clone();
     let (faults, leases) = tokio::task::spawn_blocking(move || closing.close())
         .await
@@ -236,10 +282,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     tracing::info!("stopped");
-    if let Err(e) = expiry.await {
-        tracing::warn!(error = %e, "expiry task");
-    }
-    served.map_err(|e| anyhow::anyhow!("serving the API: {e}"))
+    Ok(())
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard one (systemd gives 1024 and 524288): every lease
