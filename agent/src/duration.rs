@@ -68,21 +68,6 @@ pub fn format(d: Duration) -> String {
     }
 }
 
-pub fn to_proto(d: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
-}
-
-/// None for negative or out-of-range values.
-pub fn from_proto(d: &prost_types::Duration) -> Option<Duration> {
-    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
-        return None;
-    }
-    Some(Duration::new(d.seconds as u64, d.nanos as u32))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,18 +92,5 @@ mod tests {
         }
         assert_eq!(format(Duration::from_micros(29_999_900)), "30s");
         assert_eq!(format(Duration::from_millis(2925)), "2.925s");
-    }
-
-    #[test]
-    fn proto_rejects_negative() {
-        let negative = prost_types::Duration {
-            seconds: -1,
-            nanos: 0,
-        };
-        assert_eq!(from_proto(&negative), None);
-        assert_eq!(
-            from_proto(&to_proto(Duration::from_millis(1500))),
-            Some(Duration::from_millis(1500))
-        );
     }
 }

@@ -94,7 +94,9 @@ async fn keepalive_renews_and_reports_an_unknown_lease() {
     let mut leases = server.leases().await;
     let lease = leases
         .grant(pb::GrantRequest {
-            ttl: Some(faultd::duration::to_proto(Duration::from_secs(5))),
+            ttl: Some(faultd::api::convert::duration_to_proto(
+                Duration::from_secs(5),
+            )),
             labels: Default::default(),
         })
         .await
@@ -127,7 +129,9 @@ async fn shutdown_ends_keepalive_streams() {
     let mut leases = server.leases().await;
     let lease = leases
         .grant(pb::GrantRequest {
-            ttl: Some(faultd::duration::to_proto(Duration::from_secs(60))),
+            ttl: Some(faultd::api::convert::duration_to_proto(
+                Duration::from_secs(60),
+            )),
             labels: Default::default(),
         })
         .await

@@ -245,7 +245,7 @@ async fn a_dry_run_resolves_and_checks_but_changes_nothing() {
     assert_eq!(planned.mechanism, "fake");
     let remaining = planned
         .remaining
-        .and_then(|r| faultd::duration::from_proto(&r))
+        .and_then(|r| faultd::api::convert::duration_from_proto(&r))
         .unwrap();
     assert!(
         remaining > Duration::from_secs(29) && remaining <= Duration::from_secs(30),

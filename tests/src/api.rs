@@ -86,8 +86,8 @@ pub fn delay_fault(
 ) -> Fault {
     Fault {
         action: Some(Action::Delay(Delay {
-            latency: Some(faultd::duration::to_proto(latency)),
-            jitter: Some(faultd::duration::to_proto(jitter)),
+            latency: Some(faultd::api::convert::duration_to_proto(latency)),
+            jitter: Some(faultd::api::convert::duration_to_proto(jitter)),
             correlation,
             mechanism: mechanism.into(),
         })),
@@ -113,7 +113,7 @@ pub fn bandwidth_fault(rate: u64, burst: u64, target: Target) -> Fault {
 pub async fn grant(client: &mut LeaseServiceClient<Channel>, ttl: Duration) -> Lease {
     client
         .grant(GrantRequest {
-            ttl: Some(faultd::duration::to_proto(ttl)),
+            ttl: Some(faultd::api::convert::duration_to_proto(ttl)),
             labels: Default::default(),
         })
         .await
@@ -124,7 +124,9 @@ pub async fn grant(client: &mut LeaseServiceClient<Channel>, ttl: Duration) -> L
 /// Inject under a private lease of `ttl`.
 pub fn with_ttl(fault: Fault, ttl: Duration) -> InjectRequest {
     InjectRequest {
-        lease: Some(InjectLease::Ttl(faultd::duration::to_proto(ttl))),
+        lease: Some(InjectLease::Ttl(faultd::api::convert::duration_to_proto(
+            ttl,
+        ))),
         fault: Some(fault),
         dry_run: false,
     }

@@ -377,7 +377,7 @@ async fn oversized_and_undecodable_requests_are_refused_at_once_with_short_messa
             "100 000 lease labels",
             timed(
                 leases.grant(GrantRequest {
-                    ttl: Some(faultd::duration::to_proto(minute)),
+                    ttl: Some(faultd::api::convert::duration_to_proto(minute)),
                     labels: (0..100_000)
                         .map(|i| (i.to_string(), String::new()))
                         .collect(),

@@ -388,7 +388,7 @@ async fn abort_reverts_1000_faults_at_once() {
     let started = Instant::now();
     let abort = faults.abort(AbortRequest {}).await.unwrap().into_inner();
     let round_trip = started.elapsed();
-    let took = faultd::duration::from_proto(&abort.took.unwrap()).unwrap();
+    let took = faultd::api::convert::duration_from_proto(&abort.took.unwrap()).unwrap();
     eprintln!(
         "MEASURE abort_1000_faults agent={:.2}ms round_trip={:.2}ms",
         took.as_secs_f64() * 1e3,

@@ -4,7 +4,6 @@ use std::time::{Duration, SystemTime};
 
 use faultd_proto::v1 as pb;
 
-use crate::duration;
 use crate::engine::{FaultState, FaultView, LeaseRef, LeaseView, RevertReason, Select};
 use crate::events::{EventKind, FaultEvent};
 use crate::fault::{
@@ -33,7 +32,7 @@ pub fn ttl(value: Option<&prost_types::Duration>, field: &str) -> Result<Duratio
             ),
         ));
     }
-    duration::from_proto(value).ok_or_else(|| Invalid::new(field, "must not be negative"))
+    duration_from_proto(value).ok_or_else(|| Invalid::new(field, "must not be negative"))
 }
 
 /// A lease id: required, and no longer than an id can be.
@@ -70,7 +69,21 @@ pub fn fault_spec(fault: Option<pb::Fault>) -> Result<FaultSpec, Invalid> {
     if let Some(target) = &fault.target {
         bounded_target(target)?;
     }
-    let action = match fault.action {
+    let action = action(fault.action)?;
+    let target = target(
+        fault
+            .target
+            .ok_or_else(|| Invalid::new("fault.target", "required"))?,
+    )?;
+    Ok(FaultSpec {
+        action,
+        target,
+        labels: fault.labels.into_iter().collect(),
+    })
+}
+
+fn action(action: Option<pb::fault::Action>) -> Result<Action, Invalid> {
+    Ok(match action {
         Some(pb::fault::Action::Drop(drop)) => Action::drop(drop.percent, "fault.drop.percent")?,
         Some(pb::fault::Action::Delay(delay)) => Action::delay(
             ttl(delay.latency.as_ref(), "fault.delay.latency")?,
@@ -95,10 +108,10 @@ pub fn fault_spec(fault: Option<pb::Fault>) -> Result<FaultSpec, Invalid> {
                 "an action is required (drop, delay, bandwidth, reject or reset)",
             ));
         }
-    };
-    let target = fault
-        .target
-        .ok_or_else(|| Invalid::new("fault.target", "required"))?;
+    })
+}
+
+fn target(target: pb::Target) -> Result<Target, Invalid> {
     let scope = match target.scope {
         Some(pb::target::Scope::Host(_)) => Scope::Host,
         Some(pb::target::Scope::Cgroup(cgroup)) => Scope::Cgroup { path: cgroup.path },
@@ -152,17 +165,13 @@ pub fn fault_spec(fault: Option<pb::Fault>) -> Result<FaultSpec, Invalid> {
     };
     let peers = cidrs(&target.peers, "peers")?;
     let exclude_peers = cidrs(&target.exclude_peers, "exclude_peers")?;
-    Ok(FaultSpec {
-        action,
-        target: Target {
-            scope,
-            ports,
-            protocol,
-            direction,
-            peers,
-            exclude_peers,
-        },
-        labels: fault.labels.into_iter().collect(),
+    Ok(Target {
+        scope,
+        ports,
+        protocol,
+        direction,
+        peers,
+        exclude_peers,
     })
 }
 
@@ -218,6 +227,22 @@ fn mechanism_to_proto(mechanism: Option<Mechanism>) -> i32 {
     .into()
 }
 
+/// A duration as google.protobuf.Duration.
+pub fn duration_to_proto(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// None for negative or out-of-range values.
+pub fn duration_from_proto(d: &prost_types::Duration) -> Option<Duration> {
+    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+        return None;
+    }
+    Some(Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
 pub fn timestamp(time: SystemTime) -> prost_types::Timestamp {
     let since = time
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -234,51 +259,6 @@ fn labels(labels: &Labels) -> std::collections::HashMap<String, String> {
 
 pub fn fault(view: FaultView) -> pb::Fault {
     let spec = view.spec;
-    let action = match spec.action {
-        Action::Drop { percent } => pb::fault::Action::Drop(pb::Drop { percent }),
-        Action::Delay(delay) => pb::fault::Action::Delay(pb::Delay {
-            latency: Some(duration::to_proto(delay.latency)),
-            jitter: Some(duration::to_proto(delay.jitter)),
-            correlation: delay.correlation,
-            mechanism: mechanism_to_proto(delay.mechanism),
-        }),
-        Action::Bandwidth(bandwidth) => pb::fault::Action::Bandwidth(pb::Bandwidth {
-            rate_bytes_per_sec: bandwidth.rate_bytes_per_sec,
-            burst: bandwidth.burst,
-            mechanism: mechanism_to_proto(bandwidth.mechanism),
-        }),
-        Action::Reject => pb::fault::Action::Reject(pb::Reject {}),
-        Action::Reset { after_bytes } => pb::fault::Action::Reset(pb::Reset { after_bytes }),
-    };
-    let scope = match spec.target.scope {
-        Scope::Host => pb::target::Scope::Host(pb::HostScope {}),
-        Scope::Cgroup { path } => pb::target::Scope::Cgroup(pb::CgroupScope { path }),
-        Scope::Pid { pid } => pb::target::Scope::Pid(pb::PidScope { pid }),
-        Scope::Pod { uid } => pb::target::Scope::Pod(pb::PodScope { uid }),
-        Scope::Container { id } => pb::target::Scope::Container(pb::ContainerScope { id }),
-        Scope::Netns { path, interface } => {
-            pb::target::Scope::Netns(pb::NetnsScope { path, interface })
-        }
-    };
-    let protocol = match spec.target.protocol {
-        Protocol::Tcp => pb::Protocol::Tcp,
-        Protocol::Udp => pb::Protocol::Udp,
-        Protocol::Both => pb::Protocol::Unspecified,
-    };
-    let direction = match spec.target.direction {
-        Direction::Egress => pb::Direction::Egress,
-        Direction::Ingress => pb::Direction::Ingress,
-        Direction::Both => pb::Direction::Both,
-    };
-    let ports = spec
-        .target
-        .ports
-        .iter()
-        .map(|r| pb::PortRange {
-            first: r.first.into(),
-            last: (r.last != r.first).then_some(r.last.into()),
-        })
-        .collect();
     let state = match view.state {
         FaultState::Active => pb::FaultState::Active,
         FaultState::Reverted => pb::FaultState::Reverted,
@@ -295,20 +275,8 @@ pub fn fault(view: FaultView) -> pb::Fault {
     pb::Fault {
         id: view.id,
         lease_id: view.lease_id,
-        action: Some(action),
-        target: Some(pb::Target {
-            scope: Some(scope),
-            ports,
-            protocol: protocol.into(),
-            direction: direction.into(),
-            peers: spec.target.peers.iter().map(Cidr::to_string).collect(),
-            exclude_peers: spec
-                .target
-                .exclude_peers
-                .iter()
-                .map(Cidr::to_string)
-                .collect(),
-        }),
+        action: Some(action_to_proto(spec.action)),
+        target: Some(target_to_proto(spec.target)),
         labels: labels(&spec.labels),
         state: state.into(),
         counters: Some(pb::Counters {
@@ -319,7 +287,7 @@ pub fn fault(view: FaultView) -> pb::Fault {
             delayed: view.counters.delayed,
         }),
         expires_at: Some(timestamp(view.expires_at)),
-        remaining: Some(duration::to_proto(view.remaining)),
+        remaining: Some(duration_to_proto(view.remaining)),
         mechanism: view.mechanism.to_string(),
         resolved: Some(pb::ResolvedTarget {
             cgroup_path: view.resolved.cgroup_path,
@@ -329,6 +297,64 @@ pub fn fault(view: FaultView) -> pb::Fault {
         ended_at,
         end_reason,
         end_detail,
+    }
+}
+
+fn action_to_proto(action: Action) -> pb::fault::Action {
+    match action {
+        Action::Drop { percent } => pb::fault::Action::Drop(pb::Drop { percent }),
+        Action::Delay(delay) => pb::fault::Action::Delay(pb::Delay {
+            latency: Some(duration_to_proto(delay.latency)),
+            jitter: Some(duration_to_proto(delay.jitter)),
+            correlation: delay.correlation,
+            mechanism: mechanism_to_proto(delay.mechanism),
+        }),
+        Action::Bandwidth(bandwidth) => pb::fault::Action::Bandwidth(pb::Bandwidth {
+            rate_bytes_per_sec: bandwidth.rate_bytes_per_sec,
+            burst: bandwidth.burst,
+            mechanism: mechanism_to_proto(bandwidth.mechanism),
+        }),
+        Action::Reject => pb::fault::Action::Reject(pb::Reject {}),
+        Action::Reset { after_bytes } => pb::fault::Action::Reset(pb::Reset { after_bytes }),
+    }
+}
+
+fn target_to_proto(target: Target) -> pb::Target {
+    let scope = match target.scope {
+        Scope::Host => pb::target::Scope::Host(pb::HostScope {}),
+        Scope::Cgroup { path } => pb::target::Scope::Cgroup(pb::CgroupScope { path }),
+        Scope::Pid { pid } => pb::target::Scope::Pid(pb::PidScope { pid }),
+        Scope::Pod { uid } => pb::target::Scope::Pod(pb::PodScope { uid }),
+        Scope::Container { id } => pb::target::Scope::Container(pb::ContainerScope { id }),
+        Scope::Netns { path, interface } => {
+            pb::target::Scope::Netns(pb::NetnsScope { path, interface })
+        }
+    };
+    let protocol = match target.protocol {
+        Protocol::Tcp => pb::Protocol::Tcp,
+        Protocol::Udp => pb::Protocol::Udp,
+        Protocol::Both => pb::Protocol::Unspecified,
+    };
+    let direction = match target.direction {
+        Direction::Egress => pb::Direction::Egress,
+        Direction::Ingress => pb::Direction::Ingress,
+        Direction::Both => pb::Direction::Both,
+    };
+    let ports = target
+        .ports
+        .iter()
+        .map(|r| pb::PortRange {
+            first: r.first.into(),
+            last: (r.last != r.first).then_some(r.last.into()),
+        })
+        .collect();
+    pb::Target {
+        scope: Some(scope),
+        ports,
+        protocol: protocol.into(),
+        direction: direction.into(),
+        peers: target.peers.iter().map(Cidr::to_string).collect(),
+        exclude_peers: target.exclude_peers.iter().map(Cidr::to_string).collect(),
     }
 }
 
@@ -373,9 +399,9 @@ pub fn event(event: &FaultEvent) -> pb::FaultEvent {
 pub fn lease(view: LeaseView) -> pb::Lease {
     pb::Lease {
         id: view.id,
-        ttl: Some(duration::to_proto(view.ttl)),
+        ttl: Some(duration_to_proto(view.ttl)),
         expires_at: Some(timestamp(view.expires_at)),
-        remaining: Some(duration::to_proto(view.remaining)),
+        remaining: Some(duration_to_proto(view.remaining)),
         fault_ids: view.fault_ids,
         private: view.private,
         labels: labels(&view.labels),
@@ -406,6 +432,19 @@ mod tests {
     }
 
     #[test]
+    fn a_proto_duration_is_never_negative() {
+        let negative = prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        };
+        assert_eq!(duration_from_proto(&negative), None);
+        assert_eq!(
+            duration_from_proto(&duration_to_proto(Duration::from_millis(1500))),
+            Some(Duration::from_millis(1500))
+        );
+    }
+
+    #[test]
     fn converts_a_drop_fault() {
         let spec = fault_spec(Some(drop_fault(30.0))).unwrap();
         assert_eq!(spec.action, Action::Drop { percent: 30.0 });
@@ -429,7 +468,7 @@ mod tests {
 
     #[test]
     fn converts_delay_and_bandwidth_both_ways() {
-        let ms = |ms| Some(duration::to_proto(Duration::from_millis(ms)));
+        let ms = |ms| Some(duration_to_proto(Duration::from_millis(ms)));
         let delay = pb::Delay {
             latency: ms(100),
             jitter: ms(20),
@@ -470,7 +509,7 @@ mod tests {
             "fault.delay.latency"
         );
         let delay = pb::Delay {
-            latency: Some(duration::to_proto(Duration::from_millis(5))),
+            latency: Some(duration_to_proto(Duration::from_millis(5))),
             mechanism: 42,
             ..Default::default()
         };

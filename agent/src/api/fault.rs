@@ -161,7 +161,7 @@ impl pb::fault_service_server::FaultService for FaultApi {
         let result = Ok(pb::AbortResponse {
             reverted_fault_ids: faults,
             revoked_lease_ids: leases,
-            took: Some(crate::duration::to_proto(took)),
+            took: Some(crate::api::convert::duration_to_proto(took)),
         });
         self.calls
             .mutating(SERVICE, "Abort", &peer, json!({}), &result, |abort| {

@@ -121,7 +121,7 @@ impl Server {
 }
 
 pub fn ttl(text: &str) -> prost_types::Duration {
-    faultd::duration::to_proto(faultd::duration::parse(text).unwrap())
+    faultd::api::convert::duration_to_proto(faultd::duration::parse(text).unwrap())
 }
 
 /// A drop of `percent` on `ports` of cgroup `/app` (tcp, egress).

@@ -313,10 +313,12 @@ mod guest {
     fn delay_fault(cgroup: &Cgroup, latency_ms: u64, jitter_ms: u64, m: Mechanism) -> Fault {
         Fault {
             action: Some(Action::Delay(Delay {
-                latency: Some(faultd::duration::to_proto(Duration::from_millis(
-                    latency_ms,
-                ))),
-                jitter: Some(faultd::duration::to_proto(Duration::from_millis(jitter_ms))),
+                latency: Some(faultd::api::convert::duration_to_proto(
+                    Duration::from_millis(latency_ms),
+                )),
+                jitter: Some(faultd::api::convert::duration_to_proto(
+                    Duration::from_millis(jitter_ms),
+                )),
                 correlation: 0.0,
                 mechanism: m.into(),
             })),

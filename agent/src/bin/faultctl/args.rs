@@ -210,7 +210,7 @@ pub fn usage_error(message: impl Display) -> ! {
 
 #[cfg(test)]
 mod tests {
-    use faultd::duration;
+    use faultd::api::convert;
     use faultd_proto::v1::{self as pb, PortRange, fault, target};
 
     use super::inject::DropArgs;
@@ -383,11 +383,11 @@ mod tests {
         };
         assert_eq!(
             delay.latency,
-            Some(duration::to_proto(Duration::from_millis(100)))
+            Some(convert::duration_to_proto(Duration::from_millis(100)))
         );
         assert_eq!(
             delay.jitter,
-            Some(duration::to_proto(Duration::from_millis(20)))
+            Some(convert::duration_to_proto(Duration::from_millis(20)))
         );
         assert_eq!(delay.correlation, 25.0);
         assert_eq!(delay.mechanism, pb::Mechanism::Nfqueue as i32);

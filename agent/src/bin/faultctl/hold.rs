@@ -2,6 +2,7 @@
 //! SIGTERM, then reverts the fault (revoking a lease it granted, or removing only its fault from
 //! a lease given with --lease). If faultd stops answering, the hold fails and says so.
 
+use faultd::api::convert;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
@@ -165,6 +166,6 @@ pub fn lease_ttl(lease: &Lease) -> Option<Duration> {
     lease
         .ttl
         .as_ref()
-        .and_then(duration::from_proto)
+        .and_then(convert::duration_from_proto)
         .filter(|ttl| !ttl.is_zero())
 }

@@ -29,7 +29,7 @@ pub fn show(output: Output, text: impl FnOnce() -> String, json: Value) -> Resul
 mod tests {
     use std::time::Duration;
 
-    use faultd::duration;
+    use faultd::api::convert;
     use faultd_proto::v1::{self as pb, Fault, fault};
 
     use super::fields::action_text;
@@ -37,7 +37,7 @@ mod tests {
 
     #[test]
     fn delay_and_bandwidth_read_like_the_flags() {
-        let ms = |ms| Some(duration::to_proto(Duration::from_millis(ms)));
+        let ms = |ms| Some(convert::duration_to_proto(Duration::from_millis(ms)));
         let delay = fault::Action::Delay(pb::Delay {
             latency: ms(100),
             jitter: ms(20),

@@ -2,11 +2,11 @@
 //! --keepalive, --dry-run), each action's own flags, and their conversion to the proto's
 //! `Target` and `fault::Action`.
 
+use faultd::api::convert;
 use std::time::Duration;
 
 use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Subcommand, ValueEnum};
-use faultd::duration;
 use faultd_proto::v1::{self as pb, PortRange, Target, fault, target};
 
 use super::values::{
@@ -283,8 +283,8 @@ impl InjectCommand {
             Self::Delay(args) => (
                 args.common,
                 fault::Action::Delay(pb::Delay {
-                    latency: Some(duration::to_proto(args.latency)),
-                    jitter: Some(duration::to_proto(args.jitter)),
+                    latency: Some(convert::duration_to_proto(args.latency)),
+                    jitter: Some(convert::duration_to_proto(args.jitter)),
                     correlation: args.correlation,
                     mechanism: args.mechanism.to_proto(),
                 }),

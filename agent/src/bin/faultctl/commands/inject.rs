@@ -1,10 +1,10 @@
 //! `faultctl inject <action>`: bound the fault with a lease, place it (or only try it, with
 //! --dry-run), show it, and with --keepalive hand over to the hold until Ctrl-C or SIGTERM.
 
+use faultd::api::convert;
 use std::collections::HashMap;
 
 use anyhow::{Result, anyhow, bail};
-use faultd::duration;
 use faultd_proto::v1::fault_service_client::FaultServiceClient;
 use faultd_proto::v1::lease_service_client::LeaseServiceClient;
 use faultd_proto::v1::{Fault, GrantRequest, InjectRequest, Lease, Target, fault, inject_request};
@@ -94,7 +94,7 @@ async fn dry_run(
 fn given_lease(choice: &LeaseChoice) -> Result<inject_request::Lease> {
     match (&choice.lease_id, choice.ttl) {
         (Some(id), _) => Ok(inject_request::Lease::LeaseId(id.clone())),
-        (None, Some(ttl)) => Ok(inject_request::Lease::Ttl(duration::to_proto(ttl))),
+        (None, Some(ttl)) => Ok(inject_request::Lease::Ttl(convert::duration_to_proto(ttl))),
         (None, None) => bail!("bound the fault with --ttl DURATION or --lease ID"),
     }
 }
@@ -110,7 +110,7 @@ async fn lease_for(
         return Ok((given_lease(&args.lease)?, None));
     };
     let request = GrantRequest {
-        ttl: Some(duration::to_proto(ttl)),
+        ttl: Some(convert::duration_to_proto(ttl)),
         labels: labels.clone(),
     };
     let lease = leases

@@ -1,9 +1,9 @@
 //! `faultctl lease ...`: grant, renew, revoke, read and list leases.
 
+use faultd::api::convert;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow};
-use faultd::duration;
 use faultd_proto::v1::lease_service_client::LeaseServiceClient;
 use faultd_proto::v1::{
     GrantRequest, Lease, ListLeasesRequest, RenewRequest, RevokeRequest, TimeToLiveRequest,
@@ -40,7 +40,7 @@ async fn grant(
 ) -> Result<Lease> {
     let labels = label_map(labels).map_err(|why| anyhow!(why))?;
     let request = GrantRequest {
-        ttl: Some(duration::to_proto(ttl)),
+        ttl: Some(convert::duration_to_proto(ttl)),
         labels,
     };
     let lease = leases

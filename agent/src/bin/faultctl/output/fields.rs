@@ -1,6 +1,7 @@
 //! How one field of a fault or a lease reads in text: protocol, direction, ports, scope,
 //! action, durations, states, labels, ids. The answers in `text` are made of these phrases.
 
+use faultd::api::convert;
 use std::collections::HashMap;
 
 use faultd::duration;
@@ -87,7 +88,7 @@ pub fn action_text(action: Option<&fault::Action>) -> String {
         },
         Some(fault::Action::Delay(delay)) => {
             let mut text = format!("delay {}", remaining_text(delay.latency.as_ref()));
-            let jitter = delay.jitter.as_ref().and_then(duration::from_proto);
+            let jitter = delay.jitter.as_ref().and_then(convert::duration_from_proto);
             if jitter.is_some_and(|jitter| !jitter.is_zero()) {
                 text.push_str(&format!(" ±{}", remaining_text(delay.jitter.as_ref())));
             }
@@ -128,7 +129,7 @@ pub fn fault_summary(fault: &Fault) -> String {
 /// e.g. "30s" or "2.925s" (`duration::format` rounds to the millisecond).
 pub fn remaining_text(remaining: Option<&prost_types::Duration>) -> String {
     remaining
-        .and_then(duration::from_proto)
+        .and_then(convert::duration_from_proto)
         .map(duration::format)
         .unwrap_or_else(|| "-".into())
 }

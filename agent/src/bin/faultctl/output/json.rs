@@ -235,7 +235,7 @@ pub fn event_json(event: &FaultEvent) -> Value {
 mod tests {
     use std::time::Duration;
 
-    use faultd::duration;
+    use faultd::api::convert;
     use faultd_proto::v1::PortRange;
 
     use super::*;
@@ -258,7 +258,7 @@ mod tests {
                 ..Default::default()
             }),
             state: FaultState::Active as i32,
-            remaining: Some(duration::to_proto(Duration::from_millis(1500))),
+            remaining: Some(convert::duration_to_proto(Duration::from_millis(1500))),
             ..Fault::default()
         };
         let json = fault_json(&fault);

@@ -1,6 +1,7 @@
 //! Answers as text for people: one-line reports (injected, removed, revoked, aborted, events),
 //! aligned `key  value` details and tables padded to their widest cell.
 
+use faultd::api::convert;
 use faultd::duration;
 use faultd_proto::v1::{
     self as pb, CapabilitiesResponse, Fault, FaultEvent, FaultState, Lease, fault_event,
@@ -231,7 +232,7 @@ pub fn fault_detail(fault: &Fault) -> String {
 
 pub fn abort_text(abort: &pb::AbortResponse) -> String {
     // Not rounded like remaining times: an abort usually takes well under a millisecond.
-    let took = abort.took.as_ref().and_then(duration::from_proto);
+    let took = abort.took.as_ref().and_then(convert::duration_from_proto);
     format!(
         "aborted in {}: reverted faults: {}; revoked leases: {}",
         took.map_or("-".into(), duration::format),
