@@ -38,20 +38,17 @@ struct Plan {
 }
 
 impl Plan {
-    /// The fault as it would be applied (a dry run).
-    fn view(self) -> FaultView {
-        let lease_deadline = self
-            .lease
-            .as_ref()
-            .map_or(Instant::now() + self.private_ttl, |(_, deadline)| *deadline);
-        let (expires_at, remaining) = wall_clock(lease_deadline.min(self.ends_at));
+    /// The fault as planned, in `state`, under `lease_id` until `deadline` (or the policy's
+    /// end): a dry run's answer, or what watchers hear of a fault that could not be applied.
+    fn view(self, state: FaultState, lease_id: LeaseId, deadline: Instant) -> FaultView {
+        let (expires_at, remaining) = wall_clock(deadline.min(self.ends_at));
         FaultView {
             id: String::new(),
-            lease_id: self.lease.map(|(id, _)| id).unwrap_or_default(),
+            lease_id,
             spec: self.spec,
             resolved: self.resolved,
             rules: self.keys.len(),
-            state: FaultState::DryRun,
+            state,
             counters: Counters::default(),
             connections_reset: 0,
             expires_at,
@@ -59,6 +56,15 @@ impl Plan {
             mechanism: self.mechanism,
             ended: None,
         }
+    }
+
+    /// The dry run's answer: the fault as it would be applied.
+    fn dry_run(self) -> FaultView {
+        let (lease_id, deadline) = match &self.lease {
+            Some((id, deadline)) => (id.clone(), *deadline),
+            None => (String::new(), Instant::now() + self.private_ttl),
+        };
+        self.view(FaultState::DryRun, lease_id, deadline)
     }
 }
 
@@ -81,7 +87,7 @@ impl Engine {
     /// fault as it would be (state `DryRun`, no id). Leases, faults and the kernel stay as
     /// they are.
     pub fn dry_run(&self, lease: LeaseRef, spec: FaultSpec) -> Result<FaultView, Error> {
-        self.plan(lease, spec).map(|(_, plan)| plan.view())
+        self.plan(lease, spec).map(|(_, plan)| plan.dry_run())
     }
 
     /// Checks and resolves an Inject. The lock it returns stays held until the plan is
@@ -195,7 +201,7 @@ impl State {
     fn apply(&mut self, plan: Plan) -> Result<FaultView, Error> {
         let slot = self.free_slots.pop().ok_or(Limit::FaultSlots)?;
         let private = plan.lease.is_none();
-        let (lease_id, deadline) = match plan.lease {
+        let (lease_id, deadline) = match plan.lease.clone() {
             Some(found) => found,
             None => self.grant(plan.private_ttl, Labels::new(), true),
         };
@@ -203,9 +209,9 @@ impl State {
         let placement = Placement::new(
             &plan.spec,
             &plan.resolved,
-            plan.keys,
+            plan.keys.clone(),
             plan.shaper,
-            plan.peers,
+            plan.peers.clone(),
             slot,
             deadline_ns,
         );
@@ -238,25 +244,9 @@ impl State {
                 if private {
                     self.leases.remove(&lease_id);
                 }
-                if self.events.watched() {
-                    let (expires_at, remaining) = wall_clock(deadline.min(plan.ends_at));
-                    let view = FaultView {
-                        id: String::new(),
-                        lease_id: if private { String::new() } else { lease_id },
-                        spec: plan.spec,
-                        resolved: plan.resolved,
-                        rules: placement.keys.len(),
-                        state: FaultState::Reverted,
-                        counters: Counters::default(),
-                        connections_reset: 0,
-                        expires_at,
-                        remaining,
-                        mechanism: plan.mechanism,
-                        ended: None,
-                    };
-                    let message = format!("applying the fault: {e}");
-                    self.events.publish(EventKind::Failed { message }, view);
-                }
+                let lease_id = if private { String::new() } else { lease_id };
+                let view = plan.view(FaultState::Reverted, lease_id, deadline);
+                self.publish_failed(&e, view);
                 return Err(e);
             }
         };
@@ -283,6 +273,14 @@ impl State {
             },
         );
         self.fault_view(&id, FaultState::Active)
+    }
+
+    /// Tells watchers that a planned fault (`view`) could not be applied; nothing was.
+    fn publish_failed(&self, error: &Error, view: FaultView) {
+        if self.events.watched() {
+            let message = format!("applying the fault: {error}");
+            self.events.publish(EventKind::Failed { message }, view);
+        }
     }
 
     /// The socket side of `reset`: tears down the target's connections now, or starts the
