@@ -30,11 +30,13 @@
 //! the deadline itself.
 //!
 //! Rooms: `rules` (what one fault's rules say), `chains` (the chains' names and the lines that
-//! create and remove them), `marks` (the conntrack mark layout), `restore` (running
-//! iptables-restore and iptables -S, and reading what it lists).
+//! create and remove them), `marks` (the conntrack mark layout), `matches` (port lists and
+//! dates as the match extensions take them), `restore` (running iptables-restore and
+//! iptables -S, and reading what they list).
 
 mod chains;
 mod marks;
+mod matches;
 mod restore;
 mod rules;
 

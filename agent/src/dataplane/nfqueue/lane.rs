@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::ErrorKind;
+use std::ops::ControlFlow;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
@@ -85,16 +86,7 @@ impl Lane {
         let thread = std::thread::Builder::new()
             .name("faultd-nfqueue".into())
             .spawn(move || {
-                let opened = (|| {
-                    NetNs::enter(netns.as_fd())
-                        .map_err(|e| format!("entering {}: {e}", netns.path().display()))?;
-                    tune_thread();
-                    let (mut queue, fd) = open_queue()?;
-                    let num = bind_free(&mut queue, &taken, first)?;
-                    configure(&mut queue, num)?;
-                    Ok::<_, String>((queue, fd, num))
-                })();
-                match opened {
+                match open_in(&netns, &taken, first) {
                     Ok((queue, fd, num)) => {
                         // Releases the queue while faultd is stopped; without it the delay
                         // still works, a stopped faultd just holds traffic.
@@ -163,125 +155,198 @@ impl Drop for Lane {
     }
 }
 
+/// On the lane's thread: enters `netns`, then opens, binds and configures the queue there.
+fn open_in(
+    netns: &NetNs,
+    taken: &BTreeSet<u16>,
+    first: u16,
+) -> Result<(Queue, RawFd, u16), String> {
+    NetNs::enter(netns.as_fd()).map_err(|e| format!("entering {}: {e}", netns.path().display()))?;
+    tune_thread();
+    let (mut queue, fd) = open_queue()?;
+    let num = bind_free(&mut queue, taken, first)?;
+    configure(&mut queue, num)?;
+    Ok((queue, fd, num))
+}
+
 /// The lane's loop: read packets, hold them, release them on time.
-fn serve(mut queue: Queue, fd: RawFd, mut schedule: Schedule, shared: &LaneShared) {
-    // Keyed by (release time, arrival sequence): released in order.
-    let mut held: BTreeMap<(u64, u64), Message> = BTreeMap::new();
-    let mut seq = 0u64;
-    let mut errors = 0u32;
-    let release = |queue: &mut Queue, msg: Message| {
-        if let Err(e) = queue.verdict(msg) {
-            tracing::warn!(error = %e, "NFQUEUE verdict");
-        }
+fn serve(queue: Queue, fd: RawFd, schedule: Schedule, shared: &LaneShared) {
+    let mut server = Server {
+        queue,
+        fd,
+        schedule,
+        shared,
+        held: BTreeMap::new(),
+        seq: 0,
+        errors: 0,
     };
-    loop {
+    while server.turn().is_continue() {}
+}
+
+/// What the lane's loop holds between turns.
+struct Server<'a> {
+    queue: Queue,
+    fd: RawFd,
+    schedule: Schedule,
+    shared: &'a LaneShared,
+    /// Keyed by (release time, arrival sequence): released in order.
+    held: BTreeMap<(u64, u64), Message>,
+    seq: u64,
+    /// Receive errors in a row.
+    errors: u32,
+}
+
+fn release(queue: &mut Queue, msg: Message) {
+    if let Err(e) = queue.verdict(msg) {
+        tracing::warn!(error = %e, "NFQUEUE verdict");
+    }
+}
+
+impl Server<'_> {
+    /// One turn: release what is due (everything past the deadline or when stopping), wait
+    /// for packets, a wake-up or the next release time, and read what came. Breaks when the
+    /// lane ends.
+    fn turn(&mut self) -> ControlFlow<()> {
         let now = monotonic_now_ns();
-        let deadline = shared.deadline_ns.load(Ordering::Acquire);
-        let stopping = shared.stop.load(Ordering::Acquire);
+        let deadline = self.shared.deadline_ns.load(Ordering::Acquire);
+        let stopping = self.shared.stop.load(Ordering::Acquire);
         if stopping || now >= deadline {
-            while let Some((_, msg)) = held.pop_first() {
-                release(&mut queue, msg);
-            }
+            self.release_all();
             if stopping {
-                // The rules are gone by now: what is still queued is released, not dropped
-                // with the socket.
-                loop {
-                    match queue.recv() {
-                        Ok(msg) => release(&mut queue, msg),
-                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                        Err(_) => return,
-                    }
-                }
+                self.drain();
+                return ControlFlow::Break(());
             }
         }
-        while let Some(entry) = held.first_entry() {
+        self.release_due(now);
+        if self.poll(now, deadline)? {
+            self.read_batch()
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+
+    fn release_all(&mut self) {
+        while let Some((_, msg)) = self.held.pop_first() {
+            release(&mut self.queue, msg);
+        }
+    }
+
+    /// The rules are gone by now: what is still queued is released, not dropped with the
+    /// socket.
+    fn drain(&mut self) {
+        loop {
+            match self.queue.recv() {
+                Ok(msg) => release(&mut self.queue, msg),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn release_due(&mut self, now: u64) {
+        while let Some(entry) = self.held.first_entry() {
             if entry.key().0 > now {
                 break;
             }
-            release(&mut queue, entry.remove());
+            release(&mut self.queue, entry.remove());
         }
-        let timeout = held
+    }
+
+    /// Waits for the queue or the wake-up fd, until the next release time (or the deadline,
+    /// if sooner) when packets are held; continues with whether the queue is readable, breaks
+    /// when it failed.
+    fn poll(&mut self, now: u64, deadline: u64) -> ControlFlow<(), bool> {
+        let timeout = self
+            .held
             .first_key_value()
             .map(|((at, _), _)| (*at).min(deadline).saturating_sub(now));
         let mut fds = [
             libc::pollfd {
-                fd,
+                fd: self.fd,
                 events: libc::POLLIN,
                 revents: 0,
             },
             libc::pollfd {
-                fd: shared.wake.as_raw_fd(),
+                fd: self.shared.wake.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
         ];
         if let Err(e) = wait(&mut fds, timeout) {
             tracing::error!(error = %e, "NFQUEUE wait failed; the queue is closed and traffic bypasses it");
-            return;
+            return ControlFlow::Break(());
         }
         if fds[1].revents != 0 {
             let mut value = 0u64;
             // SAFETY: an 8-byte read from our eventfd; EAGAIN is harmless.
-            unsafe { libc::read(shared.wake.as_raw_fd(), (&raw mut value).cast(), 8) };
+            unsafe { libc::read(self.shared.wake.as_raw_fd(), (&raw mut value).cast(), 8) };
         }
         if fds[0].revents & (libc::POLLERR | libc::POLLNVAL | libc::POLLHUP) != 0 {
             tracing::error!(
                 revents = fds[0].revents,
                 "the NFQUEUE socket failed; closing it (traffic bypasses it)"
             );
-            return;
+            return ControlFlow::Break(());
         }
-        if fds[0].revents == 0 {
-            continue;
-        }
+        ControlFlow::Continue(fds[0].revents != 0)
+    }
+
+    /// Reads up to `READ_BATCH` packets; breaks when the queue keeps failing.
+    fn read_batch(&mut self) -> ControlFlow<()> {
         for _ in 0..READ_BATCH {
-            let mut msg = match queue.recv() {
+            let msg = match self.queue.recv() {
                 Ok(msg) => msg,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 // A verdict for a packet the guard accepted while faultd was stopped.
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
                 Err(e) => {
-                    errors += 1;
-                    if errors > 1000 {
+                    self.errors += 1;
+                    if self.errors > 1000 {
                         tracing::error!(error = %e, "NFQUEUE keeps failing; closing it (traffic bypasses it)");
-                        return;
+                        return ControlFlow::Break(());
                     }
                     tracing::warn!(error = %e, "NFQUEUE receive");
                     break;
                 }
             };
-            errors = 0;
-            let now = monotonic_now_ns();
-            if now >= shared.deadline_ns.load(Ordering::Acquire) {
-                // Past the lease deadline: in order, everything goes.
-                while let Some((_, earlier)) = held.pop_first() {
-                    release(&mut queue, earlier);
-                }
-                release(&mut queue, msg);
-                continue;
-            }
-            shared.matched.fetch_add(1, Ordering::Relaxed);
-            if held.len() >= MAX_HELD {
-                shared.dropped.fetch_add(1, Ordering::Relaxed);
-                msg.set_verdict(Verdict::Drop);
-                release(&mut queue, msg);
-                continue;
-            }
-            // What arrives (INPUT for a cgroup, PREROUTING for an interface) has its own bucket.
-            let inbound = [libc::NF_INET_LOCAL_IN, libc::NF_INET_PRE_ROUTING]
-                .contains(&i32::from(msg.get_hook()));
-            let at = schedule.release_at(
-                now,
-                flow_of(msg.get_payload()),
-                msg.get_original_len(),
-                inbound,
-            );
-            if at > now {
-                shared.delayed.fetch_add(1, Ordering::Relaxed);
-            }
-            seq += 1;
-            held.insert((at, seq), msg);
+            self.errors = 0;
+            self.hold(msg);
         }
+        ControlFlow::Continue(())
+    }
+
+    /// Holds `msg` until its release time; past the lease deadline it goes at once (after
+    /// what is held), and beyond `MAX_HELD` it is dropped.
+    fn hold(&mut self, mut msg: Message) {
+        let shared = self.shared;
+        let now = monotonic_now_ns();
+        if now >= shared.deadline_ns.load(Ordering::Acquire) {
+            // Past the lease deadline: in order, everything goes.
+            self.release_all();
+            release(&mut self.queue, msg);
+            return;
+        }
+        shared.matched.fetch_add(1, Ordering::Relaxed);
+        if self.held.len() >= MAX_HELD {
+            shared.dropped.fetch_add(1, Ordering::Relaxed);
+            msg.set_verdict(Verdict::Drop);
+            release(&mut self.queue, msg);
+            return;
+        }
+        // What arrives (INPUT for a cgroup, PREROUTING for an interface) has its own bucket.
+        let inbound = [libc::NF_INET_LOCAL_IN, libc::NF_INET_PRE_ROUTING]
+            .contains(&i32::from(msg.get_hook()));
+        let at = self.schedule.release_at(
+            now,
+            flow_of(msg.get_payload()),
+            msg.get_original_len(),
+            inbound,
+        );
+        if at > now {
+            shared.delayed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.seq += 1;
+        self.held.insert((at, self.seq), msg);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! For each fault and each network namespace its workload uses (for a `netns{path, interface}`
 //! scope: that namespace, where the rules match the interface), an iptables rule
-//! (`netfilter.rs`) sends the matched packets to a queue with `--queue-bypass`, and a dedicated
+//! (`netfilter/`) sends the matched packets to a queue with `--queue-bypass`, and a dedicated
 //! OS thread (a *lane*) bound to that queue holds each packet until its release time, then
 //! accepts it. Queues are per network namespace, so the lane opens its netlink socket from
 //! inside the rules' namespace:

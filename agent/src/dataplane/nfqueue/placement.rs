@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use super::lane::Lane;
 use super::queue::{QUEUE_COUNT, QUEUE_FIRST};
+use super::sweep::list_sweeping;
 use super::{NfqueueShaper, shaper_error};
 use crate::dataplane::clock::monotonic_now_ns;
 use crate::dataplane::netfilter::{self, Family, FaultRules, Hook, Listing, Matcher};
 use crate::dataplane::{DataplaneError, Shaped};
 use crate::fault::{Direction, Mechanism};
-use crate::instance::Instance;
 use crate::target::namespaces::NetNs;
 
 /// A fault's lane and rules in one network namespace.
@@ -57,6 +57,9 @@ pub(super) fn backstop_until(expires_at_ns: u64) -> u64 {
 }
 
 impl NfqueueShaper {
+    /// Puts `fault`'s lane and rules in `netns`, all or nothing: reads what is there (sweeping
+    /// dead agents), picks a free queue number and mark id, starts the lane, and applies the
+    /// rules of every family in one transaction each.
     pub(super) fn place(
         &mut self,
         fault: &Shaped<'_>,
@@ -64,54 +67,14 @@ impl NfqueueShaper {
         netns: Arc<NetNs>,
         families: &[Family],
     ) -> Result<Placement, DataplaneError> {
-        let instance = self.instance.clone();
-        let lookup = netns.clone();
-        let fams = families.to_vec();
-        // Listing (and sweeping the dead) runs after any clean-up still queued.
-        let listings = self
-            .worker
-            .call(move || {
-                fams.iter()
-                    .map(|family| {
-                        let listing = netfilter::list(*family, Some(&lookup))?;
-                        for owner in listing.owners() {
-                            if owner != instance && !Instance::is_alive(&owner) {
-                                netfilter::restore(
-                                    *family,
-                                    Some(&lookup),
-                                    &listing.removal(&owner),
-                                )?;
-                            }
-                        }
-                        Ok((*family, listing))
-                    })
-                    .collect::<Result<Vec<(Family, Listing)>, String>>()
-            })
-            .and_then(|r| r)
-            .map_err(shaper_error)?;
+        let listings = self.listings(&netns, families)?;
         let mut taken = BTreeSet::new();
         let mut marks = BTreeSet::new();
         for (_, listing) in &listings {
             taken.extend(listing.queues());
             marks.extend(listing.mark_ids());
         }
-        // Only a cgroup's ingress needs a conntrack mark (an interface's has its own hook).
-        let ingress = matches!(fault.target.direction, Direction::Ingress | Direction::Both);
-        let mark_id = match ingress && matches!(matcher, Matcher::Cgroup(_)) {
-            false => None,
-            true => Some(
-                (1..=netfilter::MAX_MARK_ID)
-                    .find(|id| !marks.contains(id))
-                    .ok_or_else(|| DataplaneError::Exhausted {
-                        mechanism: Mechanism::Nfqueue.name(),
-                        reason: format!(
-                            "all {} connection-mark ids for ingress faults are in use in this \
-                             network namespace",
-                            netfilter::MAX_MARK_ID
-                        ),
-                    })?,
-            ),
-        };
+        let mark_id = free_mark_id(fault, matcher, &marks)?;
         let lane = Lane::start(
             netns.clone(),
             fault.action,
@@ -121,24 +84,77 @@ impl NfqueueShaper {
         )
         .map_err(shaper_error)?;
         self.next_queue = QUEUE_FIRST + (lane.queue - QUEUE_FIRST + 1) % QUEUE_COUNT;
-        let rules = FaultRules {
+        let rules = self.rules_of(fault, matcher, lane.queue, mark_id)?;
+        let batches = self.batches(&rules, &listings);
+        self.record_netns(netns.inode());
+        // On error the lane goes (Drop) and with it the queue.
+        self.apply(&netns, batches.clone())?;
+        let lines = batches
+            .iter()
+            .map(|(family, _)| (*family, rules.lines(*family)))
+            .collect();
+        Ok(Placement {
+            netns,
+            lane,
+            rules,
+            lines,
+        })
+    }
+
+    /// The mangle table of `netns` per family, once the dead agents' chains there are swept.
+    /// Runs after any clean-up still queued.
+    fn listings(
+        &self,
+        netns: &Arc<NetNs>,
+        families: &[Family],
+    ) -> Result<Vec<(Family, Listing)>, DataplaneError> {
+        let instance = self.instance.clone();
+        let netns = netns.clone();
+        let families = families.to_vec();
+        self.worker
+            .call(move || {
+                families
+                    .iter()
+                    .map(|family| Ok((*family, list_sweeping(*family, &netns, &instance)?)))
+                    .collect::<Result<Vec<(Family, Listing)>, String>>()
+            })
+            .and_then(|r| r)
+            .map_err(shaper_error)
+    }
+
+    /// The rules of `fault` in one namespace, sent to `queue`.
+    fn rules_of(
+        &self,
+        fault: &Shaped<'_>,
+        matcher: &Matcher,
+        queue: u16,
+        mark_id: Option<u8>,
+    ) -> Result<FaultRules, DataplaneError> {
+        Ok(FaultRules {
             instance: self.instance.clone(),
             fault: fault.id.clone(),
             matcher: matcher.clone(),
             protocol: fault.target.protocol,
             direction: fault.target.direction,
             ports: fault.target.ports.clone(),
-            queue: lane.queue,
+            queue,
             mark_id,
             until: Some(backstop_until(fault.expires_at_ns)),
             peers: fault
                 .target
                 .peer_set()
                 .map_err(|e| shaper_error(e.reason))?,
-        };
-        // Per family, the restore lines: the agent's chains this fault needs and lacks, then
-        // the fault's own chains and rules.
-        let batches: Vec<(Family, Vec<String>)> = listings
+        })
+    }
+
+    /// Per family, the restore lines: the agent's chains this fault needs and lacks, then the
+    /// fault's own chains and rules.
+    fn batches(
+        &self,
+        rules: &FaultRules,
+        listings: &[(Family, Listing)],
+    ) -> Vec<(Family, Vec<String>)> {
+        listings
             .iter()
             .map(|(family, listing)| {
                 let missing: Vec<Hook> = rules
@@ -151,49 +167,20 @@ impl NfqueueShaper {
                 lines.extend(rules.lines(*family));
                 (*family, lines)
             })
-            .collect();
-        self.record_netns(netns.inode());
-        let apply_ns = netns.clone();
-        let apply = batches.clone();
-        let applied = self
-            .worker
-            .call(move || {
-                let mut done: Vec<&(Family, Vec<String>)> = Vec::new();
-                for batch in &apply {
-                    let (family, lines) = batch;
-                    if let Err(e) = netfilter::restore(*family, Some(&apply_ns), lines) {
-                        // All or nothing: take out what the other family got.
-                        for (family, lines) in done {
-                            let undone = netfilter::restore(
-                                *family,
-                                Some(&apply_ns),
-                                &netfilter::undo(lines),
-                            );
-                            if let Err(e) = undone {
-                                tracing::warn!(error = %e, "undoing NFQUEUE rules");
-                            }
-                        }
-                        return Err(format!("{} rules: {e}", family.name()));
-                    }
-                    done.push(batch);
-                }
-                Ok(())
-            })
-            .and_then(|r| r);
-        if let Err(e) = applied {
-            // The lane goes (Drop) and with it the queue.
-            return Err(shaper_error(e));
-        }
-        let lines = batches
-            .iter()
-            .map(|(family, _)| (*family, rules.lines(*family)))
-            .collect();
-        Ok(Placement {
-            netns,
-            lane,
-            rules,
-            lines,
-        })
+            .collect()
+    }
+
+    /// Applies `batches` in `netns` on the worker, all or nothing.
+    fn apply(
+        &self,
+        netns: &Arc<NetNs>,
+        batches: Vec<(Family, Vec<String>)>,
+    ) -> Result<(), DataplaneError> {
+        let netns = netns.clone();
+        self.worker
+            .call(move || apply_all(&netns, &batches))
+            .and_then(|r| r)
+            .map_err(shaper_error)
     }
 
     /// Stops delaying at once (the lane passes everything from now on); the rules go in the
@@ -237,4 +224,45 @@ impl NfqueueShaper {
             lane.join();
         });
     }
+}
+
+/// The conntrack mark id of a fault, free among `marks`: only a cgroup's ingress needs one (an
+/// interface's has its own hook).
+fn free_mark_id(
+    fault: &Shaped<'_>,
+    matcher: &Matcher,
+    marks: &BTreeSet<u8>,
+) -> Result<Option<u8>, DataplaneError> {
+    let ingress = matches!(fault.target.direction, Direction::Ingress | Direction::Both);
+    if !(ingress && matches!(matcher, Matcher::Cgroup(_))) {
+        return Ok(None);
+    }
+    (1..=netfilter::MAX_MARK_ID)
+        .find(|id| !marks.contains(id))
+        .map(Some)
+        .ok_or_else(|| DataplaneError::Exhausted {
+            mechanism: Mechanism::Nfqueue.name(),
+            reason: format!(
+                "all {} connection-mark ids for ingress faults are in use in this network \
+                 namespace",
+                netfilter::MAX_MARK_ID
+            ),
+        })
+}
+
+/// Applies each family's batch in `netns`; if one fails, takes out what the families before it
+/// got.
+fn apply_all(netns: &NetNs, batches: &[(Family, Vec<String>)]) -> Result<(), String> {
+    for (applied, (family, lines)) in batches.iter().enumerate() {
+        if let Err(e) = netfilter::restore(*family, Some(netns), lines) {
+            for (family, lines) in &batches[..applied] {
+                let undone = netfilter::restore(*family, Some(netns), &netfilter::undo(lines));
+                if let Err(e) = undone {
+                    tracing::warn!(error = %e, "undoing NFQUEUE rules");
+                }
+            }
+            return Err(format!("{} rules: {e}", family.name()));
+        }
+    }
+    Ok(())
 }

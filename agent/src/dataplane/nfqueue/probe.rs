@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::RawFd;
 use std::time::Duration;
 
@@ -100,6 +101,8 @@ fn probe_in_private_netns(instance: &str) -> Vec<(Family, Result<(), String>)> {
         .collect()
 }
 
+/// Installs a probe fault's rules in `family` and sees a UDP request and its reply go through
+/// the queue, the reply on INPUT (the conntrack mark at work).
 fn probe_family(
     family: Family,
     instance: &str,
@@ -108,7 +111,19 @@ fn probe_family(
     fd: RawFd,
     num: u16,
 ) -> Result<(), String> {
-    use std::net::{SocketAddr, UdpSocket};
+    install_rules(family, instance, netns, num)?;
+    let hooks = exchange(family, queue, fd)?;
+    let inbound = libc::NF_INET_LOCAL_IN as u8;
+    if !hooks.contains(&inbound) {
+        return Err(format!(
+            "the reply on a marked connection was not queued on INPUT (hooks seen: {hooks:?})"
+        ));
+    }
+    Ok(())
+}
+
+/// The rules of a fault on UDP port 9 of every process, both ways, sent to queue `num`.
+fn install_rules(family: Family, instance: &str, netns: &NetNs, num: u16) -> Result<(), String> {
     let ports = [crate::fault::PortRange { first: 9, last: 9 }];
     let rules = FaultRules {
         instance: instance.into(),
@@ -124,15 +139,21 @@ fn probe_family(
     };
     let mut lines = netfilter::chain_creation(instance, &rules.hooks());
     lines.extend(rules.lines(family));
-    netfilter::restore(family, Some(netns), &lines)?;
-    let loopback: std::net::IpAddr = match family {
-        Family::V4 => std::net::Ipv4Addr::LOCALHOST.into(),
-        Family::V6 => std::net::Ipv6Addr::LOCALHOST.into(),
+    netfilter::restore(family, Some(netns), &lines)
+}
+
+fn io(what: &'static str) -> impl Fn(io::Error) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+/// Sends a request to UDP port 9 on loopback and a reply back, passing each queued packet;
+/// returns the hooks the queued packets came from.
+fn exchange(family: Family, queue: &mut Queue, fd: RawFd) -> Result<Vec<u8>, String> {
+    let loopback: IpAddr = match family {
+        Family::V4 => Ipv4Addr::LOCALHOST.into(),
+        Family::V6 => Ipv6Addr::LOCALHOST.into(),
     };
     let (server, client) = (SocketAddr::new(loopback, 9), SocketAddr::new(loopback, 0));
-    fn io(what: &'static str) -> impl Fn(io::Error) -> String {
-        move |e| format!("{what}: {e}")
-    }
     let server_socket = UdpSocket::bind(server).map_err(io("binding the probe server"))?;
     let client_socket = UdpSocket::bind(client).map_err(io("binding the probe client"))?;
     for socket in [&server_socket, &client_socket] {
@@ -144,20 +165,7 @@ fn probe_family(
         .send_to(b"faultd probe", server)
         .map_err(io("sending the probe request"))?;
     let mut hooks = Vec::new();
-    let pass = |queue: &mut Queue, hooks: &mut Vec<u8>| -> Result<(), String> {
-        let mut fds = [libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        wait(&mut fds, Some(1_000_000_000)).map_err(io("waiting for the queue"))?;
-        let msg = queue
-            .recv()
-            .map_err(|e| format!("no packet reached the queue within 1 s: {e}"))?;
-        hooks.push(msg.get_hook());
-        queue.verdict(msg).map_err(io("verdict"))
-    };
-    pass(queue, &mut hooks)?;
+    pass(queue, fd, &mut hooks)?;
     let mut buf = [0u8; 64];
     let (_, from) = server_socket
         .recv_from(&mut buf)
@@ -165,16 +173,25 @@ fn probe_family(
     server_socket
         .send_to(b"faultd probe reply", from)
         .map_err(io("sending the probe reply"))?;
-    pass(queue, &mut hooks)?;
-    pass(queue, &mut hooks)?;
+    pass(queue, fd, &mut hooks)?;
+    pass(queue, fd, &mut hooks)?;
     client_socket
         .recv_from(&mut buf)
         .map_err(io("the probe reply did not arrive after its verdict"))?;
-    let inbound = libc::NF_INET_LOCAL_IN as u8;
-    if !hooks.contains(&inbound) {
-        return Err(format!(
-            "the reply on a marked connection was not queued on INPUT (hooks seen: {hooks:?})"
-        ));
-    }
-    Ok(())
+    Ok(hooks)
+}
+
+/// Waits up to 1 s for a packet in the queue, notes its hook and accepts it.
+fn pass(queue: &mut Queue, fd: RawFd, hooks: &mut Vec<u8>) -> Result<(), String> {
+    let mut fds = [libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    wait(&mut fds, Some(1_000_000_000)).map_err(io("waiting for the queue"))?;
+    let msg = queue
+        .recv()
+        .map_err(|e| format!("no packet reached the queue within 1 s: {e}"))?;
+    hooks.push(msg.get_hook());
+    queue.verdict(msg).map_err(io("verdict"))
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::NfqueueShaper;
-use crate::dataplane::netfilter::{self, Family};
+use crate::dataplane::netfilter::{self, Family, Listing};
 use crate::instance::Instance;
 use crate::target::namespaces::{self, NetNs};
 
@@ -21,6 +21,22 @@ fn sweep(family: Family, netns: &NetNs, dead: impl Fn(&str) -> bool) -> Result<u
         }
     }
     Ok(swept)
+}
+
+/// The mangle table of `netns` as listed, after which the chains of agents other than
+/// `instance` that are gone are removed.
+pub(super) fn list_sweeping(
+    family: Family,
+    netns: &NetNs,
+    instance: &str,
+) -> Result<Listing, String> {
+    let listing = netfilter::list(family, Some(netns))?;
+    for owner in listing.owners() {
+        if owner != instance && !Instance::is_alive(&owner) {
+            netfilter::restore(family, Some(netns), &listing.removal(&owner))?;
+        }
+    }
+    Ok(listing)
 }
 
 impl NfqueueShaper {
