@@ -52,15 +52,17 @@ pub(super) fn multiport_lists(ports: &[PortRange]) -> Vec<String> {
     lists
 }
 
+/// Port ranges from `(first, last)` pairs, for tests.
+#[cfg(test)]
+pub(super) fn ports(list: &[(u16, u16)]) -> Vec<PortRange> {
+    list.iter()
+        .map(|&(first, last)| PortRange { first, last })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ports(list: &[(u16, u16)]) -> Vec<PortRange> {
-        list.iter()
-            .map(|&(first, last)| PortRange { first, last })
-            .collect()
-    }
 
     #[test]
     fn dates_are_utc() {

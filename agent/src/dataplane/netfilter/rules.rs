@@ -290,12 +290,7 @@ mod tests {
     use super::*;
     use crate::dataplane::netfilter::Listing;
     use crate::dataplane::netfilter::chains::{chain_owner, deletion};
-
-    fn ports(list: &[(u16, u16)]) -> Vec<PortRange> {
-        list.iter()
-            .map(|&(first, last)| PortRange { first, last })
-            .collect()
-    }
+    use crate::dataplane::netfilter::matches::ports;
 
     #[test]
     fn egress_rules_match_the_cgroup_and_either_port() {
