@@ -42,7 +42,7 @@ mod rules;
 
 pub use chains::{chain, chain_creation, deletion, undo};
 pub use marks::MAX_MARK_ID;
-pub use restore::{Listing, list, restore};
+pub use restore::{ExecError, Listing, list, restore};
 pub use rules::{FaultRules, Matcher};
 
 pub const TABLE: &str = "mangle";
@@ -113,38 +113,53 @@ impl Hook {
     }
 }
 
+/// A cgroup path or interface name the rules cannot carry safely.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unpassable {
+    #[error("cgroup path {path:?} must start with / and be shorter than 4096 bytes")]
+    CgroupPathShape { path: String },
+    #[error(
+        "cgroup path {path:?} has the character {bad:?}, which the NFQUEUE mechanism does not \
+         pass to iptables (allowed: letters, digits and /._-@:+,=)"
+    )]
+    CgroupPathCharacter { path: String, bad: char },
+    #[error("interface name {name:?} must be 1 to 15 characters and not start with -")]
+    InterfaceShape { name: String },
+    #[error(
+        "interface name {name:?} has the character {bad:?}, which the NFQUEUE mechanism does \
+         not pass to iptables (allowed: letters, digits and ._-@:)"
+    )]
+    InterfaceCharacter { name: String, bad: char },
+}
+
 /// Refuses cgroup paths that could not be passed safely to `-m cgroup --path`: xt_cgroup takes
 /// at most 4095 bytes, and the restore input is line- and quote-structured.
-pub fn check_cgroup_path(path: &str) -> Result<(), String> {
+pub fn check_cgroup_path(path: &str) -> Result<(), Unpassable> {
     let allowed = |c: char| c.is_ascii_alphanumeric() || "/._-@:+,=".contains(c);
     if !path.starts_with('/') || path.len() > 4095 {
-        return Err(format!(
-            "cgroup path {path:?} must start with / and be shorter than 4096 bytes"
-        ));
+        return Err(Unpassable::CgroupPathShape { path: path.into() });
     }
     if let Some(bad) = path.chars().find(|c| !allowed(*c)) {
-        return Err(format!(
-            "cgroup path {path:?} has the character {bad:?}, which the NFQUEUE mechanism does not \
-             pass to iptables (allowed: letters, digits and /._-@:+,=)"
-        ));
+        return Err(Unpassable::CgroupPathCharacter {
+            path: path.into(),
+            bad,
+        });
     }
     Ok(())
 }
 
 /// Refuses interface names that iptables would read as something else: `+` is a wildcard
 /// there, `!` a negation, and the restore input is line- and quote-structured.
-pub fn check_interface(name: &str) -> Result<(), String> {
+pub fn check_interface(name: &str) -> Result<(), Unpassable> {
     let allowed = |c: char| c.is_ascii_alphanumeric() || "._-@:".contains(c);
     if name.is_empty() || name.len() > 15 || name.starts_with('-') {
-        return Err(format!(
-            "interface name {name:?} must be 1 to 15 characters and not start with -"
-        ));
+        return Err(Unpassable::InterfaceShape { name: name.into() });
     }
     if let Some(bad) = name.chars().find(|c| !allowed(*c)) {
-        return Err(format!(
-            "interface name {name:?} has the character {bad:?}, which the NFQUEUE mechanism does \
-             not pass to iptables (allowed: letters, digits and ._-@:)"
-        ));
+        return Err(Unpassable::InterfaceCharacter {
+            name: name.into(),
+            bad,
+        });
     }
     Ok(())
 }
@@ -181,5 +196,28 @@ mod tests {
         ] {
             assert!(check_interface(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn refusals_say_what_and_why() {
+        let text = |r: Result<(), Unpassable>| r.unwrap_err().to_string();
+        assert_eq!(
+            text(check_cgroup_path("rel")),
+            "cgroup path \"rel\" must start with / and be shorter than 4096 bytes"
+        );
+        assert_eq!(
+            text(check_cgroup_path("/a b")),
+            "cgroup path \"/a b\" has the character ' ', which the NFQUEUE mechanism does not pass \
+             to iptables (allowed: letters, digits and /._-@:+,=)"
+        );
+        assert_eq!(
+            text(check_interface("")),
+            "interface name \"\" must be 1 to 15 characters and not start with -"
+        );
+        assert_eq!(
+            text(check_interface("eth+")),
+            "interface name \"eth+\" has the character '+', which the NFQUEUE mechanism does not \
+             pass to iptables (allowed: letters, digits and ._-@:)"
+        );
     }
 }

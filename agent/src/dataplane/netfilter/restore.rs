@@ -2,28 +2,51 @@
 //! what a listing shows: owners, queues, mark ids, what to remove.
 
 use std::collections::BTreeSet;
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 
 use super::chains::chain_owner;
 use super::{Family, TABLE, marks};
 use crate::target::namespaces::NetNs;
 
-/// Why `described` could not start: only a missing program means iptables is not installed;
+/// What failed running iptables-restore or iptables: the command as run, and the source.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The program did not start.
+    #[error("cannot run `{command}`: {source}{}", spawn_hint(source))]
+    Spawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("waiting for `{command}`: {source}")]
+    Wait {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The program ran and failed; `stderr` is what it said, trimmed.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+}
+
+/// Why a program could not start: only a missing program means iptables is not installed;
 /// running out of descriptors or processes says so.
-fn spawn_error(described: &str, error: &std::io::Error) -> String {
+fn spawn_hint(error: &io::Error) -> &'static str {
     match error.raw_os_error() {
-        Some(libc::ENOENT) => format!("cannot run `{described}`: {error} (is iptables installed?)"),
-        Some(libc::EMFILE | libc::ENFILE) => format!(
-            "cannot run `{described}`: {error} (faultd is out of file descriptors: raise its \
-             RLIMIT_NOFILE, LimitNOFILE= in systemd)"
-        ),
-        Some(libc::EAGAIN | libc::ENOMEM) => {
-            format!("cannot run `{described}`: {error} (out of processes or memory)")
+        Some(libc::ENOENT) => " (is iptables installed?)",
+        Some(libc::EMFILE | libc::ENFILE) => {
+            " (faultd is out of file descriptors: raise its RLIMIT_NOFILE, LimitNOFILE= in \
+             systemd)"
         }
-        _ => format!("cannot run `{described}`: {error}"),
+        Some(libc::EAGAIN | libc::ENOMEM) => " (out of processes or memory)",
+        _ => "",
     }
 }
 
@@ -34,7 +57,7 @@ fn run(
     args: &[&str],
     stdin: Option<&str>,
     netns: Option<&NetNs>,
-) -> Result<String, String> {
+) -> Result<String, ExecError> {
     let described = format!("{program} {}", args.join(" "));
     let mut command = Command::new(program);
     command
@@ -55,13 +78,16 @@ fn run(
         unsafe {
             command.pre_exec(move || {
                 if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
+                    return Err(io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
     }
-    let mut child = command.spawn().map_err(|e| spawn_error(&described, &e))?;
+    let mut child = command.spawn().map_err(|source| ExecError::Spawn {
+        command: described.clone(),
+        source,
+    })?;
     if let Some(text) = stdin
         && let Some(mut pipe) = child.stdin.take()
     {
@@ -70,22 +96,23 @@ fn run(
             tracing::debug!(error = %e, "writing to {program}");
         }
     }
-    let output = child
-        .wait_with_output()
-        .map_err(|e| format!("waiting for `{described}`: {e}"))?;
+    let output = child.wait_with_output().map_err(|source| ExecError::Wait {
+        command: described.clone(),
+        source,
+    })?;
     if !output.status.success() {
-        return Err(format!(
-            "`{described}` failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
+        return Err(ExecError::Failed {
+            command: described,
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Applies `lines` (iptables commands such as `-A CHAIN ...`) to the mangle table in one
 /// transaction.
-pub fn restore(family: Family, netns: Option<&NetNs>, lines: &[String]) -> Result<(), String> {
+pub fn restore(family: Family, netns: Option<&NetNs>, lines: &[String]) -> Result<(), ExecError> {
     if lines.is_empty() {
         return Ok(());
     }
@@ -100,7 +127,7 @@ pub fn restore(family: Family, netns: Option<&NetNs>, lines: &[String]) -> Resul
 }
 
 /// The mangle table's rules as `iptables -S` prints them.
-pub fn list(family: Family, netns: Option<&NetNs>) -> Result<Listing, String> {
+pub fn list(family: Family, netns: Option<&NetNs>) -> Result<Listing, ExecError> {
     run(family.tool(), &["-w", "5", "-t", TABLE, "-S"], None, netns).map(|text| Listing { text })
 }
 
@@ -261,11 +288,19 @@ mod tests {
 
     #[test]
     fn spawn_errors_say_what_ran_out() {
-        let enoent = std::io::Error::from_raw_os_error(libc::ENOENT);
-        assert!(spawn_error("iptables -S", &enoent).contains("is iptables installed?"));
-        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
-        let message = spawn_error("iptables -S", &emfile);
+        let spawn = |errno| {
+            ExecError::Spawn {
+                command: "iptables -S".into(),
+                source: io::Error::from_raw_os_error(errno),
+            }
+            .to_string()
+        };
+        let enoent = spawn(libc::ENOENT);
+        assert!(enoent.starts_with("cannot run `iptables -S`: "), "{enoent}");
+        assert!(enoent.ends_with(" (is iptables installed?)"), "{enoent}");
+        let message = spawn(libc::EMFILE);
         assert!(message.contains("out of file descriptors"), "{message}");
         assert!(!message.contains("installed"), "{message}");
+        assert!(spawn(libc::EACCES).ends_with("(os error 13)"), "no hint");
     }
 }

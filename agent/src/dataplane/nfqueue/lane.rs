@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use faultd_common::Counters;
 use nfq::{Message, Queue, Verdict};
 
+use super::error::NfqueueError;
 use super::guard::Guard;
 use super::queue::{bind_free, configure, eventfd, open_queue, tune_thread, wait};
 use super::schedule::{Rng, Schedule, flow_of};
@@ -71,7 +72,7 @@ impl Lane {
         expires_at_ns: u64,
         taken: BTreeSet<u16>,
         first: u16,
-    ) -> Result<Lane, String> {
+    ) -> Result<Lane, NfqueueError> {
         let schedule = Schedule::new(action, Rng::seeded())?;
         let shared = Arc::new(LaneShared {
             deadline_ns: AtomicU64::new(expires_at_ns),
@@ -79,7 +80,7 @@ impl Lane {
             matched: AtomicU64::new(0),
             delayed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
-            wake: eventfd().map_err(|e| format!("eventfd: {e}"))?,
+            wake: eventfd().map_err(NfqueueError::Eventfd)?,
         });
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let lane_shared = shared.clone();
@@ -105,7 +106,7 @@ impl Lane {
                     }
                 }
             })
-            .map_err(|e| format!("spawning the NFQUEUE thread: {e}"))?;
+            .map_err(NfqueueError::SpawnLane)?;
         let queue = match ready_rx.recv() {
             Ok(Ok(num)) => num,
             failed => {
@@ -115,7 +116,7 @@ impl Lane {
                 }
                 return Err(match failed {
                     Ok(Err(e)) => e,
-                    _ => "the NFQUEUE thread died while starting".into(),
+                    _ => NfqueueError::LaneDied,
                 });
             }
         };
@@ -160,8 +161,11 @@ fn open_in(
     netns: &NetNs,
     taken: &BTreeSet<u16>,
     first: u16,
-) -> Result<(Queue, RawFd, u16), String> {
-    NetNs::enter(netns.as_fd()).map_err(|e| format!("entering {}: {e}", netns.path().display()))?;
+) -> Result<(Queue, RawFd, u16), NfqueueError> {
+    NetNs::enter(netns.as_fd()).map_err(|source| NfqueueError::EnterNetns {
+        netns: netns.path().to_path_buf(),
+        source,
+    })?;
     tune_thread();
     let (mut queue, fd) = open_queue()?;
     let num = bind_free(&mut queue, taken, first)?;

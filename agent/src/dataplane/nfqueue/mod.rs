@@ -27,6 +27,7 @@
 //! lane and rules in one namespace), `sweep` (what dead agents left), `worker` (the thread that
 //! runs iptables), `probe` (the start-up proof).
 
+mod error;
 mod guard;
 mod lane;
 mod placement;
@@ -47,6 +48,7 @@ use super::netfilter::{self, Family, Matcher};
 use super::{DataplaneError, Shaped, Shaper};
 use crate::fault::{Action, FaultId, Mechanism, Scope};
 use crate::target::namespaces::{self, NetNs};
+use error::NfqueueError;
 use placement::{Placement, backstop_until};
 pub use probe::{Probe, probe};
 use queue::{QUEUE_COUNT, QUEUE_FIRST};
@@ -85,16 +87,16 @@ impl NfqueueShaper {
         state_dir: &Path,
         families: Result<Vec<Family>, String>,
     ) -> Result<NfqueueShaper, DataplaneError> {
-        let own_netns = Arc::new(
-            NetNs::current().map_err(|e| shaper_error(format!("opening our namespace: {e}")))?,
-        );
+        let own_netns = Arc::new(NetNs::current().map_err(NfqueueError::OwnNetns)?);
         let record = state_dir.join("nfqueue-netns");
         let own_id = instance.to_owned();
         let mut namespaces = vec![own_netns.clone()];
         namespaces.extend(sweep::recorded_namespaces(&record, &own_netns));
         sweep::sweep_dead(&namespaces, &own_id);
-        fs::write(&record, "")
-            .map_err(|e| shaper_error(format!("writing {}: {e}", record.display())))?;
+        fs::write(&record, "").map_err(|source| NfqueueError::Record {
+            path: record.clone(),
+            source,
+        })?;
         Ok(NfqueueShaper {
             next_queue: QUEUE_FIRST
                 + (u16::from_str_radix(&own_id[..4], 16).unwrap_or(0) % QUEUE_COUNT),
@@ -106,8 +108,7 @@ impl NfqueueShaper {
             faults: HashMap::new(),
             in_use: HashMap::new(),
             recorded: BTreeSet::new(),
-            worker: Worker::start()
-                .map_err(|e| shaper_error(format!("starting the netfilter worker: {e}")))?,
+            worker: Worker::start().map_err(NfqueueError::StartWorker)?,
         })
     }
 
@@ -118,8 +119,11 @@ impl NfqueueShaper {
         match &fault.target.scope {
             Scope::Host => return Ok(vec![self.own_netns.clone()]),
             Scope::Netns { path, .. } => {
-                let netns = NetNs::open(Path::new(path))
-                    .map_err(|e| shaper_error(format!("opening {path}: {e}")))?;
+                let netns =
+                    NetNs::open(Path::new(path)).map_err(|source| NfqueueError::OpenNetns {
+                        path: path.clone(),
+                        source,
+                    })?;
                 return Ok(vec![Arc::new(netns)]);
             }
             _ => {}
@@ -160,11 +164,14 @@ impl Shaper for NfqueueShaper {
             })?;
         let matcher = match &fault.target.scope {
             Scope::Netns { interface, .. } => netfilter::check_interface(interface)
-                .map(|()| Matcher::Interface(interface.clone())),
+                .map(|()| Matcher::Interface(interface.clone()))
+                .map_err(|e| e.to_string()),
             // xt_cgroup resolves the path from iptables' cgroup namespace root, which need not
             // be `--cgroup-root`.
             _ => crate::target::namespace_path(&fault.resolved.dir).and_then(|path| {
-                netfilter::check_cgroup_path(&path).map(|()| Matcher::Cgroup(path))
+                netfilter::check_cgroup_path(&path)
+                    .map(|()| Matcher::Cgroup(path))
+                    .map_err(|e| e.to_string())
             }),
         }
         .map_err(|reason| DataplaneError::Unsupported {

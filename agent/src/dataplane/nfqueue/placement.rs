@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::error::NfqueueError;
 use super::lane::Lane;
 use super::queue::{QUEUE_COUNT, QUEUE_FIRST};
 use super::sweep::list_sweeping;
@@ -81,8 +82,7 @@ impl NfqueueShaper {
             fault.expires_at_ns,
             taken,
             self.next_queue,
-        )
-        .map_err(shaper_error)?;
+        )?;
         self.next_queue = QUEUE_FIRST + (lane.queue - QUEUE_FIRST + 1) % QUEUE_COUNT;
         let rules = self.rules_of(fault, matcher, lane.queue, mark_id)?;
         let batches = self.batches(&rules, &listings);
@@ -116,10 +116,10 @@ impl NfqueueShaper {
                 families
                     .iter()
                     .map(|family| Ok((*family, list_sweeping(*family, &netns, &instance)?)))
-                    .collect::<Result<Vec<(Family, Listing)>, String>>()
+                    .collect::<Result<Vec<(Family, Listing)>, NfqueueError>>()
             })
             .and_then(|r| r)
-            .map_err(shaper_error)
+            .map_err(DataplaneError::from)
     }
 
     /// The rules of `fault` in one namespace, sent to `queue`.
@@ -180,7 +180,7 @@ impl NfqueueShaper {
         self.worker
             .call(move || apply_all(&netns, &batches))
             .and_then(|r| r)
-            .map_err(shaper_error)
+            .map_err(DataplaneError::from)
     }
 
     /// Stops delaying at once (the lane passes everything from now on); the rules go in the
@@ -252,7 +252,7 @@ fn free_mark_id(
 
 /// Applies each family's batch in `netns`; if one fails, takes out what the families before it
 /// got.
-fn apply_all(netns: &NetNs, batches: &[(Family, Vec<String>)]) -> Result<(), String> {
+fn apply_all(netns: &NetNs, batches: &[(Family, Vec<String>)]) -> Result<(), NfqueueError> {
     for (applied, (family, lines)) in batches.iter().enumerate() {
         if let Err(e) = netfilter::restore(*family, Some(netns), lines) {
             for (family, lines) in &batches[..applied] {
@@ -261,7 +261,10 @@ fn apply_all(netns: &NetNs, batches: &[(Family, Vec<String>)]) -> Result<(), Str
                     tracing::warn!(error = %e, "undoing NFQUEUE rules");
                 }
             }
-            return Err(format!("{} rules: {e}", family.name()));
+            return Err(NfqueueError::Rules {
+                family: family.name(),
+                source: e,
+            });
         }
     }
     Ok(())

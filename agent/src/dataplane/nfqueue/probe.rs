@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use nfq::Queue;
 
+use super::error::NfqueueError;
 use super::placement::backstop_until;
 use super::queue::{QUEUE_FIRST, bind_free, configure, open_queue, wait};
 use crate::dataplane::clock::monotonic_now_ns;
@@ -32,12 +33,9 @@ pub fn probe(instance: &str) -> Probe {
     let result = std::thread::Builder::new()
         .name("faultd-probe-nfqueue".into())
         .spawn(move || probe_in_private_netns(&instance))
-        .map_err(|e| format!("spawning the probe thread: {e}"))
-        .and_then(|thread| {
-            thread
-                .join()
-                .map_err(|_| "the NFQUEUE probe panicked".to_string())
-        });
+        .map_err(NfqueueError::SpawnProbe)
+        .and_then(|thread| thread.join().map_err(|_| NfqueueError::ProbePanicked))
+        .map_err(|e| e.to_string());
     let per_family = match result {
         Ok(per_family) => per_family,
         Err(e) => {
@@ -71,34 +69,38 @@ pub fn probe(instance: &str) -> Probe {
     Probe { families, detail }
 }
 
+/// Per family, whether the probe went through, or what failed (as the report shows it).
 fn probe_in_private_netns(instance: &str) -> Vec<(Family, Result<(), String>)> {
-    // SAFETY: unshare on this thread only (network namespaces are per thread).
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        let e = format!(
-            "creating a private network namespace: {}",
-            io::Error::last_os_error()
-        );
-        return Family::ALL.iter().map(|f| (*f, Err(e.clone()))).collect();
-    }
-    let setup = (|| {
-        crate::dataplane::qdisc_probe::loopback_up()?;
-        let netns = NetNs::current().map_err(|e| format!("opening our namespace: {e}"))?;
-        let (mut queue, fd) = open_queue()?;
-        let num = bind_free(&mut queue, &BTreeSet::new(), QUEUE_FIRST)?;
-        configure(&mut queue, num)?;
-        Ok::<_, String>((netns, queue, fd, num))
-    })();
-    let (netns, mut queue, fd, num) = match setup {
+    let (netns, mut queue, fd, num) = match private_queue() {
         Ok(parts) => parts,
-        Err(e) => return Family::ALL.iter().map(|f| (*f, Err(e.clone()))).collect(),
+        Err(e) => {
+            let e = e.to_string();
+            return Family::ALL.iter().map(|f| (*f, Err(e.clone()))).collect();
+        }
     };
     Family::ALL
         .iter()
         .map(|family| {
-            let result = probe_family(*family, instance, &netns, &mut queue, fd, num);
+            let result = probe_family(*family, instance, &netns, &mut queue, fd, num)
+                .map_err(|e| e.to_string());
             (*family, result)
         })
         .collect()
+}
+
+/// Moves this thread into a new network namespace with loopback up, and opens, binds and
+/// configures a queue there.
+fn private_queue() -> Result<(NetNs, Queue, RawFd, u16), NfqueueError> {
+    // SAFETY: unshare on this thread only (network namespaces are per thread).
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(NfqueueError::PrivateNetns(io::Error::last_os_error()));
+    }
+    crate::dataplane::qdisc_probe::loopback_up()?;
+    let netns = NetNs::current().map_err(NfqueueError::OwnNetns)?;
+    let (mut queue, fd) = open_queue()?;
+    let num = bind_free(&mut queue, &BTreeSet::new(), QUEUE_FIRST)?;
+    configure(&mut queue, num)?;
+    Ok((netns, queue, fd, num))
 }
 
 /// Installs a probe fault's rules in `family` and sees a UDP request and its reply go through
@@ -110,20 +112,23 @@ fn probe_family(
     queue: &mut Queue,
     fd: RawFd,
     num: u16,
-) -> Result<(), String> {
+) -> Result<(), NfqueueError> {
     install_rules(family, instance, netns, num)?;
     let hooks = exchange(family, queue, fd)?;
     let inbound = libc::NF_INET_LOCAL_IN as u8;
     if !hooks.contains(&inbound) {
-        return Err(format!(
-            "the reply on a marked connection was not queued on INPUT (hooks seen: {hooks:?})"
-        ));
+        return Err(NfqueueError::NotOnInput { hooks });
     }
     Ok(())
 }
 
 /// The rules of a fault on UDP port 9 of every process, both ways, sent to queue `num`.
-fn install_rules(family: Family, instance: &str, netns: &NetNs, num: u16) -> Result<(), String> {
+fn install_rules(
+    family: Family,
+    instance: &str,
+    netns: &NetNs,
+    num: u16,
+) -> Result<(), NfqueueError> {
     let ports = [crate::fault::PortRange { first: 9, last: 9 }];
     let rules = FaultRules {
         instance: instance.into(),
@@ -139,16 +144,16 @@ fn install_rules(family: Family, instance: &str, netns: &NetNs, num: u16) -> Res
     };
     let mut lines = netfilter::chain_creation(instance, &rules.hooks());
     lines.extend(rules.lines(family));
-    netfilter::restore(family, Some(netns), &lines)
+    Ok(netfilter::restore(family, Some(netns), &lines)?)
 }
 
-fn io(what: &'static str) -> impl Fn(io::Error) -> String {
-    move |e| format!("{what}: {e}")
+fn io(what: &'static str) -> impl Fn(io::Error) -> NfqueueError {
+    move |source| NfqueueError::Probe { what, source }
 }
 
 /// Sends a request to UDP port 9 on loopback and a reply back, passing each queued packet;
 /// returns the hooks the queued packets came from.
-fn exchange(family: Family, queue: &mut Queue, fd: RawFd) -> Result<Vec<u8>, String> {
+fn exchange(family: Family, queue: &mut Queue, fd: RawFd) -> Result<Vec<u8>, NfqueueError> {
     let loopback: IpAddr = match family {
         Family::V4 => Ipv4Addr::LOCALHOST.into(),
         Family::V6 => Ipv6Addr::LOCALHOST.into(),
@@ -182,16 +187,14 @@ fn exchange(family: Family, queue: &mut Queue, fd: RawFd) -> Result<Vec<u8>, Str
 }
 
 /// Waits up to 1 s for a packet in the queue, notes its hook and accepts it.
-fn pass(queue: &mut Queue, fd: RawFd, hooks: &mut Vec<u8>) -> Result<(), String> {
+fn pass(queue: &mut Queue, fd: RawFd, hooks: &mut Vec<u8>) -> Result<(), NfqueueError> {
     let mut fds = [libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     }];
     wait(&mut fds, Some(1_000_000_000)).map_err(io("waiting for the queue"))?;
-    let msg = queue
-        .recv()
-        .map_err(|e| format!("no packet reached the queue within 1 s: {e}"))?;
+    let msg = queue.recv().map_err(NfqueueError::NoPacket)?;
     hooks.push(msg.get_hook());
     queue.verdict(msg).map_err(io("verdict"))
 }

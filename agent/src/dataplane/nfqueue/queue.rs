@@ -10,6 +10,8 @@ use std::sync::Mutex;
 
 use nfq::Queue;
 
+use super::error::NfqueueError;
+
 /// Bytes of each packet copied to user space: enough for the IPv4/IPv6 and L4 port headers
 /// that identify its flow. The packet itself stays in the kernel.
 pub(super) const COPY_RANGE: u16 = 128;
@@ -57,10 +59,10 @@ pub(super) fn socket_option(fd: RawFd, option: libc::c_int) -> Option<libc::c_in
 }
 
 /// Opens an NFQUEUE netlink socket in the calling thread's network namespace, and finds its fd.
-pub(super) fn open_queue() -> Result<(Queue, RawFd), String> {
+pub(super) fn open_queue() -> Result<(Queue, RawFd), NfqueueError> {
     let _serial = OPEN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let before = socket_inodes();
-    let queue = Queue::open().map_err(|e| format!("opening an NFQUEUE netlink socket: {e}"))?;
+    let queue = Queue::open().map_err(NfqueueError::Open)?;
     let mut found = Vec::new();
     for entry in fs::read_dir("/proc/self/fd")
         .into_iter()
@@ -83,10 +85,7 @@ pub(super) fn open_queue() -> Result<(Queue, RawFd), String> {
     }
     match found.as_slice() {
         [fd] => Ok((queue, *fd)),
-        other => Err(format!(
-            "cannot tell the NFQUEUE socket apart ({} new netfilter netlink sockets)",
-            other.len()
-        )),
+        other => Err(NfqueueError::SocketUnknown(other.len())),
     }
 }
 
@@ -95,7 +94,7 @@ pub(super) fn bind_free(
     queue: &mut Queue,
     taken: &BTreeSet<u16>,
     first: u16,
-) -> Result<u16, String> {
+) -> Result<u16, NfqueueError> {
     let mut last_error = None;
     for i in 0..QUEUE_COUNT {
         let num = QUEUE_FIRST + (first.wrapping_sub(QUEUE_FIRST).wrapping_add(i) % QUEUE_COUNT);
@@ -108,21 +107,22 @@ pub(super) fn bind_free(
             Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EBUSY)) => {
                 last_error = Some(e);
             }
-            Err(e) => return Err(format!("binding NFQUEUE {num}: {e}")),
+            Err(source) => return Err(NfqueueError::Bind { num, source }),
         }
     }
-    Err(format!(
-        "no free NFQUEUE number in {QUEUE_FIRST}..{} (last error: {last_error:?})",
-        QUEUE_FIRST + QUEUE_COUNT - 1
-    ))
+    Err(NfqueueError::NoFreeQueue {
+        first: QUEUE_FIRST,
+        last: QUEUE_FIRST + QUEUE_COUNT - 1,
+        last_error,
+    })
 }
 
-pub(super) fn configure(queue: &mut Queue, num: u16) -> Result<(), String> {
+pub(super) fn configure(queue: &mut Queue, num: u16) -> Result<(), NfqueueError> {
     queue
         .set_copy_range(num, COPY_RANGE)
         .and_then(|()| queue.set_fail_open(num, true))
         .and_then(|()| queue.set_queue_max_len(num, KERNEL_QUEUE_LEN))
-        .map_err(|e| format!("configuring NFQUEUE {num}: {e}"))?;
+        .map_err(|source| NfqueueError::Configure { num, source })?;
     queue.set_nonblocking(true);
     Ok(())
 }

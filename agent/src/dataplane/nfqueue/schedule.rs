@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use super::error::NfqueueError;
 use crate::dataplane::clock::monotonic_now_ns;
 use crate::fault::Action;
 
@@ -75,7 +76,7 @@ pub(super) struct Schedule {
 }
 
 impl Schedule {
-    pub(super) fn new(action: &Action, rng: Rng) -> Result<Schedule, String> {
+    pub(super) fn new(action: &Action, rng: Rng) -> Result<Schedule, NfqueueError> {
         let model = match action {
             Action::Delay(delay) => Model::Delay {
                 latency_ns: delay.latency.as_nanos() as f64,
@@ -95,7 +96,7 @@ impl Schedule {
                     buckets: [full; 2],
                 }
             }
-            other => return Err(format!("NFQUEUE cannot apply {}", other.name())),
+            other => return Err(NfqueueError::NotApplicable(other.name())),
         };
         Ok(Schedule {
             model,

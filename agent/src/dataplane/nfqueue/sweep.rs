@@ -6,12 +6,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::NfqueueShaper;
-use crate::dataplane::netfilter::{self, Family, Listing};
+use crate::dataplane::netfilter::{self, ExecError, Family, Listing};
 use crate::instance::Instance;
 use crate::target::namespaces::{self, NetNs};
 
 /// Removes the chains of every owner `dead` says is gone; returns how many owners.
-fn sweep(family: Family, netns: &NetNs, dead: impl Fn(&str) -> bool) -> Result<usize, String> {
+fn sweep(family: Family, netns: &NetNs, dead: impl Fn(&str) -> bool) -> Result<usize, ExecError> {
     let listing = netfilter::list(family, Some(netns))?;
     let mut swept = 0;
     for owner in listing.owners() {
@@ -29,7 +29,7 @@ pub(super) fn list_sweeping(
     family: Family,
     netns: &NetNs,
     instance: &str,
-) -> Result<Listing, String> {
+) -> Result<Listing, ExecError> {
     let listing = netfilter::list(family, Some(netns))?;
     for owner in listing.owners() {
         if owner != instance && !Instance::is_alive(&owner) {

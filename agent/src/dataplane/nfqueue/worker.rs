@@ -4,6 +4,8 @@ use std::io;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use super::error::NfqueueError;
+
 type Job = Box<dyn FnOnce() + Send>;
 
 /// One thread runs every iptables call in order, so a removal queued in the background is done
@@ -40,13 +42,12 @@ impl Worker {
     pub(super) fn call<T: Send + 'static>(
         &self,
         job: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, String> {
+    ) -> Result<T, NfqueueError> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.spawn(move || {
             let _caller_gone = tx.send(job());
         });
-        rx.recv()
-            .map_err(|_| "the netfilter worker is gone".to_string())
+        rx.recv().map_err(|_| NfqueueError::WorkerGone)
     }
 }
 
