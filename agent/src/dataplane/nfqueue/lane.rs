@@ -46,7 +46,7 @@ impl LaneShared {
         unsafe { libc::write(self.wake.as_raw_fd(), (&raw const one).cast(), 8) };
     }
 
-    pub(super) fn counters(&self) -> Counters {
+    fn counters(&self) -> Counters {
         Counters {
             matched: self.matched.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
@@ -58,7 +58,7 @@ impl LaneShared {
 
 /// One queue and its thread, in one network namespace.
 pub(super) struct Lane {
-    pub(super) shared: Arc<LaneShared>,
+    shared: Arc<LaneShared>,
     thread: Option<JoinHandle<()>>,
     pub(super) queue: u16,
 }
@@ -125,6 +125,10 @@ impl Lane {
             thread: Some(thread),
             queue,
         })
+    }
+
+    pub(super) fn counters(&self) -> Counters {
+        self.shared.counters()
     }
 
     pub(super) fn refresh(&self, expires_at_ns: u64) {

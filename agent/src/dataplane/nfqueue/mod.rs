@@ -25,7 +25,8 @@
 //! Rooms: `schedule` (when packets leave), `queue` (the queue socket), `lane` (the thread that
 //! holds packets), `guard` (what releases them while faultd is stopped), `placement` (a fault's
 //! lane and rules in one namespace), `sweep` (what dead agents left), `worker` (the thread that
-//! runs iptables), `probe` (the start-up proof).
+//! runs iptables), `probe` (the start-up proof), `error` (what can fail, and how the engine
+//! sees it).
 
 mod error;
 mod guard;
@@ -61,6 +62,7 @@ fn shaper_error(reason: impl Into<String>) -> DataplaneError {
     }
 }
 
+/// The NFQUEUE mechanism: the placements of each fault, per namespace, and what they share.
 pub struct NfqueueShaper {
     instance: String,
     cgroup_root: PathBuf,
@@ -234,7 +236,7 @@ impl Shaper for NfqueueShaper {
             .get(id)
             .into_iter()
             .flatten()
-            .map(|p| p.lane.shared.counters())
+            .map(|p| p.lane.counters())
             .fold(Counters::default(), |sum, c| Counters {
                 matched: sum.matched + c.matched,
                 dropped: sum.dropped + c.dropped,
