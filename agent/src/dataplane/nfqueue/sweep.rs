@@ -10,8 +10,13 @@ use crate::dataplane::netfilter::{self, ExecError, Family, Listing};
 use crate::instance::Instance;
 use crate::target::namespaces::{self, NetNs};
 
-/// Removes the chains of every owner `dead` says is gone; returns how many owners.
-fn sweep(family: Family, netns: &NetNs, dead: impl Fn(&str) -> bool) -> Result<usize, ExecError> {
+/// Lists the mangle table of `netns` and removes the chains of every owner `dead` says is
+/// gone; returns the listing as it was, and how many owners went.
+fn sweep(
+    family: Family,
+    netns: &NetNs,
+    dead: impl Fn(&str) -> bool,
+) -> Result<(Listing, usize), ExecError> {
     let listing = netfilter::list(family, Some(netns))?;
     let mut swept = 0;
     for owner in listing.owners() {
@@ -20,7 +25,7 @@ fn sweep(family: Family, netns: &NetNs, dead: impl Fn(&str) -> bool) -> Result<u
             swept += 1;
         }
     }
-    Ok(swept)
+    Ok((listing, swept))
 }
 
 /// The mangle table of `netns` as listed, after which the chains of agents other than
@@ -30,13 +35,10 @@ pub(super) fn list_sweeping(
     netns: &NetNs,
     instance: &str,
 ) -> Result<Listing, ExecError> {
-    let listing = netfilter::list(family, Some(netns))?;
-    for owner in listing.owners() {
-        if owner != instance && !Instance::is_alive(&owner) {
-            netfilter::restore(family, Some(netns), &listing.removal(&owner))?;
-        }
-    }
-    Ok(listing)
+    sweep(family, netns, |owner| {
+        owner != instance && !Instance::is_alive(owner)
+    })
+    .map(|(listing, _)| listing)
 }
 
 impl NfqueueShaper {
@@ -80,8 +82,8 @@ pub(super) fn sweep_dead(namespaces: &[Arc<NetNs>], own_id: &str) {
             match sweep(family, netns, |owner| {
                 owner == own_id || !Instance::is_alive(owner)
             }) {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(
+                Ok((_, 0)) => {}
+                Ok((_, n)) => tracing::info!(
                     netns = %netns.path().display(), family = family.name(), agents = n,
                     "removed NFQUEUE rules of agents that are gone"
                 ),
