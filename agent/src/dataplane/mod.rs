@@ -9,7 +9,6 @@ mod error;
 pub mod fake;
 pub mod netfilter;
 pub mod nfqueue;
-mod nfqueue_guard;
 pub mod peer_marker;
 pub mod qdisc_probe;
 pub mod rtnl;
