@@ -23,13 +23,6 @@ pub enum LoopbackError {
     Up(#[source] io::Error),
 }
 
-/// For callers whose own errors are still text (nfqueue.rs's probe).
-impl From<LoopbackError> for String {
-    fn from(e: LoopbackError) -> Self {
-        e.to_string()
-    }
-}
-
 /// Brings `lo` of the calling thread's network namespace up (a new namespace has it down).
 pub fn loopback_up() -> Result<(), LoopbackError> {
     // SAFETY: plain socket(2); the fd is closed by OwnedFd.
