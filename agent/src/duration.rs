@@ -1,12 +1,27 @@
-//! Human durations ("500ms", "30s", "2m", "1h", "1m30s") and their conversion to protobuf.
+//! Human durations ("500ms", "30s", "2m", "1h", "1m30s"): parsing and formatting.
 
 use std::time::Duration;
 
+/// Why a duration does not parse; each says what to write instead.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("empty duration")]
+    Empty,
+    #[error("{text:?}: missing unit (use ms, s, m or h)")]
+    MissingUnit { text: String },
+    #[error("{text:?}: {number:?} is not a number")]
+    NotANumber { text: String, number: String },
+    #[error("{text:?}: unknown unit {unit:?} (use ms, s, m or h)")]
+    UnknownUnit { text: String, unit: String },
+    #[error("{text:?}: not a valid duration")]
+    OutOfRange { text: String },
+}
+
 /// Parses a duration made of number+unit parts (ns, us, ms, s, m, h). A bare number is seconds.
-pub fn parse(text: &str) -> Result<Duration, String> {
+pub fn parse(text: &str) -> Result<Duration, ParseError> {
     let text = text.trim();
     if text.is_empty() {
-        return Err("empty duration".into());
+        return Err(ParseError::Empty);
     }
     if let Ok(secs) = text.parse::<f64>() {
         return seconds(secs, text);
@@ -16,15 +31,16 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let split = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("{text:?}: missing unit (use ms, s, m or h)"))?;
+            .ok_or_else(|| ParseError::MissingUnit { text: text.into() })?;
         let (number, tail) = rest.split_at(split);
         let unit_len = tail
             .find(|c: char| c.is_ascii_digit() || c == '.')
             .unwrap_or(tail.len());
         let (unit, next) = tail.split_at(unit_len);
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("{text:?}: {number:?} is not a number"))?;
+        let value: f64 = number.parse().map_err(|_| ParseError::NotANumber {
+            text: text.into(),
+            number: number.into(),
+        })?;
         let scale = match unit {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,
@@ -33,9 +49,10 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             "m" => 60.0,
             "h" => 3600.0,
             _ => {
-                return Err(format!(
-                    "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
-                ));
+                return Err(ParseError::UnknownUnit {
+                    text: text.into(),
+                    unit: unit.into(),
+                });
             }
         };
         total += seconds(value * scale, text)?;
@@ -44,8 +61,8 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-fn seconds(secs: f64, text: &str) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("{text:?}: not a valid duration"))
+fn seconds(secs: f64, text: &str) -> Result<Duration, ParseError> {
+    Duration::try_from_secs_f64(secs).map_err(|_| ParseError::OutOfRange { text: text.into() })
 }
 
 /// Formats a duration the way `parse` reads it, rounded to milliseconds.

@@ -193,7 +193,10 @@ impl Policy {
             Some(text) => match crate::duration::parse(text) {
                 Ok(d) if !d.is_zero() => Ok(d),
                 Ok(_) => Err(InvalidPolicy::ZeroDuration { key }),
-                Err(reason) => Err(InvalidPolicy::Duration { key, reason }),
+                Err(why) => Err(InvalidPolicy::Duration {
+                    key,
+                    reason: why.to_string(),
+                }),
             },
         };
         policy.max_ttl = duration(&file.max_ttl, "max_ttl", policy.max_ttl)?;

@@ -203,13 +203,28 @@ impl Resolve for CgroupRoot {
 /// `--cgroup-root`, a tree of the tests), or a mount of another namespace's root. It is the
 /// root of the cgroup2 mount holding `dir`, as mountinfo shows it, joined with `dir` below the
 /// mount point.
-pub fn namespace_path(dir: &Path) -> Result<String, String> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
+pub fn namespace_path(dir: &Path) -> Result<String, NamespacePathError> {
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").map_err(NamespacePathError::Mountinfo)?;
     namespace_path_in(&mountinfo, dir)
 }
 
-fn namespace_path_in(mountinfo: &str, dir: &Path) -> Result<String, String> {
+/// Why a cgroup has no path in faultd's cgroup namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum NamespacePathError {
+    #[error("reading /proc/self/mountinfo: {0}")]
+    Mountinfo(#[source] std::io::Error),
+    #[error("{} is on no cgroup2 mount", .0.display())]
+    NotOnCgroup2(PathBuf),
+    #[error(
+        "the cgroup {} lies outside faultd's cgroup namespace (its mount's root is {root}), \
+         where paths cannot name it",
+        dir.display()
+    )]
+    OutsideNamespace { dir: PathBuf, root: String },
+}
+
+fn namespace_path_in(mountinfo: &str, dir: &Path) -> Result<String, NamespacePathError> {
     let (root, below) = mountinfo
         .lines()
         .filter_map(|line| {
@@ -225,13 +240,12 @@ fn namespace_path_in(mountinfo: &str, dir: &Path) -> Result<String, String> {
         })
         .max_by_key(|(depth, _, _)| *depth)
         .map(|(_, root, below)| (root, below))
-        .ok_or_else(|| format!("{} is on no cgroup2 mount", dir.display()))?;
+        .ok_or_else(|| NamespacePathError::NotOnCgroup2(dir.to_path_buf()))?;
     if root == "/.." || root.starts_with("/../") {
-        return Err(format!(
-            "the cgroup {} lies outside faultd's cgroup namespace (its mount's root is {root}), \
-             where paths cannot name it",
-            dir.display()
-        ));
+        return Err(NamespacePathError::OutsideNamespace {
+            dir: dir.to_path_buf(),
+            root,
+        });
     }
     let mut path = PathBuf::from(root).join(below).display().to_string();
     if path.len() > 1 && path.ends_with('/') {
@@ -303,10 +317,16 @@ mod tests {
             path("/host/cgroup/besteffort/pod2").unwrap(),
             "/kubepods/besteffort/pod2"
         );
-        assert!(path("/outside/kubepods").unwrap_err().contains("outside"));
+        assert!(
+            path("/outside/kubepods")
+                .unwrap_err()
+                .to_string()
+                .contains("outside")
+        );
         assert!(
             path("/sys/fs/cgroup/cpu/x")
                 .unwrap_err()
+                .to_string()
                 .contains("no cgroup2")
         );
     }

@@ -170,11 +170,13 @@ impl Shaper for NfqueueShaper {
                 .map_err(|e| e.to_string()),
             // xt_cgroup resolves the path from iptables' cgroup namespace root, which need not
             // be `--cgroup-root`.
-            _ => crate::target::namespace_path(&fault.resolved.dir).and_then(|path| {
-                netfilter::check_cgroup_path(&path)
-                    .map(|()| Matcher::Cgroup(path))
-                    .map_err(|e| e.to_string())
-            }),
+            _ => crate::target::namespace_path(&fault.resolved.dir)
+                .map_err(|e| e.to_string())
+                .and_then(|path| {
+                    netfilter::check_cgroup_path(&path)
+                        .map(|()| Matcher::Cgroup(path))
+                        .map_err(|e| e.to_string())
+                }),
         }
         .map_err(|reason| DataplaneError::Unsupported {
             mechanism: Mechanism::Nfqueue.name(),
