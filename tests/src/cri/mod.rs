@@ -455,22 +455,34 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     }
 
     /// StopContainer (SIGTERM, then SIGKILL after `grace`) and RemoveContainer, as the kubelet
-    /// does before it starts the container again.
+    /// does before it starts the container again. A container whose process was killed from
+    /// outside may still read as running until containerd has handled its exit event: as the
+    /// kubelet does, stop and remove again until it goes (10 s at most).
     pub fn remove_container(&mut self, container: &Container, grace: Duration) {
         let mut client = self.client();
-        call(
-            "StopContainer",
-            client.stop_container(api::StopContainerRequest {
+        let started = std::time::Instant::now();
+        loop {
+            call(
+                "StopContainer",
+                client.stop_container(api::StopContainerRequest {
+                    container_id: container.id.clone(),
+                    timeout: grace.as_secs() as i64,
+                }),
+            );
+            let removed = try_call(client.remove_container(api::RemoveContainerRequest {
                 container_id: container.id.clone(),
-                timeout: grace.as_secs() as i64,
-            }),
-        );
-        call(
-            "RemoveContainer",
-            client.remove_container(api::RemoveContainerRequest {
-                container_id: container.id.clone(),
-            }),
-        );
+            }));
+            match removed {
+                Ok(_) => break,
+                Err(e)
+                    if e.contains("still running")
+                        && started.elapsed() < Duration::from_secs(10) =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("CRI RemoveContainer failed: {e}"),
+            }
+        }
         self.containers.retain(|id| *id != container.id);
         self.graceful.retain(|id| *id != container.id);
     }
