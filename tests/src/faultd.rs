@@ -336,11 +336,7 @@ impl Faultctl {
     pub fn run(&self, args: &[&str]) -> CliOutput {
         let mut cmd = self.command();
         cmd.args(args);
-        let out = output(&mut cmd);
-        CliOutput {
-            command: describe(&cmd),
-            output: out,
-        }
+        CliOutput::of(&mut cmd)
     }
 }
 
@@ -351,6 +347,21 @@ pub struct CliOutput {
 }
 
 impl CliOutput {
+    /// Runs `cmd` to completion (any client: faultctl, grpcurl, a script).
+    pub fn of(cmd: &mut Command) -> CliOutput {
+        let output = output(cmd);
+        CliOutput {
+            command: describe(cmd),
+            output,
+        }
+    }
+
+    /// What it printed, as JSON; panics unless it exited 0 with JSON on stdout.
+    pub fn json(&self) -> serde_json::Value {
+        self.assert_success();
+        serde_json::from_str(&self.stdout()).unwrap_or_else(|e| panic!("{self}\nnot JSON: {e}"))
+    }
+
     pub fn stdout(&self) -> String {
         String::from_utf8_lossy(&self.output.stdout).into_owned()
     }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use faultd_tests::process::{describe, output};
+use faultd_tests::faultd::CliOutput;
 use faultd_tests::{Cgroup, Faultctl, Faultd};
 use serde_json::Value;
 
@@ -17,64 +17,26 @@ fn venv_bin() -> PathBuf {
     faultd_tests::clients::venv_bin(&["grpcurl", "python3"])
 }
 
-/// What a client printed, and whether it exited 0.
-struct Answer {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-    command: String,
-}
-
-impl Answer {
-    fn of(cmd: &mut Command) -> Answer {
-        let out = output(cmd);
-        Answer {
-            ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            command: describe(cmd),
-        }
-    }
-
-    fn json(&self) -> Value {
-        assert!(self.ok, "{self}");
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("{self}\nnot JSON: {e}"))
-    }
-}
-
-impl std::fmt::Display for Answer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "`{}` (ok: {})\nstdout: {}\nstderr: {}",
-            self.command,
-            self.ok,
-            self.stdout.trim_end(),
-            self.stderr.trim_end()
-        )
-    }
-}
-
 /// `grpcurl -plaintext -unix SOCKET ARGS` (a verb such as `list`), as a user types it.
-fn grpcurl(faultd: &Faultd, args: &[&str]) -> Answer {
+fn grpcurl(faultd: &Faultd, args: &[&str]) -> CliOutput {
     let mut cmd = Command::new(venv_bin().join("grpcurl"));
     cmd.args(["-plaintext", "-unix"])
         .arg(faultd.socket())
         .args(args);
-    Answer::of(&mut cmd)
+    CliOutput::of(&mut cmd)
 }
 
 /// grpcurl with `-d BODY` for `method`.
-fn grpcurl_call(faultd: &Faultd, method: &str, body: &str) -> Answer {
+fn grpcurl_call(faultd: &Faultd, method: &str, body: &str) -> CliOutput {
     let mut cmd = Command::new(venv_bin().join("grpcurl"));
     cmd.args(["-plaintext", "-unix", "-d", body])
         .arg(faultd.socket())
         .arg(method);
-    Answer::of(&mut cmd)
+    CliOutput::of(&mut cmd)
 }
 
 /// Python grpcio, a default channel (tests/clients/reflect_call.py).
-fn python_call(faultd: &Faultd, method: &str, body: &str) -> Answer {
+fn python_call(faultd: &Faultd, method: &str, body: &str) -> CliOutput {
     let mut cmd = Command::new(venv_bin().join("python3"));
     cmd.arg(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -82,11 +44,11 @@ fn python_call(faultd: &Faultd, method: &str, body: &str) -> Answer {
     ))
     .arg(faultd.socket())
     .args(["call", method, body]);
-    Answer::of(&mut cmd)
+    CliOutput::of(&mut cmd)
 }
 
 /// Node @grpc/grpc-js, a default channel (tests/clients/grpc_js_call.js).
-fn node_call(faultd: &Faultd, method: &str, body: &str) -> Answer {
+fn node_call(faultd: &Faultd, method: &str, body: &str) -> CliOutput {
     let modules = std::env::var_os("FAULTD_TEST_NODE_MODULES")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -108,7 +70,7 @@ fn node_call(faultd: &Faultd, method: &str, body: &str) -> Answer {
         ))
         .arg(faultd.socket())
         .args([method, body]);
-    Answer::of(&mut cmd)
+    CliOutput::of(&mut cmd)
 }
 
 /// The ids and states of the faults in a List answer (proto3 JSON, any client's spelling).
@@ -150,16 +112,16 @@ async fn every_stock_client_works_with_its_defaults_and_sees_the_same_answers() 
     faultd_tests::process::blocking(|| {
         // grpcurl: reflection (list, describe), then the API by JSON.
         let services = grpcurl(&faultd, &["list"]);
-        assert!(services.ok, "grpcurl -unix list: {services}");
+        assert!(services.success(), "grpcurl -unix list: {services}");
         for service in ["faultd.v1.FaultService", "faultd.v1.LeaseService"] {
             assert!(
-                services.stdout.lines().any(|l| l == service),
+                services.stdout().lines().any(|l| l == service),
                 "grpcurl list shows no {service}: {services}"
             );
         }
         let described = grpcurl(&faultd, &["describe", "faultd.v1.FaultService"]);
         assert!(
-            described.ok && described.stdout.contains("rpc Inject"),
+            described.success() && described.stdout().contains("rpc Inject"),
             "grpcurl describe: {described}"
         );
         let first = grpcurl_call(
@@ -201,7 +163,7 @@ async fn every_stock_client_works_with_its_defaults_and_sees_the_same_answers() 
         let missing = r#"{"id":"0123456789abcdef"}"#;
         let grpcurl_missing = grpcurl_call(&faultd, "faultd.v1.FaultService/Get", missing);
         assert!(
-            !grpcurl_missing.ok && grpcurl_missing.stderr.contains("Code: NotFound"),
+            !grpcurl_missing.success() && grpcurl_missing.stderr().contains("Code: NotFound"),
             "{grpcurl_missing}"
         );
         for answer in [
@@ -209,7 +171,7 @@ async fn every_stock_client_works_with_its_defaults_and_sees_the_same_answers() 
             node_call(&faultd, "faultd.v1.FaultService/Get", missing),
         ] {
             assert!(
-                !answer.ok && answer.stdout.starts_with("ERROR NOT_FOUND"),
+                !answer.success() && answer.stdout().starts_with("ERROR NOT_FOUND"),
                 "{answer}"
             );
         }
@@ -276,7 +238,7 @@ async fn grpcurl_holds_a_lease_over_a_keepalive_stream_fed_from_stdin() {
             &format!(r#"{{"leaseId":"{id}"}}"#),
         );
         assert!(
-            alive.ok,
+            alive.success(),
             "the lease renewed over the stream died after {:?} (ttl 2 s): {alive}",
             granted.elapsed()
         );
@@ -299,7 +261,7 @@ async fn grpcurl_holds_a_lease_over_a_keepalive_stream_fed_from_stdin() {
             &format!(r#"{{"leaseId":"{id}"}}"#),
         );
         assert!(
-            !gone.ok && gone.stderr.contains("Code: NotFound"),
+            !gone.success() && gone.stderr().contains("Code: NotFound"),
             "the lease outlived its ttl without renewals: {gone}"
         );
     });
@@ -357,19 +319,19 @@ async fn the_readme_grpcurl_examples_run_as_written() {
             cmd.args(["-euo", "pipefail", "-c", &script])
                 .env("PATH", &path_env)
                 .stdin(Stdio::null());
-            let answer = Answer::of(&mut cmd);
-            assert!(answer.ok, "README block failed:\n{block}\n{answer}");
+            let answer = CliOutput::of(&mut cmd);
+            assert!(answer.success(), "README block failed:\n{block}\n{answer}");
             if block.contains("FaultService/Inject") {
                 assert!(
-                    answer.stdout.contains("faultd.v1.FaultService")
-                        && answer.stdout.contains(r#""state": "ACTIVE""#),
+                    answer.stdout().contains("faultd.v1.FaultService")
+                        && answer.stdout().contains(r#""state": "ACTIVE""#),
                     "README's list/Inject block: {answer}"
                 );
             }
             if block.contains("KeepAlive") {
                 // Three renewals answered on the stream, then the revoked lease.
                 assert_eq!(
-                    answer.stdout.matches(r#""ttl": "10s""#).count(),
+                    answer.stdout().matches(r#""ttl": "10s""#).count(),
                     4,
                     "README's KeepAlive block: {answer}"
                 );
