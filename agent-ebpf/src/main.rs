@@ -1,6 +1,9 @@
-//! faultd's cgroup_skb programs: one for egress, one for ingress, attached once at the cgroup v2
-//! root. For every IPv4/IPv6 TCP/UDP packet they walk the socket's cgroup and its ancestors,
-//! and for the cgroups that have rules look up (scope, protocol, direction, port) in a hash map.
+//! faultd's cgroup_skb programs: one for egress, one for ingress, attached only at the cgroups
+//! that have faults (the cgroup v2 root only for the host scope), so traffic no fault targets
+//! never runs them. For an IPv4/IPv6 TCP/UDP packet they first test its ports against the
+//! ports any rule names (an array read); only then do they walk the socket's cgroup and its
+//! ancestors, and for the cgroups that have rules look up (scope, protocol, direction, port)
+//! in a hash map.
 //! An entry past its deadline is ignored, so a fault ends on time even if faultd is gone.
 //! Fail open: anything unexpected passes the packet.
 //!
@@ -31,7 +34,7 @@ use aya_ebpf::{
     },
     macros::{cgroup_skb, cgroup_sock_addr, classifier, map},
     maps::{
-        HashMap, PerCpuArray,
+        Array, HashMap, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{SkBuffContext, SockAddrContext, TcContext, sk_buff::SkBuff},
@@ -39,8 +42,8 @@ use aya_ebpf::{
 use faultd_common::{
     ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, Counters, DIR_CONNECT, DIR_EGRESS,
     DIR_INGRESS, ECONNREFUSED, FAMILY_V4, FAMILY_V6, MAX_FAULTS, MAX_PEERS, MAX_RULES, MAX_SCOPES,
-    PEER_KEY_FIXED_BITS, PROTO_TCP, PROTO_UDP, PeerKey, RuleKey, RuleValue, ScopeValue,
-    netns_scope_id,
+    PEER_KEY_FIXED_BITS, PORTS, PROTO_TCP, PROTO_UDP, PeerKey, RuleKey, RuleValue, ScopeValue,
+    netns_scope_id, port_bit,
 };
 
 #[map]
@@ -52,6 +55,8 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 #[map]
 static FAULTD_PEERS: LpmTrie<PeerKey, RuleValue> =
     LpmTrie::with_max_entries(MAX_PEERS, BPF_F_NO_PREALLOC);
+#[map]
+static FAULTD_PORTS: Array<u32> = Array::with_max_entries(PORTS, 0);
 #[map]
 static FAULTD_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_FAULTS, 0);
 
@@ -92,38 +97,69 @@ struct Packet {
 }
 
 /// `base`: where the IP header starts (0 in cgroup_skb programs, after the Ethernet header in tc).
+/// The headers are read in place when the packet's linear data holds them (the common case,
+/// and the miss path's cost: no helper call), else copied out with `bpf_skb_load_bytes`.
 #[inline(always)]
 fn parse(ctx: &SkBuff, base: usize, direction: u8) -> Option<Packet> {
     // `protocol` holds the EtherType in network byte order.
     let ethertype = u16::from_be(unsafe { (*ctx.skb).protocol } as u16) as u32;
     let egress = direction == DIR_EGRESS;
-    let (protocol, l4, family, remote_addr) = match ethertype {
+    let (protocol, ports, family, remote_addr) = match ethertype {
         ETH_P_IP => {
-            let vihl: u8 = ctx.load(base).ok()?;
+            let (vihl, frag, protocol, ports) = match in_place::<IPV4_READ>(ctx, base) {
+                Some(h) => {
+                    // SAFETY: `in_place` checked that IPV4_READ bytes from `h` are packet data.
+                    let at = |i: usize| unsafe { *((h + i) as *const u8) };
+                    let header = ((at(0) & 0x0f) as usize) * 4;
+                    let ports = if header == 20 {
+                        [at(20), at(21), at(22), at(23)]
+                    } else {
+                        ctx.load(base + header).ok()?
+                    };
+                    (at(0), [at(6), at(7)], at(9), ports)
+                }
+                None => {
+                    let h: [u8; IPV4_READ] = ctx.load(base).ok()?;
+                    let header = ((h[0] & 0x0f) as usize) * 4;
+                    let ports = if header == 20 {
+                        [h[20], h[21], h[22], h[23]]
+                    } else {
+                        ctx.load(base + header).ok()?
+                    };
+                    (h[0], [h[6], h[7]], h[9], ports)
+                }
+            };
             if vihl >> 4 != 4 {
                 return None;
             }
-            let frag: u16 = u16::from_be(ctx.load(base + 6).ok()?);
-            if frag & 0x1fff != 0 {
+            if u16::from_be_bytes(frag) & 0x1fff != 0 {
                 return None; // a non-first fragment has no ports
             }
-            let protocol: u8 = ctx.load(base + 9).ok()?;
             let remote_addr = base + if egress { 16 } else { 12 };
-            let l4 = base + ((vihl & 0x0f) as usize) * 4;
-            (protocol, l4, FAMILY_V4, remote_addr)
+            (protocol, ports, FAMILY_V4, remote_addr)
         }
         ETH_P_IPV6 => {
-            let next: u8 = ctx.load(base + 6).ok()?;
+            let (next, ports) = match in_place::<IPV6_READ>(ctx, base) {
+                Some(h) => {
+                    // SAFETY: `in_place` checked that IPV6_READ bytes from `h` are packet data.
+                    let at = |i: usize| unsafe { *((h + i) as *const u8) };
+                    (at(6), [at(40), at(41), at(42), at(43)])
+                }
+                None => {
+                    let h: [u8; IPV6_READ] = ctx.load(base).ok()?;
+                    (h[6], [h[40], h[41], h[42], h[43]])
+                }
+            };
             let remote_addr = base + if egress { 24 } else { 8 };
-            (next, base + 40, FAMILY_V6, remote_addr)
+            (next, ports, FAMILY_V6, remote_addr)
         }
         _ => return None,
     };
     if protocol != PROTO_TCP && protocol != PROTO_UDP {
         return None;
     }
-    let sport = u16::from_be(ctx.load(l4).ok()?);
-    let dport = u16::from_be(ctx.load(l4 + 2).ok()?);
+    let sport = u16::from_be_bytes([ports[0], ports[1]]);
+    let dport = u16::from_be_bytes([ports[2], ports[3]]);
     let (local, remote) = if egress {
         (sport, dport)
     } else {
@@ -136,6 +172,29 @@ fn parse(ctx: &SkBuff, base: usize, direction: u8) -> Option<Packet> {
         family,
         remote_addr,
     })
+}
+
+/// An IPv4 header without options and the ports behind it; an IPv6 header and the ports.
+const IPV4_READ: usize = 24;
+const IPV6_READ: usize = 44;
+
+/// The address of `N` bytes at `offset` in the packet's linear data, if it holds them.
+#[inline(always)]
+fn in_place<const N: usize>(ctx: &SkBuff, offset: usize) -> Option<usize> {
+    let start = unsafe { (*ctx.skb).data } as usize + offset;
+    let end = unsafe { (*ctx.skb).data_end } as usize;
+    if start + N > end {
+        return None;
+    }
+    Some(start)
+}
+
+/// Whether any rule, in any scope, names a port of the packet for its protocol and direction:
+/// the cheapest test that can say "not mine" (two array reads, which the verifier inlines).
+#[inline(always)]
+fn port_named(protocol: u8, direction: u8, local: u16, remote: u16) -> bool {
+    let bits = |port: u16| FAULTD_PORTS.get(port as u32).map_or(0, |bits| *bits);
+    (bits(remote) | bits(local)) & port_bit(protocol, direction) != 0
 }
 
 /// The fault a peers marker stands for, for this remote address: None when no fault's peers
@@ -175,6 +234,9 @@ fn remote_addr(ctx: &SkBuff, packet: &Packet) -> Option<[u8; 16]> {
 #[inline(always)]
 fn should_drop(ctx: &SkBuffContext, direction: u8) -> Option<bool> {
     let packet = parse(&ctx.skb, 0, direction)?;
+    if !port_named(packet.protocol, direction, packet.local, packet.remote) {
+        return None;
+    }
     let skb = ctx.skb.skb;
     ancestry::walk(
         unsafe { bpf_skb_cgroup_id(skb) },
@@ -235,6 +297,9 @@ fn tc_should_drop(ctx: &TcContext, direction: u8) -> Option<bool> {
     let scope = netns_scope_id(unsafe { (*skb).ifindex });
     unsafe { FAULTD_SCOPES.get(&scope) }?;
     let packet = parse(&ctx.skb, ETH_HLEN, direction)?;
+    if !port_named(packet.protocol, direction, packet.local, packet.remote) {
+        return None;
+    }
     scope_drops(&ctx.skb, scope, direction, &packet)
 }
 
@@ -292,6 +357,9 @@ fn should_refuse<const V6: bool>(ctx: &SockAddrContext) -> bool {
     }
     // The port is in network byte order in the low 16 bits.
     let port = u16::from_be(unsafe { (*addr).user_port } as u16);
+    if !port_named(PROTO_TCP, DIR_CONNECT, port, port) {
+        return false;
+    }
     let refusing = ancestry::walk(
         unsafe { bpf_get_current_cgroup_id() },
         |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) },

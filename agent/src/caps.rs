@@ -46,7 +46,9 @@ impl Capabilities {
                     name: "cgroup_skb",
                     available: true,
                     detail: format!(
-                        "ingress+egress programs attached at {} through bpf_links",
+                        "ingress+egress programs loaded; attached through bpf_links at each \
+                         faulted cgroup below {} (at it only for the host scope) while it has \
+                         faults",
                         cgroup_root.display()
                     ),
                 });

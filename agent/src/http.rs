@@ -239,7 +239,8 @@ async fn health(endpoint: Endpoint) -> Reply {
         _ => (false, None, None),
     };
     let caps = &endpoint.caps;
-    // The datapath programs are attached once at start; the probe saw whether they loaded.
+    // The datapath programs load at start (and attach where faults are); the probe saw
+    // whether they loaded.
     let loaded = caps
         .items
         .iter()

@@ -110,6 +110,156 @@ impl BpfObjects {
     }
 }
 
+/// The kernel's run statistics of BPF programs (`run_cnt`, `run_time_ns`), on while this value
+/// lives. It holds a BPF_ENABLE_STATS fd: the kernel counts its holders, so neither the
+/// `kernel.bpf_stats_enabled` sysctl nor another user turning statistics off affects it, and
+/// nothing needs restoring afterwards.
+pub struct RunStats {
+    _fd: std::os::fd::OwnedFd,
+}
+
+impl RunStats {
+    pub fn enable() -> RunStats {
+        const BPF_ENABLE_STATS: libc::c_long = 32;
+        const BPF_STATS_RUN_TIME: u32 = 0;
+        // union bpf_attr's enable_stats member: one u32, the rest of the union zero.
+        let mut attr = [0u8; 128];
+        attr[..4].copy_from_slice(&BPF_STATS_RUN_TIME.to_ne_bytes());
+        // SAFETY: bpf(2) reads `attr.len()` bytes of a buffer that lives across the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_ENABLE_STATS,
+                attr.as_ptr(),
+                attr.len() as libc::c_uint,
+            )
+        };
+        assert!(
+            fd >= 0,
+            "bpf(BPF_ENABLE_STATS) failed: {} (needs root and Linux 5.8 or later)",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: the syscall returned a new fd that nothing else owns.
+        let fd =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        RunStats { _fd: fd }
+    }
+}
+
+/// How often a program ran and for how long, summed over the programs of one name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Runs {
+    pub count: u64,
+    pub ns: u64,
+}
+
+impl Runs {
+    pub fn ns_per_run(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.ns as f64 / self.count as f64
+        }
+    }
+}
+
+/// The run statistics of the programs process `pid` holds, by program name (with `RunStats`
+/// on; bpftool leaves out statistics that are zero).
+pub fn program_runs(pid: u32) -> std::collections::BTreeMap<String, Runs> {
+    let mine: BTreeSet<u64> = fd_ids(pid)
+        .into_iter()
+        .filter(|(kind, _)| *kind == Kind::Prog)
+        .map(|(_, id)| id)
+        .collect();
+    let out = run_ok(Command::new("bpftool").args(["-j", "prog", "show"]));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bpftool -j prog show: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let mut runs = std::collections::BTreeMap::<String, Runs>::new();
+    for item in json.as_array().into_iter().flatten() {
+        let id = item.get("id").and_then(|v| v.as_u64()).unwrap_or_default();
+        let held = item
+            .get("pids")
+            .and_then(|p| p.as_array())
+            .is_some_and(|ps| {
+                ps.iter()
+                    .any(|p| p.get("pid").and_then(|v| v.as_u64()) == Some(u64::from(pid)))
+            });
+        if !mine.contains(&id) && !held {
+            continue;
+        }
+        let name = item
+            .get("name")
+            .and_then(|n| n.as_str())
+            .unwrap_or_default();
+        let field = |key: &str| item.get(key).and_then(|v| v.as_u64()).unwrap_or(0);
+        let entry = runs.entry(name.to_owned()).or_default();
+        entry.count += field("run_cnt");
+        entry.ns += field("run_time_ns");
+    }
+    runs
+}
+
+/// The runs of every program process `pid` holds, summed, from its fds' fdinfo (`run_cnt`,
+/// `run_time_ns`, with `RunStats` on): no bpftool needed (the kernel matrix guests have none).
+pub fn fd_runs(pid: u32) -> Runs {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("reading {dir}: {e}"));
+    let mut runs = Runs::default();
+    for entry in entries.flatten() {
+        let is_prog = std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy() == Kind::Prog.fd().0);
+        if !is_prog {
+            continue;
+        }
+        let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
+        let Ok(text) = std::fs::read_to_string(&info) else {
+            continue;
+        };
+        let field = |key: &str| -> u64 {
+            text.lines()
+                .find_map(|line| line.strip_prefix(key))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        runs.count += field("run_cnt:");
+        runs.ns += field("run_time_ns:");
+    }
+    runs
+}
+
+/// How many BPF links process `pid` holds (by its fds; no bpftool needed).
+pub fn links_held(pid: u32) -> usize {
+    fd_ids(pid)
+        .into_iter()
+        .filter(|(kind, _)| *kind == Kind::Link)
+        .count()
+}
+
+/// What ran between two readings of `program_runs`, by program name.
+pub fn runs_between(
+    before: &std::collections::BTreeMap<String, Runs>,
+    after: &std::collections::BTreeMap<String, Runs>,
+) -> std::collections::BTreeMap<String, Runs> {
+    after
+        .iter()
+        .map(|(name, a)| {
+            let b = before.get(name).copied().unwrap_or_default();
+            (
+                name.clone(),
+                Runs {
+                    count: a.count.saturating_sub(b.count),
+                    ns: a.ns.saturating_sub(b.ns),
+                },
+            )
+        })
+        .filter(|(_, r)| r.count > 0)
+        .collect()
+}
+
 /// (kind, id) of every BPF fd of `pid`.
 fn fd_ids(pid: u32) -> Vec<(Kind, u64)> {
     let dir = format!("/proc/{pid}/fd");

@@ -19,7 +19,8 @@ pub fn cgroup2_root() -> &'static Path {
     })
 }
 
-/// A cgroup `faultd-test-<uniq>` directly below the cgroup v2 root.
+/// A cgroup `faultd-test-<uniq>` of the test's own, directly below the cgroup v2 root or below
+/// another one of the test's.
 pub struct Cgroup {
     path: String,
     dir: PathBuf,
@@ -34,6 +35,18 @@ impl Cgroup {
             .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
         Cgroup {
             path: format!("/{name}"),
+            dir,
+        }
+    }
+
+    /// A cgroup `faultd-test-<uniq>` below this one (drop it before its parent).
+    pub fn child(&self) -> Cgroup {
+        let name = format!("faultd-test-{}", uniq());
+        let dir = self.dir.join(&name);
+        std::fs::create_dir(&dir)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
+        Cgroup {
+            path: format!("{}/{name}", self.path),
             dir,
         }
     }

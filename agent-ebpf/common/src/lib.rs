@@ -33,6 +33,20 @@ pub const fn netns_scope_id(ifindex: u32) -> u64 {
     NETNS_SCOPE_BIT | ifindex as u64
 }
 
+/// Array of `PORTS` `u32`, indexed by port: which (protocol, direction) pairs have a rule on
+/// that port in any scope (`port_bit`). The programs test it first, so a packet on a port no
+/// rule names costs one header load and two array reads, before any cgroup or hash lookup.
+pub const PORTS_MAP: &str = "FAULTD_PORTS";
+/// Entries of the ports map: every u16 port.
+pub const PORTS: u32 = 65_536;
+
+/// The bit of `(protocol, direction)` in a ports-map entry: TCP in the low byte, UDP in the
+/// next, each with the direction's own bit (`DIR_EGRESS`, `DIR_INGRESS`, `DIR_CONNECT`).
+pub const fn port_bit(protocol: u8, direction: u8) -> u32 {
+    let shift = if protocol == PROTO_TCP { 0 } else { 8 };
+    (direction as u32) << shift
+}
+
 /// Capacity of the rules map (one entry per scope × protocol × direction × port).
 pub const MAX_RULES: u32 = 65_536;
 /// Capacity of the scopes map.

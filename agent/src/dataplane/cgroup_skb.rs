@@ -1,7 +1,10 @@
-//! cgroup_skb ingress/egress programs attached once at the cgroup v2 root through fd-owned
-//! bpf_links: they see every socket's packets and walk its cgroup ancestry, so a fault on a
-//! cgroup also covers cgroups created below it later. The links die with faultd's fds, and
-//! every rule carries its lease deadline, so nothing outlives the agent or the lease.
+//! cgroup_skb ingress/egress and cgroup/connect programs, attached through fd-owned bpf_links
+//! only where faults are: at each faulted cgroup that no other faulted cgroup contains (the
+//! cgroup v2 root only for the host scope), detached with the last fault there. Programs
+//! attached at a cgroup run for its whole subtree, so cgroups created below it later (a pod's
+//! restarted containers) are covered, and traffic of cgroups no fault covers runs nothing. The
+//! links die with faultd's fds, and every rule carries its lease deadline, so nothing outlives
+//! the agent or the lease.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -10,19 +13,18 @@ use std::path::Path;
 use std::sync::Arc;
 
 use aya::maps::lpm_trie::LpmTrie;
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::links::LinkOrder;
 use aya::programs::tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions};
-use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier, TcAttachType,
-};
+use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use faultd_common::{
-    COUNTERS_MAP, Counters, PEERS_MAP, PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS, PROG_INGRESS,
-    PROG_TC_EGRESS, PROG_TC_INGRESS, PeerKey, RULES_MAP, RuleKey, RuleValue, SCOPES_MAP,
-    ScopeValue,
+    COUNTERS_MAP, Counters, PEERS_MAP, PORTS_MAP, PROG_EGRESS, PROG_TC_EGRESS, PROG_TC_INGRESS,
+    PeerKey, RULES_MAP, RuleKey, RuleValue, SCOPES_MAP, ScopeValue, port_bit,
 };
+use faultd_common::{DIR_CONNECT, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, PROTO_UDP};
 
+use super::cgroup_links::{CgroupAttachments, load_connect, load_skb};
 use super::{
     AttachFailure, ConnectionKiller, Dataplane, DataplaneError, LoadError, PeerEntry, SocketFilter,
     TcError, Unavailable, sock_diag,
@@ -35,8 +37,13 @@ pub struct CgroupSkbDataplane {
     scopes: BpfHashMap<MapData, u64, ScopeValue>,
     peers: LpmTrie<MapData, PeerKey, RuleValue>,
     counters: PerCpuArray<MapData, Counters>,
+    ports: Array<MapData, u32>,
     /// Rules per scope id, to keep the scopes map in step with the rules map.
     scope_rules: HashMap<u64, u32>,
+    /// Rules per (port, `port_bit`), to keep the ports map in step with the rules map.
+    port_rules: HashMap<(u16, u32), u32>,
+    /// Where the cgroup programs are attached.
+    cgroups: CgroupAttachments,
     nr_cpus: usize,
     /// Whether the connect programs loaded and attached (reject, reset), or why not.
     connect: Result<(), Arc<DataplaneError>>,
@@ -61,40 +68,23 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError 
 }
 
 impl CgroupSkbDataplane {
-    /// Loads the object and attaches both programs to the cgroup v2 root. Blocking (verifier):
-    /// call it from a blocking thread.
+    /// Loads the object and its programs; nothing is attached until a fault needs it. Blocking
+    /// (verifier): call it from a blocking thread. `cgroup_root` is checked to be a cgroup
+    /// directory faultd can open.
     pub fn load(object: &[u8], cgroup_root: &Path) -> Result<Self, DataplaneError> {
         if object.is_empty() {
             return Err(DataplaneError::StubObject);
         }
         let mut ebpf = EbpfLoader::new().load(object).map_err(LoadError::object)?;
-        let root = File::open(cgroup_root).map_err(|source| DataplaneError::OpenCgroup {
+        File::open(cgroup_root).map_err(|source| DataplaneError::OpenCgroup {
             program: PROG_EGRESS,
             cgroup: cgroup_root.display().to_string(),
             source,
         })?;
-        for (name, attach_type) in [
-            (PROG_EGRESS, CgroupSkbAttachType::Egress),
-            (PROG_INGRESS, CgroupSkbAttachType::Ingress),
-        ] {
-            let program: &mut CgroupSkb = ebpf
-                .program_mut(name)
-                .ok_or(LoadError::MissingProgram(name))?
-                .try_into()
-                .map_err(LoadError::program_type)?;
-            program.load().map_err(LoadError::verify(name))?;
-            // Links stack regardless of the mode (TOOLCHAIN.md: AllowMultiple is EINVAL here).
-            program
-                .attach(&root, attach_type, CgroupAttachMode::Single)
-                .map_err(|source| DataplaneError::Attach {
-                    program: name,
-                    cgroup: cgroup_root.display().to_string(),
-                    source: Box::new(source),
-                })?;
-        }
+        load_skb(&mut ebpf)?;
         // The connect programs need newer kernels than the packet programs (bpf_set_retval in
         // cgroup hooks, 5.18): without them drop still works and reject/reset say what is missing.
-        let connect = attach_connect(&mut ebpf, &root).map_err(Arc::new);
+        let connect = load_connect(&mut ebpf).map_err(Arc::new);
         if let Err(e) = &connect {
             tracing::warn!(error = %e, "reject and reset are unavailable");
         }
@@ -108,13 +98,17 @@ impl CgroupSkbDataplane {
         let scopes = BpfHashMap::try_from(take(SCOPES_MAP)?).map_err(map_err(SCOPES_MAP))?;
         let peers = LpmTrie::try_from(take(PEERS_MAP)?).map_err(map_err(PEERS_MAP))?;
         let counters = PerCpuArray::try_from(take(COUNTERS_MAP)?).map_err(map_err(COUNTERS_MAP))?;
+        let ports = Array::try_from(take(PORTS_MAP)?).map_err(map_err(PORTS_MAP))?;
         let nr_cpus = aya::util::nr_cpus().map_err(LoadError::cpus)?;
         Ok(Self {
             rules,
             scopes,
             peers,
             counters,
+            ports,
             scope_rules: HashMap::new(),
+            port_rules: HashMap::new(),
+            cgroups: CgroupAttachments::default(),
             nr_cpus,
             connect,
             sock_destroy,
@@ -144,6 +138,30 @@ impl CgroupSkbDataplane {
         }
         Ok(())
     }
+
+    /// Adds `delta` rules on a key's port, setting its bit in the ports map at 0→1 and clearing
+    /// it at 1→0.
+    fn count_port(&mut self, key: &RuleKey, delta: i64) -> Result<(), DataplaneError> {
+        let bit = port_bit(key.protocol, key.direction);
+        let held = (key.port, bit);
+        let before = i64::from(self.port_rules.get(&held).copied().unwrap_or(0));
+        let after = (before + delta).max(0);
+        if after == 0 {
+            self.port_rules.remove(&held);
+        } else {
+            self.port_rules.insert(held, after as u32);
+        }
+        if (before == 0) == (after == 0) {
+            return Ok(());
+        }
+        let bits = PORT_BITS
+            .iter()
+            .filter(|&&bit| self.port_rules.contains_key(&(key.port, bit)))
+            .fold(0, |bits, bit| bits | bit);
+        self.ports
+            .set(u32::from(key.port), bits, 0)
+            .map_err(map_err(PORTS_MAP))
+    }
 }
 
 impl Dataplane for CgroupSkbDataplane {
@@ -152,14 +170,19 @@ impl Dataplane for CgroupSkbDataplane {
         let mut result = Ok(());
         for (key, value) in rules {
             // The scope entry goes in first so the program never misses a new rule.
+            // So do the scope entry and the port's bit.
             result = self
                 .count_scope(key.scope_id, 1)
+                .and_then(|()| self.count_port(key, 1))
                 .and_then(|()| self.rules.insert(key, value, 0).map_err(map_err(RULES_MAP)));
             match result {
                 Ok(()) => added.push(*key),
                 Err(_) => {
-                    // Undo this key's scope count; `remove` undoes the earlier keys'.
-                    if let Err(e) = self.count_scope(key.scope_id, -1) {
+                    // Undo this key's counts; `remove` undoes the earlier keys'.
+                    let undone = self
+                        .count_scope(key.scope_id, -1)
+                        .and(self.count_port(key, -1));
+                    if let Err(e) = undone {
                         tracing::warn!(error = %e, "rolling back a failed rule insert");
                     }
                     break;
@@ -189,7 +212,10 @@ impl Dataplane for CgroupSkbDataplane {
         for key in keys {
             match self.rules.remove(key) {
                 Ok(()) => {
-                    if let Err(e) = self.count_scope(key.scope_id, -1) {
+                    let counted = self
+                        .count_scope(key.scope_id, -1)
+                        .and(self.count_port(key, -1));
+                    if let Err(e) = counted {
                         first_error.get_or_insert(e);
                     }
                 }
@@ -209,6 +235,19 @@ impl Dataplane for CgroupSkbDataplane {
                 .map_err(map_err(PEERS_MAP))?;
         }
         Ok(())
+    }
+
+    fn attach_cgroup(
+        &mut self,
+        scope: &crate::target::ResolvedScope,
+    ) -> Result<(), DataplaneError> {
+        let connect = self.connect.is_ok();
+        self.cgroups.attach(&mut self._ebpf, scope, connect)
+    }
+
+    fn release_cgroup(&mut self, scope_id: u64) -> Result<(), DataplaneError> {
+        let connect = self.connect.is_ok();
+        self.cgroups.release(&mut self._ebpf, scope_id, connect)
     }
 
     fn attach_interface(
@@ -504,25 +543,15 @@ fn detach_tc(ebpf: &mut Ebpf, attached: Attached) -> Result<(), DataplaneError> 
     first_error.map_or(Ok(()), Err)
 }
 
-/// Loads the connect4/connect6 programs and attaches them at the cgroup v2 root.
-fn attach_connect(ebpf: &mut Ebpf, root: &File) -> Result<(), DataplaneError> {
-    for name in [PROG_CONNECT4, PROG_CONNECT6] {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::MissingProgram(name))?
-            .try_into()
-            .map_err(LoadError::program_type)?;
-        program.load().map_err(LoadError::verify(name))?;
-        program
-            .attach(root, CgroupAttachMode::Single)
-            .map_err(|source| DataplaneError::Attach {
-                program: name,
-                cgroup: "the cgroup v2 root".into(),
-                source: Box::new(source),
-            })?;
-    }
-    Ok(())
-}
+/// Every bit a ports-map entry may hold.
+const PORT_BITS: [u32; 6] = [
+    port_bit(PROTO_TCP, DIR_EGRESS),
+    port_bit(PROTO_TCP, DIR_INGRESS),
+    port_bit(PROTO_TCP, DIR_CONNECT),
+    port_bit(PROTO_UDP, DIR_EGRESS),
+    port_bit(PROTO_UDP, DIR_INGRESS),
+    port_bit(PROTO_UDP, DIR_CONNECT),
+];
 
 #[cfg(test)]
 mod tests {

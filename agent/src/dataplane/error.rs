@@ -25,6 +25,13 @@ pub enum DataplaneError {
         #[source]
         source: Box<ProgramError>,
     },
+    #[error("detaching {program} from {cgroup}: {source}")]
+    Detach {
+        program: &'static str,
+        cgroup: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
     /// The cgroup directory to attach `program` to did not open.
     #[error("attaching {program} to {cgroup}: {source}")]
     OpenCgroup {

@@ -17,6 +17,8 @@ pub struct FakeState {
     pub peers: HashMap<PeerEntry, RuleValue>,
     /// Interfaces of netns scopes by scope id: (interface, faults on it).
     pub interfaces: HashMap<u64, (String, usize)>,
+    /// The cgroups holding faults, as the real datapath attaches its programs for them.
+    pub cgroups: super::coverage::Coverage,
     pub counters: HashMap<u32, Counters>,
     /// Fail the next insert after this many entries were written.
     pub fail_insert_after: Option<usize>,
@@ -40,6 +42,13 @@ impl FakeDataplane {
 
     pub fn peers(&self) -> HashMap<PeerEntry, RuleValue> {
         self.lock().peers.clone()
+    }
+
+    /// The cgroup ids the programs would be attached at, sorted.
+    pub fn attached_cgroups(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.lock().cgroups.wanted().into_keys().collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// What the kernel would have counted for the fault in `slot`.
@@ -97,6 +106,19 @@ impl Dataplane for FakeDataplane {
         for (entry, value) in entries {
             state.peers.insert(*entry, *value);
         }
+        Ok(())
+    }
+
+    fn attach_cgroup(
+        &mut self,
+        scope: &crate::target::ResolvedScope,
+    ) -> Result<(), DataplaneError> {
+        self.lock().cgroups.add(scope.cgroup_id, &scope.dir);
+        Ok(())
+    }
+
+    fn release_cgroup(&mut self, scope_id: u64) -> Result<(), DataplaneError> {
+        self.lock().cgroups.remove(scope_id);
         Ok(())
     }
 

@@ -2,8 +2,10 @@
 //! `Dataplane` and to the mechanisms that delay and pace packets through `Shaper`; unit tests of
 //! the engine use `fake::FakeDataplane` and `fake::FakeShaper`.
 
+mod cgroup_links;
 pub mod cgroup_skb;
 pub mod clock;
+pub mod coverage;
 pub mod encoding;
 mod error;
 pub mod fake;
@@ -54,6 +56,13 @@ pub trait Dataplane: Send {
     /// Removes peers-map entries; missing ones are ignored. Keeps going on error and reports
     /// the first.
     fn remove_peers(&mut self, entries: &[PeerEntry]) -> Result<(), DataplaneError>;
+    /// Attaches the cgroup programs where a fault on the cgroup of `scope` needs them (at the
+    /// cgroup, unless a cgroup containing it holds faults already), or counts one more fault
+    /// on it. All or nothing.
+    fn attach_cgroup(&mut self, scope: &ResolvedScope) -> Result<(), DataplaneError>;
+    /// One fault less on the cgroup `scope_id`: with its last, the programs leave it (for the
+    /// faulted cgroups inside it, if any). A cgroup no fault covers runs none of them.
+    fn release_cgroup(&mut self, scope_id: u64) -> Result<(), DataplaneError>;
     /// Attaches the tc programs to the interface of a `netns{path, interface}` scope (its
     /// `dir` is the namespace's path), or counts one more fault on it if they are attached.
     fn attach_interface(

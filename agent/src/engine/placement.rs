@@ -39,6 +39,9 @@ pub(super) struct Placement {
     pub value: RuleValue,
     /// The netns interface (by scope id) whose tc programs the fault holds.
     pub interface: Option<u64>,
+    /// The cgroup (by id) where the fault holds the cgroup programs: a fault with entries in
+    /// the rules map on any scope but a netns one.
+    pub cgroup: Option<u64>,
 }
 
 impl Placement {
@@ -65,12 +68,20 @@ impl Placement {
             }
             _ => None,
         };
+        // Any other scope's rules need the cgroup programs where its cgroup is; a delay or
+        // bandwidth is its shaper's, and a reset after some bytes has no rules.
+        let cgroup = match (&spec.target.scope, &entries) {
+            (Scope::Netns { .. }, _) | (_, Entries::Shaped { .. }) => None,
+            _ if keys.is_empty() => None,
+            _ => Some(resolved.cgroup_id),
+        };
         Placement {
             keys,
             entries,
             slot,
             value: rule_value(&spec.action, slot, deadline_ns),
             interface,
+            cgroup,
         }
     }
 
@@ -135,8 +146,8 @@ impl State {
         self.owners.len() + self.peer_owners.len()
     }
 
-    /// Puts a fault in the kernel, all or nothing: its counters zeroed, its interface's
-    /// programs, its entries.
+    /// Puts a fault in the kernel, all or nothing: its counters zeroed, its interface's or its
+    /// cgroup's programs, its entries.
     pub(super) fn place(
         &mut self,
         id: &str,
@@ -149,6 +160,9 @@ impl State {
             && let Scope::Netns { interface, .. } = &spec.target.scope
         {
             self.dataplane.attach_interface(resolved, interface)?;
+        }
+        if placement.cgroup.is_some() {
+            self.dataplane.attach_cgroup(resolved)?;
         }
         let applied = match &placement.entries {
             Entries::Shaped { shaper, .. } => self.shapers[*shaper].apply(&Shaped {
@@ -260,7 +274,12 @@ impl State {
             Some(scope_id) => self.dataplane.release_interface(scope_id),
             None => Ok(()),
         };
-        removed.and(released)
+        // After the entries: a detach first would let their packets pass early for nothing.
+        let detached = match placement.cgroup {
+            Some(scope_id) => self.dataplane.release_cgroup(scope_id),
+            None => Ok(()),
+        };
+        removed.and(released).and(detached)
     }
 
     /// The faults with peers on any of `keys` other than `except`, as the trie sees them.

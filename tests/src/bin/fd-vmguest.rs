@@ -260,6 +260,7 @@ mod guest {
         }),
         ("bandwidth-edt", |rt| rt.block_on(bandwidth(Mechanism::Edt))),
         ("drop", |rt| rt.block_on(drop_all())),
+        ("attach", |rt| rt.block_on(attach())),
         ("sigkill-netem", |rt| rt.block_on(sigkill(Mechanism::Netem))),
         ("peers-netem", |rt| rt.block_on(peers(Mechanism::Netem))),
         ("peers-edt", |rt| rt.block_on(peers(Mechanism::Edt))),
@@ -606,6 +607,61 @@ mod guest {
         remove(&faultd, &fault.id).await?;
         let after = stats(&inside, 5, 0)?;
         println!("guest:   outside {outside}\nguest:   after   {after}");
+        Ok(())
+    }
+
+    /// The programs sit at the faulted cgroup only: a cgroup created below it after the
+    /// Inject is faulted, a sibling's traffic runs none of faultd's programs (the kernel's run
+    /// counters), and with the last fault they leave.
+    async fn attach() -> anyhow::Result<()> {
+        let _stats = faultd_tests::bpf::RunStats::enable();
+        let faultd = Faultd::start().await;
+        let cgroup = Cgroup::new();
+        let sibling = Cgroup::new();
+        let runs = || faultd_tests::bpf::fd_runs(faultd.pid());
+        let links = faultd_tests::bpf::links_held(faultd.pid());
+        ensure!(links == 0, "faultd holds {links} BPF links with no fault");
+        let fault = faultd
+            .faults()
+            .inject(with_ttl(
+                drop_fault(
+                    100.0,
+                    cgroup_target(&cgroup, &[ECHO_PORT], Protocol::Tcp, Direction::Egress),
+                ),
+                Duration::from_secs(60),
+            ))
+            .await
+            .map_err(|s| anyhow::anyhow!("Inject: {s:?}"))?
+            .into_inner();
+        let child = cgroup.child();
+        let before = runs();
+        let blocked = measure(&cgroup_dir(&child), ECHO_PORT, 1, 0);
+        let in_child = runs().count - before.count;
+        ensure!(
+            blocked.is_err(),
+            "a round trip from a cgroup created below the faulted one after the Inject passed: {blocked:?}"
+        );
+        ensure!(in_child > 0, "the child's blocked connect ran no program");
+        let before = runs();
+        let next_door = stats(&cgroup_dir(&sibling), 20, 0)?;
+        let in_sibling = runs().count - before.count;
+        println!(
+            "guest:   child's blocked connect: {in_child} runs; sibling {next_door}: {in_sibling} runs"
+        );
+        ensure!(
+            in_sibling == 0,
+            "the sibling's 20 round trips ran faultd's programs {in_sibling} times"
+        );
+        remove(&faultd, &fault.id).await?;
+        let before = runs();
+        let after = stats(&cgroup_dir(&child), 5, 0)?;
+        let ran = runs().count - before.count;
+        ensure!(
+            ran == 0,
+            "after the last fault, 5 round trips ran programs {ran} times"
+        );
+        println!("guest:   after {after}");
+        drop(child);
         Ok(())
     }
 

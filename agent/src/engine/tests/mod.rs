@@ -20,6 +20,11 @@ impl Resolve for FixedResolver {
                 cgroup_id: 42,
                 dir: "/sys/fs/cgroup/app".into(),
             }),
+            Scope::Cgroup { path } if path == "/app/web" => Ok(ResolvedScope {
+                cgroup_path: "/app/web".into(),
+                cgroup_id: 43,
+                dir: "/sys/fs/cgroup/app/web".into(),
+            }),
             Scope::Cgroup { .. } => {
                 Err(Invalid::new("fault.target.cgroup.path", "no such cgroup").into())
             }
@@ -350,6 +355,7 @@ async fn abort_reverts_everything() {
 // Delay and bandwidth: the engine picks a shaping mechanism, refuses missing ones with
 // FAILED_PRECONDITION, and drives the shaper through the fault's life.
 
+mod attach;
 mod connections;
 mod peers;
 mod shaping;
