@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use faultd_common::{Counters, MAX_FAULTS, RuleKey};
+use faultd_common::{MAX_FAULTS, RuleKey};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -16,7 +16,7 @@ pub use self::error::{Error, Limit, Unsupported};
 use self::placement::Placement;
 use crate::dataplane::clock::{kernel_deadline, monotonic_now_ns};
 use crate::dataplane::{Dataplane, Shaper};
-use crate::events::{EventKind, Events};
+use crate::events::Events;
 pub use crate::fault::view::{Ending, FaultState, FaultView, LeaseView, RevertReason};
 use crate::fault::{FaultId, FaultSpec, Invalid, Labels, LeaseId};
 use crate::lease::{Lease, LeaseTable};
@@ -96,6 +96,9 @@ struct State {
     resolver: Box<dyn Resolve>,
     /// Faults that ended, readable for a while, and what every ended fault did.
     ended: ended::Ended,
+    /// Faults out of force whose kernel state is not known to be gone yet (a clean-up under
+    /// way in the background, or a revert that failed and is tried again).
+    reverting: HashMap<FaultId, revert::Reverting>,
 }
 
 pub struct Engine {
@@ -143,6 +146,7 @@ impl Engine {
                 shapers,
                 resolver,
                 ended: ended::Ended::new(config.ended_retention),
+                reverting: HashMap::new(),
             }),
             config,
             deadline_changed: Notify::new(),
@@ -169,6 +173,7 @@ impl Engine {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         state.expire(now);
+        state.settle(now);
         state.ended.prune(now);
         state
     }
@@ -255,7 +260,7 @@ impl Engine {
     pub fn remove(&self, id: &str) -> Result<FaultView, Error> {
         let mut state = self.lock();
         if !state.faults.contains_key(id)
-            && let Some(ending) = state.ended.get(id).and_then(|v| v.ended.as_ref())
+            && let Some(ending) = state.ended_view(id).and_then(|v| v.ended.as_ref())
         {
             return Err(Error::Ended {
                 id: id.to_string(),
@@ -265,7 +270,7 @@ impl Engine {
         let before = state.fault_view(id, FaultState::Reverted)?;
         state.revert(id, RevertReason::Removed);
         // With its final counters and ending (unless retention is off).
-        let view = state.ended.get(id).cloned().unwrap_or(before);
+        let view = state.ended_view(id).cloned().unwrap_or(before);
         if let Some(lease) = state.leases.get(&view.lease_id)
             && lease.private
             && lease.faults.is_empty()
@@ -280,7 +285,7 @@ impl Engine {
     /// counters and ending).
     pub fn get(&self, id: &str) -> Result<FaultView, Error> {
         let state = self.lock();
-        match state.ended.get(id) {
+        match state.ended_view(id) {
             Some(view) if !state.faults.contains_key(id) => Ok(view.clone()),
             _ => state.fault_view(id, FaultState::Active),
         }
@@ -297,6 +302,14 @@ impl Engine {
                     .keys()
                     .filter_map(|id| state.fault_view(id, FaultState::Active).ok()),
             );
+        }
+        // A failing revert is not over: it shows with the faults in force.
+        for reverting in state.reverting.values() {
+            if (reverting.failing() && select != Select::Ended)
+                || (!reverting.failing() && select != Select::Active)
+            {
+                views.push(reverting.view.clone());
+            }
         }
         if select != Select::Active {
             views.extend(state.ended.views().cloned());
@@ -354,7 +367,10 @@ impl Engine {
             .filter_map(|id| state.fault_view(id, FaultState::Active).ok())
             .collect();
         let mut totals = state.ended.totals().clone();
-        for fault in &faults {
+        for fault in faults
+            .iter()
+            .chain(state.reverting.values().map(|r| &r.view))
+        {
             totals.add(fault);
         }
         crate::metrics::Snapshot {
@@ -448,13 +464,25 @@ impl State {
         }
     }
 
-    /// The earliest lease deadline or fault end.
+    /// The earliest lease deadline, fault end, or revert to look at.
     fn next_deadline(&self) -> Option<Instant> {
         let fault_end = self.fault_ends.first().map(|(at, _)| *at);
-        match (self.leases.next_deadline(), fault_end) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.leases.next_deadline(),
+            fault_end,
+            self.next_revert_check(Instant::now()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// An ended fault: one whose clean-up is still under way (or failing), or one on record.
+    fn ended_view(&self, id: &str) -> Option<&FaultView> {
+        self.reverting
+            .get(id)
+            .map(|r| &r.view)
+            .or_else(|| self.ended.get(id))
     }
 
     fn revoke(&mut self, id: &str, reason: RevertReason) -> Vec<FaultId> {
@@ -476,65 +504,6 @@ impl State {
             RevertReason::Shutdown => "faultd stopped",
         };
         self.revert_because(id, reason, detail);
-    }
-
-    /// Takes a fault out of the kernel and the tables. Removing a key cannot be undone
-    /// half-way in any useful sense, so errors are logged and the bookkeeping goes on: the
-    /// kernel entry still expires by its deadline.
-    fn revert_because(&mut self, id: &str, reason: RevertReason, detail: &str) {
-        let started = std::time::Instant::now();
-        let Some(fault) = self.faults.remove(id) else {
-            return;
-        };
-        // The final counters, read while the entries are still there: they outlive the fault.
-        let counters = self.counters(id, &fault.placement).unwrap_or_else(|e| {
-            tracing::warn!(fault = %id, error = %e, "reading the final counters");
-            Counters::default()
-        });
-        let removed = self.unplace(id, &fault.placement);
-        if let Err(e) = &removed {
-            tracing::error!(fault = %id, error = %e, "removing kernel entries; they lapse at the lease deadline");
-        }
-        self.fault_ends.remove(&(fault.ends_at, id.to_string()));
-        self.free_slots.push(fault.placement.slot);
-        if let Some(lease) = self.leases.get_mut(&fault.lease_id) {
-            lease.faults.retain(|f| f != id);
-        }
-        self.metrics
-            .reverted(fault.spec.action.name(), reason, started.elapsed());
-        tracing::info!(fault = %id, reason = reason.name(), detail, "fault reverted");
-        let now = SystemTime::now();
-        let view = FaultView {
-            id: id.to_string(),
-            rules: fault.placement.keys.len(),
-            state: FaultState::Reverted,
-            counters,
-            connections_reset: fault.connections_reset.load(Ordering::Relaxed),
-            expires_at: now,
-            remaining: Duration::ZERO,
-            mechanism: fault.mechanism,
-            lease_id: fault.lease_id,
-            spec: fault.spec,
-            resolved: fault.resolved,
-            ended: Some(Ending {
-                at: now,
-                reason,
-                detail: detail.to_string(),
-            }),
-        };
-        self.ended.record(view.clone(), Instant::now());
-        if self.events.watched() {
-            if let Err(e) = removed {
-                let message = format!(
-                    "removing the fault's kernel entries: {e}; they lapse at the lease deadline"
-                );
-                self.events
-                    .publish(EventKind::Failed { message }, view.clone());
-            }
-            let detail = detail.to_string();
-            self.events
-                .publish(EventKind::Reverted { reason, detail }, view);
-        }
     }
 
     fn fault_view(&self, id: &str, state: FaultState) -> Result<FaultView, Error> {
@@ -620,5 +589,6 @@ mod error;
 mod inject;
 mod placement;
 mod reset;
+mod revert;
 #[cfg(test)]
 mod tests;

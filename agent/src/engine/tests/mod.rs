@@ -352,4 +352,5 @@ async fn abort_reverts_everything() {
 
 mod connections;
 mod peers;
+mod reverts;
 mod shaping;
