@@ -233,3 +233,55 @@ async fn a_revert_that_fails_shows_as_failing_and_is_retried_until_the_rules_are
         "reverted once, at the end: {kinds:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, cgroup v2 and iptables; `cargo xtask test` runs it as root"]
+async fn abort_answers_once_the_nfqueue_rules_are_gone() {
+    const FAULTS: u16 = 30;
+    let _serial = SERIAL.lock().await;
+    let faultd = Faultd::start().await;
+    let cgroup = Cgroup::new();
+    let instance = instance_of(&faultd);
+    let mut ids = Vec::new();
+    for port in 0..FAULTS {
+        ids.push(nfqueue_delay(&faultd, &cgroup, 46_400 + port).await.id);
+    }
+    let before = mangle();
+    assert!(
+        ids.iter()
+            .all(|id| before.contains(&format!("faultd:{id}"))),
+        "every fault's rules are in:\n{before}"
+    );
+
+    let started = std::time::Instant::now();
+    let aborted = faultd
+        .faults()
+        .abort(faultd_proto::v1::AbortRequest {})
+        .await
+        .expect("Abort")
+        .into_inner();
+    let took = started.elapsed();
+    // Read at once: nothing of the faults may be left when Abort has answered.
+    let after = mangle();
+    eprintln!("Abort of {FAULTS} NFQUEUE delays answered in {took:?}");
+    assert_eq!(aborted.reverted_fault_ids.len(), usize::from(FAULTS));
+    assert!(
+        aborted.still_reverting_fault_ids.is_empty(),
+        "{aborted:?}\n{}",
+        faultd.log()
+    );
+    let left: Vec<_> = ids
+        .iter()
+        .filter(|id| after.contains(&format!("faultd:{id}")))
+        .collect();
+    assert!(
+        left.is_empty() && !after.contains(&format!("FAULTD-{instance}")),
+        "rules of {} faults or the agent's chains left after Abort answered:\n{after}",
+        left.len()
+    );
+    let mut client = faultd.faults();
+    for id in &ids {
+        let fault = get_fault(&mut client, id).await;
+        assert_eq!(fault.state(), FaultState::Reverted, "{fault:?}");
+    }
+}

@@ -53,6 +53,15 @@ pub enum Select {
     All,
 }
 
+/// What an Abort did.
+#[derive(Clone, Debug, Default)]
+pub struct Aborted {
+    pub faults: Vec<FaultId>,
+    pub leases: Vec<LeaseId>,
+    /// Faults whose kernel clean-up was still under way (or failing) when the wait ran out.
+    pub still_reverting: Vec<FaultId>,
+}
+
 /// Which lease an Inject goes under.
 #[derive(Clone, Debug)]
 pub enum LeaseRef {
@@ -318,10 +327,35 @@ impl Engine {
         views
     }
 
-    /// Reverts every fault and revokes every lease.
-    pub fn abort(&self) -> (Vec<FaultId>, Vec<LeaseId>) {
+    /// Reverts every fault and revokes every lease, then waits up to `wait` until nothing of
+    /// them is left in the kernel (NFQUEUE's rules go in the background). Blocks: call it off
+    /// the async workers.
+    pub fn abort(&self, wait: Duration) -> Aborted {
         self.metrics.aborts.inc();
-        self.revert_all(self.lock(), RevertReason::Aborted)
+        let (faults, leases) = self.revert_all(self.lock(), RevertReason::Aborted);
+        let deadline = std::time::Instant::now() + wait;
+        let still_reverting = loop {
+            let left = self.reverting_of(&faults);
+            if left.is_empty() || std::time::Instant::now() >= deadline {
+                break left;
+            }
+            // The expiry task moves them on; this only looks.
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Aborted {
+            faults,
+            leases,
+            still_reverting,
+        }
+    }
+
+    /// Those of `ids` whose clean-up is under way or failing.
+    fn reverting_of(&self, ids: &[FaultId]) -> Vec<FaultId> {
+        let state = self.lock();
+        ids.iter()
+            .filter(|id| state.reverting.contains_key(*id))
+            .cloned()
+            .collect()
     }
 
     /// Reverts every fault and revokes every lease because faultd is stopping.
