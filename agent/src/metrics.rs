@@ -131,7 +131,7 @@ impl Metrics {
         );
         registry.register(
             "faults_reverted",
-            "Faults reverted, by action and reason (expired, removed, revoked, aborted, shutdown)",
+            "Faults reverted, by action and reason (expired, removed, revoked, aborted, shutdown, target_gone)",
             self.faults_reverted.clone(),
         );
         registry.register(

@@ -285,3 +285,87 @@ async fn abort_answers_once_the_nfqueue_rules_are_gone() {
         assert_eq!(fault.state(), FaultState::Reverted, "{fault:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and iptables; `cargo xtask test` runs it as root"]
+async fn a_fault_whose_cgroup_is_deleted_ends_as_target_gone_with_its_event() {
+    let _serial = SERIAL.lock().await;
+    let faultd = Faultd::start().await;
+    let cgroup = Cgroup::new();
+    let target = cgroup_target(&cgroup, &[46_500], Protocol::Tcp, Direction::Egress);
+    let dropping = faultd
+        .faults()
+        .inject(with_ttl(
+            faultd_tests::api::drop_fault(100.0, target),
+            Duration::from_secs(60),
+        ))
+        .await
+        .expect("Inject drop")
+        .into_inner();
+    let delaying = nfqueue_delay(&faultd, &cgroup, 46_501).await;
+    let ids = [dropping.id.clone(), delaying.id.clone()];
+    assert!(!faultd_tests::bpf::map_entries(faultd.pid(), "FAULTD_RULES").is_empty());
+    assert!(mangle().contains(&format!("faultd:{}", delaying.id)));
+    let mut events = watch(&faultd).await;
+
+    let path = cgroup.path().to_owned();
+    drop(cgroup); // rmdir
+    let deleted = std::time::Instant::now();
+    let mut client = faultd.faults();
+    for id in &ids {
+        let fault = get_until(&mut client, id, Duration::from_secs(2), |f| {
+            f.state() == FaultState::Reverted
+        })
+        .await;
+        assert_eq!(
+            fault.state(),
+            FaultState::Reverted,
+            "ended within 2 s of the rmdir: {fault:?}\n{}",
+            faultd.log()
+        );
+        assert_eq!(
+            fault.end_reason(),
+            faultd_proto::v1::RevertReason::TargetGone,
+            "{fault:?}"
+        );
+        assert!(
+            fault.end_detail.contains(&path) && fault.end_detail.contains("deleted"),
+            "the detail names the cgroup: {:?}",
+            fault.end_detail
+        );
+    }
+    eprintln!("both faults ended {:?} after the rmdir", deleted.elapsed());
+    assert!(
+        faultd_tests::bpf::map_entries(faultd.pid(), "FAULTD_RULES").is_empty(),
+        "the drop's kernel entries are gone"
+    );
+    assert!(
+        !mangle().contains(&format!("faultd:{}", delaying.id)),
+        "the delay's rules are gone"
+    );
+    assert!(
+        faultd_tests::api::list_leases(&mut faultd.leases())
+            .await
+            .is_empty(),
+        "their private leases went with them"
+    );
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut seen = Vec::new();
+    drain(&mut events, &mut seen);
+    for id in &ids {
+        let reasons: Vec<i32> = seen
+            .iter()
+            .filter(|e| e.fault.as_ref().is_some_and(|f| &f.id == id))
+            .filter_map(|e| match &e.kind {
+                Some(fault_event::Kind::Reverted(r)) => Some(r.reason),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![faultd_proto::v1::RevertReason::TargetGone as i32],
+            "one Reverted event, TARGET_GONE, for {id}: {seen:?}"
+        );
+    }
+}

@@ -379,6 +379,7 @@ pub fn revert_reason(reason: RevertReason) -> pb::RevertReason {
         RevertReason::Revoked => pb::RevertReason::Revoked,
         RevertReason::Aborted => pb::RevertReason::Aborted,
         RevertReason::Shutdown => pb::RevertReason::Shutdown,
+        RevertReason::TargetGone => pb::RevertReason::TargetGone,
     }
 }
 

@@ -88,6 +88,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .clone()
             .run_expiry(faultd::api::stopped(stop_rx.clone())),
     );
+    tokio::spawn(
+        engine
+            .clone()
+            .run_target_watch(faultd::api::stopped(stop_rx.clone())),
+    );
     revert_on_signal(engine.clone(), services.calls.clone(), stop_tx)?;
     if let Some(listener) = metrics_listener {
         let endpoint = faultd::http::Endpoint {

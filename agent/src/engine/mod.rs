@@ -536,6 +536,7 @@ impl State {
             RevertReason::Revoked => "lease revoked",
             RevertReason::Aborted => "FaultService.Abort",
             RevertReason::Shutdown => "faultd stopped",
+            RevertReason::TargetGone => "its target is gone",
         };
         self.revert_because(id, reason, detail);
     }
@@ -624,5 +625,6 @@ mod inject;
 mod placement;
 mod reset;
 mod revert;
+mod targets;
 #[cfg(test)]
 mod tests;

@@ -90,6 +90,8 @@ pub enum RevertReason {
     Aborted,
     /// faultd is stopping.
     Shutdown,
+    /// Its target went away (its cgroup was deleted).
+    TargetGone,
 }
 
 impl RevertReason {
@@ -100,6 +102,7 @@ impl RevertReason {
             Self::Revoked => "revoked",
             Self::Aborted => "aborted",
             Self::Shutdown => "shutdown",
+            Self::TargetGone => "target_gone",
         }
     }
 }

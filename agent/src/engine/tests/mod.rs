@@ -355,3 +355,4 @@ mod connections;
 mod peers;
 mod reverts;
 mod shaping;
+mod targets;
