@@ -31,6 +31,7 @@ pub use self::fault::FaultApi;
 pub use self::lease::LeaseApi;
 use crate::audit::{AuditLog, Entry, Peer};
 use crate::caps::Capabilities;
+use crate::claims::ClaimError;
 use crate::dataplane::DataplaneError;
 use crate::engine::{Engine, Error};
 use crate::fault::Invalid;
@@ -46,6 +47,11 @@ impl From<Error> for Status {
                 Status::not_found(message)
             }
             Error::Conflict { .. } => Status::already_exists(message),
+            Error::Claimed {
+                source: ClaimError::Held { .. },
+                ..
+            } => Status::already_exists(message),
+            Error::Claimed { .. } => Status::internal(message),
             Error::Exhausted(_) | Error::Dataplane(DataplaneError::Exhausted { .. }) => {
                 Status::resource_exhausted(message)
             }

@@ -108,6 +108,8 @@ struct State {
     /// Faults out of force whose kernel state is not known to be gone yet (a clean-up under
     /// way in the background, or a revert that failed and is tried again).
     reverting: HashMap<FaultId, revert::Reverting>,
+    /// What this instance holds among the faultd instances of the host (None: alone).
+    claims: Option<crate::claims::Claims>,
 }
 
 pub struct Engine {
@@ -156,10 +158,17 @@ impl Engine {
                 resolver,
                 ended: ended::Ended::new(config.ended_retention),
                 reverting: HashMap::new(),
+                claims: None,
             }),
             config,
             deadline_changed: Notify::new(),
         })
+    }
+
+    /// From now on, faults are claimed among the faultd instances of the host: one on a key
+    /// another live instance holds is refused.
+    pub fn share_host(&self, claims: crate::claims::Claims) {
+        self.lock().claims = Some(claims);
     }
 
     pub fn config(&self) -> &EngineConfig {

@@ -63,6 +63,8 @@ impl State {
             Counters::default()
         });
         let removed = self.unplace(id, &fault.placement);
+        // Its keys are free from now on, as within this instance (`unplace` gave them up).
+        self.release_claims(id);
         self.fault_ends.remove(&(fault.ends_at, id.to_string()));
         if let Some(lease) = self.leases.get_mut(&fault.lease_id) {
             lease.faults.retain(|f| f != id);
@@ -227,6 +229,13 @@ impl State {
             }
             Entries::Rules => self.dataplane.remove(&placement.keys),
             Entries::PeerRules(peers) => self.remove_peer_fault(id, &placement.keys, peers),
+        }
+    }
+
+    /// Lets the other instances of the host have the fault's keys.
+    pub(super) fn release_claims(&mut self, id: &str) {
+        if let Some(claims) = &mut self.claims {
+            claims.release(id);
         }
     }
 

@@ -81,6 +81,9 @@ pub struct NfqueueShaper {
     worker: Worker,
     /// Where the background removals stand, per fault.
     cleanups: Cleanups,
+    /// The lock the faultd instances of the host share: held from reading a namespace's rules
+    /// to applying ours, so that two instances never pick the same mark id or queue.
+    host_lock: Option<PathBuf>,
 }
 
 impl NfqueueShaper {
@@ -116,7 +119,14 @@ impl NfqueueShaper {
             recorded: BTreeSet::new(),
             worker: Worker::start().map_err(NfqueueError::StartWorker)?,
             cleanups: Cleanups::default(),
+            host_lock: None,
         })
+    }
+
+    /// Shares `path`'s lock with the other faultd instances of the host (`claims::lock_path`).
+    pub fn with_host_lock(mut self, path: PathBuf) -> NfqueueShaper {
+        self.host_lock = Some(path);
+        self
     }
 
     /// The namespaces the fault applies in: an interface scope's own (the lane's queue socket

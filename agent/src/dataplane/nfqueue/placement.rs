@@ -11,6 +11,7 @@ use super::lane::Lane;
 use super::queue::{QUEUE_COUNT, QUEUE_FIRST};
 use super::sweep::list_sweeping;
 use super::{NfqueueShaper, shaper_error};
+use crate::claims::HostLock;
 use crate::dataplane::clock::monotonic_now_ns;
 use crate::dataplane::netfilter::{self, Family, FaultRules, Hook, Listing, Matcher};
 use crate::dataplane::{DataplaneError, Shaped};
@@ -69,6 +70,16 @@ impl NfqueueShaper {
         netns: Arc<NetNs>,
         families: &[Family],
     ) -> Result<Placement, DataplaneError> {
+        // Other instances choose from the same listing: one at a time, until ours are in.
+        let _host = match &self.host_lock {
+            Some(path) => Some(
+                HostLock::take(path).map_err(|source| NfqueueError::HostLock {
+                    path: path.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
         let listings = self.listings(&netns, families)?;
         let mut taken = BTreeSet::new();
         let mut marks = BTreeSet::new();
