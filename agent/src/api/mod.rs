@@ -4,6 +4,7 @@
 //! Every call is counted by its status code (metrics); every mutating call is written to the
 //! audit log with who made it (`peer`).
 
+pub mod admit;
 pub mod authority;
 pub mod caps;
 pub mod convert;
@@ -261,7 +262,11 @@ pub async fn serve_on(
             if let Some(tls) = tls {
                 builder = builder.tls_config(tls)?;
             }
-            let incoming = TcpListenerStream::new(listener);
+            // Bounded before TLS has a say (admit.rs).
+            let incoming = admit::admit(
+                TcpListenerStream::new(listener),
+                admit::Limits::of_process(),
+            );
             let router = routes(&mut builder, &services, &shutdown).await?;
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(shutdown.clone())))
         }
