@@ -65,6 +65,10 @@ pub struct Config {
     /// Directory this instance owns and locks; two agents cannot share one.
     #[arg(long, default_value = "/run/faultd")]
     pub state_dir: PathBuf,
+    /// Directory shared by the faultd instances of this host, where each says which targets
+    /// its faults hold: a fault that another live instance holds is refused.
+    #[arg(long, default_value = crate::claims::DEFAULT_DIR, env = "FAULTD_INSTANCES_DIR")]
+    pub instances_dir: PathBuf,
     /// The cgroup v2 root (default: where cgroup2 is mounted); a hybrid layout's
     /// /sys/fs/cgroup means its `unified`.
     #[arg(long)]

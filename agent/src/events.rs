@@ -21,8 +21,8 @@ pub enum EventKind {
         /// e.g. "lease expired", "max_fault_duration 1h reached".
         detail: String,
     },
-    /// The kernel refused to apply (nothing was applied) or to remove (entries lapse at the
-    /// deadline) a fault.
+    /// The kernel refused to apply (nothing was applied) or to remove a fault (it is then
+    /// REVERT_FAILING and tried again until it is out).
     Failed {
         message: String,
     },

@@ -11,6 +11,7 @@ pub mod api;
 pub mod audit;
 pub mod capability;
 pub mod caps;
+pub mod claims;
 pub mod client;
 pub mod config;
 pub mod dataplane;

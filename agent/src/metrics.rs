@@ -19,7 +19,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
@@ -61,6 +61,10 @@ pub struct Metrics {
     pub revert_seconds: HistogramFamily<ActionLabels>,
     pub grpc_handled: Family<GrpcLabels, Counter>,
     pub audit_write_errors: Counter,
+    /// Attempts to take a fault out of the kernel that failed (each is tried again).
+    pub revert_failures: Counter,
+    /// Faults whose revert fails now, retried until it succeeds.
+    pub reverts_failing: Gauge,
 }
 
 impl Default for Metrics {
@@ -74,6 +78,8 @@ impl Default for Metrics {
             revert_seconds: Family::new_with_constructor(latency_histogram),
             grpc_handled: Family::default(),
             audit_write_errors: Counter::default(),
+            revert_failures: Counter::default(),
+            reverts_failing: Gauge::default(),
         }
     }
 }
@@ -125,7 +131,7 @@ impl Metrics {
         );
         registry.register(
             "faults_reverted",
-            "Faults reverted, by action and reason (expired, removed, revoked, aborted, shutdown)",
+            "Faults reverted, by action and reason (expired, removed, revoked, aborted, shutdown, target_gone)",
             self.faults_reverted.clone(),
         );
         registry.register(
@@ -159,6 +165,16 @@ impl Metrics {
             "audit_write_errors",
             "Audit log lines that could not be written",
             self.audit_write_errors.clone(),
+        );
+        registry.register(
+            "revert_failures",
+            "Attempts to take a fault out of the kernel that failed (each is tried again)",
+            self.revert_failures.clone(),
+        );
+        registry.register(
+            "reverts_failing",
+            "Faults whose revert is failing now (state REVERT_FAILING), retried until it succeeds",
+            self.reverts_failing.clone(),
         );
         registry.register_collector(Box::new(SourceCollector {
             source: Arc::downgrade(&source),

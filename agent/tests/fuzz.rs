@@ -176,7 +176,7 @@ impl Target {
     /// Reverts everything now and then, so the limits do not end every run early.
     fn reset_sometimes(&self, count: u64) {
         if count.is_multiple_of(200) {
-            self.engine.abort();
+            self.engine.abort(std::time::Duration::ZERO);
         }
     }
 }
@@ -582,7 +582,7 @@ fn fuzz_the_request_path() {
                 }
             }
             if sent.is_multiple_of(100) {
-                server.engine.abort();
+                server.engine.abort(std::time::Duration::ZERO);
             }
         }
         // Still serving after all that.

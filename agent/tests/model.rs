@@ -246,7 +246,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                 }
                 Op::Abort => {
-                    engine.abort();
+                    engine.abort(std::time::Duration::ZERO);
                     prop_assert!(fake.rules().is_empty(), "Abort left entries");
                 }
                 Op::Advance { ms: step } => tokio::time::advance(ms(step)).await,

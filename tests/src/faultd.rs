@@ -56,6 +56,9 @@ pub struct FaultdOptions {
     pub nofile: Option<(u64, u64)>,
     /// The umask faultd starts with; the test's own if None.
     pub umask: Option<u32>,
+    /// Runs faultd in a mount namespace of its own (mounts private), so that a test can change
+    /// what faultd sees of the file system (`Faultd::bind_mount`) and nobody else.
+    pub private_mounts: bool,
 }
 
 impl FaultdOptions {
@@ -116,10 +119,11 @@ impl Faultd {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
-        let (nofile, umask) = (options.nofile, options.umask);
-        if nofile.is_some() || umask.is_some() {
-            // SAFETY: between fork and exec only setrlimit(2) and umask(2) run, both
-            // async-signal-safe, on values copied in before the fork.
+        let (nofile, umask, private_mounts) =
+            (options.nofile, options.umask, options.private_mounts);
+        if nofile.is_some() || umask.is_some() || private_mounts {
+            // SAFETY: between fork and exec only setrlimit(2), umask(2), unshare(2) and
+            // mount(2) run, all async-signal-safe, on values copied in before the fork.
             unsafe {
                 cmd.pre_exec(move || {
                     if let Some((soft, hard)) = nofile {
@@ -133,6 +137,17 @@ impl Faultd {
                     }
                     if let Some(mask) = umask {
                         libc::umask(mask as libc::mode_t);
+                    }
+                    if private_mounts {
+                        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        let root = c"/";
+                        let flags = libc::MS_REC | libc::MS_PRIVATE;
+                        let none = std::ptr::null();
+                        if libc::mount(none, root.as_ptr(), none, flags, none.cast()) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
                     Ok(())
                 });
@@ -223,6 +238,27 @@ impl Faultd {
             .to_owned()
     }
 
+    /// Bind-mounts `source` over `target` in faultd's own mount namespace (it must have been
+    /// started with `private_mounts`); the guard unmounts it.
+    pub fn bind_mount(&self, source: &Path, target: &Path) -> BindMount {
+        let pid = self.pid.to_string();
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["--target", &pid, "--mount", "--", "mount", "--bind"])
+            .arg(source)
+            .arg(target);
+        let out = output(&mut cmd);
+        assert!(
+            out.status.success(),
+            "`{}` failed: {}",
+            describe(&cmd),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        BindMount {
+            pid,
+            target: Some(target.to_path_buf()),
+        }
+    }
+
     pub fn channel(&self) -> Channel {
         self.channel.clone()
     }
@@ -265,6 +301,38 @@ impl Faultd {
                 read(&self.log)
             );
         }
+    }
+}
+
+/// A bind mount in a faultd's mount namespace, undone on drop (or with `undo`).
+pub struct BindMount {
+    pid: String,
+    target: Option<PathBuf>,
+}
+
+impl BindMount {
+    pub fn undo(&mut self) {
+        let Some(target) = self.target.take() else {
+            return;
+        };
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["--target", &self.pid, "--mount", "--", "umount"])
+            .arg(&target);
+        let out = output(&mut cmd);
+        if !out.status.success() {
+            // faultd may be gone, and its mount namespace with it.
+            eprintln!(
+                "warning: `{}` failed: {}",
+                describe(&cmd),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        self.undo();
     }
 }
 

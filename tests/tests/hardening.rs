@@ -51,6 +51,48 @@ while open_ and time.monotonic() - started < wait:
 print("closed", len(conns) - len(open_), "of", len(conns), "after", round(last, 2), flush=True)
 "#;
 
+/// Runs HOLDER as `nobody`: `count` connections to `host:port`, watched for `wait` seconds.
+/// Returns the process and its report lines.
+fn hold_as_nobody(
+    host: &str,
+    port: &str,
+    count: usize,
+    wait: u64,
+) -> (
+    std::process::Child,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+) {
+    let mut holder = Command::new("python3");
+    holder
+        .args([
+            "-c",
+            HOLDER,
+            host,
+            port,
+            &count.to_string(),
+            &wait.to_string(),
+        ])
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    // SAFETY: between fork and exec only setgroups/setgid/setuid run (async-signal-safe).
+    unsafe {
+        holder.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(NOBODY) != 0
+                || libc::setuid(NOBODY) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut holder = holder.spawn().expect("python3 runs as nobody");
+    let lines = BufReader::new(holder.stdout.take().expect("piped")).lines();
+    (holder, lines)
+}
+
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
@@ -69,27 +111,7 @@ async fn idle_metrics_connections_of_a_user_neither_starve_the_api_nor_stay() {
     let metrics = faultd.metrics_addr();
     let (host, port) = metrics.rsplit_once(':').expect("HOST:PORT");
 
-    let mut holder = Command::new("python3");
-    holder
-        .args(["-c", HOLDER, host, port, "400", "30"])
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    // SAFETY: between fork and exec only setgroups/setgid/setuid run (async-signal-safe).
-    unsafe {
-        holder.pre_exec(|| {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(NOBODY) != 0
-                || libc::setuid(NOBODY) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut holder = holder.spawn().expect("python3 runs as nobody");
-    let mut lines = BufReader::new(holder.stdout.take().expect("piped")).lines();
+    let (mut holder, mut lines) = hold_as_nobody(host, port, 400, 30);
     let opened = blocking(|| lines.next())
         .expect("the holder reports")
         .expect("readable");
@@ -171,6 +193,92 @@ async fn idle_metrics_connections_of_a_user_neither_starve_the_api_nor_stay() {
     // And the endpoint serves again.
     let (status, _) = faultd_tests::http::get(&metrics, "/healthz");
     assert_eq!(status, 200, "/healthz after the flood");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF and cgroup v2; `cargo xtask test` runs it as root"]
+async fn idle_connections_to_the_mtls_port_neither_starve_the_api_nor_stay() {
+    let _serial = SERIAL.lock().await;
+    let pki = faultd_tests::pki::Pki::new();
+    let faultd = Faultd::start_with(FaultdOptions {
+        extra_args: pki.listener_args(),
+        nofile: Some((256, 256)),
+        ..Default::default()
+    })
+    .await;
+    let listen = faultd
+        .logged("listen")
+        .unwrap_or_else(|| panic!("faultd logged no TCP listener:\n{}", faultd.log()));
+    let (host, port) = listen
+        .trim_start_matches("tcp://")
+        .rsplit_once(':')
+        .map(|(h, p)| (h.to_owned(), p.to_owned()))
+        .expect("HOST:PORT");
+
+    // Nobody can reach the port: connections that never start TLS.
+    let (mut holder, mut lines) = hold_as_nobody(&host, &port, 400, 20);
+    let opened = blocking(|| lines.next())
+        .expect("the holder could not open its connections (does faultd still accept?)")
+        .expect("readable");
+    let opened_at = Instant::now();
+    assert_eq!(opened, "open 400", "nobody opened its connections");
+    let fds = open_fds(faultd.pid());
+
+    let cli = Faultctl::new(&faultd);
+    let started = Instant::now();
+    let mut list = cli.command();
+    list.arg("list")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut list = list.spawn().expect("faultctl runs");
+    let status = blocking(|| wait_timeout(&mut list, Duration::from_secs(10)));
+    let listed = started.elapsed();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "faultctl list on the unix socket failed or hung ({status:?}) with 400 idle TCP \
+         connections; faultd holds {fds} descriptors; its log:\n{}",
+        faultd.log()
+    );
+    assert!(listed < API_BOUND, "faultctl list took {listed:?}");
+    assert!(
+        fds < 256 - 32,
+        "faultd kept no descriptors in reserve: {fds} of 256 open"
+    );
+
+    // Beyond the cap they are closed at once, the others after the handshake timeout (5 s).
+    let closed = blocking(|| lines.next())
+        .expect("the holder reports")
+        .expect("readable");
+    let _exited = blocking(|| wait_timeout(&mut holder, Duration::from_secs(5)));
+    eprintln!(
+        "{closed} ({:?} after they opened; faultd at {fds} of 256 descriptors, list {listed:?})",
+        opened_at.elapsed()
+    );
+    assert!(
+        closed.starts_with("closed 400 of 400"),
+        "faultd left idle TCP connections open: {closed}"
+    );
+    let after: f64 = closed
+        .rsplit(' ')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("seconds");
+    assert!(after < 8.0, "the last idle connection went after {after} s");
+
+    // And a client with a certificate gets in over TCP again.
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let run = cli.run(&[
+        "--server",
+        &listen,
+        "--tls-ca",
+        &path(&pki.ca),
+        "--tls-cert",
+        &path(&pki.client_cert),
+        "--tls-key",
+        &path(&pki.client_key),
+        "list",
+    ]);
+    run.assert_success();
 }
 
 fn mode(path: &std::path::Path) -> u32 {

@@ -263,15 +263,19 @@ pub fn fault(view: FaultView) -> pb::Fault {
         FaultState::Active => pb::FaultState::Active,
         FaultState::Reverted => pb::FaultState::Reverted,
         FaultState::DryRun => pb::FaultState::DryRun,
+        FaultState::RevertFailing => pb::FaultState::RevertFailing,
     };
-    let (ended_at, end_reason, end_detail) = match view.ended {
+    let (ended_at, end_reason, end_detail, failing) = match view.ended {
         Some(ending) => (
             Some(timestamp(ending.at)),
             revert_reason(ending.reason).into(),
             ending.detail,
+            ending.failing,
         ),
-        None => (None, 0, String::new()),
+        None => (None, 0, String::new(), None),
     };
+    let (revert_error, revert_attempts) =
+        failing.map(|f| (f.error, f.attempts)).unwrap_or_default();
     pb::Fault {
         id: view.id,
         lease_id: view.lease_id,
@@ -297,6 +301,8 @@ pub fn fault(view: FaultView) -> pb::Fault {
         ended_at,
         end_reason,
         end_detail,
+        revert_error,
+        revert_attempts,
     }
 }
 
@@ -373,6 +379,7 @@ pub fn revert_reason(reason: RevertReason) -> pb::RevertReason {
         RevertReason::Revoked => pb::RevertReason::Revoked,
         RevertReason::Aborted => pb::RevertReason::Aborted,
         RevertReason::Shutdown => pb::RevertReason::Shutdown,
+        RevertReason::TargetGone => pb::RevertReason::TargetGone,
     }
 }
 

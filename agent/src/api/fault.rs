@@ -14,6 +14,43 @@ use crate::engine::Engine;
 
 const SERVICE: &str = "faultd.v1.FaultService";
 
+/// How long Abort waits for the kernel clean-up at most, whatever the call's deadline.
+const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long Abort may wait for the clean-up: until shortly before the call's deadline
+/// (`grpc-timeout`, so that the answer still arrives), at most `ABORT_WAIT`.
+fn abort_wait(metadata: &tonic::metadata::MetadataMap) -> std::time::Duration {
+    let deadline = metadata
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(grpc_timeout);
+    match deadline {
+        // A tenth of it (at most 1 s) is left for the answer to travel.
+        Some(d) => d.saturating_sub((d / 10).min(std::time::Duration::from_secs(1))),
+        None => ABORT_WAIT,
+    }
+    .min(ABORT_WAIT)
+}
+
+/// A `grpc-timeout` header value: up to 8 digits and a unit (H, M, S, m, u, n).
+fn grpc_timeout(value: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 pub struct FaultApi {
     engine: Arc<Engine>,
     caps: Arc<Capabilities>,
@@ -150,24 +187,37 @@ impl pb::fault_service_server::FaultService for FaultApi {
     ) -> Result<Response<pb::AbortResponse>, Status> {
         let peer = peer::of(&request);
         let started = Instant::now();
-        let (faults, leases) = super::on_engine(&self.engine, Engine::abort).await?;
+        let wait = abort_wait(request.metadata());
+        let aborted = super::on_engine(&self.engine, move |engine| engine.abort(wait)).await?;
         let took = started.elapsed();
-        tracing::warn!(
-            faults = faults.len(),
-            leases = leases.len(),
-            took_us = took.as_micros() as u64,
-            "abort: everything reverted"
-        );
+        if aborted.still_reverting.is_empty() {
+            tracing::warn!(
+                faults = aborted.faults.len(),
+                leases = aborted.leases.len(),
+                took_us = took.as_micros() as u64,
+                "abort: everything reverted"
+            );
+        } else {
+            tracing::error!(
+                faults = aborted.faults.len(),
+                leases = aborted.leases.len(),
+                still_reverting = aborted.still_reverting.len(),
+                took_us = took.as_micros() as u64,
+                "abort: some faults are still being taken out of the kernel"
+            );
+        }
         let result = Ok(pb::AbortResponse {
-            reverted_fault_ids: faults,
-            revoked_lease_ids: leases,
+            reverted_fault_ids: aborted.faults,
+            revoked_lease_ids: aborted.leases,
             took: Some(crate::api::convert::duration_to_proto(took)),
+            still_reverting_fault_ids: aborted.still_reverting,
         });
         self.calls
             .mutating(SERVICE, "Abort", &peer, json!({}), &result, |abort| {
                 json!({
                     "revertedFaultIds": abort.reverted_fault_ids,
                     "revokedLeaseIds": abort.revoked_lease_ids,
+                    "stillRevertingFaultIds": abort.still_reverting_fault_ids,
                     "took": crate::duration::format(took),
                 })
             });
@@ -192,5 +242,32 @@ impl pb::fault_service_server::FaultService for FaultApi {
         let result = Ok(super::events::stream(&self.engine, self.shutdown.clone()));
         self.calls.read(SERVICE, "Watch", &result);
         result.map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn abort_waits_within_the_calls_deadline() {
+        assert_eq!(grpc_timeout("10S"), Some(Duration::from_secs(10)));
+        assert_eq!(grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(grpc_timeout("S"), None);
+        assert_eq!(grpc_timeout("123456789S"), None);
+        assert_eq!(grpc_timeout("-1S"), None);
+        assert_eq!(grpc_timeout("5x"), None);
+
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        assert_eq!(abort_wait(&metadata), ABORT_WAIT);
+        metadata.insert("grpc-timeout", "10S".parse().unwrap());
+        assert_eq!(abort_wait(&metadata), Duration::from_secs(9));
+        metadata.insert("grpc-timeout", "500m".parse().unwrap());
+        assert_eq!(abort_wait(&metadata), Duration::from_millis(450));
+        metadata.insert("grpc-timeout", "1H".parse().unwrap());
+        assert_eq!(abort_wait(&metadata), ABORT_WAIT);
     }
 }

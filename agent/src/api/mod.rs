@@ -4,6 +4,7 @@
 //! Every call is counted by its status code (metrics); every mutating call is written to the
 //! audit log with who made it (`peer`).
 
+pub mod admit;
 pub mod authority;
 pub mod caps;
 pub mod convert;
@@ -31,6 +32,7 @@ pub use self::fault::FaultApi;
 pub use self::lease::LeaseApi;
 use crate::audit::{AuditLog, Entry, Peer};
 use crate::caps::Capabilities;
+use crate::claims::ClaimError;
 use crate::dataplane::DataplaneError;
 use crate::engine::{Engine, Error};
 use crate::fault::Invalid;
@@ -46,6 +48,11 @@ impl From<Error> for Status {
                 Status::not_found(message)
             }
             Error::Conflict { .. } => Status::already_exists(message),
+            Error::Claimed {
+                source: ClaimError::Held { .. },
+                ..
+            } => Status::already_exists(message),
+            Error::Claimed { .. } => Status::internal(message),
             Error::Exhausted(_) | Error::Dataplane(DataplaneError::Exhausted { .. }) => {
                 Status::resource_exhausted(message)
             }
@@ -255,7 +262,11 @@ pub async fn serve_on(
             if let Some(tls) = tls {
                 builder = builder.tls_config(tls)?;
             }
-            let incoming = TcpListenerStream::new(listener);
+            // Bounded before TLS has a say (admit.rs).
+            let incoming = admit::admit(
+                TcpListenerStream::new(listener),
+                admit::Limits::of_process(),
+            );
             let router = routes(&mut builder, &services, &shutdown).await?;
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(shutdown.clone())))
         }

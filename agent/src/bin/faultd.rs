@@ -79,6 +79,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             ended_retention: config.ended_retention,
         },
     );
+    let claims = faultd::claims::Claims::open(&config.instances_dir, kernel.instance.id())
+        .context("joining the faultd instances of this host (--instances-dir)")?;
+    engine.share_host(claims);
+    let _instance = kernel.instance;
     let caps = Arc::new(kernel.caps);
     let services = Services::new(engine.clone(), caps.clone()).with_audit(audit);
 
@@ -87,6 +91,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         engine
             .clone()
             .run_expiry(faultd::api::stopped(stop_rx.clone())),
+    );
+    tokio::spawn(
+        engine
+            .clone()
+            .run_target_watch(faultd::api::stopped(stop_rx.clone())),
     );
     revert_on_signal(engine.clone(), services.calls.clone(), stop_tx)?;
     if let Some(listener) = metrics_listener {
@@ -152,6 +161,9 @@ struct Kernel {
     shapers: Vec<Box<dyn faultd::dataplane::Shaper>>,
     cgroup_root: CgroupRoot,
     caps: Capabilities,
+    /// This agent's identity; its beacon must live as long as the process, or other agents
+    /// take it for dead (sweeping its rules, ignoring its claims).
+    instance: Instance,
 }
 
 impl Kernel {
@@ -180,7 +192,15 @@ impl Kernel {
         // What it leaves outside its process (netfilter chains) carries this id.
         let instance = Instance::register().context("registering this agent's instance id")?;
         fs::write(config.state_dir.join("instance"), instance.id())?;
-        let shapers = shapers(&instance, &cgroup_root, &config.state_dir, &mut caps).await?;
+        let host_lock = faultd::claims::lock_path(&config.instances_dir);
+        let shapers = shapers(
+            &instance,
+            &cgroup_root,
+            &config.state_dir,
+            host_lock,
+            &mut caps,
+        )
+        .await?;
         caps.add_shaping(&shapers);
         for c in &caps.items {
             tracing::info!(capability = c.name, available = c.available, detail = %c.detail, "probe");
@@ -196,6 +216,7 @@ impl Kernel {
             shapers,
             cgroup_root,
             caps,
+            instance,
         })
     }
 }
@@ -319,6 +340,7 @@ async fn shapers(
     instance: &Instance,
     cgroup_root: &CgroupRoot,
     state_dir: &Path,
+    host_lock: PathBuf,
     caps: &mut Capabilities,
 ) -> anyhow::Result<Vec<Box<dyn Shaper>>> {
     // netem and EDT: probed by building what they need (htb, a class, its netem or fq leaf)
@@ -353,7 +375,8 @@ async fn shapers(
     let nfqueue =
         tokio::task::spawn_blocking(move || NfqueueShaper::start(&id, &root, &dir, probe.families))
             .await?
-            .context("starting the NFQUEUE mechanism")?;
+            .context("starting the NFQUEUE mechanism")?
+            .with_host_lock(host_lock);
     let mut shapers: Vec<Box<dyn Shaper>> = tc_shapers;
     shapers.push(Box::new(nfqueue));
     Ok(shapers)

@@ -129,6 +129,23 @@ pub trait Shaper: Send {
     fn counters(&self, id: &str) -> Result<Counters, DataplaneError>;
     /// Waits until background clean-up of removed faults is done (at shutdown).
     fn flush(&mut self) {}
+    /// Where the clean-up that `remove` left to the background stands.
+    fn cleanup(&self, _id: &str) -> Cleanup {
+        Cleanup::Done
+    }
+    /// Tries a failed clean-up again, in the background.
+    fn retry(&mut self, _id: &str) {}
+}
+
+/// Where the background clean-up of a removed fault stands (`Shaper::cleanup`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cleanup {
+    /// Nothing of the fault is left.
+    Done,
+    /// Under way.
+    Pending,
+    /// It failed with this error; what is left waits for `Shaper::retry`.
+    Failed(String),
 }
 
 /// A mechanism this host (or this build) lacks. It stands in the engine's list so that a user

@@ -126,6 +126,7 @@ mod tests {
                 at: SystemTime::now(),
                 reason: RevertReason::Expired,
                 detail: "lease expired".into(),
+                failing: None,
             }),
         }
     }

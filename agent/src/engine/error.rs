@@ -3,6 +3,7 @@
 
 use faultd_common::MAX_FAULTS;
 
+use crate::claims::ClaimError;
 use crate::dataplane::{DataplaneError, Unavailable};
 use crate::fault::view::RevertReason;
 use crate::fault::{FaultId, Invalid, Mechanism};
@@ -25,6 +26,14 @@ pub enum Error {
     /// `holder` which fault holds it.
     #[error("fault.target: {fault} overlaps fault {holder} (remove it first)")]
     Conflict { fault: String, holder: FaultId },
+    /// Another faultd instance on this host holds the target (`ClaimError::Held`), or the
+    /// instances' shared directory failed.
+    #[error("fault.target: {fault} overlaps: {source}")]
+    Claimed {
+        fault: String,
+        #[source]
+        source: ClaimError,
+    },
     #[error(transparent)]
     Exhausted(#[from] Limit),
     /// The kernel lacks what the action needs (a mechanism, a qdisc, a netfilter target).

@@ -13,6 +13,7 @@ use super::{
     Engine, Error, FaultRecord, FaultState, FaultView, LeaseRef, Limit, State, Unsupported, new_id,
     reset, wall_clock,
 };
+use crate::claims::Class;
 use crate::dataplane::SocketFilter;
 use crate::dataplane::clock::kernel_deadline;
 use crate::events::EventKind;
@@ -218,8 +219,11 @@ impl State {
         let id = new_id(|id| self.faults.contains_key(id) || self.ended.get(id).is_some());
         let connections_reset = Arc::new(AtomicU64::new(0));
         let placed = self
-            .place(&id, &placement, &plan.spec, &plan.resolved)
-            .map_err(Error::from)
+            .claim(&id, &plan)
+            .and_then(|()| {
+                self.place(&id, &placement, &plan.spec, &plan.resolved)
+                    .map_err(Error::from)
+            })
             .and_then(|()| {
                 // New connects are refused before the old connections go, so a client cannot
                 // slip a reconnect in between.
@@ -240,6 +244,7 @@ impl State {
         let watcher = match placed {
             Ok(watcher) => watcher,
             Err(e) => {
+                self.release_claims(&id);
                 self.free_slots.push(slot);
                 if private {
                     self.leases.remove(&lease_id);
@@ -273,6 +278,24 @@ impl State {
             },
         );
         self.fault_view(&id, FaultState::Active)
+    }
+
+    /// Takes the fault's keys among the faultd instances of this host, or names the one that
+    /// holds them.
+    fn claim(&mut self, id: &str, plan: &Plan) -> Result<(), Error> {
+        let Some(claims) = &mut self.claims else {
+            return Ok(());
+        };
+        let class = match plan.shaper {
+            Some(_) => Class::Shaped,
+            None => Class::Rules,
+        };
+        claims
+            .claim(id, class, &plan.keys)
+            .map_err(|source| Error::Claimed {
+                fault: format!("{} {}", plan.spec.action.name(), plan.spec.target.summary()),
+                source,
+            })
     }
 
     /// Tells watchers that a planned fault (`view`) could not be applied; nothing was.

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use faultd_common::{Counters, MAX_FAULTS, RuleKey};
+use faultd_common::{MAX_FAULTS, RuleKey};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -16,7 +16,7 @@ pub use self::error::{Error, Limit, Unsupported};
 use self::placement::Placement;
 use crate::dataplane::clock::{kernel_deadline, monotonic_now_ns};
 use crate::dataplane::{Dataplane, Shaper};
-use crate::events::{EventKind, Events};
+use crate::events::Events;
 pub use crate::fault::view::{Ending, FaultState, FaultView, LeaseView, RevertReason};
 use crate::fault::{FaultId, FaultSpec, Invalid, Labels, LeaseId};
 use crate::lease::{Lease, LeaseTable};
@@ -51,6 +51,15 @@ pub enum Select {
     /// Ended, within the retention window.
     Ended,
     All,
+}
+
+/// What an Abort did.
+#[derive(Clone, Debug, Default)]
+pub struct Aborted {
+    pub faults: Vec<FaultId>,
+    pub leases: Vec<LeaseId>,
+    /// Faults whose kernel clean-up was still under way (or failing) when the wait ran out.
+    pub still_reverting: Vec<FaultId>,
 }
 
 /// Which lease an Inject goes under.
@@ -96,6 +105,11 @@ struct State {
     resolver: Box<dyn Resolve>,
     /// Faults that ended, readable for a while, and what every ended fault did.
     ended: ended::Ended,
+    /// Faults out of force whose kernel state is not known to be gone yet (a clean-up under
+    /// way in the background, or a revert that failed and is tried again).
+    reverting: HashMap<FaultId, revert::Reverting>,
+    /// What this instance holds among the faultd instances of the host (None: alone).
+    claims: Option<crate::claims::Claims>,
 }
 
 pub struct Engine {
@@ -143,10 +157,18 @@ impl Engine {
                 shapers,
                 resolver,
                 ended: ended::Ended::new(config.ended_retention),
+                reverting: HashMap::new(),
+                claims: None,
             }),
             config,
             deadline_changed: Notify::new(),
         })
+    }
+
+    /// From now on, faults are claimed among the faultd instances of the host: one on a key
+    /// another live instance holds is refused.
+    pub fn share_host(&self, claims: crate::claims::Claims) {
+        self.lock().claims = Some(claims);
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -169,6 +191,7 @@ impl Engine {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         state.expire(now);
+        state.settle(now);
         state.ended.prune(now);
         state
     }
@@ -255,7 +278,7 @@ impl Engine {
     pub fn remove(&self, id: &str) -> Result<FaultView, Error> {
         let mut state = self.lock();
         if !state.faults.contains_key(id)
-            && let Some(ending) = state.ended.get(id).and_then(|v| v.ended.as_ref())
+            && let Some(ending) = state.ended_view(id).and_then(|v| v.ended.as_ref())
         {
             return Err(Error::Ended {
                 id: id.to_string(),
@@ -265,7 +288,7 @@ impl Engine {
         let before = state.fault_view(id, FaultState::Reverted)?;
         state.revert(id, RevertReason::Removed);
         // With its final counters and ending (unless retention is off).
-        let view = state.ended.get(id).cloned().unwrap_or(before);
+        let view = state.ended_view(id).cloned().unwrap_or(before);
         if let Some(lease) = state.leases.get(&view.lease_id)
             && lease.private
             && lease.faults.is_empty()
@@ -280,7 +303,7 @@ impl Engine {
     /// counters and ending).
     pub fn get(&self, id: &str) -> Result<FaultView, Error> {
         let state = self.lock();
-        match state.ended.get(id) {
+        match state.ended_view(id) {
             Some(view) if !state.faults.contains_key(id) => Ok(view.clone()),
             _ => state.fault_view(id, FaultState::Active),
         }
@@ -298,6 +321,14 @@ impl Engine {
                     .filter_map(|id| state.fault_view(id, FaultState::Active).ok()),
             );
         }
+        // A failing revert is not over: it shows with the faults in force.
+        for reverting in state.reverting.values() {
+            if (reverting.failing() && select != Select::Ended)
+                || (!reverting.failing() && select != Select::Active)
+            {
+                views.push(reverting.view.clone());
+            }
+        }
         if select != Select::Active {
             views.extend(state.ended.views().cloned());
         }
@@ -305,10 +336,35 @@ impl Engine {
         views
     }
 
-    /// Reverts every fault and revokes every lease.
-    pub fn abort(&self) -> (Vec<FaultId>, Vec<LeaseId>) {
+    /// Reverts every fault and revokes every lease, then waits up to `wait` until nothing of
+    /// them is left in the kernel (NFQUEUE's rules go in the background). Blocks: call it off
+    /// the async workers.
+    pub fn abort(&self, wait: Duration) -> Aborted {
         self.metrics.aborts.inc();
-        self.revert_all(self.lock(), RevertReason::Aborted)
+        let (faults, leases) = self.revert_all(self.lock(), RevertReason::Aborted);
+        let deadline = std::time::Instant::now() + wait;
+        let still_reverting = loop {
+            let left = self.reverting_of(&faults);
+            if left.is_empty() || std::time::Instant::now() >= deadline {
+                break left;
+            }
+            // The expiry task moves them on; this only looks.
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Aborted {
+            faults,
+            leases,
+            still_reverting,
+        }
+    }
+
+    /// Those of `ids` whose clean-up is under way or failing.
+    fn reverting_of(&self, ids: &[FaultId]) -> Vec<FaultId> {
+        let state = self.lock();
+        ids.iter()
+            .filter(|id| state.reverting.contains_key(*id))
+            .cloned()
+            .collect()
     }
 
     /// Reverts every fault and revokes every lease because faultd is stopping.
@@ -354,7 +410,10 @@ impl Engine {
             .filter_map(|id| state.fault_view(id, FaultState::Active).ok())
             .collect();
         let mut totals = state.ended.totals().clone();
-        for fault in &faults {
+        for fault in faults
+            .iter()
+            .chain(state.reverting.values().map(|r| &r.view))
+        {
             totals.add(fault);
         }
         crate::metrics::Snapshot {
@@ -448,13 +507,25 @@ impl State {
         }
     }
 
-    /// The earliest lease deadline or fault end.
+    /// The earliest lease deadline, fault end, or revert to look at.
     fn next_deadline(&self) -> Option<Instant> {
         let fault_end = self.fault_ends.first().map(|(at, _)| *at);
-        match (self.leases.next_deadline(), fault_end) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.leases.next_deadline(),
+            fault_end,
+            self.next_revert_check(Instant::now()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// An ended fault: one whose clean-up is still under way (or failing), or one on record.
+    fn ended_view(&self, id: &str) -> Option<&FaultView> {
+        self.reverting
+            .get(id)
+            .map(|r| &r.view)
+            .or_else(|| self.ended.get(id))
     }
 
     fn revoke(&mut self, id: &str, reason: RevertReason) -> Vec<FaultId> {
@@ -474,67 +545,9 @@ impl State {
             RevertReason::Revoked => "lease revoked",
             RevertReason::Aborted => "FaultService.Abort",
             RevertReason::Shutdown => "faultd stopped",
+            RevertReason::TargetGone => "its target is gone",
         };
         self.revert_because(id, reason, detail);
-    }
-
-    /// Takes a fault out of the kernel and the tables. Removing a key cannot be undone
-    /// half-way in any useful sense, so errors are logged and the bookkeeping goes on: the
-    /// kernel entry still expires by its deadline.
-    fn revert_because(&mut self, id: &str, reason: RevertReason, detail: &str) {
-        let started = std::time::Instant::now();
-        let Some(fault) = self.faults.remove(id) else {
-            return;
-        };
-        // The final counters, read while the entries are still there: they outlive the fault.
-        let counters = self.counters(id, &fault.placement).unwrap_or_else(|e| {
-            tracing::warn!(fault = %id, error = %e, "reading the final counters");
-            Counters::default()
-        });
-        let removed = self.unplace(id, &fault.placement);
-        if let Err(e) = &removed {
-            tracing::error!(fault = %id, error = %e, "removing kernel entries; they lapse at the lease deadline");
-        }
-        self.fault_ends.remove(&(fault.ends_at, id.to_string()));
-        self.free_slots.push(fault.placement.slot);
-        if let Some(lease) = self.leases.get_mut(&fault.lease_id) {
-            lease.faults.retain(|f| f != id);
-        }
-        self.metrics
-            .reverted(fault.spec.action.name(), reason, started.elapsed());
-        tracing::info!(fault = %id, reason = reason.name(), detail, "fault reverted");
-        let now = SystemTime::now();
-        let view = FaultView {
-            id: id.to_string(),
-            rules: fault.placement.keys.len(),
-            state: FaultState::Reverted,
-            counters,
-            connections_reset: fault.connections_reset.load(Ordering::Relaxed),
-            expires_at: now,
-            remaining: Duration::ZERO,
-            mechanism: fault.mechanism,
-            lease_id: fault.lease_id,
-            spec: fault.spec,
-            resolved: fault.resolved,
-            ended: Some(Ending {
-                at: now,
-                reason,
-                detail: detail.to_string(),
-            }),
-        };
-        self.ended.record(view.clone(), Instant::now());
-        if self.events.watched() {
-            if let Err(e) = removed {
-                let message = format!(
-                    "removing the fault's kernel entries: {e}; they lapse at the lease deadline"
-                );
-                self.events
-                    .publish(EventKind::Failed { message }, view.clone());
-            }
-            let detail = detail.to_string();
-            self.events
-                .publish(EventKind::Reverted { reason, detail }, view);
-        }
     }
 
     fn fault_view(&self, id: &str, state: FaultState) -> Result<FaultView, Error> {
@@ -620,5 +633,7 @@ mod error;
 mod inject;
 mod placement;
 mod reset;
+mod revert;
+mod targets;
 #[cfg(test)]
 mod tests;

@@ -324,7 +324,7 @@ impl State {
     /// Takes a fault's peers entries out (or gives them back to the faults that share them),
     /// and the markers of its keys no other fault holds. `id` must be out of `peer_owners`
     /// already, or is skipped.
-    fn remove_peer_fault(
+    pub(super) fn remove_peer_fault(
         &mut self,
         id: &str,
         keys: &[RuleKey],

@@ -13,6 +13,8 @@ pub enum FaultState {
     Reverted,
     /// What a dry run would apply; nothing was.
     DryRun,
+    /// Ended, but taking it out of the kernel failed: retried until it succeeds.
+    RevertFailing,
 }
 
 /// A fault as the API shows it.
@@ -41,6 +43,17 @@ pub struct Ending {
     pub reason: RevertReason,
     /// e.g. "lease expired", "max_fault_duration reached".
     pub detail: String,
+    /// Set while taking the fault out of the kernel fails.
+    pub failing: Option<RevertFailure>,
+}
+
+/// Why a fault's revert fails, while it is retried.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevertFailure {
+    /// The last attempt's error.
+    pub error: String,
+    /// Attempts that failed so far.
+    pub attempts: u32,
 }
 
 impl FaultView {
@@ -77,6 +90,8 @@ pub enum RevertReason {
     Aborted,
     /// faultd is stopping.
     Shutdown,
+    /// Its target went away (its cgroup was deleted).
+    TargetGone,
 }
 
 impl RevertReason {
@@ -87,6 +102,7 @@ impl RevertReason {
             Self::Revoked => "revoked",
             Self::Aborted => "aborted",
             Self::Shutdown => "shutdown",
+            Self::TargetGone => "target_gone",
         }
     }
 }

@@ -76,6 +76,13 @@ pub enum NfqueueError {
         #[source]
         source: io::Error,
     },
+    /// The lock shared with the other faultd instances of the host.
+    #[error("locking {}: {source}", path.display())]
+    HostLock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("creating a private network namespace: {0}")]
     PrivateNetns(#[source] io::Error),
     #[error(transparent)]

@@ -28,6 +28,7 @@
 //! runs iptables), `probe` (the start-up proof), `error` (what can fail, and how the engine
 //! sees it).
 
+mod cleanup;
 mod error;
 mod guard;
 mod lane;
@@ -46,9 +47,10 @@ use std::sync::Arc;
 use faultd_common::Counters;
 
 use super::netfilter::{self, Family, Matcher};
-use super::{DataplaneError, Shaped, Shaper};
+use super::{Cleanup, DataplaneError, Shaped, Shaper};
 use crate::fault::{Action, FaultId, Mechanism, Scope};
 use crate::target::namespaces::{self, NetNs};
+use cleanup::Cleanups;
 use error::NfqueueError;
 use placement::{Placement, backstop_until};
 pub use probe::{Probe, probe};
@@ -77,6 +79,11 @@ pub struct NfqueueShaper {
     recorded: BTreeSet<u64>,
     next_queue: u16,
     worker: Worker,
+    /// Where the background removals stand, per fault.
+    cleanups: Cleanups,
+    /// The lock the faultd instances of the host share: held from reading a namespace's rules
+    /// to applying ours, so that two instances never pick the same mark id or queue.
+    host_lock: Option<PathBuf>,
 }
 
 impl NfqueueShaper {
@@ -111,7 +118,15 @@ impl NfqueueShaper {
             in_use: HashMap::new(),
             recorded: BTreeSet::new(),
             worker: Worker::start().map_err(NfqueueError::StartWorker)?,
+            cleanups: Cleanups::default(),
+            host_lock: None,
         })
+    }
+
+    /// Shares `path`'s lock with the other faultd instances of the host (`claims::lock_path`).
+    pub fn with_host_lock(mut self, path: PathBuf) -> NfqueueShaper {
+        self.host_lock = Some(path);
+        self
     }
 
     /// The namespaces the fault applies in: an interface scope's own (the lane's queue socket
@@ -193,7 +208,7 @@ impl Shaper for NfqueueShaper {
                 }
                 Err(e) => {
                     for placement in placements {
-                        self.unplace(placement);
+                        self.unplace(None, placement);
                     }
                     return Err(e);
                 }
@@ -227,9 +242,19 @@ impl Shaper for NfqueueShaper {
 
     fn remove(&mut self, id: &str) -> Result<(), DataplaneError> {
         for placement in self.faults.remove(id).unwrap_or_default() {
-            self.unplace(placement);
+            self.unplace(Some(id), placement);
         }
         Ok(())
+    }
+
+    fn cleanup(&self, id: &str) -> Cleanup {
+        self.cleanups.status(id)
+    }
+
+    fn retry(&mut self, id: &str) {
+        for left in self.cleanups.take_failed(id) {
+            self.remove_in_background(Some(id), left.placement, left.families);
+        }
     }
 
     fn counters(&self, id: &str) -> Result<Counters, DataplaneError> {
@@ -251,7 +276,7 @@ impl Shaper for NfqueueShaper {
         if let Err(e) = self.worker.call(|| ()) {
             tracing::warn!(error = %e, "waiting for NFQUEUE clean-up");
         }
-        if self.faults.is_empty() {
+        if self.faults.is_empty() && !self.cleanups.any_failed() {
             // Nothing of ours is left anywhere: the next agent has nothing to sweep.
             self.forget_namespaces();
         }
@@ -266,6 +291,18 @@ impl Drop for NfqueueShaper {
                 tracing::warn!(error = %e, "reverting an NFQUEUE fault at exit");
             }
         }
-        self.flush();
+        // One last try for removals that failed; what still fails is the next agent's sweep,
+        // so the record of namespaces stays.
+        let leftovers = self.cleanups.take_all();
+        if leftovers.is_empty() {
+            self.flush();
+            return;
+        }
+        for left in leftovers {
+            self.remove_in_background(None, left.placement, left.families);
+        }
+        if let Err(e) = self.worker.call(|| ()) {
+            tracing::warn!(error = %e, "waiting for NFQUEUE clean-up");
+        }
     }
 }

@@ -5,11 +5,13 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::cleanup::remove_rules;
 use super::error::NfqueueError;
 use super::lane::Lane;
 use super::queue::{QUEUE_COUNT, QUEUE_FIRST};
 use super::sweep::list_sweeping;
 use super::{NfqueueShaper, shaper_error};
+use crate::claims::HostLock;
 use crate::dataplane::clock::monotonic_now_ns;
 use crate::dataplane::netfilter::{self, Family, FaultRules, Hook, Listing, Matcher};
 use crate::dataplane::{DataplaneError, Shaped};
@@ -68,6 +70,16 @@ impl NfqueueShaper {
         netns: Arc<NetNs>,
         families: &[Family],
     ) -> Result<Placement, DataplaneError> {
+        // Other instances choose from the same listing: one at a time, until ours are in.
+        let _host = match &self.host_lock {
+            Some(path) => Some(
+                HostLock::take(path).map_err(|source| NfqueueError::HostLock {
+                    path: path.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
         let listings = self.listings(&netns, families)?;
         let mut taken = BTreeSet::new();
         let mut marks = BTreeSet::new();
@@ -184,44 +196,43 @@ impl NfqueueShaper {
     }
 
     /// Stops delaying at once (the lane passes everything from now on); the rules go in the
-    /// background, then the lane, so that no packet is left in a queue nobody reads.
-    pub(super) fn unplace(&mut self, placement: Placement) {
+    /// background, then the lane, so that no packet is left in a queue nobody reads. With an
+    /// `id`, the outcome is kept for `Shaper::cleanup` (a failure for `Shaper::retry`); without
+    /// (undoing a placement that did not complete) a failure is only logged.
+    pub(super) fn unplace(&mut self, id: Option<&str>, placement: Placement) {
         placement.lane.refresh(0);
         let inode = placement.netns.inode();
-        let last = match self.in_use.get_mut(&inode) {
-            Some(count) if *count > 1 => {
-                *count -= 1;
-                false
-            }
+        match self.in_use.get_mut(&inode) {
+            Some(count) if *count > 1 => *count -= 1,
             _ => {
                 self.in_use.remove(&inode);
-                true
             }
-        };
+        }
+        let families = placement.lines.iter().map(|(family, _)| *family).collect();
+        self.remove_in_background(id, placement, families);
+    }
+
+    /// Queues the removal of what `placement` still holds; the agent's chains go too if no
+    /// fault of ours is left in its namespace by then.
+    pub(super) fn remove_in_background(
+        &mut self,
+        id: Option<&str>,
+        placement: Placement,
+        families: Vec<Family>,
+    ) {
+        let last = !self.in_use.contains_key(&placement.netns.inode());
         let instance = self.instance.clone();
+        let cleanups = self.cleanups.clone();
+        let id = id.map(str::to_owned);
+        if let Some(id) = &id {
+            cleanups.begin(id);
+        }
         self.worker.spawn(move || {
-            let Placement {
-                netns,
-                mut lane,
-                rules,
-                lines,
-            } = placement;
-            for (family, lines) in &lines {
-                let mut own = netfilter::deletion(lines);
-                own.extend(rules.teardown(*family));
-                if let Err(e) = netfilter::restore(*family, Some(&netns), &own) {
-                    tracing::warn!(error = %e, netns = %netns.path().display(), "removing NFQUEUE rules");
-                }
-                if last {
-                    let removed = netfilter::list(*family, Some(&netns)).and_then(|listing| {
-                        netfilter::restore(*family, Some(&netns), &listing.removal(&instance))
-                    });
-                    if let Err(e) = removed {
-                        tracing::warn!(error = %e, netns = %netns.path().display(), "removing faultd's chains");
-                    }
-                }
+            let left = remove_rules(placement, families, last, &instance);
+            match &id {
+                Some(id) => cleanups.finish(id, left),
+                None => drop(left),
             }
-            lane.join();
         });
     }
 }

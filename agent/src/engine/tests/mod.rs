@@ -346,8 +346,9 @@ async fn abort_reverts_everything() {
             )
             .unwrap();
     }
-    let (faults, leases) = engine.abort();
-    assert_eq!((faults.len(), leases.len()), (10, 10));
+    let aborted = engine.abort(Duration::from_secs(1));
+    assert_eq!((aborted.faults.len(), aborted.leases.len()), (10, 10));
+    assert!(aborted.still_reverting.is_empty());
     assert!(fake.rules().is_empty());
     assert!(engine.faults(Select::Active).is_empty());
 }
@@ -358,4 +359,6 @@ async fn abort_reverts_everything() {
 mod attach;
 mod connections;
 mod peers;
+mod reverts;
 mod shaping;
+mod targets;

@@ -77,6 +77,10 @@ pub async fn abort(faults: &mut FaultServiceClient<Channel>, output: Output) -> 
     let json = object(vec![
         ("revertedFaultIds", json!(abort.reverted_fault_ids)),
         ("revokedLeaseIds", json!(abort.revoked_lease_ids)),
+        (
+            "stillRevertingFaultIds",
+            json!(abort.still_reverting_fault_ids),
+        ),
         ("took", duration_json(abort.took.as_ref())),
     ]);
     show(output, || abort_text(&abort), json)

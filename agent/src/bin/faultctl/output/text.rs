@@ -233,12 +233,19 @@ pub fn fault_detail(fault: &Fault) -> String {
 pub fn abort_text(abort: &pb::AbortResponse) -> String {
     // Not rounded like remaining times: an abort usually takes well under a millisecond.
     let took = abort.took.as_ref().and_then(convert::duration_from_proto);
-    format!(
+    let mut text = format!(
         "aborted in {}: reverted faults: {}; revoked leases: {}",
         took.map_or("-".into(), duration::format),
         id_list(&abort.reverted_fault_ids),
         id_list(&abort.revoked_lease_ids)
-    )
+    );
+    if !abort.still_reverting_fault_ids.is_empty() {
+        text.push_str(&format!(
+            "; still being taken out of the kernel (faultctl get shows each): {}",
+            id_list(&abort.still_reverting_fault_ids)
+        ));
+    }
+    text
 }
 
 pub fn caps_text(caps: &CapabilitiesResponse) -> String {
