@@ -2,7 +2,8 @@
 //!
 //! Ownership comes from the process's file descriptors (`/proc/PID/fdinfo` names the
 //! `prog_id`, `map_id` or `link_id` behind each BPF fd) and, where bpftool was built with pid
-//! support, from the `pids` of `bpftool -j … show`. What exists comes from bpftool.
+//! support, from the `pids` of `bpftool -j … show`. What exists comes from bpftool, and so do
+//! the programs' run statistics while [`StatsEnabled`] holds `kernel.bpf_stats_enabled` on.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -292,8 +293,8 @@ fn fd_ids(pid: u32) -> Vec<(Kind, u64)> {
     ids
 }
 
-/// `bpftool -j <kind> show` as (id, name, owner pids).
-fn list(kind: Kind) -> Vec<(u64, String, Vec<u32>)> {
+/// `bpftool -j <kind> show`: one JSON object per object.
+fn show(kind: Kind) -> Vec<serde_json::Value> {
     let out = run_ok(Command::new("bpftool").args(["-j", kind.bpftool(), "show"]));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -302,32 +303,106 @@ fn list(kind: Kind) -> Vec<(u64, String, Vec<u32>)> {
             String::from_utf8_lossy(&out.stdout)
         )
     });
-    json.as_array()
-        .map(|items| {
-            items
-                .iter()
-                .filter_map(|item| {
-                    let id = item.get("id")?.as_u64()?;
-                    let name = item
-                        .get("name")
-                        .and_then(|n| n.as_str())
-                        .unwrap_or_default()
-                        .to_owned();
-                    let pids = item
-                        .get("pids")
-                        .and_then(|p| p.as_array())
-                        .map(|ps| {
-                            ps.iter()
-                                .filter_map(|p| p.get("pid")?.as_u64())
-                                .map(|p| p as u32)
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    Some((id, name, pids))
-                })
+    match json {
+        serde_json::Value::Array(items) => items,
+        _ => Vec::new(),
+    }
+}
+
+/// `bpftool -j <kind> show` as (id, name, owner pids).
+fn list(kind: Kind) -> Vec<(u64, String, Vec<u32>)> {
+    show(kind)
+        .iter()
+        .filter_map(|item| Some((item.get("id")?.as_u64()?, name(item), pids(item))))
+        .collect()
+}
+
+fn name(item: &serde_json::Value) -> String {
+    item.get("name")
+        .and_then(|n| n.as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The `pids` bpftool lists for an object (empty where bpftool was built without them).
+fn pids(item: &serde_json::Value) -> Vec<u32> {
+    item.get("pids")
+        .and_then(|p| p.as_array())
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| p.get("pid")?.as_u64())
+                .map(|p| p as u32)
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// One program's run statistics: how often it ran and for how long in all, since it was loaded
+/// (counted only while the statistics are on: see [`StatsEnabled`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgStats {
+    pub id: u64,
+    pub name: String,
+    pub run_cnt: u64,
+    pub run_time_ns: u64,
+}
+
+/// The programs process `pid` holds, with their run statistics now.
+pub fn prog_stats(pid: u32) -> Vec<ProgStats> {
+    let mine: BTreeSet<u64> = fd_ids(pid)
+        .into_iter()
+        .filter(|(kind, _)| *kind == Kind::Prog)
+        .map(|(_, id)| id)
+        .collect();
+    let count = |item: &serde_json::Value, key: &str| {
+        item.get(key).and_then(|v| v.as_u64()).unwrap_or_default()
+    };
+    show(Kind::Prog)
+        .iter()
+        .filter_map(|item| {
+            let id = item.get("id")?.as_u64()?;
+            (mine.contains(&id) || pids(item).contains(&pid)).then(|| ProgStats {
+                id,
+                name: name(item),
+                run_cnt: count(item, "run_cnt"),
+                run_time_ns: count(item, "run_time_ns"),
+            })
+        })
+        .collect()
+}
+
+const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// `kernel.bpf_stats_enabled` set to 1 while held, so the kernel counts every program's runs
+/// and run time; the previous value is written back on drop, also when unwinding. The counting
+/// itself costs each run two clock reads, so hold it only while measuring.
+pub struct StatsEnabled {
+    previous: String,
+}
+
+impl StatsEnabled {
+    pub fn new() -> std::io::Result<StatsEnabled> {
+        let previous = std::fs::read_to_string(STATS_SYSCTL)?.trim().to_owned();
+        std::fs::write(STATS_SYSCTL, "1")?;
+        Ok(StatsEnabled { previous })
+    }
+
+    /// Whether the statistics are still on: the sysctl is machine-wide, and another process
+    /// may have switched it off meanwhile.
+    pub fn still_on(&self) -> bool {
+        std::fs::read_to_string(STATS_SYSCTL).is_ok_and(|v| v.trim() == "1")
+    }
+}
+
+impl Drop for StatsEnabled {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(STATS_SYSCTL, &self.previous) {
+            eprintln!(
+                "warning: restoring {STATS_SYSCTL} to {}: {e}",
+                self.previous
+            );
+        }
+    }
 }
 
 /// The entries of the map `name` that process `pid` holds, as (key, value) bytes, sorted.

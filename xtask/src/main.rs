@@ -37,6 +37,9 @@ const PACKAGES: &[&str] = &[
     "postgresql-client",
     "procps",
     "python3-venv",
+    // The overhead benchmark's round trips, resolved to a fraction of a microsecond (pinned to
+    // a CPU with util-linux's taskset).
+    "sockperf",
     // The pod tests' node (tests/src/cri): containerd driven through the CRI, runc, CNI
     // bridge networking, and umoci to build the pods' image without a registry.
     "containerd",

@@ -36,6 +36,10 @@ use faultd_tests::workload::stats::{median, quantile, stddev};
 use faultd_tests::{Cgroup, Faultd, FaultdOptions, NetNs, Postgres, Redis, TempDir, Workload};
 use tonic::transport::Channel;
 
+// A crate root looks for modules beside itself: keep this binary's rooms in a folder of its name.
+#[path = "fd-bench/overhead.rs"]
+mod overhead;
+
 /// Redis and PostgreSQL on their own ports, and through the proxy.
 const DIRECT: (u16, u16) = (REDIS_PORT, POSTGRES_PORT);
 const PROXIED: (u16, u16) = (16_379, 15_432);
@@ -304,7 +308,7 @@ async fn run(args: Args, probe: PathBuf) -> anyhow::Result<()> {
         let mut task = tokio::spawn(async move {
             match name {
                 "latency" => latency(&c).await,
-                "overhead" => overhead(&c).await,
+                "overhead" => overhead::overhead(&c).await,
                 "accuracy" => accuracy(&c).await,
                 "scale" => scale(&c).await,
                 "churn" => churn(&c).await,
@@ -741,7 +745,9 @@ fn ms(ns: i128) -> f64 {
 enum Way {
     /// faultd, on a cgroup that already has a fault (its scope entry exists).
     Existing,
-    /// faultd, on a cgroup created for the round (a new scope entry).
+    /// faultd, on a cgroup created for the round, which had no fault: faultd adds its scope
+    /// and, where its programs sit only at faulted cgroups, attaches them there (the Remove of
+    /// the cgroup's last fault detaches them).
     NewCgroup,
     /// faultd, under a lease left to run out.
     Deadline,
@@ -923,7 +929,8 @@ async fn latency(ctx: &Ctx) -> anyhow::Result<()> {
             q,
         )
         .against(format!("iptables -A {name}"), ipt_apply(q));
-        ctx.push(row.p99_goal(q, 50.0));
+        // Includes attaching faultd's programs where the cgroup had no fault before.
+        ctx.push(row.p99_goal(q, 5.0));
         ctx.push(Row::quantile(
             B,
             format!("iptables -D → first pass {name}"),
@@ -939,7 +946,8 @@ async fn latency(ctx: &Ctx) -> anyhow::Result<()> {
                 &existing.recovered,
                 q,
             )
-            .against(format!("iptables -D {name}"), ipt_rec(q)),
+            .against(format!("iptables -D {name}"), ipt_rec(q))
+            .p99_goal(q, 5.0),
         );
         ctx.push(
             Row::quantile(
@@ -949,7 +957,8 @@ async fn latency(ctx: &Ctx) -> anyhow::Result<()> {
                 &new.recovered,
                 q,
             )
-            .against(format!("iptables -D {name}"), ipt_rec(q)),
+            .against(format!("iptables -D {name}"), ipt_rec(q))
+            .p99_goal(q, 5.0),
         );
         let row = Row::quantile(
             B,
@@ -970,14 +979,13 @@ async fn latency(ctx: &Ctx) -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// (1) Idle overhead
+// Client workloads, shared by overhead (fd-bench/overhead.rs), proxy and scale
 
-/// One client run: throughput and latency quantiles.
+/// One client run: throughput and median latency.
 #[derive(Clone, Copy, Debug)]
 struct Perf {
     rps: f64,
     p50_ms: f64,
-    p99_ms: f64,
 }
 
 /// `redis-benchmark -t get,set` from inside the workload; one Perf per test.
@@ -1027,7 +1035,6 @@ fn redis_benchmark(
             Perf {
                 rps: get(1)?,
                 p50_ms: get(4)?,
-                p99_ms: get(6)?,
             },
         ));
     }
@@ -1094,7 +1101,6 @@ fn pgbench(inside: &Workload, port: u16, seconds: u32) -> anyhow::Result<Perf> {
     Ok(Perf {
         rps: tps,
         p50_ms: quantile(&latencies, 0.5) / 1000.0,
-        p99_ms: quantile(&latencies, 0.99) / 1000.0,
     })
 }
 
@@ -1152,98 +1158,6 @@ impl DbScene {
             netns,
         }
     }
-}
-
-async fn overhead(ctx: &Ctx) -> anyhow::Result<()> {
-    const B: &str = "overhead";
-    let scene = DbScene::start(ctx);
-    let (cgroup, inside) = (&scene.cgroup, &scene.inside);
-
-    let rounds = ctx.rounds(5, 2);
-    // name → per round (without faultd, with faultd)
-    let mut pairs: Vec<(String, Vec<(Perf, Perf)>)> = Vec::new();
-    // faultd's own CPU while the clients ran: what it takes from them on a small machine.
-    let mut faultd_cpu = Vec::new();
-    for round in 0..rounds {
-        // Alternate which goes first, so a drift in the machine's load favours neither.
-        let mut without = None;
-        let mut with = None;
-        for first in [round % 2 == 0, round % 2 != 0] {
-            if first {
-                without = Some(workloads(ctx, inside, DIRECT)?);
-            } else {
-                let bench = BenchFaultd::start().await;
-                let faults = bench.faultd.faults();
-                let ids = inject_many(
-                    &faults,
-                    cgroup,
-                    IDLE_PORTS,
-                    1000,
-                    Protocol::Unspecified,
-                    Direction::Unspecified,
-                )
-                .await;
-                assert_eq!(ids.len(), 1000);
-                let pid = bench.faultd.pid();
-                let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
-                with = Some(workloads(ctx, inside, DIRECT)?);
-                faultd_cpu.push(100.0 * (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64());
-            }
-        }
-        let (without, with) = (without.expect("ran"), with.expect("ran"));
-        for ((name, a), (_, b)) in without.into_iter().zip(with) {
-            match pairs.iter_mut().find(|(n, _)| *n == name) {
-                Some((_, v)) => v.push((a, b)),
-                None => pairs.push((name, vec![(a, b)])),
-            }
-        }
-    }
-    for (name, runs) in pairs {
-        let ratios: Vec<f64> = runs.iter().map(|(a, b)| b.rps / a.rps).collect();
-        let base = median(&runs.iter().map(|(a, _)| a.rps).collect::<Vec<_>>());
-        let row = Row::new(
-            B,
-            format!("{name}: throughput with/without"),
-            "ratio",
-            &ratios,
-        );
-        let met = row.value >= 0.99;
-        let mut row = row.goal("≥ 0.99", met);
-        row.baseline = Some(("no faultd, req/s".to_owned(), base));
-        ctx.push(row);
-        // What faultd added to a latency quantile (us, per round), and the quantile without it.
-        let added = |quantile: fn(&Perf) -> f64| {
-            let added: Vec<f64> = runs
-                .iter()
-                .map(|(a, b)| (quantile(b) - quantile(a)) * 1000.0)
-                .collect();
-            let base: Vec<f64> = runs.iter().map(|(a, _)| quantile(a) * 1000.0).collect();
-            (added, median(&base))
-        };
-        let (p50, base50) = added(|run| run.p50_ms);
-        let row = Row::new(B, format!("{name}: p50 added"), "us", &p50);
-        let met = row.value <= 2.0;
-        let mut row = row.goal("≤ 2 us", met);
-        row.baseline = Some(("no faultd p50, us".to_owned(), base50));
-        ctx.push(row);
-        let (p99, base99) = added(|run| run.p99_ms);
-        let mut row = Row::new(B, format!("{name}: p99 added"), "us", &p99);
-        row.baseline = Some(("no faultd p99, us".to_owned(), base99));
-        ctx.push(row);
-    }
-    ctx.push(Row::new(
-        B,
-        "faultd CPU while the clients ran (b)",
-        "% core",
-        &faultd_cpu,
-    ));
-    ctx.note(format!(
-        "overhead: {rounds} interleaved rounds of (a) no faultd and (b) faultd with 1000 drop faults \
-         on the client's own cgroup, ports {IDLE_PORTS}-{} TCP+UDP both directions (none matching); \
-         redis-benchmark -c 8, pgbench -S -c 4; redis-benchmark reports its latency quantiles in steps of 8 us at these values",
-        IDLE_PORTS + 999
-    ));
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
