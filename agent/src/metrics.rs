@@ -56,6 +56,8 @@ pub struct Metrics {
     pub faults_applied: Family<ActionLabels, Counter>,
     pub faults_reverted: Family<RevertLabels, Counter>,
     pub lease_expirations: Counter,
+    /// Renewals answered while the engine was busy, applied to the kernel right after.
+    pub renewals_deferred: Counter,
     pub aborts: Counter,
     pub apply_seconds: HistogramFamily<ActionLabels>,
     pub revert_seconds: HistogramFamily<ActionLabels>,
@@ -73,6 +75,7 @@ impl Default for Metrics {
             faults_applied: Family::default(),
             faults_reverted: Family::default(),
             lease_expirations: Counter::default(),
+            renewals_deferred: Counter::default(),
             aborts: Counter::default(),
             apply_seconds: Family::new_with_constructor(latency_histogram),
             revert_seconds: Family::new_with_constructor(latency_histogram),
@@ -138,6 +141,12 @@ impl Metrics {
             "lease_expirations",
             "Leases that expired because nobody renewed them",
             self.lease_expirations.clone(),
+        );
+        registry.register(
+            "lease_renewals_deferred",
+            "Lease renewals answered while faultd was busy with other faults' kernel or iptables \
+             work, recorded and applied right after (they never wait)",
+            self.renewals_deferred.clone(),
         );
         registry.register(
             "aborts",

@@ -120,7 +120,14 @@ pub struct RunStats {
 }
 
 impl RunStats {
+    /// Panics if the kernel refuses (not root, or older than Linux 5.8).
     pub fn enable() -> RunStats {
+        RunStats::try_enable().unwrap_or_else(|e| {
+            panic!("bpf(BPF_ENABLE_STATS) failed: {e} (needs root and Linux 5.8 or later)")
+        })
+    }
+
+    pub fn try_enable() -> std::io::Result<RunStats> {
         const BPF_ENABLE_STATS: libc::c_long = 32;
         const BPF_STATS_RUN_TIME: u32 = 0;
         // union bpf_attr's enable_stats member: one u32, the rest of the union zero.
@@ -135,15 +142,13 @@ impl RunStats {
                 attr.len() as libc::c_uint,
             )
         };
-        assert!(
-            fd >= 0,
-            "bpf(BPF_ENABLE_STATS) failed: {} (needs root and Linux 5.8 or later)",
-            std::io::Error::last_os_error()
-        );
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         // SAFETY: the syscall returned a new fd that nothing else owns.
         let fd =
             unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-        RunStats { _fd: fd }
+        Ok(RunStats { _fd: fd })
     }
 }
 
@@ -167,39 +172,11 @@ impl Runs {
 /// The run statistics of the programs process `pid` holds, by program name (with `RunStats`
 /// on; bpftool leaves out statistics that are zero).
 pub fn program_runs(pid: u32) -> std::collections::BTreeMap<String, Runs> {
-    let mine: BTreeSet<u64> = fd_ids(pid)
-        .into_iter()
-        .filter(|(kind, _)| *kind == Kind::Prog)
-        .map(|(_, id)| id)
-        .collect();
-    let out = run_ok(Command::new("bpftool").args(["-j", "prog", "show"]));
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "bpftool -j prog show: not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
     let mut runs = std::collections::BTreeMap::<String, Runs>::new();
-    for item in json.as_array().into_iter().flatten() {
-        let id = item.get("id").and_then(|v| v.as_u64()).unwrap_or_default();
-        let held = item
-            .get("pids")
-            .and_then(|p| p.as_array())
-            .is_some_and(|ps| {
-                ps.iter()
-                    .any(|p| p.get("pid").and_then(|v| v.as_u64()) == Some(u64::from(pid)))
-            });
-        if !mine.contains(&id) && !held {
-            continue;
-        }
-        let name = item
-            .get("name")
-            .and_then(|n| n.as_str())
-            .unwrap_or_default();
-        let field = |key: &str| item.get(key).and_then(|v| v.as_u64()).unwrap_or(0);
-        let entry = runs.entry(name.to_owned()).or_default();
-        entry.count += field("run_cnt");
-        entry.ns += field("run_time_ns");
+    for prog in prog_stats(pid) {
+        let entry = runs.entry(prog.name).or_default();
+        entry.count += prog.run_cnt;
+        entry.ns += prog.run_time_ns;
     }
     runs
 }
@@ -338,7 +315,7 @@ fn pids(item: &serde_json::Value) -> Vec<u32> {
 }
 
 /// One program's run statistics: how often it ran and for how long in all, since it was loaded
-/// (counted only while the statistics are on: see [`StatsEnabled`]).
+/// (counted only while the statistics are on: see [`RunStats`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProgStats {
     pub id: u64,
@@ -369,40 +346,6 @@ pub fn prog_stats(pid: u32) -> Vec<ProgStats> {
             })
         })
         .collect()
-}
-
-const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-/// `kernel.bpf_stats_enabled` set to 1 while held, so the kernel counts every program's runs
-/// and run time; the previous value is written back on drop, also when unwinding. The counting
-/// itself costs each run two clock reads, so hold it only while measuring.
-pub struct StatsEnabled {
-    previous: String,
-}
-
-impl StatsEnabled {
-    pub fn new() -> std::io::Result<StatsEnabled> {
-        let previous = std::fs::read_to_string(STATS_SYSCTL)?.trim().to_owned();
-        std::fs::write(STATS_SYSCTL, "1")?;
-        Ok(StatsEnabled { previous })
-    }
-
-    /// Whether the statistics are still on: the sysctl is machine-wide, and another process
-    /// may have switched it off meanwhile.
-    pub fn still_on(&self) -> bool {
-        std::fs::read_to_string(STATS_SYSCTL).is_ok_and(|v| v.trim() == "1")
-    }
-}
-
-impl Drop for StatsEnabled {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::write(STATS_SYSCTL, &self.previous) {
-            eprintln!(
-                "warning: restoring {STATS_SYSCTL} to {}: {e}",
-                self.previous
-            );
-        }
-    }
 }
 
 /// The entries of the map `name` that process `pid` holds, as (key, value) bytes, sorted.

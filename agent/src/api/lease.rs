@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use faultd_proto::v1 as pb;
 use serde_json::{Value, json};
@@ -33,6 +34,9 @@ impl LeaseApi {
 }
 
 type LeaseStream = Pin<Box<dyn Stream<Item = Result<pb::Lease, Status>> + Send>>;
+
+/// Most KeepAlive requests one pass of the engine renews.
+const KEEPALIVE_BATCH: usize = 64;
 
 fn lease_json(lease: &pb::Lease) -> Value {
     json!({ "leaseId": lease.id, "ttl": lease.ttl.map(|t| t.to_string()) })
@@ -102,21 +106,51 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
                         break;
                     }
                 };
-                let reply = match convert::lease_id(&message.lease_id, "lease_id") {
-                    Ok(id) => super::try_on_engine(&engine, move |engine| engine.renew(&id))
-                        .await
-                        .map(convert::lease),
-                    Err(invalid) => Err(Status::from(invalid)),
-                };
-                match &reply {
-                    Ok(lease) => {
-                        renewals += 1;
-                        renewed.insert(lease.id.clone());
+                // With the requests already queued behind it: one pass of the engine for all.
+                let mut batch = vec![message];
+                while batch.len() < KEEPALIVE_BATCH {
+                    match tokio::time::timeout(Duration::ZERO, inbound.next()).await {
+                        Ok(Some(Ok(message))) => batch.push(message),
+                        Ok(Some(Err(status))) => {
+                            ended = Err(status);
+                            break;
+                        }
+                        Ok(None) | Err(_) => break,
                     }
-                    Err(status) => ended = Err(status.clone()),
                 }
-                let failed = reply.is_err();
-                if tx.send(reply).await.is_err() || failed {
+                let ids: Result<Vec<String>, Status> = batch
+                    .iter()
+                    .map(|m| convert::lease_id(&m.lease_id, "lease_id").map_err(Status::from))
+                    .collect();
+                let replies: Vec<Result<pb::Lease, Status>> = match ids {
+                    Ok(ids) => {
+                        match super::on_engine(&engine, move |engine| engine.renew_all(&ids)).await
+                        {
+                            Ok(answers) => answers
+                                .into_iter()
+                                .map(|a| a.map(convert::lease).map_err(Status::from))
+                                .collect(),
+                            Err(status) => vec![Err(status)],
+                        }
+                    }
+                    Err(status) => vec![Err(status)],
+                };
+                let mut stop = ended.is_err();
+                for reply in replies {
+                    match &reply {
+                        Ok(lease) => {
+                            renewals += 1;
+                            renewed.insert(lease.id.clone());
+                        }
+                        Err(status) => ended = Err(status.clone()),
+                    }
+                    let failed = reply.is_err();
+                    if tx.send(reply).await.is_err() || failed {
+                        stop = true;
+                        break;
+                    }
+                }
+                if stop {
                     break;
                 }
             }

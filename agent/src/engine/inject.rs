@@ -256,9 +256,7 @@ impl State {
             }
         };
         self.own(&id, &placement);
-        if let Some(lease) = self.leases.get_mut(&lease_id) {
-            lease.faults.push(id.clone());
-        }
+        self.leases.add_fault(&lease_id, &id);
         tracing::info!(fault = %id, lease = %lease_id, action = plan.spec.action.name(),
             mechanism = plan.mechanism, target = %plan.spec.target.summary(),
             cgroup_id = plan.resolved.cgroup_id, rules = placement.keys.len(),

@@ -118,8 +118,11 @@ pub struct Engine {
     /// Shared with `State` (cheap handles), so readers need not take the lock.
     events: Events,
     metrics: Metrics,
-    /// Wakes the expiry task when the earliest deadline may have moved.
+    /// Wakes the expiry task when the earliest deadline may have moved (or renewals wait to
+    /// be applied).
     deadline_changed: Notify,
+    /// The leases as renewals see them while the engine is busy.
+    directory: crate::lease::Directory,
 }
 
 impl Engine {
@@ -140,11 +143,13 @@ impl Engine {
     ) -> Arc<Self> {
         let events = Events::default();
         let metrics = Metrics::default();
+        let leases = LeaseTable::default();
         Arc::new(Self {
             events: events.clone(),
             metrics: metrics.clone(),
+            directory: leases.directory(),
             state: Mutex::new(State {
-                leases: LeaseTable::default(),
+                leases,
                 faults: HashMap::new(),
                 fault_ends: BTreeSet::new(),
                 events,
@@ -188,7 +193,12 @@ impl Engine {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave kernel state half-applied (every step
         // rolls back before returning), so the data is still usable.
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.settled(self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The state with the renewals recorded meanwhile applied, then what is due expired.
+    fn settled<'a>(&self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        state.apply_renewals();
         let now = Instant::now();
         state.expire(now);
         state.settle(now);
@@ -232,27 +242,49 @@ impl Engine {
         state.lease_view(&id)
     }
 
+    /// Never waits for the engine: when another call holds it (kernel or iptables work), the
+    /// renewal is answered from the lease directory and recorded there; the expiry task, woken
+    /// here, applies it to the table and the kernel as soon as the engine is free, and no lease
+    /// with a renewal recorded expires meanwhile.
     pub fn renew(&self, id: &str) -> Result<LeaseView, Error> {
-        let mut state = self.lock();
+        self.renew_all(std::slice::from_ref(&id.to_string()))
+            .pop()
+            .unwrap_or_else(|| Err(not_found("lease", id)))
+    }
+
+    /// `renew` for several leases at once (a KeepAlive stream's queued requests), in order.
+    pub fn renew_all(&self, ids: &[LeaseId]) -> Vec<Result<LeaseView, Error>> {
         let now = Instant::now();
-        let lease = state
-            .leases
-            .renew(id, now)
-            .ok_or_else(|| not_found("lease", id))?
-            .clone();
-        // Push the new deadline into every kernel entry of the lease.
-        for fault_id in &lease.faults {
-            let Some(fault) = state.faults.get(fault_id) else {
-                continue;
-            };
-            let deadline = kernel_deadline(lease.deadline.min(fault.ends_at));
-            if let Some(watcher) = &fault.watcher {
-                watcher.renew(deadline);
+        let state = match self.state.try_lock() {
+            Ok(state) => Some(state),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        let answers = match state {
+            None => {
+                self.metrics.renewals_deferred.inc_by(ids.len() as u64);
+                ids.iter()
+                    .map(|id| {
+                        self.directory
+                            .renew(id, now)
+                            .map(|lease| lease_view_of(&lease))
+                            .ok_or_else(|| not_found("lease", id))
+                    })
+                    .collect()
             }
-            state.refresh(fault_id, deadline)?;
-        }
+            Some(state) => {
+                let mut state = self.settled(state);
+                ids.iter()
+                    .map(|id| {
+                        state
+                            .renew_lease(id, now)
+                            .map(|lease| lease_view_of(&lease))
+                    })
+                    .collect()
+            }
+        };
         self.deadline_changed.notify_one();
-        state.lease_view(id)
+        answers
     }
 
     pub fn revoke(&self, id: &str) -> Result<(LeaseView, Vec<FaultId>), Error> {
@@ -476,6 +508,36 @@ impl State {
         (id, deadline)
     }
 
+    /// Renews lease `id` as of `now` and pushes its new deadline into every kernel entry of its
+    /// faults.
+    fn renew_lease(&mut self, id: &str, now: Instant) -> Result<Lease, Error> {
+        let lease = self
+            .leases
+            .renew(id, now)
+            .ok_or_else(|| not_found("lease", id))?
+            .clone();
+        for fault_id in &lease.faults {
+            let Some(fault) = self.faults.get(fault_id) else {
+                continue;
+            };
+            let deadline = kernel_deadline(lease.deadline.min(fault.ends_at));
+            if let Some(watcher) = &fault.watcher {
+                watcher.renew(deadline);
+            }
+            self.refresh(fault_id, deadline)?;
+        }
+        Ok(lease)
+    }
+
+    /// Applies the renewals answered while the engine was busy.
+    fn apply_renewals(&mut self) {
+        for (id, at) in self.leases.take_pending() {
+            if let Err(e) = self.renew_lease(&id, at) {
+                tracing::warn!(lease = %id, error = %e, "applying a renewal");
+            }
+        }
+    }
+
     /// Expires every lease due at `now` and reverts its faults, and every fault that reached
     /// the policy's max_fault_duration.
     fn expire(&mut self, now: Instant) {
@@ -575,16 +637,7 @@ impl State {
     }
 
     fn view_of(&self, lease: &Lease) -> LeaseView {
-        let (expires_at, remaining) = wall_clock(lease.deadline);
-        LeaseView {
-            id: lease.id.clone(),
-            ttl: lease.ttl,
-            expires_at,
-            remaining,
-            fault_ids: lease.faults.clone(),
-            private: lease.private,
-            labels: lease.labels.clone(),
-        }
+        lease_view_of(lease)
     }
 
     fn lease_view(&self, id: &str) -> Result<LeaseView, Error> {
@@ -592,6 +645,19 @@ impl State {
             .get(id)
             .map(|l| self.view_of(l))
             .ok_or_else(|| not_found("lease", id))
+    }
+}
+
+fn lease_view_of(lease: &Lease) -> LeaseView {
+    let (expires_at, remaining) = wall_clock(lease.deadline);
+    LeaseView {
+        id: lease.id.clone(),
+        ttl: lease.ttl,
+        expires_at,
+        remaining,
+        fault_ids: lease.faults.clone(),
+        private: lease.private,
+        labels: lease.labels.clone(),
     }
 }
 

@@ -66,9 +66,7 @@ impl State {
         // Its keys are free from now on, as within this instance (`unplace` gave them up).
         self.release_claims(id);
         self.fault_ends.remove(&(fault.ends_at, id.to_string()));
-        if let Some(lease) = self.leases.get_mut(&fault.lease_id) {
-            lease.faults.retain(|f| f != id);
-        }
+        self.leases.remove_fault(&fault.lease_id, id);
         self.metrics
             .reverted(fault.spec.action.name(), reason, started.elapsed());
         let now = SystemTime::now();

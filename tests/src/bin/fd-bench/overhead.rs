@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use faultd_proto::v1::{Direction, Protocol};
 use faultd_tests::api::{cgroup_target, counters, drop_fault, get_fault, with_ttl};
-use faultd_tests::bpf::{ProgStats, StatsEnabled, prog_stats};
+use faultd_tests::bpf::{ProgStats, RunStats, prog_stats};
 use faultd_tests::process::{ChildGuard, describe, output, poll};
 use faultd_tests::servers::{POSTGRES_PORT, REDIS_PORT};
 use faultd_tests::workload::stats::median;
@@ -110,13 +110,13 @@ struct Scene<'a> {
     db: &'a DbScene,
     other: &'a Cgroup,
     cpu: usize,
-    stats: &'a StatsEnabled,
+    _stats: &'a RunStats,
 }
 
 pub(super) async fn overhead(ctx: &Ctx) -> anyhow::Result<()> {
     // Before anything starts, so every program run of the benchmark is counted; restored
     // when this returns or unwinds.
-    let stats = StatsEnabled::new().context("switching on kernel.bpf_stats_enabled")?;
+    let stats = RunStats::try_enable().context("switching on the kernel's BPF run statistics")?;
     let db = DbScene::start(ctx);
     // A sibling of the client's cgroup: where (c) puts its faults.
     let other = Cgroup::new();
@@ -129,7 +129,7 @@ pub(super) async fn overhead(ctx: &Ctx) -> anyhow::Result<()> {
         db: &db,
         other: &other,
         cpu,
-        stats: &stats,
+        _stats: &stats,
     };
 
     let rounds = ctx.rounds(5, 2);
@@ -160,7 +160,7 @@ pub(super) async fn overhead(ctx: &Ctx) -> anyhow::Result<()> {
          (none matching), (e) one 0% drop on the client's cgroup matching ports {REDIS_PORT}, \
          {POSTGRES_PORT} and {SOCKPERF_PORT} (it matched {matched} packets); redis-benchmark \
          -c 8, pgbench -S -c 4; sockperf ping-pong round trips, client and server pinned to CPU \
-         {cpu}; program runs and ns/run from the kernel's bpf stats (on for the whole benchmark: \
+         {cpu}; program runs and ns/run from the kernel's bpf stats (on for the whole benchmark through BPF_ENABLE_STATS: \
          each run also pays two clock reads for them), all runs on the machine while the clients \
          ran, none in (a)",
         IDLE_PORTS + 999
@@ -225,9 +225,6 @@ async fn measure(ctx: &Ctx, scene: &Scene<'_>, state: State) -> anyhow::Result<M
         .zip(cpu0)
         .map(|(pid, cpu0)| 100.0 * (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64());
     let after = pid.map(prog_stats).unwrap_or_default();
-    if !scene.stats.still_on() {
-        bail!("kernel.bpf_stats_enabled was switched off while the clients ran ({state:?})");
-    }
     let mut matched = 0;
     if let (Some(bench), Some(id)) = (&bench, &fault_id) {
         matched = counters(&get_fault(&mut bench.faultd.faults(), id).await).0;
