@@ -25,10 +25,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use faultd_proto::v1::fault_service_client::FaultServiceClient;
-use faultd_proto::v1::{AbortRequest, Direction, KeepAliveRequest, Mechanism, Protocol};
+use faultd_proto::v1::{AbortRequest, Direction, Mechanism, Protocol};
 use faultd_tests::api::{
-    cgroup_target, delay_fault, drop_fault, grant, lease_deadline, list_leases, remove,
-    under_lease, with_ttl,
+    cgroup_target, delay_fault, drop_fault, grant, lease_deadline, remove, under_lease, with_ttl,
 };
 use faultd_tests::process::{ChildGuard, describe, output, run_ok, unix_ns};
 use faultd_tests::servers::{POSTGRES_PORT, REDIS_PORT};
@@ -37,6 +36,8 @@ use faultd_tests::{Cgroup, Faultd, FaultdOptions, NetNs, Postgres, Redis, TempDi
 use tonic::transport::Channel;
 
 // A crate root looks for modules beside itself: keep this binary's rooms in a folder of its name.
+#[path = "fd-bench/churn.rs"]
+mod churn;
 #[path = "fd-bench/overhead.rs"]
 mod overhead;
 
@@ -311,7 +312,7 @@ async fn run(args: Args, probe: PathBuf) -> anyhow::Result<()> {
                 "overhead" => overhead::overhead(&c).await,
                 "accuracy" => accuracy(&c).await,
                 "scale" => scale(&c).await,
-                "churn" => churn(&c).await,
+                "churn" => churn::churn(&c).await,
                 "proxy" => proxy(&c).await,
                 _ => unreachable!("listed in BENCHES"),
             }
@@ -1405,178 +1406,6 @@ async fn scale(ctx: &Ctx) -> anyhow::Result<()> {
          redis-benchmark GET and SET (-c 8, no pipelining) measured right before and after"
             .to_owned(),
     );
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// (6) Lease churn
-
-async fn churn(ctx: &Ctx) -> anyhow::Result<()> {
-    const B: &str = "churn";
-    let cgroup = Cgroup::new();
-    let bench = BenchFaultd::start().await;
-    let pid = bench.faultd.pid();
-    let mut leases = bench.faultd.leases();
-    let faults = bench.faultd.faults();
-    let run_for = Duration::from_secs(if ctx.quick { 10 } else { 60 });
-    let ttl = Duration::from_secs(1);
-    let count = 1000usize;
-    let streams = 100usize;
-
-    // Each stream starts as soon as its leases are granted: granting 1000 leases, and then
-    // injecting 1000 faults, takes a while against a 1 s ttl.
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let renewals = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    let mut ids = Vec::with_capacity(count);
-    for _ in 0..streams {
-        let mut chunk = Vec::with_capacity(count / streams);
-        for _ in 0..count / streams {
-            chunk.push(grant(&mut leases, ttl).await.id);
-        }
-        ids.extend(chunk.iter().cloned());
-        let mut client = bench.faultd.leases();
-        let (stop, failures, renewals) = (stop.clone(), failures.clone(), renewals.clone());
-        tasks.push(tokio::spawn(async move {
-            let (tx, rx) = tokio::sync::mpsc::channel(64);
-            let answers = client
-                .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await;
-            let mut answers = match answers {
-                Ok(a) => a.into_inner(),
-                Err(s) => {
-                    failures
-                        .lock()
-                        .expect("failures")
-                        .push(format!("KeepAlive: {s:?}"));
-                    return;
-                }
-            };
-            let reader = tokio::spawn({
-                let (failures, renewals) = (failures.clone(), renewals.clone());
-                async move {
-                    loop {
-                        match answers.message().await {
-                            Ok(Some(_)) => {
-                                renewals.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok(None) => return,
-                            Err(s) => {
-                                failures
-                                    .lock()
-                                    .expect("failures")
-                                    .push(format!("KeepAlive answer: {s:?}"));
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-            // Renew each lease every 250 ms: a quarter of its ttl.
-            let mut tick = tokio::time::interval(Duration::from_millis(250));
-            while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                for id in &chunk {
-                    if tx
-                        .send(KeepAliveRequest {
-                            lease_id: id.clone(),
-                        })
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-            drop(tx);
-            let _ = reader.await;
-        }));
-    }
-    // One UDP drop fault under each lease, on ports nothing uses.
-    let mut set = tokio::task::JoinSet::new();
-    for (i, id) in ids.iter().enumerate() {
-        let mut client = faults.clone();
-        let fault = drop_fault(
-            100.0,
-            cgroup_target(
-                &cgroup,
-                &[IDLE_PORTS + i as u16],
-                Protocol::Udp,
-                Direction::Egress,
-            ),
-        );
-        let id = id.clone();
-        set.spawn(async move { client.inject(under_lease(fault, &id)).await.map(|_| ()) });
-    }
-    let mut inject_failed = 0;
-    while let Some(r) = set.join_next().await {
-        if !matches!(r, Ok(Ok(()))) {
-            inject_failed += 1;
-        }
-    }
-    let cpu0 = cpu_seconds(pid);
-    let t0 = Instant::now();
-    tokio::time::sleep(run_for).await;
-    let cpu = cpu_seconds(pid) - cpu0;
-    let wall = t0.elapsed().as_secs_f64();
-    let alive = list_leases(&mut leases).await;
-    let live_faults = faultd_tests::api::list_faults(&mut bench.faultd.faults())
-        .await
-        .len();
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        let _ = t.await;
-    }
-    let expired = ids
-        .iter()
-        .filter(|id| !alive.iter().any(|l| &l.id == *id))
-        .count();
-    let failures = failures.lock().expect("failures").clone();
-    if !failures.is_empty() {
-        ctx.note(format!(
-            "churn: {} KeepAlive errors, first: {}",
-            failures.len(),
-            failures[0]
-        ));
-    }
-    if inject_failed > 0 {
-        ctx.note(format!("churn: {inject_failed} of {count} Injects failed"));
-    }
-    let row = Row::new(
-        B,
-        format!(
-            "leases expired while renewed ({count}, {}s)",
-            run_for.as_secs()
-        ),
-        "count",
-        &[expired as f64],
-    );
-    let met = expired == 0;
-    ctx.push(row.goal("0", met));
-    ctx.push(Row::new(
-        B,
-        "faults still applied at the end",
-        "count",
-        &[live_faults as f64],
-    ));
-    ctx.push(Row::new(
-        B,
-        "renewals answered per second",
-        "1/s",
-        &[renewals.load(Ordering::Relaxed) as f64 / wall],
-    ));
-    ctx.push(Row::new(
-        B,
-        "faultd CPU while renewing",
-        "% core",
-        &[100.0 * cpu / wall],
-    ));
-    ctx.note(format!(
-        "churn: {count} leases of ttl 1 s, each with one UDP drop fault, renewed every 250 ms \
-         over {streams} KeepAlive streams on one connection, for {} s",
-        run_for.as_secs()
-    ));
     Ok(())
 }
 
