@@ -123,16 +123,12 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
                     .map(|m| convert::lease_id(&m.lease_id, "lease_id").map_err(Status::from))
                     .collect();
                 let replies: Vec<Result<pb::Lease, Status>> = match ids {
-                    Ok(ids) => {
-                        match super::on_engine(&engine, move |engine| engine.renew_all(&ids)).await
-                        {
-                            Ok(answers) => answers
-                                .into_iter()
-                                .map(|a| a.map(convert::lease).map_err(Status::from))
-                                .collect(),
-                            Err(status) => vec![Err(status)],
-                        }
-                    }
+                    // On this task: renewals never block (see Engine::renew_all).
+                    Ok(ids) => engine
+                        .renew_all(&ids)
+                        .into_iter()
+                        .map(|a| a.map(convert::lease).map_err(Status::from))
+                        .collect(),
                     Err(status) => vec![Err(status)],
                 };
                 let mut stop = ended.is_err();
@@ -172,8 +168,11 @@ impl pb::lease_service_server::LeaseService for LeaseApi {
         let peer = peer::of(&request);
         let id = &request.get_ref().lease_id;
         let result = match convert::lease_id(id, "lease_id") {
-            Ok(id) => super::try_on_engine(&self.engine, move |engine| engine.renew(&id))
-                .await
+            // Never blocks (see Engine::renew_all).
+            Ok(id) => self
+                .engine
+                .renew(&id)
+                .map_err(Status::from)
                 .map(convert::lease),
             Err(invalid) => Err(Status::from(invalid)),
         };

@@ -253,6 +253,8 @@ impl Engine {
     }
 
     /// `renew` for several leases at once (a KeepAlive stream's queued requests), in order.
+    /// Runs on the caller's thread: it never blocks on the engine, and when it gets the engine
+    /// it only writes deadlines (map updates; expiry is the expiry task's).
     pub fn renew_all(&self, ids: &[LeaseId]) -> Vec<Result<LeaseView, Error>> {
         let now = Instant::now();
         let state = match self.state.try_lock() {
@@ -272,10 +274,14 @@ impl Engine {
                     })
                     .collect()
             }
-            Some(state) => {
-                let mut state = self.settled(state);
+            Some(mut state) => {
+                state.apply_renewals();
                 ids.iter()
                     .map(|id| {
+                        // Past its deadline it is expiring: the expiry task reverts it.
+                        if state.leases.get(id).is_none_or(|l| l.deadline <= now) {
+                            return Err(not_found("lease", id));
+                        }
                         state
                             .renew_lease(id, now)
                             .map(|lease| lease_view_of(&lease))

@@ -59,12 +59,17 @@ impl Directory {
 
     /// Records a renewal of lease `id` at `now` for the table to apply, and answers with the
     /// lease and its new deadline; None if there is no such lease.
+    /// A lease already past its deadline is not renewed (it is expiring).
     pub fn renew(&self, id: &str, now: Instant) -> Option<Renewed> {
         let mut inner = self.lock();
-        let mut lease = inner.leases.get(id)?.clone();
-        lease.deadline = now + lease.ttl;
-        inner.pending.insert(lease.id.clone(), now);
-        Some(lease)
+        let lease = inner.leases.get_mut(id)?;
+        if lease.deadline <= now {
+            return None;
+        }
+        lease.deadline = lease.deadline.max(now + lease.ttl);
+        let renewed = lease.clone();
+        inner.pending.insert(renewed.id.clone(), now);
+        Some(renewed)
     }
 }
 

@@ -38,6 +38,8 @@ use tonic::transport::Channel;
 // A crate root looks for modules beside itself: keep this binary's rooms in a folder of its name.
 #[path = "fd-bench/churn.rs"]
 mod churn;
+#[path = "fd-bench/floor.rs"]
+mod floor;
 #[path = "fd-bench/overhead.rs"]
 mod overhead;
 

@@ -136,6 +136,7 @@ pub(super) async fn overhead(ctx: &Ctx) -> anyhow::Result<()> {
     let mut results: Vec<Vec<Measured>> = State::ALL.iter().map(|_| Vec::new()).collect();
     let mut faultd_cpu = Vec::new();
     let mut matched = 0;
+    let mut floor = Vec::new();
     for round in 0..rounds {
         // Round r starts at state r (mod 5): a drift in the machine's load favours none.
         for k in 0..State::ALL.len() {
@@ -145,8 +146,10 @@ pub(super) async fn overhead(ctx: &Ctx) -> anyhow::Result<()> {
             matched += m.matched;
             results[i].push(m);
         }
+        floor.push(measure_floor(ctx, &scene)?);
     }
     report(ctx, &results);
+    report_floor(ctx, &results, &floor);
     ctx.push(Row::new(
         B,
         "faultd CPU while the clients ran (b-e)",
@@ -166,6 +169,54 @@ pub(super) async fn overhead(ctx: &Ctx) -> anyhow::Result<()> {
         IDLE_PORTS + 999
     ));
     Ok(())
+}
+
+/// The empty program's ns/run, no faultd, the same clients as every state.
+fn measure_floor(ctx: &Ctx, scene: &Scene<'_>) -> anyhow::Result<f64> {
+    let inside = &scene.db.inside;
+    let empty = super::floor::EmptyProgram::attach(scene.db.cgroup.dir())?;
+    let (n0, t0) = empty.runs();
+    workloads(ctx, inside, DIRECT)?;
+    let seconds = if ctx.quick { 2 } else { 4 };
+    for tcp in [true, false] {
+        sockperf(inside, scene.cpu, tcp, seconds)?;
+    }
+    let (n1, t1) = empty.runs();
+    anyhow::ensure!(n1 > n0, "the empty program never ran");
+    Ok((t1 - t0) as f64 / (n1 - n0) as f64)
+}
+
+/// The floor row, and (d)'s packet programs above it, round by round.
+fn report_floor(ctx: &Ctx, results: &[Vec<Measured>], floor: &[f64]) {
+    ctx.push(Row::new(
+        B,
+        format!(
+            "empty cgroup_skb program ({}) ns/run: the floor",
+            super::floor::NAME
+        ),
+        "ns",
+        floor,
+    ));
+    let own = State::ALL
+        .iter()
+        .position(|s| *s == State::OwnCgroup)
+        .expect("state (d)");
+    for program in PACKET_PROGRAMS {
+        let above: Vec<f64> = results[own]
+            .iter()
+            .zip(floor)
+            .filter_map(|(m, floor)| {
+                let runs = find(&m.runs, program)?;
+                (runs.count > 0).then(|| runs.time_ns as f64 / runs.count as f64 - floor)
+            })
+            .collect();
+        ctx.push(Row::new(
+            B,
+            format!("(d) own cgroup: {program} ns/run above the floor"),
+            "ns",
+            &above,
+        ));
+    }
 }
 
 /// One state, once: sets it up, runs every client, and takes it down.
