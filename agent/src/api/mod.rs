@@ -182,16 +182,25 @@ pub enum Listener {
 /// Runs a call into the engine on the blocking pool. The engine is synchronous and its calls
 /// may touch the kernel at length — iptables-restore run inside another network namespace,
 /// netlink from a thread that entered one, sock_diag dumps, reverting what expired — which must
-/// not hold an async worker.
+/// not hold an async worker. At most `ENGINE_CALLS` run at once (they take turns at the
+/// engine anyway): a burst of calls waits here, as tasks, instead of growing a thread each.
 pub async fn on_engine<T: Send + 'static>(
     engine: &Arc<Engine>,
     call: impl FnOnce(&Engine) -> T + Send + 'static,
 ) -> Result<T, Status> {
+    static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(ENGINE_CALLS);
+    let _slot = SLOTS
+        .acquire()
+        .await
+        .map_err(|e| Status::internal(format!("engine task: {e}")))?;
     let engine = engine.clone();
     tokio::task::spawn_blocking(move || call(&engine))
         .await
         .map_err(|e| Status::internal(format!("engine task: {e}")))
 }
+
+/// Engine calls on the blocking pool at once.
+const ENGINE_CALLS: usize = 16;
 
 /// `on_engine` for a call that may fail: the engine's error becomes the call's status.
 pub async fn try_on_engine<T: Send + 'static>(
