@@ -73,17 +73,20 @@ impl Budget {
 
     /// From this process's soft RLIMIT_NOFILE.
     pub fn of_process() -> Self {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit writes one rlimit into the struct we pass.
-        let nofile = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
-            0 if limit.rlim_cur != libc::RLIM_INFINITY => limit.rlim_cur,
-            // Unknown or unlimited: take the usual default.
-            _ => 1024,
-        };
-        Self::for_limit(nofile)
+        Self::for_limit(nofile_limit())
+    }
+}
+
+/// This process's soft RLIMIT_NOFILE (1024, the usual default, when unknown or unlimited).
+pub fn nofile_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we pass.
+    match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+        0 if limit.rlim_cur != libc::RLIM_INFINITY => limit.rlim_cur,
+        _ => 1024,
     }
 }
 

@@ -185,3 +185,15 @@ impl Drop for Stopped {
         signal(self.0, libc::SIGCONT);
     }
 }
+
+/// How many threads process `pid` has now (0 if it is gone).
+pub fn threads(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}

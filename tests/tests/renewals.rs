@@ -8,6 +8,7 @@ use faultd_proto::v1::{Direction, KeepAliveRequest, Mechanism, Protocol, RemoveR
 use faultd_tests::api::{
     cgroup_target, delay_fault, drop_fault, grant, list_leases, under_lease, with_ttl,
 };
+use faultd_tests::process::threads;
 use faultd_tests::workload::stats::quantile;
 use faultd_tests::{Cgroup, Faultd};
 use tokio_stream::StreamExt;
@@ -115,17 +116,6 @@ async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
         .into_iter()
         .map(|o| o.expect("every future finished"))
         .collect()
-}
-
-fn threads(pid: u32) -> usize {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -45,17 +45,7 @@ impl Limits {
 
     /// From this process's soft RLIMIT_NOFILE.
     pub fn of_process() -> Limits {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit writes one rlimit into the struct we pass.
-        let nofile = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
-            0 if limit.rlim_cur != libc::RLIM_INFINITY => limit.rlim_cur,
-            // Unknown or unlimited: take the usual default.
-            _ => 1024,
-        };
-        Limits::for_limit(nofile)
+        Limits::for_limit(crate::http::nofile_limit())
     }
 }
 

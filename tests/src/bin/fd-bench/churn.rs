@@ -14,6 +14,7 @@ use faultd_proto::v1::{Direction, KeepAliveRequest, Mechanism, Protocol, RemoveR
 use faultd_tests::api::{
     cgroup_target, delay_fault, drop_fault, grant, list_leases, under_lease, with_ttl,
 };
+use faultd_tests::process::threads;
 use faultd_tests::{Cgroup, Faultd};
 
 use super::{BenchFaultd, Ctx, IDLE_PORTS, Row, cpu_seconds};
@@ -33,17 +34,6 @@ struct Seen {
     latencies: Vec<f64>,
     /// Streams that ended with an error (the server closing them included).
     failures: Vec<String>,
-}
-
-fn threads(pid: u32) -> usize {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// One KeepAlive stream renewing `ids` every `EVERY` until `stop`.
