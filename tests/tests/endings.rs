@@ -339,9 +339,15 @@ async fn a_fault_whose_cgroup_is_deleted_ends_as_target_gone_with_its_event() {
         faultd_tests::bpf::map_entries(faultd.pid(), "FAULTD_RULES").is_empty(),
         "the drop's kernel entries are gone"
     );
+    // Get answers REVERTED once the delay stopped; its rules go in the background, and its
+    // Reverted event (checked below) comes when they are out.
+    let rules_gone = faultd_tests::process::poll(Duration::from_secs(3), || {
+        (!mangle().contains(&format!("faultd:{}", delaying.id))).then_some(())
+    });
     assert!(
-        !mangle().contains(&format!("faultd:{}", delaying.id)),
-        "the delay's rules are gone"
+        rules_gone.is_some(),
+        "the delay's rules are still in the mangle table 3 s after it ended:\n{}",
+        mangle()
     );
     assert!(
         faultd_tests::api::list_leases(&mut faultd.leases())
