@@ -104,6 +104,16 @@ impl BpfObjects {
         }
     }
 
+    /// Waits up to `timeout` for the kernel to free these objects (it does so a moment after
+    /// their last reference goes, RCU); what is still there then, or None.
+    pub fn left_after(&self, timeout: std::time::Duration) -> Option<BpfObjects> {
+        let gone = crate::process::poll(timeout, || self.still_present().is_empty().then_some(()));
+        match gone {
+            Some(()) => None,
+            None => Some(self.still_present()),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.progs.objects.is_empty()
             && self.links.objects.is_empty()
@@ -169,18 +179,6 @@ impl Runs {
     }
 }
 
-/// The run statistics of the programs process `pid` holds, by program name (with `RunStats`
-/// on; bpftool leaves out statistics that are zero).
-pub fn program_runs(pid: u32) -> std::collections::BTreeMap<String, Runs> {
-    let mut runs = std::collections::BTreeMap::<String, Runs>::new();
-    for prog in prog_stats(pid) {
-        let entry = runs.entry(prog.name).or_default();
-        entry.count += prog.run_cnt;
-        entry.ns += prog.run_time_ns;
-    }
-    runs
-}
-
 /// The runs of every program process `pid` holds, summed, from its fds' fdinfo (`run_cnt`,
 /// `run_time_ns`, with `RunStats` on): no bpftool needed (the kernel matrix guests have none).
 pub fn fd_runs(pid: u32) -> Runs {
@@ -217,25 +215,24 @@ pub fn links_held(pid: u32) -> usize {
         .count()
 }
 
-/// What ran between two readings of `program_runs`, by program name.
+/// What each program ran between two readings of `prog_stats`, summed by name; matched by
+/// program id, so a program loaded in between counts from 0. Only programs that ran.
 pub fn runs_between(
-    before: &std::collections::BTreeMap<String, Runs>,
-    after: &std::collections::BTreeMap<String, Runs>,
+    before: &[ProgStats],
+    after: &[ProgStats],
 ) -> std::collections::BTreeMap<String, Runs> {
-    after
-        .iter()
-        .map(|(name, a)| {
-            let b = before.get(name).copied().unwrap_or_default();
-            (
-                name.clone(),
-                Runs {
-                    count: a.count.saturating_sub(b.count),
-                    ns: a.ns.saturating_sub(b.ns),
-                },
-            )
-        })
-        .filter(|(_, r)| r.count > 0)
-        .collect()
+    let mut runs = std::collections::BTreeMap::<String, Runs>::new();
+    for prog in after {
+        let (count, ns) = before
+            .iter()
+            .find(|p| p.id == prog.id)
+            .map_or((0, 0), |p| (p.run_cnt, p.run_time_ns));
+        let entry = runs.entry(prog.name.clone()).or_default();
+        entry.count += prog.run_cnt.saturating_sub(count);
+        entry.ns += prog.run_time_ns.saturating_sub(ns);
+    }
+    runs.retain(|_, r| r.count > 0);
+    runs
 }
 
 /// (kind, id) of every BPF fd of `pid`.

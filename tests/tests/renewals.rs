@@ -91,47 +91,22 @@ async fn keep_alive(
     }
 }
 
-/// Runs the futures side by side (on this task) and returns their outputs in order.
-async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
-    let mut pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();
-    let mut outputs: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (future, output) in pinned.iter_mut().zip(outputs.iter_mut()) {
-            if output.is_none() {
-                match future.as_mut().poll(cx) {
-                    std::task::Poll::Ready(value) => *output = Some(value),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    outputs
-        .into_iter()
-        .map(|o| o.expect("every future finished"))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "privileged: needs root, BPF, cgroup v2 and iptables; `cargo xtask test` runs it as root"]
 async fn renewals_are_answered_at_once_while_other_faults_come_and_go() {
-    let faultd = Faultd::start().await;
-    let cgroup = Cgroup::new();
+    let faultd = std::sync::Arc::new(Faultd::start().await);
+    let cgroup = std::sync::Arc::new(Cgroup::new());
 
     // Each stream grants its leases (ttl 1 s), puts a drop on a port of its own under each, so
     // renewing it moves kernel deadlines, and renews them every 250 ms from then on.
     let threads_before = threads(faultd.pid());
     let until = Instant::now() + CHURN_FOR;
-    let streams: Vec<_> = (0..STREAMS)
-        .map(|stream| {
-            let (faultd, cgroup) = (&faultd, &cgroup);
-            async move {
+    let mut streams = tokio::task::JoinSet::new();
+    for stream in 0..STREAMS {
+        let (faultd, cgroup) = (faultd.clone(), cgroup.clone());
+        streams.spawn(async move {
+            let (faultd, cgroup) = (&*faultd, &*cgroup);
+            {
                 let ids = std::sync::Mutex::new(Vec::new());
                 // The stream renews each lease from the moment it is granted.
                 let setup = async {
@@ -153,12 +128,19 @@ async fn renewals_are_answered_at_once_while_other_faults_come_and_go() {
                 let ((), run) = tokio::join!(setup, keep_alive(faultd, &ids, until));
                 (ids.into_inner().unwrap(), run)
             }
-        })
-        .collect();
+        });
+    }
+    let streams = async {
+        let mut runs = Vec::new();
+        while let Some(run) = streams.join_next().await {
+            runs.push(run.expect("a KeepAlive stream's task panicked"));
+        }
+        runs
+    };
     // Two loops inject and remove delays (NFQUEUE on this host: iptables-restore each time).
     let churn = |first_port: u16| {
-        let faultd = &faultd;
-        let cgroup = &cgroup;
+        let faultd = &*faultd;
+        let cgroup = &*cgroup;
         async move {
             let mut faults = faultd.faults();
             let mut rounds = 0u32;
@@ -200,8 +182,7 @@ async fn renewals_are_answered_at_once_while_other_faults_come_and_go() {
             }
             most
         };
-        let (runs, a, b, most) =
-            tokio::join!(join_all(streams), churn(40_000), churn(41_000), sample);
+        let (runs, a, b, most) = tokio::join!(streams, churn(40_000), churn(41_000), sample);
         (runs, [a, b], most)
     };
     let (ids, runs): (Vec<Vec<String>>, Vec<StreamRun>) = runs.into_iter().unzip();

@@ -6,7 +6,6 @@ use std::time::Duration;
 use faultd_proto::v1::{Direction, Protocol, RemoveRequest};
 use faultd_tests::api::{cgroup_target, drop_fault, with_ttl};
 use faultd_tests::bpf::BpfObjects;
-use faultd_tests::process::poll;
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::workload::timeline;
 use faultd_tests::{Faultd, FaultdOptions, RedisScene, TempDir, fd_probe};
@@ -80,15 +79,10 @@ async fn sigkill_of_faultd_restores_traffic_and_leaves_nothing() {
         "after SIGKILL of faultd, Redis stayed unreachable for {recovery_ms:.1} ms (bound {RECOVERY_BOUND_MS} ms)"
     );
 
-    // The kernel frees programs and maps once their last reference goes (RCU), a moment later.
-    let left = poll(Duration::from_secs(3), || {
-        let left = owned.still_present();
-        left.is_empty().then_some(())
-    });
+    let left = owned.left_after(Duration::from_secs(3));
     assert!(
-        left.is_some(),
-        "after SIGKILL of faultd these BPF objects it held are still in the kernel: {:?}",
-        owned.still_present()
+        left.is_none(),
+        "after SIGKILL of faultd these BPF objects it held are still in the kernel: {left:?}"
     );
 
     // A new faultd on the same state directory starts and works.

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use faultd_proto::v1::{Direction, Protocol};
 use faultd_tests::api::{cgroup_target, drop_fault, remove, with_ttl};
-use faultd_tests::bpf::{BpfObjects, RunStats, Runs, program_runs, runs_between};
-use faultd_tests::process::poll;
+use faultd_tests::bpf::{BpfObjects, RunStats, Runs, prog_stats, runs_between};
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::{Cgroup, Faultd, RedisScene, Workload, fd_probe};
 
@@ -17,9 +16,9 @@ const UNUSED_PORT: u16 = 11_999;
 
 /// What faultd's programs ran while `traffic` ran, by program name (only those that ran).
 fn runs_during(faultd: &Faultd, traffic: impl FnOnce()) -> BTreeMap<String, Runs> {
-    let before = program_runs(faultd.pid());
+    let before = prog_stats(faultd.pid());
     traffic();
-    runs_between(&before, &program_runs(faultd.pid()))
+    runs_between(&before, &prog_stats(faultd.pid()))
 }
 
 /// 200 Redis PINGs from `client`, every one answered.
@@ -246,14 +245,10 @@ async fn sigkill_with_faults_on_several_cgroups_leaves_nothing_attached() {
         "bpftool cgroup tree shows none of faultd's programs attached: {owned:?}"
     );
     faultd.kill();
-    let left = poll(Duration::from_secs(3), || {
-        let left = owned.still_present();
-        left.is_empty().then_some(())
-    });
+    let left = owned.left_after(Duration::from_secs(3));
     assert!(
-        left.is_some(),
-        "after SIGKILL of faultd these BPF objects it held are still in the kernel: {:?}",
-        owned.still_present()
+        left.is_none(),
+        "after SIGKILL of faultd these BPF objects it held are still in the kernel: {left:?}"
     );
     let attached_after = attached_programs(&owned);
     assert!(

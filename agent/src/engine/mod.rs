@@ -256,7 +256,7 @@ impl Engine {
 
     pub fn leases(&self) -> Vec<LeaseView> {
         let state = self.lock();
-        let mut views: Vec<_> = state.leases.iter().map(|l| state.view_of(l)).collect();
+        let mut views: Vec<_> = state.leases.iter().map(lease_view_of).collect();
         views.sort_by(|a, b| a.id.cmp(&b.id));
         views
     }
@@ -561,14 +561,10 @@ impl State {
         })
     }
 
-    fn view_of(&self, lease: &Lease) -> LeaseView {
-        lease_view_of(lease)
-    }
-
     fn lease_view(&self, id: &str) -> Result<LeaseView, Error> {
         self.leases
             .get(id)
-            .map(|l| self.view_of(l))
+            .map(lease_view_of)
             .ok_or_else(|| not_found("lease", id))
     }
 }

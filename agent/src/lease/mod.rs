@@ -34,10 +34,6 @@ pub struct LeaseTable {
     directory: Directory,
 }
 
-/// What a renewal answers with, read without the engine: the lease as the table last wrote it,
-/// with its new deadline.
-pub type Renewed = Lease;
-
 /// The leases as renewals see them, and the renewals not applied to the table yet.
 #[derive(Clone, Default)]
 pub struct Directory {
@@ -59,8 +55,9 @@ impl Directory {
 
     /// Records a renewal of lease `id` at `now` for the table to apply, and answers with the
     /// lease and its new deadline; None if there is no such lease.
-    /// A lease already past its deadline is not renewed (it is expiring).
-    pub fn renew(&self, id: &str, now: Instant) -> Option<Renewed> {
+    /// A lease already past its deadline is not renewed (it is expiring). The answer is the lease
+    /// as the table last wrote it, with its new deadline.
+    pub fn renew(&self, id: &str, now: Instant) -> Option<Lease> {
         let mut inner = self.lock();
         let lease = inner.leases.get_mut(id)?;
         if lease.deadline <= now {

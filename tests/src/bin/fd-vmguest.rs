@@ -582,24 +582,24 @@ mod guest {
         assert_no_tc_state()
     }
 
+    /// A 100% drop of `cgroup`'s TCP to the echo server, for a minute.
+    async fn drop_echo(faultd: &Faultd, cgroup: &Cgroup) -> anyhow::Result<Fault> {
+        let target = cgroup_target(cgroup, &[ECHO_PORT], Protocol::Tcp, Direction::Egress);
+        Ok(faultd
+            .faults()
+            .inject(with_ttl(drop_fault(100.0, target), Duration::from_secs(60)))
+            .await
+            .map_err(|s| anyhow::anyhow!("Inject: {s:?}"))?
+            .into_inner())
+    }
+
     /// The cgroup_skb datapath on this kernel: a 100% drop cuts the cgroup's connection
     /// attempts; removing it lets them through.
     async fn drop_all() -> anyhow::Result<()> {
         let faultd = Faultd::start().await;
         let cgroup = Cgroup::new();
         let inside = cgroup_dir(&cgroup);
-        let fault = faultd
-            .faults()
-            .inject(with_ttl(
-                drop_fault(
-                    100.0,
-                    cgroup_target(&cgroup, &[ECHO_PORT], Protocol::Tcp, Direction::Egress),
-                ),
-                Duration::from_secs(60),
-            ))
-            .await
-            .map_err(|s| anyhow::anyhow!("Inject: {s:?}"))?
-            .into_inner();
+        let fault = drop_echo(&faultd, &cgroup).await?;
         let blocked = measure(&inside, ECHO_PORT, 1, 0);
         ensure!(
             blocked.is_err(),
@@ -623,18 +623,7 @@ mod guest {
         let runs = || faultd_tests::bpf::fd_runs(faultd.pid());
         let links = faultd_tests::bpf::links_held(faultd.pid());
         ensure!(links == 0, "faultd holds {links} BPF links with no fault");
-        let fault = faultd
-            .faults()
-            .inject(with_ttl(
-                drop_fault(
-                    100.0,
-                    cgroup_target(&cgroup, &[ECHO_PORT], Protocol::Tcp, Direction::Egress),
-                ),
-                Duration::from_secs(60),
-            ))
-            .await
-            .map_err(|s| anyhow::anyhow!("Inject: {s:?}"))?
-            .into_inner();
+        let fault = drop_echo(&faultd, &cgroup).await?;
         let child = cgroup.child();
         let before = runs();
         let blocked = measure(&cgroup_dir(&child), ECHO_PORT, 1, 0);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use faultd_proto::v1::{Direction, Protocol};
 use faultd_tests::api::{cgroup_target, counters, drop_fault, get_fault, with_ttl};
-use faultd_tests::bpf::{ProgStats, RunStats, prog_stats};
+use faultd_tests::bpf::{RunStats, Runs, prog_stats, runs_between};
 use faultd_tests::process::{ChildGuard, describe, output, poll};
 use faultd_tests::servers::{POSTGRES_PORT, REDIS_PORT};
 use faultd_tests::workload::stats::median;
@@ -85,19 +85,12 @@ struct Rtt {
     p99: f64,
 }
 
-/// How often a program ran and for how long, between two snapshots.
-#[derive(Clone, Copy, Debug, Default)]
-struct Runs {
-    count: u64,
-    time_ns: u64,
-}
-
 /// What one state measured in one round.
 struct Measured {
     perf: Vec<(String, Perf)>,
     rtt: Vec<(String, Rtt)>,
-    /// By program name (every `faultd_` program of the bench's faultd).
-    runs: Vec<(String, Runs)>,
+    /// By program name (every `faultd_` program of the bench's faultd that ran).
+    runs: std::collections::BTreeMap<String, Runs>,
     /// faultd's CPU while the clients ran, % of a core.
     faultd_cpu: Option<f64>,
     /// Packets the matching fault of (e) matched.
@@ -206,8 +199,8 @@ fn report_floor(ctx: &Ctx, results: &[Vec<Measured>], floor: &[f64]) {
             .iter()
             .zip(floor)
             .filter_map(|(m, floor)| {
-                let runs = find(&m.runs, program)?;
-                (runs.count > 0).then(|| runs.time_ns as f64 / runs.count as f64 - floor)
+                let runs = m.runs.get(program)?;
+                Some(runs.ns_per_run() - floor)
             })
             .collect();
         ctx.push(Row::new(
@@ -283,34 +276,13 @@ async fn measure(ctx: &Ctx, scene: &Scene<'_>, state: State) -> anyhow::Result<M
     Ok(Measured {
         perf,
         rtt,
-        runs: runs_between(&before, &after),
+        runs: runs_between(&before, &after)
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("faultd_"))
+            .collect(),
         faultd_cpu,
         matched,
     })
-}
-
-/// Runs of each `faultd_` program between two snapshots, summed by name (a program loaded in
-/// between counts from 0).
-fn runs_between(before: &[ProgStats], after: &[ProgStats]) -> Vec<(String, Runs)> {
-    let mut runs: Vec<(String, Runs)> = Vec::new();
-    for prog in after.iter().filter(|p| p.name.starts_with("faultd_")) {
-        let (cnt0, time0) = before
-            .iter()
-            .find(|p| p.id == prog.id)
-            .map_or((0, 0), |p| (p.run_cnt, p.run_time_ns));
-        let delta = Runs {
-            count: prog.run_cnt.saturating_sub(cnt0),
-            time_ns: prog.run_time_ns.saturating_sub(time0),
-        };
-        match runs.iter_mut().find(|(n, _)| *n == prog.name) {
-            Some((_, r)) => {
-                r.count += delta.count;
-                r.time_ns += delta.time_ns;
-            }
-            None => runs.push((prog.name.clone(), delta)),
-        }
-    }
-    runs
 }
 
 fn find<T: Copy>(list: &[(String, T)], name: &str) -> Option<T> {
@@ -399,7 +371,7 @@ fn report(ctx: &Ctx, results: &[Vec<Measured>]) {
         for program in &programs {
             let per_round: Vec<Runs> = runs
                 .iter()
-                .map(|m| find(&m.runs, program).unwrap_or_default())
+                .map(|m| m.runs.get(program).copied().unwrap_or_default())
                 .collect();
             let counts: Vec<f64> = per_round.iter().map(|r| r.count as f64).collect();
             let mut row = Row::new(
@@ -417,7 +389,7 @@ fn report(ctx: &Ctx, results: &[Vec<Measured>]) {
             let ns: Vec<f64> = per_round
                 .iter()
                 .filter(|r| r.count > 0)
-                .map(|r| r.time_ns as f64 / r.count as f64)
+                .map(Runs::ns_per_run)
                 .collect();
             let mut row = Row::new(B, format!("{}: {program} ns/run", state.label()), "ns", &ns);
             if *state == State::OwnCgroup && PACKET_PROGRAMS.contains(&program.as_str()) {
