@@ -107,6 +107,7 @@ impl Demo {
             "client_cgroup": self.scene.cgroup.path(),
             "writes_ledger": self.dir.join("writes.jsonl"),
             "bank_ledger": self.dir.join("bank.jsonl"),
+            "jobs_ledger": self.dir.join("jobs.jsonl"),
         });
         for (key, value) in vars.as_object().expect("vars object") {
             configuration[key] = value.clone();
@@ -274,7 +275,7 @@ fn activity_output(journal: &Value, phase: &str, name: &str) -> Value {
 }
 
 /// The shortened configuration of an experiment; with `FAULTD_EXPERIMENTS_FULL=1` the
-/// experiment's own (60 s faults; about 8 minutes for all five).
+/// experiment's own (60 s faults; about 10 minutes for all seven).
 fn short(vars: Value) -> Value {
     if std::env::var_os("FAULTD_EXPERIMENTS_FULL").is_some_and(|v| v == "1") {
         return json!({});
@@ -415,6 +416,110 @@ async fn partition_rolls_back_by_itself() {
         "remove-every-fault-this-experiment-injected",
     );
     assert_eq!(rolled_back, json!([]));
+    assert_eq!(demo.active_faults().await, 0);
+}
+
+/// The counters `fault_counters` reported for the fault a method action injected.
+fn counters_of(journal: &Value, action: &str, counters: &Value) -> Value {
+    let id = activity_output(journal, "method", action)["id"].clone();
+    let id = id
+        .as_str()
+        .unwrap_or_else(|| panic!("{action}: no fault id"));
+    counters[id].clone()
+}
+
+#[tokio::test]
+#[ignore = "needs root: namespaces, cgroups and BPF (run with `cargo xtask test`)"]
+async fn redis_queue_failover_buffers_then_does_every_job_once() {
+    let _serial = SERIAL.lock().await;
+    let demo = Demo::start().await;
+    let (journal, _) = demo.run(
+        "redis-queue-failover.json",
+        short(json!({"fault_seconds": 8, "warmup_seconds": 1, "job_rate": 40, "rto_seconds": 15})),
+    );
+    let verified = activity_output(
+        &journal,
+        "after",
+        "accepted-jobs-done-once-503-only-when-full-drained-within-rto",
+    );
+    let n = |key: &str| verified[key].as_u64().unwrap_or(0);
+    // The partition bit: jobs went to the memory buffer, it filled, and submissions got 503.
+    assert!(
+        n("accepted_into_memory") > 0,
+        "nothing was buffered: {verified}"
+    );
+    assert!(n("rejected_503") > 0, "no submission got 503: {verified}");
+    assert!(n("done") > n("accepted_into_memory"), "{verified}");
+    assert!(
+        n("dead_lettered") > 0,
+        "no poison job reached the dead letters: {verified}"
+    );
+    assert_eq!(verified["lost"], json!([]), "{verified}");
+    assert_eq!(verified["done_twice"], json!([]), "{verified}");
+    let unhealthy = verified["redis_unhealthy_after_s"]
+        .as_f64()
+        .expect("unhealthy after");
+    assert!(unhealthy <= 30.0, "{verified}");
+    let drained = verified["drained_after_fault_s"]
+        .as_f64()
+        .expect("drained after");
+    assert!(drained <= 15.0, "{verified}");
+    let counters = activity_output(&journal, "method", "what-the-partition-did");
+    let partition = counters_of(&journal, "partition-the-app-from-redis", &counters);
+    assert!(
+        partition["dropped"].as_u64().unwrap_or(0) > 0,
+        "the partition dropped nothing: {counters}"
+    );
+    assert_eq!(demo.active_faults().await, 0);
+}
+
+#[tokio::test]
+#[ignore = "needs root: namespaces, cgroups and BPF (run with `cargo xtask test`)"]
+async fn degraded_network_keeps_error_rate_and_p99() {
+    let _serial = SERIAL.lock().await;
+    let demo = Demo::start().await;
+    let (journal, _) = demo.run(
+        "degraded-network.json",
+        short(json!({
+            "phase_seconds": 3, "warmup_seconds": 1, "window_seconds": 12,
+            "job_rate": 10, "rto_seconds": 15
+        })),
+    );
+    let users = activity_output(
+        &journal,
+        "after",
+        "users-error-rate-below-1-percent-p99-below-1-s",
+    );
+    assert!(users["requests"].as_u64().unwrap_or(0) > 0, "{users}");
+    let jobs = activity_output(
+        &journal,
+        "after",
+        "job-submissions-error-rate-below-1-percent-p99-below-1-s-none-lost-or-done-twice",
+    );
+    assert!(jobs["done"].as_u64().unwrap_or(0) > 0, "{jobs}");
+    assert_eq!(jobs["lost"], json!([]), "{jobs}");
+    // Each phase bit: packets to PostgreSQL dropped, Redis packets held back by the pacing,
+    // Redis connections reset or refused.
+    let counters = activity_output(&journal, "method", "what-each-phase-did");
+    let count = |action: &str, key: &str| {
+        counters_of(&journal, action, &counters)[key]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert!(
+        count("phase-1-packet-loss-to-postgresql", "dropped") > 0,
+        "the loss dropped nothing: {counters}"
+    );
+    assert!(
+        count("phase-2-redis-at-100-kb-s", "delayed") > 0,
+        "the bandwidth held nothing back: {counters}"
+    );
+    assert!(
+        count("phase-3-reset-redis-connections", "reset")
+            + count("phase-3-reset-redis-connections", "refused")
+            > 0,
+        "the reset tore down and refused nothing: {counters}"
+    );
     assert_eq!(demo.active_faults().await, 0);
 }
 

@@ -5,6 +5,7 @@
                  them in Redis and falls back to memory when Redis or PostgreSQL fail. A traffic
                  thread plays its users: it calls the service over HTTP and records each
                  answer (status, latency, where the item came from).
+                 It also runs a job queue on Redis (POST /jobs, GET /jobs): see jobqueue.py.
   stats          Error rate and latency of the users' calls over the last N seconds; exits 1
                  when they break the thresholds (the experiments' steady state).
   wait-healthy   Waits until the service reads from Redis (or PostgreSQL) again; exits 1 if it
@@ -35,6 +36,8 @@ import urllib.parse
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import jobqueue
 
 DEFAULT_PG = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
@@ -268,10 +271,11 @@ class Traffic:
             next_at = max(next_at + interval, time.monotonic())
             time.sleep(max(0.0, next_at - time.monotonic()))
 
-    def stats(self, window):
-        since = time.time() - window
+    def stats(self, window, until=None):
+        until = until or time.time()
+        since = until - window
         with self.lock:
-            recent = [r for r in self.records if r[0] >= since]
+            recent = [r for r in self.records if since <= r[0] < until]
         latencies = sorted(r[2] for r in recent)
         errors = sum(1 for r in recent if not r[1])
         sources = {}
@@ -299,6 +303,8 @@ class Traffic:
 def serve(args):
     join_cgroup(args.cgroup)
     service = Service(args)
+    jobs = jobqueue.JobQueue(args, sys.modules[__name__])
+    jobs.start()
     traffic = Traffic(args.port, args.traffic_rps, args.keys, args.user_timeout)
 
     class Handler(BaseHTTPRequestHandler):
@@ -324,16 +330,29 @@ def serve(args):
                     self.answer(503, {"key": key, "error": "no backend answered"})
                 else:
                     self.answer(200, {"key": key, "value": value, "source": source})
+            elif url.path == "/jobs":
+                self.answer(200, jobs.stats())
             elif url.path == "/health":
                 self.answer(200, service.health())
             elif url.path == "/stats":
                 query = urllib.parse.parse_qs(url.query)
                 window = float(query.get("window", ["10"])[0])
-                self.answer(200, traffic.stats(window))
+                until = float(query["until"][0]) if "until" in query else None
+                self.answer(200, traffic.stats(window, until))
             else:
                 self.answer(404, {"error": "unknown path"})
 
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+        def do_POST(self):
+            if self.path != "/jobs":
+                return self.answer(404, {"error": "unknown path"})
+            self.answer(*jobs.submit_body(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
+
+    class Server(ThreadingHTTPServer):
+        # Users, job producers and health pollers connect at once: the default backlog of 5
+        # overflows, and a dropped SYN costs its client a 1 s retransmission.
+        request_queue_size = 128
+
+    server = Server(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
     print(json.dumps({"serving": f"http://127.0.0.1:{args.port}", "pid": os.getpid()}), flush=True)
     if args.traffic_rps > 0:
@@ -644,6 +663,7 @@ def main(argv=None):
     p.add_argument("--traffic-rps", type=float, default=20.0, help="the users' calls a second (0: none)")
     p.add_argument("--user-timeout", type=float, default=2.0, help="a call slower than this is an error")
     p.set_defaults(func=serve)
+    jobqueue.add_commands(sub, sys.modules[__name__])
 
     p = sub.add_parser("stats")
     p.add_argument("--url", default="http://127.0.0.1:8080")
