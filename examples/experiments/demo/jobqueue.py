@@ -24,6 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 QUEUE = "demo:jobs"
 DEAD = "demo:jobs:dead"
 ATTEMPTS = "demo:jobs:attempts"
+DEAD_IDS = "demo:jobs:dead:ids"
+# Dead-lettering, once per job even when the job was delivered twice (a push retried after its
+# reply was lost): the id goes into a set, the job into the list only if the id was new, and
+# out of the worker's processing list, all atomically.
+DEAD_LETTER = """
+if redis.call('SADD', KEYS[3], ARGV[2]) == 1 then redis.call('LPUSH', KEYS[2], ARGV[3]) end
+redis.call('LREM', KEYS[1], 1, ARGV[1])
+"""
 
 
 class JobFailed(Exception):
@@ -127,6 +135,7 @@ class JobQueue:
         processing = f"demo:jobs:processing:{name}"
         # BLMOVE waits 0.5 s: the socket's budget must cover it.
         redis = self.app.redis_client(self.args.redis, 2.0)
+        dead_letter = redis.register_script(DEAD_LETTER)
         pg = None
         recover = True
         while True:
@@ -146,16 +155,16 @@ class JobQueue:
                     outcome = self.work(pg, job, name)
                 except JobFailed:
                     attempts = redis.hincrby(ATTEMPTS, job["id"], 1)
-                    pipe = redis.pipeline(transaction=True)
-                    pipe.lrem(processing, 1, raw)
                     if attempts >= self.args.job_attempts:
-                        pipe.lpush(DEAD, json.dumps(dict(job, dead_at=time.time(), attempts=attempts)))
-                        outcome = "dead_lettered"
+                        letter = json.dumps(dict(job, dead_at=time.time(), attempts=attempts))
+                        dead_letter(keys=[processing, DEAD, DEAD_IDS], args=[raw, job["id"], letter])
+                        self.count("dead_lettered")
                     else:
+                        pipe = redis.pipeline(transaction=True)
+                        pipe.lrem(processing, 1, raw)
                         pipe.lpush(QUEUE, raw)
-                        outcome = "retried"
-                    pipe.execute()
-                    self.count(outcome)
+                        pipe.execute()
+                        self.count("retried")
                     continue
                 except Exception:
                     # PostgreSQL failed: the job stays in the processing list and goes back.
