@@ -172,6 +172,7 @@ fn target(target: pb::Target) -> Result<Target, Invalid> {
         direction,
         peers,
         exclude_peers,
+        request: target.request.map(super::request::from_proto).transpose()?,
     })
 }
 
@@ -289,6 +290,8 @@ pub fn fault(view: FaultView) -> pb::Fault {
             refused: view.counters.refused,
             reset: view.connections_reset,
             delayed: view.counters.delayed,
+            requests_matched: view.counters.requests_matched,
+            requests_affected: view.counters.requests_affected,
         }),
         expires_at: Some(timestamp(view.expires_at)),
         remaining: Some(duration_to_proto(view.remaining)),
@@ -361,6 +364,7 @@ fn target_to_proto(target: Target) -> pb::Target {
         direction: direction.into(),
         peers: target.peers.iter().map(Cidr::to_string).collect(),
         exclude_peers: target.exclude_peers.iter().map(Cidr::to_string).collect(),
+        request: target.request.map(super::request::to_proto),
     }
 }
 

@@ -151,13 +151,14 @@ impl State {
             let shaper = self.choose_shaper(&spec.action, &spec.target, forced)?;
             return Ok((Some(shaper), self.shapers[shaper].mechanism().name()));
         }
-        let mechanism =
-            self.dataplane
-                .mechanism(&spec.action)
-                .map_err(|missing| Unsupported::Action {
-                    action: spec.action.name(),
-                    missing,
-                })?;
+        let mechanism = match spec.target.request {
+            Some(_) => self.dataplane.request_mechanism(&spec.action),
+            None => self.dataplane.mechanism(&spec.action),
+        }
+        .map_err(|missing| Unsupported::Action {
+            action: spec.action.name(),
+            missing,
+        })?;
         Ok((None, mechanism))
     }
 
@@ -317,11 +318,16 @@ impl State {
         let Action::Reset { after_bytes } = spec.action else {
             return Ok(None);
         };
+        if spec.target.request.is_some() {
+            // The datapath resets each connection at its matched request instead.
+            return Ok(None);
+        }
         let filter = SocketFilter {
             cgroup_dir: resolved.dir.clone(),
             ports: spec.target.ports.clone(),
             min_bytes: after_bytes,
             peers: spec.target.peer_set()?,
+            cookie: None,
         };
         let killer = self.dataplane.connection_killer();
         if after_bytes.is_none() {

@@ -51,7 +51,7 @@ impl LaneShared {
             matched: self.matched.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
             delayed: self.delayed.load(Ordering::Relaxed),
-            refused: 0,
+            ..Counters::default()
         }
     }
 }

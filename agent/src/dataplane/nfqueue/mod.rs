@@ -268,7 +268,7 @@ impl Shaper for NfqueueShaper {
                 matched: sum.matched + c.matched,
                 dropped: sum.dropped + c.dropped,
                 delayed: sum.delayed + c.delayed,
-                refused: 0,
+                ..Counters::default()
             }))
     }
 

@@ -1,0 +1,254 @@
+//! Request matches as real clients see them: a fault on some Redis commands or PostgreSQL
+//! statements acts on those requests alone — `drop` makes exactly that call time out (the
+//! server never runs it), `reset` fails exactly that call with a connection error — while
+//! other calls on the same connection before it, on other connections, and of processes
+//! outside the scope work. Pipelined and split requests are matched or passed as the README
+//! says, never broken.
+
+use std::time::Duration;
+
+use faultd_proto::v1::{
+    Direction, Fault, PostgresMatch, Protocol, RedisMatch, RequestMatch, Target,
+    request_match::Protocol as Matched,
+};
+use faultd_tests::api::{cgroup_target, drop_fault, get_fault, reset_fault, with_ttl};
+use faultd_tests::clients::python;
+use faultd_tests::process::output;
+use faultd_tests::servers::{POSTGRES_PORT, REDIS_PORT};
+use faultd_tests::{Cgroup, Faultd, NetNs, Postgres, RedisScene, Workload, fd_probe};
+use serde_json::Value;
+
+/// How long a client waits for a call before the test counts it as timed out.
+const CALL_TIMEOUT_S: &str = "2";
+
+fn redis_target(cgroup: &Cgroup, commands: &[&str]) -> Target {
+    let mut target = cgroup_target(cgroup, &[REDIS_PORT], Protocol::Tcp, Direction::Egress);
+    target.request = Some(RequestMatch {
+        protocol: Some(Matched::Redis(RedisMatch {
+            commands: commands.iter().map(|c| c.to_string()).collect(),
+            key_prefix: String::new(),
+        })),
+    });
+    target
+}
+
+/// `request_client.py MODE 127.0.0.1 PORT TIMEOUT` in `workload`: one JSON object per call.
+fn client(workload: &Workload, mode: &str, port: u16) -> Vec<Value> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/request_client.py");
+    let mut cmd = workload.command(&python().to_string_lossy());
+    cmd.args([script, mode, "127.0.0.1", &port.to_string(), CALL_TIMEOUT_S]);
+    let out = output(&mut cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let steps: Vec<Value> = stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    assert!(
+        !steps.is_empty(),
+        "{mode} printed nothing ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{mode} in {}: {steps:?}", workload.label());
+    steps
+}
+
+fn step<'a>(steps: &'a [Value], name: &str) -> &'a Value {
+    steps
+        .iter()
+        .find(|s| s["step"] == name)
+        .unwrap_or_else(|| panic!("no step {name} in {steps:?}"))
+}
+
+fn ok(step: &Value) -> bool {
+    step["ok"] == true
+}
+
+fn timed_out(step: &Value) -> bool {
+    step["timeout"] == true
+}
+
+/// `redis-cli ARGS…` from `workload`.
+fn redis_cli(workload: &Workload, args: &[&str]) -> String {
+    let mut cmd = workload.command("redis-cli");
+    cmd.args(["-h", "127.0.0.1", "-p", &REDIS_PORT.to_string()])
+        .args(args);
+    String::from_utf8_lossy(&output(&mut cmd).stdout).into_owned()
+}
+
+async fn inject(faultd: &Faultd, fault: Fault) -> Fault {
+    faultd
+        .faults()
+        .inject(with_ttl(fault, Duration::from_secs(60)))
+        .await
+        .unwrap_or_else(|s| panic!("Inject failed: {s:?}"))
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn drop_on_set_times_out_the_set_alone() {
+    let scene = RedisScene::start(fd_probe!()).await;
+    let outside = Workload::outside(fd_probe!(), &scene.netns);
+    redis_cli(&outside, &["SET", "k", "before"]);
+    let fault = inject(
+        &scene.faultd,
+        drop_fault(100.0, redis_target(&scene.cgroup, &["set"])),
+    )
+    .await;
+    assert_eq!(fault.mechanism, "cgroup_skb", "Inject answered {fault:?}");
+
+    let steps = client(&scene.inside, "redis-drop", REDIS_PORT);
+    let before = step(&steps, "get_before");
+    assert!(
+        ok(before) && before["value"] == "before",
+        "GET before the SET on the same connection must answer: {before}"
+    );
+    let set = step(&steps, "set");
+    assert!(timed_out(set), "SET must time out under the drop: {set}");
+    let other = step(&steps, "get_other");
+    assert!(
+        ok(other) && other["value"] == "before",
+        "GET on another connection must answer, and the dropped SET must not have run: {other}"
+    );
+    // The server never ran the SET, retransmissions included.
+    assert_eq!(redis_cli(&outside, &["GET", "k"]).trim(), "before");
+    // A process outside the cgroup is untouched.
+    assert_eq!(redis_cli(&outside, &["SET", "k", "outside"]).trim(), "OK");
+    assert_eq!(redis_cli(&outside, &["GET", "k"]).trim(), "outside");
+
+    let counters = get_fault(&mut scene.faultd.faults(), &fault.id)
+        .await
+        .counters
+        .unwrap_or_default();
+    eprintln!("counters: {counters:?}");
+    assert!(
+        counters.requests_matched >= 1 && counters.requests_affected >= 1,
+        "the fault must count the matched SET (and its retransmissions): {counters:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn reset_on_eval_fails_that_call_and_redis_never_runs_it() {
+    let scene = RedisScene::start(fd_probe!()).await;
+    let outside = Workload::outside(fd_probe!(), &scene.netns);
+    let fault = inject(
+        &scene.faultd,
+        reset_fault(redis_target(&scene.cgroup, &["EVAL"]), None),
+    )
+    .await;
+    assert_eq!(
+        fault.mechanism, "cgroup_skb+sock_diag",
+        "Inject answered {fault:?}"
+    );
+
+    let steps = client(&scene.inside, "redis-reset", REDIS_PORT);
+    assert!(ok(step(&steps, "ping")), "PING before EVAL: {steps:?}");
+    let eval = step(&steps, "eval");
+    assert!(
+        !ok(eval) && !timed_out(eval) && eval["type"].as_str().unwrap_or("").contains("Connection"),
+        "EVAL must fail with a connection error: {eval}"
+    );
+    eprintln!("MEASURE request_reset_ms={}", eval["took_ms"]);
+    assert!(
+        eval["took_ms"].as_f64().unwrap_or(f64::MAX) < 500.0,
+        "the reset must come at once, not after a retransmission timeout: {eval}"
+    );
+    assert!(
+        ok(step(&steps, "ping_other")),
+        "a new connection must work (a request reset refuses no connect): {steps:?}"
+    );
+    let stats = redis_cli(&outside, &["INFO", "commandstats"]);
+    assert!(
+        !stats.contains("cmdstat_eval"),
+        "Redis must never have run the EVAL: {stats}"
+    );
+    assert!(stats.contains("cmdstat_ping"), "INFO commandstats: {stats}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn pipelined_and_split_requests_are_matched_or_passed_as_documented() {
+    let scene = RedisScene::start(fd_probe!()).await;
+    let outside = Workload::outside(fd_probe!(), &scene.netns);
+    redis_cli(&outside, &["SET", "a", "1"]);
+    inject(
+        &scene.faultd,
+        drop_fault(100.0, redis_target(&scene.cgroup, &["SET"])),
+    )
+    .await;
+
+    let steps = client(&scene.inside, "redis-pipeline", REDIS_PORT);
+    // A SET pipelined behind a GET in one segment is not matched: both run.
+    let passed = step(&steps, "get_then_set");
+    assert!(
+        ok(passed) && passed["value"] == "$1\r\n1\r\n+OK\r\n",
+        "GET then SET in one segment must pass: {passed}"
+    );
+    assert_eq!(redis_cli(&outside, &["GET", "p"]).trim(), "v");
+    // A segment that starts with a SET is matched, with what is pipelined behind it.
+    let matched = step(&steps, "set_then_get");
+    assert!(
+        timed_out(matched),
+        "SET then GET must be dropped: {matched}"
+    );
+    assert_eq!(redis_cli(&outside, &["EXISTS", "q"]).trim(), "0");
+
+    // A request split before the end of its name is not matched, and arrives whole.
+    let steps = client(&scene.inside, "redis-split", REDIS_PORT);
+    let split = step(&steps, "split_set");
+    assert!(
+        ok(split) && split["value"] == "+OK\r\n",
+        "a SET split inside its name passes: {split}"
+    );
+    let get = step(&steps, "get_split");
+    assert!(
+        ok(get) && get["value"] == "$5\r\nsplit\r\n",
+        "and Redis got it intact: {get}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn drop_on_insert_skips_comments_and_spares_other_statements() {
+    let netns = NetNs::new();
+    let _postgres = Postgres::start(&netns);
+    let cgroup = Cgroup::new();
+    let faultd = Faultd::start().await;
+    let inside = Workload::inside(fd_probe!(), &cgroup, &netns);
+    let outside = Workload::outside(fd_probe!(), &netns);
+    let psql = |sql: &str| {
+        let mut cmd = outside.command("psql");
+        cmd.args(["-h", "127.0.0.1", "-p", &POSTGRES_PORT.to_string(), "-U"])
+            .args(["postgres", "-Atc", sql])
+            .env("PGCONNECT_TIMEOUT", "2");
+        String::from_utf8_lossy(&output(&mut cmd).stdout).into_owned()
+    };
+    psql("create table t (id int)");
+    let mut target = cgroup_target(&cgroup, &[POSTGRES_PORT], Protocol::Tcp, Direction::Egress);
+    target.request = Some(RequestMatch {
+        protocol: Some(Matched::Postgres(PostgresMatch {
+            statements: vec!["Insert".into(), "update".into()],
+        })),
+    });
+    inject(&faultd, drop_fault(100.0, target)).await;
+
+    let steps = client(&inside, "pg-drop", POSTGRES_PORT);
+    assert!(
+        ok(step(&steps, "select_before")),
+        "SELECT before: {steps:?}"
+    );
+    let insert = step(&steps, "insert");
+    assert!(
+        timed_out(insert),
+        "an INSERT behind comments must be matched and time out: {insert}"
+    );
+    let other = step(&steps, "select_other");
+    assert!(
+        ok(other) && other["value"] == 0,
+        "SELECT on another connection must answer, with no row inserted: {other}"
+    );
+    assert_eq!(psql("select count(*) from t").trim(), "0");
+    assert_eq!(psql("insert into t values (2)").trim(), "INSERT 0 1");
+}
