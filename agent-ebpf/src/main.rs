@@ -44,10 +44,10 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, TcContext, sk_buff::SkBuff},
 };
 use faultd_common::{
-    ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, Counters, DIR_CONNECT, DIR_EGRESS,
-    DIR_INGRESS, ECONNREFUSED, FAMILY_V4, FAMILY_V6, MAX_FAULTS, MAX_PEERS, MAX_RULES, MAX_SCOPES,
-    PEER_KEY_FIXED_BITS, PORTS, PROTO_TCP, PROTO_UDP, PeerKey, RuleKey, RuleValue, ScopeValue,
-    is_request_action, netns_scope_id, port_bit,
+    ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, ACTION_REQ_LOSE_REPLY, Counters,
+    DIR_CONNECT, DIR_EGRESS, DIR_INGRESS, ECONNREFUSED, FAMILY_V4, FAMILY_V6, MAX_FAULTS,
+    MAX_PEERS, MAX_RULES, MAX_SCOPES, PEER_KEY_FIXED_BITS, PORTS, PROTO_TCP, PROTO_UDP, PeerKey,
+    RuleKey, RuleValue, ScopeValue, is_request_action, netns_scope_id, port_bit,
 };
 
 #[map]
@@ -261,6 +261,8 @@ enum Verdict {
     /// A rule with a request match: the payload decides (read outside the cgroup walk, so the
     /// verifier sees the parser once).
     Request(&'static RuleValue),
+    /// A reply to the workload on a lose_reply rule's port: its socket decides.
+    Reply(&'static RuleValue),
 }
 
 #[inline(always)]
@@ -268,6 +270,13 @@ fn decide(ctx: &SkBuff, base: usize, packet: &Packet, verdict: Verdict) -> bool 
     match verdict {
         Verdict::Drop(drop) => drop,
         Verdict::Request(rule) => request::decide(
+            ctx,
+            base,
+            packet.family,
+            rule,
+            FAULTD_COUNTERS.get_ptr_mut(rule.counter_slot),
+        ),
+        Verdict::Reply(rule) => request::reply(
             ctx,
             base,
             packet.family,
@@ -294,12 +303,16 @@ fn scope_drops(ctx: &SkBuff, scope: u64, direction: u8, packet: &Packet) -> Opti
         rule = peer_rule(key, packet.family, remote_addr(ctx, packet)?);
     }
     match rule {
-        // Requests are what a client sends: to the rule's port, from the workload.
+        // Requests are what a client sends: to the rule's port, from the workload; replies come
+        // back from that port.
         Some(found) if is_request_action(found.action) => Some(
-            if direction == DIR_EGRESS && protocol == PROTO_TCP && key.port == packet.remote {
-                Verdict::Request(found)
-            } else {
-                Verdict::Drop(false)
+            match (
+                protocol == PROTO_TCP && key.port == packet.remote,
+                direction,
+            ) {
+                (true, DIR_EGRESS) => Verdict::Request(found),
+                (true, _) if found.action == ACTION_REQ_LOSE_REPLY => Verdict::Reply(found),
+                _ => Verdict::Drop(false),
             },
         ),
         rule => Some(Verdict::Drop(rule.is_some_and(apply))),

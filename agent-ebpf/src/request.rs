@@ -13,13 +13,13 @@
 use aya_ebpf::{
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::sk_buff::SkBuff,
 };
 use faultd_common::{
-    ACTION_REQ_RESET, Counters, FAMILY_V4, MAX_REQ_NAMES, MAX_REQ_SPECS, REQ_BUF_LEN, REQ_NAME_LEN,
-    REQ_POSTGRES, REQ_PREFIX_LEN, REQ_REDIS, RequestBuf, RequestEvent, RequestName, RequestSpec,
-    RuleValue,
+    ACTION_REQ_LOSE_REPLY, ACTION_REQ_RESET, Counters, FAMILY_V4, MAX_REQ_ARMED, MAX_REQ_NAMES,
+    MAX_REQ_SPECS, REQ_BUF_LEN, REQ_NAME_LEN, REQ_POSTGRES, REQ_PREFIX_LEN, REQ_REDIS, RequestArm,
+    RequestBuf, RequestEvent, RequestName, RequestSpec, RuleValue,
 };
 
 #[map]
@@ -28,6 +28,9 @@ static FAULTD_REQ_SPECS: HashMap<u32, RequestSpec> = HashMap::with_max_entries(M
 static FAULTD_REQ_NAMES: HashMap<RequestName, u32> = HashMap::with_max_entries(MAX_REQ_NAMES, 0);
 #[map]
 static FAULTD_REQ_BUF: PerCpuArray<RequestBuf> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static FAULTD_REQ_ARMED: LruHashMap<u64, RequestArm> =
+    LruHashMap::with_max_entries(MAX_REQ_ARMED, 0);
 #[map]
 static FAULTD_REQ_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
@@ -53,31 +56,83 @@ pub fn decide(
     if let Some(c) = counters {
         unsafe { (*c).matched += 1 };
     }
-    matches(ctx, base, family, rule.counter_slot).is_some_and(|()| {
+    if matches(ctx, base, family, rule.counter_slot).is_none() {
+        return false;
+    }
+    // SAFETY: the program's own skb.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.cast()) };
+    if rule.action == ACTION_REQ_LOSE_REPLY {
+        // The request goes through; its reply will not (`reply`).
+        let arm = RequestArm {
+            slot: rule.counter_slot,
+            fired: 0,
+        };
         if let Some(c) = counters {
-            unsafe {
-                (*c).requests_matched += 1;
-                (*c).requests_affected += 1;
-            }
+            unsafe { (*c).requests_matched += 1 };
         }
-        if rule.action == ACTION_REQ_RESET {
-            let event = RequestEvent {
-                // SAFETY: the program's own skb.
-                cookie: unsafe { bpf_get_socket_cookie(ctx.skb.cast()) },
-                slot: rule.counter_slot,
-                action: rule.action,
-            };
-            // A full ring (user space far behind) still drops the request: the client times
-            // out instead of seeing a reset, which is the lesser surprise.
-            let _ = FAULTD_REQ_EVENTS.output::<RequestEvent>(&event, 0);
+        // A full map evicts the least recently armed connection, whose reply then arrives.
+        let _ = FAULTD_REQ_ARMED.insert(&cookie, &arm, 0);
+        return false;
+    }
+    if let Some(c) = counters {
+        unsafe {
+            (*c).requests_matched += 1;
+            (*c).requests_affected += 1;
         }
-        true
-    })
+    }
+    if rule.action == ACTION_REQ_RESET {
+        // A full ring (user space far behind) still drops the request: the client times
+        // out instead of seeing a reset, which is the lesser surprise.
+        report(cookie, rule);
+    }
+    true
 }
 
-/// Some when the segment starts with a request the fault of `slot` names.
+/// Asks user space to destroy the socket `cookie` now.
 #[inline(always)]
-fn matches(ctx: &SkBuff, base: usize, family: u32, slot: u32) -> Option<()> {
+fn report(cookie: u64, rule: &RuleValue) {
+    let event = RequestEvent {
+        cookie,
+        slot: rule.counter_slot,
+        action: rule.action,
+    };
+    let _ = FAULTD_REQ_EVENTS.output::<RequestEvent>(&event, 0);
+}
+
+/// Whether to drop a segment coming back to the workload on a lose_reply rule's port: one that
+/// carries data on a connection the rule armed. User space then destroys the socket.
+#[inline(always)]
+pub fn reply(
+    ctx: &SkBuff,
+    base: usize,
+    family: u32,
+    rule: &RuleValue,
+    counters: Option<*mut Counters>,
+) -> bool {
+    if unsafe { bpf_ktime_get_ns() } >= rule.expires_at_ns {
+        return false;
+    }
+    // SAFETY: the program's own skb.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.cast()) };
+    let Some(arm) = FAULTD_REQ_ARMED.get_ptr_mut(&cookie) else {
+        return false;
+    };
+    if unsafe { (*arm).slot } != rule.counter_slot || payload(ctx, base, family).is_none() {
+        return false;
+    }
+    if unsafe { (*arm).fired } == 0 {
+        unsafe { (*arm).fired = 1 };
+        if let Some(c) = counters {
+            unsafe { (*c).requests_affected += 1 };
+        }
+    }
+    report(cookie, rule);
+    true
+}
+
+/// Where the TCP payload starts, and how long it is (None when it is empty).
+#[inline(always)]
+fn payload(ctx: &SkBuff, base: usize, family: u32) -> Option<(usize, usize)> {
     let l4 = if family == FAMILY_V4 {
         let vihl: u8 = ctx.load(base).ok()?;
         base + ((vihl & 0x0f) as usize) * 4
@@ -90,7 +145,14 @@ fn matches(ctx: &SkBuff, base: usize, family: u32, slot: u32) -> Option<()> {
     if payload >= len {
         return None; // a bare ACK, SYN or FIN
     }
-    let n = core::hint::black_box((len - payload).min(REQ_BUF_LEN));
+    Some((payload, len - payload))
+}
+
+/// Some when the segment starts with a request the fault of `slot` names.
+#[inline(always)]
+fn matches(ctx: &SkBuff, base: usize, family: u32, slot: u32) -> Option<()> {
+    let (payload, len) = payload(ctx, base, family)?;
+    let n = core::hint::black_box(len.min(REQ_BUF_LEN));
     // 1..=REQ_BUF_LEN in a form every verifier can bound.
     let n = ((n.wrapping_sub(1)) & MASK) + 1;
     let buf = FAULTD_REQ_BUF.get_ptr_mut(0)?;

@@ -10,6 +10,7 @@ Modes (HOST PORT TIMEOUT_S first):
   redis-split    raw socket: SET s v sent as two segments cut inside the name "SE|T", then
                  GET s on a fresh raw socket
   pg-drop        conn A: SELECT 1, /* comment */ insert ..., then conn B: SELECT 1
+  pg-lose-reply  conn A: INSERT 7 in a transaction, COMMIT, then conn B: count the rows of 7
 """
 
 import errno as errno_names
@@ -134,6 +135,16 @@ def main():
                timeout)
         b = psycopg.connect(conninfo, autocommit=True)
         report("select_other", lambda: b.execute("SELECT count(*) FROM t").fetchone()[0],
+               timeout)
+    elif mode == "pg-lose-reply":
+        import psycopg
+
+        conninfo = f"host={host} port={port} user=postgres dbname=postgres connect_timeout=5"
+        a = psycopg.connect(conninfo)
+        report("insert", lambda: a.execute("insert into t values (7)").rowcount, timeout)
+        report("commit", lambda: a.commit(), timeout)
+        b = psycopg.connect(conninfo, autocommit=True)
+        report("count", lambda: b.execute("select count(*) from t where id = 7").fetchone()[0],
                timeout)
     else:
         sys.exit(f"unknown mode {mode}")

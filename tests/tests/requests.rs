@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use faultd_proto::v1::{
-    Direction, Fault, PostgresMatch, Protocol, RedisMatch, RequestMatch, Target,
-    request_match::Protocol as Matched,
+    Direction, Fault, LoseReply, PostgresMatch, Protocol, RedisMatch, RequestMatch, Target,
+    fault::Action, request_match::Protocol as Matched,
 };
 use faultd_tests::api::{cgroup_target, drop_fault, get_fault, reset_fault, with_ttl};
 use faultd_tests::clients::python;
@@ -209,32 +209,116 @@ async fn pipelined_and_split_requests_are_matched_or_passed_as_documented() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
-async fn drop_on_insert_skips_comments_and_spares_other_statements() {
-    let netns = NetNs::new();
-    let _postgres = Postgres::start(&netns);
-    let cgroup = Cgroup::new();
-    let faultd = Faultd::start().await;
-    let inside = Workload::inside(fd_probe!(), &cgroup, &netns);
-    let outside = Workload::outside(fd_probe!(), &netns);
-    let psql = |sql: &str| {
-        let mut cmd = outside.command("psql");
+/// PostgreSQL in a fresh namespace, a workload cgroup, a faultd, and a table `t (id int)`.
+struct PgScene {
+    inside: Workload,
+    outside: Workload,
+    faultd: Faultd,
+    _postgres: Postgres,
+    cgroup: Cgroup,
+    _netns: NetNs,
+}
+
+impl PgScene {
+    async fn start() -> PgScene {
+        let netns = NetNs::new();
+        let postgres = Postgres::start(&netns);
+        let cgroup = Cgroup::new();
+        let faultd = Faultd::start().await;
+        let scene = PgScene {
+            inside: Workload::inside(fd_probe!(), &cgroup, &netns),
+            outside: Workload::outside(fd_probe!(), &netns),
+            faultd,
+            _postgres: postgres,
+            cgroup,
+            _netns: netns,
+        };
+        scene.psql("create table t (id int)");
+        scene
+    }
+
+    /// `psql -Atc SQL` from outside the cgroup.
+    fn psql(&self, sql: &str) -> String {
+        let mut cmd = self.outside.command("psql");
         cmd.args(["-h", "127.0.0.1", "-p", &POSTGRES_PORT.to_string(), "-U"])
             .args(["postgres", "-Atc", sql])
             .env("PGCONNECT_TIMEOUT", "2");
         String::from_utf8_lossy(&output(&mut cmd).stdout).into_owned()
-    };
-    psql("create table t (id int)");
-    let mut target = cgroup_target(&cgroup, &[POSTGRES_PORT], Protocol::Tcp, Direction::Egress);
-    target.request = Some(RequestMatch {
-        protocol: Some(Matched::Postgres(PostgresMatch {
-            statements: vec!["Insert".into(), "update".into()],
-        })),
-    });
-    inject(&faultd, drop_fault(100.0, target)).await;
+    }
 
-    let steps = client(&inside, "pg-drop", POSTGRES_PORT);
+    fn target(&self, statements: &[&str]) -> Target {
+        let mut target = cgroup_target(
+            &self.cgroup,
+            &[POSTGRES_PORT],
+            Protocol::Tcp,
+            Direction::Egress,
+        );
+        target.request = Some(RequestMatch {
+            protocol: Some(Matched::Postgres(PostgresMatch {
+                statements: statements.iter().map(|s| s.to_string()).collect(),
+            })),
+        });
+        target
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn lose_reply_on_commit_commits_and_fails_the_client() {
+    let scene = PgScene::start().await;
+    let fault = inject(
+        &scene.faultd,
+        Fault {
+            action: Some(Action::LoseReply(LoseReply {})),
+            target: Some(scene.target(&["COMMIT"])),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        fault.mechanism, "cgroup_skb+sock_diag",
+        "Inject answered {fault:?}"
+    );
+    let steps = client(&scene.inside, "pg-lose-reply", POSTGRES_PORT);
+    assert!(ok(step(&steps, "insert")), "INSERT: {steps:?}");
+    let commit = step(&steps, "commit");
+    assert!(
+        !ok(commit) && !timed_out(commit),
+        "the client's COMMIT must fail with a connection error: {commit}"
+    );
+    eprintln!(
+        "MEASURE lose_reply_commit_ms={} {}",
+        commit["took_ms"], commit["error"]
+    );
+    // The server committed: the row is there, read from outside and from a new connection.
+    assert_eq!(
+        scene.psql("select count(*) from t where id = 7").trim(),
+        "1"
+    );
+    let count = step(&steps, "count");
+    assert!(ok(count) && count["value"] == 1, "{count}");
+    let counters = get_fault(&mut scene.faultd.faults(), &fault.id)
+        .await
+        .counters
+        .unwrap_or_default();
+    assert!(
+        counters.requests_matched >= 1 && counters.requests_affected == 1,
+        "one COMMIT matched, one reply lost: {counters:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn drop_on_insert_skips_comments_and_spares_other_statements() {
+    let scene = PgScene::start().await;
+    inject(
+        &scene.faultd,
+        drop_fault(100.0, scene.target(&["Insert", "update"])),
+    )
+    .await;
+    let psql = |sql: &str| scene.psql(sql);
+
+    let steps = client(&scene.inside, "pg-drop", POSTGRES_PORT);
     assert!(
         ok(step(&steps, "select_before")),
         "SELECT before: {steps:?}"

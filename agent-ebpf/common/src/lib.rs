@@ -245,6 +245,9 @@ pub const ACTION_REQ_DROP: u32 = 10;
 /// The matched request's segment is dropped and user space destroys its socket (an event in
 /// `FAULTD_REQ_EVENTS`).
 pub const ACTION_REQ_RESET: u32 = 11;
+/// The matched request passes and arms its socket (`FAULTD_REQ_ARMED`); on the ingress key of
+/// the same port, the reply segments of an armed socket are dropped and user space destroys it.
+pub const ACTION_REQ_LOSE_REPLY: u32 = 12;
 /// Whether a rules-map action is a request match.
 pub const fn is_request_action(action: u32) -> bool {
     action >= 10 && action < 20
@@ -260,6 +263,19 @@ pub const REQ_NAMES_MAP: &str = "FAULTD_REQ_NAMES";
 pub const REQ_BUF_MAP: &str = "FAULTD_REQ_BUF";
 /// Ring buffer of `RequestEvent`: sockets user space must destroy now (reset).
 pub const REQ_EVENTS_MAP: &str = "FAULTD_REQ_EVENTS";
+/// LRU hash map `u64` socket cookie → `RequestArm`: connections whose reply lose_reply loses.
+pub const REQ_ARMED_MAP: &str = "FAULTD_REQ_ARMED";
+pub const MAX_REQ_ARMED: u32 = 16_384;
+
+/// An armed connection: the fault (counter slot) whose matched request it sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RequestArm {
+    pub slot: u32,
+    /// 1 once a reply segment was dropped (the request is counted as affected once).
+    pub fired: u32,
+}
+
 /// Capacity of the specs map (one per fault) and of the names map.
 pub const MAX_REQ_SPECS: u32 = MAX_FAULTS;
 pub const MAX_REQ_NAMES: u32 = 65_536;
@@ -317,6 +333,7 @@ mod pod {
     unsafe impl aya::Pod for super::RequestName {}
     unsafe impl aya::Pod for super::RequestBuf {}
     unsafe impl aya::Pod for super::RequestEvent {}
+    unsafe impl aya::Pod for super::RequestArm {}
     unsafe impl aya::Pod for super::RuleKey {}
     unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::ScopeValue {}

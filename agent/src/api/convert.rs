@@ -99,6 +99,7 @@ fn action(action: Option<pb::fault::Action>) -> Result<Action, Invalid> {
             "fault.bandwidth",
         )?,
         Some(pb::fault::Action::Reject(pb::Reject {})) => Action::Reject,
+        Some(pb::fault::Action::LoseReply(pb::LoseReply {})) => Action::LoseReply,
         Some(pb::fault::Action::Reset(reset)) => {
             Action::reset(reset.after_bytes, "fault.reset.after_bytes")?
         }
@@ -324,6 +325,7 @@ fn action_to_proto(action: Action) -> pb::fault::Action {
             mechanism: mechanism_to_proto(bandwidth.mechanism),
         }),
         Action::Reject => pb::fault::Action::Reject(pb::Reject {}),
+        Action::LoseReply => pb::fault::Action::LoseReply(pb::LoseReply {}),
         Action::Reset { after_bytes } => pb::fault::Action::Reset(pb::Reset { after_bytes }),
     }
 }

@@ -400,6 +400,7 @@ impl Dataplane for CgroupSkbDataplane {
                     .map_err(Unavailable::ConnectPrograms)
             }
             Action::Delay(_) | Action::Bandwidth(_) => Err(Unavailable::Shaping),
+            Action::LoseReply => self.request_mechanism(action),
         }
     }
 
@@ -433,7 +434,7 @@ impl Dataplane for CgroupSkbDataplane {
             return Err(Unavailable::Requests(e.clone()));
         }
         match action {
-            Action::Reset { .. } => self
+            Action::Reset { .. } | Action::LoseReply => self
                 .sock_destroy
                 .clone()
                 .map(|()| "cgroup_skb+sock_diag")

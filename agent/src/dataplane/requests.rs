@@ -1,6 +1,7 @@
 //! Request matches in the kernel: the `FAULTD_REQ_*` maps a fault's counter slot keys (its
 //! protocol and key prefix, its names), and the thread that tears down the connection of each
-//! request a `reset` fault dropped, as the program reports it in the `FAULTD_REQ_EVENTS` ring.
+//! request a `reset` fault dropped, or whose reply a `lose_reply` fault dropped, as the program
+//! reports it in the `FAULTD_REQ_EVENTS` ring.
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -11,8 +12,8 @@ use std::time::Instant;
 use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use faultd_common::{
-    REQ_EVENTS_MAP, REQ_NAME_LEN, REQ_NAMES_MAP, REQ_SPECS_MAP, RequestEvent, RequestName,
-    RequestSpec,
+    REQ_ARMED_MAP, REQ_EVENTS_MAP, REQ_NAME_LEN, REQ_NAMES_MAP, REQ_SPECS_MAP, RequestArm,
+    RequestEvent, RequestName, RequestSpec,
 };
 
 use super::{DataplaneError, LoadError, SocketFilter, sock_diag};
@@ -23,7 +24,7 @@ use super::{DataplaneError, LoadError, SocketFilter, sock_diag};
 pub struct RequestEntry {
     pub spec: RequestSpec,
     pub names: Vec<[u8; REQ_NAME_LEN]>,
-    /// reset: the fault's sockets (the event's cookie picks one).
+    /// reset, lose_reply: the fault's sockets (the event's cookie picks one).
     pub reset: Option<SocketFilter>,
 }
 
@@ -32,6 +33,8 @@ pub struct Requests {
     names: BpfHashMap<MapData, RequestName, u32>,
     /// The socket filters of reset faults, by counter slot.
     resets: Arc<Mutex<HashMap<u32, SocketFilter>>>,
+    /// Connections whose reply a lose_reply fault loses, by socket cookie.
+    armed: Arc<Mutex<BpfHashMap<MapData, u64, RequestArm>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -52,12 +55,15 @@ impl Requests {
         let specs = BpfHashMap::try_from(take(REQ_SPECS_MAP)?).map_err(map_err(REQ_SPECS_MAP))?;
         let names = BpfHashMap::try_from(take(REQ_NAMES_MAP)?).map_err(map_err(REQ_NAMES_MAP))?;
         let ring = RingBuf::try_from(take(REQ_EVENTS_MAP)?).map_err(map_err(REQ_EVENTS_MAP))?;
+        let armed = BpfHashMap::try_from(take(REQ_ARMED_MAP)?).map_err(map_err(REQ_ARMED_MAP))?;
+        let armed = Arc::new(Mutex::new(armed));
         let resets = Arc::new(Mutex::new(HashMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (thread_resets, thread_stop) = (resets.clone(), stop.clone());
+        let (thread_resets, thread_armed, thread_stop) =
+            (resets.clone(), armed.clone(), stop.clone());
         std::thread::Builder::new()
             .name("request-resets".into())
-            .spawn(move || reset_loop(ring, &thread_resets, &thread_stop))
+            .spawn(move || reset_loop(ring, &thread_resets, &thread_armed, &thread_stop))
             .map_err(|e| DataplaneError::Shaper {
                 mechanism: "request match",
                 reason: format!("starting the reset thread: {e}"),
@@ -66,6 +72,7 @@ impl Requests {
             specs,
             names,
             resets,
+            armed,
             stop,
         })
     }
@@ -105,6 +112,22 @@ impl Requests {
                 first_error.get_or_insert(map_err(REQ_SPECS_MAP)(e));
             }
         }
+        // Connections the fault armed and whose reply never came: a later fault on the same
+        // slot must not inherit them.
+        let mut armed = lock(&self.armed);
+        let stale: Vec<u64> = armed
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, arm)| arm.slot == slot)
+            .map(|(cookie, _)| cookie)
+            .collect();
+        for cookie in stale {
+            if let Err(e) = armed.remove(&cookie)
+                && !matches!(e, aya::maps::MapError::KeyNotFound)
+            {
+                first_error.get_or_insert(map_err(REQ_ARMED_MAP)(e));
+            }
+        }
         first_error.map_or(Ok(()), Err)
     }
 }
@@ -131,6 +154,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn reset_loop(
     mut ring: RingBuf<MapData>,
     resets: &Mutex<HashMap<u32, SocketFilter>>,
+    armed: &Mutex<BpfHashMap<MapData, u64, RequestArm>>,
     stop: &AtomicBool,
 ) {
     let mut sockets = sock_diag::Sockets::default();
@@ -165,6 +189,11 @@ fn reset_loop(
                     "request reset"
                 ),
                 Err(e) => tracing::warn!(error = %e, cookie = event.cookie, "request reset"),
+            }
+            if let Err(e) = lock(armed).remove(&event.cookie)
+                && !matches!(e, aya::maps::MapError::KeyNotFound)
+            {
+                tracing::warn!(error = %e, cookie = event.cookie, "disarming a connection");
             }
         }
     }

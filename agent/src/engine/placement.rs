@@ -80,14 +80,16 @@ impl Placement {
         let request = spec.target.request.as_ref().map(|request| RequestEntry {
             spec: request.spec(),
             names: request.kernel_names(),
-            reset: matches!(spec.action, crate::fault::Action::Reset { .. }).then(|| {
-                SocketFilter {
-                    cgroup_dir: resolved.dir.clone(),
-                    ports: spec.target.ports.clone(),
-                    min_bytes: None,
-                    peers: spec.target.peer_set().ok().flatten(),
-                    cookie: None,
-                }
+            reset: matches!(
+                spec.action,
+                crate::fault::Action::Reset { .. } | crate::fault::Action::LoseReply
+            )
+            .then(|| SocketFilter {
+                cgroup_dir: resolved.dir.clone(),
+                ports: spec.target.ports.clone(),
+                min_bytes: None,
+                peers: spec.target.peer_set().ok().flatten(),
+                cookie: None,
             }),
         });
         Placement {

@@ -27,7 +27,7 @@ pub struct ResolvedScope {
     pub dir: std::path::PathBuf,
 }
 
-use faultd_common::{DIR_CONNECT, DIR_EGRESS, PROTO_TCP, RuleKey};
+use faultd_common::{DIR_CONNECT, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, RuleKey};
 
 pub type FaultId = String;
 pub type LeaseId = String;
@@ -92,8 +92,16 @@ impl FaultSpec {
                 ),
             ));
         }
-        if let Some(request) = &self.target.request {
-            self.validate_request(request)?;
+        match &self.target.request {
+            Some(request) => self.validate_request(request)?,
+            None if self.action == Action::LoseReply => {
+                return Err(Invalid::new(
+                    "fault.target.request",
+                    "lose_reply acts on the replies of matched requests: name them (e.g. \
+                     postgres statements COMMIT)",
+                ));
+            }
+            None => {}
         }
         if self.action.on_connections() {
             let action = self.action.name();
@@ -131,7 +139,7 @@ impl FaultSpec {
                     ),
                 ));
             }
-            Action::Reset { after_bytes: None } => {}
+            Action::Reset { after_bytes: None } | Action::LoseReply => {}
             Action::Reset { .. } => {
                 return Err(Invalid::new(
                     "fault.reset.after_bytes",
@@ -143,11 +151,23 @@ impl FaultSpec {
                 return Err(Invalid::new(
                     field,
                     format!(
-                        "{} cannot act on {what} requests (drop and reset can)",
+                        "{} cannot act on {what} requests (drop, reset and lose_reply can)",
                         other.name()
                     ),
                 ));
             }
+        }
+        if matches!(self.target.scope, Scope::Netns { .. })
+            && !matches!(self.action, Action::Drop { .. })
+        {
+            return Err(Invalid::new(
+                "fault.target.netns",
+                format!(
+                    "{} on {what} requests tears down local sockets, which an interface in a \
+                     network namespace does not have (drop can target one)",
+                    self.action.name()
+                ),
+            ));
         }
         if self.target.protocol == Protocol::Udp {
             return Err(Invalid::new(
@@ -178,9 +198,15 @@ impl FaultSpec {
                 .ports
                 .iter()
                 .flat_map(|r| r.first..=r.last)
-                .map(|port| RuleKey::new(scope_id, PROTO_TCP, DIR_EGRESS, port))
+                .flat_map(|port| {
+                    // lose_reply also watches the replies coming back.
+                    let reply = (self.action == Action::LoseReply)
+                        .then(|| RuleKey::new(scope_id, PROTO_TCP, DIR_INGRESS, port));
+                    std::iter::once(RuleKey::new(scope_id, PROTO_TCP, DIR_EGRESS, port))
+                        .chain(reply)
+                })
                 .collect();
-            keys.sort_unstable_by_key(|k| k.port);
+            keys.sort_unstable_by_key(|k| (k.direction, k.port));
             keys.dedup();
             return keys;
         }
@@ -216,7 +242,7 @@ impl FaultSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use faultd_common::{DIR_EGRESS, DIR_INGRESS, PROTO_UDP};
+    use faultd_common::PROTO_UDP;
     use std::time::Duration;
 
     fn target(ports: Vec<PortRange>, protocol: Protocol, direction: Direction) -> Target {
@@ -283,6 +309,18 @@ mod tests {
             field(Action::Drop { percent: 100.0 }, &ingress),
             "fault.target.direction"
         );
+        let lose = spec(Action::LoseReply, &t);
+        lose.validate().unwrap();
+        assert_eq!(
+            lose.rule_keys(3),
+            vec![
+                RuleKey::new(3, PROTO_TCP, DIR_EGRESS, 6379),
+                RuleKey::new(3, PROTO_TCP, DIR_INGRESS, 6379)
+            ]
+        );
+        let mut bare = t.clone();
+        bare.request = None;
+        assert_eq!(field(Action::LoseReply, &bare), "fault.target.request");
         let delay =
             Action::delay(Duration::from_millis(5), Duration::ZERO, 0.0, None, "d").unwrap();
         assert_eq!(field(delay, &t), "fault.target.request");

@@ -26,6 +26,9 @@ pub enum InjectCommand {
     Delay(DelayArgs),
     /// Pace the matched packets to a rate.
     Bandwidth(BandwidthArgs),
+    /// Let each matched request (--redis-command, --pg-statement) reach the server and run,
+    /// lose its reply, and tear the client's connection down ("ambiguous commit").
+    LoseReply(InjectArgs),
 }
 
 #[derive(Args, Debug)]
@@ -299,7 +302,7 @@ impl InjectCommand {
     pub fn common(&self) -> &InjectArgs {
         match self {
             Self::Drop(args) => &args.common,
-            Self::Reject(args) => args,
+            Self::Reject(args) | Self::LoseReply(args) => args,
             Self::Reset(args) => &args.common,
             Self::Delay(args) => &args.common,
             Self::Bandwidth(args) => &args.common,
@@ -315,6 +318,7 @@ impl InjectCommand {
                 }),
             ),
             Self::Reject(args) => (args, fault::Action::Reject(pb::Reject {})),
+            Self::LoseReply(args) => (args, fault::Action::LoseReply(pb::LoseReply {})),
             Self::Reset(args) => (
                 args.common,
                 fault::Action::Reset(pb::Reset {

@@ -82,6 +82,7 @@ pub fn action_text(action: Option<&fault::Action>) -> String {
     match action {
         Some(fault::Action::Drop(drop)) => format!("drop {}%", drop.percent),
         Some(fault::Action::Reject(_)) => "reject".into(),
+        Some(fault::Action::LoseReply(_)) => "lose_reply".into(),
         Some(fault::Action::Reset(reset)) => match reset.after_bytes {
             Some(bytes) => format!("reset after {bytes} bytes"),
             None => "reset".into(),
