@@ -11,11 +11,11 @@ use faultd_proto::v1::{
     Direction, Fault, LoseReply, PostgresMatch, Protocol, RedisMatch, RequestMatch, Target,
     fault::Action, request_match::Protocol as Matched,
 };
-use faultd_tests::api::{cgroup_target, drop_fault, get_fault, reset_fault, with_ttl};
+use faultd_tests::api::{cgroup_target, drop_fault, get_fault, list_faults, reset_fault, with_ttl};
 use faultd_tests::clients::python;
 use faultd_tests::process::output;
 use faultd_tests::servers::{POSTGRES_PORT, REDIS_PORT};
-use faultd_tests::{Cgroup, Faultd, NetNs, Postgres, RedisScene, Workload, fd_probe};
+use faultd_tests::{Cgroup, Faultctl, Faultd, NetNs, Postgres, RedisScene, Workload, fd_probe};
 use serde_json::Value;
 
 /// How long a client waits for a call before the test counts it as timed out.
@@ -335,4 +335,83 @@ async fn drop_on_insert_skips_comments_and_spares_other_statements() {
     );
     assert_eq!(psql("select count(*) from t").trim(), "0");
     assert_eq!(psql("insert into t values (2)").trim(), "INSERT 0 1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn faultctl_takes_request_matches_and_says_what_is_not_matched() {
+    let scene = RedisScene::start(fd_probe!()).await;
+    let faultctl = Faultctl::new(&scene.faultd);
+    let port = REDIS_PORT.to_string();
+    let cgroup = scene.cgroup.path();
+    let dry = faultctl.run(&[
+        "inject",
+        "drop",
+        "--cgroup",
+        cgroup,
+        "--port",
+        &port,
+        "--redis-command",
+        "set,Del",
+        "--redis-key-prefix",
+        "user:",
+        "--ttl",
+        "30s",
+        "--dry-run",
+    ]);
+    dry.assert_success();
+    for expected in [
+        "redis commands SET,DEL on keys user:*",
+        "TLS",
+        "pipelined",
+        "split",
+    ] {
+        assert!(
+            dry.stdout().contains(expected),
+            "`{}` should show {expected:?}: {dry}",
+            dry.command
+        );
+    }
+    let lose = faultctl.run(&[
+        "inject",
+        "lose-reply",
+        "--cgroup",
+        cgroup,
+        "--port",
+        &port,
+        "--ttl",
+        "30s",
+    ]);
+    assert!(
+        !lose.success() && lose.stderr().contains("fault.target.request"),
+        "lose-reply without a request match must name fault.target.request: {lose}"
+    );
+    let udp = faultctl.run(&[
+        "inject",
+        "drop",
+        "--cgroup",
+        cgroup,
+        "--port",
+        &port,
+        "--protocol",
+        "udp",
+        "--pg-statement",
+        "COMMIT",
+        "--ttl",
+        "30s",
+    ]);
+    assert!(
+        !udp.success() && udp.stderr().contains("fault.target.protocol"),
+        "a request match on UDP must name fault.target.protocol: {udp}"
+    );
+    let caps = faultctl.run(&["caps"]);
+    caps.assert_success();
+    assert!(
+        caps.stdout().contains("request_match") && caps.stdout().contains("TLS"),
+        "`faultctl caps` should list request matching and what it does not match: {caps}"
+    );
+    assert!(
+        list_faults(&mut scene.faultd.faults()).await.is_empty(),
+        "dry runs and refused injects change nothing"
+    );
 }
