@@ -10,6 +10,7 @@ Modes (HOST PORT TIMEOUT_S first):
   redis-split    raw socket: SET s v sent as two segments cut inside the name "SE|T", then
                  GET s on a fresh raw socket
   pg-drop        conn A: SELECT 1, /* comment */ insert ..., then conn B: SELECT 1
+  redis-delay    conn A: COUNT rounds of GET k then SET k v, each timed (ms): [[GETs], [SETs]]
   pg-lose-reply  conn A: INSERT 7 in a transaction, COMMIT, then conn B: count the rows of 7
 """
 
@@ -136,6 +137,22 @@ def main():
         b = psycopg.connect(conninfo, autocommit=True)
         report("select_other", lambda: b.execute("SELECT count(*) FROM t").fetchone()[0],
                timeout)
+    elif mode == "redis-delay":
+        a = redis_conn(host, port)
+        a.ping()
+
+        def rounds():
+            gets, sets = [], []
+            for _ in range(int(sys.argv[5])):
+                started = time.perf_counter()
+                a.get("k")
+                gets.append((time.perf_counter() - started) * 1000)
+                started = time.perf_counter()
+                a.set("k", "v")
+                sets.append((time.perf_counter() - started) * 1000)
+            return [gets, sets]
+
+        report("rounds", rounds, timeout)
     elif mode == "pg-lose-reply":
         import psycopg
 

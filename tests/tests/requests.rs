@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use faultd_proto::v1::{
-    Direction, Fault, LoseReply, PostgresMatch, Protocol, RedisMatch, RequestMatch, Target,
+    Delay, Direction, Fault, LoseReply, PostgresMatch, Protocol, RedisMatch, RequestMatch, Target,
     fault::Action, request_match::Protocol as Matched,
 };
 use faultd_tests::api::{cgroup_target, drop_fault, get_fault, list_faults, reset_fault, with_ttl};
@@ -34,9 +34,20 @@ fn redis_target(cgroup: &Cgroup, commands: &[&str]) -> Target {
 
 /// `request_client.py MODE 127.0.0.1 PORT TIMEOUT` in `workload`: one JSON object per call.
 fn client(workload: &Workload, mode: &str, port: u16) -> Vec<Value> {
+    client_with(workload, mode, port, CALL_TIMEOUT_S, &[])
+}
+
+fn client_with(
+    workload: &Workload,
+    mode: &str,
+    port: u16,
+    timeout_s: &str,
+    extra: &[&str],
+) -> Vec<Value> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/request_client.py");
     let mut cmd = workload.command(&python().to_string_lossy());
-    cmd.args([script, mode, "127.0.0.1", &port.to_string(), CALL_TIMEOUT_S]);
+    cmd.args([script, mode, "127.0.0.1", &port.to_string(), timeout_s])
+        .args(extra);
     let out = output(&mut cmd);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let steps: Vec<Value> = stdout
@@ -206,6 +217,64 @@ async fn pipelined_and_split_requests_are_matched_or_passed_as_documented() {
     assert!(
         ok(get) && get["value"] == "$5\r\nsplit\r\n",
         "and Redis got it intact: {get}"
+    );
+}
+
+/// Medians (ms) of GET and SET round trips over `rounds` rounds on one redis-py connection.
+fn get_set_medians(workload: &Workload, rounds: &str) -> (f64, f64) {
+    let steps = client_with(workload, "redis-delay", REDIS_PORT, "120", &[rounds]);
+    let timed = step(&steps, "rounds");
+    assert!(ok(timed), "the rounds must complete: {timed}");
+    let median = |i: usize| {
+        let values: Vec<f64> = timed["value"][i]
+            .as_array()
+            .expect("a list of round trips")
+            .iter()
+            .filter_map(Value::as_f64)
+            .collect();
+        faultd_tests::workload::stats::median(&values)
+    };
+    (median(0), median(1))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn delay_on_set_slows_the_set_alone() {
+    let scene = RedisScene::start(fd_probe!()).await;
+    // NFQUEUE applies the fault in the namespaces of the cgroup's processes.
+    let _resident = scene.inside.resident();
+    let (get_before, set_before) = get_set_medians(&scene.inside, "20");
+    let mut fault = drop_fault(100.0, redis_target(&scene.cgroup, &["SET"]));
+    fault.action = Some(Action::Delay(Delay {
+        latency: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 200_000_000,
+        }),
+        ..Default::default()
+    }));
+    let fault = inject(&scene.faultd, fault).await;
+    assert_eq!(fault.mechanism, "nfqueue", "Inject answered {fault:?}");
+    let (get_during, set_during) = get_set_medians(&scene.inside, "30");
+    eprintln!(
+        "MEASURE request_delay medians: GET {get_before:.2} -> {get_during:.2} ms, SET \
+         {set_before:.2} -> {set_during:.2} ms"
+    );
+    let added = set_during - set_before;
+    assert!(
+        (added - 200.0).abs() <= 5.0,
+        "SET round trips must rise by 200 ms (±5 ms median): {set_before:.2} -> {set_during:.2} ms"
+    );
+    assert!(
+        get_during - get_before < 5.0,
+        "GET round trips must not rise: {get_before:.2} -> {get_during:.2} ms"
+    );
+    let counters = get_fault(&mut scene.faultd.faults(), &fault.id)
+        .await
+        .counters
+        .unwrap_or_default();
+    assert!(
+        counters.requests_matched >= 30,
+        "each SET is a matched request: {counters:?}"
     );
 }
 

@@ -148,6 +148,11 @@ impl State {
     /// mechanism's name. FAILED_PRECONDITION names what the kernel lacks.
     fn mechanism_for(&self, spec: &FaultSpec) -> Result<(Option<usize>, &'static str), Error> {
         if let Some(forced) = spec.action.shaping() {
+            // Requests are matched in user space, on the packets NFQUEUE hands over.
+            let forced = match spec.target.request {
+                Some(_) => Some(Mechanism::Nfqueue),
+                None => forced,
+            };
             let shaper = self.choose_shaper(&spec.action, &spec.target, forced)?;
             return Ok((Some(shaper), self.shapers[shaper].mechanism().name()));
         }

@@ -77,7 +77,9 @@ impl Placement {
             _ if keys.is_empty() => None,
             _ => Some(resolved.cgroup_id),
         };
-        let request = spec.target.request.as_ref().map(|request| RequestEntry {
+        // A shaped fault matches requests in its mechanism, not in the kernel maps.
+        let kernel_request = spec.target.request.as_ref().filter(|_| shaper.is_none());
+        let request = kernel_request.map(|request| RequestEntry {
             spec: request.spec(),
             names: request.kernel_names(),
             reset: matches!(

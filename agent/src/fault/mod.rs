@@ -9,6 +9,7 @@ mod peers;
 pub mod request;
 mod target;
 pub mod view;
+pub mod wire;
 
 pub use action::{Action, Bandwidth, Delay, MAX_DELAY, Mechanism};
 pub use peers::{Cidr, PeerSet};
@@ -140,6 +141,18 @@ impl FaultSpec {
                 ));
             }
             Action::Reset { after_bytes: None } | Action::LoseReply => {}
+            // Matched in user space: the packets of the target's connections pass through
+            // faultd, which holds only those that start a matched request.
+            Action::Delay(Delay {
+                mechanism: None | Some(Mechanism::Nfqueue),
+                ..
+            }) => {}
+            Action::Delay(_) => {
+                return Err(Invalid::new(
+                    "fault.delay.mechanism",
+                    format!("a delay of {what} requests is applied through NFQUEUE only"),
+                ));
+            }
             Action::Reset { .. } => {
                 return Err(Invalid::new(
                     "fault.reset.after_bytes",
@@ -151,7 +164,7 @@ impl FaultSpec {
                 return Err(Invalid::new(
                     field,
                     format!(
-                        "{} cannot act on {what} requests (drop, reset and lose_reply can)",
+                        "{} cannot act on {what} requests (drop, delay, reset and lose_reply can)",
                         other.name()
                     ),
                 ));
@@ -323,7 +336,18 @@ mod tests {
         assert_eq!(field(Action::LoseReply, &bare), "fault.target.request");
         let delay =
             Action::delay(Duration::from_millis(5), Duration::ZERO, 0.0, None, "d").unwrap();
-        assert_eq!(field(delay, &t), "fault.target.request");
+        spec(delay, &t).validate().unwrap();
+        let netem = Action::delay(
+            Duration::from_millis(5),
+            Duration::ZERO,
+            0.0,
+            Some(Mechanism::Netem),
+            "d",
+        )
+        .unwrap();
+        assert_eq!(field(netem, &t), "fault.delay.mechanism");
+        let bandwidth = Action::bandwidth(1000, 0, None, "b").unwrap();
+        assert_eq!(field(bandwidth, &t), "fault.target.request");
     }
 
     #[test]
