@@ -484,3 +484,91 @@ async fn faultctl_takes_request_matches_and_says_what_is_not_matched() {
         "dry runs and refused injects change nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn key_prefix_limits_the_match_to_those_keys() {
+    let scene = RedisScene::start(fd_probe!()).await;
+    let outside = Workload::outside(fd_probe!(), &scene.netns);
+    redis_cli(&outside, &["MSET", "user:1", "u", "item:1", "i"]);
+    let mut target = redis_target(&scene.cgroup, &["GET"]);
+    if let Some(Matched::Redis(redis)) = target.request.as_mut().and_then(|r| r.protocol.as_mut()) {
+        redis.key_prefix = "user:".into();
+    }
+    inject(&scene.faultd, drop_fault(100.0, target)).await;
+    // redis-cli sends RESP multibulk; the inline form is covered by the unit tests of
+    // fault::wire, which read requests as the programs do.
+    let get = |key: &str| {
+        let mut cmd = scene.inside.command("timeout");
+        cmd.args([
+            "2",
+            "redis-cli",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &REDIS_PORT.to_string(),
+        ])
+        .args(["GET", key]);
+        let out = output(&mut cmd);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
+    };
+    assert_eq!(
+        get("item:1"),
+        (true, "i".to_string()),
+        "another key's GET answers"
+    );
+    let (answered, text) = get("user:1");
+    assert!(!answered, "a GET of a user: key must time out: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn bad_request_matches_are_invalid_argument_naming_the_field() {
+    let scene = RedisScene::start(fd_probe!()).await;
+    let mut faults = scene.faultd.faults();
+    let refused = |target: Target, action: Option<Action>| {
+        let mut fault = drop_fault(100.0, target);
+        if action.is_some() {
+            fault.action = action;
+        }
+        with_ttl(fault, Duration::from_secs(30))
+    };
+    let mut empty = redis_target(&scene.cgroup, &[]);
+    let mut long = redis_target(&scene.cgroup, &["X"]);
+    if let Some(Matched::Redis(redis)) = long.request.as_mut().and_then(|r| r.protocol.as_mut()) {
+        redis.commands = vec!["A".repeat(17)];
+    }
+    let mut udp = redis_target(&scene.cgroup, &["SET"]);
+    udp.protocol = Protocol::Udp.into();
+    let mut none = redis_target(&scene.cgroup, &["SET"]);
+    none.request = Some(RequestMatch { protocol: None });
+    let reject = Some(Action::Reject(faultd_proto::v1::Reject {}));
+    empty.direction = Direction::Egress.into();
+    for (request, field) in [
+        (refused(empty, None), "fault.target.request.redis.commands"),
+        (
+            refused(long, None),
+            "fault.target.request.redis.commands[0]",
+        ),
+        (refused(udp, None), "fault.target.protocol"),
+        (refused(none, None), "fault.target.request"),
+        (
+            refused(redis_target(&scene.cgroup, &["SET"]), reject),
+            "fault.target.request",
+        ),
+    ] {
+        let status = faults.inject(request).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().starts_with(&format!("{field}:")),
+            "the error must name {field}: {status:?}"
+        );
+    }
+    assert!(
+        list_faults(&mut faults).await.is_empty(),
+        "nothing was applied"
+    );
+}
