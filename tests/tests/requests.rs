@@ -572,3 +572,31 @@ async fn bad_request_matches_are_invalid_argument_naming_the_field() {
         "nothing was applied"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn requests_over_ipv6_are_matched_too() {
+    let scene = RedisScene::start(fd_probe!()).await;
+    inject(
+        &scene.faultd,
+        drop_fault(100.0, redis_target(&scene.cgroup, &["SET"])),
+    )
+    .await;
+    let cli = |args: &[&str]| {
+        let mut cmd = scene.inside.command("timeout");
+        cmd.args(["2", "redis-cli", "-h", "::1", "-p", &REDIS_PORT.to_string()])
+            .args(args);
+        let out = output(&mut cmd);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
+    };
+    assert_eq!(
+        cli(&["PING"]),
+        (true, "PONG".to_string()),
+        "PING over ::1 answers"
+    );
+    let (answered, text) = cli(&["SET", "k6", "v"]);
+    assert!(!answered, "a SET over ::1 must time out: {text}");
+}
