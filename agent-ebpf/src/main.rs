@@ -18,11 +18,15 @@
 //! interface inside a network namespace, they apply the drop rules of that interface's scope
 //! id (its index) to whatever crosses it, routed traffic included.
 //!
+//! A rule whose action is a request code (`ACTION_REQ_*`) acts only on segments that start with
+//! a request it names (`request`); only such rules read payload.
+//!
 //! The tc classifier for delay and bandwidth faults lives in `shape`.
 #![no_std]
 #![no_main]
 
 mod ancestry;
+mod request;
 mod shape;
 
 use ancestry::Step;
@@ -40,10 +44,10 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, TcContext, sk_buff::SkBuff},
 };
 use faultd_common::{
-    ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, Counters, DIR_CONNECT, DIR_EGRESS,
-    DIR_INGRESS, ECONNREFUSED, FAMILY_V4, FAMILY_V6, MAX_FAULTS, MAX_PEERS, MAX_RULES, MAX_SCOPES,
-    PEER_KEY_FIXED_BITS, PORTS, PROTO_TCP, PROTO_UDP, PeerKey, RuleKey, RuleValue, ScopeValue,
-    netns_scope_id, port_bit,
+    ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, ACTION_REQ_LOSE_REPLY, Counters,
+    DIR_CONNECT, DIR_EGRESS, DIR_INGRESS, ECONNREFUSED, FAMILY_V4, FAMILY_V6, MAX_FAULTS,
+    MAX_PEERS, MAX_RULES, MAX_SCOPES, PEER_KEY_FIXED_BITS, PORTS, PROTO_TCP, PROTO_UDP, PeerKey,
+    RuleKey, RuleValue, ScopeValue, is_request_action, netns_scope_id, port_bit,
 };
 
 #[map]
@@ -238,22 +242,54 @@ fn should_drop(ctx: &SkBuffContext, direction: u8) -> Option<bool> {
         return None;
     }
     let skb = ctx.skb.skb;
-    ancestry::walk(
+    let verdict = ancestry::walk(
         unsafe { bpf_skb_cgroup_id(skb) },
         |level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) },
         |scope| unsafe { FAULTD_SCOPES.get(&scope) }.is_some(),
         |scope| match scope_drops(&ctx.skb, scope, direction, &packet) {
-            Some(true) => Step::Found(true),
-            Some(false) => Step::Next,
+            Some(Verdict::Drop(false)) => Step::Next,
+            Some(verdict) => Step::Found(verdict),
             None => Step::Stop,
         },
-    )
+    )?;
+    Some(decide(&ctx.skb, 0, &packet, verdict))
+}
+
+/// What a scope's rules say about a packet.
+enum Verdict {
+    Drop(bool),
+    /// A rule with a request match: the payload decides (read outside the cgroup walk, so the
+    /// verifier sees the parser once).
+    Request(&'static RuleValue),
+    /// A reply to the workload on a lose_reply rule's port: its socket decides.
+    Reply(&'static RuleValue),
+}
+
+#[inline(always)]
+fn decide(ctx: &SkBuff, base: usize, packet: &Packet, verdict: Verdict) -> bool {
+    match verdict {
+        Verdict::Drop(drop) => drop,
+        Verdict::Request(rule) => request::decide(
+            ctx,
+            base,
+            packet.family,
+            rule,
+            FAULTD_COUNTERS.get_ptr_mut(rule.counter_slot),
+        ),
+        Verdict::Reply(rule) => request::reply(
+            ctx,
+            base,
+            packet.family,
+            rule,
+            FAULTD_COUNTERS.get_ptr_mut(rule.counter_slot),
+        ),
+    }
 }
 
 /// Looks the packet up among the rules of one scope: counts it against the rule it matches and
-/// says whether to drop it.
+/// says whether to drop it, or that its payload decides.
 #[inline(always)]
-fn scope_drops(ctx: &SkBuff, scope: u64, direction: u8, packet: &Packet) -> Option<bool> {
+fn scope_drops(ctx: &SkBuff, scope: u64, direction: u8, packet: &Packet) -> Option<Verdict> {
     let protocol = packet.protocol;
     let mut key = RuleKey::new(scope, protocol, direction, packet.remote);
     let mut rule = unsafe { FAULTD_RULES.get(&key) };
@@ -266,7 +302,21 @@ fn scope_drops(ctx: &SkBuff, scope: u64, direction: u8, packet: &Packet) -> Opti
     {
         rule = peer_rule(key, packet.family, remote_addr(ctx, packet)?);
     }
-    Some(rule.is_some_and(apply))
+    match rule {
+        // Requests are what a client sends: to the rule's port, from the workload; replies come
+        // back from that port.
+        Some(found) if is_request_action(found.action) => Some(
+            match (
+                protocol == PROTO_TCP && key.port == packet.remote,
+                direction,
+            ) {
+                (true, DIR_EGRESS) => Verdict::Request(found),
+                (true, _) if found.action == ACTION_REQ_LOSE_REPLY => Verdict::Reply(found),
+                _ => Verdict::Drop(false),
+            },
+        ),
+        rule => Some(Verdict::Drop(rule.is_some_and(apply))),
+    }
 }
 
 /// tc verdicts: TC_ACT_UNSPEC hands the packet on (the next program, or the stack); TC_ACT_SHOT.
@@ -300,7 +350,8 @@ fn tc_should_drop(ctx: &TcContext, direction: u8) -> Option<bool> {
     if !port_named(packet.protocol, direction, packet.local, packet.remote) {
         return None;
     }
-    scope_drops(&ctx.skb, scope, direction, &packet)
+    let verdict = scope_drops(&ctx.skb, scope, direction, &packet)?;
+    Some(decide(&ctx.skb, ETH_HLEN, &packet, verdict))
 }
 
 /// Counts the packet against the rule and says whether to drop it.

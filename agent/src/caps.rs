@@ -130,6 +130,8 @@ const ACTIONS: &[(&str, Action)] = &[
     ("drop", Action::Drop { percent: 100.0 }),
     ("reject", Action::Reject),
     ("reset", Action::Reset { after_bytes: None }),
+    // Only with a request match (Redis commands, PostgreSQL statements).
+    ("lose_reply", Action::LoseReply),
 ];
 
 fn kernel_release() -> String {

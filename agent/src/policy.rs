@@ -395,6 +395,7 @@ mod tests {
             direction: Direction::Both,
             peers: Vec::new(),
             exclude_peers: Vec::new(),
+            request: None,
         }
     }
 

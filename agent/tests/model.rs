@@ -214,6 +214,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                                 [direction as usize],
                             peers: Vec::new(),
                             exclude_peers: Vec::new(),
+                            request: None,
                         },
                         labels: Labels::new(),
                     };

@@ -657,3 +657,68 @@ fn pytest(address: &str, env: &[(&str, String)], files: &[&str]) {
 fn futures_blocking<F: std::future::Future>(future: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
 }
+
+/// `postgres-ambiguous-commit.json` with the demo payment service retrying as `retry` says:
+/// the journal, and the after-probe's verdict (payments, applied_twice, ...).
+fn ambiguous_commit(demo: &Demo, retry: &str) -> (Value, Value) {
+    let vars = short(json!({
+        "payment_retry": retry,
+        "fault_seconds": 2,
+        "warmup_seconds": 2,
+        "pay_seconds": 6,
+        "payments_ledger": demo.dir.join("payments.jsonl"),
+    }));
+    let (mut cmd, journal_path) = demo.chaos("postgres-ambiguous-commit.json", vars);
+    let out = output(&mut cmd);
+    let journal: Value = std::fs::read(&journal_path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "`{}` wrote no journal ({}): {}",
+                describe(&cmd),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let verdict = activity_output(&journal, "after", "no-payment-applied-twice");
+    eprintln!(
+        "MEASURE ambiguous commit, {retry} retries: status {} deviated {}; {verdict}",
+        journal["status"], journal["deviated"]
+    );
+    (journal, verdict)
+}
+
+#[tokio::test]
+#[ignore = "needs root: namespaces, cgroups and BPF (run with `cargo xtask test`)"]
+async fn ambiguous_commit_applies_no_payment_twice_with_idempotent_retries() {
+    let _serial = SERIAL.lock().await;
+    let demo = Demo::start().await;
+    let (journal, verdict) = ambiguous_commit(&demo, "idempotent");
+    assert_eq!(journal["status"], "completed", "{journal}");
+    assert_eq!(journal["deviated"], false, "{verdict}");
+    assert!(verdict["payments"].as_u64().unwrap_or(0) > 10, "{verdict}");
+    assert!(
+        verdict["retried_payments"].as_u64().unwrap_or(0) > 0,
+        "no COMMIT reply was lost: the fault did not bite: {verdict}"
+    );
+    assert_eq!(verdict["applied_twice"], 0, "{verdict}");
+}
+
+#[tokio::test]
+#[ignore = "needs root: namespaces, cgroups and BPF (run with `cargo xtask test`)"]
+async fn ambiguous_commit_catches_naive_retries_applying_payments_twice() {
+    let _serial = SERIAL.lock().await;
+    let demo = Demo::start().await;
+    let (journal, verdict) = ambiguous_commit(&demo, "naive");
+    // chaostoolkit completes a run whose steady state deviates afterwards, and says so.
+    assert_eq!(journal["status"], "completed", "{journal}");
+    assert_eq!(
+        journal["deviated"], true,
+        "the steady state must deviate: {verdict}"
+    );
+    assert!(
+        verdict["applied_twice"].as_u64().unwrap_or(0) > 0,
+        "naive retries of lost COMMIT replies must apply payments twice: {verdict}"
+    );
+}

@@ -61,7 +61,11 @@ const MODULES: &[&str] = &[
     "sch_ingress",
     "cls_bpf",
     "sch_tbf",
+    // SOCK_DESTROY over sock_diag (reset, and resets of request matches).
+    "tcp_diag",
 ];
+/// Modules outside net/sched the guest needs (inet_diag and its TCP part: `tcp_diag`).
+const IPV4_MODULES: &[&str] = &["inet_diag", "tcp_diag"];
 const BACKPORTS_LIST: &str = "/etc/apt/sources.list.d/bookworm-backports.sources";
 const BACKPORTS_SOURCES: &str = "Types: deb\nURIs: http://deb.debian.org/debian\n\
 Suites: bookworm-backports\nComponents: main\n\
@@ -467,9 +471,11 @@ fn build_bin_image(vm: &Path, busybox: &Path, binaries: &Binaries) -> anyhow::Re
     Ok(out)
 }
 
-/// The kernel's net/sched modules (decompressed), with a modules.dep from busybox depmod.
+/// The kernel's net/sched modules and `IPV4_MODULES` (decompressed), with a modules.dep from
+/// busybox depmod.
 fn build_module_image(vm: &Path, busybox: &Path, image: &KernelImage) -> anyhow::Result<PathBuf> {
-    let out = vm.join(format!("modules-{}.cpio.gz", image.release));
+    // Named after what it holds, so an image cached before the diag modules is not reused.
+    let out = vm.join(format!("modules-{}-diag.cpio.gz", image.release));
     if out.exists() {
         return Ok(out);
     }
@@ -480,8 +486,23 @@ fn build_module_image(vm: &Path, busybox: &Path, image: &KernelImage) -> anyhow:
     let base = format!("lib/modules/{}", image.release);
     let sched = dir.join(&base).join("kernel/net/sched");
     fs::create_dir_all(&sched)?;
+    let ipv4 = dir.join(&base).join("kernel/net/ipv4");
+    fs::create_dir_all(&ipv4)?;
+    let mut sources = Vec::new();
     for entry in fs::read_dir(image.modules.join("kernel/net/sched"))? {
+        sources.push((entry?.path(), sched.clone()));
+    }
+    for entry in fs::read_dir(image.modules.join("kernel/net/ipv4"))? {
         let path = entry?.path();
+        let stem = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.split('.').next());
+        if stem.is_some_and(|stem| IPV4_MODULES.contains(&stem)) {
+            sources.push((path, ipv4.clone()));
+        }
+    }
+    for (path, sched) in sources {
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };

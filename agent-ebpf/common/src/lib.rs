@@ -159,6 +159,10 @@ pub struct Counters {
     pub refused: u64,
     /// Packets held back by a delay or bandwidth fault.
     pub delayed: u64,
+    /// Requests (Redis commands, PostgreSQL statements) that matched a request match.
+    pub requests_matched: u64,
+    /// Matched requests the fault acted on (dropped, or their connection reset).
+    pub requests_affected: u64,
 }
 
 /// Shaping (delay, bandwidth) at the tc egress hook: hash map `RuleKey` → `ShapeValue`.
@@ -234,9 +238,102 @@ pub struct ShapeState {
     pub last_random: u64,
 }
 
+/// `RuleValue::action` codes 10-19: a fault with a request match (`FAULTD_REQ_*` maps, keyed
+/// by the rule's counter slot, say which requests). Only TCP egress keys carry them.
+/// The matched request's segment is dropped (its retransmissions match again).
+pub const ACTION_REQ_DROP: u32 = 10;
+/// The matched request's segment is dropped and user space destroys its socket (an event in
+/// `FAULTD_REQ_EVENTS`).
+pub const ACTION_REQ_RESET: u32 = 11;
+/// The matched request passes and arms its socket (`FAULTD_REQ_ARMED`); on the ingress key of
+/// the same port, the reply segments of an armed socket are dropped and user space destroys it.
+pub const ACTION_REQ_LOSE_REPLY: u32 = 12;
+/// Whether a rules-map action is a request match.
+pub const fn is_request_action(action: u32) -> bool {
+    action >= 10 && action < 20
+}
+
+/// Hash map `u32` counter slot → `RequestSpec`: the protocol (and key prefix) of a fault with a
+/// request match.
+pub const REQ_SPECS_MAP: &str = "FAULTD_REQ_SPECS";
+/// Hash map `RequestName` → `u32`: the command names (Redis) or first keywords (PostgreSQL) a
+/// fault matches, upper case.
+pub const REQ_NAMES_MAP: &str = "FAULTD_REQ_NAMES";
+/// Per-CPU array of one `RequestBuf`: where the programs copy a segment's first bytes.
+pub const REQ_BUF_MAP: &str = "FAULTD_REQ_BUF";
+/// Ring buffer of `RequestEvent`: sockets user space must destroy now (reset).
+pub const REQ_EVENTS_MAP: &str = "FAULTD_REQ_EVENTS";
+/// LRU hash map `u64` socket cookie → `RequestArm`: connections whose reply lose_reply loses.
+pub const REQ_ARMED_MAP: &str = "FAULTD_REQ_ARMED";
+pub const MAX_REQ_ARMED: u32 = 16_384;
+
+/// An armed connection: the fault (counter slot) whose matched request it sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RequestArm {
+    pub slot: u32,
+    /// 1 once a reply segment was dropped (the request is counted as affected once).
+    pub fired: u32,
+}
+
+/// Capacity of the specs map (one per fault) and of the names map.
+pub const MAX_REQ_SPECS: u32 = MAX_FAULTS;
+pub const MAX_REQ_NAMES: u32 = 65_536;
+/// Longest command name or keyword, and key prefix, the programs compare.
+pub const REQ_NAME_LEN: usize = 16;
+pub const REQ_PREFIX_LEN: usize = 32;
+/// Bytes of a segment's payload the programs look at (a power of two: indexes are masked).
+pub const REQ_BUF_LEN: usize = 128;
+/// `RequestSpec::protocol`.
+pub const REQ_REDIS: u32 = 1;
+pub const REQ_POSTGRES: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RequestSpec {
+    pub protocol: u32,
+    /// Bytes of `key_prefix` in use (Redis; 0: any key).
+    pub key_prefix_len: u32,
+    pub key_prefix: [u8; REQ_PREFIX_LEN],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RequestName {
+    pub slot: u32,
+    pub _pad: u32,
+    /// Upper case, zero-filled.
+    pub name: [u8; REQ_NAME_LEN],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RequestBuf {
+    /// Where the parser keeps the payload length and the positions it found, reading them
+    /// back at each use: the verifier then knows only their bounds, not which parse path
+    /// produced them, and checks what follows once instead of once per path.
+    pub scratch: [u64; 4],
+    pub bytes: [u8; REQ_BUF_LEN],
+}
+
+/// A socket whose matched request the program dropped: user space destroys it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RequestEvent {
+    /// The socket's cookie (`bpf_get_socket_cookie`, as sock_diag reports it).
+    pub cookie: u64,
+    pub slot: u32,
+    pub action: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain-old-data, #[repr(C)], every bit pattern valid, explicit padding.
+    unsafe impl aya::Pod for super::RequestSpec {}
+    unsafe impl aya::Pod for super::RequestName {}
+    unsafe impl aya::Pod for super::RequestBuf {}
+    unsafe impl aya::Pod for super::RequestEvent {}
+    unsafe impl aya::Pod for super::RequestArm {}
     unsafe impl aya::Pod for super::RuleKey {}
     unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::ScopeValue {}
@@ -257,7 +354,10 @@ mod tests {
         assert_eq!(size_of::<RuleValue>(), 24);
         assert_eq!(size_of::<PeerKey>(), 40);
         assert_eq!(size_of::<ScopeValue>(), 8);
-        assert_eq!(size_of::<Counters>(), 32);
+        assert_eq!(size_of::<Counters>(), 48);
+        assert_eq!(size_of::<RequestSpec>(), 40);
+        assert_eq!(size_of::<RequestName>(), 24);
+        assert_eq!(size_of::<RequestEvent>(), 16);
         assert_eq!(size_of::<ShapeValue>(), 56);
         assert_eq!(size_of::<ShapeState>(), 16);
     }

@@ -99,6 +99,7 @@ fn action(action: Option<pb::fault::Action>) -> Result<Action, Invalid> {
             "fault.bandwidth",
         )?,
         Some(pb::fault::Action::Reject(pb::Reject {})) => Action::Reject,
+        Some(pb::fault::Action::LoseReply(pb::LoseReply {})) => Action::LoseReply,
         Some(pb::fault::Action::Reset(reset)) => {
             Action::reset(reset.after_bytes, "fault.reset.after_bytes")?
         }
@@ -172,6 +173,7 @@ fn target(target: pb::Target) -> Result<Target, Invalid> {
         direction,
         peers,
         exclude_peers,
+        request: target.request.map(super::request::from_proto).transpose()?,
     })
 }
 
@@ -289,6 +291,8 @@ pub fn fault(view: FaultView) -> pb::Fault {
             refused: view.counters.refused,
             reset: view.connections_reset,
             delayed: view.counters.delayed,
+            requests_matched: view.counters.requests_matched,
+            requests_affected: view.counters.requests_affected,
         }),
         expires_at: Some(timestamp(view.expires_at)),
         remaining: Some(duration_to_proto(view.remaining)),
@@ -321,6 +325,7 @@ fn action_to_proto(action: Action) -> pb::fault::Action {
             mechanism: mechanism_to_proto(bandwidth.mechanism),
         }),
         Action::Reject => pb::fault::Action::Reject(pb::Reject {}),
+        Action::LoseReply => pb::fault::Action::LoseReply(pb::LoseReply {}),
         Action::Reset { after_bytes } => pb::fault::Action::Reset(pb::Reset { after_bytes }),
     }
 }
@@ -361,6 +366,7 @@ fn target_to_proto(target: Target) -> pb::Target {
         direction: direction.into(),
         peers: target.peers.iter().map(Cidr::to_string).collect(),
         exclude_peers: target.exclude_peers.iter().map(Cidr::to_string).collect(),
+        request: target.request.map(super::request::to_proto),
     }
 }
 

@@ -12,6 +12,7 @@ mod events;
 mod fault;
 mod lease;
 pub mod peer;
+mod request;
 
 use std::sync::Arc;
 use std::time::Duration;

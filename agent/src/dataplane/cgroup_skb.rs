@@ -53,6 +53,8 @@ pub struct CgroupSkbDataplane {
     tc: Result<(), Arc<DataplaneError>>,
     /// The interfaces of netns scopes the tc programs are attached to, by scope id.
     interfaces: HashMap<u64, Attached>,
+    /// The maps of request matches and their reset thread, or why not.
+    requests: Result<super::requests::Requests, Arc<DataplaneError>>,
     /// Owns the programs and their links: dropping it detaches them.
     _ebpf: Ebpf,
 }
@@ -100,6 +102,10 @@ impl CgroupSkbDataplane {
         let counters = PerCpuArray::try_from(take(COUNTERS_MAP)?).map_err(map_err(COUNTERS_MAP))?;
         let ports = Array::try_from(take(PORTS_MAP)?).map_err(map_err(PORTS_MAP))?;
         let nr_cpus = aya::util::nr_cpus().map_err(LoadError::cpus)?;
+        let requests = super::requests::Requests::load(&mut ebpf).map_err(Arc::new);
+        if let Err(e) = &requests {
+            tracing::warn!(error = %e, "request matches are unavailable");
+        }
         Ok(Self {
             rules,
             scopes,
@@ -114,6 +120,7 @@ impl CgroupSkbDataplane {
             sock_destroy,
             tc,
             interfaces: HashMap::new(),
+            requests,
             _ebpf: ebpf,
         })
     }
@@ -354,6 +361,8 @@ impl Dataplane for CgroupSkbDataplane {
             dropped: sum.dropped + c.dropped,
             refused: sum.refused + c.refused,
             delayed: sum.delayed + c.delayed,
+            requests_matched: sum.requests_matched + c.requests_matched,
+            requests_affected: sum.requests_affected + c.requests_affected,
         }))
     }
 
@@ -391,11 +400,56 @@ impl Dataplane for CgroupSkbDataplane {
                     .map_err(Unavailable::ConnectPrograms)
             }
             Action::Delay(_) | Action::Bandwidth(_) => Err(Unavailable::Shaping),
+            Action::LoseReply => self.request_mechanism(action),
+        }
+    }
+
+    fn set_request(
+        &mut self,
+        slot: u32,
+        entry: &super::RequestEntry,
+    ) -> Result<(), DataplaneError> {
+        match &mut self.requests {
+            Ok(requests) => requests.set(slot, entry),
+            Err(e) => Err(DataplaneError::Unsupported {
+                mechanism: "request match",
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn remove_request(
+        &mut self,
+        slot: u32,
+        entry: &super::RequestEntry,
+    ) -> Result<(), DataplaneError> {
+        match &mut self.requests {
+            Ok(requests) => requests.remove(slot, entry),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn request_mechanism(&self, action: &Action) -> Result<&'static str, Unavailable> {
+        if let Err(e) = &self.requests {
+            return Err(Unavailable::Requests(e.clone()));
+        }
+        match action {
+            Action::Reset { .. } | Action::LoseReply => self
+                .sock_destroy
+                .clone()
+                .map(|()| "cgroup_skb+sock_diag")
+                .map_err(Unavailable::SockDestroy),
+            _ => Ok("cgroup_skb"),
         }
     }
 
     fn capabilities(&self) -> Vec<Capability> {
         vec![
+            Capability::outcome(
+                "request_match",
+                self.requests.as_ref().map(|_| ()).map_err(Arc::clone),
+                crate::fault::request::NOT_MATCHED,
+            ),
             Capability::outcome(
                 "cgroup_connect",
                 self.connect.clone(),

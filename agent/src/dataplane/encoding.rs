@@ -4,12 +4,12 @@
 
 use aya::maps::lpm_trie::Key as LpmKey;
 use faultd_common::{
-    ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, FAMILY_V4, FAMILY_V6,
-    PEER_KEY_FIXED_BITS, PeerKey, RuleValue,
+    ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, ACTION_REQ_DROP, ACTION_REQ_LOSE_REPLY,
+    ACTION_REQ_RESET, FAMILY_V4, FAMILY_V6, PEER_KEY_FIXED_BITS, PeerKey, RuleValue,
 };
 
 use super::PeerEntry;
-use crate::fault::Action;
+use crate::fault::{Action, FaultSpec};
 
 /// The rules-map value of a key whose faults name peers: the peers map decides.
 pub const PEERS_MARKER: RuleValue = RuleValue {
@@ -36,10 +36,27 @@ pub fn rule_value(action: &Action, slot: u32, expires_at_ns: u64) -> RuleValue {
         counter_slot: slot,
         action: match action {
             Action::Reject | Action::Reset { .. } => ACTION_REJECT,
-            // Delay and bandwidth never reach the map (their shaper applies them).
-            Action::Drop { .. } | Action::Delay(_) | Action::Bandwidth(_) => ACTION_DROP,
+            // Delay and bandwidth never reach the map (their shaper applies them), nor does
+            // lose_reply without a request match (validation refuses it).
+            Action::Drop { .. } | Action::Delay(_) | Action::Bandwidth(_) | Action::LoseReply => {
+                ACTION_DROP
+            }
         },
     }
+}
+
+/// The entry of a fault: `rule_value`, with the request code of the action when the target
+/// has a request match (the `FAULTD_REQ_*` maps, keyed by `slot`, say which requests).
+pub fn fault_value(spec: &FaultSpec, slot: u32, expires_at_ns: u64) -> RuleValue {
+    let mut value = rule_value(&spec.action, slot, expires_at_ns);
+    if spec.target.request.is_some() {
+        value.action = match spec.action {
+            Action::Reset { .. } => ACTION_REQ_RESET,
+            Action::LoseReply => ACTION_REQ_LOSE_REPLY,
+            _ => ACTION_REQ_DROP,
+        };
+    }
+    value
 }
 
 /// The LPM trie key of a peers entry: the rule and the family always match in full.

@@ -97,6 +97,9 @@ pub enum Unavailable {
     SockDestroy(Arc<sock_diag::SockDestroyUnavailable>),
     #[error("delay and bandwidth are applied by a shaping mechanism")]
     Shaping,
+    /// The request-match maps or their reset thread are missing.
+    #[error("request matching: {0}")]
+    Requests(#[source] Arc<DataplaneError>),
     /// What a stand-in datapath (tests) says is missing.
     #[error("{0}")]
     Missing(String),

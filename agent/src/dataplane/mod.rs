@@ -13,6 +13,7 @@ pub mod netfilter;
 pub mod nfqueue;
 pub mod peer_marker;
 pub mod qdisc_probe;
+pub mod requests;
 pub mod rtnl;
 pub mod sock_diag;
 pub mod tc;
@@ -22,6 +23,7 @@ use faultd_common::{Counters, RuleKey, RuleValue};
 use crate::fault::{Action, Cidr, FaultId, Mechanism, Target};
 use crate::target::ResolvedScope;
 pub use error::{AttachFailure, DataplaneError, LoadError, TcError, Unavailable};
+pub use requests::RequestEntry;
 pub use sock_diag::SocketFilter;
 
 /// TCX links exist from Linux 6.6 on.
@@ -81,6 +83,18 @@ pub trait Dataplane: Send {
     /// What tears down established TCP connections (`reset`): called with a filter, it returns
     /// how many connections it destroyed. Shared, so a watcher thread can call it too.
     fn connection_killer(&self) -> ConnectionKiller;
+    /// Writes the request match of the fault counting into `slot` (before its rules).
+    fn set_request(&mut self, _slot: u32, _entry: &RequestEntry) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    /// Takes it out (after its rules); missing entries are ignored.
+    fn remove_request(&mut self, _slot: u32, _entry: &RequestEntry) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    /// The mechanism that applies `action` to matched requests, or what this kernel lacks.
+    fn request_mechanism(&self, action: &Action) -> Result<&'static str, Unavailable> {
+        self.mechanism(action)
+    }
     /// What this datapath probed beyond loading, for the capability report.
     fn capabilities(&self) -> Vec<crate::capability::Capability> {
         Vec::new()

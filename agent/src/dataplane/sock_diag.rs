@@ -29,6 +29,8 @@ pub struct SocketFilter {
     pub min_bytes: Option<u64>,
     /// Only connections to these remote addresses (None: any).
     pub peers: Option<PeerSet>,
+    /// Only the socket with this cookie (`bpf_get_socket_cookie`): a request match's reset.
+    pub cookie: Option<u64>,
 }
 
 impl SocketFilter {
@@ -48,6 +50,14 @@ impl SocketFilter {
             v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
         };
         peers.contains(addr)
+    }
+
+    /// Whether the socket is the one the filter names, if it names one (`id` as in
+    /// `peer_matches`; the cookie is its last 8 bytes, low half first).
+    fn cookie_matches(&self, id: &[u8; 48]) -> bool {
+        self.cookie.is_none_or(|cookie| {
+            u64::from(u32_at(id, 40)) | (u64::from(u32_at(id, 44)) << 32) == cookie
+        })
     }
 
     fn port_matches(&self, sport: u16, dport: u16) -> bool {
@@ -245,6 +255,7 @@ fn destroy_in(
                 && enough
                 && filter.port_matches(msg.sport, msg.dport)
                 && filter.peer_matches(msg.family, &msg.id)
+                && filter.cookie_matches(&msg.id)
             {
                 victims.push(*msg);
             }
@@ -552,6 +563,7 @@ mod tests {
             }],
             min_bytes: None,
             peers: None,
+            cookie: None,
         };
         assert!(filter.port_matches(5432, 40000));
         assert!(filter.port_matches(40000, 5432));
@@ -579,6 +591,7 @@ mod tests {
             ports: vec![],
             min_bytes: None,
             peers,
+            cookie: None,
         };
         let id = |dst: [u8; 16]| {
             let mut id = [0u8; 48];

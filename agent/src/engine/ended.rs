@@ -103,6 +103,7 @@ mod tests {
                     direction: Direction::Egress,
                     peers: Vec::new(),
                     exclude_peers: Vec::new(),
+                    request: None,
                 },
                 labels: Labels::default(),
             },

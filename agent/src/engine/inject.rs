@@ -148,16 +148,22 @@ impl State {
     /// mechanism's name. FAILED_PRECONDITION names what the kernel lacks.
     fn mechanism_for(&self, spec: &FaultSpec) -> Result<(Option<usize>, &'static str), Error> {
         if let Some(forced) = spec.action.shaping() {
+            // Requests are matched in user space, on the packets NFQUEUE hands over.
+            let forced = match spec.target.request {
+                Some(_) => Some(Mechanism::Nfqueue),
+                None => forced,
+            };
             let shaper = self.choose_shaper(&spec.action, &spec.target, forced)?;
             return Ok((Some(shaper), self.shapers[shaper].mechanism().name()));
         }
-        let mechanism =
-            self.dataplane
-                .mechanism(&spec.action)
-                .map_err(|missing| Unsupported::Action {
-                    action: spec.action.name(),
-                    missing,
-                })?;
+        let mechanism = match spec.target.request {
+            Some(_) => self.dataplane.request_mechanism(&spec.action),
+            None => self.dataplane.mechanism(&spec.action),
+        }
+        .map_err(|missing| Unsupported::Action {
+            action: spec.action.name(),
+            missing,
+        })?;
         Ok((None, mechanism))
     }
 
@@ -317,11 +323,16 @@ impl State {
         let Action::Reset { after_bytes } = spec.action else {
             return Ok(None);
         };
+        if spec.target.request.is_some() {
+            // The datapath resets each connection at its matched request instead.
+            return Ok(None);
+        }
         let filter = SocketFilter {
             cgroup_dir: resolved.dir.clone(),
             ports: spec.target.ports.clone(),
             min_bytes: after_bytes,
             peers: spec.target.peer_set()?,
+            cookie: None,
         };
         let killer = self.dataplane.connection_killer();
         if after_bytes.is_none() {

@@ -9,9 +9,9 @@ use std::collections::HashMap;
 use faultd_common::{Counters, RuleKey, RuleValue};
 
 use super::{FaultRecord, State};
-use crate::dataplane::encoding::{PEER_EXCLUDED, PEERS_MARKER, rule_value};
+use crate::dataplane::encoding::{PEER_EXCLUDED, PEERS_MARKER, fault_value};
 use crate::dataplane::peer_marker::{self, PeerFault};
-use crate::dataplane::{DataplaneError, Shaped};
+use crate::dataplane::{DataplaneError, RequestEntry, Shaped, SocketFilter};
 use crate::fault::{FaultId, FaultSpec, PeerSet, ResolvedScope, Scope};
 
 /// Which kernel entries hold a fault.
@@ -42,6 +42,8 @@ pub(super) struct Placement {
     /// The cgroup (by id) where the fault holds the cgroup programs: a fault with entries in
     /// the rules map on any scope but a netns one.
     pub cgroup: Option<u64>,
+    /// The request match it puts in the `FAULTD_REQ_*` maps under its slot.
+    pub request: Option<RequestEntry>,
 }
 
 impl Placement {
@@ -75,13 +77,31 @@ impl Placement {
             _ if keys.is_empty() => None,
             _ => Some(resolved.cgroup_id),
         };
+        // A shaped fault matches requests in its mechanism, not in the kernel maps.
+        let kernel_request = spec.target.request.as_ref().filter(|_| shaper.is_none());
+        let request = kernel_request.map(|request| RequestEntry {
+            spec: request.spec(),
+            names: request.kernel_names(),
+            reset: matches!(
+                spec.action,
+                crate::fault::Action::Reset { .. } | crate::fault::Action::LoseReply
+            )
+            .then(|| SocketFilter {
+                cgroup_dir: resolved.dir.clone(),
+                ports: spec.target.ports.clone(),
+                min_bytes: None,
+                peers: spec.target.peer_set().ok().flatten(),
+                cookie: None,
+            }),
+        });
         Placement {
             keys,
             entries,
             slot,
-            value: rule_value(&spec.action, slot, deadline_ns),
+            value: fault_value(spec, slot, deadline_ns),
             interface,
             cgroup,
+            request,
         }
     }
 
@@ -164,7 +184,11 @@ impl State {
         if placement.cgroup.is_some() {
             self.dataplane.attach_cgroup(resolved)?;
         }
-        let applied = match &placement.entries {
+        let requested = match &placement.request {
+            Some(request) => self.dataplane.set_request(placement.slot, request),
+            None => Ok(()),
+        };
+        let applied = requested.and_then(|()| match &placement.entries {
             Entries::Shaped { shaper, .. } => self.shapers[*shaper].apply(&Shaped {
                 id: &id.to_string(),
                 action: &spec.action,
@@ -178,7 +202,7 @@ impl State {
             Entries::PeerRules(peers) => {
                 self.insert_peer_fault(&placement.keys, peers, placement.value)
             }
-        };
+        });
         if let Err(e) = applied {
             if let Err(undo) = self.take_out(id, placement) {
                 tracing::warn!(error = %undo, "rolling back a failed inject");
@@ -211,7 +235,7 @@ impl State {
             return Ok(());
         };
         let placement = &mut fault.placement;
-        placement.value = rule_value(&fault.spec.action, placement.slot, deadline_ns);
+        placement.value = fault_value(&fault.spec, placement.slot, deadline_ns);
         match &placement.entries {
             &Entries::Shaped { shaper, .. } => self.shapers[shaper].refresh(id, deadline_ns),
             Entries::Rules => self.dataplane.refresh(&rules(placement)),
@@ -279,7 +303,11 @@ impl State {
             Some(scope_id) => self.dataplane.release_cgroup(scope_id),
             None => Ok(()),
         };
-        removed.and(released).and(detached)
+        let unrequested = match &placement.request {
+            Some(request) => self.dataplane.remove_request(placement.slot, request),
+            None => Ok(()),
+        };
+        removed.and(unrequested).and(released).and(detached)
     }
 
     /// The faults with peers on any of `keys` other than `except`, as the trie sees them.

@@ -79,6 +79,9 @@ pub enum Action {
     },
     Delay(Delay),
     Bandwidth(Bandwidth),
+    /// The matched request reaches the server and runs; its reply never reaches the client,
+    /// whose connection is then torn down. Only with a request match.
+    LoseReply,
 }
 
 impl Action {
@@ -173,6 +176,7 @@ impl Action {
             Self::Bandwidth(_) => "bandwidth",
             Self::Reject => "reject",
             Self::Reset { .. } => "reset",
+            Self::LoseReply => "lose_reply",
         }
     }
 
@@ -180,7 +184,7 @@ impl Action {
     /// forced, if any. None for actions of the cgroup_skb datapath.
     pub fn shaping(&self) -> Option<Option<Mechanism>> {
         match self {
-            Self::Drop { .. } | Self::Reject | Self::Reset { .. } => None,
+            Self::Drop { .. } | Self::Reject | Self::Reset { .. } | Self::LoseReply => None,
             Self::Delay(delay) => Some(delay.mechanism),
             Self::Bandwidth(bandwidth) => Some(bandwidth.mechanism),
         }
@@ -193,7 +197,11 @@ impl Action {
             Self::Drop { percent } => {
                 ((percent / 100.0) * faultd_common::DROP_ALL as f64).round() as u64
             }
-            Self::Reject | Self::Reset { .. } | Self::Delay(_) | Self::Bandwidth(_) => 0,
+            Self::Reject
+            | Self::Reset { .. }
+            | Self::Delay(_)
+            | Self::Bandwidth(_)
+            | Self::LoseReply => 0,
         }
     }
 

@@ -6,11 +6,14 @@ use std::collections::BTreeMap;
 mod action;
 pub mod limits;
 mod peers;
+pub mod request;
 mod target;
 pub mod view;
+pub mod wire;
 
 pub use action::{Action, Bandwidth, Delay, MAX_DELAY, Mechanism};
 pub use peers::{Cidr, PeerSet};
+pub use request::RequestMatch;
 pub use target::{Direction, PortRange, Protocol, Scope, Target};
 
 /// A scope as the kernel sees it.
@@ -25,7 +28,7 @@ pub struct ResolvedScope {
     pub dir: std::path::PathBuf,
 }
 
-use faultd_common::{DIR_CONNECT, PROTO_TCP, RuleKey};
+use faultd_common::{DIR_CONNECT, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, RuleKey};
 
 pub type FaultId = String;
 pub type LeaseId = String;
@@ -90,6 +93,17 @@ impl FaultSpec {
                 ),
             ));
         }
+        match &self.target.request {
+            Some(request) => self.validate_request(request)?,
+            None if self.action == Action::LoseReply => {
+                return Err(Invalid::new(
+                    "fault.target.request",
+                    "lose_reply acts on the replies of matched requests: name them (e.g. \
+                     postgres statements COMMIT)",
+                ));
+            }
+            None => {}
+        }
         if self.action.on_connections() {
             let action = self.action.name();
             if self.target.protocol == Protocol::Udp {
@@ -111,10 +125,104 @@ impl FaultSpec {
         Ok(())
     }
 
+    /// What a request match asks of the action and the rest of the target.
+    fn validate_request(&self, request: &RequestMatch) -> Result<(), Invalid> {
+        let field = "fault.target.request";
+        let what = request.protocol();
+        match &self.action {
+            Action::Drop { percent } if *percent == 100.0 => {}
+            Action::Drop { .. } => {
+                return Err(Invalid::new(
+                    "fault.drop.percent",
+                    format!(
+                        "a drop of {what} requests drops every matched request (its \
+                         retransmissions match again): use 100"
+                    ),
+                ));
+            }
+            Action::Reset { after_bytes: None } | Action::LoseReply => {}
+            // Matched in user space: the packets of the target's connections pass through
+            // faultd, which holds only those that start a matched request.
+            Action::Delay(Delay {
+                mechanism: None | Some(Mechanism::Nfqueue),
+                ..
+            }) => {}
+            Action::Delay(_) => {
+                return Err(Invalid::new(
+                    "fault.delay.mechanism",
+                    format!("a delay of {what} requests is applied through NFQUEUE only"),
+                ));
+            }
+            Action::Reset { .. } => {
+                return Err(Invalid::new(
+                    "fault.reset.after_bytes",
+                    "a reset on a request match tears the connection down at the matched request: \
+                     leave after_bytes out",
+                ));
+            }
+            other => {
+                return Err(Invalid::new(
+                    field,
+                    format!(
+                        "{} cannot act on {what} requests (drop, delay, reset and lose_reply can)",
+                        other.name()
+                    ),
+                ));
+            }
+        }
+        if matches!(self.target.scope, Scope::Netns { .. })
+            && !matches!(self.action, Action::Drop { .. })
+        {
+            return Err(Invalid::new(
+                "fault.target.netns",
+                format!(
+                    "{} on {what} requests tears down local sockets, which an interface in a \
+                     network namespace does not have (drop can target one)",
+                    self.action.name()
+                ),
+            ));
+        }
+        if self.target.protocol == Protocol::Udp {
+            return Err(Invalid::new(
+                "fault.target.protocol",
+                format!("{what} requests travel over TCP: use TCP or leave it unset"),
+            ));
+        }
+        if self.target.direction == Direction::Ingress {
+            return Err(Invalid::new(
+                "fault.target.direction",
+                format!(
+                    "{what} requests are matched on what the workload sends: use EGRESS or leave \
+                     it unset"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The kernel keys of this fault in the scope `scope_id`, without duplicates. Packet faults
     /// key on (protocol, direction, port); connection faults on the TCP connect's destination
     /// port (a `reset` with `after_bytes` refuses nothing, so it has no keys).
     pub fn rule_keys(&self, scope_id: u64) -> Vec<RuleKey> {
+        if self.target.request.is_some() {
+            // Requests are what the workload sends to the ports.
+            let mut keys: Vec<_> = self
+                .target
+                .ports
+                .iter()
+                .flat_map(|r| r.first..=r.last)
+                .flat_map(|port| {
+                    // lose_reply also watches the replies coming back.
+                    let reply = (self.action == Action::LoseReply)
+                        .then(|| RuleKey::new(scope_id, PROTO_TCP, DIR_INGRESS, port));
+                    std::iter::once(RuleKey::new(scope_id, PROTO_TCP, DIR_EGRESS, port))
+                        .chain(reply)
+                })
+                .collect();
+            keys.sort_unstable_by_key(|k| (k.direction, k.port));
+            keys.dedup();
+            return keys;
+        }
         if !self.action.on_connections() {
             return self.target.rule_keys(scope_id);
         }
@@ -136,7 +244,7 @@ impl FaultSpec {
     /// The spec as it is applied, so that what the API shows is what happens: connection
     /// faults act on TCP connects the workload makes (protocol TCP, direction egress).
     pub fn normalized(mut self) -> Self {
-        if self.action.on_connections() {
+        if self.action.on_connections() || self.target.request.is_some() {
             self.target.protocol = Protocol::Tcp;
             self.target.direction = Direction::Egress;
         }
@@ -147,7 +255,7 @@ impl FaultSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use faultd_common::{DIR_EGRESS, DIR_INGRESS, PROTO_UDP};
+    use faultd_common::PROTO_UDP;
     use std::time::Duration;
 
     fn target(ports: Vec<PortRange>, protocol: Protocol, direction: Direction) -> Target {
@@ -158,7 +266,88 @@ mod tests {
             direction,
             peers: Vec::new(),
             exclude_peers: Vec::new(),
+            request: None,
         }
+    }
+
+    #[test]
+    fn request_matches_take_drop_and_reset_on_tcp_egress_keys() {
+        let port = PortRange::new(6379, None, "p").unwrap();
+        let mut t = target(vec![port], Protocol::Both, Direction::Both);
+        t.request = Some(RequestMatch::redis(vec!["set".into()], String::new(), "r").unwrap());
+        let spec = |action: Action, target: &Target| FaultSpec {
+            action,
+            target: target.clone(),
+            labels: Labels::new(),
+        };
+        let drop = spec(Action::Drop { percent: 100.0 }, &t);
+        drop.validate().unwrap();
+        assert_eq!(
+            drop.rule_keys(3),
+            vec![RuleKey::new(3, PROTO_TCP, DIR_EGRESS, 6379)]
+        );
+        let normal = drop.clone().normalized().target;
+        assert_eq!(
+            (normal.protocol, normal.direction),
+            (Protocol::Tcp, Direction::Egress)
+        );
+        spec(Action::Reset { after_bytes: None }, &t)
+            .validate()
+            .unwrap();
+        let field =
+            |action: Action, target: &Target| spec(action, target).validate().unwrap_err().field;
+        assert_eq!(
+            field(Action::Drop { percent: 50.0 }, &t),
+            "fault.drop.percent"
+        );
+        assert_eq!(field(Action::Reject, &t), "fault.target.request");
+        assert_eq!(
+            field(
+                Action::Reset {
+                    after_bytes: Some(5)
+                },
+                &t
+            ),
+            "fault.reset.after_bytes"
+        );
+        let mut udp = t.clone();
+        udp.protocol = Protocol::Udp;
+        assert_eq!(
+            field(Action::Drop { percent: 100.0 }, &udp),
+            "fault.target.protocol"
+        );
+        let mut ingress = t.clone();
+        ingress.direction = Direction::Ingress;
+        assert_eq!(
+            field(Action::Drop { percent: 100.0 }, &ingress),
+            "fault.target.direction"
+        );
+        let lose = spec(Action::LoseReply, &t);
+        lose.validate().unwrap();
+        assert_eq!(
+            lose.rule_keys(3),
+            vec![
+                RuleKey::new(3, PROTO_TCP, DIR_EGRESS, 6379),
+                RuleKey::new(3, PROTO_TCP, DIR_INGRESS, 6379)
+            ]
+        );
+        let mut bare = t.clone();
+        bare.request = None;
+        assert_eq!(field(Action::LoseReply, &bare), "fault.target.request");
+        let delay =
+            Action::delay(Duration::from_millis(5), Duration::ZERO, 0.0, None, "d").unwrap();
+        spec(delay, &t).validate().unwrap();
+        let netem = Action::delay(
+            Duration::from_millis(5),
+            Duration::ZERO,
+            0.0,
+            Some(Mechanism::Netem),
+            "d",
+        )
+        .unwrap();
+        assert_eq!(field(netem, &t), "fault.delay.mechanism");
+        let bandwidth = Action::bandwidth(1000, 0, None, "b").unwrap();
+        assert_eq!(field(bandwidth, &t), "fault.target.request");
     }
 
     #[test]

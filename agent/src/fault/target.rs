@@ -3,7 +3,9 @@
 
 use faultd_common::{DIR_EGRESS, DIR_INGRESS, PROTO_TCP, PROTO_UDP, RuleKey};
 
-use super::{Cidr, Invalid, MAX_PEER_ENTRIES_PER_FAULT, MAX_RULES_PER_FAULT, PeerSet, limits};
+use super::{
+    Cidr, Invalid, MAX_PEER_ENTRIES_PER_FAULT, MAX_RULES_PER_FAULT, PeerSet, RequestMatch, limits,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Scope {
@@ -135,6 +137,8 @@ pub struct Target {
     pub peers: Vec<Cidr>,
     /// Remote addresses it spares.
     pub exclude_peers: Vec<Cidr>,
+    /// Only requests of an application protocol the workload sends (TCP, egress).
+    pub request: Option<RequestMatch>,
 }
 
 impl Target {
@@ -233,6 +237,9 @@ impl Target {
         if !self.exclude_peers.is_empty() {
             let list: Vec<_> = self.exclude_peers.iter().map(Cidr::to_string).collect();
             peers += &format!(" except {}", list.join(","));
+        }
+        if let Some(request) = &self.request {
+            peers += &format!(" {}", request.summary());
         }
         format!(
             "{} {} ports {}{peers} of {scope}",

@@ -25,6 +25,9 @@ def inject_fault(
     direction: str = "both",
     peers: Union[str, List[str], None] = None,
     exclude_peers: Union[str, List[str], None] = None,
+    redis_commands: Union[str, List[str], None] = None,
+    redis_key_prefix: Optional[str] = None,
+    pg_statements: Union[str, List[str], None] = None,
     percent: Optional[float] = None,
     latency: Union[str, float, None] = None,
     jitter: Union[str, float, None] = None,
@@ -45,7 +48,12 @@ def inject_fault(
 
     ``action`` is ``drop`` (``percent``, default 100), ``delay`` (``latency``, ``jitter``,
     ``correlation``, ``mechanism``), ``bandwidth`` (``rate`` such as ``"256KiB/s"``,
-    ``burst``, ``mechanism``), ``reject`` or ``reset`` (``after_bytes``).
+    ``burst``, ``mechanism``), ``reject``, ``reset`` (``after_bytes``) or ``lose_reply``
+    (the matched request runs, its reply is lost and the client's connection torn down).
+    With ``redis_commands`` (``"SET,DEL"`` or a list; ``redis_key_prefix`` optional) or
+    ``pg_statements`` (``"COMMIT"``), drop, delay, reset and lose_reply act on those requests
+    the workload sends alone (TCP, egress; matched on the start of a segment: not TLS, not a
+    request pipelined behind another in one segment, not one split before its name ends).
     The target is exactly one scope -- ``cgroup`` (path under the cgroup v2 root), ``pid``,
     ``pod`` (uid), ``container`` (id), ``netns`` with ``interface``, or ``host=true`` -- and
     ``ports`` (``6379``, ``"6379,5432"``, ``"1000-2000"`` or a list), ``protocol``
@@ -77,6 +85,9 @@ def inject_fault(
             direction=direction,
             peers=peers,
             exclude_peers=exclude_peers,
+            redis_commands=redis_commands,
+            redis_key_prefix=redis_key_prefix,
+            pg_statements=pg_statements,
         )
         fault = client.build_fault(
             action,

@@ -148,7 +148,7 @@ _MECHANISMS = {
     "edt": pb.EDT,
     "nfqueue": pb.NFQUEUE,
 }
-ACTIONS = ("drop", "delay", "bandwidth", "reject", "reset")
+ACTIONS = ("drop", "delay", "bandwidth", "reject", "reset", "lose_reply")
 
 
 def _choice(value: str, table: Dict[str, int], field: str) -> int:
@@ -171,8 +171,12 @@ def build_target(
     direction: str = "both",
     peers: Any = None,
     exclude_peers: Any = None,
+    redis_commands: Any = None,
+    redis_key_prefix: Optional[str] = None,
+    pg_statements: Any = None,
 ) -> pb.Target:
-    """The Target message; exactly one scope."""
+    """The Target message; exactly one scope, and at most one request match (Redis commands,
+    with an optional key prefix, or PostgreSQL statements)."""
     scopes = {
         "cgroup": cgroup,
         "pid": pid,
@@ -196,6 +200,16 @@ def build_target(
         peers=_as_list(peers),
         exclude_peers=_as_list(exclude_peers),
     )
+    commands, statements = _as_list(redis_commands), _as_list(pg_statements)
+    if commands and statements:
+        raise ValueError("redis_commands, pg_statements: a target matches one protocol's requests")
+    if redis_key_prefix and not commands:
+        raise ValueError("redis_key_prefix: only with redis_commands")
+    if commands:
+        target.request.redis.commands.extend(commands)
+        target.request.redis.key_prefix = str(redis_key_prefix or "")
+    elif statements:
+        target.request.postgres.statements.extend(statements)
     scope = given[0]
     if scope == "cgroup":
         target.cgroup.path = str(cgroup)
@@ -241,6 +255,7 @@ def build_fault(
         "bandwidth": {"rate", "burst", "mechanism"},
         "reject": set(),
         "reset": {"after_bytes"},
+        "lose_reply": set(),
     }[name]
     given = {
         "percent": percent,
@@ -279,6 +294,8 @@ def build_fault(
         fault.bandwidth.mechanism = _choice(mechanism or "auto", _MECHANISMS, "mechanism")
     elif name == "reject":
         fault.reject.SetInParent()
+    elif name == "lose_reply":
+        fault.lose_reply.SetInParent()
     else:
         fault.reset.SetInParent()
         if after_bytes is not None:

@@ -108,3 +108,20 @@ def test_discovery_lists_the_activities():
     names = {a["name"] for a in chaosfaultd.discover(discover_system=False)["activities"]}
     assert {"inject_fault", "remove_fault", "abort_all", "list_faults", "fault_counters", "capabilities"} <= names
     assert "remove_injected_faults" in names
+
+
+def test_request_matches_and_lose_reply():
+    target = client.build_target(cgroup="/app", ports=5432, pg_statements="COMMIT,insert")
+    fault = client.build_fault("lose_reply", target)
+    assert fault.WhichOneof("action") == "lose_reply"
+    assert list(fault.target.request.postgres.statements) == ["COMMIT", "insert"]
+    redis = client.build_target(cgroup="/app", ports=6379, redis_commands=["SET"], redis_key_prefix="u:")
+    assert list(redis.request.redis.commands) == ["SET"]
+    assert redis.request.redis.key_prefix == "u:"
+    assert not client.build_target(cgroup="/app", ports=1).HasField("request")
+    with pytest.raises(ValueError, match="pg_statements"):
+        client.build_target(cgroup="/app", ports=1, redis_commands="GET", pg_statements="COMMIT")
+    with pytest.raises(ValueError, match="redis_key_prefix"):
+        client.build_target(cgroup="/app", ports=1, redis_key_prefix="u:")
+    with pytest.raises(ValueError, match="percent"):
+        client.build_fault("lose_reply", target, percent=50)

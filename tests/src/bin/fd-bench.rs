@@ -4,7 +4,7 @@
 //! fd-bench [--quick] [--only NAME]... [--out DIR]
 //! ```
 //!
-//! NAME is one of `latency`, `overhead`, `accuracy`, `scale`, `churn`, `proxy`. Each figure is
+//! NAME is one of `latency`, `overhead`, `accuracy`, `scale`, `churn`, `proxy`, `requests`. Each figure is
 //! set against a baseline measured in the same run (machines are shared and noisy, so only
 //! ratios and side-by-side differences mean something). Prints a table and writes
 //! `DIR/bench-<unix time>.json` and `DIR/latest.json` (default DIR: `target/bench`).
@@ -42,12 +42,16 @@ mod churn;
 mod floor;
 #[path = "fd-bench/overhead.rs"]
 mod overhead;
+#[path = "fd-bench/requests.rs"]
+mod requests;
 
 /// Redis and PostgreSQL on their own ports, and through the proxy.
 const DIRECT: (u16, u16) = (REDIS_PORT, POSTGRES_PORT);
 const PROXIED: (u16, u16) = (16_379, 15_432);
 
-const BENCHES: &[&str] = &["latency", "overhead", "accuracy", "scale", "churn", "proxy"];
+const BENCHES: &[&str] = &[
+    "latency", "overhead", "accuracy", "scale", "churn", "proxy", "requests",
+];
 
 /// The fault-cli release the proxy comparison installs (`cargo install fault-cli@…`).
 const FAULT_CLI_VERSION: &str = "1.2.1";
@@ -316,6 +320,7 @@ async fn run(args: Args, probe: PathBuf) -> anyhow::Result<()> {
                 "scale" => scale(&c).await,
                 "churn" => churn::churn(&c).await,
                 "proxy" => proxy(&c).await,
+                "requests" => requests::requests(&c).await,
                 _ => unreachable!("listed in BENCHES"),
             }
         });

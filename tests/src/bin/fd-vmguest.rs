@@ -12,11 +12,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
+#[path = "fd-vmguest/requests.rs"]
+mod requests;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("upload") {
         if let Err(e) = upload_client(&args[1..]) {
             eprintln!("upload: {e:#}");
+            std::process::exit(2);
+        }
+        return;
+    }
+    if args.first().map(String::as_str) == Some("resp") {
+        if let Err(e) = requests::resp_client(&args[1..]) {
+            eprintln!("resp: {e:#}");
             std::process::exit(2);
         }
         return;
@@ -264,13 +274,20 @@ mod guest {
         ("sigkill-netem", |rt| rt.block_on(sigkill(Mechanism::Netem))),
         ("peers-netem", |rt| rt.block_on(peers(Mechanism::Netem))),
         ("peers-edt", |rt| rt.block_on(peers(Mechanism::Edt))),
+        ("request-drop", |rt| {
+            rt.block_on(super::requests::drop_command(&cgroup_root()))
+        }),
+        ("request-reset", |rt| {
+            rt.block_on(super::requests::reset_command(&cgroup_root()))
+        }),
     ];
 
     pub fn run(filter: &[String]) -> usize {
         // A second echo server on the same port, as a second peer.
         let servers = echo_server("127.0.0.1", ECHO_PORT)
             .and_then(|()| echo_server(PEER_B, ECHO_PORT))
-            .and_then(|()| sink_server(SINK_PORT));
+            .and_then(|()| sink_server(SINK_PORT))
+            .and_then(|()| super::requests::resp_server());
         if let Err(e) = servers {
             println!("guest: starting the servers: {e:#}");
             return 1;

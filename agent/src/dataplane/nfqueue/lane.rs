@@ -17,7 +17,8 @@ use super::guard::Guard;
 use super::queue::{bind_free, configure, eventfd, open_queue, tune_thread, wait};
 use super::schedule::{Rng, Schedule, flow_of};
 use crate::dataplane::clock::monotonic_now_ns;
-use crate::fault::Action;
+use crate::fault::wire::tcp_payload;
+use crate::fault::{Action, RequestMatch};
 use crate::target::namespaces::NetNs;
 
 /// Packets a lane holds at most; beyond it new packets are dropped, as netem's and tbf's
@@ -35,6 +36,8 @@ pub(super) struct LaneShared {
     matched: AtomicU64,
     delayed: AtomicU64,
     dropped: AtomicU64,
+    /// With a request match: requests matched (and so delayed).
+    requests: AtomicU64,
     /// Written to wake the lane (stop, new deadline).
     wake: OwnedFd,
 }
@@ -51,7 +54,9 @@ impl LaneShared {
             matched: self.matched.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
             delayed: self.delayed.load(Ordering::Relaxed),
-            refused: 0,
+            requests_matched: self.requests.load(Ordering::Relaxed),
+            requests_affected: self.requests.load(Ordering::Relaxed),
+            ..Counters::default()
         }
     }
 }
@@ -66,9 +71,12 @@ pub(super) struct Lane {
 impl Lane {
     /// Starts the thread, which enters `netns`, binds a free queue number (not in `taken`)
     /// and reports it.
+    /// With `request`, only segments that start with a request it names wait (the rest pass,
+    /// behind what their flow has waiting).
     pub(super) fn start(
         netns: Arc<NetNs>,
         action: &Action,
+        request: Option<RequestMatch>,
         expires_at_ns: u64,
         taken: BTreeSet<u16>,
         first: u16,
@@ -80,6 +88,7 @@ impl Lane {
             matched: AtomicU64::new(0),
             delayed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
             wake: eventfd().map_err(NfqueueError::Eventfd)?,
         });
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
@@ -98,7 +107,7 @@ impl Lane {
                             .ok();
                         // The owner waits for this; if it is gone, there is nothing to serve.
                         if ready_tx.send(Ok(num)).is_ok() {
-                            serve(queue, fd, schedule, &lane_shared);
+                            serve(queue, fd, schedule, request, &lane_shared);
                         }
                     }
                     Err(e) => {
@@ -178,11 +187,18 @@ fn open_in(
 }
 
 /// The lane's loop: read packets, hold them, release them on time.
-fn serve(queue: Queue, fd: RawFd, schedule: Schedule, shared: &LaneShared) {
+fn serve(
+    queue: Queue,
+    fd: RawFd,
+    schedule: Schedule,
+    request: Option<RequestMatch>,
+    shared: &LaneShared,
+) {
     let mut server = Server {
         queue,
         fd,
         schedule,
+        request,
         shared,
         held: BTreeMap::new(),
         seq: 0,
@@ -196,6 +212,8 @@ struct Server<'a> {
     queue: Queue,
     fd: RawFd,
     schedule: Schedule,
+    /// Only segments starting with these requests wait.
+    request: Option<RequestMatch>,
     shared: &'a LaneShared,
     /// Keyed by (release time, arrival sequence): released in order.
     held: BTreeMap<(u64, u64), Message>,
@@ -336,6 +354,15 @@ impl Server<'_> {
             return;
         }
         shared.matched.fetch_add(1, Ordering::Relaxed);
+        if let Some(request) = &self.request {
+            if !tcp_payload(msg.get_payload()).is_some_and(|p| request.matches(p)) {
+                let at = self.schedule.in_order(now, flow_of(msg.get_payload()));
+                self.seq += 1;
+                self.held.insert((at, self.seq), msg);
+                return;
+            }
+            shared.requests.fetch_add(1, Ordering::Relaxed);
+        }
         if self.held.len() >= MAX_HELD {
             shared.dropped.fetch_add(1, Ordering::Relaxed);
             msg.set_verdict(Verdict::Drop);

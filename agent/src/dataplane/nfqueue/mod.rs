@@ -268,7 +268,9 @@ impl Shaper for NfqueueShaper {
                 matched: sum.matched + c.matched,
                 dropped: sum.dropped + c.dropped,
                 delayed: sum.delayed + c.delayed,
-                refused: 0,
+                requests_matched: sum.requests_matched + c.requests_matched,
+                requests_affected: sum.requests_affected + c.requests_affected,
+                ..Counters::default()
             }))
     }
 

@@ -91,6 +91,7 @@ impl NfqueueShaper {
         let lane = Lane::start(
             netns.clone(),
             fault.action,
+            fault.target.request.clone(),
             fault.expires_at_ns,
             taken,
             self.next_queue,

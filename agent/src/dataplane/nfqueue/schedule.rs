@@ -105,6 +105,12 @@ impl Schedule {
         })
     }
 
+    /// When a packet of `flow` that arrived at `now` and is not itself delayed may leave: at
+    /// once, or behind what its flow has waiting.
+    pub(super) fn in_order(&self, now: u64, flow: u64) -> u64 {
+        self.flows.get(&flow).map_or(now, |&last| last.max(now))
+    }
+
     /// When a packet of `len` bytes of `flow` that arrived at `now` may leave.
     pub(super) fn release_at(&mut self, now: u64, flow: u64, len: usize, inbound: bool) -> u64 {
         let release = match &mut self.model {

@@ -14,6 +14,7 @@ fn connection_spec(action: Action, port: u32) -> FaultSpec {
             direction: Direction::Both,
             peers: Vec::new(),
             exclude_peers: Vec::new(),
+            request: None,
         },
         labels: Labels::new(),
     }

@@ -62,6 +62,7 @@ fn drop_spec(percent: f64, path: &str, port: u32) -> FaultSpec {
             direction: Direction::Egress,
             peers: Vec::new(),
             exclude_peers: Vec::new(),
+            request: None,
         },
         labels: Labels::new(),
     }

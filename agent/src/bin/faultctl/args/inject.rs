@@ -26,6 +26,9 @@ pub enum InjectCommand {
     Delay(DelayArgs),
     /// Pace the matched packets to a rate.
     Bandwidth(BandwidthArgs),
+    /// Let each matched request (--redis-command, --pg-statement) reach the server and run,
+    /// lose its reply, and tear the client's connection down ("ambiguous commit").
+    LoseReply(InjectArgs),
 }
 
 #[derive(Args, Debug)]
@@ -147,6 +150,27 @@ pub struct TargetArgs {
     /// Spare traffic with this remote address or CIDR; repeatable and comma-separated.
     #[arg(long = "exclude-peer", value_name = "CIDR", value_delimiter = ',')]
     pub exclude_peers: Vec<String>,
+    /// Only these Redis commands the workload sends (drop, reset), e.g. SET,DEL; matched on the
+    /// first segment of a request (not TLS, not a command pipelined after another in one
+    /// segment, not one split before the end of its name).
+    #[arg(
+        long = "redis-command",
+        value_name = "NAME",
+        value_delimiter = ',',
+        conflicts_with = "pg_statements"
+    )]
+    pub redis_commands: Vec<String>,
+    /// With --redis-command: only commands whose first key starts with this.
+    #[arg(
+        long = "redis-key-prefix",
+        value_name = "PREFIX",
+        requires = "redis_commands"
+    )]
+    pub redis_key_prefix: Option<String>,
+    /// Only PostgreSQL Query and Parse messages the workload sends whose SQL starts with one of
+    /// these keywords (drop, reset), e.g. COMMIT,INSERT.
+    #[arg(long = "pg-statement", value_name = "KEYWORD", value_delimiter = ',')]
+    pub pg_statements: Vec<String>,
 }
 
 /// Where the fault applies: exactly one of these.
@@ -250,7 +274,27 @@ impl TargetArgs {
             direction: direction as i32,
             peers: self.peers.clone(),
             exclude_peers: self.exclude_peers.clone(),
+            request: self.request(),
         }
+    }
+
+    fn request(&self) -> Option<pb::RequestMatch> {
+        use pb::request_match::Protocol;
+        let protocol = if !self.redis_commands.is_empty() {
+            Protocol::Redis(pb::RedisMatch {
+                commands: self.redis_commands.clone(),
+                key_prefix: self.redis_key_prefix.clone().unwrap_or_default(),
+            })
+        } else if !self.pg_statements.is_empty() {
+            Protocol::Postgres(pb::PostgresMatch {
+                statements: self.pg_statements.clone(),
+            })
+        } else {
+            return None;
+        };
+        Some(pb::RequestMatch {
+            protocol: Some(protocol),
+        })
     }
 }
 
@@ -258,7 +302,7 @@ impl InjectCommand {
     pub fn common(&self) -> &InjectArgs {
         match self {
             Self::Drop(args) => &args.common,
-            Self::Reject(args) => args,
+            Self::Reject(args) | Self::LoseReply(args) => args,
             Self::Reset(args) => &args.common,
             Self::Delay(args) => &args.common,
             Self::Bandwidth(args) => &args.common,
@@ -274,6 +318,7 @@ impl InjectCommand {
                 }),
             ),
             Self::Reject(args) => (args, fault::Action::Reject(pb::Reject {})),
+            Self::LoseReply(args) => (args, fault::Action::LoseReply(pb::LoseReply {})),
             Self::Reset(args) => (
                 args.common,
                 fault::Action::Reset(pb::Reset {

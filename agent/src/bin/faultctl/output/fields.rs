@@ -60,6 +60,23 @@ pub fn scope_text(scope: Option<&target::Scope>) -> String {
     }
 }
 
+/// e.g. `redis commands SET,DEL on keys user:*`, `postgres statements COMMIT`.
+pub fn request_text(request: &pb::RequestMatch) -> String {
+    use pb::request_match::Protocol;
+    match &request.protocol {
+        Some(Protocol::Redis(redis)) if redis.key_prefix.is_empty() => {
+            format!("redis commands {}", redis.commands.join(","))
+        }
+        Some(Protocol::Redis(redis)) => format!(
+            "redis commands {} on keys {}*",
+            redis.commands.join(","),
+            redis.key_prefix
+        ),
+        Some(Protocol::Postgres(pg)) => format!("postgres statements {}", pg.statements.join(",")),
+        None => "requests of no protocol".into(),
+    }
+}
+
 /// e.g. `tcp+udp both ports 6379 cgroup /app`.
 pub fn target_summary(target: &Target) -> String {
     let mut peers = String::new();
@@ -68,6 +85,9 @@ pub fn target_summary(target: &Target) -> String {
     }
     if !target.exclude_peers.is_empty() {
         peers += &format!(" except {}", target.exclude_peers.join(","));
+    }
+    if let Some(request) = &target.request {
+        peers += &format!(" {}", request_text(request));
     }
     format!(
         "{} {} {}{peers} {}",
@@ -82,6 +102,7 @@ pub fn action_text(action: Option<&fault::Action>) -> String {
     match action {
         Some(fault::Action::Drop(drop)) => format!("drop {}%", drop.percent),
         Some(fault::Action::Reject(_)) => "reject".into(),
+        Some(fault::Action::LoseReply(_)) => "lose_reply".into(),
         Some(fault::Action::Reset(reset)) => match reset.after_bytes {
             Some(bytes) => format!("reset after {bytes} bytes"),
             None => "reset".into(),

@@ -136,6 +136,7 @@ fn action_json(action: Option<&fault::Action>) -> (&'static str, Value) {
     match action {
         Some(fault::Action::Drop(drop)) => ("drop", json!({ "percent": drop.percent })),
         Some(fault::Action::Reject(_)) => ("reject", json!({})),
+        Some(fault::Action::LoseReply(_)) => ("loseReply", json!({})),
         Some(fault::Action::Reset(reset)) => (
             "reset",
             match reset.after_bytes {

@@ -9,7 +9,7 @@ use faultd_proto::v1::{
 
 use super::fields::{
     action_text, direction_text, fault_summary, id_list, labels_text, port_list, protocol_text,
-    reason_text, remaining_text, scope_text, state_text, target_summary, yes_no,
+    reason_text, remaining_text, request_text, scope_text, state_text, target_summary, yes_no,
 };
 
 pub fn injected_text(fault: &Fault) -> String {
@@ -48,6 +48,12 @@ pub fn dry_run_text(fault: &Fault) -> String {
         ("mechanism", fault.mechanism.clone()),
         ("would end in", remaining_text(fault.remaining.as_ref())),
     ]));
+    if fault.target.as_ref().is_some_and(|t| t.request.is_some()) {
+        text.push_str(&details(&[(
+            "requests",
+            faultd::fault::request::NOT_MATCHED.to_string(),
+        )]));
+    }
     text
 }
 
@@ -227,6 +233,18 @@ pub fn fault_detail(fault: &Fault) -> String {
         ("refused", counters.refused.to_string()),
         ("reset", counters.reset.to_string()),
         ("delayed", counters.delayed.to_string()),
+        (
+            "requests",
+            match &target.request {
+                Some(request) => format!(
+                    "{}: matched {}, affected {}",
+                    request_text(request),
+                    counters.requests_matched,
+                    counters.requests_affected
+                ),
+                None => "-".into(),
+            },
+        ),
     ])
 }
 
