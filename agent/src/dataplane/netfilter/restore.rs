@@ -71,6 +71,21 @@ fn run(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // `-m cgroup --path` resolves in iptables' cgroup namespace: the node's when faultd has
+    // one of its own (see target::cgroupns).
+    if let Some(cgroupns) = crate::target::cgroupns::iptables_namespace() {
+        let fd = cgroupns.as_raw_fd();
+        // SAFETY: between fork and exec only setns(2) runs, which is async-signal-safe; the
+        // file is static, so the fd stays open.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWCGROUP) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     if let Some(netns) = netns {
         let fd = netns.as_fd().as_raw_fd();
         // SAFETY: between fork and exec only setns(2) runs, which is async-signal-safe; the
