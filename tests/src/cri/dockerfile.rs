@@ -75,6 +75,8 @@ fn build() -> PathBuf {
     let build_base = buildah.base("rust-bookworm", BUILD_PACKAGES, Some(&rust_toolchain()));
     let bases_ms = started.elapsed().as_millis();
 
+    let tag = format!("{FAULTD_IMAGE}:{FAULTD_TAG}");
+    let previous = Some(buildah.image_id(&tag)).filter(|id| !id.is_empty());
     let built = Instant::now();
     let mut cmd = buildah.command();
     cmd.args([
@@ -101,11 +103,16 @@ fn build() -> PathBuf {
     // The archive's reference is the tag; `ctr images import --base-name` adds the name.
     run_ok(buildah.command().args([
         "push",
-        &format!("{FAULTD_IMAGE}:{FAULTD_TAG}"),
+        &tag,
         &format!("oci-archive:{}:{FAULTD_TAG}", archive.display()),
     ]));
-    // Layers of older builds (tagged no more) would pile up under target/.
-    run_ok(buildah.command().args(["rmi", "--prune"]));
+    // The image this build replaced (untagged now); not `rmi --prune`, which would take the
+    // untagged images of each step too: they are the layer cache.
+    if let Some(old) = previous
+        && old != buildah.image_id(&tag)
+    {
+        buildah.warn_unless_ok(buildah.command().args(["rmi", &old]));
+    }
     // The overlay driver leaves its home bind-mounted on itself; nothing of buildah stays
     // mounted once the test is done.
     let home = std::ffi::CString::new(dir.join("storage/overlay").as_os_str().as_encoded_bytes())
@@ -175,7 +182,7 @@ impl Buildah {
         let result = finish();
         remove_file(&tarball);
         if let Err(e) = result {
-            let _ = output(self.command().args(["rm", &container]));
+            self.warn_unless_ok(self.command().args(["rm", &container]));
             panic!("building the base image {image}: {e}");
         }
         image
@@ -234,6 +241,21 @@ impl Buildah {
             "PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             container,
         ]))
+    }
+
+    /// The id of `image` in the storage; empty if it has none.
+    fn image_id(&self, image: &str) -> String {
+        let out = output(
+            self.command()
+                .args(["images", "--quiet", "--no-trunc", image]),
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn warn_unless_ok(&self, cmd: &mut Command) {
+        if let Err(e) = self.try_run(cmd) {
+            eprintln!("warning: {e}");
+        }
     }
 
     fn try_run(&self, cmd: &mut Command) -> Result<(), String> {
