@@ -161,9 +161,15 @@ async fn bad_requests_name_the_field_and_change_nothing() {
             "fault.target.netns",
         ),
         (
-            "reject on an interface in a network namespace",
-            with_ttl(reject_fault(interface), minute),
-            "fault.target.netns",
+            "reject of UDP on an interface in a network namespace",
+            with_ttl(
+                reject_fault(faultd_proto::v1::Target {
+                    protocol: Protocol::Udp.into(),
+                    ..interface
+                }),
+                minute,
+            ),
+            "fault.target.protocol",
         ),
         (
             "reset after 0 bytes",

@@ -1,6 +1,7 @@
 //! `netns{path, interface}`: faults on an interface inside a network namespace hit traffic
 //! routed through it, which no local socket of that namespace owns — a drop (tc programs on the
-//! interface), and a delay or bandwidth limit (NFQUEUE rules in that namespace).
+//! interface), a delay or bandwidth limit (NFQUEUE rules in that namespace), and a reject
+//! (REJECT rules in that namespace's filter table).
 //!
 //! The tests in this file run one at a time (`SERIAL`): some measure time, and the machine has
 //! two cores.
@@ -11,7 +12,8 @@ use std::time::Duration;
 use faultd_proto::v1::target::Scope;
 use faultd_proto::v1::{Direction, Fault, Mechanism, NetnsScope, PortRange, Protocol, Target};
 use faultd_tests::api::{
-    bandwidth_fault, counters, delay_fault, drop_fault, get_fault_until, remove, with_ttl,
+    bandwidth_fault, counters, delay_fault, drop_fault, get_fault_until, reject_fault, remove,
+    with_ttl,
 };
 use faultd_tests::process::{blocking, output, poll, run_ok};
 use faultd_tests::servers::REDIS_PORT;
@@ -385,4 +387,95 @@ async fn delay_and_bandwidth_on_a_routers_interface_shape_the_traffic_routed_thr
         "faultd should exit cleanly on SIGTERM: {status:?}"
     );
     routed.assert_router_clean("faultd stopped");
+}
+
+/// The client's connects to the server's Redis port through the router over 600 ms: how many
+/// succeeded, how many there were, and the slowest, in ms.
+fn redis_connects(client: &Workload) -> (usize, usize, f64) {
+    let addr = format!("{}:{}", Routed::SERVER, REDIS_PORT);
+    let ms = Duration::from_millis;
+    let attempts = client.tcp_probe(&addr, ms(10), ms(1000), ms(600)).finish();
+    let slowest = attempts
+        .iter()
+        .map(|a| a.took as f64 / 1e6)
+        .fold(0.0, f64::max);
+    let ok = attempts.iter().filter(|a| a.ok).count();
+    (ok, attempts.len(), slowest)
+}
+
+/// Every connect is refused, at once (a drop would leave them to time out after 1 s).
+fn assert_refused_at_once(client: &Workload, during: &str) {
+    let (ok, all, slowest) = redis_connects(client);
+    assert!(
+        ok == 0 && all >= 20 && slowest < 200.0,
+        "during {during} every connect should be refused at once: {ok} of {all} succeeded, \
+         the slowest took {slowest:.1} ms"
+    );
+}
+
+fn assert_connects(client: &Workload, when: &str) {
+    let (ok, all, _) = redis_connects(client);
+    assert!(
+        ok == all && all >= 20,
+        "{when} every connect should succeed: {ok} of {all} did"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
+async fn a_reject_on_a_routers_interface_refuses_the_connects_routed_through_it_at_once() {
+    let _serial = SERIAL.lock().await;
+    let routed = Routed::new();
+    let _redis = Redis::start_bound(&routed.server, &[Routed::SERVER]);
+    let state = TempDir::new("faultd-test-state");
+    let options = FaultdOptions::with_state_dir(state.path());
+    let mut faultd = Faultd::start_with(options.clone()).await;
+    let mut faults = faultd.faults();
+    let client = Workload::outside(fd_probe!(), &routed.client);
+    assert_connects(&client, "before any fault");
+    let inject = |fault: Fault| with_ttl(fault, Duration::from_secs(60));
+
+    // What r1 sends: the client's SYNs, forwarded towards the server.
+    let fault = faults
+        .inject(inject(reject_fault(routed.target("r1", Direction::Egress))))
+        .await
+        .unwrap_or_else(|s| panic!("Inject of a reject on r1 failed: {s:?}\n{}", faultd.log()))
+        .into_inner();
+    assert_eq!(fault.mechanism, "nfqueue", "{fault:?}");
+    let rules = routed.router_rules();
+    assert!(
+        rules.contains("-A FORWARD -j FAULTD-")
+            && rules.contains("-o r1")
+            && rules.contains("-j REJECT --reject-with tcp-reset"),
+        "the reject's rules belong in the router's filter table, FORWARD, matching -o r1:\n{rules}"
+    );
+    assert_refused_at_once(&client, "a reject on r1 (egress)");
+    remove(&mut faults, &fault.id).await;
+    routed.assert_router_clean("Remove of the reject");
+    assert_connects(&client, "after Remove");
+
+    // What r0 receives: the same SYNs, arriving from the client. A SIGKILL leaves the rules
+    // (they end at the lease's deadline), and the next faultd on the state directory sweeps
+    // them from the router's namespace.
+    faults
+        .inject(inject(reject_fault(
+            routed.target("r0", Direction::Ingress),
+        )))
+        .await
+        .unwrap_or_else(|s| panic!("Inject of a reject on r0 failed: {s:?}"));
+    let rules = routed.router_rules();
+    assert!(
+        rules.contains("-A INPUT -j FAULTD-") && rules.contains("-i r0"),
+        "the reject's rules match -i r0 in the router's INPUT and FORWARD:\n{rules}\n{}",
+        faultd.log()
+    );
+    assert_refused_at_once(&client, "a reject on r0 (ingress)");
+    faultd.kill();
+    assert!(
+        routed.router_rules().contains("FAULTD-"),
+        "nothing but the next faultd removes a killed one's rules; they should still be here"
+    );
+    let _faultd = Faultd::start_with(options).await;
+    routed.assert_router_clean("a new faultd started on the killed one's state directory");
+    assert_connects(&client, "after the sweep");
 }

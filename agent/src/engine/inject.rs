@@ -147,6 +147,13 @@ impl State {
     /// Delay and bandwidth go to a shaping mechanism, the rest to the datapath: which, and the
     /// mechanism's name. FAILED_PRECONDITION names what the kernel lacks.
     fn mechanism_for(&self, spec: &FaultSpec) -> Result<(Option<usize>, &'static str), Error> {
+        // An interface has no local sockets: its connects are refused by REJECT rules, which
+        // the NFQUEUE mechanism's netfilter machinery puts in.
+        if crate::dataplane::nfqueue::refuses_on_interface(&spec.action, &spec.target) {
+            let forced = Some(crate::fault::Mechanism::Nfqueue);
+            let shaper = self.choose_shaper(&spec.action, &spec.target, forced)?;
+            return Ok((Some(shaper), self.shapers[shaper].mechanism().name()));
+        }
         if let Some(forced) = spec.action.shaping() {
             let shaper = self.choose_shaper(&spec.action, &spec.target, forced)?;
             return Ok((Some(shaper), self.shapers[shaper].mechanism().name()));
