@@ -1,19 +1,21 @@
 //! `netns{path, interface}`: faults on an interface inside a network namespace hit traffic
 //! routed through it, which no local socket of that namespace owns — a drop (tc programs on the
-//! interface), a delay or bandwidth limit (NFQUEUE rules in that namespace), and a reject
-//! (REJECT rules in that namespace's filter table).
+//! interface), a delay or bandwidth limit (NFQUEUE rules in that namespace), a reject (REJECT
+//! rules in that namespace's filter table) and a reset (those, and the namespace's established
+//! connections torn down, but loopback ones).
 //!
 //! The tests in this file run one at a time (`SERIAL`): some measure time, and the machine has
 //! two cores.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use faultd_proto::v1::target::Scope;
 use faultd_proto::v1::{Direction, Fault, Mechanism, NetnsScope, PortRange, Protocol, Target};
 use faultd_tests::api::{
     bandwidth_fault, counters, delay_fault, drop_fault, get_fault_until, reject_fault, remove,
-    with_ttl,
+    reset_fault, with_ttl,
 };
 use faultd_tests::process::{blocking, output, poll, run_ok};
 use faultd_tests::servers::REDIS_PORT;
@@ -478,4 +480,93 @@ async fn a_reject_on_a_routers_interface_refuses_the_connects_routed_through_it_
     let _faultd = Faultd::start_with(options).await;
     routed.assert_router_clean("a new faultd started on the killed one's state directory");
     assert_connects(&client, "after the sweep");
+}
+
+/// Held in the client's namespace: a Redis connection through c0 to the server, and a loopback
+/// connection on the Redis port; each line on stdin checks both again and prints
+/// `far <state> near <state>` (`ok`, or the error a socket torn down gives).
+const SESSIONS: &str = r#"
+import socket, sys
+far = socket.create_connection(("10.77.2.2", 6379), timeout=5)
+lst = socket.socket()
+lst.bind(("127.0.0.1", 6379))
+lst.listen()
+near = socket.create_connection(("127.0.0.1", 6379), timeout=5)
+peer, _ = lst.accept()
+def ping():
+    try:
+        far.sendall(b"*1\r\n$4\r\nPING\r\n")
+        return "ok" if far.recv(64).startswith(b"+PONG") else "closed"
+    except OSError as e:
+        return type(e).__name__
+def echo():
+    try:
+        near.sendall(b"x")
+        return "ok" if peer.recv(1) == b"x" else "closed"
+    except OSError as e:
+        return type(e).__name__
+for _ in sys.stdin:
+    print("far", ping(), "near", echo(), flush=True)
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
+async fn a_reset_on_an_interface_tears_down_its_namespaces_connections_and_refuses_new_ones() {
+    let _serial = SERIAL.lock().await;
+    let routed = Routed::new();
+    let _redis = Redis::start_bound(&routed.server, &[Routed::SERVER]);
+    let state = TempDir::new("faultd-test-state");
+    let faultd = Faultd::start_with(FaultdOptions::with_state_dir(state.path())).await;
+    let mut faults = faultd.faults();
+    let client = Workload::outside(fd_probe!(), &routed.client);
+    let mut sessions = routed
+        .client
+        .exec("python3")
+        .args(["-c", SESSIONS])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 in the client's namespace");
+    let mut stdin = sessions.stdin.take().unwrap();
+    let mut stdout = BufReader::new(sessions.stdout.take().unwrap());
+    let mut check = || {
+        stdin.write_all(b"\n").unwrap();
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    assert_eq!(check(), "far ok near ok");
+
+    // The client's own c0: its connection to the server goes, the loopback one stays.
+    let target = Target {
+        scope: Some(Scope::Netns(NetnsScope {
+            path: format!("/run/netns/{}", routed.client.name()),
+            interface: "c0".into(),
+        })),
+        ports: vec![PortRange {
+            first: REDIS_PORT.into(),
+            last: None,
+        }],
+        ..Default::default()
+    };
+    let fault = faults
+        .inject(with_ttl(reset_fault(target, None), Duration::from_secs(60)))
+        .await
+        .unwrap_or_else(|s| panic!("Inject of a reset on c0 failed: {s:?}\n{}", faultd.log()))
+        .into_inner();
+    let after = check();
+    let _ = sessions.kill();
+    let _ = sessions.wait();
+    assert!(
+        after.starts_with("far ") && !after.starts_with("far ok") && after.ends_with("near ok"),
+        "the reset should tear down the connection through c0 and keep the loopback one: {after}"
+    );
+    assert_eq!(
+        fault.counters.as_ref().map(|c| c.reset),
+        Some(1),
+        "the reset counts the one connection it tore down: {fault:?}"
+    );
+    assert_refused_at_once(&client, "a reset on c0");
+    remove(&mut faults, &fault.id).await;
+    assert_connects(&client, "after Remove of the reset");
 }

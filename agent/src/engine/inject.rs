@@ -329,6 +329,10 @@ impl State {
             ports: spec.target.ports.clone(),
             min_bytes: after_bytes,
             peers: spec.target.peer_set()?,
+            netns: match &spec.target.scope {
+                crate::fault::Scope::Netns { path, .. } => Some(path.into()),
+                _ => None,
+            },
         };
         let killer = self.dataplane.connection_killer();
         if after_bytes.is_none() {

@@ -81,11 +81,19 @@ impl FaultSpec {
         limits::labels(&self.labels, "fault.labels")?;
         self.target.validate()?;
         let on_interface = matches!(self.target.scope, Scope::Netns { .. });
-        if on_interface && matches!(self.action, Action::Reset { .. }) {
+        if on_interface
+            && matches!(
+                self.action,
+                Action::Reset {
+                    after_bytes: Some(_)
+                }
+            )
+        {
             return Err(Invalid::new(
                 "fault.target.netns",
-                "reset acts on local sockets, which an interface in a network namespace does not \
-                 have (drop, delay, bandwidth and reject can target one)",
+                "reset with after_bytes is not available on an interface in a network namespace \
+                 (a reset without it is: it tears down the namespace's connections and refuses \
+                 new ones through the interface)",
             ));
         }
         if self.action.on_connections() {
@@ -335,7 +343,7 @@ mod tests {
     }
 
     #[test]
-    fn on_an_interface_reject_keeps_its_direction_and_reset_is_refused() {
+    fn on_an_interface_reject_keeps_its_direction_and_reset_after_bytes_is_refused() {
         let mut t = target(
             vec![PortRange::new(5432, None, "p").unwrap()],
             Protocol::Both,
@@ -357,8 +365,16 @@ mod tests {
             (normal.protocol, normal.direction),
             (Protocol::Tcp, Direction::Ingress)
         );
-        let reset = spec(Action::Reset { after_bytes: None }, &t);
-        assert_eq!(reset.validate().unwrap_err().field, "fault.target.netns");
+        spec(Action::Reset { after_bytes: None }, &t)
+            .validate()
+            .unwrap();
+        let after = spec(
+            Action::Reset {
+                after_bytes: Some(9),
+            },
+            &t,
+        );
+        assert_eq!(after.validate().unwrap_err().field, "fault.target.netns");
         t.protocol = Protocol::Udp;
         assert_eq!(
             spec(Action::Reject, &t).validate().unwrap_err().field,

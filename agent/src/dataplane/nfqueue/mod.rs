@@ -162,10 +162,12 @@ impl NfqueueShaper {
     }
 }
 
-/// Whether the fault is a `reject` on an interface, which this mechanism applies with REJECT
-/// rules (`refusal`).
+/// Whether the fault is a `reject` or `reset` on an interface, whose refusing of new connects
+/// this mechanism applies with REJECT rules (`refusal`; a reset's teardown of the established
+/// ones is the engine's, over sock_diag).
 pub fn refuses_on_interface(action: &Action, target: &Target) -> bool {
-    matches!(action, Action::Reject) && matches!(target.scope, Scope::Netns { .. })
+    matches!(action, Action::Reject | Action::Reset { after_bytes: None })
+        && matches!(target.scope, Scope::Netns { .. })
 }
 
 impl Shaper for NfqueueShaper {

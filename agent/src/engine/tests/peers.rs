@@ -201,18 +201,23 @@ async fn netns_faults_share_the_interfaces_programs_and_release_them_with_the_la
     assert!(fake.state.lock().unwrap().interfaces.is_empty());
 
     let mut reset = on_port(6379);
-    reset.action = Action::Reset { after_bytes: None };
+    reset.action = Action::Reset {
+        after_bytes: Some(100),
+    };
     let Err(Error::Invalid(invalid)) = engine.inject(ttl(), reset) else {
-        panic!("a reset on a netns scope must be invalid")
+        panic!("a reset after some bytes on a netns scope must be invalid")
     };
     assert_eq!(invalid.field, "fault.target.netns");
-    // A reject there needs the NFQUEUE mechanism's REJECT rules, which this engine lacks.
-    let mut reject = on_port(6379);
-    reject.action = Action::Reject;
-    assert!(matches!(
-        engine.inject(ttl(), reject),
-        Err(Error::Unsupported(_))
-    ));
+    // A reject or reset there needs the NFQUEUE mechanism's REJECT rules, which this engine
+    // lacks.
+    for action in [Action::Reject, Action::Reset { after_bytes: None }] {
+        let mut refusing = on_port(6379);
+        refusing.action = action;
+        assert!(matches!(
+            engine.inject(ttl(), refusing),
+            Err(Error::Unsupported(_))
+        ));
+    }
     assert!(fake.rules().is_empty() && fake.state.lock().unwrap().interfaces.is_empty());
 }
 
