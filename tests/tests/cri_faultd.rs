@@ -387,6 +387,14 @@ async fn faultd_as_the_daemonset_drops_and_delays_on_a_pods_interface_by_netns()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, containerd, runc, CNI plugins, buildah, BPF, cgroup v2 and iptables; `cargo xtask test` runs it as root"]
+async fn faultd_as_the_daemonset_resets_a_pods_postgres_session_by_netns() {
+    let _serial = SERIAL.lock().await;
+    let (agent, _pod, mut node) = node_with_faultd();
+    scenarios::netns_reset_postgres(&mut node, &InContainer(&agent));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, containerd, runc, CNI plugins, buildah, BPF and cgroup v2; `cargo xtask test` runs it as root"]
 async fn faultd_as_the_daemonset_drops_by_the_pid_of_a_pods_container() {
     let _serial = SERIAL.lock().await;

@@ -157,6 +157,15 @@ async fn drop_and_delay_on_a_pods_interface_by_netns() {
     scenarios::netns_drop_and_delay(&mut node, &faultctl);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, containerd, runc, CNI plugins, umoci, BPF, cgroup v2 and iptables; `cargo xtask test` runs it as root"]
+async fn reset_on_a_pods_interface_by_netns_tears_down_its_postgres_session_and_refuses_reconnects()
+{
+    let _serial = SERIAL.lock().await;
+    let (mut node, _faultd, faultctl) = node_and_faultd().await;
+    scenarios::netns_reset_postgres(&mut node, &faultctl);
+}
+
 /// A command run in `container`'s cgroup and network namespace, as `kubectl exec` runs one.
 fn exec_in(container: &Container, label: &str) -> Workload {
     let netns = format!("/proc/{}/ns/net", container.pid);

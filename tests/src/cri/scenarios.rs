@@ -315,6 +315,49 @@ pub fn netns_drop_and_delay(node: &mut Node, at: &dyn FaultctlAt) {
     }
 }
 
+/// Issue test 7, reset: `reset --netns /proc/<pid>/ns/net --iface eth0 --port 5432` tears
+/// down the client pod's live PostgreSQL session and refuses its reconnects at once (REJECT
+/// rules on the pod's eth0); the sibling pod's session survives; after Remove the pod connects.
+pub fn netns_reset_postgres(node: &mut Node, at: &dyn FaultctlAt) {
+    let postgres = node.postgres_pod();
+    let client_pod = node.pod("client", Qos::BestEffort);
+    let sibling_pod = node.pod("sibling", Qos::Burstable);
+    let port = POSTGRES_PORT.to_string();
+    let hold = |node: &mut Node, pod: &Pod| {
+        let (container, mut session) =
+            node.client_container(pod, "session", 0, "pg-hold", &[&postgres.ip, &port]);
+        session.expect("ready", Duration::from_secs(15));
+        (container, session)
+    };
+    let (app, mut session) = hold(node, &client_pod);
+    let (_sibling_app, mut sibling_session) = hold(node, &sibling_pod);
+    let netns = format!("/proc/{}/ns/net", app.pid);
+    let (id, injected) = inject(
+        at,
+        node,
+        &[
+            "reset", "--netns", &netns, "--iface", "eth0", "--port", &port, "--ttl", "60s",
+        ],
+    );
+    let what = "reset on the client pod's eth0 should tear down its live PostgreSQL session";
+    let error = session.sees("error", injected, what);
+    let after_ms = (crate::clients::at(&error) - injected) as f64 / 1e6;
+    eprintln!("MEASURE cri_netns_reset_session_error_after_inject_ms={after_ms:.1}: {error}");
+    let outcome = pg_connect(node, &client_pod, "connect-under-reset", &postgres);
+    assert_refused(&outcome, "reset --netns --iface eth0");
+    let events = sibling_session.events_after(injected, Duration::from_secs(1));
+    assert!(
+        events.is_empty(),
+        "reset --netns: the sibling pod's session survives: {events:?}"
+    );
+    remove(at, node, &id);
+    let outcome = pg_connect(node, &client_pod, "connect-after-reset", &postgres);
+    assert_eq!(
+        outcome["event"], "connected",
+        "after Remove the client pod connects again: {outcome}"
+    );
+}
+
 /// `drop --pid <pid of the client pod's container>`: the pid's cgroup, as `/proc/PID/cgroup`
 /// names it (from the hierarchy's root), is found below faultd's `--cgroup-root` (the node's,
 /// below the hierarchy's root); the pod's calls time out, the sibling's do not.
