@@ -20,7 +20,7 @@ use faultd_tests::api::{
 use faultd_tests::process::{blocking, output, poll, run_ok};
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::workload::stats::{median, quantile};
-use faultd_tests::{Faultd, FaultdOptions, NetNs, Redis, TempDir, Workload, fd_probe};
+use faultd_tests::{Faultctl, Faultd, FaultdOptions, NetNs, Redis, TempDir, Workload, fd_probe};
 use tonic::Code;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -436,6 +436,37 @@ async fn a_reject_on_a_routers_interface_refuses_the_connects_routed_through_it_
     let client = Workload::outside(fd_probe!(), &routed.client);
     assert_connects(&client, "before any fault");
     let inject = |fault: Fault| with_ttl(fault, Duration::from_secs(60));
+
+    // caps says what a reject on an interface is; a dry run shows its mechanism and changes
+    // nothing.
+    let faultctl = Faultctl::new(&faultd);
+    let caps = faultctl.run(&["caps"]);
+    caps.assert_success();
+    assert!(
+        caps.stdout().contains("netns_reject") && caps.stdout().contains("REJECT"),
+        "faultctl caps should list netns_reject: {caps}"
+    );
+    let netns = format!("/run/netns/{}", routed.router.name());
+    let port = REDIS_PORT.to_string();
+    let dry = faultctl.run(&[
+        "inject",
+        "reject",
+        "--netns",
+        &netns,
+        "--iface",
+        "r1",
+        "--port",
+        &port,
+        "--ttl",
+        "30s",
+        "--dry-run",
+    ]);
+    dry.assert_success();
+    assert!(
+        dry.stdout().contains("nothing was changed") && dry.stdout().contains("nfqueue"),
+        "the dry run should show the mechanism: {dry}"
+    );
+    routed.assert_router_clean("a dry run");
 
     // What r1 sends: the client's SYNs, forwarded towards the server.
     let fault = faults
