@@ -408,6 +408,7 @@ fn redis_connects(client: &Workload) -> (usize, usize, f64) {
 /// Every connect is refused, at once (a drop would leave them to time out after 1 s).
 fn assert_refused_at_once(client: &Workload, during: &str) {
     let (ok, all, slowest) = redis_connects(client);
+    eprintln!("MEASURE netns_refused_connect_slowest_ms={slowest:.2} attempts={all} ({during})");
     assert!(
         ok == 0 && all >= 20 && slowest < 200.0,
         "during {during} every connect should be refused at once: {ok} of {all} succeeded, \
