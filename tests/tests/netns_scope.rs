@@ -12,10 +12,12 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use faultd_proto::v1::target::Scope;
-use faultd_proto::v1::{Direction, Fault, Mechanism, NetnsScope, PortRange, Protocol, Target};
+use faultd_proto::v1::{
+    Direction, Fault, Mechanism, NetnsScope, PortRange, Protocol, RenewRequest, Target,
+};
 use faultd_tests::api::{
-    bandwidth_fault, counters, delay_fault, drop_fault, get_fault_until, reject_fault, remove,
-    reset_fault, with_ttl,
+    bandwidth_fault, counters, delay_fault, drop_fault, get_fault_until, grant, reject_fault,
+    remove, reset_fault, under_lease, with_ttl,
 };
 use faultd_tests::process::{blocking, output, poll, run_ok};
 use faultd_tests::servers::REDIS_PORT;
@@ -487,6 +489,42 @@ async fn a_reject_on_a_routers_interface_refuses_the_connects_routed_through_it_
     remove(&mut faults, &fault.id).await;
     routed.assert_router_clean("Remove of the reject");
     assert_connects(&client, "after Remove");
+
+    // Under a lease: a renewal moves the rules' kernel-side end (`--datestop`, in seconds),
+    // and expiry takes them out.
+    let datestop = |rules: &str| {
+        rules
+            .lines()
+            .find_map(|l| l.split("--datestop ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    let mut leases = faultd.leases();
+    let lease = grant(&mut leases, Duration::from_secs(3)).await;
+    faults
+        .inject(under_lease(
+            reject_fault(routed.target("r1", Direction::Egress)),
+            &lease.id,
+        ))
+        .await
+        .unwrap_or_else(|s| panic!("Inject under lease {} failed: {s:?}", lease.id));
+    let first = datestop(&routed.router_rules()).expect("the rules carry the lease's end");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    leases
+        .renew(RenewRequest {
+            lease_id: lease.id.clone(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("Renew failed: {s:?}"));
+    let renewed = datestop(&routed.router_rules());
+    assert!(
+        renewed.as_ref().is_some_and(|r| *r > first),
+        "a renewal moves the REJECT rules' end from {first}: {renewed:?}"
+    );
+    assert_refused_at_once(&client, "a renewed reject on r1");
+    blocking(|| std::thread::sleep(Duration::from_millis(3500)));
+    routed.assert_router_clean("the lease expired");
+    assert_connects(&client, "after the lease expired");
 
     // What r0 receives: the same SYNs, arriving from the client. A SIGKILL leaves the rules
     // (they end at the lease's deadline), and the next faultd on the state directory sweeps
