@@ -156,14 +156,20 @@ async fn bad_requests_name_the_field_and_change_nothing() {
             "fault.target.direction",
         ),
         (
-            "reset on an interface in a network namespace (no local sockets)",
-            with_ttl(reset_fault(interface.clone(), None), minute),
+            "reset after some bytes on an interface in a network namespace",
+            with_ttl(reset_fault(interface.clone(), Some(100)), minute),
             "fault.target.netns",
         ),
         (
-            "reject on an interface in a network namespace",
-            with_ttl(reject_fault(interface), minute),
-            "fault.target.netns",
+            "reject of UDP on an interface in a network namespace",
+            with_ttl(
+                reject_fault(faultd_proto::v1::Target {
+                    protocol: Protocol::Udp.into(),
+                    ..interface
+                }),
+                minute,
+            ),
+            "fault.target.protocol",
         ),
         (
             "reset after 0 bytes",

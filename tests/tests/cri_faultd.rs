@@ -10,13 +10,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use faultd_tests::bpf::BpfObjects;
-use faultd_tests::clients::{ConnClient, at};
+use faultd_tests::clients::at;
 use faultd_tests::cri::loops::{
-    assert_delay_adds_to_the_client_only, assert_untouched, is_timeout, redis_loop,
+    assert_delay_adds_to_the_client_only, assert_untouched, is_timeout,
 };
-use faultd_tests::cri::{Container, FaultdManifest, FaultdPod, Node, Pod};
+use faultd_tests::cri::scenarios::{self, InContainer, RedisPods};
+use faultd_tests::cri::{Container, FaultdManifest, FaultdPod, Node};
 use faultd_tests::faultd::binary;
-use faultd_tests::kube::Qos;
 use faultd_tests::process::{output, poll, signal, unix_ns};
 use serde_json::Value;
 
@@ -26,17 +26,13 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const RECOVERY_BOUND_MS: f64 = 1000.0;
 
-/// A Redis pod, a client pod and a sibling pod running Redis client loops, and the faultd
-/// DaemonSet's pod with its container. Field order is drop order: the loops, then the node
-/// (which stops faultd with SIGTERM before the sandboxes go).
+/// The Redis pods (see `scenarios::RedisPods`) and the faultd DaemonSet's pod with its
+/// container. Field order is drop order: the loops, then the node (which stops faultd with
+/// SIGTERM before the sandboxes go).
 struct Rig {
-    client: ConnClient,
-    sibling: ConnClient,
-    client_pod: Pod,
-    app: Container,
+    pods: RedisPods,
     faultd_pod: FaultdPod,
     agent: Container,
-    _redis: Pod,
     node: Node,
 }
 
@@ -46,95 +42,77 @@ fn python() -> PathBuf {
     }))
 }
 
+/// The DaemonSet's pod and its started container on `node`.
+fn faultd_on(node: &mut Node) -> (FaultdPod, Container) {
+    faultd_on_run_by(node, &[])
+}
+
+/// As `faultd_on`, with faultd run by `runner`.
+fn faultd_on_run_by(node: &mut Node, runner: &[&str]) -> (FaultdPod, Container) {
+    let manifest = FaultdManifest::from_manifest(&python());
+    assert!(
+        manifest.host_pid() && manifest.host_network() && manifest.privileged(),
+        "the DaemonSet runs faultd privileged with hostPID and hostNetwork"
+    );
+    let faultd_pod = node.faultd_pod(&manifest);
+    let agent = start_agent_run_by(node, &faultd_pod, 0, runner);
+    (faultd_pod, agent)
+}
+
 impl Rig {
     fn start(interval_ms: u32) -> Rig {
         let mut node = Node::start();
-        let redis = node.redis_pod();
-        let client_pod = node.pod("client", Qos::BestEffort);
-        let sibling_pod = node.pod("sibling", Qos::BestEffort);
-        let (app, client) = redis_loop(&mut node, &client_pod, "loop", 0, &redis, interval_ms);
-        let (_, sibling) = redis_loop(&mut node, &sibling_pod, "loop", 0, &redis, interval_ms);
-        let manifest = FaultdManifest::from_manifest(&python());
-        assert!(
-            manifest.host_pid() && manifest.host_network() && manifest.privileged(),
-            "the DaemonSet runs faultd privileged with hostPID and hostNetwork"
-        );
-        let faultd_pod = node.faultd_pod(&manifest);
-        let agent = start_agent(&mut node, &faultd_pod, 0);
-        let mut rig = Rig {
-            client,
-            sibling,
-            client_pod,
-            app,
+        let pods = RedisPods::start(&mut node, interval_ms);
+        let (faultd_pod, agent) = faultd_on(&mut node);
+        Rig {
+            pods,
             faultd_pod,
             agent,
-            _redis: redis,
             node,
-        };
-        rig.client
-            .sees("pong", 0, "before any fault, the client pod");
-        rig.sibling
-            .sees("pong", 0, "before any fault, the sibling pod");
-        rig
+        }
     }
 
     fn inject(&self, args: &[&str]) -> (String, i128) {
-        inject_in(&self.node, &self.agent, args)
+        scenarios::inject(&InContainer(&self.agent), &self.node, args)
     }
 
     /// `faultctl inject drop --pod <client pod> --port 6379` in the faultd container; returns
     /// (the fault's id, when the inject started) once the client pod's loop timed out.
     fn drop_client_redis(&mut self) -> (String, i128) {
-        let uid = self.client_pod.uid.clone();
+        let uid = self.pods.client_pod.uid.clone();
         let (id, injected) =
             self.inject(&["drop", "--pod", &uid, "--port", "6379", "--ttl", "60s"]);
         let what = "a drop on the client pod, from faultctl in the faultd container";
-        let error = self.client.sees("error", injected, what);
+        let error = self.pods.client.sees("error", injected, what);
         assert!(is_timeout(&error), "{what}: {error}");
         (id, injected)
     }
 
     fn remove(&self, id: &str) -> i128 {
-        faultctl_in(&self.node, &self.agent, &["rm", id]);
-        unix_ns()
+        scenarios::remove(&InContainer(&self.agent), &self.node, id)
     }
 }
 
-/// `faultctl ARGS…` in the faultd container (ExecSync, as `kubectl exec`); panics unless it
-/// succeeds. Returns its stdout and when it was started (unix ns).
-fn faultctl_in(node: &Node, agent: &Container, args: &[&str]) -> (String, i128) {
-    let mut cmd = vec!["faultctl"];
-    cmd.extend_from_slice(args);
-    let started = unix_ns();
-    let exec = node.exec(agent, &cmd, Duration::from_secs(30));
-    exec.assert_success(&format!("`{}` in the faultd container", cmd.join(" ")));
-    (exec.stdout, started)
-}
-
-/// `faultctl --output json inject ARGS…` in the faultd container: the fault's id and when the
-/// call started.
-fn inject_in(node: &Node, agent: &Container, args: &[&str]) -> (String, i128) {
-    let mut all = vec!["--output", "json", "inject"];
-    all.extend_from_slice(args);
-    let (stdout, started) = faultctl_in(node, agent, &all);
-    let fault: Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("`faultctl inject` printed no JSON ({e}): {stdout}"));
-    let id = fault["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no id in {fault}"))
-        .to_owned();
-    (id, started)
+/// `faultctl ARGS…` in the faultd container (ExecSync, as `kubectl exec`); its stdout.
+fn faultctl_in(node: &Node, agent: &Container, args: &[&str]) -> String {
+    use scenarios::FaultctlAt;
+    InContainer(agent).faultctl(node, args)
 }
 
 /// Starts the DaemonSet's container (restart `attempt`) and waits until its readiness probe
 /// passes, then runs its liveness probe once; both as the kubelet runs them (ExecSync).
 fn start_agent(node: &mut Node, faultd_pod: &FaultdPod, attempt: u32) -> Container {
-    let agent = node.faultd_container(
-        faultd_pod,
-        attempt,
-        &binary("FAULTD_BIN", "faultd"),
-        &binary("FAULTCTL_BIN", "faultctl"),
-    );
+    start_agent_run_by(node, faultd_pod, attempt, &[])
+}
+
+/// As `start_agent`, with faultd run by `runner` (see `Node::faultd_container_run_by`).
+fn start_agent_run_by(
+    node: &mut Node,
+    faultd_pod: &FaultdPod,
+    attempt: u32,
+    runner: &[&str],
+) -> Container {
+    let agent = node.faultd_container_run_by(faultd_pod, attempt, runner);
     let started = Instant::now();
     let (readiness, timeout) = faultd_pod.manifest.probe("readinessProbe");
     let readiness: Vec<&str> = readiness.iter().map(String::as_str).collect();
@@ -164,7 +142,7 @@ fn start_agent(node: &mut Node, faultd_pod: &FaultdPod, attempt: u32) -> Contain
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "privileged: needs root, containerd, runc, CNI plugins, umoci, BPF and cgroup v2; `cargo xtask test` runs it as root"]
+#[ignore = "privileged: needs root, containerd, runc, CNI plugins, buildah, BPF and cgroup v2; `cargo xtask test` runs it as root"]
 async fn faultd_as_the_daemonset_drops_a_pods_redis_calls_not_its_siblings() {
     let _serial = SERIAL.lock().await;
     let mut rig = Rig::start(100);
@@ -181,35 +159,37 @@ async fn faultd_as_the_daemonset_drops_a_pods_redis_calls_not_its_siblings() {
         "faultctl on the node, on the hostPath socket {}, should list fault {id}: {out:?}",
         socket.display()
     );
-    assert_untouched(&mut rig.sibling, injected, Duration::from_secs(2), "drop");
+    assert_untouched(
+        &mut rig.pods.sibling,
+        injected,
+        Duration::from_secs(2),
+        "drop",
+    );
     let removed = rig.remove(&id);
-    rig.client
+    rig.pods
+        .client
         .sees("pong", removed, "after `faultctl rm` the client pod");
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "privileged: needs root, containerd, runc, CNI plugins, umoci, BPF, cgroup v2 and NFQUEUE; `cargo xtask test` runs it as root"]
+#[ignore = "privileged: needs root, containerd, runc, CNI plugins, buildah, BPF, cgroup v2 and NFQUEUE; `cargo xtask test` runs it as root"]
 async fn faultd_as_the_daemonset_delays_a_pods_redis_round_trips_not_its_siblings() {
     let _serial = SERIAL.lock().await;
     let mut rig = Rig::start(20);
-    let uid = rig.client_pod.uid.clone();
+    let uid = rig.pods.client_pod.uid.clone();
     let mut ids = Vec::new();
     let Rig {
-        client,
-        sibling,
-        node,
-        agent,
-        ..
+        pods, node, agent, ..
     } = &mut rig;
     // NFQUEUE on this kernel: its `-m cgroup --path` names the pod's cgroup as faultd's cgroup
     // namespace, inside the container, sees it.
     assert_delay_adds_to_the_client_only(
-        client,
-        sibling,
+        &mut pods.client,
+        &mut pods.sibling,
         |args| {
             let mut all = args.to_vec();
             all.extend_from_slice(&["--mechanism", "nfqueue"]);
-            let (id, started) = inject_in(node, agent, &all);
+            let (id, started) = scenarios::inject(&InContainer(agent), node, &all);
             ids.push(id);
             started
         },
@@ -261,11 +241,11 @@ fn instance_in(faultd_pod: &FaultdPod) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "privileged: needs root, containerd, runc, CNI plugins, umoci, BPF, cgroup v2 and NFQUEUE; `cargo xtask test` runs it as root"]
+#[ignore = "privileged: needs root, containerd, runc, CNI plugins, buildah, BPF, cgroup v2 and NFQUEUE; `cargo xtask test` runs it as root"]
 async fn sigkill_of_the_faultd_container_lifts_its_faults_and_the_next_one_sweeps_the_rest() {
     let _serial = SERIAL.lock().await;
     let mut rig = Rig::start(100);
-    let uid = rig.client_pod.uid.clone();
+    let uid = rig.pods.client_pod.uid.clone();
     rig.drop_client_redis();
     // NFQUEUE rules outlive a killed faultd (fail-open through --queue-bypass): the next one
     // must sweep them.
@@ -285,7 +265,7 @@ async fn sigkill_of_the_faultd_container_lifts_its_faults_and_the_next_one_sweep
         "60s",
     ]);
     let old = instance_in(&rig.faultd_pod);
-    let pod_pid = Some(rig.app.pid);
+    let pod_pid = Some(rig.pods.app.pid);
     assert!(
         !rules_of(&old, pod_pid).is_empty(),
         "the delay should have put faultd {old}'s NFQUEUE rules in the client pod's netns"
@@ -300,6 +280,7 @@ async fn sigkill_of_the_faultd_container_lifts_its_faults_and_the_next_one_sweep
     signal(old_pid, libc::SIGKILL);
     let killed = unix_ns();
     let pong = rig
+        .pods
         .client
         .sees("pong", killed, "after SIGKILL of the faultd container");
     let back_ms = (at(&pong) - killed) as f64 / 1e6;
@@ -329,7 +310,7 @@ async fn sigkill_of_the_faultd_container_lifts_its_faults_and_the_next_one_sweep
         rules_of(&old, pod_pid),
         rig.node.log_of(&rig.agent)
     );
-    let (list, _) = faultctl_in(&rig.node, &rig.agent, &["--output", "json", "list"]);
+    let list = faultctl_in(&rig.node, &rig.agent, &["--output", "json", "list"]);
     let list: Value = serde_json::from_str(&list)
         .unwrap_or_else(|e| panic!("`faultctl list` printed no JSON ({e}): {list}"));
     assert!(
@@ -339,7 +320,7 @@ async fn sigkill_of_the_faultd_container_lifts_its_faults_and_the_next_one_sweep
     );
     let started = unix_ns();
     assert_untouched(
-        &mut rig.client,
+        &mut rig.pods.client,
         started,
         Duration::from_secs(1),
         "after the restart",
@@ -362,5 +343,125 @@ async fn sigkill_of_the_faultd_container_lifts_its_faults_and_the_next_one_sweep
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),
             "faultd (pid {pid}) should be gone"
         );
+    }
+}
+
+/// A node of the test's own with the DaemonSet's faultd on it, for a shared scenario (the
+/// node's teardown stops faultd with SIGTERM before the sandboxes go).
+fn node_with_faultd() -> (Container, FaultdPod, Node) {
+    let mut node = Node::start();
+    let (faultd_pod, agent) = faultd_on(&mut node);
+    (agent, faultd_pod, node)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, containerd, runc, CNI plugins, buildah, BPF and cgroup v2; `cargo xtask test` runs it as root"]
+async fn faultd_as_the_daemonset_rejects_and_resets_a_pods_postgres() {
+    let _serial = SERIAL.lock().await;
+    let (agent, _pod, mut node) = node_with_faultd();
+    scenarios::reject_and_reset_postgres(&mut node, &InContainer(&agent));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, containerd, runc, CNI plugins, buildah, BPF and cgroup v2; `cargo xtask test` runs it as root"]
+async fn faultd_as_the_daemonset_hits_one_container_of_a_two_container_pod() {
+    let _serial = SERIAL.lock().await;
+    let (agent, _pod, mut node) = node_with_faultd();
+    scenarios::container_fault_hits_one_of_two(&mut node, &InContainer(&agent));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, containerd, runc, CNI plugins, buildah, BPF and cgroup v2; `cargo xtask test` runs it as root"]
+async fn faultd_as_the_daemonset_faults_a_container_restarted_in_a_faulted_pod() {
+    let _serial = SERIAL.lock().await;
+    let (agent, _pod, mut node) = node_with_faultd();
+    scenarios::restarted_container_is_faulted(&mut node, &InContainer(&agent));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, containerd, runc, CNI plugins, buildah, BPF, cgroup v2 and NFQUEUE; `cargo xtask test` runs it as root"]
+async fn faultd_as_the_daemonset_drops_and_delays_on_a_pods_interface_by_netns() {
+    let _serial = SERIAL.lock().await;
+    let (agent, _pod, mut node) = node_with_faultd();
+    scenarios::netns_drop_and_delay(&mut node, &InContainer(&agent));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, containerd, runc, CNI plugins, buildah, BPF, cgroup v2 and iptables; `cargo xtask test` runs it as root"]
+async fn faultd_as_the_daemonset_resets_a_pods_postgres_session_by_netns() {
+    let _serial = SERIAL.lock().await;
+    let (agent, _pod, mut node) = node_with_faultd();
+    scenarios::netns_reset_postgres(&mut node, &InContainer(&agent));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, containerd, runc, CNI plugins, buildah, BPF and cgroup v2; `cargo xtask test` runs it as root"]
+async fn faultd_as_the_daemonset_drops_by_the_pid_of_a_pods_container() {
+    let _serial = SERIAL.lock().await;
+    let (agent, _pod, mut node) = node_with_faultd();
+    scenarios::drop_by_pid(&mut node, &InContainer(&agent));
+}
+
+/// The inode of a process's cgroup namespace.
+fn cgroup_namespace(pid: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let path = format!("/proc/{pid}/ns/cgroup");
+    std::fs::metadata(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .ino()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, containerd, runc, CNI plugins, buildah, BPF, cgroup v2 and NFQUEUE; `cargo xtask test` runs it as root"]
+async fn faultd_in_a_cgroup_namespace_of_its_own_delays_a_pods_redis_round_trips() {
+    let _serial = SERIAL.lock().await;
+    let mut node = Node::start();
+    let mut pods = RedisPods::start(&mut node, 20);
+    // As Kubernetes on cgroup v2 runs containers (containerd 1.6 here leaves a privileged one
+    // in the node's): the container's own cgroup is the root of faultd's cgroup namespace, the
+    // pods' cgroups lie outside it.
+    let (_faultd_pod, agent) = faultd_on_run_by(&mut node, &["unshare", "--cgroup"]);
+    assert_ne!(
+        cgroup_namespace(agent.pid),
+        cgroup_namespace(std::process::id()),
+        "faultd should run in a cgroup namespace of its own, not the node's"
+    );
+    let uid = pods.client_pod.uid.clone();
+    let cgroup = pods
+        .client_pod
+        .cgroup_dir
+        .strip_prefix(node.cgroup_root())
+        .expect("the pod's cgroup is below the node's cgroup root")
+        .display()
+        .to_string();
+    for (scope, what) in [
+        (
+            ["--pod", uid.as_str()],
+            "delay --pod from faultd in a cgroup namespace of its own",
+        ),
+        (
+            ["--cgroup", cgroup.as_str()],
+            "delay --cgroup from faultd in a cgroup namespace of its own",
+        ),
+    ] {
+        let mut ids = Vec::new();
+        let mut args = scope.to_vec();
+        args.extend_from_slice(&["--port", "6379", "--direction", "egress"]);
+        assert_delay_adds_to_the_client_only(
+            &mut pods.client,
+            &mut pods.sibling,
+            |args| {
+                let mut all = args.to_vec();
+                all.extend_from_slice(&["--mechanism", "nfqueue"]);
+                let (id, started) = scenarios::inject(&InContainer(&agent), &node, &all);
+                ids.push(id);
+                started
+            },
+            &args,
+            what,
+        );
+        for id in ids {
+            scenarios::remove(&InContainer(&agent), &node, &id);
+        }
     }
 }

@@ -1,22 +1,28 @@
 //! `netns{path, interface}`: faults on an interface inside a network namespace hit traffic
 //! routed through it, which no local socket of that namespace owns — a drop (tc programs on the
-//! interface), and a delay or bandwidth limit (NFQUEUE rules in that namespace).
+//! interface), a delay or bandwidth limit (NFQUEUE rules in that namespace), a reject (REJECT
+//! rules in that namespace's filter table) and a reset (those, and the namespace's established
+//! connections torn down, but loopback ones).
 //!
 //! The tests in this file run one at a time (`SERIAL`): some measure time, and the machine has
 //! two cores.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use faultd_proto::v1::target::Scope;
-use faultd_proto::v1::{Direction, Fault, Mechanism, NetnsScope, PortRange, Protocol, Target};
+use faultd_proto::v1::{
+    Direction, Fault, Mechanism, NetnsScope, PortRange, Protocol, RenewRequest, Target,
+};
 use faultd_tests::api::{
-    bandwidth_fault, counters, delay_fault, drop_fault, get_fault_until, remove, with_ttl,
+    bandwidth_fault, counters, delay_fault, drop_fault, get_fault_until, grant, reject_fault,
+    remove, reset_fault, under_lease, with_ttl,
 };
 use faultd_tests::process::{blocking, output, poll, run_ok};
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::workload::stats::{median, quantile};
-use faultd_tests::{Faultd, FaultdOptions, NetNs, Redis, TempDir, Workload, fd_probe};
+use faultd_tests::{Faultctl, Faultd, FaultdOptions, NetNs, Redis, TempDir, Workload, fd_probe};
 use tonic::Code;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -385,4 +391,252 @@ async fn delay_and_bandwidth_on_a_routers_interface_shape_the_traffic_routed_thr
         "faultd should exit cleanly on SIGTERM: {status:?}"
     );
     routed.assert_router_clean("faultd stopped");
+}
+
+/// The client's connects to the server's Redis port through the router over 600 ms: how many
+/// succeeded, how many there were, and the slowest, in ms.
+fn redis_connects(client: &Workload) -> (usize, usize, f64) {
+    let addr = format!("{}:{}", Routed::SERVER, REDIS_PORT);
+    let ms = Duration::from_millis;
+    let attempts = client.tcp_probe(&addr, ms(10), ms(1000), ms(600)).finish();
+    let slowest = attempts
+        .iter()
+        .map(|a| a.took as f64 / 1e6)
+        .fold(0.0, f64::max);
+    let ok = attempts.iter().filter(|a| a.ok).count();
+    (ok, attempts.len(), slowest)
+}
+
+/// Every connect is refused, at once (a drop would leave them to time out after 1 s).
+fn assert_refused_at_once(client: &Workload, during: &str) {
+    let (ok, all, slowest) = redis_connects(client);
+    eprintln!("MEASURE netns_refused_connect_slowest_ms={slowest:.2} attempts={all} ({during})");
+    assert!(
+        ok == 0 && all >= 20 && slowest < 200.0,
+        "during {during} every connect should be refused at once: {ok} of {all} succeeded, \
+         the slowest took {slowest:.1} ms"
+    );
+}
+
+fn assert_connects(client: &Workload, when: &str) {
+    let (ok, all, _) = redis_connects(client);
+    assert!(
+        ok == all && all >= 20,
+        "{when} every connect should succeed: {ok} of {all} did"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
+async fn a_reject_on_a_routers_interface_refuses_the_connects_routed_through_it_at_once() {
+    let _serial = SERIAL.lock().await;
+    let routed = Routed::new();
+    let _redis = Redis::start_bound(&routed.server, &[Routed::SERVER]);
+    let state = TempDir::new("faultd-test-state");
+    let options = FaultdOptions::with_state_dir(state.path());
+    let mut faultd = Faultd::start_with(options.clone()).await;
+    let mut faults = faultd.faults();
+    let client = Workload::outside(fd_probe!(), &routed.client);
+    assert_connects(&client, "before any fault");
+    let inject = |fault: Fault| with_ttl(fault, Duration::from_secs(60));
+
+    // caps says what a reject on an interface is; a dry run shows its mechanism and changes
+    // nothing.
+    let faultctl = Faultctl::new(&faultd);
+    let caps = faultctl.run(&["caps"]);
+    caps.assert_success();
+    assert!(
+        caps.stdout().contains("netns_reject") && caps.stdout().contains("REJECT"),
+        "faultctl caps should list netns_reject: {caps}"
+    );
+    let netns = format!("/run/netns/{}", routed.router.name());
+    let port = REDIS_PORT.to_string();
+    let dry = faultctl.run(&[
+        "inject",
+        "reject",
+        "--netns",
+        &netns,
+        "--iface",
+        "r1",
+        "--port",
+        &port,
+        "--ttl",
+        "30s",
+        "--dry-run",
+    ]);
+    dry.assert_success();
+    assert!(
+        dry.stdout().contains("nothing was changed") && dry.stdout().contains("nfqueue"),
+        "the dry run should show the mechanism: {dry}"
+    );
+    routed.assert_router_clean("a dry run");
+
+    // What r1 sends: the client's SYNs, forwarded towards the server.
+    let fault = faults
+        .inject(inject(reject_fault(routed.target("r1", Direction::Egress))))
+        .await
+        .unwrap_or_else(|s| panic!("Inject of a reject on r1 failed: {s:?}\n{}", faultd.log()))
+        .into_inner();
+    assert_eq!(fault.mechanism, "nfqueue", "{fault:?}");
+    let rules = routed.router_rules();
+    assert!(
+        rules.contains("-A FORWARD -j FAULTD-")
+            && rules.contains("-o r1")
+            && rules.contains("-j REJECT --reject-with tcp-reset"),
+        "the reject's rules belong in the router's filter table, FORWARD, matching -o r1:\n{rules}"
+    );
+    assert_refused_at_once(&client, "a reject on r1 (egress)");
+    remove(&mut faults, &fault.id).await;
+    routed.assert_router_clean("Remove of the reject");
+    assert_connects(&client, "after Remove");
+
+    // Under a lease: a renewal moves the rules' kernel-side end (`--datestop`, in seconds),
+    // and expiry takes them out.
+    let datestop = |rules: &str| {
+        rules
+            .lines()
+            .find_map(|l| l.split("--datestop ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    let mut leases = faultd.leases();
+    let lease = grant(&mut leases, Duration::from_secs(3)).await;
+    faults
+        .inject(under_lease(
+            reject_fault(routed.target("r1", Direction::Egress)),
+            &lease.id,
+        ))
+        .await
+        .unwrap_or_else(|s| panic!("Inject under lease {} failed: {s:?}", lease.id));
+    let first = datestop(&routed.router_rules()).expect("the rules carry the lease's end");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    leases
+        .renew(RenewRequest {
+            lease_id: lease.id.clone(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("Renew failed: {s:?}"));
+    let renewed = datestop(&routed.router_rules());
+    assert!(
+        renewed.as_ref().is_some_and(|r| *r > first),
+        "a renewal moves the REJECT rules' end from {first}: {renewed:?}"
+    );
+    assert_refused_at_once(&client, "a renewed reject on r1");
+    blocking(|| std::thread::sleep(Duration::from_millis(3500)));
+    routed.assert_router_clean("the lease expired");
+    assert_connects(&client, "after the lease expired");
+
+    // What r0 receives: the same SYNs, arriving from the client. A SIGKILL leaves the rules
+    // (they end at the lease's deadline), and the next faultd on the state directory sweeps
+    // them from the router's namespace.
+    faults
+        .inject(inject(reject_fault(
+            routed.target("r0", Direction::Ingress),
+        )))
+        .await
+        .unwrap_or_else(|s| panic!("Inject of a reject on r0 failed: {s:?}"));
+    let rules = routed.router_rules();
+    assert!(
+        rules.contains("-A INPUT -j FAULTD-") && rules.contains("-i r0"),
+        "the reject's rules match -i r0 in the router's INPUT and FORWARD:\n{rules}\n{}",
+        faultd.log()
+    );
+    assert_refused_at_once(&client, "a reject on r0 (ingress)");
+    faultd.kill();
+    assert!(
+        routed.router_rules().contains("FAULTD-"),
+        "nothing but the next faultd removes a killed one's rules; they should still be here"
+    );
+    let _faultd = Faultd::start_with(options).await;
+    routed.assert_router_clean("a new faultd started on the killed one's state directory");
+    assert_connects(&client, "after the sweep");
+}
+
+/// Held in the client's namespace: a Redis connection through c0 to the server, and a loopback
+/// connection on the Redis port; each line on stdin checks both again and prints
+/// `far <state> near <state>` (`ok`, or the error a socket torn down gives).
+const SESSIONS: &str = r#"
+import socket, sys
+far = socket.create_connection(("10.77.2.2", 6379), timeout=5)
+lst = socket.socket()
+lst.bind(("127.0.0.1", 6379))
+lst.listen()
+near = socket.create_connection(("127.0.0.1", 6379), timeout=5)
+peer, _ = lst.accept()
+def ping():
+    try:
+        far.sendall(b"*1\r\n$4\r\nPING\r\n")
+        return "ok" if far.recv(64).startswith(b"+PONG") else "closed"
+    except OSError as e:
+        return type(e).__name__
+def echo():
+    try:
+        near.sendall(b"x")
+        return "ok" if peer.recv(1) == b"x" else "closed"
+    except OSError as e:
+        return type(e).__name__
+for _ in sys.stdin:
+    print("far", ping(), "near", echo(), flush=True)
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
+async fn a_reset_on_an_interface_tears_down_its_namespaces_connections_and_refuses_new_ones() {
+    let _serial = SERIAL.lock().await;
+    let routed = Routed::new();
+    let _redis = Redis::start_bound(&routed.server, &[Routed::SERVER]);
+    let state = TempDir::new("faultd-test-state");
+    let faultd = Faultd::start_with(FaultdOptions::with_state_dir(state.path())).await;
+    let mut faults = faultd.faults();
+    let client = Workload::outside(fd_probe!(), &routed.client);
+    let mut sessions = routed
+        .client
+        .exec("python3")
+        .args(["-c", SESSIONS])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 in the client's namespace");
+    let mut stdin = sessions.stdin.take().unwrap();
+    let mut stdout = BufReader::new(sessions.stdout.take().unwrap());
+    let mut check = || {
+        stdin.write_all(b"\n").unwrap();
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    assert_eq!(check(), "far ok near ok");
+
+    // The client's own c0: its connection to the server goes, the loopback one stays.
+    let target = Target {
+        scope: Some(Scope::Netns(NetnsScope {
+            path: format!("/run/netns/{}", routed.client.name()),
+            interface: "c0".into(),
+        })),
+        ports: vec![PortRange {
+            first: REDIS_PORT.into(),
+            last: None,
+        }],
+        ..Default::default()
+    };
+    let fault = faults
+        .inject(with_ttl(reset_fault(target, None), Duration::from_secs(60)))
+        .await
+        .unwrap_or_else(|s| panic!("Inject of a reset on c0 failed: {s:?}\n{}", faultd.log()))
+        .into_inner();
+    let after = check();
+    let _ = sessions.kill();
+    let _ = sessions.wait();
+    assert!(
+        after.starts_with("far ") && !after.starts_with("far ok") && after.ends_with("near ok"),
+        "the reset should tear down the connection through c0 and keep the loopback one: {after}"
+    );
+    assert_eq!(
+        fault.counters.as_ref().map(|c| c.reset),
+        Some(1),
+        "the reset counts the one connection it tore down: {fault:?}"
+    );
+    assert_refused_at_once(&client, "a reset on c0");
+    remove(&mut faults, &fault.id).await;
+    assert_connects(&client, "after Remove of the reset");
 }

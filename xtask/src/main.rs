@@ -46,8 +46,11 @@ const PACKAGES: &[&str] = &[
     "runc",
     "containernetworking-plugins",
     "umoci",
-    // strip: the debug info off faultd's image's binaries; nsenter: the pods' iptables.
-    "binutils",
+    // faultd's image built from deploy/Dockerfile offline (tests/src/cri/dockerfile.rs):
+    // buildah, and mmdebstrap for the Debian bases the Dockerfile names.
+    "buildah",
+    "mmdebstrap",
+    // nsenter: the pods' iptables.
     "util-linux",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -367,6 +367,18 @@ async fn shapers(
             .map_err(|_| probe.detail.clone()),
         &probe.detail,
     ));
+    // reject and reset on an interface refuse connects with REJECT rules put in by the NFQUEUE
+    // mechanism's iptables-restore: available with it (xt_REJECT itself is not probed).
+    caps.items.push(Capability::outcome(
+        "netns_reject",
+        probe
+            .families
+            .as_ref()
+            .map(drop)
+            .map_err(|_| probe.detail.clone()),
+        "REJECT --reject-with tcp-reset rules on SYNs through the interface, for reject and reset \
+         on netns{path, interface} scopes",
+    ));
     let (id, root, dir) = (
         instance.id().to_owned(),
         cgroup_root.path().to_path_buf(),

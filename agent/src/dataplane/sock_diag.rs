@@ -31,6 +31,9 @@ pub struct SocketFilter {
     pub peers: Option<PeerSet>,
     /// Only the socket with this cookie (`bpf_get_socket_cookie`): a request match's reset.
     pub cookie: Option<u64>,
+    /// An interface's network namespace (`reset` on a netns scope): its sockets match whatever
+    /// their cgroup (`cgroup_dir` is not read), but loopback ones, which cross no interface.
+    pub netns: Option<PathBuf>,
 }
 
 impl SocketFilter {
@@ -40,16 +43,7 @@ impl SocketFilter {
         let Some(peers) = &self.peers else {
             return true;
         };
-        let mut dst = [0u8; 16];
-        dst.copy_from_slice(&id[20..36]);
-        let addr = if family == libc::AF_INET as u8 {
-            IpAddr::V4(Ipv4Addr::new(dst[0], dst[1], dst[2], dst[3]))
-        } else {
-            let v6 = Ipv6Addr::from(dst);
-            // A dual-stack socket talking to an IPv4 peer.
-            v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
-        };
-        peers.contains(addr)
+        peers.contains(remote_addr(family, id))
     }
 
     /// Whether the socket is the one the filter names, if it names one (`id` as in
@@ -66,6 +60,19 @@ impl SocketFilter {
                 .ports
                 .iter()
                 .any(|r| (r.first..=r.last).contains(&sport) || (r.first..=r.last).contains(&dport))
+    }
+}
+
+/// The remote address of an `inet_diag_msg` (`family`, sockid `id`: its destination).
+fn remote_addr(family: u8, id: &[u8; 48]) -> IpAddr {
+    let mut dst = [0u8; 16];
+    dst.copy_from_slice(&id[20..36]);
+    if family == libc::AF_INET as u8 {
+        IpAddr::V4(Ipv4Addr::new(dst[0], dst[1], dst[2], dst[3]))
+    } else {
+        let v6 = Ipv6Addr::from(dst);
+        // A dual-stack socket talking to an IPv4 peer.
+        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
     }
 }
 
@@ -99,6 +106,9 @@ pub struct Sockets {
 /// Destroys the established TCP sockets (IPv4 and IPv6) matching `filter`, in every network
 /// namespace that a process of the cgroup subtree is in. Blocking.
 pub fn destroy(filter: &SocketFilter, sockets: &mut Sockets) -> Result<Destroyed, SockDiagError> {
+    if let Some(ns_path) = &filter.netns {
+        return destroy_on_interface(filter, ns_path, sockets);
+    }
     let (cgroups, pids) = cgroup_subtree(&filter.cgroup_dir)?;
     let namespaces = namespaces_of(&pids);
     sockets.by_ns.retain(|ns, _| namespaces.contains_key(ns));
@@ -118,7 +128,7 @@ pub fn destroy(filter: &SocketFilter, sockets: &mut Sockets) -> Result<Destroyed
             },
         };
         done.namespaces += 1;
-        match destroy_in(socket, filter, &cgroups) {
+        match destroy_in(socket, filter, Some(&cgroups)) {
             Ok(n) => done.sockets += n,
             Err(e) => {
                 first_error.get_or_insert(e);
@@ -133,6 +143,27 @@ pub fn destroy(filter: &SocketFilter, sockets: &mut Sockets) -> Result<Destroyed
         }
         None => Ok(done),
     }
+}
+
+/// `destroy` in the namespace of an interface: every socket there but loopback ones.
+fn destroy_on_interface(
+    filter: &SocketFilter,
+    ns_path: &Path,
+    sockets: &mut Sockets,
+) -> Result<Destroyed, SockDiagError> {
+    let meta = fs::metadata(ns_path).map_err(SockDiagError::Netlink)?;
+    let ns = (meta.dev(), meta.ino());
+    sockets.by_ns.retain(|held, _| *held == ns);
+    let socket = match sockets.by_ns.entry(ns) {
+        std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
+        std::collections::hash_map::Entry::Vacant(slot) => {
+            slot.insert(open_in_netns(ns_path).map_err(SockDiagError::Netlink)?)
+        }
+    };
+    Ok(Destroyed {
+        sockets: destroy_in(socket, filter, None)?,
+        namespaces: 1,
+    })
 }
 
 /// This kernel does not let faultd destroy sockets.
@@ -237,17 +268,21 @@ fn open_in_netns(ns_path: &Path) -> io::Result<OwnedFd> {
     in_netns(ns_path, netlink_socket)?
 }
 
-/// Dumps and destroys in one namespace; returns how many sockets were destroyed.
+/// Dumps and destroys in one namespace the sockets of `cgroups` (None: all but loopback ones);
+/// returns how many sockets were destroyed.
 fn destroy_in(
     socket: &OwnedFd,
     filter: &SocketFilter,
-    cgroups: &HashSet<u64>,
+    cgroups: Option<&HashSet<u64>>,
 ) -> Result<usize, SockDiagError> {
     let mut victims = Vec::new();
     let with_info = filter.min_bytes.is_some();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
         dump(socket, family, with_info, |msg, attrs| {
-            let in_scope = attrs.cgroup_id.is_some_and(|id| cgroups.contains(&id));
+            let in_scope = match cgroups {
+                Some(cgroups) => attrs.cgroup_id.is_some_and(|id| cgroups.contains(&id)),
+                None => !remote_addr(msg.family, &msg.id).is_loopback(),
+            };
             let enough = filter
                 .min_bytes
                 .is_none_or(|min| attrs.bytes.is_some_and(|b| b >= min));
@@ -564,6 +599,7 @@ mod tests {
             min_bytes: None,
             peers: None,
             cookie: None,
+            netns: None,
         };
         assert!(filter.port_matches(5432, 40000));
         assert!(filter.port_matches(40000, 5432));
@@ -592,6 +628,7 @@ mod tests {
             min_bytes: None,
             peers,
             cookie: None,
+            netns: None,
         };
         let id = |dst: [u8; 16]| {
             let mut id = [0u8; 48];

@@ -147,6 +147,13 @@ impl State {
     /// Delay and bandwidth go to a shaping mechanism, the rest to the datapath: which, and the
     /// mechanism's name. FAILED_PRECONDITION names what the kernel lacks.
     fn mechanism_for(&self, spec: &FaultSpec) -> Result<(Option<usize>, &'static str), Error> {
+        // An interface has no local sockets: its connects are refused by REJECT rules, which
+        // the NFQUEUE mechanism's netfilter machinery puts in.
+        if crate::dataplane::nfqueue::refuses_on_interface(&spec.action, &spec.target) {
+            let forced = Some(crate::fault::Mechanism::Nfqueue);
+            let shaper = self.choose_shaper(&spec.action, &spec.target, forced)?;
+            return Ok((Some(shaper), self.shapers[shaper].mechanism().name()));
+        }
         if let Some(forced) = spec.action.shaping() {
             // Requests are matched in user space, on the packets NFQUEUE hands over.
             let forced = match spec.target.request {
@@ -333,6 +340,10 @@ impl State {
             min_bytes: after_bytes,
             peers: spec.target.peer_set()?,
             cookie: None,
+            netns: match &spec.target.scope {
+                crate::fault::Scope::Netns { path, .. } => Some(path.into()),
+                _ => None,
+            },
         };
         let killer = self.dataplane.connection_killer();
         if after_bytes.is_none() {

@@ -92,6 +92,7 @@ impl Placement {
                 min_bytes: None,
                 peers: spec.target.peer_set().ok().flatten(),
                 cookie: None,
+                netns: None,
             }),
         });
         Placement {

@@ -83,14 +83,20 @@ impl FaultSpec {
     pub fn validate(&self) -> Result<(), Invalid> {
         limits::labels(&self.labels, "fault.labels")?;
         self.target.validate()?;
-        if matches!(self.target.scope, Scope::Netns { .. }) && self.action.on_connections() {
+        let on_interface = matches!(self.target.scope, Scope::Netns { .. });
+        if on_interface
+            && matches!(
+                self.action,
+                Action::Reset {
+                    after_bytes: Some(_)
+                }
+            )
+        {
             return Err(Invalid::new(
                 "fault.target.netns",
-                format!(
-                    "{} acts on local sockets, which an interface in a network namespace does not \
-                     have (drop, delay and bandwidth can target one)",
-                    self.action.name()
-                ),
+                "reset with after_bytes is not available on an interface in a network namespace \
+                 (a reset without it is: it tears down the namespace's connections and refuses \
+                 new ones through the interface)",
             ));
         }
         match &self.target.request {
@@ -112,7 +118,8 @@ impl FaultSpec {
                     format!("{action} acts on TCP connections: use TCP or leave it unset"),
                 ));
             }
-            if self.target.direction == Direction::Ingress {
+            // An interface refuses connects either way (`reject` on a netns scope).
+            if self.target.direction == Direction::Ingress && !on_interface {
                 return Err(Invalid::new(
                     "fault.target.direction",
                     format!(
@@ -242,11 +249,14 @@ impl FaultSpec {
     }
 
     /// The spec as it is applied, so that what the API shows is what happens: connection
-    /// faults act on TCP connects the workload makes (protocol TCP, direction egress).
+    /// faults act on TCP connects the workload makes (protocol TCP, direction egress); on an
+    /// interface, on the connects it sends, receives or both, as the direction says.
     pub fn normalized(mut self) -> Self {
         if self.action.on_connections() || self.target.request.is_some() {
             self.target.protocol = Protocol::Tcp;
-            self.target.direction = Direction::Egress;
+            if !matches!(self.target.scope, Scope::Netns { .. }) {
+                self.target.direction = Direction::Egress;
+            }
         }
         self
     }
@@ -518,6 +528,46 @@ mod tests {
             target(some, Protocol::Both, Direction::Both)
                 .validate()
                 .is_ok()
+        );
+    }
+
+    #[test]
+    fn on_an_interface_reject_keeps_its_direction_and_reset_after_bytes_is_refused() {
+        let mut t = target(
+            vec![PortRange::new(5432, None, "p").unwrap()],
+            Protocol::Both,
+            Direction::Ingress,
+        );
+        t.scope = Scope::Netns {
+            path: "/run/netns/r".into(),
+            interface: "r1".into(),
+        };
+        let spec = |action: Action, target: &Target| FaultSpec {
+            action,
+            target: target.clone(),
+            labels: Labels::new(),
+        };
+        let reject = spec(Action::Reject, &t);
+        reject.validate().unwrap();
+        let normal = reject.normalized().target;
+        assert_eq!(
+            (normal.protocol, normal.direction),
+            (Protocol::Tcp, Direction::Ingress)
+        );
+        spec(Action::Reset { after_bytes: None }, &t)
+            .validate()
+            .unwrap();
+        let after = spec(
+            Action::Reset {
+                after_bytes: Some(9),
+            },
+            &t,
+        );
+        assert_eq!(after.validate().unwrap_err().field, "fault.target.netns");
+        t.protocol = Protocol::Udp;
+        assert_eq!(
+            spec(Action::Reject, &t).validate().unwrap_err().field,
+            "fault.target.protocol"
         );
     }
 }

@@ -2,6 +2,7 @@
 //! the network namespaces its processes use (`namespaces`). Kubernetes pods and containers are
 //! found by the names the kubelet and the container runtimes give their cgroups (`pods`).
 
+pub mod cgroupns;
 pub mod interface;
 pub mod namespaces;
 pub mod pods;
@@ -191,10 +192,48 @@ impl Resolve for CgroupRoot {
                     .ok_or_else(|| {
                         Invalid::new(field, format!("process {pid} has no cgroup v2 membership"))
                     })?;
-                self.cgroup(path, field)?
+                // The path is from the root of faultd's cgroup namespace, not from
+                // --cgroup-root (which may be any directory of the hierarchy).
+                let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(|e| {
+                    Invalid::new(field, format!("reading /proc/self/mountinfo: {e}"))
+                })?;
+                let relative = below_root(&mountinfo, path, &self.path).ok_or_else(|| {
+                    Invalid::new(
+                        field,
+                        format!(
+                            "process {pid}'s cgroup {path:?} is not under {}",
+                            self.path.display()
+                        ),
+                    )
+                })?;
+                self.cgroup(&relative, field)?
             }
         })
     }
+}
+
+/// The cgroup `path`, as `/proc/PID/cgroup` names it to this process (from the root of its
+/// cgroup namespace), as a path below `root`: found through a cgroup2 mount whose root holds
+/// it. None when no mount under `root` shows it.
+fn below_root(mountinfo: &str, path: &str, root: &Path) -> Option<String> {
+    let path = Path::new(path);
+    mountinfo.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        if after.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let mut fields = before.split_whitespace().skip(3);
+        let mount_root = unescape(fields.next()?);
+        let point = PathBuf::from(unescape(fields.next()?));
+        // Both are from faultd's cgroup namespace root, `/..` included when outside it.
+        let below = path.strip_prefix(&mount_root).ok()?;
+        if below.components().any(|c| c == Component::ParentDir) {
+            return None;
+        }
+        let dir = point.join(below);
+        let relative = dir.strip_prefix(root).ok()?;
+        Some(format!("/{}", relative.display()))
+    })
 }
 
 /// The path of the cgroup directory `dir` as the kernel resolves cgroup paths for this process
@@ -203,10 +242,42 @@ impl Resolve for CgroupRoot {
 /// `--cgroup-root`, a tree of the tests), or a mount of another namespace's root. It is the
 /// root of the cgroup2 mount holding `dir`, as mountinfo shows it, joined with `dir` below the
 /// mount point.
+///
+/// When iptables runs in the node's cgroup namespace instead (`cgroupns`), the path is from the
+/// hierarchy's root, found through a mount of the whole hierarchy.
 pub fn namespace_path(dir: &Path) -> Result<String, NamespacePathError> {
     let mountinfo =
         fs::read_to_string("/proc/self/mountinfo").map_err(NamespacePathError::Mountinfo)?;
+    if cgroupns::iptables_namespace().is_some() {
+        return hierarchy_path_in(&mountinfo, dir, cgroupns::is_hierarchy_root);
+    }
     namespace_path_in(&mountinfo, dir)
+}
+
+/// The path of `dir` from its hierarchy's root, when a cgroup2 mount holding it shows the
+/// whole hierarchy (`is_root` of its mount point).
+fn hierarchy_path_in(
+    mountinfo: &str,
+    dir: &Path,
+    is_root: impl Fn(&Path) -> bool,
+) -> Result<String, NamespacePathError> {
+    let mut on_cgroup2 = false;
+    let found = mountinfo.lines().find_map(|line| {
+        let point = cgroup2_mount_point(line)?;
+        let below = dir.strip_prefix(&point).ok()?;
+        on_cgroup2 = true;
+        is_root(&point).then(|| format!("/{}", below.display()))
+    });
+    match found {
+        Some(mut path) => {
+            if path.len() > 1 && path.ends_with('/') {
+                path.pop();
+            }
+            Ok(path)
+        }
+        None if on_cgroup2 => Err(NamespacePathError::NotWholeHierarchy(dir.to_path_buf())),
+        None => Err(NamespacePathError::NotOnCgroup2(dir.to_path_buf())),
+    }
 }
 
 /// Why a cgroup has no path in faultd's cgroup namespace.
@@ -222,6 +293,13 @@ pub enum NamespacePathError {
         dir.display()
     )]
     OutsideNamespace { dir: PathBuf, root: String },
+    #[error(
+        "faultd runs in a cgroup namespace of its own, and the cgroup {} is on no mount of the \
+         whole cgroup hierarchy (mount the node's /sys/fs/cgroup, as deploy/faultd.yaml does, \
+         and give it as --cgroup-root)",
+        .0.display()
+    )]
+    NotWholeHierarchy(PathBuf),
 }
 
 fn namespace_path_in(mountinfo: &str, dir: &Path) -> Result<String, NamespacePathError> {
@@ -288,6 +366,74 @@ fn unescape(field: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pids_cgroup_is_found_below_a_cgroup_root_under_the_hierarchy() {
+        let host = "35 25 0:30 / /sys/fs/cgroup/unified rw shared:10 - cgroup2 cgroup2 rw";
+        let root = Path::new("/sys/fs/cgroup/unified/faultd-test-1");
+        // Not joined with the root's own path a second time.
+        assert_eq!(
+            below_root(host, "/faultd-test-1/kubepods/podA/c1", root).as_deref(),
+            Some("/kubepods/podA/c1")
+        );
+        assert_eq!(below_root(host, "/system.slice/x", root), None);
+        assert_eq!(below_root(host, "/../faultd-test-1/x", root), None);
+        // In a container: the node's hierarchy mounted at /host/sys/fs/cgroup/unified, the
+        // container's own cgroup mount (its cgroup namespace's root) beside it.
+        let pod = "40 30 0:30 /kubepods/podF/f1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n\
+                   41 30 0:30 / /host/sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw";
+        assert_eq!(
+            below_root(
+                pod,
+                "/kubepods/podA/c1",
+                Path::new("/host/sys/fs/cgroup/unified")
+            )
+            .as_deref(),
+            Some("/kubepods/podA/c1")
+        );
+        assert_eq!(
+            below_root(pod, "/", Path::new("/host/sys/fs/cgroup/unified")).as_deref(),
+            Some("/")
+        );
+        // In a cgroup namespace of its own, both the mount's root and the pid's cgroup are
+        // named from that namespace's root, from outside it.
+        let private = "41 30 0:30 /../../.. /host/sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw";
+        assert_eq!(
+            below_root(
+                private,
+                "/../../../kubepods/podA/c1",
+                Path::new("/host/sys/fs/cgroup/unified")
+            )
+            .as_deref(),
+            Some("/kubepods/podA/c1")
+        );
+    }
+
+    #[test]
+    fn from_a_namespace_of_its_own_paths_start_at_the_hierarchys_root() {
+        // A container's view in a cgroup namespace of its own: its own cgroup at
+        // /sys/fs/cgroup, the node's hierarchy at /host/sys/fs/cgroup/unified.
+        let mountinfo = "40 30 0:30 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n\
+                         41 30 0:30 /../../../.. /host/sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw";
+        let whole = |p: &Path| p == Path::new("/host/sys/fs/cgroup/unified");
+        assert_eq!(
+            hierarchy_path_in(
+                mountinfo,
+                Path::new("/host/sys/fs/cgroup/unified/kubepods/besteffort/podA/"),
+                whole
+            )
+            .unwrap(),
+            "/kubepods/besteffort/podA"
+        );
+        assert!(matches!(
+            hierarchy_path_in(mountinfo, Path::new("/sys/fs/cgroup/x"), whole),
+            Err(NamespacePathError::NotWholeHierarchy(_))
+        ));
+        assert!(matches!(
+            hierarchy_path_in(mountinfo, Path::new("/tmp/x"), whole),
+            Err(NamespacePathError::NotOnCgroup2(_))
+        ));
+    }
 
     #[test]
     fn finds_cgroup2_in_mountinfo() {

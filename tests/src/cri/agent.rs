@@ -1,8 +1,8 @@
 //! faultd run on the test's node as `deploy/faultd.yaml` declares it: a privileged container in
 //! a pod with the node's pid and network namespaces, its volumes mounted, its args and env, from
-//! an image shaped like `deploy/Dockerfile`'s runtime stage (see `image::faultd_image`). What
+//! the image `deploy/Dockerfile` builds (see `dockerfile`). What
 //! differs from the manifest, because a test node is not a node of its own:
-//! - the image: the locally built one, not `ghcr.io/faultd/faultd`;
+//! - the image: the one built here from `deploy/Dockerfile`, not `ghcr.io/faultd/faultd`;
 //! - `--cgroup-root`: the manifest's mount of the node's `/sys/fs/cgroup` joined with the test
 //!   node's cgroup root below it (a kubelet's `--cgroup-root`), where this node's pods are;
 //! - `--metrics-addr`: a free port on the same address (other agents may hold 9464);
@@ -13,9 +13,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::daemonset::{Faultd as Manifest, Source};
-use super::{Container, Node, Pod, api, call, image};
+use super::{Container, Node, Pod, api, call, dockerfile};
 use crate::kube::Qos;
 use crate::process::run_ok;
+
+/// The entrypoint of `deploy/Dockerfile`'s image.
+const FAULTD_ENTRYPOINT: &str = "/usr/local/bin/faultd";
 
 /// Host paths of the manifest that stand for a directory of the test's own.
 const OWN_HOST_DIRS: &[&str] = &["/run/faultd"];
@@ -171,20 +174,25 @@ impl Node {
     }
 
     /// CreateContainer + StartContainer of the DaemonSet's container (restart `attempt`) in
-    /// `faultd`'s sandbox, from the faultd image built of `faultd_bin` and `faultctl_bin`.
-    pub fn faultd_container(
+    /// `faultd`'s sandbox, from the image built of `deploy/Dockerfile`.
+    pub fn faultd_container(&mut self, faultd: &FaultdPod, attempt: u32) -> Container {
+        self.faultd_container_run_by(faultd, attempt, &[])
+    }
+
+    /// As `faultd_container`, with the image's entrypoint run by `runner` (a command that
+    /// execs its arguments, such as `unshare --cgroup`), as a pod spec's `command` would.
+    pub fn faultd_container_run_by(
         &mut self,
         faultd: &FaultdPod,
         attempt: u32,
-        faultd_bin: &Path,
-        faultctl_bin: &Path,
+        runner: &[&str],
     ) -> Container {
         if !self.faultd_image_imported {
-            let tarball = image::faultd_image(faultd_bin, faultctl_bin);
+            let archive = dockerfile::faultd_image_archive();
             run_ok(
                 self.ctr()
-                    .args(["images", "import", "--base-name", image::FAULTD_IMAGE])
-                    .arg(&tarball),
+                    .args(["images", "import", "--base-name", dockerfile::FAULTD_IMAGE])
+                    .arg(&archive),
             );
             self.faultd_image_imported = true;
         }
@@ -204,8 +212,18 @@ impl Node {
                 attempt,
             }),
             image: Some(api::ImageSpec {
-                image: format!("{}:{}", image::FAULTD_IMAGE, image::TAG),
+                image: format!("{}:{}", dockerfile::FAULTD_IMAGE, dockerfile::FAULTD_TAG),
             }),
+            // CRI's command replaces the image's entrypoint; empty keeps it.
+            command: if runner.is_empty() {
+                Vec::new()
+            } else {
+                runner
+                    .iter()
+                    .map(|s| s.to_string())
+                    .chain([FAULTD_ENTRYPOINT.to_string()])
+                    .collect()
+            },
             args: faultd.args.clone(),
             envs: manifest
                 .env()

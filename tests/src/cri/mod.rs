@@ -10,9 +10,11 @@
 
 mod agent;
 mod daemonset;
+mod dockerfile;
 mod host;
 mod image;
 pub mod loops;
+pub mod scenarios;
 
 pub use agent::{Exec, FaultdPod};
 pub use daemonset::{Faultd as FaultdManifest, Source, VolumeMount, manifest_path};

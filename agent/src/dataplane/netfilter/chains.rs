@@ -1,5 +1,6 @@
 //! The names of faultd's chains, and the restore lines that create and remove chains and rules.
 
+use super::refuse::RefuseHook;
 use super::{CHAIN_PREFIX, Hook};
 use crate::instance::Instance;
 
@@ -19,14 +20,16 @@ pub(super) fn fault_chain(instance: &str, hook: Hook, queue: u16) -> String {
     format!("{CHAIN_PREFIX}{instance}-{letter}{queue}")
 }
 
-/// The instance id of a faultd chain name (an agent's or one of its faults'), if it is one.
+/// The instance id of a faultd chain name (an agent's or one of its faults', in the mangle
+/// table or, for refusing rules, in the filter table), if it is one.
 pub(super) fn chain_owner(name: &str) -> Option<&str> {
     let rest = name.strip_prefix(CHAIN_PREFIX)?;
     let (id, hook) = rest.split_once('-')?;
     let fault_chain = hook
-        .strip_prefix(['O', 'I'])
+        .strip_prefix(['O', 'I', 'S', 'A'])
         .is_some_and(|queue| !queue.is_empty() && queue.parse::<u16>().is_ok());
-    (Instance::is_id(id) && (Hook::SUFFIXES.contains(&hook) || fault_chain)).then_some(id)
+    let agent_chain = Hook::SUFFIXES.contains(&hook) || RefuseHook::SUFFIXES.contains(&hook);
+    (Instance::is_id(id) && (agent_chain || fault_chain)).then_some(id)
 }
 
 /// Restore lines that create the chains of `instance` for `hooks` and jump to them first.

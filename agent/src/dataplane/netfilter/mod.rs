@@ -29,7 +29,10 @@
 //! packets to it shortly after the deadline. A healthy faultd's lanes stop holding packets at
 //! the deadline itself.
 //!
-//! Rooms: `rules` (what one fault's rules say), `chains` (the chains' names and the lines that
+//! `reject` and `reset` on an interface refuse new connects with REJECT rules in the filter
+//! table instead (`refuse`), in the same spirit: same exec, same tagging and sweeping.
+//!
+//! Rooms: `rules` (what one fault's rules say), `refuse` (the REJECT rules), `chains` (the chains' names and the lines that
 //! create and remove them), `marks` (the conntrack mark layout), `matches` (port lists and
 //! dates as the match extensions take them), `restore` (running iptables-restore and
 //! iptables -S, and reading what they list).
@@ -37,12 +40,14 @@
 mod chains;
 mod marks;
 mod matches;
+mod refuse;
 mod restore;
 mod rules;
 
 pub use chains::{chain, chain_creation, deletion, undo};
 pub use marks::MAX_MARK_ID;
-pub use restore::{ExecError, Listing, list, restore};
+pub use refuse::{REFUSE_TABLE, RefuseHook, RefuseRules, refuse_chain, refuse_chain_creation};
+pub use restore::{ExecError, Listing, list, list_table, restore, restore_table};
 pub use rules::{FaultRules, Matcher};
 
 pub const TABLE: &str = "mangle";

@@ -71,6 +71,21 @@ fn run(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // `-m cgroup --path` resolves in iptables' cgroup namespace: the node's when faultd has
+    // one of its own (see target::cgroupns).
+    if let Some(cgroupns) = crate::target::cgroupns::iptables_namespace() {
+        let fd = cgroupns.as_raw_fd();
+        // SAFETY: between fork and exec only setns(2) runs, which is async-signal-safe; the
+        // file is static, so the fd stays open.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWCGROUP) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     if let Some(netns) = netns {
         let fd = netns.as_fd().as_raw_fd();
         // SAFETY: between fork and exec only setns(2) runs, which is async-signal-safe; the
@@ -113,10 +128,21 @@ fn run(
 /// Applies `lines` (iptables commands such as `-A CHAIN ...`) to the mangle table in one
 /// transaction.
 pub fn restore(family: Family, netns: Option<&NetNs>, lines: &[String]) -> Result<(), ExecError> {
+    restore_table(TABLE, family, netns, lines)
+}
+
+/// Applies `lines` to `table` (faultd's mangle table, or the filter table of the refusing
+/// rules) in one transaction.
+pub fn restore_table(
+    table: &str,
+    family: Family,
+    netns: Option<&NetNs>,
+    lines: &[String],
+) -> Result<(), ExecError> {
     if lines.is_empty() {
         return Ok(());
     }
-    let input = format!("*{TABLE}\n{}\nCOMMIT\n", lines.join("\n"));
+    let input = format!("*{table}\n{}\nCOMMIT\n", lines.join("\n"));
     run(
         family.restore_tool(),
         &["--noflush", "--wait=5"],
@@ -128,7 +154,16 @@ pub fn restore(family: Family, netns: Option<&NetNs>, lines: &[String]) -> Resul
 
 /// The mangle table's rules as `iptables -S` prints them.
 pub fn list(family: Family, netns: Option<&NetNs>) -> Result<Listing, ExecError> {
-    run(family.tool(), &["-w", "5", "-t", TABLE, "-S"], None, netns).map(|text| Listing { text })
+    list_table(TABLE, family, netns)
+}
+
+/// `table`'s rules as `iptables -S` prints them.
+pub fn list_table(
+    table: &str,
+    family: Family,
+    netns: Option<&NetNs>,
+) -> Result<Listing, ExecError> {
+    run(family.tool(), &["-w", "5", "-t", table, "-S"], None, netns).map(|text| Listing { text })
 }
 
 /// What `iptables -t mangle -S` showed.

@@ -35,6 +35,7 @@ mod lane;
 mod placement;
 mod probe;
 mod queue;
+mod refusal;
 mod schedule;
 mod sweep;
 mod worker;
@@ -48,7 +49,7 @@ use faultd_common::Counters;
 
 use super::netfilter::{self, Family, Matcher};
 use super::{Cleanup, DataplaneError, Shaped, Shaper};
-use crate::fault::{Action, FaultId, Mechanism, Scope};
+use crate::fault::{Action, FaultId, Mechanism, Scope, Target};
 use crate::target::namespaces::{self, NetNs};
 use cleanup::Cleanups;
 use error::NfqueueError;
@@ -76,6 +77,8 @@ pub struct NfqueueShaper {
     faults: HashMap<FaultId, Vec<Placement>>,
     /// Faults per namespace (by inode): the chains go with the last one.
     in_use: HashMap<u64, usize>,
+    /// Faults refusing connects on an interface (`reject` on a netns scope).
+    refusals: refusal::Refusals,
     recorded: BTreeSet<u64>,
     next_queue: u16,
     worker: Worker,
@@ -116,6 +119,7 @@ impl NfqueueShaper {
             families,
             faults: HashMap::new(),
             in_use: HashMap::new(),
+            refusals: HashMap::new(),
             recorded: BTreeSet::new(),
             worker: Worker::start().map_err(NfqueueError::StartWorker)?,
             cleanups: Cleanups::default(),
@@ -158,6 +162,14 @@ impl NfqueueShaper {
     }
 }
 
+/// Whether the fault is a `reject` or `reset` on an interface, whose refusing of new connects
+/// this mechanism applies with REJECT rules (`refusal`; a reset's teardown of the established
+/// ones is the engine's, over sock_diag).
+pub fn refuses_on_interface(action: &Action, target: &Target) -> bool {
+    matches!(action, Action::Reject | Action::Reset { after_bytes: None })
+        && matches!(target.scope, Scope::Netns { .. })
+}
+
 impl Shaper for NfqueueShaper {
     fn mechanism(&self) -> Mechanism {
         Mechanism::Nfqueue
@@ -171,6 +183,13 @@ impl Shaper for NfqueueShaper {
         }
     }
 
+    fn unavailable_for(&self, action: &Action, target: &Target) -> Option<String> {
+        if refuses_on_interface(action, target) {
+            return self.families.as_ref().err().cloned();
+        }
+        self.unavailable(action)
+    }
+
     fn apply(&mut self, fault: &Shaped<'_>) -> Result<(), DataplaneError> {
         let families = self
             .families
@@ -179,6 +198,9 @@ impl Shaper for NfqueueShaper {
                 mechanism: Mechanism::Nfqueue.name(),
                 reason: e,
             })?;
+        if refuses_on_interface(fault.action, fault.target) {
+            return self.refuse(fault, &families);
+        }
         let matcher = match &fault.target.scope {
             Scope::Netns { interface, .. } => netfilter::check_interface(interface)
                 .map(|()| Matcher::Interface(interface.clone()))
@@ -219,6 +241,7 @@ impl Shaper for NfqueueShaper {
     }
 
     fn refresh(&mut self, id: &str, expires_at_ns: u64) -> Result<(), DataplaneError> {
+        self.refresh_refusal(id, expires_at_ns);
         let until = backstop_until(expires_at_ns);
         for placement in self.faults.get_mut(id).into_iter().flatten() {
             placement.lane.refresh(expires_at_ns);
@@ -241,6 +264,7 @@ impl Shaper for NfqueueShaper {
     }
 
     fn remove(&mut self, id: &str) -> Result<(), DataplaneError> {
+        self.end_refusal(id);
         for placement in self.faults.remove(id).unwrap_or_default() {
             self.unplace(Some(id), placement);
         }
@@ -278,7 +302,7 @@ impl Shaper for NfqueueShaper {
         if let Err(e) = self.worker.call(|| ()) {
             tracing::warn!(error = %e, "waiting for NFQUEUE clean-up");
         }
-        if self.faults.is_empty() && !self.cleanups.any_failed() {
+        if self.faults.is_empty() && self.refusals.is_empty() && !self.cleanups.any_failed() {
             // Nothing of ours is left anywhere: the next agent has nothing to sweep.
             self.forget_namespaces();
         }
@@ -287,7 +311,12 @@ impl Shaper for NfqueueShaper {
 
 impl Drop for NfqueueShaper {
     fn drop(&mut self) {
-        let ids: Vec<FaultId> = self.faults.keys().cloned().collect();
+        let ids: Vec<FaultId> = self
+            .faults
+            .keys()
+            .chain(self.refusals.keys())
+            .cloned()
+            .collect();
         for id in ids {
             if let Err(e) = self.remove(&id) {
                 tracing::warn!(error = %e, "reverting an NFQUEUE fault at exit");

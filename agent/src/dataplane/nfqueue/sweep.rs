@@ -92,6 +92,32 @@ pub(super) fn sweep_dead(namespaces: &[Arc<NetNs>], own_id: &str) {
                     error = %e, "sweeping NFQUEUE rules of agents that are gone")
                 }
             }
+            sweep_refusing(family, netns, own_id);
         }
+    }
+}
+
+/// Removes the filter-table chains (REJECT rules of `reject` on an interface) of agents that
+/// are gone, in `netns`.
+fn sweep_refusing(family: Family, netns: &NetNs, own_id: &str) {
+    let swept =
+        netfilter::list_table(netfilter::REFUSE_TABLE, family, Some(netns)).and_then(|listing| {
+            let dead: Vec<String> = listing
+                .owners()
+                .into_iter()
+                .filter(|owner| owner == own_id || !Instance::is_alive(owner))
+                .collect();
+            for owner in &dead {
+                let removal = listing.removal(owner);
+                netfilter::restore_table(netfilter::REFUSE_TABLE, family, Some(netns), &removal)?;
+            }
+            Ok(dead.len())
+        });
+    match swept {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(netns = %netns.path().display(), family = family.name(),
+            agents = n, "removed REJECT rules of agents that are gone"),
+        Err(e) => tracing::warn!(netns = %netns.path().display(), family = family.name(),
+            error = %e, "sweeping REJECT rules of agents that are gone"),
     }
 }

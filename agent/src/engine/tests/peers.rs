@@ -200,12 +200,51 @@ async fn netns_faults_share_the_interfaces_programs_and_release_them_with_the_la
     engine.remove(&b.id).unwrap();
     assert!(fake.state.lock().unwrap().interfaces.is_empty());
 
-    let mut reject = on_port(6379);
-    reject.action = Action::Reject;
-    let Err(Error::Invalid(invalid)) = engine.inject(ttl(), reject) else {
-        panic!("a reject on a netns scope must be invalid")
+    let mut reset = on_port(6379);
+    reset.action = Action::Reset {
+        after_bytes: Some(100),
+    };
+    let Err(Error::Invalid(invalid)) = engine.inject(ttl(), reset) else {
+        panic!("a reset after some bytes on a netns scope must be invalid")
     };
     assert_eq!(invalid.field, "fault.target.netns");
+    // A reject or reset there needs the NFQUEUE mechanism's REJECT rules, which this engine
+    // lacks.
+    for action in [Action::Reject, Action::Reset { after_bytes: None }] {
+        let mut refusing = on_port(6379);
+        refusing.action = action;
+        assert!(matches!(
+            engine.inject(ttl(), refusing),
+            Err(Error::Unsupported(_))
+        ));
+    }
+    assert!(fake.rules().is_empty() && fake.state.lock().unwrap().interfaces.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reject_on_a_netns_scope_goes_to_the_nfqueue_mechanism_either_way() {
+    let (engine, fake, _edt, nfqueue) = shaping_engine(Some("no fq"));
+    let ttl = || LeaseRef::Ttl(Duration::from_secs(30));
+    let mut reject = drop_spec(100.0, "/app", 5432);
+    reject.action = Action::Reject;
+    reject.target.direction = crate::fault::Direction::Ingress;
+    reject.target.scope = Scope::Netns {
+        path: "/run/netns/r".into(),
+        interface: "r1".into(),
+    };
+    let fault = engine.inject(ttl(), reject.clone()).unwrap();
+    assert_eq!(fault.mechanism, "nfqueue");
+    assert!(nfqueue.faults().contains_key(&fault.id));
+    assert!(
+        fake.rules().is_empty() && fake.state.lock().unwrap().interfaces.is_empty(),
+        "the REJECT rules need neither the rules map nor tc programs"
+    );
+    match engine.inject(ttl(), reject) {
+        Err(Error::Conflict { holder, .. }) => assert_eq!(holder, fault.id),
+        other => panic!("a second reject on the same port must conflict: {other:?}"),
+    }
+    engine.remove(&fault.id).unwrap();
+    assert!(nfqueue.faults().is_empty());
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,0 +1,176 @@
+//! `reject` on a `netns{path, interface}` scope: the interface has no local sockets for the
+//! cgroup programs to refuse, so new TCP connects through it are answered with a reset by
+//! REJECT rules in that namespace's filter table (`netfilter::refuse`). They go through this
+//! mechanism because it already owns what they need: the exec of iptables-restore in a
+//! namespace, the agent's id in chain names, and the sweep of a dead agent's chains.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::NfqueueShaper;
+use super::error::NfqueueError;
+use super::placement::backstop_until;
+use crate::dataplane::netfilter::{
+    self, Family, REFUSE_TABLE, RefuseRules, list_table, refuse_chain, refuse_chain_creation,
+    restore_table,
+};
+use crate::dataplane::{DataplaneError, Shaped};
+use crate::fault::{FaultId, Mechanism, Scope};
+use crate::instance::Instance;
+use crate::target::namespaces::NetNs;
+
+/// One fault's refusing rules, in force in `netns`.
+pub(super) struct Refusal {
+    netns: Arc<NetNs>,
+    rules: RefuseRules,
+    /// The `-A` lines in force per family, for their removal.
+    lines: Vec<(Family, Vec<String>)>,
+}
+
+/// The faults refusing connects, by id.
+pub(super) type Refusals = HashMap<FaultId, Refusal>;
+
+fn exec_error(e: impl ToString) -> DataplaneError {
+    super::shaper_error(format!("refusing connects: {}", e.to_string()))
+}
+
+impl NfqueueShaper {
+    /// Puts the REJECT rules of `fault` in its namespace, all or nothing across families; a
+    /// dead agent's chains there are swept first.
+    pub(super) fn refuse(
+        &mut self,
+        fault: &Shaped<'_>,
+        families: &[Family],
+    ) -> Result<(), DataplaneError> {
+        let Scope::Netns { path, interface } = &fault.target.scope else {
+            return Err(exec_error("only an interface in a network namespace"));
+        };
+        netfilter::check_interface(interface).map_err(|e| DataplaneError::Unsupported {
+            mechanism: Mechanism::Nfqueue.name(),
+            reason: e.to_string(),
+        })?;
+        let netns =
+            Arc::new(
+                NetNs::open(Path::new(path)).map_err(|source| NfqueueError::OpenNetns {
+                    path: path.clone(),
+                    source,
+                })?,
+            );
+        let rules = RefuseRules {
+            instance: self.instance.clone(),
+            fault: fault.id.clone(),
+            interface: interface.clone(),
+            direction: fault.target.direction,
+            ports: fault.target.ports.clone(),
+            // Slots are unique among the agent's faults: the fault's own chains are too.
+            tag: fault.slot as u16,
+            until: Some(backstop_until(fault.expires_at_ns)),
+            peers: fault.target.peer_set().map_err(exec_error)?,
+        };
+        // Recorded before anything is in: a crash in between leaves the successor a sweep.
+        self.record_netns(netns.inode());
+        let mut applied: Vec<(Family, Vec<String>)> = Vec::new();
+        for &family in families {
+            match self.refuse_in(&netns, &rules, family) {
+                Ok(transaction) => applied.push((family, transaction)),
+                Err(e) => {
+                    for (family, transaction) in &applied {
+                        let undo = netfilter::undo(transaction);
+                        if let Err(e) = restore_table(REFUSE_TABLE, *family, Some(&netns), &undo) {
+                            tracing::warn!(error = %e, "rolling back refusing rules");
+                        }
+                    }
+                    return Err(exec_error(e));
+                }
+            }
+        }
+        let lines = families.iter().map(|&f| (f, rules.lines(f))).collect();
+        tracing::info!(fault = %fault.id, netns = %netns.path().display(), %interface,
+            "REJECT rules in place");
+        self.refusals.insert(
+            fault.id.clone(),
+            Refusal {
+                netns,
+                rules,
+                lines,
+            },
+        );
+        Ok(())
+    }
+
+    /// One family's transaction: sweeps dead agents' chains, creates ours where missing,
+    /// adds the fault's rules. Returns what it applied (for an undo).
+    fn refuse_in(
+        &self,
+        netns: &NetNs,
+        rules: &RefuseRules,
+        family: Family,
+    ) -> Result<Vec<String>, netfilter::ExecError> {
+        let listing = list_table(REFUSE_TABLE, family, Some(netns))?;
+        for owner in listing.owners() {
+            if owner != self.instance && !Instance::is_alive(&owner) {
+                restore_table(REFUSE_TABLE, family, Some(netns), &listing.removal(&owner))?;
+            }
+        }
+        let missing: Vec<_> = rules
+            .hooks()
+            .into_iter()
+            .filter(|h| !listing.has_chain(&refuse_chain(&self.instance, *h)))
+            .collect();
+        let mut transaction = refuse_chain_creation(&self.instance, &missing);
+        transaction.extend(rules.setup(family));
+        transaction.extend(rules.lines(family));
+        restore_table(REFUSE_TABLE, family, Some(netns), &transaction)?;
+        Ok(transaction)
+    }
+
+    /// Takes the fault's rules out, and the agent's chains with the last refusing fault of
+    /// the namespace. What fails is left to the next agent's sweep (the rules end at their
+    /// datestop anyway).
+    pub(super) fn end_refusal(&mut self, id: &str) {
+        let Some(refusal) = self.refusals.remove(id) else {
+            return;
+        };
+        let inode = refusal.netns.inode();
+        let last = !self.refusals.values().any(|r| r.netns.inode() == inode);
+        for (family, lines) in &refusal.lines {
+            let mut removal = netfilter::deletion(lines);
+            removal.extend(refusal.rules.teardown(*family));
+            let done = restore_table(REFUSE_TABLE, *family, Some(&refusal.netns), &removal)
+                .and_then(|()| {
+                    if !last {
+                        return Ok(());
+                    }
+                    let listing = list_table(REFUSE_TABLE, *family, Some(&refusal.netns))?;
+                    let chains = listing.removal(&self.instance);
+                    restore_table(REFUSE_TABLE, *family, Some(&refusal.netns), &chains)
+                });
+            if let Err(e) = done {
+                tracing::warn!(fault = %id, error = %e, "removing REJECT rules");
+            }
+        }
+    }
+
+    /// Moves the rules' kernel-side deadline with a renewed lease.
+    pub(super) fn refresh_refusal(&mut self, id: &str, expires_at_ns: u64) {
+        let until = backstop_until(expires_at_ns);
+        let Some(refusal) = self.refusals.get_mut(id) else {
+            return;
+        };
+        if refusal.rules.until == Some(until) {
+            return;
+        }
+        refusal.rules.until = Some(until);
+        for (family, lines) in &mut refusal.lines {
+            let fresh = refusal.rules.lines(*family);
+            let mut swap = netfilter::deletion(lines);
+            swap.extend(fresh.iter().cloned());
+            match restore_table(REFUSE_TABLE, *family, Some(&refusal.netns), &swap) {
+                Ok(()) => *lines = fresh,
+                // The rules keep their earlier end: the fault can only end sooner.
+                Err(e) => tracing::warn!(error = %e, "moving the REJECT rules' deadline"),
+            }
+        }
+    }
+}
