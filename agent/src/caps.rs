@@ -130,6 +130,8 @@ const ACTIONS: &[(&str, Action)] = &[
     ("drop", Action::Drop { percent: 100.0 }),
     ("reject", Action::Reject),
     ("reset", Action::Reset { after_bytes: None }),
+    // close_after needs sock_destroy too, which the report lists.
+    ("stall", Action::Stall { close_after: None }),
 ];
 
 fn kernel_release() -> String {

@@ -14,6 +14,10 @@ Modes:
   redis-subscribe HOST PORT CHANNEL   print every published message until the connection breaks
   redis-loop HOST PORT INTERVAL_MS   a container's client loop: PING every INTERVAL_MS on one
       redis-py client (0.5 s timeouts, reconnecting as redis-py does), "pong" or "error" each time
+  redis-get-loop HOST PORT KEY INTERVAL_MS SECONDS
+      SET KEY once ("ready", with the connection's local port), then a GET every INTERVAL_MS on
+      that one redis-py connection, waiting as long as the answer takes (no socket timeout, as
+      redis-py's default): "got" with started (ns), took_ns, local_port; stops at an "error"
   redis-stream HOST PORT CHUNK INTERVAL_MS SECONDS
       GETs of a CHUNK-byte value every INTERVAL_MS, reconnecting when the connection breaks
   redis-writer HOST PORT PREFIX SECONDS
@@ -133,6 +137,40 @@ def redis_loop(host, port, interval_ms):
             emit("pong", took_ns=time.time_ns() - start)
         except redis.RedisError as exc:
             emit("error", took_ns=time.time_ns() - start, **error_fields(exc))
+        time.sleep(int(interval_ms) / 1000)
+
+
+def redis_get_loop(host, port, key, interval_ms, seconds):
+    import redis
+
+    # One connection, no retries: what the test watches is that connection's fate.
+    client = redis.Redis(
+        host=host,
+        port=int(port),
+        socket_connect_timeout=2,
+        single_connection_client=True,
+        retry_on_timeout=False,
+    )
+    value = b"v" * 100
+    client.set(key, value)
+    local_port = client.connection._sock.getsockname()[1]
+    emit("ready", local_port=local_port)
+    end = time.monotonic() + float(seconds)
+    while time.monotonic() < end:
+        started = time.time_ns()
+        try:
+            got = client.get(key)
+        except redis.RedisError as exc:
+            emit("error", started=started, took_ns=time.time_ns() - started, **error_fields(exc))
+            return
+        sock = client.connection._sock
+        emit(
+            "got",
+            started=started,
+            took_ns=time.time_ns() - started,
+            intact=got == value,
+            local_port=sock.getsockname()[1] if sock else None,
+        )
         time.sleep(int(interval_ms) / 1000)
 
 
@@ -274,6 +312,7 @@ MODES = {
     "redis-connect": redis_connect_once,
     "redis-subscribe": redis_subscribe,
     "redis-loop": redis_loop,
+    "redis-get-loop": redis_get_loop,
     "redis-stream": redis_stream,
     "redis-writer": redis_writer,
     "pg-writer": pg_writer,

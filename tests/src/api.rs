@@ -10,7 +10,7 @@ use faultd_proto::v1::target::Scope;
 use faultd_proto::v1::{
     Bandwidth, CgroupScope, Delay, Direction, Drop, Fault, GetFaultRequest, GrantRequest,
     InjectRequest, Lease, ListFaultsRequest, ListLeasesRequest, Mechanism, PortRange, Protocol,
-    Reject, RemoveRequest, Reset, Target,
+    Reject, RemoveRequest, Reset, Stall, Target,
 };
 use tonic::transport::Channel;
 
@@ -71,6 +71,21 @@ pub fn reject_fault(target: Target) -> Fault {
 pub fn reset_fault(target: Target, after_bytes: Option<u64>) -> Fault {
     Fault {
         action: Some(Action::Reset(Reset { after_bytes })),
+        target: Some(target),
+        ..Default::default()
+    }
+}
+
+/// A stall fault on `target`: connections stay up, no data flows; with `close_after`, each
+/// connection is then torn down.
+pub fn stall_fault(target: Target, close_after: Option<Duration>) -> Fault {
+    Fault {
+        action: Some(Action::Stall(Stall {
+            close_after: close_after.map(|d| prost_types::Duration {
+                seconds: d.as_secs() as i64,
+                nanos: d.subsec_nanos() as i32,
+            }),
+        })),
         target: Some(target),
         ..Default::default()
     }

@@ -9,7 +9,7 @@ use faultd_proto::v1::{
 };
 use faultd_tests::api::{
     bandwidth_fault, cgroup_target, delay_fault, drop_fault, list_faults, list_leases,
-    reject_fault, reset_fault, under_lease, with_ttl,
+    reject_fault, reset_fault, stall_fault, under_lease, with_ttl,
 };
 use faultd_tests::uniq::uniq;
 use faultd_tests::{Cgroup, Faultd, FaultdOptions};
@@ -162,8 +162,29 @@ async fn bad_requests_name_the_field_and_change_nothing() {
         ),
         (
             "reject on an interface in a network namespace",
-            with_ttl(reject_fault(interface), minute),
+            with_ttl(reject_fault(interface.clone()), minute),
             "fault.target.netns",
+        ),
+        (
+            "stall of UDP (it holds TCP data)",
+            with_ttl(
+                stall_fault(
+                    cgroup_target(&cgroup, &[6379], Protocol::Udp, Direction::Egress),
+                    None,
+                ),
+                minute,
+            ),
+            "fault.target.protocol",
+        ),
+        (
+            "stall closing after 0 s",
+            with_ttl(stall_fault(good(), Some(Duration::ZERO)), minute),
+            "fault.stall.close_after",
+        ),
+        (
+            "stall closing connections on an interface in a network namespace",
+            with_ttl(stall_fault(interface, Some(Duration::from_secs(1))), minute),
+            "fault.stall.close_after",
         ),
         (
             "reset after 0 bytes",

@@ -76,6 +76,10 @@ pub const ACTION_PEERS: u32 = 3;
 /// `RuleValue::action` of a peers-map entry for an excluded prefix: no fault applies.
 pub const ACTION_PASS: u32 = 0;
 
+/// `RuleValue::action` of a `stall` fault: drop the matched TCP segments that carry data or a
+/// FIN; pure ACKs, SYNs and RSTs pass, so the connection stays up while no data flows.
+pub const ACTION_STALL: u32 = 20;
+
 /// LPM trie `PeerKey` → `RuleValue`: the peers (CIDRs) of faults that name them.
 pub const PEERS_MAP: &str = "FAULTD_PEERS";
 /// Capacity of the peers map (prefixes × kernel keys of the faults with peers).

@@ -102,10 +102,18 @@ fn action(action: Option<pb::fault::Action>) -> Result<Action, Invalid> {
         Some(pb::fault::Action::Reset(reset)) => {
             Action::reset(reset.after_bytes, "fault.reset.after_bytes")?
         }
+        Some(pb::fault::Action::Stall(stall)) => Action::stall(
+            stall
+                .close_after
+                .as_ref()
+                .map(|d| ttl(Some(d), "fault.stall.close_after"))
+                .transpose()?,
+            "fault.stall",
+        )?,
         None => {
             return Err(Invalid::new(
                 "fault",
-                "an action is required (drop, delay, bandwidth, reject or reset)",
+                "an action is required (drop, delay, bandwidth, reject, reset or stall)",
             ));
         }
     })
@@ -322,6 +330,9 @@ fn action_to_proto(action: Action) -> pb::fault::Action {
         }),
         Action::Reject => pb::fault::Action::Reject(pb::Reject {}),
         Action::Reset { after_bytes } => pb::fault::Action::Reset(pb::Reset { after_bytes }),
+        Action::Stall { close_after } => pb::fault::Action::Stall(pb::Stall {
+            close_after: close_after.map(duration_to_proto),
+        }),
     }
 }
 

@@ -372,7 +372,14 @@ impl Dataplane for CgroupSkbDataplane {
 
     fn mechanism(&self, action: &Action) -> Result<&'static str, Unavailable> {
         match action {
-            Action::Drop { .. } => Ok("cgroup_skb"),
+            Action::Drop { .. } | Action::Stall { close_after: None } => Ok("cgroup_skb"),
+            Action::Stall {
+                close_after: Some(_),
+            } => self
+                .sock_destroy
+                .clone()
+                .map(|()| "cgroup_skb+sock_diag")
+                .map_err(Unavailable::SockDestroy),
             Action::Reject => self
                 .connect
                 .clone()

@@ -4,7 +4,7 @@
 
 use aya::maps::lpm_trie::Key as LpmKey;
 use faultd_common::{
-    ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, FAMILY_V4, FAMILY_V6,
+    ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, ACTION_STALL, FAMILY_V4, FAMILY_V6,
     PEER_KEY_FIXED_BITS, PeerKey, RuleValue,
 };
 
@@ -36,6 +36,7 @@ pub fn rule_value(action: &Action, slot: u32, expires_at_ns: u64) -> RuleValue {
         counter_slot: slot,
         action: match action {
             Action::Reject | Action::Reset { .. } => ACTION_REJECT,
+            Action::Stall { .. } => ACTION_STALL,
             // Delay and bandwidth never reach the map (their shaper applies them).
             Action::Drop { .. } | Action::Delay(_) | Action::Bandwidth(_) => ACTION_DROP,
         },

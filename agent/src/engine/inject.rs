@@ -305,7 +305,7 @@ impl State {
     }
 
     /// The socket side of `reset`: tears down the target's connections now, or starts the
-    /// watcher of `reset{after_bytes}`.
+    /// watcher of `reset{after_bytes}` or `stall{close_after}`.
     fn apply_reset(
         &self,
         id: &str,
@@ -314,17 +314,22 @@ impl State {
         deadline_ns: u64,
         count: &Arc<AtomicU64>,
     ) -> Result<Option<reset::ResetWatcher>, Error> {
-        let Action::Reset { after_bytes } = spec.action else {
-            return Ok(None);
+        let (after_bytes, min_age) = match spec.action {
+            Action::Reset { after_bytes } => (after_bytes, None),
+            Action::Stall {
+                close_after: Some(after),
+            } => (None, Some(after)),
+            _ => return Ok(None),
         };
         let filter = SocketFilter {
             cgroup_dir: resolved.dir.clone(),
             ports: spec.target.ports.clone(),
             min_bytes: after_bytes,
             peers: spec.target.peer_set()?,
+            min_age,
         };
         let killer = self.dataplane.connection_killer();
-        if after_bytes.is_none() {
+        if !spec.action.closes_connections() {
             count.fetch_add(killer(&filter)? as u64, Ordering::Relaxed);
             return Ok(None);
         }

@@ -1,4 +1,4 @@
-//! What a fault does: drop, reject, reset, delay, bandwidth, with their parameters and
+//! What a fault does: drop, reject, reset, delay, bandwidth, stall, with their parameters and
 //! their validation, and how a delay or bandwidth is applied (`Mechanism`).
 
 use std::time::Duration;
@@ -79,6 +79,12 @@ pub enum Action {
     },
     Delay(Delay),
     Bandwidth(Bandwidth),
+    /// TCP connections stay up but no data (nor FIN) flows in the matched direction: readers
+    /// hang. With `close_after`, each connection is then torn down that long after the fault
+    /// first saw it.
+    Stall {
+        close_after: Option<Duration>,
+    },
 }
 
 impl Action {
@@ -166,8 +172,20 @@ impl Action {
         Ok(Self::Reset { after_bytes })
     }
 
+    /// `field` is the action's path, e.g. `fault.stall`.
+    pub fn stall(close_after: Option<Duration>, field: &str) -> Result<Self, Invalid> {
+        if close_after.is_some_and(|d| d.is_zero()) {
+            return Err(Invalid::new(
+                format!("{field}.close_after"),
+                "must be greater than 0 (leave it out to stall until the fault ends)",
+            ));
+        }
+        Ok(Self::Stall { close_after })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
+            Self::Stall { .. } => "stall",
             Self::Drop { .. } => "drop",
             Self::Delay(_) => "delay",
             Self::Bandwidth(_) => "bandwidth",
@@ -180,7 +198,7 @@ impl Action {
     /// forced, if any. None for actions of the cgroup_skb datapath.
     pub fn shaping(&self) -> Option<Option<Mechanism>> {
         match self {
-            Self::Drop { .. } | Self::Reject | Self::Reset { .. } => None,
+            Self::Drop { .. } | Self::Reject | Self::Reset { .. } | Self::Stall { .. } => None,
             Self::Delay(delay) => Some(delay.mechanism),
             Self::Bandwidth(bandwidth) => Some(bandwidth.mechanism),
         }
@@ -193,13 +211,35 @@ impl Action {
             Self::Drop { percent } => {
                 ((percent / 100.0) * faultd_common::DROP_ALL as f64).round() as u64
             }
-            Self::Reject | Self::Reset { .. } | Self::Delay(_) | Self::Bandwidth(_) => 0,
+            Self::Reject
+            | Self::Reset { .. }
+            | Self::Delay(_)
+            | Self::Bandwidth(_)
+            | Self::Stall { .. } => 0,
         }
     }
 
     /// Whether new connects of the target are refused while the fault lasts.
     pub fn refuses_connects(&self) -> bool {
         matches!(self, Self::Reject | Self::Reset { after_bytes: None })
+    }
+
+    /// Whether the fault acts on TCP segments only.
+    pub(super) fn tcp_only(&self) -> bool {
+        matches!(self, Self::Stall { .. })
+    }
+
+    /// The connections a fault tears down later, and when: `reset{after_bytes}` and
+    /// `stall{close_after}` (through a watcher of the target's sockets).
+    pub fn closes_connections(&self) -> bool {
+        matches!(
+            self,
+            Self::Reset {
+                after_bytes: Some(_)
+            } | Self::Stall {
+                close_after: Some(_)
+            }
+        )
     }
 
     /// Whether the fault acts on connections rather than packets.

@@ -90,6 +90,29 @@ impl FaultSpec {
                 ),
             ));
         }
+        if self.action.tcp_only() && self.target.protocol == Protocol::Udp {
+            return Err(Invalid::new(
+                "fault.target.protocol",
+                format!(
+                    "{} acts on TCP segments: use TCP or leave it unset (drop stops UDP)",
+                    self.action.name()
+                ),
+            ));
+        }
+        if matches!(self.target.scope, Scope::Netns { .. })
+            && matches!(
+                self.action,
+                Action::Stall {
+                    close_after: Some(_)
+                }
+            )
+        {
+            return Err(Invalid::new(
+                "fault.stall.close_after",
+                "closing connections acts on local sockets, which an interface in a network \
+                 namespace does not have (leave close_after out)",
+            ));
+        }
         if self.action.on_connections() {
             let action = self.action.name();
             if self.target.protocol == Protocol::Udp {
@@ -140,6 +163,9 @@ impl FaultSpec {
             self.target.protocol = Protocol::Tcp;
             self.target.direction = Direction::Egress;
         }
+        if self.action.tcp_only() {
+            self.target.protocol = Protocol::Tcp;
+        }
         self
     }
 }
@@ -159,6 +185,40 @@ mod tests {
             peers: Vec::new(),
             exclude_peers: Vec::new(),
         }
+    }
+
+    #[test]
+    fn stall_is_a_tcp_packet_fault() {
+        let stall = Action::stall(None, "fault.stall").unwrap();
+        assert_eq!((stall.name(), stall.shaping()), ("stall", None));
+        assert!(!stall.closes_connections());
+        let closing = Action::stall(Some(Duration::from_secs(2)), "fault.stall").unwrap();
+        assert!(closing.closes_connections());
+        let zero = Action::stall(Some(Duration::ZERO), "fault.stall").unwrap_err();
+        assert_eq!(zero.field, "fault.stall.close_after");
+
+        let spec = |action: Action, protocol| FaultSpec {
+            action,
+            target: target(
+                vec![PortRange::new(6379, None, "p").unwrap()],
+                protocol,
+                Direction::Both,
+            ),
+            labels: Labels::new(),
+        };
+        let udp = spec(stall.clone(), Protocol::Udp).validate().unwrap_err();
+        assert_eq!(udp.field, "fault.target.protocol");
+        // Both protocols become TCP: the stall's keys are TCP keys of both directions.
+        let both = spec(stall, Protocol::Both);
+        both.validate().unwrap();
+        let normalized = both.normalized();
+        assert_eq!(normalized.target.protocol, Protocol::Tcp);
+        let keys = normalized.rule_keys(9);
+        assert_eq!(keys.len(), 2);
+        assert!(
+            keys.iter()
+                .all(|k| k.protocol == PROTO_TCP && k.port == 6379)
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ def inject_fault(
     burst: Union[str, int, None] = None,
     mechanism: str = "auto",
     after_bytes: Union[str, int, None] = None,
+    close_after: Union[str, float, None] = None,
     ttl: Union[str, float, None] = None,
     duration: Union[str, float, None] = None,
     labels: Optional[Dict[str, str]] = None,
@@ -45,7 +46,8 @@ def inject_fault(
 
     ``action`` is ``drop`` (``percent``, default 100), ``delay`` (``latency``, ``jitter``,
     ``correlation``, ``mechanism``), ``bandwidth`` (``rate`` such as ``"256KiB/s"``,
-    ``burst``, ``mechanism``), ``reject`` or ``reset`` (``after_bytes``).
+    ``burst``, ``mechanism``), ``reject``, ``reset`` (``after_bytes``) or ``stall`` (Toxiproxy's
+    ``timeout``: connections stay up, no data flows; ``close_after`` then resets each one).
     The target is exactly one scope -- ``cgroup`` (path under the cgroup v2 root), ``pid``,
     ``pod`` (uid), ``container`` (id), ``netns`` with ``interface``, or ``host=true`` -- and
     ``ports`` (``6379``, ``"6379,5432"``, ``"1000-2000"`` or a list), ``protocol``
@@ -89,6 +91,7 @@ def inject_fault(
             burst=burst,
             mechanism=mechanism,
             after_bytes=after_bytes,
+            close_after=close_after,
             labels=labels,
         )
         if duration is not None:

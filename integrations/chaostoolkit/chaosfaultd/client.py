@@ -148,7 +148,7 @@ _MECHANISMS = {
     "edt": pb.EDT,
     "nfqueue": pb.NFQUEUE,
 }
-ACTIONS = ("drop", "delay", "bandwidth", "reject", "reset")
+ACTIONS = ("drop", "delay", "bandwidth", "reject", "reset", "stall")
 
 
 def _choice(value: str, table: Dict[str, int], field: str) -> int:
@@ -230,6 +230,7 @@ def build_fault(
     mechanism: str = "auto",
     after_bytes: Optional[int] = None,
     labels: Optional[Dict[str, str]] = None,
+    close_after: Any = None,
 ) -> pb.Fault:
     """The Fault message for one of ACTIONS, refusing arguments that belong to another."""
     name = str(action).lower()
@@ -241,6 +242,7 @@ def build_fault(
         "bandwidth": {"rate", "burst", "mechanism"},
         "reject": set(),
         "reset": {"after_bytes"},
+        "stall": {"close_after"},
     }[name]
     given = {
         "percent": percent,
@@ -251,6 +253,7 @@ def build_fault(
         "burst": burst,
         "mechanism": None if mechanism in (None, "auto") else mechanism,
         "after_bytes": after_bytes,
+        "close_after": close_after,
     }
     stray = [key for key, value in given.items() if value is not None and key not in own]
     if stray:
@@ -279,6 +282,13 @@ def build_fault(
         fault.bandwidth.mechanism = _choice(mechanism or "auto", _MECHANISMS, "mechanism")
     elif name == "reject":
         fault.reject.SetInParent()
+    elif name == "stall":
+        fault.stall.SetInParent()
+        if close_after is not None:
+            seconds = parse_seconds(close_after, "close_after")
+            if seconds <= 0:
+                raise ValueError(f"close_after: must be more than 0, got {close_after!r}")
+            fault.stall.close_after.CopyFrom(to_duration(seconds))
     else:
         fault.reset.SetInParent()
         if after_bytes is not None:

@@ -53,6 +53,15 @@ def test_delay_request_is_the_proto_faultd_reads():
     assert dict(fault.labels) == {"experiment": "x"}
 
 
+def test_stall_request_is_the_proto_faultd_reads():
+    target = client.build_target(cgroup="/app", ports=6379)
+    plain = client.build_fault("stall", target)
+    assert plain.WhichOneof("action") == "stall"
+    assert not plain.stall.HasField("close_after")
+    closing = client.build_fault("stall", target, close_after="2.5s")
+    assert (closing.stall.close_after.seconds, closing.stall.close_after.nanos) == (2, 500_000_000)
+
+
 def test_every_scope():
     assert client.build_target(pid=42, ports=1).pid.pid == 42
     assert client.build_target(pod="uid-1", ports=1).pod.uid == "uid-1"
@@ -76,6 +85,8 @@ def test_every_scope():
         ({"action": "delay", "cgroup": "/a", "ports": 1, "latency": "1s", "mechanism": "magic"}, "mechanism"),
         ({"action": "bandwidth", "cgroup": "/a", "ports": 1}, "rate"),
         ({"action": "reset", "cgroup": "/a", "ports": 1, "after_bytes": 0}, "after_bytes"),
+        ({"action": "stall", "cgroup": "/a", "ports": 1, "close_after": "0s"}, "close_after"),
+        ({"action": "stall", "cgroup": "/a", "ports": 1, "after_bytes": 10}, "after_bytes"),
         ({"action": "drop", "cgroup": "/a", "ports": 1, "direction": "sideways"}, "direction"),
         ({"action": "drop", "netns": "/run/netns/x", "ports": 1}, "netns"),
         ({"action": "drop", "cgroup": "/a", "interface": "eth0", "ports": 1}, "interface"),

@@ -410,6 +410,30 @@ mod tests {
     }
 
     #[test]
+    fn stall_takes_an_optional_close_after() {
+        let command = inject_command("stall --cgroup /app --port 6379 --ttl 30s").unwrap();
+        let Some(fault::Action::Stall(stall)) = Some(command.into_parts().1) else {
+            panic!("not a stall");
+        };
+        assert_eq!(stall.close_after, None);
+        let command =
+            inject_command("stall --cgroup /app --port 6379 --close-after 5s --ttl 30s").unwrap();
+        let Some(fault::Action::Stall(stall)) = Some(command.into_parts().1) else {
+            panic!("not a stall");
+        };
+        assert_eq!(
+            stall.close_after,
+            Some(convert::duration_to_proto(Duration::from_secs(5)))
+        );
+        for bad in [
+            "stall --host --port 1 --ttl 1s --close-after 0s",
+            "stall --host --port 1 --ttl 1s --close-after later",
+        ] {
+            assert!(inject_command(bad).is_err(), "{bad} should not parse");
+        }
+    }
+
+    #[test]
     fn rates_and_sizes_accept_human_units() {
         assert_eq!(parse_rate("256KiB/s"), Ok(262_144));
         assert_eq!(parse_rate("1MB/s"), Ok(1_000_000));

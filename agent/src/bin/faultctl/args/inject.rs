@@ -10,8 +10,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use faultd_proto::v1::{self as pb, PortRange, Target, fault, target};
 
 use super::values::{
-    parse_jitter, parse_label, parse_latency, parse_percent, parse_port_range, parse_rate,
-    parse_size, parse_ttl,
+    parse_close_after, parse_jitter, parse_label, parse_latency, parse_percent, parse_port_range,
+    parse_rate, parse_size, parse_ttl,
 };
 
 #[derive(Subcommand, Debug)]
@@ -26,6 +26,17 @@ pub enum InjectCommand {
     Delay(DelayArgs),
     /// Pace the matched packets to a rate.
     Bandwidth(BandwidthArgs),
+    /// Keep the TCP connections up but let no data through (Toxiproxy's timeout): reads hang.
+    Stall(StallArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StallArgs {
+    #[command(flatten)]
+    pub common: InjectArgs,
+    /// Then tear each connection down once the fault has held it this long, e.g. 5s.
+    #[arg(long, value_name = "DURATION", value_parser = parse_close_after)]
+    pub close_after: Option<Duration>,
 }
 
 #[derive(Args, Debug)]
@@ -262,6 +273,7 @@ impl InjectCommand {
             Self::Reset(args) => &args.common,
             Self::Delay(args) => &args.common,
             Self::Bandwidth(args) => &args.common,
+            Self::Stall(args) => &args.common,
         }
     }
 
@@ -295,6 +307,12 @@ impl InjectCommand {
                     rate_bytes_per_sec: args.rate,
                     burst: args.burst.unwrap_or(0),
                     mechanism: args.mechanism.to_proto(),
+                }),
+            ),
+            Self::Stall(args) => (
+                args.common,
+                fault::Action::Stall(pb::Stall {
+                    close_after: args.close_after.map(convert::duration_to_proto),
                 }),
             ),
         }

@@ -102,6 +102,10 @@ pub fn action_text(action: Option<&fault::Action>) -> String {
             bytes_text(bandwidth.rate_bytes_per_sec),
             bytes_text(bandwidth.burst)
         ),
+        Some(fault::Action::Stall(stall)) => match &stall.close_after {
+            Some(after) => format!("stall, close after {}", remaining_text(Some(after))),
+            None => "stall".into(),
+        },
         None => "no action".into(),
     }
 }

@@ -160,6 +160,13 @@ fn action_json(action: Option<&fault::Action>) -> (&'static str, Value) {
                 "mechanism": mechanism_json(bandwidth.mechanism),
             }),
         ),
+        Some(fault::Action::Stall(stall)) => (
+            "stall",
+            match &stall.close_after {
+                Some(after) => json!({ "closeAfter": duration_json(Some(after)) }),
+                None => json!({}),
+            },
+        ),
         None => ("action", Value::Null),
     }
 }
