@@ -92,13 +92,15 @@ impl Capabilities {
         }
     }
 
-    /// Adds delay and bandwidth: the mechanism the engine picks for a fault that leaves the
+    /// Adds delay, bandwidth, slow_connect and slow_close: the mechanism the engine picks for a fault that leaves the
     /// choice to it, given its shapers, or why none can apply the action.
     pub fn add_shaping(&mut self, shapers: &[Box<dyn Shaper>]) {
         let ms = std::time::Duration::from_millis;
         let samples = [
             ("delay", Action::delay(ms(1), ms(0), 0.0, None, "delay")),
             ("bandwidth", Action::bandwidth(1, 0, None, "bandwidth")),
+            ("slow_connect", Action::slow(true, ms(1), "slow_connect")),
+            ("slow_close", Action::slow(false, ms(1), "slow_close")),
         ];
         for (name, action) in samples {
             let Ok(action) = action else {

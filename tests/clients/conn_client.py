@@ -18,6 +18,10 @@ Modes:
       SET KEY once ("ready", with the connection's local port), then a GET every INTERVAL_MS on
       that one redis-py connection, waiting as long as the answer takes (no socket timeout, as
       redis-py's default): "got" with started (ns), took_ns, local_port; stops at an "error"
+  tcp-eof-server PORT          accept one connection on 127.0.0.1:PORT ("listening" first), then
+      "data" when its first bytes arrive and "eof" when the peer's close (FIN) does
+  tcp-close HOST PORT          connect, send a few bytes ("sent"), wait 200 ms, then close
+      ("closing", stamped just before close())
   redis-stream HOST PORT CHUNK INTERVAL_MS SECONDS
       GETs of a CHUNK-byte value every INTERVAL_MS, reconnecting when the connection breaks
   redis-writer HOST PORT PREFIX SECONDS
@@ -174,6 +178,34 @@ def redis_get_loop(host, port, key, interval_ms, seconds):
         time.sleep(int(interval_ms) / 1000)
 
 
+def tcp_eof_server(port):
+    import socket
+
+    server = socket.create_server(("127.0.0.1", int(port)))
+    emit("listening")
+    conn, _ = server.accept()
+    first = True
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            emit("eof")
+            return
+        if first:
+            emit("data")
+            first = False
+
+
+def tcp_close(host, port):
+    import socket
+
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    emit("sent")
+    sock.sendall(b"hello")
+    time.sleep(0.2)
+    emit("closing")
+    sock.close()
+
+
 def redis_stream(host, port, chunk, interval_ms, seconds):
     """GETs a value of `chunk` bytes every `interval_ms` on one connection, counting the bytes
     it carried (requests and replies as they cross the wire); when it breaks, reports how many,
@@ -314,6 +346,8 @@ MODES = {
     "redis-loop": redis_loop,
     "redis-get-loop": redis_get_loop,
     "redis-stream": redis_stream,
+    "tcp-eof-server": tcp_eof_server,
+    "tcp-close": tcp_close,
     "redis-writer": redis_writer,
     "pg-writer": pg_writer,
 }

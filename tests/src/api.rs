@@ -10,7 +10,7 @@ use faultd_proto::v1::target::Scope;
 use faultd_proto::v1::{
     Bandwidth, CgroupScope, Delay, Direction, Drop, Fault, GetFaultRequest, GrantRequest,
     InjectRequest, Lease, ListFaultsRequest, ListLeasesRequest, Mechanism, PortRange, Protocol,
-    Reject, RemoveRequest, Reset, Stall, Target,
+    Reject, RemoveRequest, Reset, SlowClose, SlowConnect, Stall, Target,
 };
 use tonic::transport::Channel;
 
@@ -86,6 +86,24 @@ pub fn stall_fault(target: Target, close_after: Option<Duration>) -> Fault {
                 nanos: d.subsec_nanos() as i32,
             }),
         })),
+        target: Some(target),
+        ..Default::default()
+    }
+}
+
+/// A slow_connect (`connect` true) or slow_close fault on `target`, holding SYNs or FINs for
+/// `latency`.
+pub fn slow_fault(connect: bool, latency: Duration, target: Target) -> Fault {
+    let latency = Some(prost_types::Duration {
+        seconds: latency.as_secs() as i64,
+        nanos: latency.subsec_nanos() as i32,
+    });
+    let action = match connect {
+        true => Action::SlowConnect(SlowConnect { latency }),
+        false => Action::SlowClose(SlowClose { latency }),
+    };
+    Fault {
+        action: Some(action),
         target: Some(target),
         ..Default::default()
     }

@@ -9,7 +9,7 @@ use faultd_proto::v1::{
 };
 use faultd_tests::api::{
     bandwidth_fault, cgroup_target, delay_fault, drop_fault, list_faults, list_leases,
-    reject_fault, reset_fault, stall_fault, under_lease, with_ttl,
+    reject_fault, reset_fault, slow_fault, stall_fault, under_lease, with_ttl,
 };
 use faultd_tests::uniq::uniq;
 use faultd_tests::{Cgroup, Faultd, FaultdOptions};
@@ -171,6 +171,28 @@ async fn bad_requests_name_the_field_and_change_nothing() {
                 stall_fault(
                     cgroup_target(&cgroup, &[6379], Protocol::Udp, Direction::Egress),
                     None,
+                ),
+                minute,
+            ),
+            "fault.target.protocol",
+        ),
+        (
+            "slow_connect of 0 s",
+            with_ttl(slow_fault(true, Duration::ZERO, good()), minute),
+            "fault.slow_connect.latency",
+        ),
+        (
+            "slow_close over the longest delay",
+            with_ttl(slow_fault(false, Duration::from_secs(61), good()), minute),
+            "fault.slow_close.latency",
+        ),
+        (
+            "slow_connect of UDP",
+            with_ttl(
+                slow_fault(
+                    true,
+                    Duration::from_millis(300),
+                    cgroup_target(&cgroup, &[6379], Protocol::Udp, Direction::Egress),
                 ),
                 minute,
             ),

@@ -110,10 +110,21 @@ fn action(action: Option<pb::fault::Action>) -> Result<Action, Invalid> {
                 .transpose()?,
             "fault.stall",
         )?,
+        Some(pb::fault::Action::SlowConnect(slow)) => Action::slow(
+            true,
+            ttl(slow.latency.as_ref(), "fault.slow_connect.latency")?,
+            "fault.slow_connect",
+        )?,
+        Some(pb::fault::Action::SlowClose(slow)) => Action::slow(
+            false,
+            ttl(slow.latency.as_ref(), "fault.slow_close.latency")?,
+            "fault.slow_close",
+        )?,
         None => {
             return Err(Invalid::new(
                 "fault",
-                "an action is required (drop, delay, bandwidth, reject, reset or stall)",
+                "an action is required (drop, delay, bandwidth, reject, reset, stall, \
+                 slow_connect or slow_close)",
             ));
         }
     })
@@ -332,6 +343,12 @@ fn action_to_proto(action: Action) -> pb::fault::Action {
         Action::Reset { after_bytes } => pb::fault::Action::Reset(pb::Reset { after_bytes }),
         Action::Stall { close_after } => pb::fault::Action::Stall(pb::Stall {
             close_after: close_after.map(duration_to_proto),
+        }),
+        Action::SlowConnect { latency } => pb::fault::Action::SlowConnect(pb::SlowConnect {
+            latency: Some(duration_to_proto(latency)),
+        }),
+        Action::SlowClose { latency } => pb::fault::Action::SlowClose(pb::SlowClose {
+            latency: Some(duration_to_proto(latency)),
         }),
     }
 }

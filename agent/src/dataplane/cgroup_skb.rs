@@ -397,7 +397,10 @@ impl Dataplane for CgroupSkbDataplane {
                     .map(|()| "sock_diag+cgroup_connect")
                     .map_err(Unavailable::ConnectPrograms)
             }
-            Action::Delay(_) | Action::Bandwidth(_) => Err(Unavailable::Shaping),
+            Action::Delay(_)
+            | Action::Bandwidth(_)
+            | Action::SlowConnect { .. }
+            | Action::SlowClose { .. } => Err(Unavailable::Shaping),
         }
     }
 

@@ -37,8 +37,12 @@ pub fn rule_value(action: &Action, slot: u32, expires_at_ns: u64) -> RuleValue {
         action: match action {
             Action::Reject | Action::Reset { .. } => ACTION_REJECT,
             Action::Stall { .. } => ACTION_STALL,
-            // Delay and bandwidth never reach the map (their shaper applies them).
-            Action::Drop { .. } | Action::Delay(_) | Action::Bandwidth(_) => ACTION_DROP,
+            // Shaped actions never reach the map (their shaper applies them).
+            Action::Drop { .. }
+            | Action::Delay(_)
+            | Action::Bandwidth(_)
+            | Action::SlowConnect { .. }
+            | Action::SlowClose { .. } => ACTION_DROP,
         },
     }
 }

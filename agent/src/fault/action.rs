@@ -1,4 +1,4 @@
-//! What a fault does: drop, reject, reset, delay, bandwidth, stall, with their parameters and
+//! What a fault does: drop, reject, reset, delay, bandwidth, stall, slow_connect, slow_close, with their parameters and
 //! their validation, and how a delay or bandwidth is applied (`Mechanism`).
 
 use std::time::Duration;
@@ -84,6 +84,15 @@ pub enum Action {
     /// first saw it.
     Stall {
         close_after: Option<Duration>,
+    },
+    /// Only the TCP handshake waits: each SYN is held for `latency`, so a connect takes that
+    /// much longer; established connections are not slowed.
+    SlowConnect {
+        latency: Duration,
+    },
+    /// Each TCP FIN is held for `latency`: the peer sees the close that much later.
+    SlowClose {
+        latency: Duration,
     },
 }
 
@@ -183,9 +192,29 @@ impl Action {
         Ok(Self::Stall { close_after })
     }
 
+    /// `slow_connect` or `slow_close`; `field` is the action's path, e.g. `fault.slow_connect`.
+    pub fn slow(connect: bool, latency: Duration, field: &str) -> Result<Self, Invalid> {
+        if latency.is_zero() || latency > MAX_DELAY {
+            return Err(Invalid::new(
+                format!("{field}.latency"),
+                format!(
+                    "{} is not between 0 (excluded) and {} (e.g. \"300ms\")",
+                    crate::duration::format(latency),
+                    crate::duration::format(MAX_DELAY)
+                ),
+            ));
+        }
+        Ok(match connect {
+            true => Self::SlowConnect { latency },
+            false => Self::SlowClose { latency },
+        })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Self::Stall { .. } => "stall",
+            Self::SlowConnect { .. } => "slow_connect",
+            Self::SlowClose { .. } => "slow_close",
             Self::Drop { .. } => "drop",
             Self::Delay(_) => "delay",
             Self::Bandwidth(_) => "bandwidth",
@@ -201,6 +230,8 @@ impl Action {
             Self::Drop { .. } | Self::Reject | Self::Reset { .. } | Self::Stall { .. } => None,
             Self::Delay(delay) => Some(delay.mechanism),
             Self::Bandwidth(bandwidth) => Some(bandwidth.mechanism),
+            // Held by the mechanism that can tell segments by their TCP flags.
+            Self::SlowConnect { .. } | Self::SlowClose { .. } => Some(None),
         }
     }
 
@@ -215,7 +246,9 @@ impl Action {
             | Self::Reset { .. }
             | Self::Delay(_)
             | Self::Bandwidth(_)
-            | Self::Stall { .. } => 0,
+            | Self::Stall { .. }
+            | Self::SlowConnect { .. }
+            | Self::SlowClose { .. } => 0,
         }
     }
 
@@ -226,7 +259,10 @@ impl Action {
 
     /// Whether the fault acts on TCP segments only.
     pub(super) fn tcp_only(&self) -> bool {
-        matches!(self, Self::Stall { .. })
+        matches!(
+            self,
+            Self::Stall { .. } | Self::SlowConnect { .. } | Self::SlowClose { .. }
+        )
     }
 
     /// The connections a fault tears down later, and when: `reset{after_bytes}` and

@@ -222,6 +222,34 @@ mod tests {
     }
 
     #[test]
+    fn slow_handshakes_are_shaped_tcp_faults() {
+        let ms = Duration::from_millis;
+        let connect = Action::slow(true, ms(300), "fault.slow_connect").unwrap();
+        assert_eq!(connect.name(), "slow_connect");
+        assert_eq!(
+            connect.shaping(),
+            Some(None),
+            "the agent picks the mechanism"
+        );
+        let close = Action::slow(false, ms(300), "fault.slow_close").unwrap();
+        assert_eq!(close.name(), "slow_close");
+        for latency in [ms(0), MAX_DELAY + ms(1)] {
+            let err = Action::slow(true, latency, "fault.slow_connect").unwrap_err();
+            assert_eq!(err.field, "fault.slow_connect.latency");
+        }
+        let udp = FaultSpec {
+            action: close,
+            target: target(
+                vec![PortRange::new(5432, None, "p").unwrap()],
+                Protocol::Udp,
+                Direction::Both,
+            ),
+            labels: Labels::new(),
+        };
+        assert_eq!(udp.validate().unwrap_err().field, "fault.target.protocol");
+    }
+
+    #[test]
     fn percent_must_be_between_0_and_100() {
         assert!(Action::drop(0.0, "p").is_ok());
         assert!(Action::drop(100.0, "p").is_ok());

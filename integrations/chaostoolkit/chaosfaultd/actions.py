@@ -46,8 +46,9 @@ def inject_fault(
 
     ``action`` is ``drop`` (``percent``, default 100), ``delay`` (``latency``, ``jitter``,
     ``correlation``, ``mechanism``), ``bandwidth`` (``rate`` such as ``"256KiB/s"``,
-    ``burst``, ``mechanism``), ``reject``, ``reset`` (``after_bytes``) or ``stall`` (Toxiproxy's
-    ``timeout``: connections stay up, no data flows; ``close_after`` then resets each one).
+    ``burst``, ``mechanism``), ``reject``, ``reset`` (``after_bytes``), ``stall`` (Toxiproxy's
+    ``timeout``: connections stay up, no data flows; ``close_after`` then resets each one),
+    ``slow_connect`` or ``slow_close`` (``latency``: the SYN, or the FIN, is held that long).
     The target is exactly one scope -- ``cgroup`` (path under the cgroup v2 root), ``pid``,
     ``pod`` (uid), ``container`` (id), ``netns`` with ``interface``, or ``host=true`` -- and
     ``ports`` (``6379``, ``"6379,5432"``, ``"1000-2000"`` or a list), ``protocol``

@@ -148,7 +148,7 @@ _MECHANISMS = {
     "edt": pb.EDT,
     "nfqueue": pb.NFQUEUE,
 }
-ACTIONS = ("drop", "delay", "bandwidth", "reject", "reset", "stall")
+ACTIONS = ("drop", "delay", "bandwidth", "reject", "reset", "stall", "slow_connect", "slow_close")
 
 
 def _choice(value: str, table: Dict[str, int], field: str) -> int:
@@ -243,6 +243,8 @@ def build_fault(
         "reject": set(),
         "reset": {"after_bytes"},
         "stall": {"close_after"},
+        "slow_connect": {"latency"},
+        "slow_close": {"latency"},
     }[name]
     given = {
         "percent": percent,
@@ -282,6 +284,13 @@ def build_fault(
         fault.bandwidth.mechanism = _choice(mechanism or "auto", _MECHANISMS, "mechanism")
     elif name == "reject":
         fault.reject.SetInParent()
+    elif name in ("slow_connect", "slow_close"):
+        if latency is None:
+            raise ValueError(f"latency: a {name} fault needs it, e.g. latency=\"300ms\"")
+        seconds = parse_seconds(latency, "latency")
+        if seconds <= 0:
+            raise ValueError(f"latency: must be more than 0, got {latency!r}")
+        getattr(fault, name).latency.CopyFrom(to_duration(seconds))
     elif name == "stall":
         fault.stall.SetInParent()
         if close_after is not None:

@@ -62,6 +62,16 @@ def test_stall_request_is_the_proto_faultd_reads():
     assert (closing.stall.close_after.seconds, closing.stall.close_after.nanos) == (2, 500_000_000)
 
 
+def test_slow_handshake_requests_are_the_proto_faultd_reads():
+    target = client.build_target(cgroup="/app", ports=6379)
+    connect = client.build_fault("slow_connect", target, latency="300ms")
+    assert connect.WhichOneof("action") == "slow_connect"
+    assert connect.slow_connect.latency.nanos == 300_000_000
+    close = client.build_fault("slow_close", target, latency=1)
+    assert close.WhichOneof("action") == "slow_close"
+    assert close.slow_close.latency.seconds == 1
+
+
 def test_every_scope():
     assert client.build_target(pid=42, ports=1).pid.pid == 42
     assert client.build_target(pod="uid-1", ports=1).pod.uid == "uid-1"
@@ -87,6 +97,9 @@ def test_every_scope():
         ({"action": "reset", "cgroup": "/a", "ports": 1, "after_bytes": 0}, "after_bytes"),
         ({"action": "stall", "cgroup": "/a", "ports": 1, "close_after": "0s"}, "close_after"),
         ({"action": "stall", "cgroup": "/a", "ports": 1, "after_bytes": 10}, "after_bytes"),
+        ({"action": "slow_connect", "cgroup": "/a", "ports": 1}, "latency"),
+        ({"action": "slow_close", "cgroup": "/a", "ports": 1, "latency": "0s"}, "latency"),
+        ({"action": "slow_connect", "cgroup": "/a", "ports": 1, "latency": "1s", "jitter": "1ms"}, "jitter"),
         ({"action": "drop", "cgroup": "/a", "ports": 1, "direction": "sideways"}, "direction"),
         ({"action": "drop", "netns": "/run/netns/x", "ports": 1}, "netns"),
         ({"action": "drop", "cgroup": "/a", "interface": "eth0", "ports": 1}, "interface"),

@@ -434,6 +434,32 @@ mod tests {
     }
 
     #[test]
+    fn slow_connect_and_slow_close_take_a_latency() {
+        let command =
+            inject_command("slow-connect --cgroup /app --port 5432 --latency 300ms --ttl 30s")
+                .unwrap();
+        let Some(fault::Action::SlowConnect(slow)) = Some(command.into_parts().1) else {
+            panic!("not a slow_connect");
+        };
+        assert_eq!(
+            slow.latency,
+            Some(convert::duration_to_proto(Duration::from_millis(300)))
+        );
+        let command =
+            inject_command("slow-close --cgroup /app --port 5432 --latency 1s --ttl 30s").unwrap();
+        assert!(matches!(
+            command.into_parts().1,
+            fault::Action::SlowClose(_)
+        ));
+        for bad in [
+            "slow-connect --host --port 1 --ttl 1s",
+            "slow-close --host --port 1 --ttl 1s --latency 0s",
+        ] {
+            assert!(inject_command(bad).is_err(), "{bad} should not parse");
+        }
+    }
+
+    #[test]
     fn rates_and_sizes_accept_human_units() {
         assert_eq!(parse_rate("256KiB/s"), Ok(262_144));
         assert_eq!(parse_rate("1MB/s"), Ok(1_000_000));

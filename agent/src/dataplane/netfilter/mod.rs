@@ -43,7 +43,7 @@ mod rules;
 pub use chains::{chain, chain_creation, deletion, undo};
 pub use marks::MAX_MARK_ID;
 pub use restore::{ExecError, Listing, list, restore};
-pub use rules::{FaultRules, Matcher};
+pub use rules::{FaultRules, Matcher, TcpFlags};
 
 pub const TABLE: &str = "mangle";
 const CHAIN_PREFIX: &str = "FAULTD-";

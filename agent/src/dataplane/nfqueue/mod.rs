@@ -165,8 +165,20 @@ impl Shaper for NfqueueShaper {
 
     fn unavailable(&self, action: &Action) -> Option<String> {
         match (action, &self.families) {
-            (Action::Delay(_) | Action::Bandwidth(_), Ok(_)) => None,
-            (Action::Delay(_) | Action::Bandwidth(_), Err(e)) => Some(e.clone()),
+            (
+                Action::Delay(_)
+                | Action::Bandwidth(_)
+                | Action::SlowConnect { .. }
+                | Action::SlowClose { .. },
+                Ok(_),
+            ) => None,
+            (
+                Action::Delay(_)
+                | Action::Bandwidth(_)
+                | Action::SlowConnect { .. }
+                | Action::SlowClose { .. },
+                Err(e),
+            ) => Some(e.clone()),
             (other, _) => Some(format!("NFQUEUE does not apply {}", other.name())),
         }
     }

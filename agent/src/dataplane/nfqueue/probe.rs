@@ -139,6 +139,7 @@ fn install_rules(
         ports: ports.to_vec(),
         queue: num,
         mark_id: Some(1),
+        tcp_flags: None,
         until: Some(backstop_until(monotonic_now_ns() + 3_600_000_000_000)),
         peers: None,
     };

@@ -84,6 +84,12 @@ impl Schedule {
                 rho: delay.correlation / 100.0,
                 z: 0.0,
             },
+            Action::SlowConnect { latency } | Action::SlowClose { latency } => Model::Delay {
+                latency_ns: latency.as_nanos() as f64,
+                jitter_ns: 0.0,
+                rho: 0.0,
+                z: 0.0,
+            },
             Action::Bandwidth(bandwidth) => {
                 let burst = bandwidth.burst as f64;
                 let full = Bucket {

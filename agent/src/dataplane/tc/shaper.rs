@@ -78,7 +78,14 @@ impl Shaper for TcShaper {
     }
 
     fn unavailable(&self, action: &Action) -> Option<String> {
-        let spec = spec_of(action)?;
+        let Some(spec) = spec_of(action) else {
+            // slow_connect, slow_close: the classifier does not look at TCP flags.
+            return Some(format!(
+                "{} does not apply {}",
+                self.mechanism.name(),
+                action.name()
+            ));
+        };
         match self.mechanism {
             ShapeMechanism::Edt => edt::check(&spec).err().map(|e| e.to_string()),
             ShapeMechanism::Netem => None,

@@ -28,6 +28,19 @@ pub enum InjectCommand {
     Bandwidth(BandwidthArgs),
     /// Keep the TCP connections up but let no data through (Toxiproxy's timeout): reads hang.
     Stall(StallArgs),
+    /// Hold each connection's SYN for a latency: only the handshake waits.
+    SlowConnect(SlowArgs),
+    /// Hold each FIN for a latency: the other end sees the close that much later.
+    SlowClose(SlowArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SlowArgs {
+    #[command(flatten)]
+    pub common: InjectArgs,
+    /// How long the segment is held, e.g. 300ms.
+    #[arg(long, value_name = "DURATION", value_parser = parse_latency)]
+    pub latency: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -274,6 +287,7 @@ impl InjectCommand {
             Self::Delay(args) => &args.common,
             Self::Bandwidth(args) => &args.common,
             Self::Stall(args) => &args.common,
+            Self::SlowConnect(args) | Self::SlowClose(args) => &args.common,
         }
     }
 
@@ -313,6 +327,18 @@ impl InjectCommand {
                 args.common,
                 fault::Action::Stall(pb::Stall {
                     close_after: args.close_after.map(convert::duration_to_proto),
+                }),
+            ),
+            Self::SlowConnect(args) => (
+                args.common,
+                fault::Action::SlowConnect(pb::SlowConnect {
+                    latency: Some(convert::duration_to_proto(args.latency)),
+                }),
+            ),
+            Self::SlowClose(args) => (
+                args.common,
+                fault::Action::SlowClose(pb::SlowClose {
+                    latency: Some(convert::duration_to_proto(args.latency)),
                 }),
             ),
         }

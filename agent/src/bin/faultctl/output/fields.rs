@@ -106,6 +106,12 @@ pub fn action_text(action: Option<&fault::Action>) -> String {
             Some(after) => format!("stall, close after {}", remaining_text(Some(after))),
             None => "stall".into(),
         },
+        Some(fault::Action::SlowConnect(slow)) => {
+            format!("slow_connect {}", remaining_text(slow.latency.as_ref()))
+        }
+        Some(fault::Action::SlowClose(slow)) => {
+            format!("slow_close {}", remaining_text(slow.latency.as_ref()))
+        }
         None => "no action".into(),
     }
 }

@@ -167,6 +167,14 @@ fn action_json(action: Option<&fault::Action>) -> (&'static str, Value) {
                 None => json!({}),
             },
         ),
+        Some(fault::Action::SlowConnect(slow)) => (
+            "slowConnect",
+            json!({ "latency": duration_json(slow.latency.as_ref()) }),
+        ),
+        Some(fault::Action::SlowClose(slow)) => (
+            "slowClose",
+            json!({ "latency": duration_json(slow.latency.as_ref()) }),
+        ),
         None => ("action", Value::Null),
     }
 }
