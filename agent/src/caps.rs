@@ -101,6 +101,12 @@ impl Capabilities {
             ("bandwidth", Action::bandwidth(1, 0, None, "bandwidth")),
             ("slow_connect", Action::slow(true, ms(1), "slow_connect")),
             ("slow_close", Action::slow(false, ms(1), "slow_close")),
+            (
+                "duplicate",
+                Action::tamper("duplicate", 1.0, ms(0), "duplicate"),
+            ),
+            ("corrupt", Action::tamper("corrupt", 1.0, ms(0), "corrupt")),
+            ("reorder", Action::tamper("reorder", 1.0, ms(0), "reorder")),
         ];
         for (name, action) in samples {
             let Ok(action) = action else {

@@ -12,6 +12,7 @@ use faultd_proto::v1::{
     InjectRequest, Lease, ListFaultsRequest, ListLeasesRequest, Mechanism, PortRange, Protocol,
     Reject, RemoveRequest, Reset, SlowClose, SlowConnect, Stall, Target,
 };
+use faultd_proto::v1::{Corrupt, Duplicate, Reorder};
 use tonic::transport::Channel;
 
 use crate::cgroup::Cgroup;
@@ -101,6 +102,28 @@ pub fn slow_fault(connect: bool, latency: Duration, target: Target) -> Fault {
     let action = match connect {
         true => Action::SlowConnect(SlowConnect { latency }),
         false => Action::SlowClose(SlowClose { latency }),
+    };
+    Fault {
+        action: Some(action),
+        target: Some(target),
+        ..Default::default()
+    }
+}
+
+/// A duplicate, corrupt or reorder fault (`name`) of `percent` on `target`; a reorder holds
+/// packets back by `gap`.
+pub fn tamper_fault(name: &str, percent: f64, gap: Duration, target: Target) -> Fault {
+    let action = match name {
+        "duplicate" => Action::Duplicate(Duplicate { percent }),
+        "corrupt" => Action::Corrupt(Corrupt { percent }),
+        "reorder" => Action::Reorder(Reorder {
+            percent,
+            gap: Some(prost_types::Duration {
+                seconds: gap.as_secs() as i64,
+                nanos: gap.subsec_nanos() as i32,
+            }),
+        }),
+        other => panic!("no tamper fault {other:?}"),
     };
     Fault {
         action: Some(action),

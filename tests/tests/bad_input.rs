@@ -9,7 +9,7 @@ use faultd_proto::v1::{
 };
 use faultd_tests::api::{
     bandwidth_fault, cgroup_target, delay_fault, drop_fault, list_faults, list_leases,
-    reject_fault, reset_fault, slow_fault, stall_fault, under_lease, with_ttl,
+    reject_fault, reset_fault, slow_fault, stall_fault, tamper_fault, under_lease, with_ttl,
 };
 use faultd_tests::uniq::uniq;
 use faultd_tests::{Cgroup, Faultd, FaultdOptions};
@@ -197,6 +197,30 @@ async fn bad_requests_name_the_field_and_change_nothing() {
                 minute,
             ),
             "fault.target.protocol",
+        ),
+        (
+            "duplicate of 150%",
+            with_ttl(
+                tamper_fault("duplicate", 150.0, Duration::ZERO, good()),
+                minute,
+            ),
+            "fault.duplicate.percent",
+        ),
+        (
+            "corrupt of NaN %",
+            with_ttl(
+                tamper_fault("corrupt", f64::NAN, Duration::ZERO, good()),
+                minute,
+            ),
+            "fault.corrupt.percent",
+        ),
+        (
+            "reorder with a gap over the longest delay",
+            with_ttl(
+                tamper_fault("reorder", 25.0, Duration::from_secs(61), good()),
+                minute,
+            ),
+            "fault.reorder.gap",
         ),
         (
             "stall closing after 0 s",

@@ -163,6 +163,11 @@ pub struct Counters {
     pub refused: u64,
     /// Packets held back by a delay or bandwidth fault.
     pub delayed: u64,
+    /// Packets a duplicate fault sent twice, a corrupt fault damaged, a reorder fault held
+    /// back behind later ones (NFQUEUE counts these in user space).
+    pub duplicated: u64,
+    pub corrupted: u64,
+    pub reordered: u64,
 }
 
 /// Shaping (delay, bandwidth) at the tc egress hook: hash map `RuleKey` → `ShapeValue`.
@@ -261,7 +266,7 @@ mod tests {
         assert_eq!(size_of::<RuleValue>(), 24);
         assert_eq!(size_of::<PeerKey>(), 40);
         assert_eq!(size_of::<ScopeValue>(), 8);
-        assert_eq!(size_of::<Counters>(), 32);
+        assert_eq!(size_of::<Counters>(), 56);
         assert_eq!(size_of::<ShapeValue>(), 56);
         assert_eq!(size_of::<ShapeState>(), 16);
     }

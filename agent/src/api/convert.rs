@@ -120,11 +120,26 @@ fn action(action: Option<pb::fault::Action>) -> Result<Action, Invalid> {
             ttl(slow.latency.as_ref(), "fault.slow_close.latency")?,
             "fault.slow_close",
         )?,
+        Some(pb::fault::Action::Duplicate(tamper)) => Action::tamper(
+            "duplicate",
+            tamper.percent,
+            Duration::ZERO,
+            "fault.duplicate",
+        )?,
+        Some(pb::fault::Action::Corrupt(tamper)) => {
+            Action::tamper("corrupt", tamper.percent, Duration::ZERO, "fault.corrupt")?
+        }
+        Some(pb::fault::Action::Reorder(tamper)) => Action::tamper(
+            "reorder",
+            tamper.percent,
+            optional_duration(tamper.gap.as_ref(), "fault.reorder.gap")?,
+            "fault.reorder",
+        )?,
         None => {
             return Err(Invalid::new(
                 "fault",
                 "an action is required (drop, delay, bandwidth, reject, reset, stall, \
-                 slow_connect or slow_close)",
+                 slow_connect, slow_close, duplicate, corrupt or reorder)",
             ));
         }
     })
@@ -308,6 +323,9 @@ pub fn fault(view: FaultView) -> pb::Fault {
             refused: view.counters.refused,
             reset: view.connections_reset,
             delayed: view.counters.delayed,
+            duplicated: view.counters.duplicated,
+            corrupted: view.counters.corrupted,
+            reordered: view.counters.reordered,
         }),
         expires_at: Some(timestamp(view.expires_at)),
         remaining: Some(duration_to_proto(view.remaining)),
@@ -349,6 +367,12 @@ fn action_to_proto(action: Action) -> pb::fault::Action {
         }),
         Action::SlowClose { latency } => pb::fault::Action::SlowClose(pb::SlowClose {
             latency: Some(duration_to_proto(latency)),
+        }),
+        Action::Duplicate { percent } => pb::fault::Action::Duplicate(pb::Duplicate { percent }),
+        Action::Corrupt { percent } => pb::fault::Action::Corrupt(pb::Corrupt { percent }),
+        Action::Reorder { percent, gap } => pb::fault::Action::Reorder(pb::Reorder {
+            percent,
+            gap: Some(duration_to_proto(gap)),
         }),
     }
 }

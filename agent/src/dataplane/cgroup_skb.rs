@@ -354,6 +354,7 @@ impl Dataplane for CgroupSkbDataplane {
             dropped: sum.dropped + c.dropped,
             refused: sum.refused + c.refused,
             delayed: sum.delayed + c.delayed,
+            ..sum
         }))
     }
 
@@ -400,7 +401,10 @@ impl Dataplane for CgroupSkbDataplane {
             Action::Delay(_)
             | Action::Bandwidth(_)
             | Action::SlowConnect { .. }
-            | Action::SlowClose { .. } => Err(Unavailable::Shaping),
+            | Action::SlowClose { .. }
+            | Action::Duplicate { .. }
+            | Action::Corrupt { .. }
+            | Action::Reorder { .. } => Err(Unavailable::Shaping),
         }
     }
 

@@ -42,7 +42,10 @@ pub fn rule_value(action: &Action, slot: u32, expires_at_ns: u64) -> RuleValue {
             | Action::Delay(_)
             | Action::Bandwidth(_)
             | Action::SlowConnect { .. }
-            | Action::SlowClose { .. } => ACTION_DROP,
+            | Action::SlowClose { .. }
+            | Action::Duplicate { .. }
+            | Action::Corrupt { .. }
+            | Action::Reorder { .. } => ACTION_DROP,
         },
     }
 }

@@ -94,7 +94,24 @@ pub enum Action {
     SlowClose {
         latency: Duration,
     },
+    /// Send `percent` of the matched packets twice.
+    Duplicate {
+        percent: f64,
+    },
+    /// Flip a bit in `percent` of the matched packets, leaving their checksum wrong, so that
+    /// the receiver drops them as it drops a packet damaged on the wire.
+    Corrupt {
+        percent: f64,
+    },
+    /// Hold `percent` of the matched packets back for `gap`, so that later ones overtake them.
+    Reorder {
+        percent: f64,
+        gap: Duration,
+    },
 }
+
+/// The gap a reorder fault holds packets back by when the user gives none.
+pub const DEFAULT_REORDER_GAP: Duration = Duration::from_millis(10);
 
 impl Action {
     pub fn drop(percent: f64, field: &str) -> Result<Self, Invalid> {
@@ -210,8 +227,54 @@ impl Action {
         })
     }
 
+    /// `duplicate`, `corrupt` or `reorder` (`name`); `field` is the action's path, e.g.
+    /// `fault.duplicate`. A zero `gap` takes `DEFAULT_REORDER_GAP`.
+    pub fn tamper(name: &str, percent: f64, gap: Duration, field: &str) -> Result<Self, Invalid> {
+        if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
+            return Err(Invalid::new(
+                format!("{field}.percent"),
+                format!("{percent} is outside 0 to 100"),
+            ));
+        }
+        if gap > MAX_DELAY {
+            return Err(Invalid::new(
+                format!("{field}.gap"),
+                format!(
+                    "{} exceeds the maximum {}",
+                    crate::duration::format(gap),
+                    crate::duration::format(MAX_DELAY)
+                ),
+            ));
+        }
+        Ok(match name {
+            "duplicate" => Self::Duplicate { percent },
+            "corrupt" => Self::Corrupt { percent },
+            _ => Self::Reorder {
+                percent,
+                gap: if gap.is_zero() {
+                    DEFAULT_REORDER_GAP
+                } else {
+                    gap
+                },
+            },
+        })
+    }
+
+    /// The share of packets a duplicate, corrupt or reorder fault acts on, 0 to 1.
+    pub fn tamper_share(&self) -> Option<f64> {
+        match self {
+            Self::Duplicate { percent }
+            | Self::Corrupt { percent }
+            | Self::Reorder { percent, .. } => Some(percent / 100.0),
+            _ => None,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
+            Self::Duplicate { .. } => "duplicate",
+            Self::Corrupt { .. } => "corrupt",
+            Self::Reorder { .. } => "reorder",
             Self::Stall { .. } => "stall",
             Self::SlowConnect { .. } => "slow_connect",
             Self::SlowClose { .. } => "slow_close",
@@ -232,6 +295,7 @@ impl Action {
             Self::Bandwidth(bandwidth) => Some(bandwidth.mechanism),
             // Held by the mechanism that can tell segments by their TCP flags.
             Self::SlowConnect { .. } | Self::SlowClose { .. } => Some(None),
+            Self::Duplicate { .. } | Self::Corrupt { .. } | Self::Reorder { .. } => Some(None),
         }
     }
 
@@ -248,7 +312,10 @@ impl Action {
             | Self::Bandwidth(_)
             | Self::Stall { .. }
             | Self::SlowConnect { .. }
-            | Self::SlowClose { .. } => 0,
+            | Self::SlowClose { .. }
+            | Self::Duplicate { .. }
+            | Self::Corrupt { .. }
+            | Self::Reorder { .. } => 0,
         }
     }
 

@@ -9,7 +9,7 @@ mod peers;
 mod target;
 pub mod view;
 
-pub use action::{Action, Bandwidth, Delay, MAX_DELAY, Mechanism};
+pub use action::{Action, Bandwidth, DEFAULT_REORDER_GAP, Delay, MAX_DELAY, Mechanism};
 pub use peers::{Cidr, PeerSet};
 pub use target::{Direction, PortRange, Protocol, Scope, Target};
 
@@ -247,6 +247,45 @@ mod tests {
             labels: Labels::new(),
         };
         assert_eq!(udp.validate().unwrap_err().field, "fault.target.protocol");
+    }
+
+    #[test]
+    fn duplicate_corrupt_and_reorder_take_a_share_and_a_gap() {
+        let zero = Duration::ZERO;
+        let duplicate = Action::tamper("duplicate", 10.0, zero, "fault.duplicate").unwrap();
+        assert_eq!(duplicate, Action::Duplicate { percent: 10.0 });
+        assert_eq!(duplicate.shaping(), Some(None));
+        assert_eq!(duplicate.tamper_share(), Some(0.1));
+        let reorder = Action::tamper("reorder", 25.0, zero, "fault.reorder").unwrap();
+        assert_eq!(
+            reorder,
+            Action::Reorder {
+                percent: 25.0,
+                gap: DEFAULT_REORDER_GAP
+            }
+        );
+        let field = |name: &str, percent, gap| {
+            Action::tamper(name, percent, gap, &format!("fault.{name}"))
+                .unwrap_err()
+                .field
+        };
+        assert_eq!(field("corrupt", 100.5, zero), "fault.corrupt.percent");
+        assert_eq!(field("corrupt", f64::NAN, zero), "fault.corrupt.percent");
+        assert_eq!(
+            field("reorder", 1.0, MAX_DELAY + Duration::from_millis(1)),
+            "fault.reorder.gap"
+        );
+        // UDP is fine: these act on packets of either protocol.
+        let spec = FaultSpec {
+            action: duplicate,
+            target: target(
+                vec![PortRange::new(9000, None, "p").unwrap()],
+                Protocol::Udp,
+                Direction::Egress,
+            ),
+            labels: Labels::new(),
+        };
+        assert!(spec.validate().is_ok());
     }
 
     #[test]

@@ -34,6 +34,7 @@ def inject_fault(
     mechanism: str = "auto",
     after_bytes: Union[str, int, None] = None,
     close_after: Union[str, float, None] = None,
+    gap: Union[str, float, None] = None,
     ttl: Union[str, float, None] = None,
     duration: Union[str, float, None] = None,
     labels: Optional[Dict[str, str]] = None,
@@ -48,7 +49,9 @@ def inject_fault(
     ``correlation``, ``mechanism``), ``bandwidth`` (``rate`` such as ``"256KiB/s"``,
     ``burst``, ``mechanism``), ``reject``, ``reset`` (``after_bytes``), ``stall`` (Toxiproxy's
     ``timeout``: connections stay up, no data flows; ``close_after`` then resets each one),
-    ``slow_connect`` or ``slow_close`` (``latency``: the SYN, or the FIN, is held that long).
+    ``slow_connect`` or ``slow_close`` (``latency``: the SYN, or the FIN, is held that long),
+    ``duplicate`` or ``corrupt`` (``percent``, default 100) or ``reorder`` (``percent``, ``gap``:
+    how long the reordered packets are held back, default 10 ms).
     The target is exactly one scope -- ``cgroup`` (path under the cgroup v2 root), ``pid``,
     ``pod`` (uid), ``container`` (id), ``netns`` with ``interface``, or ``host=true`` -- and
     ``ports`` (``6379``, ``"6379,5432"``, ``"1000-2000"`` or a list), ``protocol``
@@ -93,6 +96,7 @@ def inject_fault(
             mechanism=mechanism,
             after_bytes=after_bytes,
             close_after=close_after,
+            gap=gap,
             labels=labels,
         )
         if duration is not None:

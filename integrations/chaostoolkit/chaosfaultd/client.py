@@ -148,7 +148,19 @@ _MECHANISMS = {
     "edt": pb.EDT,
     "nfqueue": pb.NFQUEUE,
 }
-ACTIONS = ("drop", "delay", "bandwidth", "reject", "reset", "stall", "slow_connect", "slow_close")
+ACTIONS = (
+    "drop",
+    "delay",
+    "bandwidth",
+    "reject",
+    "reset",
+    "stall",
+    "slow_connect",
+    "slow_close",
+    "duplicate",
+    "corrupt",
+    "reorder",
+)
 
 
 def _choice(value: str, table: Dict[str, int], field: str) -> int:
@@ -231,6 +243,7 @@ def build_fault(
     after_bytes: Optional[int] = None,
     labels: Optional[Dict[str, str]] = None,
     close_after: Any = None,
+    gap: Any = None,
 ) -> pb.Fault:
     """The Fault message for one of ACTIONS, refusing arguments that belong to another."""
     name = str(action).lower()
@@ -245,6 +258,9 @@ def build_fault(
         "stall": {"close_after"},
         "slow_connect": {"latency"},
         "slow_close": {"latency"},
+        "duplicate": {"percent"},
+        "corrupt": {"percent"},
+        "reorder": {"percent", "gap"},
     }[name]
     given = {
         "percent": percent,
@@ -256,6 +272,7 @@ def build_fault(
         "mechanism": None if mechanism in (None, "auto") else mechanism,
         "after_bytes": after_bytes,
         "close_after": close_after,
+        "gap": gap,
     }
     stray = [key for key, value in given.items() if value is not None and key not in own]
     if stray:
@@ -284,6 +301,13 @@ def build_fault(
         fault.bandwidth.mechanism = _choice(mechanism or "auto", _MECHANISMS, "mechanism")
     elif name == "reject":
         fault.reject.SetInParent()
+    elif name in ("duplicate", "corrupt", "reorder"):
+        value = 100.0 if percent is None else float(percent)
+        if not 0.0 <= value <= 100.0:
+            raise ValueError(f"percent: {percent!r} is not between 0 and 100")
+        getattr(fault, name).percent = value
+        if gap is not None:
+            fault.reorder.gap.CopyFrom(to_duration(parse_seconds(gap, "gap")))
     elif name in ("slow_connect", "slow_close"):
         if latency is None:
             raise ValueError(f"latency: a {name} fault needs it, e.g. latency=\"300ms\"")

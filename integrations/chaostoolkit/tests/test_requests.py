@@ -72,6 +72,14 @@ def test_slow_handshake_requests_are_the_proto_faultd_reads():
     assert close.slow_close.latency.seconds == 1
 
 
+def test_tamper_requests_are_the_proto_faultd_reads():
+    target = client.build_target(cgroup="/app", ports=9000, protocol="udp")
+    assert client.build_fault("duplicate", target).duplicate.percent == 100.0
+    assert client.build_fault("corrupt", target, percent=5).corrupt.percent == 5.0
+    reorder = client.build_fault("reorder", target, percent=25, gap="20ms")
+    assert (reorder.reorder.percent, reorder.reorder.gap.nanos) == (25.0, 20_000_000)
+
+
 def test_every_scope():
     assert client.build_target(pid=42, ports=1).pid.pid == 42
     assert client.build_target(pod="uid-1", ports=1).pod.uid == "uid-1"
@@ -98,6 +106,8 @@ def test_every_scope():
         ({"action": "stall", "cgroup": "/a", "ports": 1, "close_after": "0s"}, "close_after"),
         ({"action": "stall", "cgroup": "/a", "ports": 1, "after_bytes": 10}, "after_bytes"),
         ({"action": "slow_connect", "cgroup": "/a", "ports": 1}, "latency"),
+        ({"action": "duplicate", "cgroup": "/a", "ports": 1, "percent": 101}, "percent"),
+        ({"action": "corrupt", "cgroup": "/a", "ports": 1, "gap": "5ms"}, "gap"),
         ({"action": "slow_close", "cgroup": "/a", "ports": 1, "latency": "0s"}, "latency"),
         ({"action": "slow_connect", "cgroup": "/a", "ports": 1, "latency": "1s", "jitter": "1ms"}, "jitter"),
         ({"action": "drop", "cgroup": "/a", "ports": 1, "direction": "sideways"}, "direction"),

@@ -460,6 +460,27 @@ mod tests {
     }
 
     #[test]
+    fn duplicate_corrupt_and_reorder_take_a_share() {
+        let parts = |line: &str| inject_command(line).unwrap().into_parts().1;
+        assert_eq!(
+            parts("duplicate --cgroup /a --port 9 --ttl 1s"),
+            fault::Action::Duplicate(pb::Duplicate { percent: 100.0 })
+        );
+        assert_eq!(
+            parts("corrupt --cgroup /a --port 9 --percent 2.5 --ttl 1s"),
+            fault::Action::Corrupt(pb::Corrupt { percent: 2.5 })
+        );
+        assert_eq!(
+            parts("reorder --cgroup /a --port 9 --gap 20ms --ttl 1s"),
+            fault::Action::Reorder(pb::Reorder {
+                percent: 25.0,
+                gap: Some(convert::duration_to_proto(Duration::from_millis(20))),
+            })
+        );
+        assert!(inject_command("corrupt --cgroup /a --port 9 --percent 101 --ttl 1s").is_err());
+    }
+
+    #[test]
     fn rates_and_sizes_accept_human_units() {
         assert_eq!(parse_rate("256KiB/s"), Ok(262_144));
         assert_eq!(parse_rate("1MB/s"), Ok(1_000_000));

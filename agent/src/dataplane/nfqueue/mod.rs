@@ -37,6 +37,7 @@ mod probe;
 mod queue;
 mod schedule;
 mod sweep;
+mod tamper;
 mod worker;
 
 use std::collections::{BTreeSet, HashMap};
@@ -166,20 +167,11 @@ impl Shaper for NfqueueShaper {
     fn unavailable(&self, action: &Action) -> Option<String> {
         match (action, &self.families) {
             (
-                Action::Delay(_)
-                | Action::Bandwidth(_)
-                | Action::SlowConnect { .. }
-                | Action::SlowClose { .. },
-                Ok(_),
-            ) => None,
-            (
-                Action::Delay(_)
-                | Action::Bandwidth(_)
-                | Action::SlowConnect { .. }
-                | Action::SlowClose { .. },
-                Err(e),
-            ) => Some(e.clone()),
-            (other, _) => Some(format!("NFQUEUE does not apply {}", other.name())),
+                Action::Drop { .. } | Action::Reject | Action::Reset { .. } | Action::Stall { .. },
+                _,
+            ) => Some(format!("NFQUEUE does not apply {}", action.name())),
+            (_, Ok(_)) => None,
+            (_, Err(e)) => Some(e.clone()),
         }
     }
 
@@ -281,6 +273,9 @@ impl Shaper for NfqueueShaper {
                 dropped: sum.dropped + c.dropped,
                 delayed: sum.delayed + c.delayed,
                 refused: 0,
+                duplicated: sum.duplicated + c.duplicated,
+                corrupted: sum.corrupted + c.corrupted,
+                reordered: sum.reordered + c.reordered,
             }))
     }
 

@@ -99,7 +99,7 @@ fn private_queue() -> Result<(NetNs, Queue, RawFd, u16), NfqueueError> {
     let netns = NetNs::current().map_err(NfqueueError::OwnNetns)?;
     let (mut queue, fd) = open_queue()?;
     let num = bind_free(&mut queue, &BTreeSet::new(), QUEUE_FIRST)?;
-    configure(&mut queue, num)?;
+    configure(&mut queue, num, super::queue::COPY_RANGE)?;
     Ok((netns, queue, fd, num))
 }
 

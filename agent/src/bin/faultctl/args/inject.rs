@@ -32,6 +32,34 @@ pub enum InjectCommand {
     SlowConnect(SlowArgs),
     /// Hold each FIN for a latency: the other end sees the close that much later.
     SlowClose(SlowArgs),
+    /// Send a share of the matched packets twice.
+    Duplicate(ShareArgs),
+    /// Damage a share of the matched packets (a bit flipped, checksum left wrong): the
+    /// receiver drops them as it drops packets damaged on the wire.
+    Corrupt(ShareArgs),
+    /// Hold a share of the matched packets back so that later ones overtake them.
+    Reorder(ReorderArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ShareArgs {
+    #[command(flatten)]
+    pub common: InjectArgs,
+    /// Share of the matched packets it acts on, 0 to 100.
+    #[arg(long, default_value_t = 100.0, value_parser = parse_percent)]
+    pub percent: f64,
+}
+
+#[derive(Args, Debug)]
+pub struct ReorderArgs {
+    #[command(flatten)]
+    pub common: InjectArgs,
+    /// Share of the matched packets held back, 0 to 100.
+    #[arg(long, default_value_t = 25.0, value_parser = parse_percent)]
+    pub percent: f64,
+    /// How long they are held back, e.g. 10ms.
+    #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = parse_latency)]
+    pub gap: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -288,6 +316,8 @@ impl InjectCommand {
             Self::Bandwidth(args) => &args.common,
             Self::Stall(args) => &args.common,
             Self::SlowConnect(args) | Self::SlowClose(args) => &args.common,
+            Self::Duplicate(args) | Self::Corrupt(args) => &args.common,
+            Self::Reorder(args) => &args.common,
         }
     }
 
@@ -339,6 +369,25 @@ impl InjectCommand {
                 args.common,
                 fault::Action::SlowClose(pb::SlowClose {
                     latency: Some(convert::duration_to_proto(args.latency)),
+                }),
+            ),
+            Self::Duplicate(args) => (
+                args.common,
+                fault::Action::Duplicate(pb::Duplicate {
+                    percent: args.percent,
+                }),
+            ),
+            Self::Corrupt(args) => (
+                args.common,
+                fault::Action::Corrupt(pb::Corrupt {
+                    percent: args.percent,
+                }),
+            ),
+            Self::Reorder(args) => (
+                args.common,
+                fault::Action::Reorder(pb::Reorder {
+                    percent: args.percent,
+                    gap: Some(convert::duration_to_proto(args.gap)),
                 }),
             ),
         }

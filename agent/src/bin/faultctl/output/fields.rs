@@ -112,6 +112,13 @@ pub fn action_text(action: Option<&fault::Action>) -> String {
         Some(fault::Action::SlowClose(slow)) => {
             format!("slow_close {}", remaining_text(slow.latency.as_ref()))
         }
+        Some(fault::Action::Duplicate(d)) => format!("duplicate {}%", d.percent),
+        Some(fault::Action::Corrupt(c)) => format!("corrupt {}%", c.percent),
+        Some(fault::Action::Reorder(r)) => format!(
+            "reorder {}% by {}",
+            r.percent,
+            remaining_text(r.gap.as_ref())
+        ),
         None => "no action".into(),
     }
 }

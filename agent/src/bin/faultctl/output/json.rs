@@ -97,7 +97,8 @@ pub fn fault_json(fault: &Fault) -> Value {
             "counters",
             fault.counters.map_or(Value::Null, |c| {
                 json!({ "matched": c.matched, "dropped": c.dropped, "refused": c.refused,
-                    "reset": c.reset, "delayed": c.delayed })
+                    "reset": c.reset, "delayed": c.delayed, "duplicated": c.duplicated,
+                    "corrupted": c.corrupted, "reordered": c.reordered })
             }),
         ),
         ("expiresAt", timestamp_json(fault.expires_at.as_ref())),
@@ -174,6 +175,12 @@ fn action_json(action: Option<&fault::Action>) -> (&'static str, Value) {
         Some(fault::Action::SlowClose(slow)) => (
             "slowClose",
             json!({ "latency": duration_json(slow.latency.as_ref()) }),
+        ),
+        Some(fault::Action::Duplicate(d)) => ("duplicate", json!({ "percent": d.percent })),
+        Some(fault::Action::Corrupt(c)) => ("corrupt", json!({ "percent": c.percent })),
+        Some(fault::Action::Reorder(r)) => (
+            "reorder",
+            json!({ "percent": r.percent, "gap": duration_json(r.gap.as_ref()) }),
         ),
         None => ("action", Value::Null),
     }

@@ -1,0 +1,223 @@
+//! `duplicate`, `corrupt` and `reorder` on this host (no sch_netem: faultd's NFQUEUE fallback),
+//! as a real receiver sees them: twice the datagrams, checksum errors counted by the receiving
+//! stack (`nstat`) while TCP still delivers intact data, datagrams out of order while TCP still
+//! delivers in order.
+
+use std::time::Duration;
+
+use faultd_proto::v1::{Direction, Fault, Protocol};
+use faultd_tests::api::{cgroup_target, get_fault, tamper_fault, with_ttl};
+use faultd_tests::process::output;
+use faultd_tests::servers::REDIS_PORT;
+use faultd_tests::uniq::uniq;
+use faultd_tests::{RedisScene, Workload, fd_probe};
+
+const DATAGRAMS: u64 = 2000;
+/// The reply to a GET of a 1 MiB value: `$1048576\r\n`, the value, `\r\n`.
+const REPLY_BYTES: u64 = (1 << 20) + 12;
+
+async fn inject(scene: &RedisScene, fault: Fault) -> Fault {
+    let fault = scene
+        .faultd
+        .faults()
+        .inject(with_ttl(fault, Duration::from_secs(60)))
+        .await
+        .unwrap_or_else(|s| panic!("Inject failed: {s:?}"))
+        .into_inner();
+    assert_eq!(fault.mechanism, "nfqueue", "Inject answered {fault:?}");
+    fault
+}
+
+/// The scene, a resident process of the workload (NFQUEUE applies in its processes'
+/// namespaces), and a view of the namespace from outside the cgroup (the receivers).
+async fn scene() -> (RedisScene, faultd_tests::process::ChildGuard, Workload) {
+    let scene = RedisScene::start(fd_probe!()).await;
+    let app = scene.inside.resident();
+    let outside = Workload::outside(fd_probe!(), &scene.netns);
+    (scene, app, outside)
+}
+
+/// A counter of the namespace's stack, as `nstat` reads it (absolute, history untouched).
+fn nstat(workload: &Workload, name: &str) -> u64 {
+    let out = output(workload.command("nstat").args(["-asz", name]));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next() == Some(name)).then(|| fields.next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("nstat printed no {name}: {text}"))
+}
+
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
+async fn duplicate_100_percent_doubles_the_datagrams_a_receiver_counts() {
+    let (scene, _app, outside) = scene().await;
+    let receiver = outside.udp_receiver("127.0.0.1:0");
+    let target = cgroup_target(
+        &scene.cgroup,
+        &[receiver.port()],
+        Protocol::Udp,
+        Direction::Egress,
+    );
+    let fault = inject(
+        &scene,
+        tamper_fault("duplicate", 100.0, Duration::ZERO, target),
+    )
+    .await;
+    let blast = blocking(|| scene.inside.udp_blast(receiver.addr(), DATAGRAMS));
+    let count = blocking(|| receiver.finish());
+    let counters = get_fault(&mut scene.faultd.faults(), &fault.id)
+        .await
+        .counters
+        .unwrap_or_default();
+    eprintln!(
+        "MEASURE duplicate_100pct_received={} distinct={} sent={} duplicated={}",
+        count.received, count.distinct, blast.sent, counters.duplicated
+    );
+    assert_eq!(count.rcvbuf_errors, 0, "the receiver overflowed: {count:?}");
+    assert_eq!(
+        (count.received, count.distinct),
+        (2 * blast.sent, blast.sent),
+        "every datagram should arrive twice: {count:?}"
+    );
+    assert_eq!(counters.duplicated, blast.sent, "{counters:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
+async fn corrupt_datagrams_fail_the_receivers_checksum_and_tcp_recovers() {
+    let (scene, _app, outside) = scene().await;
+    let receiver = outside.udp_receiver("127.0.0.1:0");
+    let target = |port| cgroup_target(&scene.cgroup, &[port], Protocol::Udp, Direction::Egress);
+    let udp_errors = nstat(&outside, "UdpInCsumErrors");
+    let fault = inject(
+        &scene,
+        tamper_fault("corrupt", 30.0, Duration::ZERO, target(receiver.port())),
+    )
+    .await;
+    let blast = blocking(|| scene.inside.udp_blast(receiver.addr(), DATAGRAMS));
+    let count = blocking(|| receiver.finish());
+    let failed = nstat(&outside, "UdpInCsumErrors") - udp_errors;
+    let counters = get_fault(&mut scene.faultd.faults(), &fault.id)
+        .await
+        .counters
+        .unwrap_or_default();
+    let lost = blast.sent - count.distinct;
+    eprintln!(
+        "MEASURE corrupt_30pct_udp_lost={lost} of {} UdpInCsumErrors+={failed} corrupted={}",
+        blast.sent, counters.corrupted
+    );
+    assert_eq!(count.rcvbuf_errors, 0, "the receiver overflowed: {count:?}");
+    assert!(
+        (lost as f64 / blast.sent as f64 - 0.30).abs() <= 0.05,
+        "about 30% of the datagrams should be lost: {lost} of {}",
+        blast.sent
+    );
+    assert_eq!(
+        (failed, counters.corrupted),
+        (lost, lost),
+        "every lost datagram should be a checksum error at the receiver, and counted"
+    );
+
+    // TCP: a 1 MiB Redis value comes back whole, five times, through 10% corrupted segments
+    // (both ways).
+    let key = format!("corrupt:{}", uniq());
+    scene.inside.redis_set(&key, 1 << 20);
+    let tcp_errors = nstat(&outside, "TcpInCsumErrors");
+    let tcp = cgroup_target(
+        &scene.cgroup,
+        &[REDIS_PORT],
+        Protocol::Tcp,
+        Direction::Unspecified,
+    );
+    let fault = inject(&scene, tamper_fault("corrupt", 10.0, Duration::ZERO, tcp)).await;
+    let gets: Vec<(u64, f64)> = (0..5)
+        .map(|_| blocking(|| scene.inside.redis_get(&key)))
+        .collect();
+    let bytes = gets.iter().map(|g| g.0).min().unwrap_or(0);
+    let seconds = gets.iter().map(|g| g.1).fold(0.0, f64::max);
+    let failed = nstat(&outside, "TcpInCsumErrors") - tcp_errors;
+    let counters = get_fault(&mut scene.faultd.faults(), &fault.id)
+        .await
+        .counters
+        .unwrap_or_default();
+    eprintln!(
+        "MEASURE corrupt_10pct_tcp_5_gets_1MiB_max_s={seconds:.3} TcpInCsumErrors+={failed} \
+         corrupted={}",
+        counters.corrupted
+    );
+    assert_eq!(
+        bytes, REPLY_BYTES,
+        "each value should come back whole: {gets:?}"
+    );
+    assert!(
+        failed >= 1 && failed == counters.corrupted,
+        "the receiving stack should count each corrupted segment as a checksum error: \
+         {failed} errors, {} corrupted",
+        counters.corrupted
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
+async fn reorder_puts_datagrams_out_of_order_and_tcp_still_delivers() {
+    let (scene, _app, outside) = scene().await;
+    let receiver = outside.udp_receiver("127.0.0.1:0");
+    let target = cgroup_target(
+        &scene.cgroup,
+        &[receiver.port()],
+        Protocol::Udp,
+        Direction::Egress,
+    );
+    let gap = Duration::from_millis(10);
+    let fault = inject(&scene, tamper_fault("reorder", 25.0, gap, target)).await;
+    let blast = blocking(|| scene.inside.udp_blast(receiver.addr(), DATAGRAMS));
+    let count = blocking(|| receiver.finish());
+    let counters = get_fault(&mut scene.faultd.faults(), &fault.id)
+        .await
+        .counters
+        .unwrap_or_default();
+    eprintln!(
+        "MEASURE reorder_25pct_10ms_late={} of {} reordered={}",
+        count.late, count.distinct, counters.reordered
+    );
+    assert_eq!(
+        count.distinct, blast.sent,
+        "reordering loses nothing: {count:?}"
+    );
+    assert!(
+        (counters.reordered as f64 / blast.sent as f64 - 0.25).abs() <= 0.05,
+        "about 25% should be held back: {counters:?}"
+    );
+    // At 20 000 datagrams/s, each held one is overtaken by the ones sent in the next 10 ms.
+    assert!(
+        count.late as f64 >= counters.reordered as f64 * 0.9,
+        "the receiver should see the held datagrams late: {count:?}, {counters:?}"
+    );
+
+    let key = format!("reorder:{}", uniq());
+    scene.inside.redis_set(&key, 1 << 20);
+    let tcp = cgroup_target(
+        &scene.cgroup,
+        &[REDIS_PORT],
+        Protocol::Tcp,
+        Direction::Unspecified,
+    );
+    let fault = inject(&scene, tamper_fault("reorder", 25.0, gap, tcp)).await;
+    let (bytes, seconds) = blocking(|| scene.inside.redis_get(&key));
+    let counters = get_fault(&mut scene.faultd.faults(), &fault.id)
+        .await
+        .counters
+        .unwrap_or_default();
+    eprintln!(
+        "MEASURE reorder_25pct_tcp_get_1MiB_s={seconds:.3} bytes={bytes} reordered={}",
+        counters.reordered
+    );
+    assert_eq!(bytes, REPLY_BYTES, "the value should come back whole");
+    assert!(counters.reordered >= 1, "{counters:?}");
+}
