@@ -22,6 +22,10 @@ Modes:
       "data" when its first bytes arrive and "eof" when the peer's close (FIN) does
   tcp-close HOST PORT          connect, send a few bytes ("sent"), wait 200 ms, then close
       ("closing", stamped just before close())
+  tcp-sniff-echo PORT SIZE     capture lo (AF_PACKET), accept one connection on 127.0.0.1:PORT,
+      read SIZE bytes and echo them back; "done" with the read sizes and the data sizes of the
+      TCP segments to PORT that lo delivered
+  tcp-echo-client HOST PORT SIZE   send SIZE patterned bytes, read them back: "echoed" (intact)
   redis-stream HOST PORT CHUNK INTERVAL_MS SECONDS
       GETs of a CHUNK-byte value every INTERVAL_MS, reconnecting when the connection breaks
   redis-writer HOST PORT PREFIX SECONDS
@@ -206,6 +210,63 @@ def tcp_close(host, port):
     sock.close()
 
 
+def tcp_sniff_echo(port, size):
+    import socket
+    import struct
+
+    port, size = int(port), int(size)
+    sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    sniff.bind(("lo", 0))
+    server = socket.create_server(("127.0.0.1", port))
+    emit("listening")
+    conn, _ = server.accept()
+    got, reads = b"", []
+    while len(got) < size:
+        data = conn.recv(65536)
+        if not data:
+            break
+        reads.append(len(data))
+        got += data
+    conn.sendall(got)
+    conn.close()
+    sniff.setblocking(False)
+    segments = []
+    while True:
+        try:
+            frame, addr = sniff.recvfrom(70000)
+        except BlockingIOError:
+            break
+        if addr[2] != socket.PACKET_HOST:
+            continue
+        ip = frame[14:]  # lo's (all-zero) Ethernet header
+        if len(ip) < 40 or ip[0] >> 4 != 4 or ip[9] != 6:
+            continue
+        ihl = (ip[0] & 15) * 4
+        tcp = ip[ihl:]
+        if struct.unpack("!H", tcp[2:4])[0] != port:
+            continue
+        data = struct.unpack("!H", ip[2:4])[0] - ihl - (tcp[12] >> 4) * 4
+        if data > 0:
+            segments.append(data)
+    emit("done", reads=reads, segments=segments)
+
+
+def tcp_echo_client(host, port, size):
+    import socket
+
+    size = int(size)
+    payload = bytes(i % 251 for i in range(size))
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(payload)
+    back = b""
+    while len(back) < size:
+        data = sock.recv(65536)
+        if not data:
+            break
+        back += data
+    emit("echoed", intact=back == payload, size=len(back))
+
+
 def redis_stream(host, port, chunk, interval_ms, seconds):
     """GETs a value of `chunk` bytes every `interval_ms` on one connection, counting the bytes
     it carried (requests and replies as they cross the wire); when it breaks, reports how many,
@@ -348,6 +409,8 @@ MODES = {
     "redis-stream": redis_stream,
     "tcp-eof-server": tcp_eof_server,
     "tcp-close": tcp_close,
+    "tcp-sniff-echo": tcp_sniff_echo,
+    "tcp-echo-client": tcp_echo_client,
     "redis-writer": redis_writer,
     "pg-writer": pg_writer,
 }

@@ -12,7 +12,7 @@ use faultd_proto::v1::{
     InjectRequest, Lease, ListFaultsRequest, ListLeasesRequest, Mechanism, PortRange, Protocol,
     Reject, RemoveRequest, Reset, SlowClose, SlowConnect, Stall, Target,
 };
-use faultd_proto::v1::{Corrupt, Duplicate, Reorder};
+use faultd_proto::v1::{Corrupt, Duplicate, Reorder, Slice};
 use tonic::transport::Channel;
 
 use crate::cgroup::Cgroup;
@@ -127,6 +127,15 @@ pub fn tamper_fault(name: &str, percent: f64, gap: Duration, target: Target) -> 
     };
     Fault {
         action: Some(action),
+        target: Some(target),
+        ..Default::default()
+    }
+}
+
+/// A slice fault on `target`: TCP data cut into pieces of at most `max_bytes`.
+pub fn slice_fault(max_bytes: u32, target: Target) -> Fault {
+    Fault {
+        action: Some(Action::Slice(Slice { max_bytes })),
         target: Some(target),
         ..Default::default()
     }

@@ -9,7 +9,8 @@ use faultd_proto::v1::{
 };
 use faultd_tests::api::{
     bandwidth_fault, cgroup_target, delay_fault, drop_fault, list_faults, list_leases,
-    reject_fault, reset_fault, slow_fault, stall_fault, tamper_fault, under_lease, with_ttl,
+    reject_fault, reset_fault, slice_fault, slow_fault, stall_fault, tamper_fault, under_lease,
+    with_ttl,
 };
 use faultd_tests::uniq::uniq;
 use faultd_tests::{Cgroup, Faultd, FaultdOptions};
@@ -221,6 +222,11 @@ async fn bad_requests_name_the_field_and_change_nothing() {
                 minute,
             ),
             "fault.reorder.gap",
+        ),
+        (
+            "slice of 0 bytes",
+            with_ttl(slice_fault(0, good()), minute),
+            "fault.slice.max_bytes",
         ),
         (
             "stall closing after 0 s",

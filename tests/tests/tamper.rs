@@ -1,12 +1,13 @@
-//! `duplicate`, `corrupt` and `reorder` on this host (no sch_netem: faultd's NFQUEUE fallback),
+//! `duplicate`, `corrupt`, `reorder` and `slice` on this host (no sch_netem: faultd's NFQUEUE fallback),
 //! as a real receiver sees them: twice the datagrams, checksum errors counted by the receiving
 //! stack (`nstat`) while TCP still delivers intact data, datagrams out of order while TCP still
-//! delivers in order.
+//! delivers in order, TCP data in pieces of at most the slice's size on the wire and intact.
 
 use std::time::Duration;
 
 use faultd_proto::v1::{Direction, Fault, Protocol};
-use faultd_tests::api::{cgroup_target, get_fault, tamper_fault, with_ttl};
+use faultd_tests::api::{cgroup_target, get_fault, slice_fault, tamper_fault, with_ttl};
+use faultd_tests::clients::ConnClient;
 use faultd_tests::process::output;
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::uniq::uniq;
@@ -220,4 +221,55 @@ async fn reorder_puts_datagrams_out_of_order_and_tcp_still_delivers() {
     );
     assert_eq!(bytes, REPLY_BYTES, "the value should come back whole");
     assert!(counters.reordered >= 1, "{counters:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
+async fn slice_16_cuts_tcp_data_into_16_byte_segments_on_the_wire() {
+    let (scene, _app, outside) = scene().await;
+    let port = 7380u16;
+    let size = 1000;
+    let target = cgroup_target(&scene.cgroup, &[port], Protocol::Tcp, Direction::Egress);
+    let fault = inject(&scene, slice_fault(16, target)).await;
+    let (port_text, size_text) = (port.to_string(), size.to_string());
+    let mut server = ConnClient::start(&outside, "tcp-sniff-echo", &[&port_text, &size_text]);
+    server.expect("listening", Duration::from_secs(10));
+    let mut client = ConnClient::start(
+        &scene.inside,
+        "tcp-echo-client",
+        &["127.0.0.1", &port_text, &size_text],
+    );
+    let echoed = client.expect("echoed", Duration::from_secs(10));
+    let done = server.expect("done", Duration::from_secs(10));
+    let segments: Vec<u64> = done["segments"]
+        .as_array()
+        .expect("segments")
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    let counters = get_fault(&mut scene.faultd.faults(), &fault.id)
+        .await
+        .counters
+        .unwrap_or_default();
+    eprintln!(
+        "MEASURE slice_16_segments={} largest={:?} server_reads={} sliced={}",
+        segments.len(),
+        segments.iter().max(),
+        done["reads"],
+        counters.sliced
+    );
+    assert!(
+        echoed["intact"] == true,
+        "the reply should be intact: {echoed}"
+    );
+    assert!(
+        !segments.is_empty() && segments.iter().all(|&n| n <= 16),
+        "every data segment to the server should carry at most 16 bytes: {segments:?}"
+    );
+    assert_eq!(
+        segments.iter().sum::<u64>(),
+        size,
+        "the segments should carry the data once: {segments:?}"
+    );
+    assert!(counters.sliced >= 1, "{counters:?}");
 }

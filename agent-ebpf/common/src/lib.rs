@@ -168,6 +168,8 @@ pub struct Counters {
     pub duplicated: u64,
     pub corrupted: u64,
     pub reordered: u64,
+    /// TCP segments a slice fault cut into pieces.
+    pub sliced: u64,
 }
 
 /// Shaping (delay, bandwidth) at the tc egress hook: hash map `RuleKey` → `ShapeValue`.
@@ -266,7 +268,7 @@ mod tests {
         assert_eq!(size_of::<RuleValue>(), 24);
         assert_eq!(size_of::<PeerKey>(), 40);
         assert_eq!(size_of::<ScopeValue>(), 8);
-        assert_eq!(size_of::<Counters>(), 56);
+        assert_eq!(size_of::<Counters>(), 64);
         assert_eq!(size_of::<ShapeValue>(), 56);
         assert_eq!(size_of::<ShapeState>(), 16);
     }

@@ -135,11 +135,12 @@ fn action(action: Option<pb::fault::Action>) -> Result<Action, Invalid> {
             optional_duration(tamper.gap.as_ref(), "fault.reorder.gap")?,
             "fault.reorder",
         )?,
+        Some(pb::fault::Action::Slice(slice)) => Action::slice(slice.max_bytes, "fault.slice")?,
         None => {
             return Err(Invalid::new(
                 "fault",
                 "an action is required (drop, delay, bandwidth, reject, reset, stall, \
-                 slow_connect, slow_close, duplicate, corrupt or reorder)",
+                 slow_connect, slow_close, duplicate, corrupt, reorder or slice)",
             ));
         }
     })
@@ -326,6 +327,7 @@ pub fn fault(view: FaultView) -> pb::Fault {
             duplicated: view.counters.duplicated,
             corrupted: view.counters.corrupted,
             reordered: view.counters.reordered,
+            sliced: view.counters.sliced,
         }),
         expires_at: Some(timestamp(view.expires_at)),
         remaining: Some(duration_to_proto(view.remaining)),
@@ -374,6 +376,7 @@ fn action_to_proto(action: Action) -> pb::fault::Action {
             percent,
             gap: Some(duration_to_proto(gap)),
         }),
+        Action::Slice { max_bytes } => pb::fault::Action::Slice(pb::Slice { max_bytes }),
     }
 }
 

@@ -404,7 +404,8 @@ impl Dataplane for CgroupSkbDataplane {
             | Action::SlowClose { .. }
             | Action::Duplicate { .. }
             | Action::Corrupt { .. }
-            | Action::Reorder { .. } => Err(Unavailable::Shaping),
+            | Action::Reorder { .. }
+            | Action::Slice { .. } => Err(Unavailable::Shaping),
         }
     }
 

@@ -45,7 +45,8 @@ pub fn rule_value(action: &Action, slot: u32, expires_at_ns: u64) -> RuleValue {
             | Action::SlowClose { .. }
             | Action::Duplicate { .. }
             | Action::Corrupt { .. }
-            | Action::Reorder { .. } => ACTION_DROP,
+            | Action::Reorder { .. }
+            | Action::Slice { .. } => ACTION_DROP,
         },
     }
 }

@@ -108,7 +108,14 @@ pub enum Action {
         percent: f64,
         gap: Duration,
     },
+    /// Cut the data of each matched TCP segment into pieces of at most `max_bytes`.
+    Slice {
+        max_bytes: u32,
+    },
 }
+
+/// The largest piece a slice fault may ask for (beyond it nothing would be cut).
+pub const MAX_SLICE: u32 = 65_535;
 
 /// The gap a reorder fault holds packets back by when the user gives none.
 pub const DEFAULT_REORDER_GAP: Duration = Duration::from_millis(10);
@@ -270,8 +277,20 @@ impl Action {
         }
     }
 
+    /// `field` is the action's path, `fault.slice`.
+    pub fn slice(max_bytes: u32, field: &str) -> Result<Self, Invalid> {
+        if max_bytes == 0 || max_bytes > MAX_SLICE {
+            return Err(Invalid::new(
+                format!("{field}.max_bytes"),
+                format!("{max_bytes} is not between 1 and {MAX_SLICE} (e.g. 16)"),
+            ));
+        }
+        Ok(Self::Slice { max_bytes })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
+            Self::Slice { .. } => "slice",
             Self::Duplicate { .. } => "duplicate",
             Self::Corrupt { .. } => "corrupt",
             Self::Reorder { .. } => "reorder",
@@ -295,7 +314,10 @@ impl Action {
             Self::Bandwidth(bandwidth) => Some(bandwidth.mechanism),
             // Held by the mechanism that can tell segments by their TCP flags.
             Self::SlowConnect { .. } | Self::SlowClose { .. } => Some(None),
-            Self::Duplicate { .. } | Self::Corrupt { .. } | Self::Reorder { .. } => Some(None),
+            Self::Duplicate { .. }
+            | Self::Corrupt { .. }
+            | Self::Reorder { .. }
+            | Self::Slice { .. } => Some(None),
         }
     }
 
@@ -315,7 +337,8 @@ impl Action {
             | Self::SlowClose { .. }
             | Self::Duplicate { .. }
             | Self::Corrupt { .. }
-            | Self::Reorder { .. } => 0,
+            | Self::Reorder { .. }
+            | Self::Slice { .. } => 0,
         }
     }
 
@@ -328,7 +351,10 @@ impl Action {
     pub(super) fn tcp_only(&self) -> bool {
         matches!(
             self,
-            Self::Stall { .. } | Self::SlowConnect { .. } | Self::SlowClose { .. }
+            Self::Stall { .. }
+                | Self::SlowConnect { .. }
+                | Self::SlowClose { .. }
+                | Self::Slice { .. }
         )
     }
 

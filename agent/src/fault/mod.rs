@@ -9,7 +9,7 @@ mod peers;
 mod target;
 pub mod view;
 
-pub use action::{Action, Bandwidth, DEFAULT_REORDER_GAP, Delay, MAX_DELAY, Mechanism};
+pub use action::{Action, Bandwidth, DEFAULT_REORDER_GAP, Delay, MAX_DELAY, MAX_SLICE, Mechanism};
 pub use peers::{Cidr, PeerSet};
 pub use target::{Direction, PortRange, Protocol, Scope, Target};
 
@@ -275,6 +275,12 @@ mod tests {
             field("reorder", 1.0, MAX_DELAY + Duration::from_millis(1)),
             "fault.reorder.gap"
         );
+        assert_eq!(
+            Action::slice(0, "fault.slice").unwrap_err().field,
+            "fault.slice.max_bytes"
+        );
+        assert!(Action::slice(MAX_SLICE + 1, "fault.slice").is_err());
+        assert_eq!(Action::slice(16, "s").unwrap().name(), "slice");
         // UDP is fine: these act on packets of either protocol.
         let spec = FaultSpec {
             action: duplicate,

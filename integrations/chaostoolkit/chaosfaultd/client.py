@@ -160,6 +160,7 @@ ACTIONS = (
     "duplicate",
     "corrupt",
     "reorder",
+    "slice",
 )
 
 
@@ -244,6 +245,7 @@ def build_fault(
     labels: Optional[Dict[str, str]] = None,
     close_after: Any = None,
     gap: Any = None,
+    max_bytes: Any = None,
 ) -> pb.Fault:
     """The Fault message for one of ACTIONS, refusing arguments that belong to another."""
     name = str(action).lower()
@@ -261,6 +263,7 @@ def build_fault(
         "duplicate": {"percent"},
         "corrupt": {"percent"},
         "reorder": {"percent", "gap"},
+        "slice": {"max_bytes"},
     }[name]
     given = {
         "percent": percent,
@@ -273,6 +276,7 @@ def build_fault(
         "after_bytes": after_bytes,
         "close_after": close_after,
         "gap": gap,
+        "max_bytes": max_bytes,
     }
     stray = [key for key, value in given.items() if value is not None and key not in own]
     if stray:
@@ -301,6 +305,13 @@ def build_fault(
         fault.bandwidth.mechanism = _choice(mechanism or "auto", _MECHANISMS, "mechanism")
     elif name == "reject":
         fault.reject.SetInParent()
+    elif name == "slice":
+        if max_bytes is None:
+            raise ValueError("max_bytes: a slice fault needs it, e.g. max_bytes=16")
+        size = parse_bytes(max_bytes, "max_bytes")
+        if not 1 <= size <= 65535:
+            raise ValueError(f"max_bytes: {max_bytes!r} is not between 1 and 65535")
+        fault.slice.max_bytes = size
     elif name in ("duplicate", "corrupt", "reorder"):
         value = 100.0 if percent is None else float(percent)
         if not 0.0 <= value <= 100.0:

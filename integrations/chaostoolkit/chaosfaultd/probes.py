@@ -36,7 +36,7 @@ def fault_counters(
     secrets: Secrets = None,
 ) -> Dict[str, Any]:
     """Counters of one fault (``matched``, ``dropped``, ``refused``, ``reset``, ``delayed``,
-    ``duplicated``, ``corrupted``, ``reordered``) with its state; without ``fault_id``, those of every fault this experiment injected that
+    ``duplicated``, ``corrupted``, ``reordered``, ``sliced``) with its state; without ``fault_id``, those of every fault this experiment injected that
     faultd still knows, keyed by id. A fault that ended (within faultd's --ended-retention,
     15 minutes by default) answers with its final counters, state ``REVERTED`` and
     ``end_reason`` (``EXPIRED``, ``REMOVED``, ...)."""
@@ -67,6 +67,7 @@ def fault_counters(
                     "duplicated",
                     "corrupted",
                     "reordered",
+                    "sliced",
                 )
             }
             counters["state"] = pb.FaultState.Name(fault.state)

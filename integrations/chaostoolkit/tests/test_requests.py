@@ -78,6 +78,8 @@ def test_tamper_requests_are_the_proto_faultd_reads():
     assert client.build_fault("corrupt", target, percent=5).corrupt.percent == 5.0
     reorder = client.build_fault("reorder", target, percent=25, gap="20ms")
     assert (reorder.reorder.percent, reorder.reorder.gap.nanos) == (25.0, 20_000_000)
+    tcp = client.build_target(cgroup="/app", ports=6379)
+    assert client.build_fault("slice", tcp, max_bytes=16).slice.max_bytes == 16
 
 
 def test_every_scope():
@@ -107,6 +109,8 @@ def test_every_scope():
         ({"action": "stall", "cgroup": "/a", "ports": 1, "after_bytes": 10}, "after_bytes"),
         ({"action": "slow_connect", "cgroup": "/a", "ports": 1}, "latency"),
         ({"action": "duplicate", "cgroup": "/a", "ports": 1, "percent": 101}, "percent"),
+        ({"action": "slice", "cgroup": "/a", "ports": 1}, "max_bytes"),
+        ({"action": "slice", "cgroup": "/a", "ports": 1, "max_bytes": 0}, "max_bytes"),
         ({"action": "corrupt", "cgroup": "/a", "ports": 1, "gap": "5ms"}, "gap"),
         ({"action": "slow_close", "cgroup": "/a", "ports": 1, "latency": "0s"}, "latency"),
         ({"action": "slow_connect", "cgroup": "/a", "ports": 1, "latency": "1s", "jitter": "1ms"}, "jitter"),

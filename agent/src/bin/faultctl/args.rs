@@ -478,6 +478,11 @@ mod tests {
             })
         );
         assert!(inject_command("corrupt --cgroup /a --port 9 --percent 101 --ttl 1s").is_err());
+        assert_eq!(
+            parts("slice --cgroup /a --port 9 --max-bytes 16 --ttl 1s"),
+            fault::Action::Slice(pb::Slice { max_bytes: 16 })
+        );
+        assert!(inject_command("slice --cgroup /a --port 9 --max-bytes 0 --ttl 1s").is_err());
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub(super) struct LaneShared {
     duplicated: AtomicU64,
     corrupted: AtomicU64,
     reordered: AtomicU64,
+    sliced: AtomicU64,
     /// Written to wake the lane (stop, new deadline).
     wake: OwnedFd,
 }
@@ -61,6 +62,7 @@ impl LaneShared {
             duplicated: self.duplicated.load(Ordering::Relaxed),
             corrupted: self.corrupted.load(Ordering::Relaxed),
             reordered: self.reordered.load(Ordering::Relaxed),
+            sliced: self.sliced.load(Ordering::Relaxed),
         }
     }
 }
@@ -94,6 +96,7 @@ impl Lane {
             duplicated: AtomicU64::new(0),
             corrupted: AtomicU64::new(0),
             reordered: AtomicU64::new(0),
+            sliced: AtomicU64::new(0),
             wake: eventfd().map_err(NfqueueError::Eventfd)?,
         });
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
@@ -402,6 +405,7 @@ impl Server<'_> {
         match self.tamper.apply(&mut msg, &mut self.rng, now) {
             Done::Duplicated => shared.duplicated.fetch_add(1, Ordering::Relaxed),
             Done::Corrupted => shared.corrupted.fetch_add(1, Ordering::Relaxed),
+            Done::Sliced => shared.sliced.fetch_add(1, Ordering::Relaxed),
             Done::Nothing => 0,
         };
         self.seq += 1;

@@ -36,6 +36,7 @@ mod placement;
 mod probe;
 mod queue;
 mod schedule;
+mod slice;
 mod sweep;
 mod tamper;
 mod worker;
@@ -276,6 +277,7 @@ impl Shaper for NfqueueShaper {
                 duplicated: sum.duplicated + c.duplicated,
                 corrupted: sum.corrupted + c.corrupted,
                 reordered: sum.reordered + c.reordered,
+                sliced: sum.sliced + c.sliced,
             }))
     }
 

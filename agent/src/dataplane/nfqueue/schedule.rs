@@ -100,7 +100,7 @@ impl Schedule {
                 share: percent / 100.0,
                 gap_ns: gap.as_nanos() as u64,
             },
-            Action::Duplicate { .. } | Action::Corrupt { .. } => Model::Pass,
+            Action::Duplicate { .. } | Action::Corrupt { .. } | Action::Slice { .. } => Model::Pass,
             Action::Bandwidth(bandwidth) => {
                 let burst = bandwidth.burst as f64;
                 let full = Bucket {

@@ -1,5 +1,6 @@
-//! What a lane does to a packet besides holding it: send it twice (`duplicate`) or damage it
-//! (`corrupt`). Reordering is a matter of release times (`schedule`).
+//! What a lane does to a packet besides holding it: send it twice (`duplicate`), damage it
+//! (`corrupt`) or cut it into pieces (`slice`). Reordering is a matter of release times
+//! (`schedule`).
 //!
 //! A duplicate is the packet as queued, sent again through a raw socket opened in the lane's
 //! network namespace while the original waits for its verdict. The copy may pass the fault's rule again
@@ -12,6 +13,11 @@
 //! packets), and a packet whose payload user space rewrote is marked CHECKSUM_NONE, so the
 //! receiver verifies the sum and drops the packet (TcpInCsumErrors/UdpInCsumErrors), as it
 //! would drop one damaged on the wire.
+//!
+//! A sliced TCP segment is dropped and its data sent instead as pieces of at most `max` bytes
+//! (`slice`), each with the segment's headers, its own sequence number, lengths and checksums,
+//! FIN and PSH only on the last, through the same raw sockets. TCP_MAXSEG could not do it: its
+//! floor is 88 bytes. Pieces are at most `max` bytes, so they pass the rule again untouched.
 
 use std::collections::HashMap;
 use std::io;
@@ -20,6 +26,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use nfq::Message;
 
 use super::schedule::Rng;
+use super::slice;
 use crate::fault::Action;
 
 /// Copies whose return is ignored, for this long.
@@ -31,6 +38,8 @@ pub(super) enum Done {
     Nothing,
     Duplicated,
     Corrupted,
+    /// The packet was sent as pieces; its own verdict is now Drop.
+    Sliced,
 }
 
 pub(super) enum Tamper {
@@ -45,6 +54,10 @@ pub(super) enum Tamper {
     Corrupt {
         share: f64,
     },
+    Slice {
+        max: usize,
+        raw: Option<(OwnedFd, OwnedFd)>,
+    },
 }
 
 impl Tamper {
@@ -58,6 +71,10 @@ impl Tamper {
             Action::Corrupt { percent } => Tamper::Corrupt {
                 share: percent / 100.0,
             },
+            Action::Slice { max_bytes } => Tamper::Slice {
+                max: *max_bytes as usize,
+                raw: None,
+            },
             _ => Tamper::None,
         }
     }
@@ -70,7 +87,7 @@ impl Tamper {
     /// Opens what the tamper needs in the current network namespace (the lane's thread is in
     /// the rules' namespace by then).
     pub(super) fn open(&mut self) -> io::Result<()> {
-        if let Tamper::Duplicate { raw, .. } = self {
+        if let Tamper::Duplicate { raw, .. } | Tamper::Slice { raw, .. } = self {
             *raw = Some((raw_socket(libc::AF_INET)?, raw_socket(libc::AF_INET6)?));
         }
         Ok(())
@@ -82,6 +99,26 @@ impl Tamper {
         let whole = msg.get_payload().len() == msg.get_original_len();
         match self {
             Tamper::None => Done::Nothing,
+            Tamper::Slice { max, raw } => {
+                let Some((v4, v6)) = raw else {
+                    return Done::Nothing;
+                };
+                if !whole {
+                    return Done::Nothing;
+                }
+                let Some(pieces) = slice::pieces(msg.get_payload(), *max) else {
+                    return Done::Nothing;
+                };
+                for piece in &pieces {
+                    if let Err(e) = send_copy(v4, v6, piece) {
+                        // The segment goes whole: TCP copes with a piece lost on the way.
+                        tracing::debug!(error = %e, "sending a slice");
+                        return Done::Nothing;
+                    }
+                }
+                msg.set_verdict(nfq::Verdict::Drop);
+                Done::Sliced
+            }
             Tamper::Corrupt { share } => {
                 if !whole || rng.unit() > *share {
                     return Done::Nothing;

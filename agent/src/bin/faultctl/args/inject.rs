@@ -39,6 +39,17 @@ pub enum InjectCommand {
     Corrupt(ShareArgs),
     /// Hold a share of the matched packets back so that later ones overtake them.
     Reorder(ReorderArgs),
+    /// Cut the data of each TCP segment into pieces of at most N bytes (Toxiproxy's slicer).
+    Slice(SliceArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SliceArgs {
+    #[command(flatten)]
+    pub common: InjectArgs,
+    /// Most data bytes a piece carries, e.g. 16.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    pub max_bytes: u32,
 }
 
 #[derive(Args, Debug)]
@@ -318,6 +329,7 @@ impl InjectCommand {
             Self::SlowConnect(args) | Self::SlowClose(args) => &args.common,
             Self::Duplicate(args) | Self::Corrupt(args) => &args.common,
             Self::Reorder(args) => &args.common,
+            Self::Slice(args) => &args.common,
         }
     }
 
@@ -388,6 +400,12 @@ impl InjectCommand {
                 fault::Action::Reorder(pb::Reorder {
                     percent: args.percent,
                     gap: Some(convert::duration_to_proto(args.gap)),
+                }),
+            ),
+            Self::Slice(args) => (
+                args.common,
+                fault::Action::Slice(pb::Slice {
+                    max_bytes: args.max_bytes,
                 }),
             ),
         }

@@ -113,6 +113,7 @@ pub fn action_text(action: Option<&fault::Action>) -> String {
             format!("slow_close {}", remaining_text(slow.latency.as_ref()))
         }
         Some(fault::Action::Duplicate(d)) => format!("duplicate {}%", d.percent),
+        Some(fault::Action::Slice(s)) => format!("slice {} bytes", s.max_bytes),
         Some(fault::Action::Corrupt(c)) => format!("corrupt {}%", c.percent),
         Some(fault::Action::Reorder(r)) => format!(
             "reorder {}% by {}",

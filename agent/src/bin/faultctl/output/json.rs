@@ -98,7 +98,7 @@ pub fn fault_json(fault: &Fault) -> Value {
             fault.counters.map_or(Value::Null, |c| {
                 json!({ "matched": c.matched, "dropped": c.dropped, "refused": c.refused,
                     "reset": c.reset, "delayed": c.delayed, "duplicated": c.duplicated,
-                    "corrupted": c.corrupted, "reordered": c.reordered })
+                    "corrupted": c.corrupted, "reordered": c.reordered, "sliced": c.sliced })
             }),
         ),
         ("expiresAt", timestamp_json(fault.expires_at.as_ref())),
@@ -177,6 +177,7 @@ fn action_json(action: Option<&fault::Action>) -> (&'static str, Value) {
             json!({ "latency": duration_json(slow.latency.as_ref()) }),
         ),
         Some(fault::Action::Duplicate(d)) => ("duplicate", json!({ "percent": d.percent })),
+        Some(fault::Action::Slice(s)) => ("slice", json!({ "maxBytes": s.max_bytes })),
         Some(fault::Action::Corrupt(c)) => ("corrupt", json!({ "percent": c.percent })),
         Some(fault::Action::Reorder(r)) => (
             "reorder",
