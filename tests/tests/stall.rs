@@ -46,7 +46,9 @@ fn get_loop(scene: &RedisScene, seconds: u32) -> (ConnClient, i64) {
     (client, port)
 }
 
-async fn inject(scene: &RedisScene, fault: Fault, ttl: Duration) -> (Fault, i128) {
+/// Injects; returns the fault, and the unix ns just before the request and when the ack came.
+async fn inject(scene: &RedisScene, fault: Fault, ttl: Duration) -> (Fault, i128, i128) {
+    let sent = unix_ns();
     let fault = scene
         .faultd
         .faults()
@@ -54,7 +56,7 @@ async fn inject(scene: &RedisScene, fault: Fault, ttl: Duration) -> (Fault, i128
         .await
         .unwrap_or_else(|s| panic!("Inject failed: {s:?}"))
         .into_inner();
-    (fault, unix_ns())
+    (fault, sent, unix_ns())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -68,7 +70,7 @@ async fn a_stalled_redis_get_hangs_then_is_answered_on_the_same_connection() {
         Protocol::Unspecified,
         Direction::Unspecified,
     );
-    let (fault, acked) = inject(&scene, stall_fault(target, None), Duration::from_secs(3)).await;
+    let (fault, _, acked) = inject(&scene, stall_fault(target, None), Duration::from_secs(3)).await;
     assert_eq!(fault.mechanism, "cgroup_skb", "Inject answered {fault:?}");
     let deadline = ts_ns(fault.expires_at.as_ref().expect("expires_at"));
 
@@ -149,7 +151,7 @@ async fn stall_with_close_after_breaks_the_connection_after_its_allowance() {
         Direction::Egress,
     );
     let close_after = Duration::from_secs(1);
-    let (fault, acked) = inject(
+    let (fault, sent, acked) = inject(
         &scene,
         stall_fault(target, Some(close_after)),
         Duration::from_secs(10),
@@ -161,7 +163,8 @@ async fn stall_with_close_after_breaks_the_connection_after_its_allowance() {
     );
 
     let broken = client.expect("error", Duration::from_secs(5));
-    let after = at(&broken) - acked;
+    // The fault first saw the connection between the request and the ack.
+    let (after_request, after) = (at(&broken) - sent, at(&broken) - acked);
     eprintln!(
         "MEASURE stall_close_after_error_ms={:.1} errno={} redis-py {}: {}",
         ms(after),
@@ -177,7 +180,7 @@ async fn stall_with_close_after_breaks_the_connection_after_its_allowance() {
     );
     // The GET hung until the allowance was used up, then failed within a few polls.
     assert!(
-        after >= close_after.as_nanos() as i128 && after < 1_500_000_000,
+        after_request >= close_after.as_nanos() as i128 && after < 1_500_000_000,
         "the connection broke {:.0} ms after the inject (close_after {close_after:?}): {broken}",
         ms(after)
     );
