@@ -107,7 +107,7 @@ impl Capabilities {
             ),
             ("corrupt", Action::tamper("corrupt", 1.0, ms(0), "corrupt")),
             ("reorder", Action::tamper("reorder", 1.0, ms(0), "reorder")),
-            ("slice", Action::slice(16, "slice")),
+            ("slice", Action::slice(16, ms(0), "slice")),
         ];
         for (name, action) in samples {
             let Ok(action) = action else {

@@ -257,6 +257,7 @@ def tcp_echo_client(host, port, size):
     size = int(size)
     payload = bytes(i % 251 for i in range(size))
     sock = socket.create_connection((host, int(port)), timeout=10)
+    emit("sending")
     sock.sendall(payload)
     back = b""
     while len(back) < size:

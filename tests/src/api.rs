@@ -132,10 +132,14 @@ pub fn tamper_fault(name: &str, percent: f64, gap: Duration, target: Target) -> 
     }
 }
 
-/// A slice fault on `target`: TCP data cut into pieces of at most `max_bytes`.
-pub fn slice_fault(max_bytes: u32, target: Target) -> Fault {
+/// A slice fault on `target`: TCP data cut into pieces of at most `max_bytes`, `delay` apart.
+pub fn slice_fault(max_bytes: u32, delay: Duration, target: Target) -> Fault {
+    let delay = Some(prost_types::Duration {
+        seconds: delay.as_secs() as i64,
+        nanos: delay.subsec_nanos() as i32,
+    });
     Fault {
-        action: Some(Action::Slice(Slice { max_bytes })),
+        action: Some(Action::Slice(Slice { max_bytes, delay })),
         target: Some(target),
         ..Default::default()
     }

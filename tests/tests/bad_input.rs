@@ -225,8 +225,13 @@ async fn bad_requests_name_the_field_and_change_nothing() {
         ),
         (
             "slice of 0 bytes",
-            with_ttl(slice_fault(0, good()), minute),
+            with_ttl(slice_fault(0, Duration::ZERO, good()), minute),
             "fault.slice.max_bytes",
+        ),
+        (
+            "slice with 1 s between pieces",
+            with_ttl(slice_fault(16, Duration::from_secs(1), good()), minute),
+            "fault.slice.delay",
         ),
         (
             "stall closing after 0 s",

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use faultd_proto::v1::{Direction, Fault, Protocol};
 use faultd_tests::api::{cgroup_target, get_fault, slice_fault, tamper_fault, with_ttl};
-use faultd_tests::clients::ConnClient;
+use faultd_tests::clients::{ConnClient, at};
 use faultd_tests::process::output;
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::uniq::uniq;
@@ -230,7 +230,7 @@ async fn slice_16_cuts_tcp_data_into_16_byte_segments_on_the_wire() {
     let port = 7380u16;
     let size = 1000;
     let target = cgroup_target(&scene.cgroup, &[port], Protocol::Tcp, Direction::Egress);
-    let fault = inject(&scene, slice_fault(16, target)).await;
+    let fault = inject(&scene, slice_fault(16, Duration::ZERO, target)).await;
     let (port_text, size_text) = (port.to_string(), size.to_string());
     let mut server = ConnClient::start(&outside, "tcp-sniff-echo", &[&port_text, &size_text]);
     server.expect("listening", Duration::from_secs(10));
@@ -272,4 +272,48 @@ async fn slice_16_cuts_tcp_data_into_16_byte_segments_on_the_wire() {
         "the segments should carry the data once: {segments:?}"
     );
     assert!(counters.sliced >= 1, "{counters:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
+async fn slice_with_a_delay_makes_the_server_read_each_piece_on_its_own() {
+    let (scene, _app, outside) = scene().await;
+    let port = 7381u16;
+    let size = 160;
+    let target = cgroup_target(&scene.cgroup, &[port], Protocol::Tcp, Direction::Egress);
+    let delay = Duration::from_millis(20);
+    inject(&scene, slice_fault(16, delay, target)).await;
+    let (port_text, size_text) = (port.to_string(), size.to_string());
+    let mut server = ConnClient::start(&outside, "tcp-sniff-echo", &[&port_text, &size_text]);
+    server.expect("listening", Duration::from_secs(10));
+    let mut client = ConnClient::start(
+        &scene.inside,
+        "tcp-echo-client",
+        &["127.0.0.1", &port_text, &size_text],
+    );
+    let sending = at(&client.expect("sending", Duration::from_secs(10)));
+    let echoed = client.expect("echoed", Duration::from_secs(10));
+    let took_ms = (at(&echoed) - sending) as f64 / 1e6;
+    let done = server.expect("done", Duration::from_secs(10));
+    let reads: Vec<u64> = done["reads"]
+        .as_array()
+        .expect("reads")
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    eprintln!("MEASURE slice_16_20ms_echo_ms={took_ms:.1} server_reads={reads:?}");
+    assert!(
+        echoed["intact"] == true,
+        "the reply should be intact: {echoed}"
+    );
+    // Ten pieces, 20 ms apart: the data takes at least 180 ms to get through, and the server
+    // reads it piece by piece (each as it comes, unless it was descheduled for a while).
+    assert!(
+        took_ms >= 180.0,
+        "160 bytes in 16-byte pieces 20 ms apart took only {took_ms:.1} ms"
+    );
+    assert!(
+        reads.iter().all(|&n| n <= 32) && reads.len() >= 5,
+        "the server should read the data piece by piece: {reads:?}"
+    );
 }

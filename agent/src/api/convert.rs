@@ -135,7 +135,11 @@ fn action(action: Option<pb::fault::Action>) -> Result<Action, Invalid> {
             optional_duration(tamper.gap.as_ref(), "fault.reorder.gap")?,
             "fault.reorder",
         )?,
-        Some(pb::fault::Action::Slice(slice)) => Action::slice(slice.max_bytes, "fault.slice")?,
+        Some(pb::fault::Action::Slice(slice)) => Action::slice(
+            slice.max_bytes,
+            optional_duration(slice.delay.as_ref(), "fault.slice.delay")?,
+            "fault.slice",
+        )?,
         None => {
             return Err(Invalid::new(
                 "fault",
@@ -376,7 +380,10 @@ fn action_to_proto(action: Action) -> pb::fault::Action {
             percent,
             gap: Some(duration_to_proto(gap)),
         }),
-        Action::Slice { max_bytes } => pb::fault::Action::Slice(pb::Slice { max_bytes }),
+        Action::Slice { max_bytes, delay } => pb::fault::Action::Slice(pb::Slice {
+            max_bytes,
+            delay: Some(duration_to_proto(delay)),
+        }),
     }
 }
 

@@ -108,14 +108,19 @@ pub enum Action {
         percent: f64,
         gap: Duration,
     },
-    /// Cut the data of each matched TCP segment into pieces of at most `max_bytes`.
+    /// Cut the data of each matched TCP segment into pieces of at most `max_bytes`, sent
+    /// `delay` apart.
     Slice {
         max_bytes: u32,
+        delay: Duration,
     },
 }
 
 /// The largest piece a slice fault may ask for (beyond it nothing would be cut).
 pub const MAX_SLICE: u32 = 65_535;
+/// The longest pause between the pieces of a slice: pieces that take longer than TCP's
+/// retransmission timeout make the sender resend the segment, which is cut again.
+pub const MAX_SLICE_DELAY: Duration = Duration::from_millis(100);
 
 /// The gap a reorder fault holds packets back by when the user gives none.
 pub const DEFAULT_REORDER_GAP: Duration = Duration::from_millis(10);
@@ -278,14 +283,24 @@ impl Action {
     }
 
     /// `field` is the action's path, `fault.slice`.
-    pub fn slice(max_bytes: u32, field: &str) -> Result<Self, Invalid> {
+    pub fn slice(max_bytes: u32, delay: Duration, field: &str) -> Result<Self, Invalid> {
+        if delay > MAX_SLICE_DELAY {
+            return Err(Invalid::new(
+                format!("{field}.delay"),
+                format!(
+                    "{} exceeds the maximum {}",
+                    crate::duration::format(delay),
+                    crate::duration::format(MAX_SLICE_DELAY)
+                ),
+            ));
+        }
         if max_bytes == 0 || max_bytes > MAX_SLICE {
             return Err(Invalid::new(
                 format!("{field}.max_bytes"),
                 format!("{max_bytes} is not between 1 and {MAX_SLICE} (e.g. 16)"),
             ));
         }
-        Ok(Self::Slice { max_bytes })
+        Ok(Self::Slice { max_bytes, delay })
     }
 
     pub fn name(&self) -> &'static str {

@@ -276,11 +276,17 @@ mod tests {
             "fault.reorder.gap"
         );
         assert_eq!(
-            Action::slice(0, "fault.slice").unwrap_err().field,
+            Action::slice(0, zero, "fault.slice").unwrap_err().field,
             "fault.slice.max_bytes"
         );
-        assert!(Action::slice(MAX_SLICE + 1, "fault.slice").is_err());
-        assert_eq!(Action::slice(16, "s").unwrap().name(), "slice");
+        assert!(Action::slice(MAX_SLICE + 1, zero, "fault.slice").is_err());
+        assert_eq!(
+            Action::slice(16, Duration::from_millis(101), "fault.slice")
+                .unwrap_err()
+                .field,
+            "fault.slice.delay"
+        );
+        assert_eq!(Action::slice(16, zero, "s").unwrap().name(), "slice");
         // UDP is fine: these act on packets of either protocol.
         let spec = FaultSpec {
             action: duplicate,

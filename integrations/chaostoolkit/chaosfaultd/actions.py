@@ -36,6 +36,7 @@ def inject_fault(
     close_after: Union[str, float, None] = None,
     gap: Union[str, float, None] = None,
     max_bytes: Union[str, int, None] = None,
+    delay: Union[str, float, None] = None,
     ttl: Union[str, float, None] = None,
     duration: Union[str, float, None] = None,
     labels: Optional[Dict[str, str]] = None,
@@ -53,7 +54,8 @@ def inject_fault(
     ``slow_connect`` or ``slow_close`` (``latency``: the SYN, or the FIN, is held that long),
     ``duplicate`` or ``corrupt`` (``percent``, default 100) or ``reorder`` (``percent``, ``gap``:
     how long the reordered packets are held back, default 10 ms), or ``slice`` (``max_bytes``:
-    TCP data cut into segments of at most that many bytes, Toxiproxy's ``slicer``).
+    TCP data cut into segments of at most that many bytes, ``delay`` apart; Toxiproxy's
+    ``slicer``).
     The target is exactly one scope -- ``cgroup`` (path under the cgroup v2 root), ``pid``,
     ``pod`` (uid), ``container`` (id), ``netns`` with ``interface``, or ``host=true`` -- and
     ``ports`` (``6379``, ``"6379,5432"``, ``"1000-2000"`` or a list), ``protocol``
@@ -100,6 +102,7 @@ def inject_fault(
             close_after=close_after,
             gap=gap,
             max_bytes=max_bytes,
+            delay=delay,
             labels=labels,
         )
         if duration is not None:

@@ -246,6 +246,7 @@ def build_fault(
     close_after: Any = None,
     gap: Any = None,
     max_bytes: Any = None,
+    delay: Any = None,
 ) -> pb.Fault:
     """The Fault message for one of ACTIONS, refusing arguments that belong to another."""
     name = str(action).lower()
@@ -263,7 +264,7 @@ def build_fault(
         "duplicate": {"percent"},
         "corrupt": {"percent"},
         "reorder": {"percent", "gap"},
-        "slice": {"max_bytes"},
+        "slice": {"max_bytes", "delay"},
     }[name]
     given = {
         "percent": percent,
@@ -277,6 +278,7 @@ def build_fault(
         "close_after": close_after,
         "gap": gap,
         "max_bytes": max_bytes,
+        "delay": delay,
     }
     stray = [key for key, value in given.items() if value is not None and key not in own]
     if stray:
@@ -312,6 +314,8 @@ def build_fault(
         if not 1 <= size <= 65535:
             raise ValueError(f"max_bytes: {max_bytes!r} is not between 1 and 65535")
         fault.slice.max_bytes = size
+        if delay is not None:
+            fault.slice.delay.CopyFrom(to_duration(parse_seconds(delay, "delay")))
     elif name in ("duplicate", "corrupt", "reorder"):
         value = 100.0 if percent is None else float(percent)
         if not 0.0 <= value <= 100.0:

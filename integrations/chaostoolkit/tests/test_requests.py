@@ -80,6 +80,8 @@ def test_tamper_requests_are_the_proto_faultd_reads():
     assert (reorder.reorder.percent, reorder.reorder.gap.nanos) == (25.0, 20_000_000)
     tcp = client.build_target(cgroup="/app", ports=6379)
     assert client.build_fault("slice", tcp, max_bytes=16).slice.max_bytes == 16
+    paced = client.build_fault("slice", tcp, max_bytes=16, delay="1ms")
+    assert paced.slice.delay.nanos == 1_000_000
 
 
 def test_every_scope():
@@ -110,6 +112,7 @@ def test_every_scope():
         ({"action": "slow_connect", "cgroup": "/a", "ports": 1}, "latency"),
         ({"action": "duplicate", "cgroup": "/a", "ports": 1, "percent": 101}, "percent"),
         ({"action": "slice", "cgroup": "/a", "ports": 1}, "max_bytes"),
+        ({"action": "drop", "cgroup": "/a", "ports": 1, "delay": "1ms"}, "delay"),
         ({"action": "slice", "cgroup": "/a", "ports": 1, "max_bytes": 0}, "max_bytes"),
         ({"action": "corrupt", "cgroup": "/a", "ports": 1, "gap": "5ms"}, "gap"),
         ({"action": "slow_close", "cgroup": "/a", "ports": 1, "latency": "0s"}, "latency"),

@@ -480,7 +480,10 @@ mod tests {
         assert!(inject_command("corrupt --cgroup /a --port 9 --percent 101 --ttl 1s").is_err());
         assert_eq!(
             parts("slice --cgroup /a --port 9 --max-bytes 16 --ttl 1s"),
-            fault::Action::Slice(pb::Slice { max_bytes: 16 })
+            fault::Action::Slice(pb::Slice {
+                max_bytes: 16,
+                delay: Some(convert::duration_to_proto(Duration::ZERO)),
+            })
         );
         assert!(inject_command("slice --cgroup /a --port 9 --max-bytes 0 --ttl 1s").is_err());
     }

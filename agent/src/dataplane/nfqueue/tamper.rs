@@ -18,10 +18,14 @@
 //! (`slice`), each with the segment's headers, its own sequence number, lengths and checksums,
 //! FIN and PSH only on the last, through the same raw sockets. TCP_MAXSEG could not do it: its
 //! floor is 88 bytes. Pieces are at most `max` bytes, so they pass the rule again untouched.
+//! With a delay, a thread of the lane sends each segment's pieces that far apart.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::time::Duration;
 
 use nfq::Message;
 
@@ -56,9 +60,15 @@ pub(super) enum Tamper {
     },
     Slice {
         max: usize,
-        raw: Option<(OwnedFd, OwnedFd)>,
+        /// Pause between pieces: then a thread of the lane's sends them (`pacer`).
+        delay: Duration,
+        raw: Option<Arc<(OwnedFd, OwnedFd)>>,
+        pacer: Option<SyncSender<Vec<Vec<u8>>>>,
     },
 }
+
+/// Segments whose pieces wait for the pacing thread at most; beyond, pieces go at once.
+const PACER_BACKLOG: usize = 1024;
 
 impl Tamper {
     pub(super) fn new(action: &Action) -> Tamper {
@@ -71,9 +81,11 @@ impl Tamper {
             Action::Corrupt { percent } => Tamper::Corrupt {
                 share: percent / 100.0,
             },
-            Action::Slice { max_bytes } => Tamper::Slice {
+            Action::Slice { max_bytes, delay } => Tamper::Slice {
                 max: *max_bytes as usize,
+                delay: *delay,
                 raw: None,
+                pacer: None,
             },
             _ => Tamper::None,
         }
@@ -87,8 +99,20 @@ impl Tamper {
     /// Opens what the tamper needs in the current network namespace (the lane's thread is in
     /// the rules' namespace by then).
     pub(super) fn open(&mut self) -> io::Result<()> {
-        if let Tamper::Duplicate { raw, .. } | Tamper::Slice { raw, .. } = self {
-            *raw = Some((raw_socket(libc::AF_INET)?, raw_socket(libc::AF_INET6)?));
+        match self {
+            Tamper::Duplicate { raw, .. } => {
+                *raw = Some((raw_socket(libc::AF_INET)?, raw_socket(libc::AF_INET6)?));
+            }
+            Tamper::Slice {
+                raw, pacer, delay, ..
+            } => {
+                let sockets = Arc::new((raw_socket(libc::AF_INET)?, raw_socket(libc::AF_INET6)?));
+                if !delay.is_zero() {
+                    *pacer = Some(start_pacer(sockets.clone(), *delay)?);
+                }
+                *raw = Some(sockets);
+            }
+            Tamper::None | Tamper::Corrupt { .. } => {}
         }
         Ok(())
     }
@@ -99,8 +123,10 @@ impl Tamper {
         let whole = msg.get_payload().len() == msg.get_original_len();
         match self {
             Tamper::None => Done::Nothing,
-            Tamper::Slice { max, raw } => {
-                let Some((v4, v6)) = raw else {
+            Tamper::Slice {
+                max, raw, pacer, ..
+            } => {
+                let Some(sockets) = raw else {
                     return Done::Nothing;
                 };
                 if !whole {
@@ -109,6 +135,21 @@ impl Tamper {
                 let Some(pieces) = slice::pieces(msg.get_payload(), *max) else {
                     return Done::Nothing;
                 };
+                // With a pause between pieces the pacing thread sends them, in the order the
+                // segments came; when it lags too far behind, they go at once.
+                let pieces = match pacer {
+                    Some(pacer) => match pacer.try_send(pieces) {
+                        Ok(()) => {
+                            msg.set_verdict(nfq::Verdict::Drop);
+                            return Done::Sliced;
+                        }
+                        Err(TrySendError::Full(pieces) | TrySendError::Disconnected(pieces)) => {
+                            pieces
+                        }
+                    },
+                    None => pieces,
+                };
+                let (v4, v6) = &**sockets;
                 for piece in &pieces {
                     if let Err(e) = send_copy(v4, v6, piece) {
                         // The segment goes whole: TCP copes with a piece lost on the way.
@@ -160,6 +201,32 @@ impl Tamper {
             }
         }
     }
+}
+
+/// The thread that sends each segment's pieces `delay` apart; it ends when the tamper (the
+/// sender) goes.
+fn start_pacer(
+    sockets: Arc<(OwnedFd, OwnedFd)>,
+    delay: Duration,
+) -> io::Result<SyncSender<Vec<Vec<u8>>>> {
+    let (tx, rx) = sync_channel::<Vec<Vec<u8>>>(PACER_BACKLOG);
+    std::thread::Builder::new()
+        .name("faultd-slicer".into())
+        .spawn(move || {
+            let (v4, v6) = &*sockets;
+            for pieces in rx {
+                for (i, piece) in pieces.iter().enumerate() {
+                    if i > 0 {
+                        std::thread::sleep(delay);
+                    }
+                    if let Err(e) = send_copy(v4, v6, piece) {
+                        // TCP resends what a lost piece carried.
+                        tracing::debug!(error = %e, "sending a slice");
+                    }
+                }
+            }
+        })?;
+    Ok(tx)
 }
 
 fn raw_socket(family: i32) -> io::Result<OwnedFd> {

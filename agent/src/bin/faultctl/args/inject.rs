@@ -50,6 +50,9 @@ pub struct SliceArgs {
     /// Most data bytes a piece carries, e.g. 16.
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(1..=65_535))]
     pub max_bytes: u32,
+    /// Pause between the pieces of a segment, e.g. 1ms (at most 100ms).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_jitter)]
+    pub delay: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -406,6 +409,7 @@ impl InjectCommand {
                 args.common,
                 fault::Action::Slice(pb::Slice {
                     max_bytes: args.max_bytes,
+                    delay: Some(convert::duration_to_proto(args.delay)),
                 }),
             ),
         }

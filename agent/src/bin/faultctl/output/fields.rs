@@ -113,7 +113,17 @@ pub fn action_text(action: Option<&fault::Action>) -> String {
             format!("slow_close {}", remaining_text(slow.latency.as_ref()))
         }
         Some(fault::Action::Duplicate(d)) => format!("duplicate {}%", d.percent),
-        Some(fault::Action::Slice(s)) => format!("slice {} bytes", s.max_bytes),
+        Some(fault::Action::Slice(s)) => {
+            let delay = s.delay.as_ref().and_then(convert::duration_from_proto);
+            match delay.filter(|d| !d.is_zero()) {
+                Some(_) => format!(
+                    "slice {} bytes, {} apart",
+                    s.max_bytes,
+                    remaining_text(s.delay.as_ref())
+                ),
+                None => format!("slice {} bytes", s.max_bytes),
+            }
+        }
         Some(fault::Action::Corrupt(c)) => format!("corrupt {}%", c.percent),
         Some(fault::Action::Reorder(r)) => format!(
             "reorder {}% by {}",

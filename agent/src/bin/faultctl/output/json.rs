@@ -177,7 +177,10 @@ fn action_json(action: Option<&fault::Action>) -> (&'static str, Value) {
             json!({ "latency": duration_json(slow.latency.as_ref()) }),
         ),
         Some(fault::Action::Duplicate(d)) => ("duplicate", json!({ "percent": d.percent })),
-        Some(fault::Action::Slice(s)) => ("slice", json!({ "maxBytes": s.max_bytes })),
+        Some(fault::Action::Slice(s)) => (
+            "slice",
+            json!({ "maxBytes": s.max_bytes, "delay": duration_json(s.delay.as_ref()) }),
+        ),
         Some(fault::Action::Corrupt(c)) => ("corrupt", json!({ "percent": c.percent })),
         Some(fault::Action::Reorder(r)) => (
             "reorder",
