@@ -12,11 +12,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
+#[path = "fd-vmguest/tamper.rs"]
+mod tamper;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("upload") {
         if let Err(e) = upload_client(&args[1..]) {
             eprintln!("upload: {e:#}");
+            std::process::exit(2);
+        }
+        return;
+    }
+    if args.first().map(String::as_str) == Some("udp") {
+        if let Err(e) = tamper::udp_client(&args[1..]) {
+            eprintln!("udp: {e:#}");
             std::process::exit(2);
         }
         return;
@@ -264,6 +274,11 @@ mod guest {
         ("sigkill-netem", |rt| rt.block_on(sigkill(Mechanism::Netem))),
         ("peers-netem", |rt| rt.block_on(peers(Mechanism::Netem))),
         ("peers-edt", |rt| rt.block_on(peers(Mechanism::Edt))),
+        ("duplicate-netem", |rt| {
+            rt.block_on(crate::tamper::duplicate())
+        }),
+        ("corrupt-netem", |rt| rt.block_on(crate::tamper::corrupt())),
+        ("reorder-netem", |rt| rt.block_on(crate::tamper::reorder())),
     ];
 
     pub fn run(filter: &[String]) -> usize {
