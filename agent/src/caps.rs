@@ -103,10 +103,16 @@ impl Capabilities {
             ("slow_close", Action::slow(false, ms(1), "slow_close")),
             (
                 "duplicate",
-                Action::tamper("duplicate", 1.0, ms(0), "duplicate"),
+                Action::tamper("duplicate", 1.0, ms(0), None, "duplicate"),
             ),
-            ("corrupt", Action::tamper("corrupt", 1.0, ms(0), "corrupt")),
-            ("reorder", Action::tamper("reorder", 1.0, ms(0), "reorder")),
+            (
+                "corrupt",
+                Action::tamper("corrupt", 1.0, ms(0), None, "corrupt"),
+            ),
+            (
+                "reorder",
+                Action::tamper("reorder", 1.0, ms(0), None, "reorder"),
+            ),
             ("slice", Action::slice(16, ms(0), "slice")),
         ];
         for (name, action) in samples {

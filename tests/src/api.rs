@@ -114,14 +114,21 @@ pub fn slow_fault(connect: bool, latency: Duration, target: Target) -> Fault {
 /// packets back by `gap`.
 pub fn tamper_fault(name: &str, percent: f64, gap: Duration, target: Target) -> Fault {
     let action = match name {
-        "duplicate" => Action::Duplicate(Duplicate { percent }),
-        "corrupt" => Action::Corrupt(Corrupt { percent }),
+        "duplicate" => Action::Duplicate(Duplicate {
+            percent,
+            ..Default::default()
+        }),
+        "corrupt" => Action::Corrupt(Corrupt {
+            percent,
+            ..Default::default()
+        }),
         "reorder" => Action::Reorder(Reorder {
             percent,
             gap: Some(prost_types::Duration {
                 seconds: gap.as_secs() as i64,
                 nanos: gap.subsec_nanos() as i32,
             }),
+            ..Default::default()
         }),
         other => panic!("no tamper fault {other:?}"),
     };

@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use faultd_proto::v1::{Direction, Fault, Protocol};
+use faultd_proto::v1::fault::Action;
+use faultd_proto::v1::{CapabilitiesRequest, Direction, Fault, Mechanism, Protocol};
 use faultd_tests::api::{cgroup_target, get_fault, slice_fault, tamper_fault, with_ttl};
 use faultd_tests::clients::{ConnClient, at};
 use faultd_tests::process::output;
@@ -316,4 +317,96 @@ async fn slice_with_a_delay_makes_the_server_read_each_piece_on_its_own() {
         reads.iter().all(|&n| n <= 32) && reads.len() >= 5,
         "the server should read the data piece by piece: {reads:?}"
     );
+}
+
+/// A forced mechanism, as for delay: netem where this kernel lacks it is FAILED_PRECONDITION
+/// naming the field and sch_netem (applied, where it has it); edt, which only delays, is
+/// INVALID_ARGUMENT naming the field; nfqueue is applied. `caps` names the mechanism chosen.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, cgroup v2, iptables and network namespaces; `cargo xtask test` runs it as root"]
+async fn a_forced_mechanism_is_applied_or_refused_naming_what_is_missing() {
+    let scene = RedisScene::start(fd_probe!()).await;
+    let mut faults = scene.faultd.faults();
+    let caps = faults
+        .capabilities(CapabilitiesRequest {})
+        .await
+        .unwrap_or_else(|s| panic!("Capabilities failed: {s:?}"))
+        .into_inner();
+    let netem = caps
+        .capabilities
+        .iter()
+        .find(|c| c.name == "netem")
+        .unwrap_or_else(|| panic!("Capabilities lists no netem: {caps:?}"))
+        .available;
+    for action in ["duplicate", "corrupt", "reorder"] {
+        let support = caps
+            .actions
+            .iter()
+            .find(|a| a.action == action)
+            .unwrap_or_else(|| panic!("Capabilities lists no {action}: {caps:?}"));
+        let want = if netem { "netem" } else { "nfqueue" };
+        assert_eq!(
+            (support.available, support.mechanism.as_str()),
+            (true, want),
+            "{support:?}"
+        );
+    }
+    let forced = |name: &str, mechanism: Mechanism| {
+        let target = cgroup_target(
+            &scene.cgroup,
+            &[REDIS_PORT],
+            Protocol::Tcp,
+            Direction::Egress,
+        );
+        let mut fault = tamper_fault(name, 50.0, Duration::ZERO, target);
+        match fault.action.as_mut() {
+            Some(Action::Duplicate(d)) => d.mechanism = mechanism.into(),
+            Some(Action::Corrupt(c)) => c.mechanism = mechanism.into(),
+            Some(Action::Reorder(r)) => r.mechanism = mechanism.into(),
+            other => panic!("not a tamper action: {other:?}"),
+        }
+        with_ttl(fault, Duration::from_secs(30))
+    };
+    for name in ["duplicate", "corrupt", "reorder"] {
+        let field = format!("fault.{name}.mechanism");
+        match faults.inject(forced(name, Mechanism::Netem)).await {
+            Err(status) if !netem => {
+                assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+                assert!(
+                    status.message().contains(&field) && status.message().contains("sch_netem"),
+                    "forcing netem should name {field} and sch_netem: {status:?}"
+                );
+            }
+            Ok(fault) if netem => {
+                assert_eq!(fault.get_ref().mechanism, "netem");
+                remove(&mut faults, &fault.get_ref().id).await;
+            }
+            other => panic!("forcing netem (available: {netem}): {other:?}"),
+        }
+        let status = faults
+            .inject(forced(name, Mechanism::Edt))
+            .await
+            .expect_err("edt cannot duplicate, corrupt or reorder");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(&field), "{status:?}");
+        let fault = faults
+            .inject(forced(name, Mechanism::Nfqueue))
+            .await
+            .unwrap_or_else(|s| panic!("forcing nfqueue failed: {s:?}"))
+            .into_inner();
+        assert_eq!(fault.mechanism, "nfqueue", "{fault:?}");
+        remove(&mut faults, &fault.id).await;
+    }
+}
+
+async fn remove(
+    faults: &mut faultd_proto::v1::fault_service_client::FaultServiceClient<
+        tonic::transport::Channel,
+    >,
+    id: &str,
+) {
+    faults
+        .remove(faultd_proto::v1::RemoveRequest { id: id.to_string() })
+        .await
+        .unwrap_or_else(|s| panic!("Remove failed: {s:?}"));
 }

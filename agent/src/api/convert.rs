@@ -124,15 +124,21 @@ fn action(action: Option<pb::fault::Action>) -> Result<Action, Invalid> {
             "duplicate",
             tamper.percent,
             Duration::ZERO,
+            mechanism(tamper.mechanism, "fault.duplicate.mechanism")?,
             "fault.duplicate",
         )?,
-        Some(pb::fault::Action::Corrupt(tamper)) => {
-            Action::tamper("corrupt", tamper.percent, Duration::ZERO, "fault.corrupt")?
-        }
+        Some(pb::fault::Action::Corrupt(tamper)) => Action::tamper(
+            "corrupt",
+            tamper.percent,
+            Duration::ZERO,
+            mechanism(tamper.mechanism, "fault.corrupt.mechanism")?,
+            "fault.corrupt",
+        )?,
         Some(pb::fault::Action::Reorder(tamper)) => Action::tamper(
             "reorder",
             tamper.percent,
             optional_duration(tamper.gap.as_ref(), "fault.reorder.gap")?,
+            mechanism(tamper.mechanism, "fault.reorder.mechanism")?,
             "fault.reorder",
         )?,
         Some(pb::fault::Action::Slice(slice)) => Action::slice(
@@ -374,11 +380,22 @@ fn action_to_proto(action: Action) -> pb::fault::Action {
         Action::SlowClose { latency } => pb::fault::Action::SlowClose(pb::SlowClose {
             latency: Some(duration_to_proto(latency)),
         }),
-        Action::Duplicate { percent } => pb::fault::Action::Duplicate(pb::Duplicate { percent }),
-        Action::Corrupt { percent } => pb::fault::Action::Corrupt(pb::Corrupt { percent }),
-        Action::Reorder { percent, gap } => pb::fault::Action::Reorder(pb::Reorder {
+        Action::Duplicate { percent, mechanism } => pb::fault::Action::Duplicate(pb::Duplicate {
+            percent,
+            mechanism: mechanism_to_proto(mechanism),
+        }),
+        Action::Corrupt { percent, mechanism } => pb::fault::Action::Corrupt(pb::Corrupt {
+            percent,
+            mechanism: mechanism_to_proto(mechanism),
+        }),
+        Action::Reorder {
+            percent,
+            gap,
+            mechanism,
+        } => pb::fault::Action::Reorder(pb::Reorder {
             percent,
             gap: Some(duration_to_proto(gap)),
+            mechanism: mechanism_to_proto(mechanism),
         }),
         Action::Slice { max_bytes, delay } => pb::fault::Action::Slice(pb::Slice {
             max_bytes,

@@ -97,16 +97,20 @@ pub enum Action {
     /// Send `percent` of the matched packets twice.
     Duplicate {
         percent: f64,
+        /// None: the agent chooses.
+        mechanism: Option<Mechanism>,
     },
     /// Flip a bit in `percent` of the matched packets, leaving their checksum wrong, so that
     /// the receiver drops them as it drops a packet damaged on the wire.
     Corrupt {
         percent: f64,
+        mechanism: Option<Mechanism>,
     },
     /// Hold `percent` of the matched packets back for `gap`, so that later ones overtake them.
     Reorder {
         percent: f64,
         gap: Duration,
+        mechanism: Option<Mechanism>,
     },
     /// Cut the data of each matched TCP segment into pieces of at most `max_bytes`, sent
     /// `delay` apart.
@@ -241,7 +245,13 @@ impl Action {
 
     /// `duplicate`, `corrupt` or `reorder` (`name`); `field` is the action's path, e.g.
     /// `fault.duplicate`. A zero `gap` takes `DEFAULT_REORDER_GAP`.
-    pub fn tamper(name: &str, percent: f64, gap: Duration, field: &str) -> Result<Self, Invalid> {
+    pub fn tamper(
+        name: &str,
+        percent: f64,
+        gap: Duration,
+        mechanism: Option<Mechanism>,
+        field: &str,
+    ) -> Result<Self, Invalid> {
         if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
             return Err(Invalid::new(
                 format!("{field}.percent"),
@@ -258,9 +268,15 @@ impl Action {
                 ),
             ));
         }
+        if mechanism == Some(Mechanism::Edt) {
+            return Err(Invalid::new(
+                format!("{field}.mechanism"),
+                "edt only delays packets: use netem or nfqueue (or leave it unset)",
+            ));
+        }
         Ok(match name {
-            "duplicate" => Self::Duplicate { percent },
-            "corrupt" => Self::Corrupt { percent },
+            "duplicate" => Self::Duplicate { percent, mechanism },
+            "corrupt" => Self::Corrupt { percent, mechanism },
             _ => Self::Reorder {
                 percent,
                 gap: if gap.is_zero() {
@@ -268,6 +284,7 @@ impl Action {
                 } else {
                     gap
                 },
+                mechanism,
             },
         })
     }
@@ -275,8 +292,8 @@ impl Action {
     /// The share of packets a duplicate, corrupt or reorder fault acts on, 0 to 1.
     pub fn tamper_share(&self) -> Option<f64> {
         match self {
-            Self::Duplicate { percent }
-            | Self::Corrupt { percent }
+            Self::Duplicate { percent, .. }
+            | Self::Corrupt { percent, .. }
             | Self::Reorder { percent, .. } => Some(percent / 100.0),
             _ => None,
         }
@@ -329,10 +346,10 @@ impl Action {
             Self::Bandwidth(bandwidth) => Some(bandwidth.mechanism),
             // Held by the mechanism that can tell segments by their TCP flags.
             Self::SlowConnect { .. } | Self::SlowClose { .. } => Some(None),
-            Self::Duplicate { .. }
-            | Self::Corrupt { .. }
-            | Self::Reorder { .. }
-            | Self::Slice { .. } => Some(None),
+            Self::Duplicate { mechanism, .. }
+            | Self::Corrupt { mechanism, .. }
+            | Self::Reorder { mechanism, .. } => Some(*mechanism),
+            Self::Slice { .. } => Some(None),
         }
     }
 

@@ -252,20 +252,32 @@ mod tests {
     #[test]
     fn duplicate_corrupt_and_reorder_take_a_share_and_a_gap() {
         let zero = Duration::ZERO;
-        let duplicate = Action::tamper("duplicate", 10.0, zero, "fault.duplicate").unwrap();
-        assert_eq!(duplicate, Action::Duplicate { percent: 10.0 });
+        let duplicate = Action::tamper("duplicate", 10.0, zero, None, "fault.duplicate").unwrap();
+        assert_eq!(
+            duplicate,
+            Action::Duplicate {
+                percent: 10.0,
+                mechanism: None
+            }
+        );
         assert_eq!(duplicate.shaping(), Some(None));
+        let forced = Action::tamper("corrupt", 1.0, zero, Some(Mechanism::Netem), "c").unwrap();
+        assert_eq!(forced.shaping(), Some(Some(Mechanism::Netem)));
+        // EDT sets departure times: it cannot copy, damage or reorder a packet.
+        let edt = Action::tamper("reorder", 1.0, zero, Some(Mechanism::Edt), "fault.reorder");
+        assert_eq!(edt.unwrap_err().field, "fault.reorder.mechanism");
         assert_eq!(duplicate.tamper_share(), Some(0.1));
-        let reorder = Action::tamper("reorder", 25.0, zero, "fault.reorder").unwrap();
+        let reorder = Action::tamper("reorder", 25.0, zero, None, "fault.reorder").unwrap();
         assert_eq!(
             reorder,
             Action::Reorder {
                 percent: 25.0,
-                gap: DEFAULT_REORDER_GAP
+                gap: DEFAULT_REORDER_GAP,
+                mechanism: None
             }
         );
         let field = |name: &str, percent, gap| {
-            Action::tamper(name, percent, gap, &format!("fault.{name}"))
+            Action::tamper(name, percent, gap, None, &format!("fault.{name}"))
                 .unwrap_err()
                 .field
         };

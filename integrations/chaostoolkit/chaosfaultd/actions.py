@@ -52,8 +52,9 @@ def inject_fault(
     ``burst``, ``mechanism``), ``reject``, ``reset`` (``after_bytes``), ``stall`` (Toxiproxy's
     ``timeout``: connections stay up, no data flows; ``close_after`` then resets each one),
     ``slow_connect`` or ``slow_close`` (``latency``: the SYN, or the FIN, is held that long),
-    ``duplicate`` or ``corrupt`` (``percent``, default 100) or ``reorder`` (``percent``, ``gap``:
-    how long the reordered packets are held back, default 10 ms), or ``slice`` (``max_bytes``:
+    ``duplicate`` or ``corrupt`` (``percent``, default 100, ``mechanism``: netem or nfqueue)
+    or ``reorder`` (``percent``, ``gap``: how long the reordered packets are held back, default
+    10 ms, ``mechanism``), or ``slice`` (``max_bytes``:
     TCP data cut into segments of at most that many bytes, ``delay`` apart; Toxiproxy's
     ``slicer``).
     The target is exactly one scope -- ``cgroup`` (path under the cgroup v2 root), ``pid``,

@@ -261,9 +261,9 @@ def build_fault(
         "stall": {"close_after"},
         "slow_connect": {"latency"},
         "slow_close": {"latency"},
-        "duplicate": {"percent"},
-        "corrupt": {"percent"},
-        "reorder": {"percent", "gap"},
+        "duplicate": {"percent", "mechanism"},
+        "corrupt": {"percent", "mechanism"},
+        "reorder": {"percent", "gap", "mechanism"},
         "slice": {"max_bytes", "delay"},
     }[name]
     given = {
@@ -321,6 +321,7 @@ def build_fault(
         if not 0.0 <= value <= 100.0:
             raise ValueError(f"percent: {percent!r} is not between 0 and 100")
         getattr(fault, name).percent = value
+        getattr(fault, name).mechanism = _choice(mechanism or "auto", _MECHANISMS, "mechanism")
         if gap is not None:
             fault.reorder.gap.CopyFrom(to_duration(parse_seconds(gap, "gap")))
     elif name in ("slow_connect", "slow_close"):

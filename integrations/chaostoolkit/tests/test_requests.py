@@ -78,6 +78,9 @@ def test_tamper_requests_are_the_proto_faultd_reads():
     assert client.build_fault("corrupt", target, percent=5).corrupt.percent == 5.0
     reorder = client.build_fault("reorder", target, percent=25, gap="20ms")
     assert (reorder.reorder.percent, reorder.reorder.gap.nanos) == (25.0, 20_000_000)
+    assert reorder.reorder.mechanism == pb.MECHANISM_UNSPECIFIED
+    forced = client.build_fault("corrupt", target, percent=5, mechanism="netem")
+    assert forced.corrupt.mechanism == pb.NETEM
     tcp = client.build_target(cgroup="/app", ports=6379)
     assert client.build_fault("slice", tcp, max_bytes=16).slice.max_bytes == 16
     paced = client.build_fault("slice", tcp, max_bytes=16, delay="1ms")

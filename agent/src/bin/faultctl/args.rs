@@ -464,17 +464,24 @@ mod tests {
         let parts = |line: &str| inject_command(line).unwrap().into_parts().1;
         assert_eq!(
             parts("duplicate --cgroup /a --port 9 --ttl 1s"),
-            fault::Action::Duplicate(pb::Duplicate { percent: 100.0 })
+            fault::Action::Duplicate(pb::Duplicate {
+                percent: 100.0,
+                mechanism: 0
+            })
         );
         assert_eq!(
-            parts("corrupt --cgroup /a --port 9 --percent 2.5 --ttl 1s"),
-            fault::Action::Corrupt(pb::Corrupt { percent: 2.5 })
+            parts("corrupt --cgroup /a --port 9 --percent 2.5 --mechanism netem --ttl 1s"),
+            fault::Action::Corrupt(pb::Corrupt {
+                percent: 2.5,
+                mechanism: pb::Mechanism::Netem as i32
+            })
         );
         assert_eq!(
             parts("reorder --cgroup /a --port 9 --gap 20ms --ttl 1s"),
             fault::Action::Reorder(pb::Reorder {
                 percent: 25.0,
                 gap: Some(convert::duration_to_proto(Duration::from_millis(20))),
+                mechanism: 0,
             })
         );
         assert!(inject_command("corrupt --cgroup /a --port 9 --percent 101 --ttl 1s").is_err());

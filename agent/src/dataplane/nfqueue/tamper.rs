@@ -73,12 +73,12 @@ const PACER_BACKLOG: usize = 1024;
 impl Tamper {
     pub(super) fn new(action: &Action) -> Tamper {
         match action {
-            Action::Duplicate { percent } => Tamper::Duplicate {
+            Action::Duplicate { percent, .. } => Tamper::Duplicate {
                 share: percent / 100.0,
                 raw: None,
                 sent: HashMap::new(),
             },
-            Action::Corrupt { percent } => Tamper::Corrupt {
+            Action::Corrupt { percent, .. } => Tamper::Corrupt {
                 share: percent / 100.0,
             },
             Action::Slice { max_bytes, delay } => Tamper::Slice {

@@ -75,14 +75,14 @@ fn spec_of(action: &Action) -> Option<ShapeSpec> {
             burst_bytes: u32::try_from(bandwidth.burst).unwrap_or(u32::MAX),
             tamper: Tamper::default(),
         }),
-        &Action::Duplicate { percent } => Some(tampering(
+        &Action::Duplicate { percent, .. } => Some(tampering(
             Duration::ZERO,
             Tamper {
                 duplicate: percent,
                 ..Tamper::default()
             },
         )),
-        &Action::Corrupt { percent } => Some(tampering(
+        &Action::Corrupt { percent, .. } => Some(tampering(
             Duration::ZERO,
             Tamper {
                 corrupt: percent,
@@ -90,7 +90,7 @@ fn spec_of(action: &Action) -> Option<ShapeSpec> {
             },
         )),
         // netem delays what it does not reorder: the gap is its latency.
-        &Action::Reorder { percent, gap } => Some(tampering(
+        &Action::Reorder { percent, gap, .. } => Some(tampering(
             gap,
             Tamper {
                 reorder: Some(percent),

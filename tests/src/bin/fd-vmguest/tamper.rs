@@ -206,7 +206,10 @@ pub async fn duplicate() -> anyhow::Result<()> {
         "without the fault the receiver got {} of {COUNT}",
         baseline.numbers.len()
     );
-    let action = Action::Duplicate(Duplicate { percent: 100.0 });
+    let action = Action::Duplicate(Duplicate {
+        percent: 100.0,
+        ..Default::default()
+    });
     let fault = inject(&faultd, &cgroup, DUPLICATE_PORT, action).await?;
     show_qdiscs();
     let received = exchange(&cgroup, DUPLICATE_PORT, COUNT, 200, 1000)?;
@@ -241,7 +244,10 @@ pub async fn corrupt() -> anyhow::Result<()> {
     const COUNT: u32 = 200;
     let faultd = Faultd::start().await;
     let cgroup = Cgroup::new();
-    let action = Action::Corrupt(Corrupt { percent: 100.0 });
+    let action = Action::Corrupt(Corrupt {
+        percent: 100.0,
+        ..Default::default()
+    });
     let fault = inject(&faultd, &cgroup, CORRUPT_PORT, action).await?;
     show_qdiscs();
     let before = udp_csum_errors()?;
@@ -288,6 +294,7 @@ pub async fn reorder() -> anyhow::Result<()> {
         gap: Some(faultd::api::convert::duration_to_proto(
             Duration::from_millis(20),
         )),
+        ..Default::default()
     });
     let fault = inject(&faultd, &cgroup, REORDER_PORT, action).await?;
     show_qdiscs();

@@ -62,6 +62,9 @@ pub struct ShareArgs {
     /// Share of the matched packets it acts on, 0 to 100.
     #[arg(long, default_value_t = 100.0, value_parser = parse_percent)]
     pub percent: f64,
+    /// netem or nfqueue (edt only delays); `auto` lets faultd choose.
+    #[arg(long, value_enum, default_value_t = MechanismArg::Auto)]
+    pub mechanism: MechanismArg,
 }
 
 #[derive(Args, Debug)]
@@ -74,6 +77,9 @@ pub struct ReorderArgs {
     /// How long they are held back, e.g. 10ms.
     #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = parse_latency)]
     pub gap: Duration,
+    /// netem or nfqueue (edt only delays); `auto` lets faultd choose.
+    #[arg(long, value_enum, default_value_t = MechanismArg::Auto)]
+    pub mechanism: MechanismArg,
 }
 
 #[derive(Args, Debug)]
@@ -390,12 +396,14 @@ impl InjectCommand {
                 args.common,
                 fault::Action::Duplicate(pb::Duplicate {
                     percent: args.percent,
+                    mechanism: args.mechanism.to_proto(),
                 }),
             ),
             Self::Corrupt(args) => (
                 args.common,
                 fault::Action::Corrupt(pb::Corrupt {
                     percent: args.percent,
+                    mechanism: args.mechanism.to_proto(),
                 }),
             ),
             Self::Reorder(args) => (
@@ -403,6 +411,7 @@ impl InjectCommand {
                 fault::Action::Reorder(pb::Reorder {
                     percent: args.percent,
                     gap: Some(convert::duration_to_proto(args.gap)),
+                    mechanism: args.mechanism.to_proto(),
                 }),
             ),
             Self::Slice(args) => (

@@ -176,15 +176,25 @@ fn action_json(action: Option<&fault::Action>) -> (&'static str, Value) {
             "slowClose",
             json!({ "latency": duration_json(slow.latency.as_ref()) }),
         ),
-        Some(fault::Action::Duplicate(d)) => ("duplicate", json!({ "percent": d.percent })),
+        Some(fault::Action::Duplicate(d)) => (
+            "duplicate",
+            json!({ "percent": d.percent, "mechanism": mechanism_json(d.mechanism) }),
+        ),
         Some(fault::Action::Slice(s)) => (
             "slice",
             json!({ "maxBytes": s.max_bytes, "delay": duration_json(s.delay.as_ref()) }),
         ),
-        Some(fault::Action::Corrupt(c)) => ("corrupt", json!({ "percent": c.percent })),
+        Some(fault::Action::Corrupt(c)) => (
+            "corrupt",
+            json!({ "percent": c.percent, "mechanism": mechanism_json(c.mechanism) }),
+        ),
         Some(fault::Action::Reorder(r)) => (
             "reorder",
-            json!({ "percent": r.percent, "gap": duration_json(r.gap.as_ref()) }),
+            json!({
+                "percent": r.percent,
+                "gap": duration_json(r.gap.as_ref()),
+                "mechanism": mechanism_json(r.mechanism),
+            }),
         ),
         None => ("action", Value::Null),
     }
