@@ -21,6 +21,9 @@
 //! A rule whose action is a request code (`ACTION_REQ_*`) acts only on segments that start with
 //! a request it names (`request`); only such rules read payload.
 //!
+//! A `stall` rule drops only the TCP segments that carry data or a FIN, so its connections stay
+//! established (ACKs and keepalives pass) while no data flows in the matched direction.
+//!
 //! The tc classifier for delay and bandwidth faults lives in `shape`.
 #![no_std]
 #![no_main]
@@ -44,8 +47,8 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, TcContext, sk_buff::SkBuff},
 };
 use faultd_common::{
-    ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, ACTION_REQ_LOSE_REPLY, Counters,
-    DIR_CONNECT, DIR_EGRESS, DIR_INGRESS, ECONNREFUSED, FAMILY_V4, FAMILY_V6, MAX_FAULTS,
+    ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, ACTION_REQ_LOSE_REPLY, ACTION_STALL,
+    Counters, DIR_CONNECT, DIR_EGRESS, DIR_INGRESS, ECONNREFUSED, FAMILY_V4, FAMILY_V6, MAX_FAULTS,
     MAX_PEERS, MAX_RULES, MAX_SCOPES, PEER_KEY_FIXED_BITS, PORTS, PROTO_TCP, PROTO_UDP, PeerKey,
     RuleKey, RuleValue, ScopeValue, is_request_action, netns_scope_id, port_bit,
 };
@@ -98,6 +101,8 @@ struct Packet {
     family: u32,
     /// Offset of the remote address in the packet (read only for rules with peers).
     remote_addr: usize,
+    /// Offset of the TCP/UDP header (read only for stall rules).
+    l4: usize,
 }
 
 /// `base`: where the IP header starts (0 in cgroup_skb programs, after the Ethernet header in tc).
@@ -108,9 +113,9 @@ fn parse(ctx: &SkBuff, base: usize, direction: u8) -> Option<Packet> {
     // `protocol` holds the EtherType in network byte order.
     let ethertype = u16::from_be(unsafe { (*ctx.skb).protocol } as u16) as u32;
     let egress = direction == DIR_EGRESS;
-    let (protocol, ports, family, remote_addr) = match ethertype {
+    let (protocol, ports, family, remote_addr, l4) = match ethertype {
         ETH_P_IP => {
-            let (vihl, frag, protocol, ports) = match in_place::<IPV4_READ>(ctx, base) {
+            let (vihl, frag, protocol, ports, header) = match in_place::<IPV4_READ>(ctx, base) {
                 Some(h) => {
                     // SAFETY: `in_place` checked that IPV4_READ bytes from `h` are packet data.
                     let at = |i: usize| unsafe { *((h + i) as *const u8) };
@@ -120,7 +125,7 @@ fn parse(ctx: &SkBuff, base: usize, direction: u8) -> Option<Packet> {
                     } else {
                         ctx.load(base + header).ok()?
                     };
-                    (at(0), [at(6), at(7)], at(9), ports)
+                    (at(0), [at(6), at(7)], at(9), ports, header)
                 }
                 None => {
                     let h: [u8; IPV4_READ] = ctx.load(base).ok()?;
@@ -130,7 +135,7 @@ fn parse(ctx: &SkBuff, base: usize, direction: u8) -> Option<Packet> {
                     } else {
                         ctx.load(base + header).ok()?
                     };
-                    (h[0], [h[6], h[7]], h[9], ports)
+                    (h[0], [h[6], h[7]], h[9], ports, header)
                 }
             };
             if vihl >> 4 != 4 {
@@ -140,7 +145,7 @@ fn parse(ctx: &SkBuff, base: usize, direction: u8) -> Option<Packet> {
                 return None; // a non-first fragment has no ports
             }
             let remote_addr = base + if egress { 16 } else { 12 };
-            (protocol, ports, FAMILY_V4, remote_addr)
+            (protocol, ports, FAMILY_V4, remote_addr, base + header)
         }
         ETH_P_IPV6 => {
             let (next, ports) = match in_place::<IPV6_READ>(ctx, base) {
@@ -155,7 +160,7 @@ fn parse(ctx: &SkBuff, base: usize, direction: u8) -> Option<Packet> {
                 }
             };
             let remote_addr = base + if egress { 24 } else { 8 };
-            (next, ports, FAMILY_V6, remote_addr)
+            (next, ports, FAMILY_V6, remote_addr, base + 40)
         }
         _ => return None,
     };
@@ -175,6 +180,7 @@ fn parse(ctx: &SkBuff, base: usize, direction: u8) -> Option<Packet> {
         remote,
         family,
         remote_addr,
+        l4,
     })
 }
 
@@ -315,8 +321,30 @@ fn scope_drops(ctx: &SkBuff, scope: u64, direction: u8, packet: &Packet) -> Opti
                 _ => Verdict::Drop(false),
             },
         ),
-        rule => Some(Verdict::Drop(rule.is_some_and(apply))),
+        rule => {
+            Some(Verdict::Drop(rule.is_some_and(|rule| {
+                apply(rule, || carries_data(ctx, packet))
+            })))
+        }
     }
+}
+
+/// Whether a TCP segment carries data or a FIN (what a stall holds back): its length beyond the
+/// TCP header, or its FIN flag. Pure ACKs, SYNs and RSTs do not. `skb->len` counts from the
+/// start of the packet data the program sees (GSO packets included), as `l4` does.
+#[inline(always)]
+fn carries_data(ctx: &SkBuff, packet: &Packet) -> bool {
+    if packet.protocol != PROTO_TCP {
+        return true;
+    }
+    // Byte 12: data offset (high nibble, 32-bit words); byte 13: flags.
+    let Ok(bytes) = ctx.load::<[u8; 2]>(packet.l4 + 12) else {
+        return false; // fail open
+    };
+    const FIN: u8 = 0x01;
+    let header = ((bytes[0] >> 4) as usize) * 4;
+    let len = unsafe { (*ctx.skb).len } as usize;
+    bytes[1] & FIN != 0 || len > packet.l4 + header
 }
 
 /// tc verdicts: TC_ACT_UNSPEC hands the packet on (the next program, or the stack); TC_ACT_SHOT.
@@ -354,15 +382,23 @@ fn tc_should_drop(ctx: &TcContext, direction: u8) -> Option<bool> {
     Some(decide(&ctx.skb, ETH_HLEN, &packet, verdict))
 }
 
-/// Counts the packet against the rule and says whether to drop it.
+/// Counts the packet against the rule and says whether to drop it. `data`: whether the packet
+/// carries data, asked only of a stall rule.
 #[inline(always)]
-fn apply(rule: &RuleValue) -> bool {
+fn apply(rule: &RuleValue, data: impl FnOnce() -> bool) -> bool {
     if unsafe { bpf_ktime_get_ns() } >= rule.expires_at_ns {
         return false;
     }
     let counters = FAULTD_COUNTERS.get_ptr_mut(rule.counter_slot);
     if let Some(c) = counters {
         unsafe { (*c).matched += 1 };
+    }
+    if rule.action == ACTION_STALL {
+        let stalled = data();
+        if stalled && let Some(c) = counters {
+            unsafe { (*c).dropped += 1 };
+        }
+        return stalled;
     }
     if rule.action != ACTION_DROP {
         return false;

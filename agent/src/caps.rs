@@ -92,13 +92,28 @@ impl Capabilities {
         }
     }
 
-    /// Adds delay and bandwidth: the mechanism the engine picks for a fault that leaves the
+    /// Adds delay, bandwidth, slow_connect and slow_close: the mechanism the engine picks for a fault that leaves the
     /// choice to it, given its shapers, or why none can apply the action.
     pub fn add_shaping(&mut self, shapers: &[Box<dyn Shaper>]) {
         let ms = std::time::Duration::from_millis;
         let samples = [
             ("delay", Action::delay(ms(1), ms(0), 0.0, None, "delay")),
             ("bandwidth", Action::bandwidth(1, 0, None, "bandwidth")),
+            ("slow_connect", Action::slow(true, ms(1), "slow_connect")),
+            ("slow_close", Action::slow(false, ms(1), "slow_close")),
+            (
+                "duplicate",
+                Action::tamper("duplicate", 1.0, ms(0), None, "duplicate"),
+            ),
+            (
+                "corrupt",
+                Action::tamper("corrupt", 1.0, ms(0), None, "corrupt"),
+            ),
+            (
+                "reorder",
+                Action::tamper("reorder", 1.0, ms(0), None, "reorder"),
+            ),
+            ("slice", Action::slice(16, ms(0), "slice")),
         ];
         for (name, action) in samples {
             let Ok(action) = action else {
@@ -132,6 +147,8 @@ const ACTIONS: &[(&str, Action)] = &[
     ("reset", Action::Reset { after_bytes: None }),
     // Only with a request match (Redis commands, PostgreSQL statements).
     ("lose_reply", Action::LoseReply),
+    // close_after needs sock_destroy too, which the report lists.
+    ("stall", Action::Stall { close_after: None }),
 ];
 
 fn kernel_release() -> String {

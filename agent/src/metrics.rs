@@ -343,7 +343,8 @@ impl Collector for SourceCollector {
             &mut encoder,
             "fault_packets_affected",
             "What a fault did, per fault and effect: packets dropped, connects refused, \
-             packets delayed, connections reset",
+             packets delayed, connections reset, packets duplicated, corrupted, reordered, \
+             TCP segments sliced",
             faults.iter().flat_map(|f| {
                 f.effects().into_iter().map(move |(effect, value)| {
                     let fault = fault_labels(f);
@@ -367,7 +368,8 @@ impl Collector for SourceCollector {
             "packets_affected",
             "What faults did, over every fault of this agent (ended ones included), by action, \
              mechanism, scope kind and effect: packets dropped, connects refused, packets \
-             delayed, connections reset",
+             delayed, connections reset, packets duplicated, corrupted, reordered, TCP segments \
+             sliced",
             totals.affected.iter().map(|((key, effect), value)| {
                 let total = total_labels(key);
                 (TotalEffectLabels { total, effect }, *value)

@@ -14,6 +14,18 @@ Modes:
   redis-subscribe HOST PORT CHANNEL   print every published message until the connection breaks
   redis-loop HOST PORT INTERVAL_MS   a container's client loop: PING every INTERVAL_MS on one
       redis-py client (0.5 s timeouts, reconnecting as redis-py does), "pong" or "error" each time
+  redis-get-loop HOST PORT KEY INTERVAL_MS SECONDS
+      SET KEY once ("ready", with the connection's local port), then a GET every INTERVAL_MS on
+      that one redis-py connection, waiting as long as the answer takes (no socket timeout, as
+      redis-py's default): "got" with started (ns), took_ns, local_port; stops at an "error"
+  tcp-eof-server PORT          accept one connection on 127.0.0.1:PORT ("listening" first), then
+      "data" when its first bytes arrive and "eof" when the peer's close (FIN) does
+  tcp-close HOST PORT          connect, send a few bytes ("sent"), wait 200 ms, then close
+      ("closing", stamped just before close())
+  tcp-sniff-echo PORT SIZE     capture lo (AF_PACKET), accept one connection on 127.0.0.1:PORT,
+      read SIZE bytes and echo them back; "done" with the read sizes and the data sizes of the
+      TCP segments to PORT that lo delivered
+  tcp-echo-client HOST PORT SIZE   send SIZE patterned bytes, read them back: "echoed" (intact)
   redis-stream HOST PORT CHUNK INTERVAL_MS SECONDS
       GETs of a CHUNK-byte value every INTERVAL_MS, reconnecting when the connection breaks
   redis-writer HOST PORT PREFIX SECONDS
@@ -134,6 +146,126 @@ def redis_loop(host, port, interval_ms):
         except redis.RedisError as exc:
             emit("error", took_ns=time.time_ns() - start, **error_fields(exc))
         time.sleep(int(interval_ms) / 1000)
+
+
+def redis_get_loop(host, port, key, interval_ms, seconds):
+    import redis
+
+    # One connection, no retries: what the test watches is that connection's fate.
+    client = redis.Redis(
+        host=host,
+        port=int(port),
+        socket_connect_timeout=2,
+        single_connection_client=True,
+        retry_on_timeout=False,
+    )
+    value = b"v" * 100
+    client.set(key, value)
+    local_port = client.connection._sock.getsockname()[1]
+    emit("ready", local_port=local_port)
+    end = time.monotonic() + float(seconds)
+    while time.monotonic() < end:
+        started = time.time_ns()
+        try:
+            got = client.get(key)
+        except redis.RedisError as exc:
+            emit("error", started=started, took_ns=time.time_ns() - started, **error_fields(exc))
+            return
+        sock = client.connection._sock
+        emit(
+            "got",
+            started=started,
+            took_ns=time.time_ns() - started,
+            intact=got == value,
+            local_port=sock.getsockname()[1] if sock else None,
+        )
+        time.sleep(int(interval_ms) / 1000)
+
+
+def tcp_eof_server(port):
+    import socket
+
+    server = socket.create_server(("127.0.0.1", int(port)))
+    emit("listening")
+    conn, _ = server.accept()
+    first = True
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            emit("eof")
+            return
+        if first:
+            emit("data")
+            first = False
+
+
+def tcp_close(host, port):
+    import socket
+
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    emit("sent")
+    sock.sendall(b"hello")
+    time.sleep(0.2)
+    emit("closing")
+    sock.close()
+
+
+def tcp_sniff_echo(port, size):
+    import socket
+    import struct
+
+    port, size = int(port), int(size)
+    sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    sniff.bind(("lo", 0))
+    server = socket.create_server(("127.0.0.1", port))
+    emit("listening")
+    conn, _ = server.accept()
+    got, reads = b"", []
+    while len(got) < size:
+        data = conn.recv(65536)
+        if not data:
+            break
+        reads.append(len(data))
+        got += data
+    conn.sendall(got)
+    conn.close()
+    sniff.setblocking(False)
+    segments = []
+    while True:
+        try:
+            frame, addr = sniff.recvfrom(70000)
+        except BlockingIOError:
+            break
+        if addr[2] != socket.PACKET_HOST:
+            continue
+        ip = frame[14:]  # lo's (all-zero) Ethernet header
+        if len(ip) < 40 or ip[0] >> 4 != 4 or ip[9] != 6:
+            continue
+        ihl = (ip[0] & 15) * 4
+        tcp = ip[ihl:]
+        if struct.unpack("!H", tcp[2:4])[0] != port:
+            continue
+        data = struct.unpack("!H", ip[2:4])[0] - ihl - (tcp[12] >> 4) * 4
+        if data > 0:
+            segments.append(data)
+    emit("done", reads=reads, segments=segments)
+
+
+def tcp_echo_client(host, port, size):
+    import socket
+
+    size = int(size)
+    payload = bytes(i % 251 for i in range(size))
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    emit("sending")
+    sock.sendall(payload)
+    back = b""
+    while len(back) < size:
+        data = sock.recv(65536)
+        if not data:
+            break
+        back += data
+    emit("echoed", intact=back == payload, size=len(back))
 
 
 def redis_stream(host, port, chunk, interval_ms, seconds):
@@ -274,7 +406,12 @@ MODES = {
     "redis-connect": redis_connect_once,
     "redis-subscribe": redis_subscribe,
     "redis-loop": redis_loop,
+    "redis-get-loop": redis_get_loop,
     "redis-stream": redis_stream,
+    "tcp-eof-server": tcp_eof_server,
+    "tcp-close": tcp_close,
+    "tcp-sniff-echo": tcp_sniff_echo,
+    "tcp-echo-client": tcp_echo_client,
     "redis-writer": redis_writer,
     "pg-writer": pg_writer,
 }

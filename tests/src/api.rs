@@ -10,8 +10,9 @@ use faultd_proto::v1::target::Scope;
 use faultd_proto::v1::{
     Bandwidth, CgroupScope, Delay, Direction, Drop, Fault, GetFaultRequest, GrantRequest,
     InjectRequest, Lease, ListFaultsRequest, ListLeasesRequest, Mechanism, PortRange, Protocol,
-    Reject, RemoveRequest, Reset, Target,
+    Reject, RemoveRequest, Reset, SlowClose, SlowConnect, Stall, Target,
 };
+use faultd_proto::v1::{Corrupt, Duplicate, Reorder, Slice};
 use tonic::transport::Channel;
 
 use crate::cgroup::Cgroup;
@@ -71,6 +72,81 @@ pub fn reject_fault(target: Target) -> Fault {
 pub fn reset_fault(target: Target, after_bytes: Option<u64>) -> Fault {
     Fault {
         action: Some(Action::Reset(Reset { after_bytes })),
+        target: Some(target),
+        ..Default::default()
+    }
+}
+
+/// A stall fault on `target`: connections stay up, no data flows; with `close_after`, each
+/// connection is then torn down.
+pub fn stall_fault(target: Target, close_after: Option<Duration>) -> Fault {
+    Fault {
+        action: Some(Action::Stall(Stall {
+            close_after: close_after.map(|d| prost_types::Duration {
+                seconds: d.as_secs() as i64,
+                nanos: d.subsec_nanos() as i32,
+            }),
+        })),
+        target: Some(target),
+        ..Default::default()
+    }
+}
+
+/// A slow_connect (`connect` true) or slow_close fault on `target`, holding SYNs or FINs for
+/// `latency`.
+pub fn slow_fault(connect: bool, latency: Duration, target: Target) -> Fault {
+    let latency = Some(prost_types::Duration {
+        seconds: latency.as_secs() as i64,
+        nanos: latency.subsec_nanos() as i32,
+    });
+    let action = match connect {
+        true => Action::SlowConnect(SlowConnect { latency }),
+        false => Action::SlowClose(SlowClose { latency }),
+    };
+    Fault {
+        action: Some(action),
+        target: Some(target),
+        ..Default::default()
+    }
+}
+
+/// A duplicate, corrupt or reorder fault (`name`) of `percent` on `target`; a reorder holds
+/// packets back by `gap`.
+pub fn tamper_fault(name: &str, percent: f64, gap: Duration, target: Target) -> Fault {
+    let action = match name {
+        "duplicate" => Action::Duplicate(Duplicate {
+            percent,
+            ..Default::default()
+        }),
+        "corrupt" => Action::Corrupt(Corrupt {
+            percent,
+            ..Default::default()
+        }),
+        "reorder" => Action::Reorder(Reorder {
+            percent,
+            gap: Some(prost_types::Duration {
+                seconds: gap.as_secs() as i64,
+                nanos: gap.subsec_nanos() as i32,
+            }),
+            ..Default::default()
+        }),
+        other => panic!("no tamper fault {other:?}"),
+    };
+    Fault {
+        action: Some(action),
+        target: Some(target),
+        ..Default::default()
+    }
+}
+
+/// A slice fault on `target`: TCP data cut into pieces of at most `max_bytes`, `delay` apart.
+pub fn slice_fault(max_bytes: u32, delay: Duration, target: Target) -> Fault {
+    let delay = Some(prost_types::Duration {
+        seconds: delay.as_secs() as i64,
+        nanos: delay.subsec_nanos() as i32,
+    });
+    Fault {
+        action: Some(Action::Slice(Slice { max_bytes, delay })),
         target: Some(target),
         ..Default::default()
     }

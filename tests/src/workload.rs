@@ -556,6 +556,8 @@ pub struct UdpCount {
     pub distinct: u64,
     /// Datagrams the namespace lost to a full socket buffer (not the fault's doing).
     pub rcvbuf_errors: u64,
+    /// Datagrams that came after one numbered higher (out of order).
+    pub late: u64,
 }
 
 pub struct UdpReceiver {
@@ -598,6 +600,7 @@ impl UdpReceiver {
             received: field(&rest, "received"),
             distinct: field(&rest, "distinct"),
             rcvbuf_errors: field(&rest, "rcvbuf_errors"),
+            late: field(&rest, "late"),
         }
     }
 }

@@ -9,7 +9,8 @@ use faultd_proto::v1::{
 };
 use faultd_tests::api::{
     bandwidth_fault, cgroup_target, delay_fault, drop_fault, list_faults, list_leases,
-    reject_fault, reset_fault, under_lease, with_ttl,
+    reject_fault, reset_fault, slice_fault, slow_fault, stall_fault, tamper_fault, under_lease,
+    with_ttl,
 };
 use faultd_tests::uniq::uniq;
 use faultd_tests::{Cgroup, Faultd, FaultdOptions};
@@ -165,11 +166,88 @@ async fn bad_requests_name_the_field_and_change_nothing() {
             with_ttl(
                 reject_fault(faultd_proto::v1::Target {
                     protocol: Protocol::Udp.into(),
-                    ..interface
+                    ..interface.clone()
                 }),
                 minute,
             ),
             "fault.target.protocol",
+        ),
+        (
+            "stall of UDP (it holds TCP data)",
+            with_ttl(
+                stall_fault(
+                    cgroup_target(&cgroup, &[6379], Protocol::Udp, Direction::Egress),
+                    None,
+                ),
+                minute,
+            ),
+            "fault.target.protocol",
+        ),
+        (
+            "slow_connect of 0 s",
+            with_ttl(slow_fault(true, Duration::ZERO, good()), minute),
+            "fault.slow_connect.latency",
+        ),
+        (
+            "slow_close over the longest delay",
+            with_ttl(slow_fault(false, Duration::from_secs(61), good()), minute),
+            "fault.slow_close.latency",
+        ),
+        (
+            "slow_connect of UDP",
+            with_ttl(
+                slow_fault(
+                    true,
+                    Duration::from_millis(300),
+                    cgroup_target(&cgroup, &[6379], Protocol::Udp, Direction::Egress),
+                ),
+                minute,
+            ),
+            "fault.target.protocol",
+        ),
+        (
+            "duplicate of 150%",
+            with_ttl(
+                tamper_fault("duplicate", 150.0, Duration::ZERO, good()),
+                minute,
+            ),
+            "fault.duplicate.percent",
+        ),
+        (
+            "corrupt of NaN %",
+            with_ttl(
+                tamper_fault("corrupt", f64::NAN, Duration::ZERO, good()),
+                minute,
+            ),
+            "fault.corrupt.percent",
+        ),
+        (
+            "reorder with a gap over the longest delay",
+            with_ttl(
+                tamper_fault("reorder", 25.0, Duration::from_secs(61), good()),
+                minute,
+            ),
+            "fault.reorder.gap",
+        ),
+        (
+            "slice of 0 bytes",
+            with_ttl(slice_fault(0, Duration::ZERO, good()), minute),
+            "fault.slice.max_bytes",
+        ),
+        (
+            "slice with 1 s between pieces",
+            with_ttl(slice_fault(16, Duration::from_secs(1), good()), minute),
+            "fault.slice.delay",
+        ),
+        (
+            "stall closing after 0 s",
+            with_ttl(stall_fault(good(), Some(Duration::ZERO)), minute),
+            "fault.stall.close_after",
+        ),
+        (
+            "stall closing connections on an interface in a network namespace",
+            with_ttl(stall_fault(interface, Some(Duration::from_secs(1))), minute),
+            "fault.stall.close_after",
         ),
         (
             "reset after 0 bytes",

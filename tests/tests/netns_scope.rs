@@ -17,7 +17,7 @@ use faultd_proto::v1::{
 };
 use faultd_tests::api::{
     bandwidth_fault, counters, delay_fault, drop_fault, get_fault_until, grant, reject_fault,
-    remove, reset_fault, under_lease, with_ttl,
+    remove, reset_fault, stall_fault, under_lease, with_ttl,
 };
 use faultd_tests::process::{blocking, output, poll, run_ok};
 use faultd_tests::servers::REDIS_PORT;
@@ -221,6 +221,49 @@ async fn a_drop_on_a_routers_interface_hits_the_traffic_routed_through_it() {
         status.message().contains("fault.target.netns.path"),
         "{status:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
+async fn a_stall_on_a_routers_interface_lets_connections_open_but_no_data_through() {
+    let _serial = SERIAL.lock().await;
+    let routed = Routed::new();
+    let _redis = Redis::start_bound(&routed.server, &[Routed::SERVER]);
+    let faultd = Faultd::start().await;
+    let mut faults = faultd.faults();
+    let client = Workload::outside(fd_probe!(), &routed.client);
+    let fault = faults
+        .inject(with_ttl(
+            stall_fault(routed.target("r1", Direction::Both), None),
+            Duration::from_secs(60),
+        ))
+        .await
+        .unwrap_or_else(|s| panic!("Inject of a stall on r1 failed: {s:?}"))
+        .into_inner();
+    // The handshake crosses the router (no data in it): connects succeed, unlike under a drop.
+    let addr = format!("{}:{REDIS_PORT}", Routed::SERVER);
+    let ms = Duration::from_millis;
+    let attempts = blocking(|| client.tcp_probe(&addr, ms(20), ms(1000), ms(300)).finish());
+    assert!(
+        attempts.iter().all(|a| a.ok),
+        "connects through a stalled router should succeed: {attempts:?}"
+    );
+    // The data does not: redis-cli's PING hangs until its timeout.
+    let run = client.redis_ping_at(Routed::SERVER);
+    assert!(
+        run.timed_out(),
+        "a stall on r1 should leave the PING unanswered: {run}"
+    );
+    let seen = get_fault_until(&mut faults, &fault.id, |m, d| m > d && d > 0).await;
+    let (matched, dropped) = counters(&seen);
+    eprintln!("MEASURE netns_stall_matched={matched} dropped={dropped}");
+    assert!(
+        dropped > 0 && matched > dropped,
+        "the tc programs should pass the handshakes and hold the data back: {seen:?}"
+    );
+    remove(&mut faults, &fault.id).await;
+    let run = client.redis_ping_at(Routed::SERVER);
+    assert!(run.answered(), "after Remove Redis answers again: {run}");
 }
 
 /// `count` PINGs from the client to the server through the router, 10 ms apart.

@@ -76,6 +76,10 @@ pub const ACTION_PEERS: u32 = 3;
 /// `RuleValue::action` of a peers-map entry for an excluded prefix: no fault applies.
 pub const ACTION_PASS: u32 = 0;
 
+/// `RuleValue::action` of a `stall` fault: drop the matched TCP segments that carry data or a
+/// FIN; pure ACKs, SYNs and RSTs pass, so the connection stays up while no data flows.
+pub const ACTION_STALL: u32 = 20;
+
 /// LPM trie `PeerKey` → `RuleValue`: the peers (CIDRs) of faults that name them.
 pub const PEERS_MAP: &str = "FAULTD_PEERS";
 /// Capacity of the peers map (prefixes × kernel keys of the faults with peers).
@@ -163,6 +167,13 @@ pub struct Counters {
     pub requests_matched: u64,
     /// Matched requests the fault acted on (dropped, or their connection reset).
     pub requests_affected: u64,
+    /// Packets a duplicate fault sent twice, a corrupt fault damaged, a reorder fault held
+    /// back behind later ones (NFQUEUE counts these in user space).
+    pub duplicated: u64,
+    pub corrupted: u64,
+    pub reordered: u64,
+    /// TCP segments a slice fault cut into pieces.
+    pub sliced: u64,
 }
 
 /// Shaping (delay, bandwidth) at the tc egress hook: hash map `RuleKey` → `ShapeValue`.
@@ -354,7 +365,7 @@ mod tests {
         assert_eq!(size_of::<RuleValue>(), 24);
         assert_eq!(size_of::<PeerKey>(), 40);
         assert_eq!(size_of::<ScopeValue>(), 8);
-        assert_eq!(size_of::<Counters>(), 48);
+        assert_eq!(size_of::<Counters>(), 80);
         assert_eq!(size_of::<RequestSpec>(), 40);
         assert_eq!(size_of::<RequestName>(), 24);
         assert_eq!(size_of::<RequestEvent>(), 16);

@@ -103,10 +103,55 @@ fn action(action: Option<pb::fault::Action>) -> Result<Action, Invalid> {
         Some(pb::fault::Action::Reset(reset)) => {
             Action::reset(reset.after_bytes, "fault.reset.after_bytes")?
         }
+        Some(pb::fault::Action::Stall(stall)) => Action::stall(
+            stall
+                .close_after
+                .as_ref()
+                .map(|d| ttl(Some(d), "fault.stall.close_after"))
+                .transpose()?,
+            "fault.stall",
+        )?,
+        Some(pb::fault::Action::SlowConnect(slow)) => Action::slow(
+            true,
+            ttl(slow.latency.as_ref(), "fault.slow_connect.latency")?,
+            "fault.slow_connect",
+        )?,
+        Some(pb::fault::Action::SlowClose(slow)) => Action::slow(
+            false,
+            ttl(slow.latency.as_ref(), "fault.slow_close.latency")?,
+            "fault.slow_close",
+        )?,
+        Some(pb::fault::Action::Duplicate(tamper)) => Action::tamper(
+            "duplicate",
+            tamper.percent,
+            Duration::ZERO,
+            mechanism(tamper.mechanism, "fault.duplicate.mechanism")?,
+            "fault.duplicate",
+        )?,
+        Some(pb::fault::Action::Corrupt(tamper)) => Action::tamper(
+            "corrupt",
+            tamper.percent,
+            Duration::ZERO,
+            mechanism(tamper.mechanism, "fault.corrupt.mechanism")?,
+            "fault.corrupt",
+        )?,
+        Some(pb::fault::Action::Reorder(tamper)) => Action::tamper(
+            "reorder",
+            tamper.percent,
+            optional_duration(tamper.gap.as_ref(), "fault.reorder.gap")?,
+            mechanism(tamper.mechanism, "fault.reorder.mechanism")?,
+            "fault.reorder",
+        )?,
+        Some(pb::fault::Action::Slice(slice)) => Action::slice(
+            slice.max_bytes,
+            optional_duration(slice.delay.as_ref(), "fault.slice.delay")?,
+            "fault.slice",
+        )?,
         None => {
             return Err(Invalid::new(
                 "fault",
-                "an action is required (drop, delay, bandwidth, reject or reset)",
+                "an action is required (drop, delay, bandwidth, reject, reset, stall, \
+                 slow_connect, slow_close, duplicate, corrupt, reorder or slice)",
             ));
         }
     })
@@ -293,6 +338,10 @@ pub fn fault(view: FaultView) -> pb::Fault {
             delayed: view.counters.delayed,
             requests_matched: view.counters.requests_matched,
             requests_affected: view.counters.requests_affected,
+            duplicated: view.counters.duplicated,
+            corrupted: view.counters.corrupted,
+            reordered: view.counters.reordered,
+            sliced: view.counters.sliced,
         }),
         expires_at: Some(timestamp(view.expires_at)),
         remaining: Some(duration_to_proto(view.remaining)),
@@ -327,6 +376,36 @@ fn action_to_proto(action: Action) -> pb::fault::Action {
         Action::Reject => pb::fault::Action::Reject(pb::Reject {}),
         Action::LoseReply => pb::fault::Action::LoseReply(pb::LoseReply {}),
         Action::Reset { after_bytes } => pb::fault::Action::Reset(pb::Reset { after_bytes }),
+        Action::Stall { close_after } => pb::fault::Action::Stall(pb::Stall {
+            close_after: close_after.map(duration_to_proto),
+        }),
+        Action::SlowConnect { latency } => pb::fault::Action::SlowConnect(pb::SlowConnect {
+            latency: Some(duration_to_proto(latency)),
+        }),
+        Action::SlowClose { latency } => pb::fault::Action::SlowClose(pb::SlowClose {
+            latency: Some(duration_to_proto(latency)),
+        }),
+        Action::Duplicate { percent, mechanism } => pb::fault::Action::Duplicate(pb::Duplicate {
+            percent,
+            mechanism: mechanism_to_proto(mechanism),
+        }),
+        Action::Corrupt { percent, mechanism } => pb::fault::Action::Corrupt(pb::Corrupt {
+            percent,
+            mechanism: mechanism_to_proto(mechanism),
+        }),
+        Action::Reorder {
+            percent,
+            gap,
+            mechanism,
+        } => pb::fault::Action::Reorder(pb::Reorder {
+            percent,
+            gap: Some(duration_to_proto(gap)),
+            mechanism: mechanism_to_proto(mechanism),
+        }),
+        Action::Slice { max_bytes, delay } => pb::fault::Action::Slice(pb::Slice {
+            max_bytes,
+            delay: Some(duration_to_proto(delay)),
+        }),
     }
 }
 

@@ -363,6 +363,7 @@ impl Dataplane for CgroupSkbDataplane {
             delayed: sum.delayed + c.delayed,
             requests_matched: sum.requests_matched + c.requests_matched,
             requests_affected: sum.requests_affected + c.requests_affected,
+            ..sum
         }))
     }
 
@@ -381,7 +382,14 @@ impl Dataplane for CgroupSkbDataplane {
 
     fn mechanism(&self, action: &Action) -> Result<&'static str, Unavailable> {
         match action {
-            Action::Drop { .. } => Ok("cgroup_skb"),
+            Action::Drop { .. } | Action::Stall { close_after: None } => Ok("cgroup_skb"),
+            Action::Stall {
+                close_after: Some(_),
+            } => self
+                .sock_destroy
+                .clone()
+                .map(|()| "cgroup_skb+sock_diag")
+                .map_err(Unavailable::SockDestroy),
             Action::Reject => self
                 .connect
                 .clone()
@@ -399,7 +407,14 @@ impl Dataplane for CgroupSkbDataplane {
                     .map(|()| "sock_diag+cgroup_connect")
                     .map_err(Unavailable::ConnectPrograms)
             }
-            Action::Delay(_) | Action::Bandwidth(_) => Err(Unavailable::Shaping),
+            Action::Delay(_)
+            | Action::Bandwidth(_)
+            | Action::SlowConnect { .. }
+            | Action::SlowClose { .. }
+            | Action::Duplicate { .. }
+            | Action::Corrupt { .. }
+            | Action::Reorder { .. }
+            | Action::Slice { .. } => Err(Unavailable::Shaping),
             Action::LoseReply => self.request_mechanism(action),
         }
     }

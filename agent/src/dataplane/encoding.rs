@@ -5,7 +5,7 @@
 use aya::maps::lpm_trie::Key as LpmKey;
 use faultd_common::{
     ACTION_DROP, ACTION_PASS, ACTION_PEERS, ACTION_REJECT, ACTION_REQ_DROP, ACTION_REQ_LOSE_REPLY,
-    ACTION_REQ_RESET, FAMILY_V4, FAMILY_V6, PEER_KEY_FIXED_BITS, PeerKey, RuleValue,
+    ACTION_REQ_RESET, ACTION_STALL, FAMILY_V4, FAMILY_V6, PEER_KEY_FIXED_BITS, PeerKey, RuleValue,
 };
 
 use super::PeerEntry;
@@ -36,11 +36,19 @@ pub fn rule_value(action: &Action, slot: u32, expires_at_ns: u64) -> RuleValue {
         counter_slot: slot,
         action: match action {
             Action::Reject | Action::Reset { .. } => ACTION_REJECT,
-            // Delay and bandwidth never reach the map (their shaper applies them), nor does
+            Action::Stall { .. } => ACTION_STALL,
+            // Shaped actions never reach the map (their shaper applies them), nor does
             // lose_reply without a request match (validation refuses it).
-            Action::Drop { .. } | Action::Delay(_) | Action::Bandwidth(_) | Action::LoseReply => {
-                ACTION_DROP
-            }
+            Action::Drop { .. }
+            | Action::Delay(_)
+            | Action::Bandwidth(_)
+            | Action::LoseReply
+            | Action::SlowConnect { .. }
+            | Action::SlowClose { .. }
+            | Action::Duplicate { .. }
+            | Action::Corrupt { .. }
+            | Action::Reorder { .. }
+            | Action::Slice { .. } => ACTION_DROP,
         },
     }
 }

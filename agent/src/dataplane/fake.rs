@@ -166,7 +166,7 @@ impl Dataplane for FakeDataplane {
 
     fn mechanism(&self, action: &Action) -> Result<&'static str, Unavailable> {
         match (action, &self.lock().connect_missing) {
-            (Action::Drop { .. }, _) => Ok("fake"),
+            (Action::Drop { .. } | Action::Stall { .. }, _) => Ok("fake"),
             (_, Some(missing)) => Err(Unavailable::Missing(missing.clone())),
             (_, None) => Ok("fake-connect"),
         }

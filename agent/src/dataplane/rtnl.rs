@@ -388,6 +388,11 @@ fn attribute(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
     out.resize(out.len() + ((4 - length % 4) % 4), 0);
 }
 
+/// Appends an attribute whose payload is `values` (a struct of u32s).
+pub fn push_attribute(out: &mut Vec<u8>, kind: u16, values: &[u32]) {
+    attribute(out, kind, &u32s(values));
+}
+
 fn u32s(values: &[u32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_ne_bytes()).collect()
 }

@@ -14,6 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::fault::{PeerSet, PortRange};
 use crate::target::namespaces::in_netns;
@@ -34,6 +35,10 @@ pub struct SocketFilter {
     /// An interface's network namespace (`reset` on a netns scope): its sockets match whatever
     /// their cgroup (`cgroup_dir` is not read), but loopback ones, which cross no interface.
     pub netns: Option<PathBuf>,
+    /// Only connections that earlier passes of the same `Sockets` have seen for at least this
+    /// long (`stall{close_after}`: each connection gets its own allowance from when the fault
+    /// first saw it).
+    pub min_age: Option<Duration>,
 }
 
 impl SocketFilter {
@@ -101,6 +106,27 @@ pub enum SockDiagError {
 #[derive(Default)]
 pub struct Sockets {
     by_ns: HashMap<(u64, u64), OwnedFd>,
+    /// For `SocketFilter::min_age`: when a pass first saw each matching connection, by socket
+    /// cookie (unique across namespaces until reboot). Only those seen in the last pass are kept.
+    first_seen: HashMap<[u8; 8], Instant>,
+}
+
+/// What `destroy_in` needs of the ages of the connections (`SocketFilter::min_age`).
+struct Ages<'a> {
+    now: Instant,
+    first_seen: &'a mut HashMap<[u8; 8], Instant>,
+    seen_now: HashSet<[u8; 8]>,
+}
+
+impl Ages<'_> {
+    /// Records the connection as seen now, and says whether it was first seen `age` ago.
+    fn old_enough(&mut self, id: &[u8; 48], age: Duration) -> bool {
+        let mut cookie = [0u8; 8];
+        cookie.copy_from_slice(&id[40..48]);
+        self.seen_now.insert(cookie);
+        let first = *self.first_seen.entry(cookie).or_insert(self.now);
+        self.now.duration_since(first) >= age
+    }
 }
 
 /// Destroys the established TCP sockets (IPv4 and IPv6) matching `filter`, in every network
@@ -112,6 +138,11 @@ pub fn destroy(filter: &SocketFilter, sockets: &mut Sockets) -> Result<Destroyed
     let (cgroups, pids) = cgroup_subtree(&filter.cgroup_dir)?;
     let namespaces = namespaces_of(&pids);
     sockets.by_ns.retain(|ns, _| namespaces.contains_key(ns));
+    let mut ages = Ages {
+        now: Instant::now(),
+        first_seen: &mut sockets.first_seen,
+        seen_now: HashSet::new(),
+    };
     let mut done = Destroyed::default();
     let mut first_error = None;
     for (ns, ns_path) in &namespaces {
@@ -128,13 +159,17 @@ pub fn destroy(filter: &SocketFilter, sockets: &mut Sockets) -> Result<Destroyed
             },
         };
         done.namespaces += 1;
-        match destroy_in(socket, filter, Some(&cgroups)) {
+        match destroy_in(socket, filter, Some(&cgroups), &mut ages) {
             Ok(n) => done.sockets += n,
             Err(e) => {
                 first_error.get_or_insert(e);
             }
         }
     }
+    let seen_now = ages.seen_now;
+    sockets
+        .first_seen
+        .retain(|cookie, _| seen_now.contains(cookie));
     match first_error {
         Some(e) if done.sockets == 0 => Err(e),
         Some(e) => {
@@ -160,8 +195,14 @@ fn destroy_on_interface(
             slot.insert(open_in_netns(ns_path).map_err(SockDiagError::Netlink)?)
         }
     };
+    // No ages to keep: an interface scope has no stall{close_after} (validation refuses it).
+    let mut ages = Ages {
+        now: Instant::now(),
+        first_seen: &mut sockets.first_seen,
+        seen_now: HashSet::new(),
+    };
     Ok(Destroyed {
-        sockets: destroy_in(socket, filter, None)?,
+        sockets: destroy_in(socket, filter, None, &mut ages)?,
         namespaces: 1,
     })
 }
@@ -274,6 +315,7 @@ fn destroy_in(
     socket: &OwnedFd,
     filter: &SocketFilter,
     cgroups: Option<&HashSet<u64>>,
+    ages: &mut Ages<'_>,
 ) -> Result<usize, SockDiagError> {
     let mut victims = Vec::new();
     let with_info = filter.min_bytes.is_some();
@@ -291,6 +333,9 @@ fn destroy_in(
                 && filter.port_matches(msg.sport, msg.dport)
                 && filter.peer_matches(msg.family, &msg.id)
                 && filter.cookie_matches(&msg.id)
+                && filter
+                    .min_age
+                    .is_none_or(|age| ages.old_enough(&msg.id, age))
             {
                 victims.push(*msg);
             }
@@ -589,6 +634,34 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_is_old_enough_an_age_after_it_was_first_seen() {
+        let start = Instant::now();
+        let mut first_seen = HashMap::new();
+        let mut id = [0u8; 48];
+        id[40..48].copy_from_slice(&7u64.to_ne_bytes());
+        let second = Duration::from_secs(1);
+        let mut pass = |now| {
+            Ages {
+                now,
+                first_seen: &mut first_seen,
+                seen_now: HashSet::new(),
+            }
+            .old_enough(&id, second)
+        };
+        assert!(!pass(start));
+        assert!(!pass(start + second / 2));
+        assert!(pass(start + second));
+        // Another cookie starts its own clock.
+        id[40] = 8;
+        let mut ages = Ages {
+            now: start + second * 2,
+            first_seen: &mut first_seen,
+            seen_now: HashSet::new(),
+        };
+        assert!(!ages.old_enough(&id, second));
+    }
+
+    #[test]
     fn ports_of_either_end_match() {
         let filter = SocketFilter {
             cgroup_dir: PathBuf::from("/x"),
@@ -600,6 +673,7 @@ mod tests {
             peers: None,
             cookie: None,
             netns: None,
+            min_age: None,
         };
         assert!(filter.port_matches(5432, 40000));
         assert!(filter.port_matches(40000, 5432));
@@ -629,6 +703,7 @@ mod tests {
             peers,
             cookie: None,
             netns: None,
+            min_age: None,
         };
         let id = |dst: [u8; 16]| {
             let mut id = [0u8; 48];

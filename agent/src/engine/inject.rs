@@ -318,7 +318,7 @@ impl State {
     }
 
     /// The socket side of `reset`: tears down the target's connections now, or starts the
-    /// watcher of `reset{after_bytes}`.
+    /// watcher of `reset{after_bytes}` or `stall{close_after}`.
     fn apply_reset(
         &self,
         id: &str,
@@ -327,8 +327,12 @@ impl State {
         deadline_ns: u64,
         count: &Arc<AtomicU64>,
     ) -> Result<Option<reset::ResetWatcher>, Error> {
-        let Action::Reset { after_bytes } = spec.action else {
-            return Ok(None);
+        let (after_bytes, min_age) = match spec.action {
+            Action::Reset { after_bytes } => (after_bytes, None),
+            Action::Stall {
+                close_after: Some(after),
+            } => (None, Some(after)),
+            _ => return Ok(None),
         };
         if spec.target.request.is_some() {
             // The datapath resets each connection at its matched request instead.
@@ -344,9 +348,10 @@ impl State {
                 crate::fault::Scope::Netns { path, .. } => Some(path.into()),
                 _ => None,
             },
+            min_age,
         };
         let killer = self.dataplane.connection_killer();
-        if after_bytes.is_none() {
+        if !spec.action.closes_connections() {
             count.fetch_add(killer(&filter)? as u64, Ordering::Relaxed);
             return Ok(None);
         }

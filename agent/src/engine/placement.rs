@@ -93,6 +93,7 @@ impl Placement {
                 peers: spec.target.peer_set().ok().flatten(),
                 cookie: None,
                 netns: None,
+                min_age: None,
             }),
         });
         Placement {

@@ -1,5 +1,6 @@
-//! `reset{after_bytes}`: a watcher thread that tears down each connection of the target once it
-//! has carried the given number of bytes, for as long as the fault lasts. It stops when the
+//! `reset{after_bytes}` and `stall{close_after}`: a watcher thread that tears down each
+//! connection of the target once it has carried the given number of bytes, or once the fault
+//! has seen it for the given time, for as long as the fault lasts. It stops when the
 //! fault is reverted, and on its own at the lease deadline it was last given, so even a hung
 //! engine cannot make it outlive the lease.
 

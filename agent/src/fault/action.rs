@@ -1,4 +1,4 @@
-//! What a fault does: drop, reject, reset, delay, bandwidth, with their parameters and
+//! What a fault does: drop, reject, reset, delay, bandwidth, stall, slow_connect, slow_close, with their parameters and
 //! their validation, and how a delay or bandwidth is applied (`Mechanism`).
 
 use std::time::Duration;
@@ -82,7 +82,55 @@ pub enum Action {
     /// The matched request reaches the server and runs; its reply never reaches the client,
     /// whose connection is then torn down. Only with a request match.
     LoseReply,
+    /// TCP connections stay up but no data (nor FIN) flows in the matched direction: readers
+    /// hang. With `close_after`, each connection is then torn down that long after the fault
+    /// first saw it.
+    Stall {
+        close_after: Option<Duration>,
+    },
+    /// Only the TCP handshake waits: each SYN is held for `latency`, so a connect takes that
+    /// much longer; established connections are not slowed.
+    SlowConnect {
+        latency: Duration,
+    },
+    /// Each TCP FIN is held for `latency`: the peer sees the close that much later.
+    SlowClose {
+        latency: Duration,
+    },
+    /// Send `percent` of the matched packets twice.
+    Duplicate {
+        percent: f64,
+        /// None: the agent chooses.
+        mechanism: Option<Mechanism>,
+    },
+    /// Flip a bit in `percent` of the matched packets, leaving their checksum wrong, so that
+    /// the receiver drops them as it drops a packet damaged on the wire.
+    Corrupt {
+        percent: f64,
+        mechanism: Option<Mechanism>,
+    },
+    /// Hold `percent` of the matched packets back for `gap`, so that later ones overtake them.
+    Reorder {
+        percent: f64,
+        gap: Duration,
+        mechanism: Option<Mechanism>,
+    },
+    /// Cut the data of each matched TCP segment into pieces of at most `max_bytes`, sent
+    /// `delay` apart.
+    Slice {
+        max_bytes: u32,
+        delay: Duration,
+    },
 }
+
+/// The largest piece a slice fault may ask for (beyond it nothing would be cut).
+pub const MAX_SLICE: u32 = 65_535;
+/// The longest pause between the pieces of a slice: pieces that take longer than TCP's
+/// retransmission timeout make the sender resend the segment, which is cut again.
+pub const MAX_SLICE_DELAY: Duration = Duration::from_millis(100);
+
+/// The gap a reorder fault holds packets back by when the user gives none.
+pub const DEFAULT_REORDER_GAP: Duration = Duration::from_millis(10);
 
 impl Action {
     pub fn drop(percent: f64, field: &str) -> Result<Self, Invalid> {
@@ -169,8 +217,121 @@ impl Action {
         Ok(Self::Reset { after_bytes })
     }
 
+    /// `field` is the action's path, e.g. `fault.stall`.
+    pub fn stall(close_after: Option<Duration>, field: &str) -> Result<Self, Invalid> {
+        if close_after.is_some_and(|d| d.is_zero()) {
+            return Err(Invalid::new(
+                format!("{field}.close_after"),
+                "must be greater than 0 (leave it out to stall until the fault ends)",
+            ));
+        }
+        Ok(Self::Stall { close_after })
+    }
+
+    /// `slow_connect` or `slow_close`; `field` is the action's path, e.g. `fault.slow_connect`.
+    pub fn slow(connect: bool, latency: Duration, field: &str) -> Result<Self, Invalid> {
+        if latency.is_zero() || latency > MAX_DELAY {
+            return Err(Invalid::new(
+                format!("{field}.latency"),
+                format!(
+                    "{} is not between 0 (excluded) and {} (e.g. \"300ms\")",
+                    crate::duration::format(latency),
+                    crate::duration::format(MAX_DELAY)
+                ),
+            ));
+        }
+        Ok(match connect {
+            true => Self::SlowConnect { latency },
+            false => Self::SlowClose { latency },
+        })
+    }
+
+    /// `duplicate`, `corrupt` or `reorder` (`name`); `field` is the action's path, e.g.
+    /// `fault.duplicate`. A zero `gap` takes `DEFAULT_REORDER_GAP`.
+    pub fn tamper(
+        name: &str,
+        percent: f64,
+        gap: Duration,
+        mechanism: Option<Mechanism>,
+        field: &str,
+    ) -> Result<Self, Invalid> {
+        if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
+            return Err(Invalid::new(
+                format!("{field}.percent"),
+                format!("{percent} is outside 0 to 100"),
+            ));
+        }
+        if gap > MAX_DELAY {
+            return Err(Invalid::new(
+                format!("{field}.gap"),
+                format!(
+                    "{} exceeds the maximum {}",
+                    crate::duration::format(gap),
+                    crate::duration::format(MAX_DELAY)
+                ),
+            ));
+        }
+        if mechanism == Some(Mechanism::Edt) {
+            return Err(Invalid::new(
+                format!("{field}.mechanism"),
+                "edt only delays packets: use netem or nfqueue (or leave it unset)",
+            ));
+        }
+        Ok(match name {
+            "duplicate" => Self::Duplicate { percent, mechanism },
+            "corrupt" => Self::Corrupt { percent, mechanism },
+            _ => Self::Reorder {
+                percent,
+                gap: if gap.is_zero() {
+                    DEFAULT_REORDER_GAP
+                } else {
+                    gap
+                },
+                mechanism,
+            },
+        })
+    }
+
+    /// The share of packets a duplicate, corrupt or reorder fault acts on, 0 to 1.
+    pub fn tamper_share(&self) -> Option<f64> {
+        match self {
+            Self::Duplicate { percent, .. }
+            | Self::Corrupt { percent, .. }
+            | Self::Reorder { percent, .. } => Some(percent / 100.0),
+            _ => None,
+        }
+    }
+
+    /// `field` is the action's path, `fault.slice`.
+    pub fn slice(max_bytes: u32, delay: Duration, field: &str) -> Result<Self, Invalid> {
+        if delay > MAX_SLICE_DELAY {
+            return Err(Invalid::new(
+                format!("{field}.delay"),
+                format!(
+                    "{} exceeds the maximum {}",
+                    crate::duration::format(delay),
+                    crate::duration::format(MAX_SLICE_DELAY)
+                ),
+            ));
+        }
+        if max_bytes == 0 || max_bytes > MAX_SLICE {
+            return Err(Invalid::new(
+                format!("{field}.max_bytes"),
+                format!("{max_bytes} is not between 1 and {MAX_SLICE} (e.g. 16)"),
+            ));
+        }
+        Ok(Self::Slice { max_bytes, delay })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
+            Self::Slice { .. } => "slice",
+            Self::Duplicate { .. } => "duplicate",
+            Self::Corrupt { .. } => "corrupt",
+            Self::Reorder { .. } => "reorder",
+            Self::Stall { .. } => "stall",
+            Self::SlowConnect { .. } => "slow_connect",
+            Self::SlowClose { .. } => "slow_close",
             Self::Drop { .. } => "drop",
             Self::Delay(_) => "delay",
             Self::Bandwidth(_) => "bandwidth",
@@ -184,9 +345,19 @@ impl Action {
     /// forced, if any. None for actions of the cgroup_skb datapath.
     pub fn shaping(&self) -> Option<Option<Mechanism>> {
         match self {
-            Self::Drop { .. } | Self::Reject | Self::Reset { .. } | Self::LoseReply => None,
+            Self::Drop { .. }
+            | Self::Reject
+            | Self::Reset { .. }
+            | Self::LoseReply
+            | Self::Stall { .. } => None,
             Self::Delay(delay) => Some(delay.mechanism),
             Self::Bandwidth(bandwidth) => Some(bandwidth.mechanism),
+            // Held by the mechanism that can tell segments by their TCP flags.
+            Self::SlowConnect { .. } | Self::SlowClose { .. } => Some(None),
+            Self::Duplicate { mechanism, .. }
+            | Self::Corrupt { mechanism, .. }
+            | Self::Reorder { mechanism, .. } => Some(*mechanism),
+            Self::Slice { .. } => Some(None),
         }
     }
 
@@ -201,13 +372,44 @@ impl Action {
             | Self::Reset { .. }
             | Self::Delay(_)
             | Self::Bandwidth(_)
-            | Self::LoseReply => 0,
+            | Self::LoseReply
+            | Self::Stall { .. }
+            | Self::SlowConnect { .. }
+            | Self::SlowClose { .. }
+            | Self::Duplicate { .. }
+            | Self::Corrupt { .. }
+            | Self::Reorder { .. }
+            | Self::Slice { .. } => 0,
         }
     }
 
     /// Whether new connects of the target are refused while the fault lasts.
     pub fn refuses_connects(&self) -> bool {
         matches!(self, Self::Reject | Self::Reset { after_bytes: None })
+    }
+
+    /// Whether the fault acts on TCP segments only.
+    pub(super) fn tcp_only(&self) -> bool {
+        matches!(
+            self,
+            Self::Stall { .. }
+                | Self::SlowConnect { .. }
+                | Self::SlowClose { .. }
+                | Self::Slice { .. }
+        )
+    }
+
+    /// The connections a fault tears down later, and when: `reset{after_bytes}` and
+    /// `stall{close_after}` (through a watcher of the target's sockets).
+    pub fn closes_connections(&self) -> bool {
+        matches!(
+            self,
+            Self::Reset {
+                after_bytes: Some(_)
+            } | Self::Stall {
+                close_after: Some(_)
+            }
+        )
     }
 
     /// Whether the fault acts on connections rather than packets.

@@ -11,7 +11,7 @@ mod target;
 pub mod view;
 pub mod wire;
 
-pub use action::{Action, Bandwidth, Delay, MAX_DELAY, Mechanism};
+pub use action::{Action, Bandwidth, DEFAULT_REORDER_GAP, Delay, MAX_DELAY, MAX_SLICE, Mechanism};
 pub use peers::{Cidr, PeerSet};
 pub use request::RequestMatch;
 pub use target::{Direction, PortRange, Protocol, Scope, Target};
@@ -109,6 +109,29 @@ impl FaultSpec {
                 ));
             }
             None => {}
+        }
+        if self.action.tcp_only() && self.target.protocol == Protocol::Udp {
+            return Err(Invalid::new(
+                "fault.target.protocol",
+                format!(
+                    "{} acts on TCP segments: use TCP or leave it unset (drop stops UDP)",
+                    self.action.name()
+                ),
+            ));
+        }
+        if matches!(self.target.scope, Scope::Netns { .. })
+            && matches!(
+                self.action,
+                Action::Stall {
+                    close_after: Some(_)
+                }
+            )
+        {
+            return Err(Invalid::new(
+                "fault.stall.close_after",
+                "closing connections acts on local sockets, which an interface in a network \
+                 namespace does not have (leave close_after out)",
+            ));
         }
         if self.action.on_connections() {
             let action = self.action.name();
@@ -258,6 +281,9 @@ impl FaultSpec {
                 self.target.direction = Direction::Egress;
             }
         }
+        if self.action.tcp_only() {
+            self.target.protocol = Protocol::Tcp;
+        }
         self
     }
 }
@@ -358,6 +384,131 @@ mod tests {
         assert_eq!(field(netem, &t), "fault.delay.mechanism");
         let bandwidth = Action::bandwidth(1000, 0, None, "b").unwrap();
         assert_eq!(field(bandwidth, &t), "fault.target.request");
+    }
+
+    #[test]
+    fn stall_is_a_tcp_packet_fault() {
+        let stall = Action::stall(None, "fault.stall").unwrap();
+        assert_eq!((stall.name(), stall.shaping()), ("stall", None));
+        assert!(!stall.closes_connections());
+        let closing = Action::stall(Some(Duration::from_secs(2)), "fault.stall").unwrap();
+        assert!(closing.closes_connections());
+        let zero = Action::stall(Some(Duration::ZERO), "fault.stall").unwrap_err();
+        assert_eq!(zero.field, "fault.stall.close_after");
+
+        let spec = |action: Action, protocol| FaultSpec {
+            action,
+            target: target(
+                vec![PortRange::new(6379, None, "p").unwrap()],
+                protocol,
+                Direction::Both,
+            ),
+            labels: Labels::new(),
+        };
+        let udp = spec(stall.clone(), Protocol::Udp).validate().unwrap_err();
+        assert_eq!(udp.field, "fault.target.protocol");
+        // Both protocols become TCP: the stall's keys are TCP keys of both directions.
+        let both = spec(stall, Protocol::Both);
+        both.validate().unwrap();
+        let normalized = both.normalized();
+        assert_eq!(normalized.target.protocol, Protocol::Tcp);
+        let keys = normalized.rule_keys(9);
+        assert_eq!(keys.len(), 2);
+        assert!(
+            keys.iter()
+                .all(|k| k.protocol == PROTO_TCP && k.port == 6379)
+        );
+    }
+
+    #[test]
+    fn slow_handshakes_are_shaped_tcp_faults() {
+        let ms = Duration::from_millis;
+        let connect = Action::slow(true, ms(300), "fault.slow_connect").unwrap();
+        assert_eq!(connect.name(), "slow_connect");
+        assert_eq!(
+            connect.shaping(),
+            Some(None),
+            "the agent picks the mechanism"
+        );
+        let close = Action::slow(false, ms(300), "fault.slow_close").unwrap();
+        assert_eq!(close.name(), "slow_close");
+        for latency in [ms(0), MAX_DELAY + ms(1)] {
+            let err = Action::slow(true, latency, "fault.slow_connect").unwrap_err();
+            assert_eq!(err.field, "fault.slow_connect.latency");
+        }
+        let udp = FaultSpec {
+            action: close,
+            target: target(
+                vec![PortRange::new(5432, None, "p").unwrap()],
+                Protocol::Udp,
+                Direction::Both,
+            ),
+            labels: Labels::new(),
+        };
+        assert_eq!(udp.validate().unwrap_err().field, "fault.target.protocol");
+    }
+
+    #[test]
+    fn duplicate_corrupt_and_reorder_take_a_share_and_a_gap() {
+        let zero = Duration::ZERO;
+        let duplicate = Action::tamper("duplicate", 10.0, zero, None, "fault.duplicate").unwrap();
+        assert_eq!(
+            duplicate,
+            Action::Duplicate {
+                percent: 10.0,
+                mechanism: None
+            }
+        );
+        assert_eq!(duplicate.shaping(), Some(None));
+        let forced = Action::tamper("corrupt", 1.0, zero, Some(Mechanism::Netem), "c").unwrap();
+        assert_eq!(forced.shaping(), Some(Some(Mechanism::Netem)));
+        // EDT sets departure times: it cannot copy, damage or reorder a packet.
+        let edt = Action::tamper("reorder", 1.0, zero, Some(Mechanism::Edt), "fault.reorder");
+        assert_eq!(edt.unwrap_err().field, "fault.reorder.mechanism");
+        assert_eq!(duplicate.tamper_share(), Some(0.1));
+        let reorder = Action::tamper("reorder", 25.0, zero, None, "fault.reorder").unwrap();
+        assert_eq!(
+            reorder,
+            Action::Reorder {
+                percent: 25.0,
+                gap: DEFAULT_REORDER_GAP,
+                mechanism: None
+            }
+        );
+        let field = |name: &str, percent, gap| {
+            Action::tamper(name, percent, gap, None, &format!("fault.{name}"))
+                .unwrap_err()
+                .field
+        };
+        assert_eq!(field("corrupt", 100.5, zero), "fault.corrupt.percent");
+        assert_eq!(field("corrupt", f64::NAN, zero), "fault.corrupt.percent");
+        assert_eq!(
+            field("reorder", 1.0, MAX_DELAY + Duration::from_millis(1)),
+            "fault.reorder.gap"
+        );
+        assert_eq!(
+            Action::slice(0, zero, "fault.slice").unwrap_err().field,
+            "fault.slice.max_bytes"
+        );
+        assert!(Action::slice(MAX_SLICE + 1, zero, "fault.slice").is_err());
+        assert_eq!(
+            Action::slice(16, Duration::from_millis(101), "fault.slice")
+                .unwrap_err()
+                .field,
+            "fault.slice.delay"
+        );
+        assert_eq!(Action::slice(16, zero, "s").unwrap().name(), "slice");
+        // UDP is fine: these act on packets of either protocol.
+        let spec = FaultSpec {
+            action: duplicate,
+            target: target(
+                vec![PortRange::new(9000, None, "p").unwrap()],
+                Protocol::Udp,
+                Direction::Egress,
+            ),
+            labels: Labels::new(),
+        };
+        assert!(spec.validate().is_ok());
     }
 
     #[test]

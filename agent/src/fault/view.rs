@@ -58,13 +58,18 @@ pub struct RevertFailure {
 
 impl FaultView {
     /// What the fault did, by effect: from its kernel counters (packets dropped, connects
-    /// refused, packets delayed) and from user space (connections reset).
-    pub fn effects(&self) -> [(&'static str, u64); 4] {
+    /// refused, packets delayed), from its NFQUEUE lane (packets duplicated, corrupted,
+    /// reordered, segments sliced) and from user space (connections reset).
+    pub fn effects(&self) -> [(&'static str, u64); 8] {
         [
             ("dropped", self.counters.dropped),
             ("refused", self.counters.refused),
             ("delayed", self.counters.delayed),
             ("reset", self.connections_reset),
+            ("duplicated", self.counters.duplicated),
+            ("corrupted", self.counters.corrupted),
+            ("reordered", self.counters.reordered),
+            ("sliced", self.counters.sliced),
         ]
     }
 }

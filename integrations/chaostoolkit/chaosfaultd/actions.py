@@ -36,6 +36,10 @@ def inject_fault(
     burst: Union[str, int, None] = None,
     mechanism: str = "auto",
     after_bytes: Union[str, int, None] = None,
+    close_after: Union[str, float, None] = None,
+    gap: Union[str, float, None] = None,
+    max_bytes: Union[str, int, None] = None,
+    delay: Union[str, float, None] = None,
     ttl: Union[str, float, None] = None,
     duration: Union[str, float, None] = None,
     labels: Optional[Dict[str, str]] = None,
@@ -48,8 +52,15 @@ def inject_fault(
 
     ``action`` is ``drop`` (``percent``, default 100), ``delay`` (``latency``, ``jitter``,
     ``correlation``, ``mechanism``), ``bandwidth`` (``rate`` such as ``"256KiB/s"``,
-    ``burst``, ``mechanism``), ``reject``, ``reset`` (``after_bytes``) or ``lose_reply``
-    (the matched request runs, its reply is lost and the client's connection torn down).
+    ``burst``, ``mechanism``), ``reject``, ``reset`` (``after_bytes``), ``lose_reply``
+    (the matched request runs, its reply is lost and the client's connection torn down),
+    ``stall`` (Toxiproxy's ``timeout``: connections stay up, no data flows; ``close_after``
+    then resets each one), ``slow_connect`` or ``slow_close`` (``latency``: the SYN, or the
+    FIN, is held that long), ``duplicate`` or ``corrupt`` (``percent``, default 100,
+    ``mechanism``: netem or nfqueue) or ``reorder`` (``percent``, ``gap``: how long the
+    reordered packets are held back, default 10 ms, ``mechanism``), or ``slice``
+    (``max_bytes``: TCP data cut into segments of at most that many bytes, ``delay`` apart;
+    Toxiproxy's ``slicer``).
     With ``redis_commands`` (``"SET,DEL"`` or a list; ``redis_key_prefix`` optional) or
     ``pg_statements`` (``"COMMIT"``), drop, delay, reset and lose_reply act on those requests
     the workload sends alone (TCP, egress; matched on the start of a segment: not TLS, not a
@@ -100,6 +111,10 @@ def inject_fault(
             burst=burst,
             mechanism=mechanism,
             after_bytes=after_bytes,
+            close_after=close_after,
+            gap=gap,
+            max_bytes=max_bytes,
+            delay=delay,
             labels=labels,
         )
         if duration is not None:

@@ -148,7 +148,21 @@ _MECHANISMS = {
     "edt": pb.EDT,
     "nfqueue": pb.NFQUEUE,
 }
-ACTIONS = ("drop", "delay", "bandwidth", "reject", "reset", "lose_reply")
+ACTIONS = (
+    "drop",
+    "delay",
+    "bandwidth",
+    "reject",
+    "reset",
+    "lose_reply",
+    "stall",
+    "slow_connect",
+    "slow_close",
+    "duplicate",
+    "corrupt",
+    "reorder",
+    "slice",
+)
 
 
 def _choice(value: str, table: Dict[str, int], field: str) -> int:
@@ -244,6 +258,10 @@ def build_fault(
     mechanism: str = "auto",
     after_bytes: Optional[int] = None,
     labels: Optional[Dict[str, str]] = None,
+    close_after: Any = None,
+    gap: Any = None,
+    max_bytes: Any = None,
+    delay: Any = None,
 ) -> pb.Fault:
     """The Fault message for one of ACTIONS, refusing arguments that belong to another."""
     name = str(action).lower()
@@ -256,6 +274,13 @@ def build_fault(
         "reject": set(),
         "reset": {"after_bytes"},
         "lose_reply": set(),
+        "stall": {"close_after"},
+        "slow_connect": {"latency"},
+        "slow_close": {"latency"},
+        "duplicate": {"percent", "mechanism"},
+        "corrupt": {"percent", "mechanism"},
+        "reorder": {"percent", "gap", "mechanism"},
+        "slice": {"max_bytes", "delay"},
     }[name]
     given = {
         "percent": percent,
@@ -266,6 +291,10 @@ def build_fault(
         "burst": burst,
         "mechanism": None if mechanism in (None, "auto") else mechanism,
         "after_bytes": after_bytes,
+        "close_after": close_after,
+        "gap": gap,
+        "max_bytes": max_bytes,
+        "delay": delay,
     }
     stray = [key for key, value in given.items() if value is not None and key not in own]
     if stray:
@@ -296,6 +325,37 @@ def build_fault(
         fault.reject.SetInParent()
     elif name == "lose_reply":
         fault.lose_reply.SetInParent()
+    elif name == "slice":
+        if max_bytes is None:
+            raise ValueError("max_bytes: a slice fault needs it, e.g. max_bytes=16")
+        size = parse_bytes(max_bytes, "max_bytes")
+        if not 1 <= size <= 65535:
+            raise ValueError(f"max_bytes: {max_bytes!r} is not between 1 and 65535")
+        fault.slice.max_bytes = size
+        if delay is not None:
+            fault.slice.delay.CopyFrom(to_duration(parse_seconds(delay, "delay")))
+    elif name in ("duplicate", "corrupt", "reorder"):
+        value = 100.0 if percent is None else float(percent)
+        if not 0.0 <= value <= 100.0:
+            raise ValueError(f"percent: {percent!r} is not between 0 and 100")
+        getattr(fault, name).percent = value
+        getattr(fault, name).mechanism = _choice(mechanism or "auto", _MECHANISMS, "mechanism")
+        if gap is not None:
+            fault.reorder.gap.CopyFrom(to_duration(parse_seconds(gap, "gap")))
+    elif name in ("slow_connect", "slow_close"):
+        if latency is None:
+            raise ValueError(f"latency: a {name} fault needs it, e.g. latency=\"300ms\"")
+        seconds = parse_seconds(latency, "latency")
+        if seconds <= 0:
+            raise ValueError(f"latency: must be more than 0, got {latency!r}")
+        getattr(fault, name).latency.CopyFrom(to_duration(seconds))
+    elif name == "stall":
+        fault.stall.SetInParent()
+        if close_after is not None:
+            seconds = parse_seconds(close_after, "close_after")
+            if seconds <= 0:
+                raise ValueError(f"close_after: must be more than 0, got {close_after!r}")
+            fault.stall.close_after.CopyFrom(to_duration(seconds))
     else:
         fault.reset.SetInParent()
         if after_bytes is not None:

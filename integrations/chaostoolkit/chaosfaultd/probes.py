@@ -35,8 +35,8 @@ def fault_counters(
     configuration: Configuration = None,
     secrets: Secrets = None,
 ) -> Dict[str, Any]:
-    """Counters of one fault (``matched``, ``dropped``, ``refused``, ``reset``, ``delayed``)
-    with its state; without ``fault_id``, those of every fault this experiment injected that
+    """Counters of one fault (``matched``, ``dropped``, ``refused``, ``reset``, ``delayed``,
+    ``duplicated``, ``corrupted``, ``reordered``, ``sliced``) with its state; without ``fault_id``, those of every fault this experiment injected that
     faultd still knows, keyed by id. A fault that ended (within faultd's --ended-retention,
     15 minutes by default) answers with its final counters, state ``REVERTED`` and
     ``end_reason`` (``EXPIRED``, ``REMOVED``, ...)."""
@@ -58,7 +58,17 @@ def fault_counters(
                 continue
             counters = {
                 name: getattr(fault.counters, name)
-                for name in ("matched", "dropped", "refused", "reset", "delayed")
+                for name in (
+                    "matched",
+                    "dropped",
+                    "refused",
+                    "reset",
+                    "delayed",
+                    "duplicated",
+                    "corrupted",
+                    "reordered",
+                    "sliced",
+                )
             }
             counters["state"] = pb.FaultState.Name(fault.state)
             if fault.HasField("ended_at"):

@@ -53,6 +53,40 @@ def test_delay_request_is_the_proto_faultd_reads():
     assert dict(fault.labels) == {"experiment": "x"}
 
 
+def test_stall_request_is_the_proto_faultd_reads():
+    target = client.build_target(cgroup="/app", ports=6379)
+    plain = client.build_fault("stall", target)
+    assert plain.WhichOneof("action") == "stall"
+    assert not plain.stall.HasField("close_after")
+    closing = client.build_fault("stall", target, close_after="2.5s")
+    assert (closing.stall.close_after.seconds, closing.stall.close_after.nanos) == (2, 500_000_000)
+
+
+def test_slow_handshake_requests_are_the_proto_faultd_reads():
+    target = client.build_target(cgroup="/app", ports=6379)
+    connect = client.build_fault("slow_connect", target, latency="300ms")
+    assert connect.WhichOneof("action") == "slow_connect"
+    assert connect.slow_connect.latency.nanos == 300_000_000
+    close = client.build_fault("slow_close", target, latency=1)
+    assert close.WhichOneof("action") == "slow_close"
+    assert close.slow_close.latency.seconds == 1
+
+
+def test_tamper_requests_are_the_proto_faultd_reads():
+    target = client.build_target(cgroup="/app", ports=9000, protocol="udp")
+    assert client.build_fault("duplicate", target).duplicate.percent == 100.0
+    assert client.build_fault("corrupt", target, percent=5).corrupt.percent == 5.0
+    reorder = client.build_fault("reorder", target, percent=25, gap="20ms")
+    assert (reorder.reorder.percent, reorder.reorder.gap.nanos) == (25.0, 20_000_000)
+    assert reorder.reorder.mechanism == pb.MECHANISM_UNSPECIFIED
+    forced = client.build_fault("corrupt", target, percent=5, mechanism="netem")
+    assert forced.corrupt.mechanism == pb.NETEM
+    tcp = client.build_target(cgroup="/app", ports=6379)
+    assert client.build_fault("slice", tcp, max_bytes=16).slice.max_bytes == 16
+    paced = client.build_fault("slice", tcp, max_bytes=16, delay="1ms")
+    assert paced.slice.delay.nanos == 1_000_000
+
+
 def test_every_scope():
     assert client.build_target(pid=42, ports=1).pid.pid == 42
     assert client.build_target(pod="uid-1", ports=1).pod.uid == "uid-1"
@@ -76,6 +110,16 @@ def test_every_scope():
         ({"action": "delay", "cgroup": "/a", "ports": 1, "latency": "1s", "mechanism": "magic"}, "mechanism"),
         ({"action": "bandwidth", "cgroup": "/a", "ports": 1}, "rate"),
         ({"action": "reset", "cgroup": "/a", "ports": 1, "after_bytes": 0}, "after_bytes"),
+        ({"action": "stall", "cgroup": "/a", "ports": 1, "close_after": "0s"}, "close_after"),
+        ({"action": "stall", "cgroup": "/a", "ports": 1, "after_bytes": 10}, "after_bytes"),
+        ({"action": "slow_connect", "cgroup": "/a", "ports": 1}, "latency"),
+        ({"action": "duplicate", "cgroup": "/a", "ports": 1, "percent": 101}, "percent"),
+        ({"action": "slice", "cgroup": "/a", "ports": 1}, "max_bytes"),
+        ({"action": "drop", "cgroup": "/a", "ports": 1, "delay": "1ms"}, "delay"),
+        ({"action": "slice", "cgroup": "/a", "ports": 1, "max_bytes": 0}, "max_bytes"),
+        ({"action": "corrupt", "cgroup": "/a", "ports": 1, "gap": "5ms"}, "gap"),
+        ({"action": "slow_close", "cgroup": "/a", "ports": 1, "latency": "0s"}, "latency"),
+        ({"action": "slow_connect", "cgroup": "/a", "ports": 1, "latency": "1s", "jitter": "1ms"}, "jitter"),
         ({"action": "drop", "cgroup": "/a", "ports": 1, "direction": "sideways"}, "direction"),
         ({"action": "drop", "netns": "/run/netns/x", "ports": 1}, "netns"),
         ({"action": "drop", "cgroup": "/a", "interface": "eth0", "ports": 1}, "interface"),

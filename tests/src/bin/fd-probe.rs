@@ -333,7 +333,8 @@ fn udp_stream(args: &[String]) -> Result<ExitCode, String> {
 }
 
 /// Receives numbered datagrams until --idle passes without one (after the first) or --max
-/// passes. Prints `ready <addr>` once bound, then `received=N distinct=N rcvbuf_errors=N`.
+/// passes. Prints `ready <addr>` once bound, then `received=N distinct=N rcvbuf_errors=N
+/// late=N` (late: datagrams numbered below one received before them, i.e. out of order).
 fn udp_recv(args: &[String]) -> Result<ExitCode, String> {
     let (pos, opts) = parse(args, 1, &["idle", "max"])?;
     let addr = resolve(&pos[0])?;
@@ -353,6 +354,8 @@ fn udp_recv(args: &[String]) -> Result<ExitCode, String> {
     let mut seen: Vec<bool> = Vec::new();
     let mut received = 0u64;
     let mut distinct = 0u64;
+    let mut late = 0u64;
+    let mut highest: Option<usize> = None;
     let mut buf = [0u8; 2048];
     loop {
         let wait = if received == 0 {
@@ -370,6 +373,10 @@ fn udp_recv(args: &[String]) -> Result<ExitCode, String> {
             Ok(n) if n >= 8 => {
                 received += 1;
                 let seq = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes")) as usize;
+                if highest.is_some_and(|h| seq < h) {
+                    late += 1;
+                }
+                highest = highest.max(Some(seq));
                 if seq < (1 << 24) {
                     if seq >= seen.len() {
                         seen.resize(seq + 1, false);
@@ -390,7 +397,7 @@ fn udp_recv(args: &[String]) -> Result<ExitCode, String> {
         }
     }
     let overflow = rcvbuf_errors()?.saturating_sub(errors_before);
-    println!("received={received} distinct={distinct} rcvbuf_errors={overflow}");
+    println!("received={received} distinct={distinct} rcvbuf_errors={overflow} late={late}");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -14,6 +14,8 @@ use anyhow::{Context, bail, ensure};
 
 #[path = "fd-vmguest/requests.rs"]
 mod requests;
+#[path = "fd-vmguest/tamper.rs"]
+mod tamper;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -27,6 +29,13 @@ fn main() {
     if args.first().map(String::as_str) == Some("resp") {
         if let Err(e) = requests::resp_client(&args[1..]) {
             eprintln!("resp: {e:#}");
+            std::process::exit(2);
+        }
+        return;
+    }
+    if args.first().map(String::as_str) == Some("udp") {
+        if let Err(e) = tamper::udp_client(&args[1..]) {
+            eprintln!("udp: {e:#}");
             std::process::exit(2);
         }
         return;
@@ -280,6 +289,11 @@ mod guest {
         ("request-reset", |rt| {
             rt.block_on(super::requests::reset_command(&cgroup_root()))
         }),
+        ("duplicate-netem", |rt| {
+            rt.block_on(crate::tamper::duplicate())
+        }),
+        ("corrupt-netem", |rt| rt.block_on(crate::tamper::corrupt())),
+        ("reorder-netem", |rt| rt.block_on(crate::tamper::reorder())),
     ];
 
     pub fn run(filter: &[String]) -> usize {

@@ -410,6 +410,92 @@ mod tests {
     }
 
     #[test]
+    fn stall_takes_an_optional_close_after() {
+        let command = inject_command("stall --cgroup /app --port 6379 --ttl 30s").unwrap();
+        let Some(fault::Action::Stall(stall)) = Some(command.into_parts().1) else {
+            panic!("not a stall");
+        };
+        assert_eq!(stall.close_after, None);
+        let command =
+            inject_command("stall --cgroup /app --port 6379 --close-after 5s --ttl 30s").unwrap();
+        let Some(fault::Action::Stall(stall)) = Some(command.into_parts().1) else {
+            panic!("not a stall");
+        };
+        assert_eq!(
+            stall.close_after,
+            Some(convert::duration_to_proto(Duration::from_secs(5)))
+        );
+        for bad in [
+            "stall --host --port 1 --ttl 1s --close-after 0s",
+            "stall --host --port 1 --ttl 1s --close-after later",
+        ] {
+            assert!(inject_command(bad).is_err(), "{bad} should not parse");
+        }
+    }
+
+    #[test]
+    fn slow_connect_and_slow_close_take_a_latency() {
+        let command =
+            inject_command("slow-connect --cgroup /app --port 5432 --latency 300ms --ttl 30s")
+                .unwrap();
+        let Some(fault::Action::SlowConnect(slow)) = Some(command.into_parts().1) else {
+            panic!("not a slow_connect");
+        };
+        assert_eq!(
+            slow.latency,
+            Some(convert::duration_to_proto(Duration::from_millis(300)))
+        );
+        let command =
+            inject_command("slow-close --cgroup /app --port 5432 --latency 1s --ttl 30s").unwrap();
+        assert!(matches!(
+            command.into_parts().1,
+            fault::Action::SlowClose(_)
+        ));
+        for bad in [
+            "slow-connect --host --port 1 --ttl 1s",
+            "slow-close --host --port 1 --ttl 1s --latency 0s",
+        ] {
+            assert!(inject_command(bad).is_err(), "{bad} should not parse");
+        }
+    }
+
+    #[test]
+    fn duplicate_corrupt_and_reorder_take_a_share() {
+        let parts = |line: &str| inject_command(line).unwrap().into_parts().1;
+        assert_eq!(
+            parts("duplicate --cgroup /a --port 9 --ttl 1s"),
+            fault::Action::Duplicate(pb::Duplicate {
+                percent: 100.0,
+                mechanism: 0
+            })
+        );
+        assert_eq!(
+            parts("corrupt --cgroup /a --port 9 --percent 2.5 --mechanism netem --ttl 1s"),
+            fault::Action::Corrupt(pb::Corrupt {
+                percent: 2.5,
+                mechanism: pb::Mechanism::Netem as i32
+            })
+        );
+        assert_eq!(
+            parts("reorder --cgroup /a --port 9 --gap 20ms --ttl 1s"),
+            fault::Action::Reorder(pb::Reorder {
+                percent: 25.0,
+                gap: Some(convert::duration_to_proto(Duration::from_millis(20))),
+                mechanism: 0,
+            })
+        );
+        assert!(inject_command("corrupt --cgroup /a --port 9 --percent 101 --ttl 1s").is_err());
+        assert_eq!(
+            parts("slice --cgroup /a --port 9 --max-bytes 16 --ttl 1s"),
+            fault::Action::Slice(pb::Slice {
+                max_bytes: 16,
+                delay: Some(convert::duration_to_proto(Duration::ZERO)),
+            })
+        );
+        assert!(inject_command("slice --cgroup /a --port 9 --max-bytes 0 --ttl 1s").is_err());
+    }
+
+    #[test]
     fn rates_and_sizes_accept_human_units() {
         assert_eq!(parse_rate("256KiB/s"), Ok(262_144));
         assert_eq!(parse_rate("1MB/s"), Ok(1_000_000));

@@ -48,7 +48,7 @@ pub use chains::{chain, chain_creation, deletion, undo};
 pub use marks::MAX_MARK_ID;
 pub use refuse::{REFUSE_TABLE, RefuseHook, RefuseRules, refuse_chain, refuse_chain_creation};
 pub use restore::{ExecError, Listing, list, list_table, restore, restore_table};
-pub use rules::{FaultRules, Matcher};
+pub use rules::{FaultRules, Matcher, TcpFlags};
 
 pub const TABLE: &str = "mangle";
 const CHAIN_PREFIX: &str = "FAULTD-";

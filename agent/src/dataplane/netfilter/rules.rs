@@ -4,8 +4,8 @@ use super::chains::{chain, fault_chain};
 use super::marks;
 use super::matches::{multiport_lists, utc};
 use super::{Family, Hook};
+use crate::fault::{Action, Direction, PortRange, Protocol};
 use crate::fault::{Cidr, PeerSet};
-use crate::fault::{Direction, PortRange, Protocol};
 
 /// What a fault's packets are told apart by, besides protocol, ports and peers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,6 +16,34 @@ pub enum Matcher {
     /// The interface a packet leaves by (POSTROUTING, `-o`) or arrives on (PREROUTING, `-i`),
     /// checked with `check_interface`.
     Interface(String),
+}
+
+/// Which TCP segments a fault queues, by their flags (all of them when a fault has none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpFlags {
+    /// The first segment of a handshake: SYN without ACK (`slow_connect`).
+    Syn,
+    /// Segments with FIN (`slow_close`).
+    Fin,
+}
+
+impl TcpFlags {
+    /// The flags an action's segments are told apart by.
+    pub fn of(action: &Action) -> Option<TcpFlags> {
+        match action {
+            Action::SlowConnect { .. } => Some(TcpFlags::Syn),
+            Action::SlowClose { .. } => Some(TcpFlags::Fin),
+            _ => None,
+        }
+    }
+
+    /// The xt_tcp match: `--syn` is SYN set with ACK, RST and FIN clear.
+    fn matcher(self) -> &'static str {
+        match self {
+            TcpFlags::Syn => "-m tcp --syn ",
+            TcpFlags::Fin => "-m tcp --tcp-flags FIN FIN ",
+        }
+    }
 }
 
 /// The rules of one fault in one namespace.
@@ -30,6 +58,9 @@ pub struct FaultRules {
     pub queue: u16,
     /// The conntrack mark id: needed when the direction includes ingress on a cgroup.
     pub mark_id: Option<u8>,
+    /// Only TCP segments with these flags are queued (the connection marks of ingress are set
+    /// on every segment the workload sends, so that the peer's FIN is matched too).
+    pub tcp_flags: Option<TcpFlags>,
     /// Unix seconds: the last second in which packets are queued (None: no end).
     pub until: Option<u64>,
     /// The remote addresses the fault is limited to (None: all of them).
@@ -209,14 +240,16 @@ impl FaultRules {
         (out, input)
     }
 
-    /// The end of every queueing rule: the kernel-side deadline, the comment, the queue.
+    /// The end of every queueing rule: the TCP flags, the kernel-side deadline, the comment,
+    /// the queue.
     fn queue_target(&self, comment: &str) -> String {
+        let flags = self.tcp_flags.map_or("", TcpFlags::matcher);
         let until = match self.until {
             Some(secs) => format!("-m time --datestop {} --utc ", utc(secs)),
             None => String::new(),
         };
         format!(
-            "{until}{comment} -j NFQUEUE --queue-num {} --queue-bypass",
+            "{flags}{until}{comment} -j NFQUEUE --queue-num {} --queue-bypass",
             self.queue
         )
     }
@@ -303,6 +336,7 @@ mod tests {
             ports: ports(&[(6379, 6379)]),
             queue: 40000,
             mark_id: None,
+            tcp_flags: None,
             until: None,
             peers: None,
         };
@@ -327,6 +361,47 @@ mod tests {
     }
 
     #[test]
+    fn handshake_and_close_faults_queue_only_their_segments() {
+        let mut rules = FaultRules {
+            instance: "0badcafe".into(),
+            fault: "f00d".into(),
+            matcher: Matcher::Cgroup("/app".into()),
+            protocol: Protocol::Tcp,
+            direction: Direction::Both,
+            ports: ports(&[(6379, 6379)]),
+            queue: 40000,
+            mark_id: Some(1),
+            tcp_flags: Some(TcpFlags::Syn),
+            until: None,
+            peers: None,
+        };
+        let lines = rules.lines(Family::V4);
+        // The marks are set on every segment the workload sends; only queueing looks at flags.
+        let (queueing, marking): (Vec<&String>, Vec<&String>) =
+            lines.iter().partition(|l| l.contains("NFQUEUE"));
+        assert!(!queueing.is_empty() && !marking.is_empty(), "{lines:?}");
+        assert!(
+            queueing
+                .iter()
+                .all(|l| l.contains("-p tcp -m multiport --ports 6379")
+                    && l.contains("-m tcp --syn -m comment")),
+            "{queueing:?}"
+        );
+        assert!(
+            marking.iter().all(|l| !l.contains("-m tcp ")),
+            "{marking:?}"
+        );
+        rules.tcp_flags = Some(TcpFlags::Fin);
+        assert!(
+            rules
+                .lines(Family::V6)
+                .iter()
+                .filter(|l| l.contains("NFQUEUE"))
+                .all(|l| l.contains("-m tcp --tcp-flags FIN FIN -m comment")),
+        );
+    }
+
+    #[test]
     fn ingress_rules_mark_connections_on_the_way_out() {
         let rules = FaultRules {
             instance: "0badcafe".into(),
@@ -337,6 +412,7 @@ mod tests {
             ports: ports(&[(6379, 6379)]),
             queue: 7,
             mark_id: Some(3),
+            tcp_flags: None,
             until: None,
             peers: None,
         };
@@ -389,6 +465,7 @@ mod tests {
             ports: ports(&[(6379, 6379)]),
             queue: 40000,
             mark_id: Some(2),
+            tcp_flags: None,
             until: None,
             peers: peers(&["127.0.0.2/32", "10.0.0.0/8"], &[]),
         };
@@ -470,6 +547,7 @@ mod tests {
             ports: ports(&[(6379, 6379)]),
             queue: 40000,
             mark_id: None,
+            tcp_flags: None,
             until: None,
             peers: None,
         };

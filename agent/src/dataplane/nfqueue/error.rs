@@ -38,6 +38,8 @@ pub enum NfqueueError {
     },
     #[error("eventfd: {0}")]
     Eventfd(#[source] io::Error),
+    #[error("opening the raw sockets that send duplicates: {0}")]
+    RawSocket(#[source] io::Error),
     #[error("entering {}: {source}", netns.display())]
     EnterNetns {
         netns: PathBuf,

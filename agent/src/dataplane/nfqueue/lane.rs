@@ -14,8 +14,11 @@ use nfq::{Message, Queue, Verdict};
 
 use super::error::NfqueueError;
 use super::guard::Guard;
-use super::queue::{bind_free, configure, eventfd, open_queue, tune_thread, wait};
+use super::queue::{
+    COPY_RANGE, COPY_WHOLE, bind_free, configure, eventfd, open_queue, tune_thread, wait,
+};
 use super::schedule::{Rng, Schedule, flow_of};
+use super::tamper::{Done, Tamper};
 use crate::dataplane::clock::monotonic_now_ns;
 use crate::fault::wire::tcp_payload;
 use crate::fault::{Action, RequestMatch};
@@ -38,6 +41,10 @@ pub(super) struct LaneShared {
     dropped: AtomicU64,
     /// With a request match: requests matched (and so delayed).
     requests: AtomicU64,
+    duplicated: AtomicU64,
+    corrupted: AtomicU64,
+    reordered: AtomicU64,
+    sliced: AtomicU64,
     /// Written to wake the lane (stop, new deadline).
     wake: OwnedFd,
 }
@@ -56,7 +63,11 @@ impl LaneShared {
             delayed: self.delayed.load(Ordering::Relaxed),
             requests_matched: self.requests.load(Ordering::Relaxed),
             requests_affected: self.requests.load(Ordering::Relaxed),
-            ..Counters::default()
+            refused: 0,
+            duplicated: self.duplicated.load(Ordering::Relaxed),
+            corrupted: self.corrupted.load(Ordering::Relaxed),
+            reordered: self.reordered.load(Ordering::Relaxed),
+            sliced: self.sliced.load(Ordering::Relaxed),
         }
     }
 }
@@ -82,6 +93,8 @@ impl Lane {
         first: u16,
     ) -> Result<Lane, NfqueueError> {
         let schedule = Schedule::new(action, Rng::seeded())?;
+        let mut tamper = Tamper::new(action);
+        let reorders = matches!(action, Action::Reorder { .. });
         let shared = Arc::new(LaneShared {
             deadline_ns: AtomicU64::new(expires_at_ns),
             stop: AtomicBool::new(false),
@@ -89,6 +102,10 @@ impl Lane {
             delayed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            duplicated: AtomicU64::new(0),
+            corrupted: AtomicU64::new(0),
+            reordered: AtomicU64::new(0),
+            sliced: AtomicU64::new(0),
             wake: eventfd().map_err(NfqueueError::Eventfd)?,
         });
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
@@ -96,7 +113,15 @@ impl Lane {
         let thread = std::thread::Builder::new()
             .name("faultd-nfqueue".into())
             .spawn(move || {
-                match open_in(&netns, &taken, first) {
+                let range = match tamper.whole_packets() {
+                    true => COPY_WHOLE,
+                    false => COPY_RANGE,
+                };
+                let opened = open_in(&netns, &taken, first, range).and_then(|opened| {
+                    tamper.open().map_err(NfqueueError::RawSocket)?;
+                    Ok(opened)
+                });
+                match opened {
                     Ok((queue, fd, num)) => {
                         // Releases the queue while faultd is stopped; without it the delay
                         // still works, a stopped faultd just holds traffic.
@@ -107,7 +132,13 @@ impl Lane {
                             .ok();
                         // The owner waits for this; if it is gone, there is nothing to serve.
                         if ready_tx.send(Ok(num)).is_ok() {
-                            serve(queue, fd, schedule, request, &lane_shared);
+                            let what = What {
+                                schedule,
+                                tamper,
+                                reorders,
+                                request,
+                            };
+                            serve(queue, fd, what, &lane_shared);
                         }
                     }
                     Err(e) => {
@@ -174,6 +205,7 @@ fn open_in(
     netns: &NetNs,
     taken: &BTreeSet<u16>,
     first: u16,
+    range: u16,
 ) -> Result<(Queue, RawFd, u16), NfqueueError> {
     NetNs::enter(netns.as_fd()).map_err(|source| NfqueueError::EnterNetns {
         netns: netns.path().to_path_buf(),
@@ -182,23 +214,30 @@ fn open_in(
     tune_thread();
     let (mut queue, fd) = open_queue()?;
     let num = bind_free(&mut queue, taken, first)?;
-    configure(&mut queue, num)?;
+    configure(&mut queue, num, range)?;
     Ok((queue, fd, num))
 }
 
-/// The lane's loop: read packets, hold them, release them on time.
-fn serve(
-    queue: Queue,
-    fd: RawFd,
+/// What a lane does to its packets: when they leave, what else happens to them, and whether
+/// the ones held back count as reordered (rather than delayed).
+struct What {
     schedule: Schedule,
+    tamper: Tamper,
+    reorders: bool,
+    /// Only segments starting with these requests wait.
     request: Option<RequestMatch>,
-    shared: &LaneShared,
-) {
+}
+
+/// The lane's loop: read packets, hold them, release them on time.
+fn serve(queue: Queue, fd: RawFd, what: What, shared: &LaneShared) {
     let mut server = Server {
         queue,
         fd,
-        schedule,
-        request,
+        schedule: what.schedule,
+        tamper: what.tamper,
+        reorders: what.reorders,
+        request: what.request,
+        rng: Rng::seeded(),
         shared,
         held: BTreeMap::new(),
         seq: 0,
@@ -214,6 +253,10 @@ struct Server<'a> {
     schedule: Schedule,
     /// Only segments starting with these requests wait.
     request: Option<RequestMatch>,
+    tamper: Tamper,
+    reorders: bool,
+    /// For the tamper's choices.
+    rng: Rng,
     shared: &'a LaneShared,
     /// Keyed by (release time, arrival sequence): released in order.
     held: BTreeMap<(u64, u64), Message>,
@@ -378,9 +421,17 @@ impl Server<'_> {
             msg.get_original_len(),
             inbound,
         );
-        if at > now {
-            shared.delayed.fetch_add(1, Ordering::Relaxed);
-        }
+        match (at > now, self.reorders) {
+            (true, true) => shared.reordered.fetch_add(1, Ordering::Relaxed),
+            (true, false) => shared.delayed.fetch_add(1, Ordering::Relaxed),
+            (false, _) => 0,
+        };
+        match self.tamper.apply(&mut msg, &mut self.rng, now) {
+            Done::Duplicated => shared.duplicated.fetch_add(1, Ordering::Relaxed),
+            Done::Corrupted => shared.corrupted.fetch_add(1, Ordering::Relaxed),
+            Done::Sliced => shared.sliced.fetch_add(1, Ordering::Relaxed),
+            Done::Nothing => 0,
+        };
         self.seq += 1;
         self.held.insert((at, self.seq), msg);
     }

@@ -37,7 +37,9 @@ mod probe;
 mod queue;
 mod refusal;
 mod schedule;
+mod slice;
 mod sweep;
+mod tamper;
 mod worker;
 
 use std::collections::{BTreeSet, HashMap};
@@ -177,9 +179,12 @@ impl Shaper for NfqueueShaper {
 
     fn unavailable(&self, action: &Action) -> Option<String> {
         match (action, &self.families) {
-            (Action::Delay(_) | Action::Bandwidth(_), Ok(_)) => None,
-            (Action::Delay(_) | Action::Bandwidth(_), Err(e)) => Some(e.clone()),
-            (other, _) => Some(format!("NFQUEUE does not apply {}", other.name())),
+            (
+                Action::Drop { .. } | Action::Reject | Action::Reset { .. } | Action::Stall { .. },
+                _,
+            ) => Some(format!("NFQUEUE does not apply {}", action.name())),
+            (_, Ok(_)) => None,
+            (_, Err(e)) => Some(e.clone()),
         }
     }
 
@@ -294,7 +299,11 @@ impl Shaper for NfqueueShaper {
                 delayed: sum.delayed + c.delayed,
                 requests_matched: sum.requests_matched + c.requests_matched,
                 requests_affected: sum.requests_affected + c.requests_affected,
-                ..Counters::default()
+                refused: 0,
+                duplicated: sum.duplicated + c.duplicated,
+                corrupted: sum.corrupted + c.corrupted,
+                reordered: sum.reordered + c.reordered,
+                sliced: sum.sliced + c.sliced,
             }))
     }
 

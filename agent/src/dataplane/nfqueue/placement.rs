@@ -13,7 +13,7 @@ use super::sweep::list_sweeping;
 use super::{NfqueueShaper, shaper_error};
 use crate::claims::HostLock;
 use crate::dataplane::clock::monotonic_now_ns;
-use crate::dataplane::netfilter::{self, Family, FaultRules, Hook, Listing, Matcher};
+use crate::dataplane::netfilter::{self, Family, FaultRules, Hook, Listing, Matcher, TcpFlags};
 use crate::dataplane::{DataplaneError, Shaped};
 use crate::fault::{Direction, Mechanism};
 use crate::target::namespaces::NetNs;
@@ -152,6 +152,7 @@ impl NfqueueShaper {
             ports: fault.target.ports.clone(),
             queue,
             mark_id,
+            tcp_flags: TcpFlags::of(fault.action),
             until: Some(backstop_until(fault.expires_at_ns)),
             peers: fault
                 .target

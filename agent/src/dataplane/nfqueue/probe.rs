@@ -99,7 +99,7 @@ fn private_queue() -> Result<(NetNs, Queue, RawFd, u16), NfqueueError> {
     let netns = NetNs::current().map_err(NfqueueError::OwnNetns)?;
     let (mut queue, fd) = open_queue()?;
     let num = bind_free(&mut queue, &BTreeSet::new(), QUEUE_FIRST)?;
-    configure(&mut queue, num)?;
+    configure(&mut queue, num, super::queue::COPY_RANGE)?;
     Ok((netns, queue, fd, num))
 }
 
@@ -139,6 +139,7 @@ fn install_rules(
         ports: ports.to_vec(),
         queue: num,
         mark_id: Some(1),
+        tcp_flags: None,
         until: Some(backstop_until(monotonic_now_ns() + 3_600_000_000_000)),
         peers: None,
     };

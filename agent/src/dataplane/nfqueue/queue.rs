@@ -117,9 +117,12 @@ pub(super) fn bind_free(
     })
 }
 
-pub(super) fn configure(queue: &mut Queue, num: u16) -> Result<(), NfqueueError> {
+/// Bytes copied when the lane rewrites or resends packets: all of them.
+pub(super) const COPY_WHOLE: u16 = u16::MAX;
+
+pub(super) fn configure(queue: &mut Queue, num: u16, range: u16) -> Result<(), NfqueueError> {
     queue
-        .set_copy_range(num, COPY_RANGE)
+        .set_copy_range(num, range)
         .and_then(|()| queue.set_fail_open(num, true))
         .and_then(|()| queue.set_queue_max_len(num, KERNEL_QUEUE_LEN))
         .map_err(|source| NfqueueError::Configure { num, source })?;

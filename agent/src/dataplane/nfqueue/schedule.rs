@@ -1,5 +1,6 @@
-//! When packets leave: each packet's release time under a delay (latency, jitter, correlation)
-//! or a bandwidth (token bucket per direction), and the flow a packet belongs to.
+//! When packets leave: each packet's release time under a delay (latency, jitter, correlation),
+//! a bandwidth (token bucket per direction) or a reorder (some held back, the others at once),
+//! and the flow a packet belongs to.
 
 use std::collections::HashMap;
 
@@ -32,7 +33,7 @@ impl Rng {
     }
 
     /// Uniform in (0, 1].
-    fn unit(&mut self) -> f64 {
+    pub(super) fn unit(&mut self) -> f64 {
         ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
     }
 
@@ -59,6 +60,11 @@ pub(super) enum Model {
         /// The last standard-normal random part.
         z: f64,
     },
+    /// `share` of the packets leave `gap_ns` late, the others at once: later packets of a flow
+    /// overtake the held ones (no per-flow order).
+    Reorder { share: f64, gap_ns: u64 },
+    /// Every packet leaves at once (duplicate, corrupt: the tamper acts on it).
+    Pass,
     Pace {
         bytes_per_ns: f64,
         burst: f64,
@@ -84,6 +90,17 @@ impl Schedule {
                 rho: delay.correlation / 100.0,
                 z: 0.0,
             },
+            Action::SlowConnect { latency } | Action::SlowClose { latency } => Model::Delay {
+                latency_ns: latency.as_nanos() as f64,
+                jitter_ns: 0.0,
+                rho: 0.0,
+                z: 0.0,
+            },
+            Action::Reorder { percent, gap, .. } => Model::Reorder {
+                share: percent / 100.0,
+                gap_ns: gap.as_nanos() as u64,
+            },
+            Action::Duplicate { .. } | Action::Corrupt { .. } | Action::Slice { .. } => Model::Pass,
             Action::Bandwidth(bandwidth) => {
                 let burst = bandwidth.burst as f64;
                 let full = Bucket {
@@ -114,6 +131,16 @@ impl Schedule {
     /// When a packet of `len` bytes of `flow` that arrived at `now` may leave.
     pub(super) fn release_at(&mut self, now: u64, flow: u64, len: usize, inbound: bool) -> u64 {
         let release = match &mut self.model {
+            Model::Reorder { share, gap_ns } => {
+                let held = self.rng.unit() <= *share;
+                // Out of order on purpose: the flow's order is not kept.
+                return if held {
+                    now.saturating_add(*gap_ns)
+                } else {
+                    now
+                };
+            }
+            Model::Pass => now,
             Model::Delay {
                 latency_ns,
                 jitter_ns,
@@ -263,6 +290,36 @@ mod tests {
             assert!(at >= last, "packet {i} would overtake the one before it");
             last = at;
         }
+    }
+
+    #[test]
+    fn reorder_holds_its_share_back_and_lets_the_rest_overtake() {
+        let gap = Duration::from_millis(10);
+        let action = Action::tamper("reorder", 25.0, gap, None, "f").unwrap();
+        let mut schedule = Schedule::new(&action, Rng(3)).unwrap();
+        let (mut held, mut overtaken) = (0, 0);
+        let mut last = 0;
+        for i in 0..10_000u64 {
+            let now = i * MS / 10;
+            let at = schedule.release_at(now, 7, 100, false);
+            match at - now {
+                0 => {}
+                d if d == gap.as_nanos() as u64 => held += 1,
+                d => panic!("released {d} ns late"),
+            }
+            if at < last {
+                overtaken += 1;
+            }
+            last = last.max(at);
+        }
+        assert!((2300..2700).contains(&held), "held {held} of 10000");
+        assert!(
+            overtaken > 2000,
+            "only {overtaken} packets left before a held one"
+        );
+        let duplicate = Action::tamper("duplicate", 100.0, Duration::ZERO, None, "f").unwrap();
+        let mut schedule = Schedule::new(&duplicate, Rng(3)).unwrap();
+        assert_eq!(schedule.release_at(5, 7, 100, false), 5, "leaves at once");
     }
 
     #[test]

@@ -89,6 +89,7 @@ mod tests {
             correlation: 25.0,
             rate_bytes_per_sec: 0,
             burst_bytes: 0,
+            tamper: Default::default(),
         }
     }
 

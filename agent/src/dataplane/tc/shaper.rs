@@ -8,7 +8,7 @@ use std::time::Duration;
 use faultd_common::{Counters, RuleKey};
 
 use super::shaping::{DIRECT_QLEN, TcShaping};
-use super::spec::{ShapeMechanism, ShapeSpec};
+use super::spec::{ShapeMechanism, ShapeSpec, Tamper};
 use super::tags::TAG_BASE;
 use super::{edt, netem};
 use crate::dataplane::rtnl::{self, Rtnl, RtnlError};
@@ -48,8 +48,16 @@ impl TcShaper {
     }
 }
 
-/// What a delay or bandwidth action asks of the tc mechanisms.
+/// What a delay, bandwidth, duplicate, corrupt or reorder action asks of the tc mechanisms.
 fn spec_of(action: &Action) -> Option<ShapeSpec> {
+    let tampering = |latency, tamper| ShapeSpec {
+        latency,
+        jitter: Duration::ZERO,
+        correlation: 0.0,
+        rate_bytes_per_sec: 0,
+        burst_bytes: 0,
+        tamper,
+    };
     match action {
         Action::Delay(delay) => Some(ShapeSpec {
             latency: delay.latency,
@@ -57,6 +65,7 @@ fn spec_of(action: &Action) -> Option<ShapeSpec> {
             correlation: delay.correlation,
             rate_bytes_per_sec: 0,
             burst_bytes: 0,
+            tamper: Tamper::default(),
         }),
         Action::Bandwidth(bandwidth) => Some(ShapeSpec {
             latency: Duration::ZERO,
@@ -64,7 +73,30 @@ fn spec_of(action: &Action) -> Option<ShapeSpec> {
             correlation: 0.0,
             rate_bytes_per_sec: bandwidth.rate_bytes_per_sec,
             burst_bytes: u32::try_from(bandwidth.burst).unwrap_or(u32::MAX),
+            tamper: Tamper::default(),
         }),
+        &Action::Duplicate { percent, .. } => Some(tampering(
+            Duration::ZERO,
+            Tamper {
+                duplicate: percent,
+                ..Tamper::default()
+            },
+        )),
+        &Action::Corrupt { percent, .. } => Some(tampering(
+            Duration::ZERO,
+            Tamper {
+                corrupt: percent,
+                ..Tamper::default()
+            },
+        )),
+        // netem delays what it does not reorder: the gap is its latency.
+        &Action::Reorder { percent, gap, .. } => Some(tampering(
+            gap,
+            Tamper {
+                reorder: Some(percent),
+                ..Tamper::default()
+            },
+        )),
         _ => None,
     }
 }
@@ -78,8 +110,19 @@ impl Shaper for TcShaper {
     }
 
     fn unavailable(&self, action: &Action) -> Option<String> {
-        let spec = spec_of(action)?;
+        let Some(spec) = spec_of(action) else {
+            // slow_connect, slow_close, slice: the classifier does not look at TCP flags.
+            return Some(format!(
+                "{} does not apply {}",
+                self.mechanism.name(),
+                action.name()
+            ));
+        };
         match self.mechanism {
+            // Departure times can delay a packet, not copy, damage or reorder it.
+            ShapeMechanism::Edt if !spec.tamper.is_none() => {
+                Some(format!("edt does not apply {}", action.name()))
+            }
             ShapeMechanism::Edt => edt::check(&spec).err().map(|e| e.to_string()),
             ShapeMechanism::Netem => None,
         }
@@ -218,6 +261,7 @@ pub fn probe(mechanism: ShapeMechanism) -> Result<(), ProbeError> {
                 correlation: 0.0,
                 rate_bytes_per_sec: 0,
                 burst_bytes: 0,
+                tamper: Tamper::default(),
             };
             match mechanism {
                 ShapeMechanism::Netem => {

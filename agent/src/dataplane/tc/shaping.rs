@@ -346,7 +346,7 @@ impl TcShaping {
             delayed: sum.delayed + c.delayed,
             dropped: sum.dropped + c.dropped,
             refused: sum.refused + c.refused,
-            ..Counters::default()
+            ..sum
         }))
     }
 

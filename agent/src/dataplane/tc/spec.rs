@@ -31,4 +31,25 @@ pub struct ShapeSpec {
     pub rate_bytes_per_sec: u64,
     /// Bytes that may pass at line rate before the limit applies.
     pub burst_bytes: u32,
+    /// What netem does to the packets besides delaying them (duplicate, corrupt, reorder).
+    pub tamper: Tamper,
+}
+
+/// netem's packet tampering, for the duplicate, corrupt and reorder faults; none on delay and
+/// bandwidth faults. EDT has none of it.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct Tamper {
+    /// Percent (0 to 100) of the packets sent twice.
+    pub duplicate: f64,
+    /// Percent of the packets with one bit flipped (checksum left as it was).
+    pub corrupt: f64,
+    /// Percent of the packets held back by the spec's latency (the reorder gap) while the
+    /// others leave at once and overtake them.
+    pub reorder: Option<f64>,
+}
+
+impl Tamper {
+    pub fn is_none(&self) -> bool {
+        *self == Self::default()
+    }
 }

@@ -363,3 +363,40 @@ mod peers;
 mod reverts;
 mod shaping;
 mod targets;
+
+#[tokio::test(start_paused = true)]
+async fn the_totals_count_what_duplicate_corrupt_reorder_and_slice_did() {
+    let (engine, fake) = engine();
+    let fault = engine
+        .inject(
+            LeaseRef::Ttl(Duration::from_secs(60)),
+            drop_spec(100.0, "/app", 6379),
+        )
+        .unwrap();
+    let slot = fake.rules()[&KEY].counter_slot;
+    fake.set_counters(
+        slot,
+        Counters {
+            matched: 10,
+            duplicated: 4,
+            corrupted: 3,
+            reordered: 2,
+            sliced: 1,
+            ..Counters::default()
+        },
+    );
+    let key = TotalKey {
+        action: "drop",
+        mechanism: fault.mechanism,
+        scope: "cgroup",
+    };
+    let totals = engine.snapshot().totals;
+    for (effect, want) in [
+        ("duplicated", 4),
+        ("corrupted", 3),
+        ("reordered", 2),
+        ("sliced", 1),
+    ] {
+        assert_eq!(totals.affected.get(&(key, effect)), Some(&want), "{effect}");
+    }
+}

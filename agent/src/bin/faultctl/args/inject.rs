@@ -10,8 +10,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use faultd_proto::v1::{self as pb, PortRange, Target, fault, target};
 
 use super::values::{
-    parse_jitter, parse_label, parse_latency, parse_percent, parse_port_range, parse_rate,
-    parse_size, parse_ttl,
+    parse_close_after, parse_jitter, parse_label, parse_latency, parse_percent, parse_port_range,
+    parse_rate, parse_size, parse_ttl,
 };
 
 #[derive(Subcommand, Debug)]
@@ -29,6 +29,78 @@ pub enum InjectCommand {
     /// Let each matched request (--redis-command, --pg-statement) reach the server and run,
     /// lose its reply, and tear the client's connection down ("ambiguous commit").
     LoseReply(InjectArgs),
+    /// Keep the TCP connections up but let no data through (Toxiproxy's timeout): reads hang.
+    Stall(StallArgs),
+    /// Hold each connection's SYN for a latency: only the handshake waits.
+    SlowConnect(SlowArgs),
+    /// Hold each FIN for a latency: the other end sees the close that much later.
+    SlowClose(SlowArgs),
+    /// Send a share of the matched packets twice.
+    Duplicate(ShareArgs),
+    /// Damage a share of the matched packets (a bit flipped, checksum left wrong): the
+    /// receiver drops them as it drops packets damaged on the wire.
+    Corrupt(ShareArgs),
+    /// Hold a share of the matched packets back so that later ones overtake them.
+    Reorder(ReorderArgs),
+    /// Cut the data of each TCP segment into pieces of at most N bytes (Toxiproxy's slicer).
+    Slice(SliceArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SliceArgs {
+    #[command(flatten)]
+    pub common: InjectArgs,
+    /// Most data bytes a piece carries, e.g. 16.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    pub max_bytes: u32,
+    /// Pause between the pieces of a segment, e.g. 1ms (at most 100ms).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_jitter)]
+    pub delay: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct ShareArgs {
+    #[command(flatten)]
+    pub common: InjectArgs,
+    /// Share of the matched packets it acts on, 0 to 100.
+    #[arg(long, default_value_t = 100.0, value_parser = parse_percent)]
+    pub percent: f64,
+    /// netem or nfqueue (edt only delays); `auto` lets faultd choose.
+    #[arg(long, value_enum, default_value_t = MechanismArg::Auto)]
+    pub mechanism: MechanismArg,
+}
+
+#[derive(Args, Debug)]
+pub struct ReorderArgs {
+    #[command(flatten)]
+    pub common: InjectArgs,
+    /// Share of the matched packets held back, 0 to 100.
+    #[arg(long, default_value_t = 25.0, value_parser = parse_percent)]
+    pub percent: f64,
+    /// How long they are held back, e.g. 10ms.
+    #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = parse_latency)]
+    pub gap: Duration,
+    /// netem or nfqueue (edt only delays); `auto` lets faultd choose.
+    #[arg(long, value_enum, default_value_t = MechanismArg::Auto)]
+    pub mechanism: MechanismArg,
+}
+
+#[derive(Args, Debug)]
+pub struct SlowArgs {
+    #[command(flatten)]
+    pub common: InjectArgs,
+    /// How long the segment is held, e.g. 300ms.
+    #[arg(long, value_name = "DURATION", value_parser = parse_latency)]
+    pub latency: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct StallArgs {
+    #[command(flatten)]
+    pub common: InjectArgs,
+    /// Then tear each connection down once the fault has held it this long, e.g. 5s.
+    #[arg(long, value_name = "DURATION", value_parser = parse_close_after)]
+    pub close_after: Option<Duration>,
 }
 
 #[derive(Args, Debug)]
@@ -306,6 +378,11 @@ impl InjectCommand {
             Self::Reset(args) => &args.common,
             Self::Delay(args) => &args.common,
             Self::Bandwidth(args) => &args.common,
+            Self::Stall(args) => &args.common,
+            Self::SlowConnect(args) | Self::SlowClose(args) => &args.common,
+            Self::Duplicate(args) | Self::Corrupt(args) => &args.common,
+            Self::Reorder(args) => &args.common,
+            Self::Slice(args) => &args.common,
         }
     }
 
@@ -340,6 +417,53 @@ impl InjectCommand {
                     rate_bytes_per_sec: args.rate,
                     burst: args.burst.unwrap_or(0),
                     mechanism: args.mechanism.to_proto(),
+                }),
+            ),
+            Self::Stall(args) => (
+                args.common,
+                fault::Action::Stall(pb::Stall {
+                    close_after: args.close_after.map(convert::duration_to_proto),
+                }),
+            ),
+            Self::SlowConnect(args) => (
+                args.common,
+                fault::Action::SlowConnect(pb::SlowConnect {
+                    latency: Some(convert::duration_to_proto(args.latency)),
+                }),
+            ),
+            Self::SlowClose(args) => (
+                args.common,
+                fault::Action::SlowClose(pb::SlowClose {
+                    latency: Some(convert::duration_to_proto(args.latency)),
+                }),
+            ),
+            Self::Duplicate(args) => (
+                args.common,
+                fault::Action::Duplicate(pb::Duplicate {
+                    percent: args.percent,
+                    mechanism: args.mechanism.to_proto(),
+                }),
+            ),
+            Self::Corrupt(args) => (
+                args.common,
+                fault::Action::Corrupt(pb::Corrupt {
+                    percent: args.percent,
+                    mechanism: args.mechanism.to_proto(),
+                }),
+            ),
+            Self::Reorder(args) => (
+                args.common,
+                fault::Action::Reorder(pb::Reorder {
+                    percent: args.percent,
+                    gap: Some(convert::duration_to_proto(args.gap)),
+                    mechanism: args.mechanism.to_proto(),
+                }),
+            ),
+            Self::Slice(args) => (
+                args.common,
+                fault::Action::Slice(pb::Slice {
+                    max_bytes: args.max_bytes,
+                    delay: Some(convert::duration_to_proto(args.delay)),
                 }),
             ),
         }

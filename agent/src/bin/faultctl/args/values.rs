@@ -80,6 +80,14 @@ pub fn parse_latency(text: &str) -> Result<Duration, String> {
     }
 }
 
+pub fn parse_close_after(text: &str) -> Result<Duration, String> {
+    match duration::parse(text) {
+        Ok(after) if !after.is_zero() => Ok(after),
+        Ok(_) => Err("must be longer than zero (leave it out to stall until the end)".into()),
+        Err(why) => Err(format!("{why}; write e.g. --close-after 5s")),
+    }
+}
+
 pub fn parse_jitter(text: &str) -> Result<Duration, String> {
     duration::parse(text).map_err(|why| format!("{why}; write e.g. --jitter 20ms"))
 }

@@ -123,6 +123,34 @@ pub fn action_text(action: Option<&fault::Action>) -> String {
             bytes_text(bandwidth.rate_bytes_per_sec),
             bytes_text(bandwidth.burst)
         ),
+        Some(fault::Action::Stall(stall)) => match &stall.close_after {
+            Some(after) => format!("stall, close after {}", remaining_text(Some(after))),
+            None => "stall".into(),
+        },
+        Some(fault::Action::SlowConnect(slow)) => {
+            format!("slow_connect {}", remaining_text(slow.latency.as_ref()))
+        }
+        Some(fault::Action::SlowClose(slow)) => {
+            format!("slow_close {}", remaining_text(slow.latency.as_ref()))
+        }
+        Some(fault::Action::Duplicate(d)) => format!("duplicate {}%", d.percent),
+        Some(fault::Action::Slice(s)) => {
+            let delay = s.delay.as_ref().and_then(convert::duration_from_proto);
+            match delay.filter(|d| !d.is_zero()) {
+                Some(_) => format!(
+                    "slice {} bytes, {} apart",
+                    s.max_bytes,
+                    remaining_text(s.delay.as_ref())
+                ),
+                None => format!("slice {} bytes", s.max_bytes),
+            }
+        }
+        Some(fault::Action::Corrupt(c)) => format!("corrupt {}%", c.percent),
+        Some(fault::Action::Reorder(r)) => format!(
+            "reorder {}% by {}",
+            r.percent,
+            remaining_text(r.gap.as_ref())
+        ),
         None => "no action".into(),
     }
 }

@@ -97,7 +97,8 @@ pub fn fault_json(fault: &Fault) -> Value {
             "counters",
             fault.counters.map_or(Value::Null, |c| {
                 json!({ "matched": c.matched, "dropped": c.dropped, "refused": c.refused,
-                    "reset": c.reset, "delayed": c.delayed })
+                    "reset": c.reset, "delayed": c.delayed, "duplicated": c.duplicated,
+                    "corrupted": c.corrupted, "reordered": c.reordered, "sliced": c.sliced })
             }),
         ),
         ("expiresAt", timestamp_json(fault.expires_at.as_ref())),
@@ -159,6 +160,41 @@ fn action_json(action: Option<&fault::Action>) -> (&'static str, Value) {
                 "rateBytesPerSec": bandwidth.rate_bytes_per_sec,
                 "burst": bandwidth.burst,
                 "mechanism": mechanism_json(bandwidth.mechanism),
+            }),
+        ),
+        Some(fault::Action::Stall(stall)) => (
+            "stall",
+            match &stall.close_after {
+                Some(after) => json!({ "closeAfter": duration_json(Some(after)) }),
+                None => json!({}),
+            },
+        ),
+        Some(fault::Action::SlowConnect(slow)) => (
+            "slowConnect",
+            json!({ "latency": duration_json(slow.latency.as_ref()) }),
+        ),
+        Some(fault::Action::SlowClose(slow)) => (
+            "slowClose",
+            json!({ "latency": duration_json(slow.latency.as_ref()) }),
+        ),
+        Some(fault::Action::Duplicate(d)) => (
+            "duplicate",
+            json!({ "percent": d.percent, "mechanism": mechanism_json(d.mechanism) }),
+        ),
+        Some(fault::Action::Slice(s)) => (
+            "slice",
+            json!({ "maxBytes": s.max_bytes, "delay": duration_json(s.delay.as_ref()) }),
+        ),
+        Some(fault::Action::Corrupt(c)) => (
+            "corrupt",
+            json!({ "percent": c.percent, "mechanism": mechanism_json(c.mechanism) }),
+        ),
+        Some(fault::Action::Reorder(r)) => (
+            "reorder",
+            json!({
+                "percent": r.percent,
+                "gap": duration_json(r.gap.as_ref()),
+                "mechanism": mechanism_json(r.mechanism),
             }),
         ),
         None => ("action", Value::Null),
