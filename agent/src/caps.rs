@@ -120,7 +120,7 @@ impl Capabilities {
                 continue;
             };
             let mut reasons = Vec::new();
-            let chosen = Mechanism::PREFERENCE.into_iter().find(|mechanism| {
+            let chosen = action.auto_preference().iter().copied().find(|mechanism| {
                 let why = match shapers.iter().find(|s| s.mechanism() == *mechanism) {
                     Some(shaper) => shaper.unavailable(&action),
                     None => Some("not supported by this faultd".to_string()),

@@ -388,7 +388,7 @@ impl State {
             });
         }
         let mut reasons = Vec::new();
-        for mechanism in Mechanism::PREFERENCE {
+        for &mechanism in action.auto_preference() {
             match why_not(mechanism) {
                 Ok(i) => return Ok(i),
                 Err(why) => reasons.push((mechanism, why)),

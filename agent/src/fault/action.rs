@@ -361,6 +361,17 @@ impl Action {
         }
     }
 
+    /// The mechanisms tried, in order, when the user forces none. A duplicate takes NFQUEUE
+    /// first and netem only where NFQUEUE is missing: some kernels refuse a duplicating netem
+    /// and another netem on one interface, which would break the duplicate, or a later delay
+    /// beside it (EDT only delays).
+    pub fn auto_preference(&self) -> &'static [Mechanism] {
+        match self {
+            Self::Duplicate { .. } => &[Mechanism::Nfqueue, Mechanism::Netem],
+            _ => &Mechanism::PREFERENCE,
+        }
+    }
+
     /// `percent` as the threshold the program compares `bpf_get_prandom_u32()` with (0 for
     /// actions that drop nothing).
     pub fn drop_threshold(&self) -> u64 {

@@ -460,8 +460,14 @@ mod tests {
             }
         );
         assert_eq!(duplicate.shaping(), Some(None));
+        // Some kernels refuse a duplicating netem beside another netem: NFQUEUE first.
+        assert_eq!(
+            duplicate.auto_preference(),
+            [Mechanism::Nfqueue, Mechanism::Netem]
+        );
         let forced = Action::tamper("corrupt", 1.0, zero, Some(Mechanism::Netem), "c").unwrap();
         assert_eq!(forced.shaping(), Some(Some(Mechanism::Netem)));
+        assert_eq!(forced.auto_preference(), Mechanism::PREFERENCE);
         // EDT sets departure times: it cannot copy, damage or reorder a packet.
         let edt = Action::tamper("reorder", 1.0, zero, Some(Mechanism::Edt), "fault.reorder");
         assert_eq!(edt.unwrap_err().field, "fault.reorder.mechanism");

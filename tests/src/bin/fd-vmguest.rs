@@ -294,6 +294,12 @@ mod guest {
         }),
         ("corrupt-netem", |rt| rt.block_on(crate::tamper::corrupt())),
         ("reorder-netem", |rt| rt.block_on(crate::tamper::reorder())),
+        ("duplicate-beside-delay-netem", |rt| {
+            rt.block_on(crate::tamper::duplicate_beside_delay(false))
+        }),
+        ("delay-beside-duplicate-netem", |rt| {
+            rt.block_on(crate::tamper::duplicate_beside_delay(true))
+        }),
     ];
 
     pub fn run(filter: &[String]) -> usize {

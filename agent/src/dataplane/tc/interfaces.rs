@@ -130,7 +130,20 @@ impl TcShaping {
                 &fault.spec,
                 &self.table,
             )
-            .map_err(tc_err),
+            .map_err(|e| {
+                let others = self
+                    .faults
+                    .iter()
+                    .filter(|(other, f)| **other != slot && f.mechanism == ShapeMechanism::Netem)
+                    .map(|(_, f)| &f.spec);
+                match netem::mix_refused(&e, &fault.spec, others) {
+                    Some(reason) => DataplaneError::Unsupported {
+                        mechanism: "netem",
+                        reason: format!("{reason} (interface {ifindex})"),
+                    },
+                    None => tc_err(e),
+                }
+            }),
             ShapeMechanism::Edt => {
                 let Some(interface) = self.interfaces.get_mut(&ifindex) else {
                     return Ok(());

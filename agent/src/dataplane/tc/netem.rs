@@ -59,7 +59,7 @@ pub fn install(
         (UNLIMITED, UNLIMITED_BURST)
     };
     rtnl.replace_class(ifindex, class, root, rtnl::htb_class_options(rate, burst))?;
-    if !spec.latency.is_zero() || !spec.jitter.is_zero() || !spec.tamper.is_none() {
+    if has_leaf(spec) {
         let mut options = rtnl::netem_options(
             spec.latency.as_nanos() as u64,
             spec.jitter.as_nanos() as u64,
@@ -71,6 +71,43 @@ pub fn install(
         rtnl.add_leaf_qdisc(ifindex, class, "netem", options)?;
     }
     Ok(())
+}
+
+/// Whether `spec` gets a netem leaf (a bandwidth fault's class has a fifo).
+fn has_leaf(spec: &ShapeSpec) -> bool {
+    !spec.latency.is_zero() || !spec.jitter.is_zero() || !spec.tamper.is_none()
+}
+
+/// Why the kernel refused `spec`'s netem leaf with EINVAL, when the leaf and `others` (the
+/// other netem faults on the interface) mix a duplicating netem with another netem: some
+/// kernels (the 5.10 and 6.1 stable series of the kernel matrix; not its 6.12) refuse that mix
+/// in one qdisc tree, since a duplicate re-enqueued at the root could pass through another
+/// netem again. None when the error has another cause.
+pub fn mix_refused<'a>(
+    error: &RtnlError,
+    spec: &ShapeSpec,
+    others: impl IntoIterator<Item = &'a ShapeSpec>,
+) -> Option<String> {
+    if error.errno() != Some(libc::EINVAL) || !has_leaf(spec) {
+        return None;
+    }
+    let others: Vec<&ShapeSpec> = others.into_iter().filter(|o| has_leaf(o)).collect();
+    if spec.tamper.duplicate > 0.0 && !others.is_empty() {
+        return Some(
+            "this kernel refuses a duplicating netem beside another fault's netem on the same \
+             interface: use mechanism nfqueue for the duplicate (the default) or remove the \
+             other netem fault"
+                .to_string(),
+        );
+    }
+    if others.iter().any(|o| o.tamper.duplicate > 0.0) {
+        return Some(
+            "this kernel refuses another netem beside a duplicate fault forced onto netem on \
+             the same interface: remove that duplicate fault or use another mechanism"
+                .to_string(),
+        );
+    }
+    None
 }
 
 /// A percentage as netem's probabilities are: a share of u32::MAX.
@@ -115,6 +152,48 @@ pub fn remove(rtnl: &mut Rtnl, ifindex: u32, tag: u16, slot: u32) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec(latency_ms: u64, duplicate: f64, rate_bytes_per_sec: u64) -> ShapeSpec {
+        ShapeSpec {
+            latency: std::time::Duration::from_millis(latency_ms),
+            jitter: std::time::Duration::ZERO,
+            correlation: 0.0,
+            rate_bytes_per_sec,
+            burst_bytes: 0,
+            tamper: Tamper {
+                duplicate,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn einval_beside_a_duplicating_netem_is_the_mix_the_kernel_refuses() {
+        let kernel = |errno| RtnlError::Kernel {
+            what: "adding a netem qdisc".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        let (einval, duplicate, delay) =
+            (kernel(libc::EINVAL), spec(0, 100.0, 0), spec(10, 0.0, 0));
+        let bandwidth = spec(0, 0.0, 1000);
+        let new_duplicate = mix_refused(&einval, &duplicate, [&delay]).unwrap();
+        assert!(
+            new_duplicate.contains("duplicating netem beside"),
+            "{new_duplicate}"
+        );
+        let new_delay = mix_refused(&einval, &delay, [&bandwidth, &duplicate]).unwrap();
+        assert!(
+            new_delay.contains("beside a duplicate fault"),
+            "{new_delay}"
+        );
+        // No other netem leaf (a bandwidth class has a fifo), another errno, no duplicate.
+        assert_eq!(mix_refused(&einval, &duplicate, [&bandwidth]), None);
+        assert_eq!(
+            mix_refused(&kernel(libc::ENOMEM), &duplicate, [&delay]),
+            None
+        );
+        assert_eq!(mix_refused(&einval, &delay, [&delay]), None);
+    }
 
     #[test]
     fn each_slot_has_its_own_class_under_the_tag() {

@@ -41,6 +41,10 @@ impl TcShaper {
     }
 
     fn error(&self, e: DataplaneError) -> DataplaneError {
+        // What the mechanism cannot do here stays FAILED_PRECONDITION (e.g. the netem mix).
+        if let DataplaneError::Unsupported { .. } = e {
+            return e;
+        }
         DataplaneError::ShaperFailed {
             mechanism: self.mechanism.name(),
             source: Box::new(e),

@@ -1,6 +1,7 @@
 //! The kernel matrix's duplicate, corrupt and reorder tests: the guests have sch_netem, so
 //! faultd applies them with netem (the host, without it, runs the NFQUEUE fallback in
-//! tests/tests/tamper.rs). A UDP sender in a cgroup (`fd-vmguest udp ...`) sends numbered
+//! tests/tests/tamper.rs; the duplicate is forced onto netem, which it takes only where NFQUEUE
+//! is missing). A UDP sender in a cgroup (`fd-vmguest udp ...`) sends numbered
 //! datagrams to a receiver outside it; the receiver counts them, their order, and the kernel's
 //! UDP checksum errors.
 
@@ -11,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use faultd_proto::v1::fault::Action;
-use faultd_proto::v1::{Corrupt, Direction, Duplicate, Fault, Protocol, RemoveRequest, Reorder};
+use faultd_proto::v1::{
+    Corrupt, Delay, Direction, Duplicate, Fault, Mechanism, Protocol, RemoveRequest, Reorder,
+};
 use faultd_tests::api::{cgroup_target, with_ttl};
 use faultd_tests::{Cgroup, Faultd};
 
@@ -140,6 +143,24 @@ async fn inject(
     port: u16,
     action: Action,
 ) -> anyhow::Result<Fault> {
+    let fault = try_inject(faultd, cgroup, port, action)
+        .await
+        .map_err(|s| anyhow::anyhow!("Inject: {s:?}"))?;
+    ensure!(
+        fault.mechanism == "netem",
+        "mechanism {:?}, want \"netem\" (the guest kernels have sch_netem)",
+        fault.mechanism
+    );
+    Ok(fault)
+}
+
+/// Inject's answer for `action` on the UDP datagrams the cgroup sends to `port`.
+async fn try_inject(
+    faultd: &Faultd,
+    cgroup: &Cgroup,
+    port: u16,
+    action: Action,
+) -> Result<Fault, tonic::Status> {
     let fault = Fault {
         action: Some(action),
         target: Some(cgroup_target(
@@ -150,18 +171,11 @@ async fn inject(
         )),
         ..Default::default()
     };
-    let fault = faultd
+    Ok(faultd
         .faults()
         .inject(with_ttl(fault, Duration::from_secs(120)))
-        .await
-        .map_err(|s| anyhow::anyhow!("Inject: {s:?}"))?
-        .into_inner();
-    ensure!(
-        fault.mechanism == "netem",
-        "mechanism {:?}, want \"netem\" (the guest kernels have sch_netem)",
-        fault.mechanism
-    );
-    Ok(fault)
+        .await?
+        .into_inner())
 }
 
 /// Removes the fault; prints its counters and checks it left no netem class behind.
@@ -206,11 +220,7 @@ pub async fn duplicate() -> anyhow::Result<()> {
         "without the fault the receiver got {} of {COUNT}",
         baseline.numbers.len()
     );
-    let action = Action::Duplicate(Duplicate {
-        percent: 100.0,
-        ..Default::default()
-    });
-    let fault = inject(&faultd, &cgroup, DUPLICATE_PORT, action).await?;
+    let fault = inject(&faultd, &cgroup, DUPLICATE_PORT, netem_duplicate()).await?;
     show_qdiscs();
     let received = exchange(&cgroup, DUPLICATE_PORT, COUNT, 200, 1000)?;
     remove(&faultd, &fault.id).await?;
@@ -321,6 +331,114 @@ pub async fn reorder() -> anyhow::Result<()> {
         "after Remove: {} of {COUNT} received, {} late",
         after.numbers.len(),
         after.late()
+    );
+    Ok(())
+}
+
+/// duplicate 100 % forced onto netem (auto takes NFQUEUE first).
+fn netem_duplicate() -> Action {
+    Action::Duplicate(Duplicate {
+        percent: 100.0,
+        mechanism: Mechanism::Netem as i32,
+    })
+}
+
+/// A 10 ms delay on netem.
+fn netem_delay() -> Action {
+    Action::Delay(Delay {
+        latency: Some(faultd::api::convert::duration_to_proto(
+            Duration::from_millis(10),
+        )),
+        mechanism: Mechanism::Netem as i32,
+        ..Default::default()
+    })
+}
+
+/// The lines of `tc <what> show dev lo` that name `kind`.
+fn count_tc(what: &str, kind: &str) -> anyhow::Result<usize> {
+    let out = Command::new("/usr/sbin/tc")
+        .args([what, "show", "dev", "lo"])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(kind))
+        .count())
+}
+
+fn netem_leaves() -> anyhow::Result<usize> {
+    count_tc("qdisc", "netem")
+}
+
+/// A netem duplicate and a netem delay (of another cgroup) on the same interface, in both
+/// orders (`duplicate_first`). Kernels that refuse the mix (5.10, 6.1) must answer the second
+/// Inject with FAILED_PRECONDITION naming it and leave nothing of it (one netem leaf, the
+/// datagrams arrive once); the others (6.12) apply both and the datagrams arrive twice. Never
+/// INTERNAL. Then, after both are removed, no netem is left.
+pub async fn duplicate_beside_delay(duplicate_first: bool) -> anyhow::Result<()> {
+    const COUNT: u32 = 100;
+    let faultd = Faultd::start().await;
+    let (delayed, cgroup) = (Cgroup::new(), Cgroup::new());
+    let delay_port = DUPLICATE_PORT + 10;
+    let (first, second) = if duplicate_first {
+        (
+            try_inject(&faultd, &cgroup, DUPLICATE_PORT, netem_duplicate()).await,
+            try_inject(&faultd, &delayed, delay_port, netem_delay()).await,
+        )
+    } else {
+        (
+            try_inject(&faultd, &delayed, delay_port, netem_delay()).await,
+            try_inject(&faultd, &cgroup, DUPLICATE_PORT, netem_duplicate()).await,
+        )
+    };
+    let first = first.map_err(|s| anyhow::anyhow!("first Inject: {s:?}"))?;
+    show_qdiscs();
+    let (leaves, classes) = (netem_leaves()?, count_tc("class", "htb")?);
+    let received = exchange(&cgroup, DUPLICATE_PORT, COUNT, 200, 1000)?;
+    let applied = match &second {
+        Ok(_) => true,
+        Err(status) => {
+            println!(
+                "guest:   second Inject: {:?} {}",
+                status.code(),
+                status.message()
+            );
+            ensure!(
+                status.code() == tonic::Code::FailedPrecondition
+                    && status.message().contains("this kernel refuses")
+                    && status.message().contains("duplicat"),
+                "second Inject: {:?} {:?}, want FAILED_PRECONDITION naming the netem mix",
+                status.code(),
+                status.message()
+            );
+            false
+        }
+    };
+    let want_copies = if applied || duplicate_first { 2 } else { 1 };
+    let want_leaves = if applied { 2 } else { 1 };
+    println!(
+        "guest:   applied both: {applied}; netem leaves {leaves}, htb classes {classes}; sent {COUNT}, received {}",
+        received.numbers.len()
+    );
+    faultd
+        .faults()
+        .remove(RemoveRequest {
+            id: first.id.clone(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("Remove: {s:?}"))?;
+    if let Ok(second) = &second {
+        remove(&faultd, &second.id).await?;
+    }
+    ensure!(netem_leaves()? == 0, "a netem left on lo after both faults");
+    // One htb class per fault (and none of a refused one).
+    ensure!(
+        leaves == want_leaves && classes == want_leaves,
+        "{leaves} netem leaves and {classes} htb classes on lo, want {want_leaves}"
+    );
+    ensure!(
+        received.numbers.len() == want_copies * COUNT as usize,
+        "the duplicated cgroup's receiver got {} of {COUNT} datagrams, want each {want_copies}×",
+        received.numbers.len()
     );
     Ok(())
 }
