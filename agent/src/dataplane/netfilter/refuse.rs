@@ -18,6 +18,7 @@
 
 use super::Family;
 use super::matches::{multiport_lists, utc};
+use super::rules::{chain_creation, chain_removal};
 use crate::fault::{Cidr, Direction, PeerSet, PortRange};
 
 /// The table xt_REJECT works in.
@@ -153,18 +154,12 @@ impl RefuseRules {
 
     /// Restore lines creating the fault's own chains in `family` (before `lines`).
     pub fn setup(&self, family: Family) -> Vec<String> {
-        self.own_chains(family)
-            .iter()
-            .map(|chain| format!("-N {chain}"))
-            .collect()
+        chain_creation(&self.own_chains(family))
     }
 
     /// Restore lines removing the fault's own chains in `family` (after `deletion(lines)`).
     pub fn teardown(&self, family: Family) -> Vec<String> {
-        let chains = self.own_chains(family);
-        let mut lines: Vec<String> = chains.iter().map(|c| format!("-F {c}")).collect();
-        lines.extend(chains.iter().map(|c| format!("-X {c}")));
-        lines
+        chain_removal(&self.own_chains(family))
     }
 
     /// `-A` lines for `family`: per side, the jumps to the fault's own chain and its RETURN

@@ -147,18 +147,12 @@ impl FaultRules {
 
     /// Restore lines creating the fault's own chains in `family` (before `lines`).
     pub fn setup(&self, family: Family) -> Vec<String> {
-        self.own_chains(family)
-            .iter()
-            .map(|chain| format!("-N {chain}"))
-            .collect()
+        chain_creation(&self.own_chains(family))
     }
 
     /// Restore lines removing the fault's own chains in `family` (after `deletion(lines)`).
     pub fn teardown(&self, family: Family) -> Vec<String> {
-        let chains = self.own_chains(family);
-        let mut lines: Vec<String> = chains.iter().map(|c| format!("-F {c}")).collect();
-        lines.extend(chains.iter().map(|c| format!("-X {c}")));
-        lines
+        chain_removal(&self.own_chains(family))
     }
 
     /// `-A` lines for `family`, in the order they must be evaluated: exclusions first, then
@@ -314,6 +308,18 @@ struct Rule<'a> {
     matches: String,
     comment: &'a str,
     queue: &'a str,
+}
+
+/// Restore lines creating a fault's own chains.
+pub(super) fn chain_creation(chains: &[String]) -> Vec<String> {
+    chains.iter().map(|chain| format!("-N {chain}")).collect()
+}
+
+/// Restore lines emptying, then removing, a fault's own chains.
+pub(super) fn chain_removal(chains: &[String]) -> Vec<String> {
+    let mut lines: Vec<String> = chains.iter().map(|c| format!("-F {c}")).collect();
+    lines.extend(chains.iter().map(|c| format!("-X {c}")));
+    lines
 }
 
 #[cfg(test)]
