@@ -148,18 +148,20 @@ impl State {
     /// mechanism's name. FAILED_PRECONDITION names what the kernel lacks.
     fn mechanism_for(&self, spec: &FaultSpec) -> Result<(Option<usize>, &'static str), Error> {
         // An interface has no local sockets: its connects are refused by REJECT rules, which
-        // the NFQUEUE mechanism's netfilter machinery puts in.
-        if crate::dataplane::nfqueue::refuses_on_interface(&spec.action, &spec.target) {
-            let forced = Some(crate::fault::Mechanism::Nfqueue);
-            let shaper = self.choose_shaper(&spec.action, &spec.target, forced)?;
-            return Ok((Some(shaper), self.shapers[shaper].mechanism().name()));
-        }
-        if let Some(forced) = spec.action.shaping() {
-            // Requests are matched in user space, on the packets NFQUEUE hands over.
-            let forced = match spec.target.request {
-                Some(_) => Some(Mechanism::Nfqueue),
-                None => forced,
-            };
+        // the NFQUEUE mechanism's netfilter machinery puts in. Requests are matched in user
+        // space, on the packets NFQUEUE hands over.
+        let shaping = if crate::dataplane::nfqueue::refuses_on_interface(&spec.action, &spec.target)
+        {
+            Some(Some(Mechanism::Nfqueue))
+        } else {
+            spec.action.shaping().map(|forced| {
+                spec.target
+                    .request
+                    .as_ref()
+                    .map_or(forced, |_| Some(Mechanism::Nfqueue))
+            })
+        };
+        if let Some(forced) = shaping {
             let shaper = self.choose_shaper(&spec.action, &spec.target, forced)?;
             return Ok((Some(shaper), self.shapers[shaper].mechanism().name()));
         }

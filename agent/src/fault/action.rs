@@ -255,12 +255,7 @@ impl Action {
         mechanism: Option<Mechanism>,
         field: &str,
     ) -> Result<Self, Invalid> {
-        if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
-            return Err(Invalid::new(
-                format!("{field}.percent"),
-                format!("{percent} is outside 0 to 100"),
-            ));
-        }
+        Self::drop(percent, &format!("{field}.percent"))?;
         if gap > MAX_DELAY {
             return Err(Invalid::new(
                 format!("{field}.gap"),
@@ -290,16 +285,6 @@ impl Action {
                 mechanism,
             },
         })
-    }
-
-    /// The share of packets a duplicate, corrupt or reorder fault acts on, 0 to 1.
-    pub fn tamper_share(&self) -> Option<f64> {
-        match self {
-            Self::Duplicate { percent, .. }
-            | Self::Corrupt { percent, .. }
-            | Self::Reorder { percent, .. } => Some(percent / 100.0),
-            _ => None,
-        }
     }
 
     /// `field` is the action's path, `fault.slice`.

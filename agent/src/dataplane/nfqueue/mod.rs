@@ -168,8 +168,7 @@ impl NfqueueShaper {
 /// this mechanism applies with REJECT rules (`refusal`; a reset's teardown of the established
 /// ones is the engine's, over sock_diag).
 pub fn refuses_on_interface(action: &Action, target: &Target) -> bool {
-    matches!(action, Action::Reject | Action::Reset { after_bytes: None })
-        && matches!(target.scope, Scope::Netns { .. })
+    action.refuses_connects() && matches!(target.scope, Scope::Netns { .. })
 }
 
 impl Shaper for NfqueueShaper {

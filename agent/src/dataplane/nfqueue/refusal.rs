@@ -132,6 +132,10 @@ impl NfqueueShaper {
         let Some(refusal) = self.refusals.remove(id) else {
             return;
         };
+        // A deadline move may still be queued: the removal names the lines it put in.
+        if let Err(e) = self.worker.call(|| ()) {
+            tracing::warn!(error = %e, "waiting for the REJECT rules' deadline move");
+        }
         let inode = refusal.netns.inode();
         let last = !self.refusals.values().any(|r| r.netns.inode() == inode);
         for (family, lines) in &refusal.lines {
@@ -152,7 +156,8 @@ impl NfqueueShaper {
         }
     }
 
-    /// Moves the rules' kernel-side deadline with a renewed lease.
+    /// Moves the rules' kernel-side deadline with a renewed lease. Renewals run on the
+    /// caller's task: the iptables calls go to the netfilter worker, as NFQUEUE's do.
     pub(super) fn refresh_refusal(&mut self, id: &str, expires_at_ns: u64) {
         let until = backstop_until(expires_at_ns);
         let Some(refusal) = self.refusals.get_mut(id) else {
@@ -162,15 +167,22 @@ impl NfqueueShaper {
             return;
         }
         refusal.rules.until = Some(until);
+        let mut swaps = Vec::new();
         for (family, lines) in &mut refusal.lines {
             let fresh = refusal.rules.lines(*family);
             let mut swap = netfilter::deletion(lines);
             swap.extend(fresh.iter().cloned());
-            match restore_table(REFUSE_TABLE, *family, Some(&refusal.netns), &swap) {
-                Ok(()) => *lines = fresh,
-                // The rules keep their earlier end: the fault can only end sooner.
-                Err(e) => tracing::warn!(error = %e, "moving the REJECT rules' deadline"),
-            }
+            *lines = fresh;
+            swaps.push((*family, swap));
         }
+        let netns = refusal.netns.clone();
+        self.worker.spawn(move || {
+            for (family, swap) in swaps {
+                if let Err(e) = restore_table(REFUSE_TABLE, family, Some(&netns), &swap) {
+                    // The rules keep their earlier end: the fault can only end sooner.
+                    tracing::warn!(error = %e, "moving the REJECT rules' deadline");
+                }
+            }
+        });
     }
 }

@@ -62,19 +62,20 @@ pub fn scope_text(scope: Option<&target::Scope>) -> String {
 
 /// e.g. `redis commands SET,DEL on keys user:*`, `postgres statements COMMIT`.
 pub fn request_text(request: &pb::RequestMatch) -> String {
+    use faultd::fault::RequestMatch;
     use pb::request_match::Protocol;
-    match &request.protocol {
-        Some(Protocol::Redis(redis)) if redis.key_prefix.is_empty() => {
-            format!("redis commands {}", redis.commands.join(","))
-        }
-        Some(Protocol::Redis(redis)) => format!(
-            "redis commands {} on keys {}*",
-            redis.commands.join(","),
-            redis.key_prefix
-        ),
-        Some(Protocol::Postgres(pg)) => format!("postgres statements {}", pg.statements.join(",")),
-        None => "requests of no protocol".into(),
-    }
+    // The agent's own wording; the names are shown as the agent answered them.
+    let request = match &request.protocol {
+        Some(Protocol::Redis(redis)) => RequestMatch::Redis {
+            commands: redis.commands.clone(),
+            key_prefix: redis.key_prefix.clone(),
+        },
+        Some(Protocol::Postgres(pg)) => RequestMatch::Postgres {
+            statements: pg.statements.clone(),
+        },
+        None => return "requests of no protocol".into(),
+    };
+    request.summary()
 }
 
 /// e.g. `tcp+udp both ports 6379 cgroup /app`.
