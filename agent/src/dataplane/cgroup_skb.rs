@@ -61,13 +61,7 @@ pub struct CgroupSkbDataplane {
 
 use super::BPF_EXIST;
 use super::encoding::peer_key;
-
-fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |e| DataplaneError::Map {
-        map,
-        source: Box::new(e),
-    }
-}
+use super::error::map_err;
 
 impl CgroupSkbDataplane {
     /// Loads the object and its programs; nothing is attached until a fault needs it. Blocking

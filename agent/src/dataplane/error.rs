@@ -233,3 +233,11 @@ pub enum AttachFailure {
     #[error(transparent)]
     Program(#[from] ProgramError),
 }
+
+/// A map call's error, naming the map.
+pub(super) fn map_err(map: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |e| DataplaneError::Map {
+        map,
+        source: Box::new(e),
+    }
+}

@@ -16,6 +16,7 @@ use faultd_common::{
     RequestEvent, RequestName, RequestSpec,
 };
 
+use super::error::map_err;
 use super::{DataplaneError, LoadError, SocketFilter, sock_diag};
 
 /// What a fault with a request match puts in the kernel, and for a reset, the connections its
@@ -36,13 +37,6 @@ pub struct Requests {
     /// Connections whose reply a lose_reply fault loses, by socket cookie.
     armed: Arc<Mutex<BpfHashMap<MapData, u64, RequestArm>>>,
     stop: Arc<AtomicBool>,
-}
-
-fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |e| DataplaneError::Map {
-        map,
-        source: Box::new(e),
-    }
 }
 
 /// How long the reset thread waits in poll before looking at its stop flag.

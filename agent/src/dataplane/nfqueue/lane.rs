@@ -94,7 +94,6 @@ impl Lane {
     ) -> Result<Lane, NfqueueError> {
         let schedule = Schedule::new(action, Rng::seeded())?;
         let mut tamper = Tamper::new(action);
-        let reorders = matches!(action, Action::Reorder { .. });
         let shared = Arc::new(LaneShared {
             deadline_ns: AtomicU64::new(expires_at_ns),
             stop: AtomicBool::new(false),
@@ -135,7 +134,6 @@ impl Lane {
                             let what = What {
                                 schedule,
                                 tamper,
-                                reorders,
                                 request,
                             };
                             serve(queue, fd, what, &lane_shared);
@@ -218,12 +216,11 @@ fn open_in(
     Ok((queue, fd, num))
 }
 
-/// What a lane does to its packets: when they leave, what else happens to them, and whether
-/// the ones held back count as reordered (rather than delayed).
+/// What a lane does to its packets: when they leave (the schedule also says whether the ones
+/// held back count as reordered rather than delayed), and what else happens to them.
 struct What {
     schedule: Schedule,
     tamper: Tamper,
-    reorders: bool,
     /// Only segments starting with these requests wait.
     request: Option<RequestMatch>,
 }
@@ -235,7 +232,6 @@ fn serve(queue: Queue, fd: RawFd, what: What, shared: &LaneShared) {
         fd,
         schedule: what.schedule,
         tamper: what.tamper,
-        reorders: what.reorders,
         request: what.request,
         rng: Rng::seeded(),
         shared,
@@ -254,7 +250,6 @@ struct Server<'a> {
     /// Only segments starting with these requests wait.
     request: Option<RequestMatch>,
     tamper: Tamper,
-    reorders: bool,
     /// For the tamper's choices.
     rng: Rng,
     shared: &'a LaneShared,
@@ -421,7 +416,7 @@ impl Server<'_> {
             msg.get_original_len(),
             inbound,
         );
-        match (at > now, self.reorders) {
+        match (at > now, self.schedule.reorders()) {
             (true, true) => shared.reordered.fetch_add(1, Ordering::Relaxed),
             (true, false) => shared.delayed.fetch_add(1, Ordering::Relaxed),
             (false, _) => 0,

@@ -82,6 +82,11 @@ pub(super) struct Schedule {
 }
 
 impl Schedule {
+    /// Whether packets held back are reordered (rather than delayed).
+    pub(super) fn reorders(&self) -> bool {
+        matches!(self.model, Model::Reorder { .. })
+    }
+
     pub(super) fn new(action: &Action, rng: Rng) -> Result<Schedule, NfqueueError> {
         let model = match action {
             Action::Delay(delay) => Model::Delay {

@@ -24,6 +24,7 @@ use super::spec::{ShapeMechanism, ShapeSpec};
 use super::tags::{TAG_LOCK_DIR, claim_tag, sweep};
 use super::{edt, netem};
 use crate::dataplane::encoding::peer_key;
+pub(super) use crate::dataplane::error::map_err;
 use crate::dataplane::peer_marker::{self, PeerFault};
 use crate::dataplane::rtnl::{self, Rtnl, RtnlError};
 use crate::dataplane::{DataplaneError, LoadError, PeerEntry};
@@ -93,13 +94,6 @@ pub struct TcShaping {
     pub(super) alive_thread: Option<std::thread::JoinHandle<()>>,
     // Last: detaches the classifier when dropped.
     pub(super) ebpf: Ebpf,
-}
-
-pub(super) fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |e| DataplaneError::Map {
-        map,
-        source: Box::new(e),
-    }
 }
 
 pub(super) fn tc_err(e: RtnlError) -> DataplaneError {
