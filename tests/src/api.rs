@@ -12,7 +12,7 @@ use faultd_proto::v1::{
     InjectRequest, Lease, ListFaultsRequest, ListLeasesRequest, Mechanism, PortRange, Protocol,
     Reject, RemoveRequest, Reset, SlowClose, SlowConnect, Stall, Target,
 };
-use faultd_proto::v1::{Corrupt, Duplicate, Reorder, Slice};
+use faultd_proto::v1::{Corrupt, Counters, Duplicate, Reorder, Slice};
 use tonic::transport::Channel;
 
 use crate::cgroup::Cgroup;
@@ -268,18 +268,29 @@ pub async fn get_fault(client: &mut FaultServiceClient<Channel>, id: &str) -> Fa
         .into_inner()
 }
 
-/// Calls Get until `ready` holds for the fault's counters, for up to 2 s (counters may be
-/// read from the kernel a moment later than the packets passed). Returns the last answer.
+/// Calls Get until `ready` holds for the fault's (matched, dropped) counters, for up to 2 s
+/// (counters may be read from the kernel a moment later than the packets passed). Returns the
+/// last answer.
 pub async fn get_fault_until(
     client: &mut FaultServiceClient<Channel>,
     id: &str,
     ready: impl Fn(u64, u64) -> bool,
 ) -> Fault {
+    get_counters_until(client, id, |c| ready(c.matched, c.dropped)).await
+}
+
+/// Calls Get until `ready` holds for the fault's counters (all zero when it carries none), for
+/// up to 2 s: a connection torn down by a watcher is counted a moment after its client saw the
+/// error. Returns the last answer.
+pub async fn get_counters_until(
+    client: &mut FaultServiceClient<Channel>,
+    id: &str,
+    ready: impl Fn(&Counters) -> bool,
+) -> Fault {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     loop {
         let fault = get_fault(client, id).await;
-        let (matched, dropped) = counters(&fault);
-        if ready(matched, dropped) || tokio::time::Instant::now() >= deadline {
+        if ready(&fault.counters.unwrap_or_default()) || tokio::time::Instant::now() >= deadline {
             return fault;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

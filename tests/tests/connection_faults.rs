@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use faultd_proto::v1::{Direction, Fault, Protocol};
 use faultd_tests::api::{
-    cgroup_target, get_fault, grant, lease_deadline, reject_fault, remove, reset_fault,
-    under_lease, with_ttl,
+    cgroup_target, get_counters_until, get_fault, grant, lease_deadline, reject_fault, remove,
+    reset_fault, under_lease, with_ttl,
 };
 use faultd_tests::clients::{ConnClient, at};
 use faultd_tests::process::{ChildGuard, output, poll, unix_ns, wait_timeout};
@@ -608,7 +608,7 @@ async fn reset_after_bytes_cuts_each_connection_once_it_carried_that_much() {
         );
     }
     // New connections were allowed: the client reconnected after the first cut.
-    let counted = get_fault(&mut faults, &fault.id).await;
+    let counted = get_counters_until(&mut faults, &fault.id, |c| c.reset >= 2).await;
     let counters = counted.counters.unwrap_or_default();
     assert!(
         counters.reset >= 2 && counters.refused == 0,

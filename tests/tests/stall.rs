@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use faultd_proto::v1::{Direction, Fault, Protocol};
-use faultd_tests::api::{cgroup_target, get_fault, stall_fault, unix_ns as ts_ns, with_ttl};
+use faultd_tests::api::{
+    cgroup_target, get_counters_until, get_fault, stall_fault, unix_ns as ts_ns, with_ttl,
+};
 use faultd_tests::clients::{ConnClient, at};
 use faultd_tests::process::unix_ns;
 use faultd_tests::servers::REDIS_PORT;
@@ -184,7 +186,11 @@ async fn stall_with_close_after_breaks_the_connection_after_its_allowance() {
         "the connection broke {:.0} ms after the inject (close_after {close_after:?}): {broken}",
         ms(after)
     );
-    let counted = get_fault(&mut scene.faultd.faults(), &fault.id).await;
+    // The watcher counts the connection just after the kernel woke the client with the error.
+    let counted = get_counters_until(&mut scene.faultd.faults(), &fault.id, |c| {
+        c.reset >= 1 && c.dropped >= 1
+    })
+    .await;
     let counters = counted.counters.unwrap_or_default();
     assert!(
         counters.reset >= 1 && counters.dropped >= 1,
