@@ -6,7 +6,9 @@
 //! `faultd_packets_affected_total` add up every fault this agent ran, ended ones included, by
 //! action, mechanism, scope kind and effect — closed sets, so their series are few. The per-fault
 //! series (`faultd_fault_packets_*`, labelled by fault and lease id) exist only while the fault
-//! is in force, so their number is bounded by the policy's `max_active_faults`.
+//! is in force, so their number is bounded by the policy's `max_active_faults`. Faults with a
+//! request match add `faultd_fault_requests_{matched,affected}_total` and, over every fault,
+//! `faultd_requests_{matched,affected}_total`.
 //!
 //! Labels are the domain's names (`action="drop"`, `reason="expired"`), so actions and effects
 //! added later need no change here beyond `effects`.
@@ -201,11 +203,14 @@ pub struct TotalKey {
     pub scope: &'static str,
 }
 
-/// Packets matched, and what the faults did, by effect, over every fault of this agent.
+/// Packets matched, and what the faults did, by effect, over every fault of this agent; and
+/// the requests that faults with a request match matched and affected.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
     pub matched: BTreeMap<TotalKey, u64>,
     pub affected: BTreeMap<(TotalKey, &'static str), u64>,
+    /// (requests matched, requests affected), for faults with a request match only.
+    pub requests: BTreeMap<TotalKey, (u64, u64)>,
 }
 
 impl Totals {
@@ -219,6 +224,11 @@ impl Totals {
         *self.matched.entry(key).or_default() += fault.counters.matched;
         for (effect, value) in fault.effects() {
             *self.affected.entry((key, effect)).or_default() += value;
+        }
+        if fault.spec.target.request.is_some() {
+            let requests = self.requests.entry(key).or_default();
+            requests.0 += fault.counters.requests_matched;
+            requests.1 += fault.counters.requests_affected;
         }
     }
 }
@@ -352,6 +362,22 @@ impl Collector for SourceCollector {
                 })
             }),
         )?;
+        // Request matches (Redis commands, PostgreSQL statements): faults that have one.
+        let with_request = || faults.iter().filter(|f| f.spec.target.request.is_some());
+        counters(
+            &mut encoder,
+            "fault_requests_matched",
+            "Requests (Redis commands, PostgreSQL statements) that matched a fault's request \
+             match, per fault, retransmissions included",
+            with_request().map(|f| (fault_labels(f), f.counters.requests_matched)),
+        )?;
+        counters(
+            &mut encoder,
+            "fault_requests_affected",
+            "Matched requests that a fault acted on (dropped, delayed, reset, reply lost), per \
+             fault",
+            with_request().map(|f| (fault_labels(f), f.counters.requests_affected)),
+        )?;
         // Over every fault this agent ran, ended ones included: never goes backwards.
         counters(
             &mut encoder,
@@ -374,6 +400,26 @@ impl Collector for SourceCollector {
                 let total = total_labels(key);
                 (TotalEffectLabels { total, effect }, *value)
             }),
+        )?;
+        counters(
+            &mut encoder,
+            "requests_matched",
+            "Requests that matched a fault's request match, over every fault of this agent \
+             (ended ones included), by action, mechanism and scope kind",
+            totals
+                .requests
+                .iter()
+                .map(|(key, (matched, _))| (total_labels(key), *matched)),
+        )?;
+        counters(
+            &mut encoder,
+            "requests_affected",
+            "Matched requests that faults acted on, over every fault of this agent (ended ones \
+             included), by action, mechanism and scope kind",
+            totals
+                .requests
+                .iter()
+                .map(|(key, (_, affected))| (total_labels(key), *affected)),
         )
     }
 }

@@ -70,6 +70,14 @@ impl FaultdOptions {
             ..Default::default()
         }
     }
+
+    /// With the metrics endpoint on a free loopback port (`Faultd::metrics_addr`).
+    pub fn with_metrics() -> FaultdOptions {
+        FaultdOptions {
+            extra_args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
+            ..Default::default()
+        }
+    }
 }
 
 /// A running faultd on a unique socket and state directory. Drop sends SIGTERM, waits 5 s,

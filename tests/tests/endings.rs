@@ -111,8 +111,7 @@ async fn a_revert_that_fails_shows_as_failing_and_is_retried_until_the_rules_are
     let _serial = SERIAL.lock().await;
     let faultd = Faultd::start_with(FaultdOptions {
         private_mounts: true,
-        extra_args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
-        ..Default::default()
+        ..FaultdOptions::with_metrics()
     })
     .await;
     let cgroup = Cgroup::new();

@@ -103,9 +103,8 @@ async fn idle_metrics_connections_of_a_user_neither_starve_the_api_nor_stay() {
     let _serial = SERIAL.lock().await;
     let cgroup = Cgroup::new();
     let faultd = Faultd::start_with(FaultdOptions {
-        extra_args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
         nofile: Some((256, 256)),
-        ..Default::default()
+        ..FaultdOptions::with_metrics()
     })
     .await;
     let metrics = faultd.metrics_addr();

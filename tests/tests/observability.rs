@@ -18,13 +18,6 @@ use faultd_tests::{Faultctl, FaultdOptions, RedisScene, fd_probe};
 const SETS: usize = 300;
 const DROP_PERCENT: f64 = 10.0;
 
-fn with_metrics() -> FaultdOptions {
-    FaultdOptions {
-        extra_args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
-        ..FaultdOptions::default()
-    }
-}
-
 /// One end of a TCP connection as `ss -tin` shows it (the kernel's tcp_info).
 #[derive(Debug, Clone)]
 struct Socket {
@@ -82,7 +75,7 @@ fn sets_served(scene: &RedisScene) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
 async fn metrics_rise_with_a_drop_on_redis_and_match_the_clients_losses() {
-    let scene = RedisScene::start_with(fd_probe!(), with_metrics()).await;
+    let scene = RedisScene::start_with(fd_probe!(), FaultdOptions::with_metrics()).await;
     let metrics = scene.faultd.metrics_addr();
     let mut faults = scene.faultd.faults();
 
@@ -355,7 +348,7 @@ impl FromRfc3339 for prost_types::Timestamp {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
 async fn what_a_fault_did_outlives_it_in_metrics_get_and_list() {
-    let scene = RedisScene::start_with(fd_probe!(), with_metrics()).await;
+    let scene = RedisScene::start_with(fd_probe!(), FaultdOptions::with_metrics()).await;
     let metrics = scene.faultd.metrics_addr();
     let mut faults = scene.faultd.faults();
     let target = cgroup_target(

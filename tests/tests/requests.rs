@@ -13,9 +13,12 @@ use faultd_proto::v1::{
 };
 use faultd_tests::api::{cgroup_target, drop_fault, get_fault, list_faults, reset_fault, with_ttl};
 use faultd_tests::clients::python;
+use faultd_tests::http::{get, sample};
 use faultd_tests::process::output;
 use faultd_tests::servers::{POSTGRES_PORT, REDIS_PORT};
-use faultd_tests::{Cgroup, Faultctl, Faultd, NetNs, Postgres, RedisScene, Workload, fd_probe};
+use faultd_tests::{
+    Cgroup, Faultctl, Faultd, FaultdOptions, NetNs, Postgres, RedisScene, Workload, fd_probe,
+};
 use serde_json::Value;
 
 /// How long a client waits for a call before the test counts it as timed out.
@@ -99,7 +102,7 @@ async fn inject(faultd: &Faultd, fault: Fault) -> Fault {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "privileged: needs root, BPF, cgroup v2 and network namespaces; `cargo xtask test` runs it as root"]
 async fn drop_on_set_times_out_the_set_alone() {
-    let scene = RedisScene::start(fd_probe!()).await;
+    let scene = RedisScene::start_with(fd_probe!(), FaultdOptions::with_metrics()).await;
     let outside = Workload::outside(fd_probe!(), &scene.netns);
     redis_cli(&outside, &["SET", "k", "before"]);
     let fault = inject(
@@ -137,6 +140,36 @@ async fn drop_on_set_times_out_the_set_alone() {
         counters.requests_matched >= 1 && counters.requests_affected >= 1,
         "the fault must count the matched SET (and its retransmissions): {counters:?}"
     );
+    // Prometheus shows the same counts, per fault and over every fault of the agent (scraped
+    // after Get: retransmissions may have added to them since).
+    let (status, text) = get(&scene.faultd.metrics_addr(), "/metrics");
+    assert_eq!(status, 200, "{text}");
+    let per_fault = |name: &str| {
+        let series = format!(
+            "faultd_fault_requests_{name}_total{{fault=\"{}\",lease=\"{}\",action=\"drop\",mechanism=\"cgroup_skb\"}}",
+            fault.id, fault.lease_id
+        );
+        sample(&text, &series).unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    let total = |name: &str| {
+        let series = format!(
+            "faultd_requests_{name}_total{{action=\"drop\",mechanism=\"cgroup_skb\",scope=\"cgroup\"}}"
+        );
+        sample(&text, &series).unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    for (name, got) in [
+        ("matched", counters.requests_matched),
+        ("affected", counters.requests_affected),
+    ] {
+        let (fault_series, total_series) = (per_fault(name), total(name));
+        eprintln!(
+            "MEASURE requests_{name} get={got} fault_series={fault_series} total={total_series}"
+        );
+        assert!(
+            fault_series >= got as f64 && total_series >= fault_series,
+            "requests {name}: Get said {got}, the fault's series {fault_series}, the total {total_series}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -151,6 +151,30 @@ mod tests {
         };
         assert_eq!(ended.totals().matched.get(&key), Some(&15));
         assert_eq!(ended.totals().affected.get(&(key, "dropped")), Some(&12));
+        // Only faults with a request match count requests.
+        assert!(ended.totals().requests.is_empty());
+    }
+
+    #[test]
+    fn requests_of_request_matches_are_counted_for_ever() {
+        let now = Instant::now();
+        let mut ended = Ended::new(Duration::ZERO);
+        for (id, matched, affected) in [("a", 4, 1), ("b", 3, 3)] {
+            let mut set = view(id, 10, 2);
+            set.spec.target.request = Some(crate::fault::RequestMatch::Redis {
+                commands: vec!["SET".into()],
+                key_prefix: String::new(),
+            });
+            set.counters.requests_matched = matched;
+            set.counters.requests_affected = affected;
+            ended.record(set, now);
+        }
+        let key = TotalKey {
+            action: "drop",
+            mechanism: "cgroup_skb",
+            scope: "cgroup",
+        };
+        assert_eq!(ended.totals().requests.get(&key), Some(&(7, 4)));
     }
 
     #[test]
