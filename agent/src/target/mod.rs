@@ -218,13 +218,7 @@ impl Resolve for CgroupRoot {
 fn below_root(mountinfo: &str, path: &str, root: &Path) -> Option<String> {
     let path = Path::new(path);
     mountinfo.lines().find_map(|line| {
-        let (before, after) = line.split_once(" - ")?;
-        if after.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        let mut fields = before.split_whitespace().skip(3);
-        let mount_root = unescape(fields.next()?);
-        let point = PathBuf::from(unescape(fields.next()?));
+        let (mount_root, point) = cgroup2_mount(line)?;
         // Both are from faultd's cgroup namespace root, `/..` included when outside it.
         let below = path.strip_prefix(&mount_root).ok()?;
         if below.components().any(|c| c == Component::ParentDir) {
@@ -306,13 +300,7 @@ fn namespace_path_in(mountinfo: &str, dir: &Path) -> Result<String, NamespacePat
     let (root, below) = mountinfo
         .lines()
         .filter_map(|line| {
-            let (before, after) = line.split_once(" - ")?;
-            if after.split_whitespace().next()? != "cgroup2" {
-                return None;
-            }
-            let mut fields = before.split_whitespace().skip(3);
-            let root = unescape(fields.next()?);
-            let point = PathBuf::from(unescape(fields.next()?));
+            let (root, point) = cgroup2_mount(line)?;
             let below = dir.strip_prefix(&point).ok()?.to_path_buf();
             Some((point.components().count(), root, below))
         })
@@ -334,11 +322,19 @@ fn namespace_path_in(mountinfo: &str, dir: &Path) -> Result<String, NamespacePat
 
 /// The mount point of a mountinfo line whose file system type is cgroup2.
 fn cgroup2_mount_point(line: &str) -> Option<PathBuf> {
+    cgroup2_mount(line).map(|(_, point)| point)
+}
+
+/// The root (the cgroup it shows, from faultd's cgroup namespace root) and the mount point of
+/// a mountinfo line whose file system type is cgroup2.
+fn cgroup2_mount(line: &str) -> Option<(String, PathBuf)> {
     let (before, after) = line.split_once(" - ")?;
     if after.split_whitespace().next()? != "cgroup2" {
         return None;
     }
-    Some(PathBuf::from(unescape(before.split_whitespace().nth(4)?)))
+    let mut fields = before.split_whitespace().skip(3);
+    let root = unescape(fields.next()?);
+    Some((root, PathBuf::from(unescape(fields.next()?))))
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
