@@ -341,16 +341,17 @@ impl State {
             return Ok(None);
         }
         let filter = SocketFilter {
-            cgroup_dir: resolved.dir.clone(),
-            ports: spec.target.ports.clone(),
             min_bytes: after_bytes,
-            peers: spec.target.peer_set()?,
-            cookie: None,
             netns: match &spec.target.scope {
                 crate::fault::Scope::Netns { path, .. } => Some(path.into()),
                 _ => None,
             },
             min_age,
+            ..SocketFilter::connections(
+                resolved.dir.clone(),
+                spec.target.ports.clone(),
+                spec.target.peer_set()?,
+            )
         };
         let killer = self.dataplane.connection_killer();
         if !spec.action.closes_connections() {

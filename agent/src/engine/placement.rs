@@ -86,14 +86,12 @@ impl Placement {
                 spec.action,
                 crate::fault::Action::Reset { .. } | crate::fault::Action::LoseReply
             )
-            .then(|| SocketFilter {
-                cgroup_dir: resolved.dir.clone(),
-                ports: spec.target.ports.clone(),
-                min_bytes: None,
-                peers: spec.target.peer_set().ok().flatten(),
-                cookie: None,
-                netns: None,
-                min_age: None,
+            .then(|| {
+                SocketFilter::connections(
+                    resolved.dir.clone(),
+                    spec.target.ports.clone(),
+                    spec.target.peer_set().ok().flatten(),
+                )
             }),
         });
         Placement {

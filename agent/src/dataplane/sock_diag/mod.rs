@@ -46,6 +46,20 @@ pub struct SocketFilter {
 }
 
 impl SocketFilter {
+    /// Every connection of the cgroup subtree `cgroup_dir` on `ports` (either end; empty: any)
+    /// to `peers` (None: any), whatever its bytes, age or socket.
+    pub fn connections(cgroup_dir: PathBuf, ports: Vec<PortRange>, peers: Option<PeerSet>) -> Self {
+        Self {
+            cgroup_dir,
+            ports,
+            min_bytes: None,
+            peers,
+            cookie: None,
+            netns: None,
+            min_age: None,
+        }
+    }
+
     /// Whether the connection's remote address is one of the peers. `family` and `id` are the
     /// `inet_diag_msg`'s (the remote address is the sockid's destination).
     fn peer_matches(&self, family: u8, id: &[u8; 48]) -> bool {
@@ -396,18 +410,14 @@ mod tests {
 
     #[test]
     fn ports_of_either_end_match() {
-        let filter = SocketFilter {
-            cgroup_dir: PathBuf::from("/x"),
-            ports: vec![PortRange {
+        let filter = SocketFilter::connections(
+            PathBuf::from("/x"),
+            vec![PortRange {
                 first: 5432,
                 last: 5432,
             }],
-            min_bytes: None,
-            peers: None,
-            cookie: None,
-            netns: None,
-            min_age: None,
-        };
+            None,
+        );
         assert!(filter.port_matches(5432, 40000));
         assert!(filter.port_matches(40000, 5432));
         assert!(!filter.port_matches(40000, 6379));
@@ -429,15 +439,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let filter = SocketFilter {
-            cgroup_dir: PathBuf::from("/x"),
-            ports: vec![],
-            min_bytes: None,
-            peers,
-            cookie: None,
-            netns: None,
-            min_age: None,
-        };
+        let filter = SocketFilter::connections(PathBuf::from("/x"), vec![], peers);
         let id = |dst: [u8; 16]| {
             let mut id = [0u8; 48];
             id[4..20].copy_from_slice(&[9; 16]);
