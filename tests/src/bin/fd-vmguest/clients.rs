@@ -9,6 +9,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
+/// Moves this process into the cgroup directory `cgroup`, so that the sockets it opens next
+/// belong to it.
+pub(crate) fn join_cgroup(cgroup: &str) -> anyhow::Result<()> {
+    std::fs::write(
+        Path::new(cgroup).join("cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .with_context(|| format!("joining {cgroup}"))
+}
+
 /// Round trips of one byte over one connection: `rtt CGROUP_DIR PORT COUNT [PAUSE_MS [HOST]]`
 /// (HOST 127.0.0.1 by default), microseconds on stdout, one per line. Joins the cgroup before
 /// its socket exists, so the socket belongs to it.
@@ -17,11 +27,7 @@ pub(crate) fn rtt_client(args: &[String]) -> anyhow::Result<()> {
         bail!("usage: rtt CGROUP_DIR PORT COUNT [PAUSE_MS [HOST]]");
     };
     let host = rest.get(1).map_or("127.0.0.1", String::as_str);
-    std::fs::write(
-        Path::new(cgroup).join("cgroup.procs"),
-        std::process::id().to_string(),
-    )
-    .with_context(|| format!("joining {cgroup}"))?;
+    join_cgroup(cgroup)?;
     let port: u16 = port.parse()?;
     let count: usize = count.parse()?;
     let pause = Duration::from_millis(rest.first().map_or(Ok(0), |p| p.parse())?);
@@ -48,11 +54,7 @@ pub(crate) fn upload_client(args: &[String]) -> anyhow::Result<()> {
     let [cgroup, port, bytes] = args else {
         bail!("usage: upload CGROUP_DIR PORT BYTES");
     };
-    std::fs::write(
-        Path::new(cgroup).join("cgroup.procs"),
-        std::process::id().to_string(),
-    )
-    .with_context(|| format!("joining {cgroup}"))?;
+    join_cgroup(cgroup)?;
     let port: u16 = port.parse()?;
     let bytes: usize = bytes.parse()?;
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{bail, ensure};
 use faultd_proto::v1::{
     Direction, Fault, Protocol, RedisMatch, RequestMatch, request_match::Protocol as Matched,
 };
@@ -61,11 +61,7 @@ pub fn resp_client(args: &[String]) -> anyhow::Result<()> {
     let [cgroup, port, commands @ ..] = args else {
         bail!("usage: resp CGROUP_DIR PORT CMD[:ARG...]...");
     };
-    std::fs::write(
-        Path::new(cgroup).join("cgroup.procs"),
-        std::process::id().to_string(),
-    )
-    .with_context(|| format!("joining {cgroup}"))?;
+    crate::clients::join_cgroup(cgroup)?;
     let mut stream = TcpStream::connect(("127.0.0.1", port.parse::<u16>()?))?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;

@@ -6,7 +6,6 @@
 //! UDP checksum errors.
 
 use std::net::UdpSocket;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -32,11 +31,7 @@ pub fn udp_client(args: &[String]) -> anyhow::Result<()> {
     let [cgroup, port, count, size, pause] = args else {
         bail!("usage: udp CGROUP_DIR PORT COUNT SIZE PAUSE_US");
     };
-    std::fs::write(
-        Path::new(cgroup).join("cgroup.procs"),
-        std::process::id().to_string(),
-    )
-    .with_context(|| format!("joining {cgroup}"))?;
+    crate::clients::join_cgroup(cgroup)?;
     let port: u16 = port.parse()?;
     let count: u32 = count.parse()?;
     let size: usize = size.parse::<usize>()?.max(4);
