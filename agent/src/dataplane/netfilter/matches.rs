@@ -1,7 +1,21 @@
 //! How values are written for the xtables match extensions the rules use: xt_multiport port
-//! lists, xt_time dates.
+//! lists, xt_time dates, and the peers of one address family.
 
-use crate::fault::PortRange;
+use super::Family;
+use crate::fault::{Cidr, PeerSet, PortRange};
+
+/// The peers of `family` a fault is limited to (`[None]`: every address; empty: none, the
+/// family gets no rule) and the ones it excludes.
+pub(super) fn peers_of(peers: Option<&PeerSet>, family: Family) -> (Vec<Option<Cidr>>, Vec<Cidr>) {
+    let ours = |c: &&Cidr| c.is_v6() == (family == Family::V6);
+    match peers {
+        None => (vec![None], Vec::new()),
+        Some(set) => (
+            set.include.iter().filter(ours).copied().map(Some).collect(),
+            set.exclude.iter().filter(ours).copied().collect(),
+        ),
+    }
+}
 
 /// Most port entries xt_multiport takes in one rule (a range counts as two).
 const MULTIPORT_MAX: usize = 15;

@@ -17,9 +17,9 @@
 //! its source on ingress.
 
 use super::Family;
-use super::matches::{multiport_lists, utc};
+use super::matches::{multiport_lists, peers_of, utc};
 use super::rules::{chain_creation, chain_removal};
-use crate::fault::{Cidr, Direction, PeerSet, PortRange};
+use crate::fault::{Direction, PeerSet, PortRange};
 
 /// The table xt_REJECT works in.
 pub const REFUSE_TABLE: &str = "filter";
@@ -121,17 +121,6 @@ impl RefuseRules {
         hooks
     }
 
-    fn peers_of(&self, family: Family) -> (Vec<Option<Cidr>>, Vec<Cidr>) {
-        let ours = |c: &&Cidr| c.is_v6() == (family == Family::V6);
-        match &self.peers {
-            None => (vec![None], Vec::new()),
-            Some(set) => (
-                set.include.iter().filter(ours).copied().map(Some).collect(),
-                set.exclude.iter().filter(ours).copied().collect(),
-            ),
-        }
-    }
-
     fn own_chain(&self, side: &Side) -> String {
         format!(
             "{}{}-{}{}",
@@ -145,7 +134,7 @@ impl RefuseRules {
     /// The fault's own chains in `family`: one per side, only where it excludes peers (their
     /// RETURN rules must not skip the rules of other faults).
     fn own_chains(&self, family: Family) -> Vec<String> {
-        let (include, exclude) = self.peers_of(family);
+        let (include, exclude) = peers_of(self.peers.as_ref(), family);
         if include.is_empty() || exclude.is_empty() {
             return Vec::new();
         }
@@ -165,7 +154,7 @@ impl RefuseRules {
     /// `-A` lines for `family`: per side, the jumps to the fault's own chain and its RETURN
     /// rules where it excludes peers, then a REJECT rule per hook, peer and port list.
     pub fn lines(&self, family: Family) -> Vec<String> {
-        let (includes, excludes) = self.peers_of(family);
+        let (includes, excludes) = peers_of(self.peers.as_ref(), family);
         if includes.is_empty() {
             return Vec::new();
         }
@@ -241,6 +230,7 @@ mod tests {
     use super::*;
     use crate::dataplane::netfilter::chains::{chain_owner, deletion};
     use crate::dataplane::netfilter::matches::ports;
+    use crate::fault::Cidr;
 
     fn peers(include: &[&str], exclude: &[&str]) -> Option<PeerSet> {
         let parse =

@@ -2,7 +2,7 @@
 
 use super::chains::{chain, fault_chain};
 use super::marks;
-use super::matches::{multiport_lists, utc};
+use super::matches::{multiport_lists, peers_of, utc};
 use super::{Family, Hook};
 use crate::fault::{Action, Direction, PortRange, Protocol};
 use crate::fault::{Cidr, PeerSet};
@@ -115,23 +115,10 @@ impl FaultRules {
         }
     }
 
-    /// The peers of `family` the fault is limited to (`[None]`: every address; empty: none,
-    /// the family gets no rule) and the ones it excludes.
-    fn peers_of(&self, family: Family) -> (Vec<Option<Cidr>>, Vec<Cidr>) {
-        let ours = |c: &&Cidr| c.is_v6() == (family == Family::V6);
-        match &self.peers {
-            None => (vec![None], Vec::new()),
-            Some(set) => (
-                set.include.iter().filter(ours).copied().map(Some).collect(),
-                set.exclude.iter().filter(ours).copied().collect(),
-            ),
-        }
-    }
-
     /// The fault's own chains in `family`: only a fault that excludes peers of this family
     /// has them (its RETURN rules must not skip the rules of other faults).
     fn own_chains(&self, family: Family) -> Vec<String> {
-        let (include, exclude) = self.peers_of(family);
+        let (include, exclude) = peers_of(self.peers.as_ref(), family);
         if include.is_empty() || exclude.is_empty() {
             return Vec::new();
         }
@@ -160,7 +147,7 @@ impl FaultRules {
     /// the chain. Egress matches a peer as the destination, ingress as the source; addresses
     /// are rendered from parsed CIDRs only.
     pub fn lines(&self, family: Family) -> Vec<String> {
-        let (includes, excludes) = self.peers_of(family);
+        let (includes, excludes) = peers_of(self.peers.as_ref(), family);
         if includes.is_empty() {
             return Vec::new();
         }
@@ -331,20 +318,28 @@ mod tests {
     use crate::dataplane::netfilter::chains::{chain_owner, deletion};
     use crate::dataplane::netfilter::matches::ports;
 
-    #[test]
-    fn egress_rules_match_the_cgroup_and_either_port() {
-        let mut rules = FaultRules {
+    /// A cgroup's TCP rules on 6379, both ways, queue 40000, no marks, flags, date or peers.
+    fn redis_rules() -> FaultRules {
+        FaultRules {
             instance: "0badcafe".into(),
             fault: "f00d".into(),
             matcher: Matcher::Cgroup("/app".into()),
             protocol: Protocol::Tcp,
-            direction: Direction::Egress,
+            direction: Direction::Both,
             ports: ports(&[(6379, 6379)]),
             queue: 40000,
             mark_id: None,
             tcp_flags: None,
             until: None,
             peers: None,
+        }
+    }
+
+    #[test]
+    fn egress_rules_match_the_cgroup_and_either_port() {
+        let mut rules = FaultRules {
+            direction: Direction::Egress,
+            ..redis_rules()
         };
         assert_eq!(
             rules.lines(Family::V4),
@@ -369,17 +364,9 @@ mod tests {
     #[test]
     fn handshake_and_close_faults_queue_only_their_segments() {
         let mut rules = FaultRules {
-            instance: "0badcafe".into(),
-            fault: "f00d".into(),
-            matcher: Matcher::Cgroup("/app".into()),
-            protocol: Protocol::Tcp,
-            direction: Direction::Both,
-            ports: ports(&[(6379, 6379)]),
-            queue: 40000,
             mark_id: Some(1),
             tcp_flags: Some(TcpFlags::Syn),
-            until: None,
-            peers: None,
+            ..redis_rules()
         };
         let lines = rules.lines(Family::V4);
         // The marks are set on every segment the workload sends; only queueing looks at flags.
@@ -410,17 +397,10 @@ mod tests {
     #[test]
     fn ingress_rules_mark_connections_on_the_way_out() {
         let rules = FaultRules {
-            instance: "0badcafe".into(),
-            fault: "f00d".into(),
-            matcher: Matcher::Cgroup("/app".into()),
             protocol: Protocol::Both,
-            direction: Direction::Both,
-            ports: ports(&[(6379, 6379)]),
             queue: 7,
             mark_id: Some(3),
-            tcp_flags: None,
-            until: None,
-            peers: None,
+            ..redis_rules()
         };
         let lines = rules.lines(Family::V4);
         assert_eq!(
@@ -463,17 +443,9 @@ mod tests {
     #[test]
     fn peers_restrict_each_family_and_exclusions_return_from_the_faults_own_chain() {
         let mut rules = FaultRules {
-            instance: "0badcafe".into(),
-            fault: "f00d".into(),
-            matcher: Matcher::Cgroup("/app".into()),
-            protocol: Protocol::Tcp,
-            direction: Direction::Both,
-            ports: ports(&[(6379, 6379)]),
-            queue: 40000,
             mark_id: Some(2),
-            tcp_flags: None,
-            until: None,
             peers: peers(&["127.0.0.2/32", "10.0.0.0/8"], &[]),
+            ..redis_rules()
         };
         let v4 = rules.lines(Family::V4);
         assert_eq!(
@@ -545,17 +517,8 @@ mod tests {
     #[test]
     fn interface_rules_queue_what_leaves_in_postrouting_and_what_arrives_in_prerouting() {
         let mut rules = FaultRules {
-            instance: "0badcafe".into(),
-            fault: "f00d".into(),
             matcher: Matcher::Interface("r1".into()),
-            protocol: Protocol::Tcp,
-            direction: Direction::Both,
-            ports: ports(&[(6379, 6379)]),
-            queue: 40000,
-            mark_id: None,
-            tcp_flags: None,
-            until: None,
-            peers: None,
+            ..redis_rules()
         };
         assert_eq!(rules.hooks(), vec![Hook::Postrouting, Hook::Prerouting]);
         let queue = "-m comment --comment faultd:f00d -j NFQUEUE --queue-num 40000 --queue-bypass";
