@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use faultd_proto::v1::fault_service_client::FaultServiceClient;
 use faultd_proto::v1::lease_service_client::LeaseServiceClient;
-use faultd_proto::v1::{ListFaultsRequest, ListLeasesRequest};
+use faultd_proto::v1::{Fault, InjectRequest, ListFaultsRequest, ListLeasesRequest};
 use tonic::transport::Channel;
 
 use crate::process::{describe, output, signal, stop, unix_ns, wait_timeout};
@@ -277,6 +277,15 @@ impl Faultd {
 
     pub fn leases(&self) -> LeaseServiceClient<Channel> {
         LeaseServiceClient::new(self.channel.clone())
+    }
+
+    /// FaultService.Inject, which must succeed: the fault as faultd answered it.
+    pub async fn inject(&self, request: InjectRequest) -> Fault {
+        self.faults()
+            .inject(request)
+            .await
+            .unwrap_or_else(|s| panic!("Inject failed: {s:?}"))
+            .into_inner()
     }
 
     /// SIGKILL, and reap. Returns the wall-clock instant (Unix ns) just before the signal.

@@ -92,11 +92,8 @@ fn redis_cli(workload: &Workload, args: &[&str]) -> String {
 
 async fn inject(faultd: &Faultd, fault: Fault) -> Fault {
     faultd
-        .faults()
         .inject(with_ttl(fault, Duration::from_secs(60)))
         .await
-        .unwrap_or_else(|s| panic!("Inject failed: {s:?}"))
-        .into_inner()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use faultd_proto::v1::{Direction, Fault, Protocol};
 use faultd_tests::api::{cgroup_target, get_fault, slow_fault, with_ttl};
 use faultd_tests::clients::{ConnClient, at};
-use faultd_tests::process::unix_ns;
+use faultd_tests::process::{blocking, unix_ns};
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::workload::stats;
 use faultd_tests::{RedisScene, Workload, fd_probe};
@@ -16,17 +16,9 @@ use faultd_tests::{RedisScene, Workload, fd_probe};
 async fn inject(scene: &RedisScene, fault: Fault) -> (Fault, i128) {
     let fault = scene
         .faultd
-        .faults()
         .inject(with_ttl(fault, Duration::from_secs(20)))
-        .await
-        .unwrap_or_else(|s| panic!("Inject failed: {s:?}"))
-        .into_inner();
+        .await;
     (fault, unix_ns())
-}
-
-/// Runs blocking test code (waiting on probes) off the async workers.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
 }
 
 #[tokio::test(flavor = "multi_thread")]

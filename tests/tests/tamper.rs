@@ -6,12 +6,13 @@
 use std::time::Duration;
 
 use faultd_proto::v1::fault::Action;
-use faultd_proto::v1::{CapabilitiesRequest, Direction, Fault, Mechanism, Protocol};
-use faultd_tests::api::{cgroup_target, get_fault, slice_fault, tamper_fault, with_ttl};
+use faultd_proto::v1::{CapabilitiesRequest, Counters, Direction, Fault, Mechanism, Protocol};
+use faultd_tests::api::{cgroup_target, get_fault, remove, slice_fault, tamper_fault, with_ttl};
 use faultd_tests::clients::{ConnClient, at};
-use faultd_tests::process::output;
+use faultd_tests::process::{blocking, output};
 use faultd_tests::servers::REDIS_PORT;
 use faultd_tests::uniq::uniq;
+use faultd_tests::workload::{UdpBlast, UdpCount, UdpReceiver};
 use faultd_tests::{RedisScene, Workload, fd_probe};
 
 const DATAGRAMS: u64 = 2000;
@@ -21,11 +22,8 @@ const REPLY_BYTES: u64 = (1 << 20) + 12;
 async fn inject(scene: &RedisScene, fault: Fault) -> Fault {
     let fault = scene
         .faultd
-        .faults()
         .inject(with_ttl(fault, Duration::from_secs(60)))
-        .await
-        .unwrap_or_else(|s| panic!("Inject failed: {s:?}"))
-        .into_inner();
+        .await;
     assert_eq!(fault.mechanism, "nfqueue", "Inject answered {fault:?}");
     fault
 }
@@ -51,8 +49,20 @@ fn nstat(workload: &Workload, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("nstat printed no {name}: {text}"))
 }
 
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
+/// Sends DATAGRAMS from the workload to `receiver`; returns what was sent, what the receiver
+/// counted, and the fault's counters after.
+async fn blast(
+    scene: &RedisScene,
+    receiver: UdpReceiver,
+    fault: &Fault,
+) -> (UdpBlast, UdpCount, Counters) {
+    let blast = blocking(|| scene.inside.udp_blast(receiver.addr(), DATAGRAMS));
+    let count = blocking(|| receiver.finish());
+    let counters = get_fault(&mut scene.faultd.faults(), &fault.id)
+        .await
+        .counters
+        .unwrap_or_default();
+    (blast, count, counters)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -71,12 +81,7 @@ async fn duplicate_100_percent_doubles_the_datagrams_a_receiver_counts() {
         tamper_fault("duplicate", 100.0, Duration::ZERO, target),
     )
     .await;
-    let blast = blocking(|| scene.inside.udp_blast(receiver.addr(), DATAGRAMS));
-    let count = blocking(|| receiver.finish());
-    let counters = get_fault(&mut scene.faultd.faults(), &fault.id)
-        .await
-        .counters
-        .unwrap_or_default();
+    let (blast, count, counters) = blast(&scene, receiver, &fault).await;
     eprintln!(
         "MEASURE duplicate_100pct_received={} distinct={} sent={} duplicated={}",
         count.received, count.distinct, blast.sent, counters.duplicated
@@ -102,13 +107,8 @@ async fn corrupt_datagrams_fail_the_receivers_checksum_and_tcp_recovers() {
         tamper_fault("corrupt", 30.0, Duration::ZERO, target(receiver.port())),
     )
     .await;
-    let blast = blocking(|| scene.inside.udp_blast(receiver.addr(), DATAGRAMS));
-    let count = blocking(|| receiver.finish());
+    let (blast, count, counters) = blast(&scene, receiver, &fault).await;
     let failed = nstat(&outside, "UdpInCsumErrors") - udp_errors;
-    let counters = get_fault(&mut scene.faultd.faults(), &fault.id)
-        .await
-        .counters
-        .unwrap_or_default();
     let lost = blast.sent - count.distinct;
     eprintln!(
         "MEASURE corrupt_30pct_udp_lost={lost} of {} UdpInCsumErrors+={failed} corrupted={}",
@@ -178,12 +178,7 @@ async fn reorder_puts_datagrams_out_of_order_and_tcp_still_delivers() {
     );
     let gap = Duration::from_millis(10);
     let fault = inject(&scene, tamper_fault("reorder", 25.0, gap, target)).await;
-    let blast = blocking(|| scene.inside.udp_blast(receiver.addr(), DATAGRAMS));
-    let count = blocking(|| receiver.finish());
-    let counters = get_fault(&mut scene.faultd.faults(), &fault.id)
-        .await
-        .counters
-        .unwrap_or_default();
+    let (blast, count, counters) = blast(&scene, receiver, &fault).await;
     eprintln!(
         "MEASURE reorder_25pct_10ms_late={} of {} reordered={}",
         count.late, count.distinct, counters.reordered
@@ -397,16 +392,4 @@ async fn a_forced_mechanism_is_applied_or_refused_naming_what_is_missing() {
         assert_eq!(fault.mechanism, "nfqueue", "{fault:?}");
         remove(&mut faults, &fault.id).await;
     }
-}
-
-async fn remove(
-    faults: &mut faultd_proto::v1::fault_service_client::FaultServiceClient<
-        tonic::transport::Channel,
-    >,
-    id: &str,
-) {
-    faults
-        .remove(faultd_proto::v1::RemoveRequest { id: id.to_string() })
-        .await
-        .unwrap_or_else(|s| panic!("Remove failed: {s:?}"));
 }
