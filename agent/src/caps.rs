@@ -99,20 +99,11 @@ impl Capabilities {
         let samples = [
             ("delay", Action::delay(ms(1), ms(0), 0.0, None, "delay")),
             ("bandwidth", Action::bandwidth(1, 0, None, "bandwidth")),
-            ("slow_connect", Action::slow(true, ms(1), "slow_connect")),
-            ("slow_close", Action::slow(false, ms(1), "slow_close")),
-            (
-                "duplicate",
-                Action::tamper("duplicate", 1.0, ms(0), None, "duplicate"),
-            ),
-            (
-                "corrupt",
-                Action::tamper("corrupt", 1.0, ms(0), None, "corrupt"),
-            ),
-            (
-                "reorder",
-                Action::tamper("reorder", 1.0, ms(0), None, "reorder"),
-            ),
+            ("slow_connect", Action::slow_connect(ms(1), "slow_connect")),
+            ("slow_close", Action::slow_close(ms(1), "slow_close")),
+            ("duplicate", Action::duplicate(1.0, None, "duplicate")),
+            ("corrupt", Action::corrupt(1.0, None, "corrupt")),
+            ("reorder", Action::reorder(1.0, ms(0), None, "reorder")),
             ("slice", Action::slice(16, ms(0), "slice")),
         ];
         for (name, action) in samples {

@@ -111,32 +111,25 @@ fn action(action: Option<pb::fault::Action>) -> Result<Action, Invalid> {
                 .transpose()?,
             "fault.stall",
         )?,
-        Some(pb::fault::Action::SlowConnect(slow)) => Action::slow(
-            true,
+        Some(pb::fault::Action::SlowConnect(slow)) => Action::slow_connect(
             ttl(slow.latency.as_ref(), "fault.slow_connect.latency")?,
             "fault.slow_connect",
         )?,
-        Some(pb::fault::Action::SlowClose(slow)) => Action::slow(
-            false,
+        Some(pb::fault::Action::SlowClose(slow)) => Action::slow_close(
             ttl(slow.latency.as_ref(), "fault.slow_close.latency")?,
             "fault.slow_close",
         )?,
-        Some(pb::fault::Action::Duplicate(tamper)) => Action::tamper(
-            "duplicate",
+        Some(pb::fault::Action::Duplicate(tamper)) => Action::duplicate(
             tamper.percent,
-            Duration::ZERO,
             mechanism(tamper.mechanism, "fault.duplicate.mechanism")?,
             "fault.duplicate",
         )?,
-        Some(pb::fault::Action::Corrupt(tamper)) => Action::tamper(
-            "corrupt",
+        Some(pb::fault::Action::Corrupt(tamper)) => Action::corrupt(
             tamper.percent,
-            Duration::ZERO,
             mechanism(tamper.mechanism, "fault.corrupt.mechanism")?,
             "fault.corrupt",
         )?,
-        Some(pb::fault::Action::Reorder(tamper)) => Action::tamper(
-            "reorder",
+        Some(pb::fault::Action::Reorder(tamper)) => Action::reorder(
             tamper.percent,
             optional_duration(tamper.gap.as_ref(), "fault.reorder.gap")?,
             mechanism(tamper.mechanism, "fault.reorder.mechanism")?,

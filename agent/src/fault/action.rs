@@ -158,16 +158,7 @@ impl Action {
             ));
         }
         for (name, value) in [("latency", latency), ("jitter", jitter)] {
-            if value > MAX_DELAY {
-                return Err(Invalid::new(
-                    format!("{field}.{name}"),
-                    format!(
-                        "{} exceeds the maximum {}",
-                        crate::duration::format(value),
-                        crate::duration::format(MAX_DELAY)
-                    ),
-                ));
-            }
+            at_most(value, MAX_DELAY, || format!("{field}.{name}"))?;
         }
         if !correlation.is_finite() || !(0.0..=100.0).contains(&correlation) {
             return Err(Invalid::new(
@@ -228,77 +219,60 @@ impl Action {
         Ok(Self::Stall { close_after })
     }
 
-    /// `slow_connect` or `slow_close`; `field` is the action's path, e.g. `fault.slow_connect`.
-    pub fn slow(connect: bool, latency: Duration, field: &str) -> Result<Self, Invalid> {
-        if latency.is_zero() || latency > MAX_DELAY {
-            return Err(Invalid::new(
-                format!("{field}.latency"),
-                format!(
-                    "{} is not between 0 (excluded) and {} (e.g. \"300ms\")",
-                    crate::duration::format(latency),
-                    crate::duration::format(MAX_DELAY)
-                ),
-            ));
-        }
-        Ok(match connect {
-            true => Self::SlowConnect { latency },
-            false => Self::SlowClose { latency },
-        })
+    /// `field` is the action's path, `fault.slow_connect`.
+    pub fn slow_connect(latency: Duration, field: &str) -> Result<Self, Invalid> {
+        slow_latency(latency, field).map(|latency| Self::SlowConnect { latency })
     }
 
-    /// `duplicate`, `corrupt` or `reorder` (`name`); `field` is the action's path, e.g.
-    /// `fault.duplicate`. A zero `gap` takes `DEFAULT_REORDER_GAP`.
-    pub fn tamper(
-        name: &str,
+    /// `field` is the action's path, `fault.slow_close`.
+    pub fn slow_close(latency: Duration, field: &str) -> Result<Self, Invalid> {
+        slow_latency(latency, field).map(|latency| Self::SlowClose { latency })
+    }
+
+    /// `field` is the action's path, `fault.duplicate`.
+    pub fn duplicate(
+        percent: f64,
+        mechanism: Option<Mechanism>,
+        field: &str,
+    ) -> Result<Self, Invalid> {
+        tamper_checks(percent, mechanism, field)?;
+        Ok(Self::Duplicate { percent, mechanism })
+    }
+
+    /// `field` is the action's path, `fault.corrupt`.
+    pub fn corrupt(
+        percent: f64,
+        mechanism: Option<Mechanism>,
+        field: &str,
+    ) -> Result<Self, Invalid> {
+        tamper_checks(percent, mechanism, field)?;
+        Ok(Self::Corrupt { percent, mechanism })
+    }
+
+    /// `field` is the action's path, `fault.reorder`. A zero `gap` takes `DEFAULT_REORDER_GAP`.
+    pub fn reorder(
         percent: f64,
         gap: Duration,
         mechanism: Option<Mechanism>,
         field: &str,
     ) -> Result<Self, Invalid> {
         Self::drop(percent, &format!("{field}.percent"))?;
-        if gap > MAX_DELAY {
-            return Err(Invalid::new(
-                format!("{field}.gap"),
-                format!(
-                    "{} exceeds the maximum {}",
-                    crate::duration::format(gap),
-                    crate::duration::format(MAX_DELAY)
-                ),
-            ));
-        }
-        if mechanism == Some(Mechanism::Edt) {
-            return Err(Invalid::new(
-                format!("{field}.mechanism"),
-                "edt only delays packets: use netem or nfqueue (or leave it unset)",
-            ));
-        }
-        Ok(match name {
-            "duplicate" => Self::Duplicate { percent, mechanism },
-            "corrupt" => Self::Corrupt { percent, mechanism },
-            _ => Self::Reorder {
-                percent,
-                gap: if gap.is_zero() {
-                    DEFAULT_REORDER_GAP
-                } else {
-                    gap
-                },
-                mechanism,
+        at_most(gap, MAX_DELAY, || format!("{field}.gap"))?;
+        changes_packets(mechanism, field)?;
+        Ok(Self::Reorder {
+            percent,
+            gap: if gap.is_zero() {
+                DEFAULT_REORDER_GAP
+            } else {
+                gap
             },
+            mechanism,
         })
     }
 
     /// `field` is the action's path, `fault.slice`.
     pub fn slice(max_bytes: u32, delay: Duration, field: &str) -> Result<Self, Invalid> {
-        if delay > MAX_SLICE_DELAY {
-            return Err(Invalid::new(
-                format!("{field}.delay"),
-                format!(
-                    "{} exceeds the maximum {}",
-                    crate::duration::format(delay),
-                    crate::duration::format(MAX_SLICE_DELAY)
-                ),
-            ));
-        }
+        at_most(delay, MAX_SLICE_DELAY, || format!("{field}.delay"))?;
         if max_bytes == 0 || max_bytes > MAX_SLICE {
             return Err(Invalid::new(
                 format!("{field}.max_bytes"),
@@ -412,4 +386,52 @@ impl Action {
     pub(super) fn on_connections(&self) -> bool {
         matches!(self, Self::Reject | Self::Reset { .. })
     }
+}
+
+/// INVALID_ARGUMENT naming `field` when `value` is over `max`.
+fn at_most(value: Duration, max: Duration, field: impl FnOnce() -> String) -> Result<(), Invalid> {
+    if value > max {
+        return Err(Invalid::new(
+            field(),
+            format!(
+                "{} exceeds the maximum {}",
+                crate::duration::format(value),
+                crate::duration::format(max)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The latency of `slow_connect`/`slow_close` (`field`: the action's path).
+fn slow_latency(latency: Duration, field: &str) -> Result<Duration, Invalid> {
+    if latency.is_zero() || latency > MAX_DELAY {
+        return Err(Invalid::new(
+            format!("{field}.latency"),
+            format!(
+                "{} is not between 0 (excluded) and {} (e.g. \"300ms\")",
+                crate::duration::format(latency),
+                crate::duration::format(MAX_DELAY)
+            ),
+        ));
+    }
+    Ok(latency)
+}
+
+/// What `duplicate` and `corrupt` check (`field`: the action's path): the share as drop's, and
+/// a mechanism that can change packets.
+fn tamper_checks(percent: f64, mechanism: Option<Mechanism>, field: &str) -> Result<(), Invalid> {
+    Action::drop(percent, &format!("{field}.percent"))?;
+    changes_packets(mechanism, field)
+}
+
+/// A forced mechanism of `duplicate`, `corrupt` or `reorder` must be able to change packets.
+fn changes_packets(mechanism: Option<Mechanism>, field: &str) -> Result<(), Invalid> {
+    if mechanism == Some(Mechanism::Edt) {
+        return Err(Invalid::new(
+            format!("{field}.mechanism"),
+            "edt only delays packets: use netem or nfqueue (or leave it unset)",
+        ));
+    }
+    Ok(())
 }

@@ -130,17 +130,17 @@ fn stall_is_a_tcp_packet_fault() {
 #[test]
 fn slow_handshakes_are_shaped_tcp_faults() {
     let ms = Duration::from_millis;
-    let connect = Action::slow(true, ms(300), "fault.slow_connect").unwrap();
+    let connect = Action::slow_connect(ms(300), "fault.slow_connect").unwrap();
     assert_eq!(connect.name(), "slow_connect");
     assert_eq!(
         connect.shaping(),
         Some(None),
         "the agent picks the mechanism"
     );
-    let close = Action::slow(false, ms(300), "fault.slow_close").unwrap();
+    let close = Action::slow_close(ms(300), "fault.slow_close").unwrap();
     assert_eq!(close.name(), "slow_close");
     for latency in [ms(0), MAX_DELAY + ms(1)] {
-        let err = Action::slow(true, latency, "fault.slow_connect").unwrap_err();
+        let err = Action::slow_connect(latency, "fault.slow_connect").unwrap_err();
         assert_eq!(err.field, "fault.slow_connect.latency");
     }
     let udp = FaultSpec {
@@ -158,7 +158,7 @@ fn slow_handshakes_are_shaped_tcp_faults() {
 #[test]
 fn duplicate_corrupt_and_reorder_take_a_share_and_a_gap() {
     let zero = Duration::ZERO;
-    let duplicate = Action::tamper("duplicate", 10.0, zero, None, "fault.duplicate").unwrap();
+    let duplicate = Action::duplicate(10.0, None, "fault.duplicate").unwrap();
     assert_eq!(
         duplicate,
         Action::Duplicate {
@@ -172,13 +172,13 @@ fn duplicate_corrupt_and_reorder_take_a_share_and_a_gap() {
         duplicate.auto_preference(),
         [Mechanism::Nfqueue, Mechanism::Netem]
     );
-    let forced = Action::tamper("corrupt", 1.0, zero, Some(Mechanism::Netem), "c").unwrap();
+    let forced = Action::corrupt(1.0, Some(Mechanism::Netem), "c").unwrap();
     assert_eq!(forced.shaping(), Some(Some(Mechanism::Netem)));
     assert_eq!(forced.auto_preference(), Mechanism::PREFERENCE);
     // EDT sets departure times: it cannot copy, damage or reorder a packet.
-    let edt = Action::tamper("reorder", 1.0, zero, Some(Mechanism::Edt), "fault.reorder");
+    let edt = Action::reorder(1.0, zero, Some(Mechanism::Edt), "fault.reorder");
     assert_eq!(edt.unwrap_err().field, "fault.reorder.mechanism");
-    let reorder = Action::tamper("reorder", 25.0, zero, None, "fault.reorder").unwrap();
+    let reorder = Action::reorder(25.0, zero, None, "fault.reorder").unwrap();
     assert_eq!(
         reorder,
         Action::Reorder {
@@ -187,15 +187,22 @@ fn duplicate_corrupt_and_reorder_take_a_share_and_a_gap() {
             mechanism: None
         }
     );
-    let field = |name: &str, percent, gap| {
-        Action::tamper(name, percent, gap, None, &format!("fault.{name}"))
+    let corrupt = |percent| {
+        Action::corrupt(percent, None, "fault.corrupt")
             .unwrap_err()
             .field
     };
-    assert_eq!(field("corrupt", 100.5, zero), "fault.corrupt.percent");
-    assert_eq!(field("corrupt", f64::NAN, zero), "fault.corrupt.percent");
+    assert_eq!(corrupt(100.5), "fault.corrupt.percent");
+    assert_eq!(corrupt(f64::NAN), "fault.corrupt.percent");
     assert_eq!(
-        field("reorder", 1.0, MAX_DELAY + Duration::from_millis(1)),
+        Action::reorder(
+            1.0,
+            MAX_DELAY + Duration::from_millis(1),
+            None,
+            "fault.reorder"
+        )
+        .unwrap_err()
+        .field,
         "fault.reorder.gap"
     );
     assert_eq!(

@@ -300,7 +300,7 @@ mod tests {
     #[test]
     fn reorder_holds_its_share_back_and_lets_the_rest_overtake() {
         let gap = Duration::from_millis(10);
-        let action = Action::tamper("reorder", 25.0, gap, None, "f").unwrap();
+        let action = Action::reorder(25.0, gap, None, "f").unwrap();
         let mut schedule = Schedule::new(&action, Rng(3)).unwrap();
         let (mut held, mut overtaken) = (0, 0);
         let mut last = 0;
@@ -322,7 +322,7 @@ mod tests {
             overtaken > 2000,
             "only {overtaken} packets left before a held one"
         );
-        let duplicate = Action::tamper("duplicate", 100.0, Duration::ZERO, None, "f").unwrap();
+        let duplicate = Action::duplicate(100.0, None, "f").unwrap();
         let mut schedule = Schedule::new(&duplicate, Rng(3)).unwrap();
         assert_eq!(schedule.release_at(5, 7, 100, false), 5, "leaves at once");
     }
