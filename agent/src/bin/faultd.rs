@@ -358,24 +358,21 @@ async fn shapers(
     }
     let id = instance.id().to_owned();
     let probe = tokio::task::spawn_blocking(move || nfqueue::probe(&id)).await?;
+    let nfqueue_works = probe
+        .families
+        .as_ref()
+        .map(drop)
+        .map_err(|_| probe.detail.clone());
     caps.items.push(Capability::outcome(
         "nfqueue",
-        probe
-            .families
-            .as_ref()
-            .map(drop)
-            .map_err(|_| probe.detail.clone()),
+        nfqueue_works.clone(),
         &probe.detail,
     ));
     // reject and reset on an interface refuse connects with REJECT rules put in by the NFQUEUE
     // mechanism's iptables-restore: available with it (xt_REJECT itself is not probed).
     caps.items.push(Capability::outcome(
         "netns_reject",
-        probe
-            .families
-            .as_ref()
-            .map(drop)
-            .map_err(|_| probe.detail.clone()),
+        nfqueue_works,
         "REJECT --reject-with tcp-reset rules on SYNs through the interface, for reject and reset \
          on netns{path, interface} scopes",
     ));

@@ -44,7 +44,7 @@ impl FaultSpec {
                 ),
             ));
         }
-        if matches!(self.target.scope, Scope::Netns { .. })
+        if on_interface
             && matches!(
                 self.action,
                 Action::Stall {

@@ -263,12 +263,8 @@ fn hierarchy_path_in(
         is_root(&point).then(|| format!("/{}", below.display()))
     });
     match found {
-        Some(mut path) => {
-            if path.len() > 1 && path.ends_with('/') {
-                path.pop();
-            }
-            Ok(path)
-        }
+        // `strip_prefix` leaves no trailing separator to trim.
+        Some(path) => Ok(path),
         None if on_cgroup2 => Err(NamespacePathError::NotWholeHierarchy(dir.to_path_buf())),
         None => Err(NamespacePathError::NotOnCgroup2(dir.to_path_buf())),
     }

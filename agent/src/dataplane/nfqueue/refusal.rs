@@ -5,11 +5,9 @@
 //! namespace, the agent's id in chain names, and the sweep of a dead agent's chains.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
 use super::NfqueueShaper;
-use super::error::NfqueueError;
 use super::placement::backstop_until;
 use crate::dataplane::netfilter::{
     self, Family, REFUSE_TABLE, RefuseRules, list_table, refuse_chain, refuse_chain_creation,
@@ -43,20 +41,14 @@ impl NfqueueShaper {
         fault: &Shaped<'_>,
         families: &[Family],
     ) -> Result<(), DataplaneError> {
-        let Scope::Netns { path, interface } = &fault.target.scope else {
+        let Scope::Netns { interface, .. } = &fault.target.scope else {
             return Err(exec_error("only an interface in a network namespace"));
         };
         netfilter::check_interface(interface).map_err(|e| DataplaneError::Unsupported {
             mechanism: Mechanism::Nfqueue.name(),
             reason: e.to_string(),
         })?;
-        let netns =
-            Arc::new(
-                NetNs::open(Path::new(path)).map_err(|source| NfqueueError::OpenNetns {
-                    path: path.clone(),
-                    source,
-                })?,
-            );
+        let netns = self.namespaces_of(fault)?.swap_remove(0);
         let rules = RefuseRules {
             instance: self.instance.clone(),
             fault: fault.id.clone(),

@@ -202,21 +202,22 @@ pub(super) fn flow_of(packet: &[u8]) -> u64 {
         Some(6) if packet.len() >= 40 => (packet[6], &packet[8..40], 40),
         _ => return 0,
     };
-    // FNV-1a over what identifies the flow.
-    let mut hash = 0xcbf2_9ce4_8422_2325u64;
-    let mut add = |bytes: &[u8]| {
-        for b in bytes {
-            hash = (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    add(&[protocol]);
-    add(addresses);
-    if matches!(protocol, 6 | 17)
-        && let Some(ports) = packet.get(l4..l4 + 4)
-    {
-        add(ports);
+    // What identifies the flow.
+    let hash = fnv1a(fnv1a(FNV_OFFSET, &[protocol]), addresses);
+    match packet.get(l4..l4 + 4) {
+        Some(ports) if matches!(protocol, 6 | 17) => fnv1a(hash, ports),
+        _ => hash,
     }
-    hash
+}
+
+/// FNV-1a's starting value.
+pub(super) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a: `hash` (`FNV_OFFSET` to start) with `bytes` added.
+pub(super) fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]

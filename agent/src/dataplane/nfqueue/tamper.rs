@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use nfq::Message;
 
-use super::schedule::Rng;
+use super::schedule::{FNV_OFFSET, Rng, fnv1a};
 use super::slice;
 use crate::fault::Action;
 
@@ -175,7 +175,7 @@ impl Tamper {
             }
             Tamper::Duplicate { share, raw, sent } => {
                 let packet = msg.get_payload();
-                let hash = fnv(packet);
+                let hash = fnv1a(FNV_OFFSET, packet);
                 if sent.get(&hash).is_some_and(|until| *until > now) {
                     return Done::Nothing; // our own copy, passing the rule again
                 }
@@ -289,11 +289,4 @@ fn send_copy(v4: &OwnedFd, v6: &OwnedFd, packet: &[u8]) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// FNV-1a over the whole packet.
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, b| {
-        (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
