@@ -62,21 +62,16 @@ impl NfqueueShaper {
         };
         // Recorded before anything is in: a crash in between leaves the successor a sweep.
         self.record_netns(netns.inode());
-        let mut applied: Vec<(Family, Vec<String>)> = Vec::new();
-        for &family in families {
-            match self.refuse_in(&netns, &rules, family) {
-                Ok(transaction) => applied.push((family, transaction)),
-                Err(e) => {
-                    for (family, transaction) in &applied {
-                        let undo = netfilter::undo(transaction);
-                        if let Err(e) = restore_table(REFUSE_TABLE, *family, Some(&netns), &undo) {
-                            tracing::warn!(error = %e, "rolling back refusing rules");
-                        }
-                    }
-                    return Err(exec_error(e));
-                }
-            }
-        }
+        let (instance, job_netns, job_rules, job_families) = (
+            self.instance.clone(),
+            netns.clone(),
+            rules.clone(),
+            families.to_vec(),
+        );
+        self.worker
+            .call(move || refuse_all(&instance, &job_netns, &job_rules, &job_families))
+            .map_err(DataplaneError::from)?
+            .map_err(exec_error)?;
         let lines = families.iter().map(|&f| (f, rules.lines(f))).collect();
         tracing::info!(fault = %fault.id, netns = %netns.path().display(), %interface,
             "REJECT rules in place");
@@ -91,60 +86,37 @@ impl NfqueueShaper {
         Ok(())
     }
 
-    /// One family's transaction: sweeps dead agents' chains, creates ours where missing,
-    /// adds the fault's rules. Returns what it applied (for an undo).
-    fn refuse_in(
-        &self,
-        netns: &NetNs,
-        rules: &RefuseRules,
-        family: Family,
-    ) -> Result<Vec<String>, netfilter::ExecError> {
-        let listing = list_table(REFUSE_TABLE, family, Some(netns))?;
-        for owner in listing.owners() {
-            if owner != self.instance && !Instance::is_alive(&owner) {
-                restore_table(REFUSE_TABLE, family, Some(netns), &listing.removal(&owner))?;
-            }
-        }
-        let missing: Vec<_> = rules
-            .hooks()
-            .into_iter()
-            .filter(|h| !listing.has_chain(&refuse_chain(&self.instance, *h)))
-            .collect();
-        let mut transaction = refuse_chain_creation(&self.instance, &missing);
-        transaction.extend(rules.setup(family));
-        transaction.extend(rules.lines(family));
-        restore_table(REFUSE_TABLE, family, Some(netns), &transaction)?;
-        Ok(transaction)
-    }
-
     /// Takes the fault's rules out, and the agent's chains with the last refusing fault of
-    /// the namespace. What fails is left to the next agent's sweep (the rules end at their
-    /// datestop anyway).
+    /// the namespace, on the worker (after any deadline move still queued: the removal names
+    /// the lines that move put in). What fails is left to the next agent's sweep (the rules
+    /// end at their datestop anyway).
     pub(super) fn end_refusal(&mut self, id: &str) {
         let Some(refusal) = self.refusals.remove(id) else {
             return;
         };
-        // A deadline move may still be queued: the removal names the lines it put in.
-        if let Err(e) = self.worker.call(|| ()) {
-            tracing::warn!(error = %e, "waiting for the REJECT rules' deadline move");
-        }
         let inode = refusal.netns.inode();
         let last = !self.refusals.values().any(|r| r.netns.inode() == inode);
-        for (family, lines) in &refusal.lines {
-            let mut removal = netfilter::deletion(lines);
-            removal.extend(refusal.rules.teardown(*family));
-            let done = restore_table(REFUSE_TABLE, *family, Some(&refusal.netns), &removal)
-                .and_then(|()| {
-                    if !last {
-                        return Ok(());
-                    }
-                    let listing = list_table(REFUSE_TABLE, *family, Some(&refusal.netns))?;
-                    let chains = listing.removal(&self.instance);
-                    restore_table(REFUSE_TABLE, *family, Some(&refusal.netns), &chains)
-                });
-            if let Err(e) = done {
-                tracing::warn!(fault = %id, error = %e, "removing REJECT rules");
+        let (id, instance) = (id.to_string(), self.instance.clone());
+        let removed = self.worker.call(move || {
+            for (family, lines) in &refusal.lines {
+                let mut removal = netfilter::deletion(lines);
+                removal.extend(refusal.rules.teardown(*family));
+                let done = restore_table(REFUSE_TABLE, *family, Some(&refusal.netns), &removal)
+                    .and_then(|()| {
+                        if !last {
+                            return Ok(());
+                        }
+                        let listing = list_table(REFUSE_TABLE, *family, Some(&refusal.netns))?;
+                        let chains = listing.removal(&instance);
+                        restore_table(REFUSE_TABLE, *family, Some(&refusal.netns), &chains)
+                    });
+                if let Err(e) = done {
+                    tracing::warn!(fault = %id, error = %e, "removing REJECT rules");
+                }
             }
+        });
+        if let Err(e) = removed {
+            tracing::warn!(error = %e, "removing REJECT rules");
         }
     }
 
@@ -177,4 +149,55 @@ impl NfqueueShaper {
             }
         });
     }
+}
+
+/// Puts `rules` in `netns` for each of `families`, all or nothing (on the worker).
+fn refuse_all(
+    instance: &str,
+    netns: &NetNs,
+    rules: &RefuseRules,
+    families: &[Family],
+) -> Result<(), netfilter::ExecError> {
+    let mut applied: Vec<(Family, Vec<String>)> = Vec::new();
+    for &family in families {
+        match refuse_in(instance, netns, rules, family) {
+            Ok(transaction) => applied.push((family, transaction)),
+            Err(e) => {
+                for (family, transaction) in &applied {
+                    let undo = netfilter::undo(transaction);
+                    if let Err(e) = restore_table(REFUSE_TABLE, *family, Some(netns), &undo) {
+                        tracing::warn!(error = %e, "rolling back refusing rules");
+                    }
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One family's transaction: sweeps dead agents' chains, creates ours where missing, adds the
+/// fault's rules. Returns what it applied (for an undo).
+fn refuse_in(
+    instance: &str,
+    netns: &NetNs,
+    rules: &RefuseRules,
+    family: Family,
+) -> Result<Vec<String>, netfilter::ExecError> {
+    let listing = list_table(REFUSE_TABLE, family, Some(netns))?;
+    for owner in listing.owners() {
+        if owner != instance && !Instance::is_alive(&owner) {
+            restore_table(REFUSE_TABLE, family, Some(netns), &listing.removal(&owner))?;
+        }
+    }
+    let missing: Vec<_> = rules
+        .hooks()
+        .into_iter()
+        .filter(|h| !listing.has_chain(&refuse_chain(instance, *h)))
+        .collect();
+    let mut transaction = refuse_chain_creation(instance, &missing);
+    transaction.extend(rules.setup(family));
+    transaction.extend(rules.lines(family));
+    restore_table(REFUSE_TABLE, family, Some(netns), &transaction)?;
+    Ok(transaction)
 }
