@@ -493,6 +493,18 @@ mod tests {
             })
         );
         assert!(inject_command("slice --cgroup /a --port 9 --max-bytes 0 --ttl 1s").is_err());
+        // A bad duration's hint names the flag that was given.
+        for (line, flag) in [
+            ("reorder --cgroup /a --port 9 --gap 0s --ttl 1s", "--gap"),
+            ("reorder --cgroup /a --port 9 --gap soon --ttl 1s", "--gap"),
+            (
+                "slice --cgroup /a --port 9 --max-bytes 16 --delay x --ttl 1s",
+                "--delay",
+            ),
+        ] {
+            let error = inject_command(line).unwrap_err().to_string();
+            assert!(error.contains(&format!("e.g. {flag} ")), "{line}: {error}");
+        }
     }
 
     #[test]

@@ -10,8 +10,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use faultd_proto::v1::{self as pb, PortRange, Target, fault, target};
 
 use super::values::{
-    parse_close_after, parse_jitter, parse_label, parse_latency, parse_percent, parse_port_range,
-    parse_rate, parse_size, parse_ttl,
+    parse_close_after, parse_gap, parse_jitter, parse_label, parse_latency, parse_percent,
+    parse_port_range, parse_rate, parse_size, parse_slice_delay, parse_ttl,
 };
 
 #[derive(Subcommand, Debug)]
@@ -54,7 +54,7 @@ pub struct SliceArgs {
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(1..=65_535))]
     pub max_bytes: u32,
     /// Pause between the pieces of a segment, e.g. 1ms (at most 100ms).
-    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_jitter)]
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_slice_delay)]
     pub delay: Duration,
 }
 
@@ -78,7 +78,7 @@ pub struct ReorderArgs {
     #[arg(long, default_value_t = 25.0, value_parser = parse_percent)]
     pub percent: f64,
     /// How long they are held back, e.g. 10ms.
-    #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = parse_latency)]
+    #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = parse_gap)]
     pub gap: Duration,
     /// netem or nfqueue (edt only delays); `auto` lets faultd choose.
     #[arg(long, value_enum, default_value_t = MechanismArg::Auto)]

@@ -92,6 +92,20 @@ pub fn parse_jitter(text: &str) -> Result<Duration, String> {
     duration::parse(text).map_err(|why| format!("{why}; write e.g. --jitter 20ms"))
 }
 
+/// `--gap` of reorder: longer than zero.
+pub fn parse_gap(text: &str) -> Result<Duration, String> {
+    match duration::parse(text) {
+        Ok(gap) if !gap.is_zero() => Ok(gap),
+        Ok(_) => Err("a gap must be longer than zero, e.g. --gap 10ms".into()),
+        Err(why) => Err(format!("{why}; write e.g. --gap 10ms")),
+    }
+}
+
+/// `--delay` of slice: zero sends the pieces at once.
+pub fn parse_slice_delay(text: &str) -> Result<Duration, String> {
+    duration::parse(text).map_err(|why| format!("{why}; write e.g. --delay 1ms"))
+}
+
 /// `NUMBER[UNIT]`: bytes, or bits when the unit says so. Returns bytes.
 pub fn parse_quantity(text: &str, bits_allowed: bool) -> Option<u64> {
     let split = text
