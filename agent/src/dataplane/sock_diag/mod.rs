@@ -148,13 +148,21 @@ impl Ages<'_> {
 }
 
 /// Destroys the established TCP sockets (IPv4 and IPv6) matching `filter`, in every network
-/// namespace that a process of the cgroup subtree is in. Blocking.
+/// namespace that a process of the cgroup subtree is in (or in the interface's namespace,
+/// `filter.netns`). Blocking.
 pub fn destroy(filter: &SocketFilter, sockets: &mut Sockets) -> Result<Destroyed, SockDiagError> {
-    if let Some(ns_path) = &filter.netns {
-        return destroy_on_interface(filter, ns_path, sockets);
-    }
-    let (cgroups, pids) = cgroup_subtree(&filter.cgroup_dir)?;
-    let namespaces = namespaces_of(&pids);
+    // An interface's namespace: its sockets match whatever their cgroup (loopback ones aside).
+    let (cgroups, namespaces) = match &filter.netns {
+        Some(ns_path) => {
+            let meta = fs::metadata(ns_path).map_err(SockDiagError::Netlink)?;
+            let ns = (meta.dev(), meta.ino());
+            (None, BTreeMap::from([(ns, ns_path.clone())]))
+        }
+        None => {
+            let (cgroups, pids) = cgroup_subtree(&filter.cgroup_dir)?;
+            (Some(cgroups), namespaces_of(&pids))
+        }
+    };
     sockets.by_ns.retain(|ns, _| namespaces.contains_key(ns));
     let mut ages = Ages {
         now: Instant::now(),
@@ -177,7 +185,7 @@ pub fn destroy(filter: &SocketFilter, sockets: &mut Sockets) -> Result<Destroyed
             },
         };
         done.namespaces += 1;
-        match destroy_in(socket, filter, Some(&cgroups), &mut ages) {
+        match destroy_in(socket, filter, cgroups.as_ref(), &mut ages) {
             Ok(n) => done.sockets += n,
             Err(e) => {
                 first_error.get_or_insert(e);
@@ -196,33 +204,6 @@ pub fn destroy(filter: &SocketFilter, sockets: &mut Sockets) -> Result<Destroyed
         }
         None => Ok(done),
     }
-}
-
-/// `destroy` in the namespace of an interface: every socket there but loopback ones.
-fn destroy_on_interface(
-    filter: &SocketFilter,
-    ns_path: &Path,
-    sockets: &mut Sockets,
-) -> Result<Destroyed, SockDiagError> {
-    let meta = fs::metadata(ns_path).map_err(SockDiagError::Netlink)?;
-    let ns = (meta.dev(), meta.ino());
-    sockets.by_ns.retain(|held, _| *held == ns);
-    let socket = match sockets.by_ns.entry(ns) {
-        std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
-        std::collections::hash_map::Entry::Vacant(slot) => {
-            slot.insert(open_in_netns(ns_path).map_err(SockDiagError::Netlink)?)
-        }
-    };
-    // No ages to keep: an interface scope has no stall{close_after} (validation refuses it).
-    let mut ages = Ages {
-        now: Instant::now(),
-        first_seen: &mut sockets.first_seen,
-        seen_now: HashSet::new(),
-    };
-    Ok(Destroyed {
-        sockets: destroy_in(socket, filter, None, &mut ages)?,
-        namespaces: 1,
-    })
 }
 
 /// This kernel does not let faultd destroy sockets.
