@@ -254,15 +254,13 @@ impl Shaper for NfqueueShaper {
             }
             // The kernel-side deadline moves with the lease, in one transaction per family.
             let swaps = placement.move_deadline(until);
-            let netns = placement.netns.clone();
-            self.worker.spawn(move || {
-                for (family, swap) in swaps {
-                    if let Err(e) = netfilter::restore(family, Some(&netns), &swap) {
-                        // The rule keeps its earlier end: the fault can only end sooner.
-                        tracing::warn!(error = %e, "moving the NFQUEUE rules' deadline");
-                    }
-                }
-            });
+            spawn_swaps(
+                &self.worker,
+                netfilter::TABLE,
+                &placement.netns,
+                swaps,
+                "NFQUEUE",
+            );
         }
         Ok(())
     }
@@ -344,4 +342,24 @@ impl Drop for NfqueueShaper {
             tracing::warn!(error = %e, "waiting for NFQUEUE clean-up");
         }
     }
+}
+
+/// Applies deadline `swaps` of `rules` rules (netfilter table `table`) in `netns` on `worker`,
+/// after whatever is queued: a renewal never waits for iptables. A swap that fails leaves the
+/// rules' earlier end (the fault can only end sooner).
+fn spawn_swaps(
+    worker: &Worker,
+    table: &'static str,
+    netns: &Arc<NetNs>,
+    swaps: Vec<(Family, Vec<String>)>,
+    rules: &'static str,
+) {
+    let netns = netns.clone();
+    worker.spawn(move || {
+        for (family, swap) in swaps {
+            if let Err(e) = netfilter::restore_table(table, family, Some(&netns), &swap) {
+                tracing::warn!(error = %e, "moving the {rules} rules' deadline");
+            }
+        }
+    });
 }

@@ -32,16 +32,25 @@ impl Placement {
     /// transaction that swaps the rules in force for ones with the new deadline.
     pub(super) fn move_deadline(&mut self, until: u64) -> Vec<(Family, Vec<String>)> {
         self.rules.until = Some(until);
-        let mut swaps = Vec::new();
-        for (family, lines) in &mut self.lines {
-            let fresh = self.rules.lines(*family);
-            let mut swap = netfilter::deletion(lines);
-            swap.extend(fresh.iter().cloned());
-            *lines = fresh;
-            swaps.push((*family, swap));
-        }
-        swaps
+        swap_lines(&mut self.lines, |family| self.rules.lines(family))
     }
+}
+
+/// Per family, the transaction that swaps the `-A` lines in force for `fresh` ones (rules with
+/// a new deadline); `lines` becomes the fresh ones.
+pub(super) fn swap_lines(
+    lines: &mut [(Family, Vec<String>)],
+    fresh: impl Fn(Family) -> Vec<String>,
+) -> Vec<(Family, Vec<String>)> {
+    let mut swaps = Vec::new();
+    for (family, lines) in lines {
+        let fresh = fresh(*family);
+        let mut swap = netfilter::deletion(lines);
+        swap.extend(fresh.iter().cloned());
+        *lines = fresh;
+        swaps.push((*family, swap));
+    }
+    swaps
 }
 
 /// Seconds the kernel-side deadline (`-m time --datestop`) may trail the lease deadline: the

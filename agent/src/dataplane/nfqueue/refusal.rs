@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::NfqueueShaper;
-use super::placement::backstop_until;
+use super::placement::{backstop_until, swap_lines};
+use super::{NfqueueShaper, spawn_swaps};
 use crate::dataplane::netfilter::{
     self, Family, REFUSE_TABLE, RefuseRules, list_table, refuse_chain, refuse_chain_creation,
     restore_table,
@@ -131,23 +131,9 @@ impl NfqueueShaper {
             return;
         }
         refusal.rules.until = Some(until);
-        let mut swaps = Vec::new();
-        for (family, lines) in &mut refusal.lines {
-            let fresh = refusal.rules.lines(*family);
-            let mut swap = netfilter::deletion(lines);
-            swap.extend(fresh.iter().cloned());
-            *lines = fresh;
-            swaps.push((*family, swap));
-        }
-        let netns = refusal.netns.clone();
-        self.worker.spawn(move || {
-            for (family, swap) in swaps {
-                if let Err(e) = restore_table(REFUSE_TABLE, family, Some(&netns), &swap) {
-                    // The rules keep their earlier end: the fault can only end sooner.
-                    tracing::warn!(error = %e, "moving the REJECT rules' deadline");
-                }
-            }
-        });
+        let rules = &refusal.rules;
+        let swaps = swap_lines(&mut refusal.lines, |family| rules.lines(family));
+        spawn_swaps(&self.worker, REFUSE_TABLE, &refusal.netns, swaps, "REJECT");
     }
 }
 
