@@ -201,7 +201,7 @@ impl NfqueueShaper {
     ) -> Result<(), DataplaneError> {
         let netns = netns.clone();
         self.worker
-            .call(move || apply_all(&netns, &batches))
+            .call(move || apply_all(netfilter::TABLE, &netns, &batches))
             .and_then(|r| r)
             .map_err(DataplaneError::from)
     }
@@ -274,13 +274,17 @@ fn free_mark_id(
 
 /// Applies each family's batch in `netns`; if one fails, takes out what the families before it
 /// got.
-fn apply_all(netns: &NetNs, batches: &[(Family, Vec<String>)]) -> Result<(), NfqueueError> {
+pub(super) fn apply_all(
+    table: &str,
+    netns: &NetNs,
+    batches: &[(Family, Vec<String>)],
+) -> Result<(), NfqueueError> {
     for (applied, (family, lines)) in batches.iter().enumerate() {
-        if let Err(e) = netfilter::restore(*family, Some(netns), lines) {
+        if let Err(e) = netfilter::restore_table(table, *family, Some(netns), lines) {
             for (family, lines) in &batches[..applied] {
-                let undone = netfilter::restore(*family, Some(netns), &netfilter::undo(lines));
-                if let Err(e) = undone {
-                    tracing::warn!(error = %e, "undoing NFQUEUE rules");
+                let undo = netfilter::undo(lines);
+                if let Err(e) = netfilter::restore_table(table, *family, Some(netns), &undo) {
+                    tracing::warn!(error = %e, table, "undoing rules");
                 }
             }
             return Err(NfqueueError::Rules {

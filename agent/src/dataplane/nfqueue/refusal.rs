@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::placement::{backstop_until, swap_lines};
+use super::placement::{apply_all, backstop_until, swap_lines};
 use super::{NfqueueShaper, spawn_swaps};
 use crate::dataplane::netfilter::{
     self, Family, REFUSE_TABLE, RefuseRules, list_table, refuse_chain, refuse_chain_creation,
@@ -70,8 +70,7 @@ impl NfqueueShaper {
         );
         self.worker
             .call(move || refuse_all(&instance, &job_netns, &job_rules, &job_families))
-            .map_err(DataplaneError::from)?
-            .map_err(exec_error)?;
+            .map_err(DataplaneError::from)??;
         let lines = families.iter().map(|&f| (f, rules.lines(f))).collect();
         tracing::info!(fault = %fault.id, netns = %netns.path().display(), %interface,
             "REJECT rules in place");
@@ -143,28 +142,20 @@ fn refuse_all(
     netns: &NetNs,
     rules: &RefuseRules,
     families: &[Family],
-) -> Result<(), netfilter::ExecError> {
-    let mut applied: Vec<(Family, Vec<String>)> = Vec::new();
-    for &family in families {
-        match refuse_in(instance, netns, rules, family) {
-            Ok(transaction) => applied.push((family, transaction)),
-            Err(e) => {
-                for (family, transaction) in &applied {
-                    let undo = netfilter::undo(transaction);
-                    if let Err(e) = restore_table(REFUSE_TABLE, *family, Some(netns), &undo) {
-                        tracing::warn!(error = %e, "rolling back refusing rules");
-                    }
-                }
-                return Err(e);
-            }
-        }
-    }
-    Ok(())
+) -> Result<(), DataplaneError> {
+    let batches = families
+        .iter()
+        .map(|&family| {
+            let batch = refusal_batch(instance, netns, rules, family).map_err(exec_error)?;
+            Ok((family, batch))
+        })
+        .collect::<Result<Vec<_>, DataplaneError>>()?;
+    apply_all(REFUSE_TABLE, netns, &batches).map_err(exec_error)
 }
 
-/// One family's transaction: sweeps dead agents' chains, creates ours where missing, adds the
-/// fault's rules. Returns what it applied (for an undo).
-fn refuse_in(
+/// One family's transaction, once dead agents' chains are swept: creates ours where missing,
+/// adds the fault's rules.
+fn refusal_batch(
     instance: &str,
     netns: &NetNs,
     rules: &RefuseRules,
@@ -184,6 +175,5 @@ fn refuse_in(
     let mut transaction = refuse_chain_creation(instance, &missing);
     transaction.extend(rules.setup(family));
     transaction.extend(rules.lines(family));
-    restore_table(REFUSE_TABLE, family, Some(netns), &transaction)?;
     Ok(transaction)
 }
