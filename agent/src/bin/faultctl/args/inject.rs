@@ -3,6 +3,7 @@
 //! `Target` and `fault::Action`.
 
 use faultd::api::convert;
+use faultd::fault::MAX_SLICE;
 use std::time::Duration;
 
 use clap::builder::NonEmptyStringValueParser;
@@ -51,7 +52,7 @@ pub struct SliceArgs {
     #[command(flatten)]
     pub common: InjectArgs,
     /// Most data bytes a piece carries, e.g. 16.
-    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_SLICE)))]
     pub max_bytes: u32,
     /// Pause between the pieces of a segment, e.g. 1ms (at most 100ms).
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_slice_delay)]
